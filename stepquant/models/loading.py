@@ -1,0 +1,92 @@
+"""Resolve `--model` (the bundled demo name, a local diffusers directory, or a hub id) to a UNet and
+its noise schedule, with one clear error for anything that is not a diffusers model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+
+DEMO_MODEL_NAME = "demo-digits"
+_BUNDLED = {DEMO_MODEL_NAME: Path(__file__).resolve().parent / "demo_digits"}
+_SUPPORTED_CLASSES = {"UNet2DModel": UNet2DModel}
+
+
+class ModelLoadError(ValueError):
+    """The `--model` argument does not name a loadable diffusers model."""
+
+
+@dataclass
+class LoadedModel:
+    """A denoiser in eval mode, the training scheduler's config, and where both came from."""
+
+    unet: torch.nn.Module
+    scheduler_config: dict
+    source: str
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"cannot read {path}: {err}") from err
+
+
+def _component_dirs(root: Path) -> tuple[Path, Path]:
+    """(unet dir, scheduler config file) for a pipeline directory or a bare model directory."""
+    if (root / "model_index.json").is_file():
+        return root / "unet", root / "scheduler" / "scheduler_config.json"
+    if (root / "config.json").is_file():
+        sibling = root.parent / "scheduler" / "scheduler_config.json"
+        return root, root / "scheduler_config.json" if (root / "scheduler_config.json").is_file() else sibling
+    raise ModelLoadError(
+        f"{root} is not a diffusers model directory: expected model_index.json (a pipeline) or config.json (a model)"
+    )
+
+
+def _load_local(root: Path) -> LoadedModel:
+    unet_dir, scheduler_file = _component_dirs(root)
+    config = _read_json(unet_dir / "config.json") if (unet_dir / "config.json").is_file() else None
+    if config is None:
+        raise ModelLoadError(f"{root} has no unet/config.json")
+    class_name = config.get("_class_name")
+    if class_name not in _SUPPORTED_CLASSES:
+        raise ModelLoadError(
+            f"{unet_dir} holds a {class_name or 'model of unknown class'}; supported: {', '.join(_SUPPORTED_CLASSES)}"
+        )
+    if not scheduler_file.is_file():
+        raise ModelLoadError(f"{root} has no scheduler config (looked for {scheduler_file})")
+    try:
+        unet = _SUPPORTED_CLASSES[class_name].from_pretrained(unet_dir, low_cpu_mem_usage=False)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ModelLoadError(f"cannot load the {class_name} weights in {unet_dir}: {err}") from err
+    return LoadedModel(unet.eval().requires_grad_(False), _read_json(scheduler_file), str(root))
+
+
+def _load_hub(repo_id: str) -> LoadedModel:
+    from huggingface_hub import snapshot_download
+
+    try:
+        root = Path(snapshot_download(repo_id, allow_patterns=["*.json", "unet/*", "*.safetensors"]))
+    except Exception as err:  # hub errors come in many classes; all mean "not available here"
+        raise ModelLoadError(f"model '{repo_id}' is neither a local directory nor reachable on the hub: {err}") from err
+    return _load_local(root)
+
+
+def load_model(name_or_path: str) -> LoadedModel:
+    """Load `demo-digits`, a local diffusers directory (pipeline or model), or a hub id."""
+    if name_or_path in _BUNDLED:
+        loaded = _load_local(_BUNDLED[name_or_path])
+        loaded.source = name_or_path
+        return loaded
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is a file; --model takes a diffusers model directory or '{DEMO_MODEL_NAME}'")
+        return _load_local(path)
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
+        return _load_hub(name_or_path)
+    raise ModelLoadError(f"model '{name_or_path}' not found: no such directory and not a bundled model name")
