@@ -1,0 +1,129 @@
+"""Parity between a torch model and its exported graph, measured with Polygraphy's Comparator
+(torch on CPU against Polygraphy's onnxruntime runner), with explicit median-relative tolerances."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.comparator import Comparator, CompareFunc
+from polygraphy.logger import G_LOGGER
+from torch import nn
+
+from stepquant.export.onnx_export import INPUT_NAMES, OUTPUT_NAME
+
+ERROR_QUANTILE = 0.99
+
+try:  # Polygraphy >= 0.53 deprecates CompareFunc.simple in favour of this class
+    from polygraphy.comparator import SimpleCompareFunc as _simple_compare
+except ImportError:  # older Polygraphy, e.g. the one shipped with JetPack
+    _simple_compare = CompareFunc.simple
+
+
+class TorchRunner(BaseRunner):
+    """A Polygraphy runner for a CPU torch module with the (sample, timestep) -> eps signature
+    (Polygraphy's own PytRunner moves inputs to CUDA)."""
+
+    def __init__(self, model: nn.Module, name: str = "torch") -> None:
+        super().__init__(name=name, prefix="torch-cpu-runner")
+        self._model = model
+
+    def activate_impl(self) -> None:
+        self._model.eval()
+
+    def get_input_metadata_impl(self):
+        from polygraphy.common import TensorMetadata
+
+        metadata = TensorMetadata()
+        metadata.add(INPUT_NAMES[0], np.float32, shape=(-1, -1, -1, -1))
+        metadata.add(INPUT_NAMES[1], np.float32, shape=(-1,))
+        return metadata
+
+    def infer_impl(self, feed_dict):
+        inputs = [torch.from_numpy(np.asarray(feed_dict[name], dtype=np.float32)) for name in INPUT_NAMES]
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = self._model(*inputs)
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict({OUTPUT_NAME: output.numpy()})
+
+    def deactivate_impl(self) -> None:
+        pass
+
+
+@dataclass
+class TimestepParity:
+    timestep: float
+    median_reldiff: float
+    quantile_reldiff: float
+    max_absdiff: float
+    passed: bool
+
+
+@dataclass
+class ParityReport:
+    """Per-timestep error statistics of `onnx` against `torch`; `passed` when every median is in tolerance."""
+
+    tolerance_median_rel: float
+    error_quantile: float
+    timesteps: list[TimestepParity]
+
+    @property
+    def passed(self) -> bool:
+        return all(t.passed for t in self.timesteps)
+
+    @property
+    def worst_median_reldiff(self) -> float:
+        return max(t.median_reldiff for t in self.timesteps)
+
+    def to_dict(self) -> dict:
+        return {"tolerance_median_rel": self.tolerance_median_rel, "error_quantile": self.error_quantile,
+                "passed": self.passed, "timesteps": [asdict(t) for t in self.timesteps]}
+
+
+@contextlib.contextmanager
+def quiet_polygraphy():
+    """Keep Polygraphy's info logging off the CLI's output."""
+    with G_LOGGER.verbosity(G_LOGGER.ERROR), contextlib.redirect_stdout(None):
+        yield
+
+
+def parity_feeds(samples: torch.Tensor, timesteps: torch.Tensor) -> list[OrderedDict]:
+    """One Polygraphy feed dict per distinct timestep (the format `polygraphy run --load-inputs` reads)."""
+    feeds = []
+    for t in sorted({float(v) for v in timesteps}, reverse=True):
+        index = timesteps == t
+        feeds.append(OrderedDict([(INPUT_NAMES[0], samples[index].numpy().astype(np.float32)),
+                                  (INPUT_NAMES[1], timesteps[index].numpy().astype(np.float32))]))
+    return feeds
+
+
+def check_parity(model: nn.Module, onnx_path: Path, feeds: list[OrderedDict], tolerance: float):
+    """Run both on every feed; returns the report and the torch outputs (the reference results)."""
+    runners = [TorchRunner(model), OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["cpu"]), name="onnxruntime")]
+    compare = _simple_compare(check_error_stat="median", rtol=tolerance, atol=0.0, error_quantile=ERROR_QUANTILE)
+    with quiet_polygraphy():
+        results = Comparator.run(runners, data_loader=feeds)
+        accuracy = Comparator.compare_accuracy(results, compare_func=compare)
+    result = accuracy if hasattr(accuracy, "values") else accuracy[0]  # Polygraphy >= 0.53 returns a list
+    per_iteration = next(iter(result.values()))
+    report = ParityReport(tolerance, ERROR_QUANTILE, [])
+    for feed, outputs, torch_out, onnx_out in zip(feeds, per_iteration, results[0][1], results[1][1]):
+        stats = outputs[OUTPUT_NAME]
+        expected = np.abs(torch_out[OUTPUT_NAME]).astype(np.float64)
+        reldiff = np.abs(onnx_out[OUTPUT_NAME] - torch_out[OUTPUT_NAME]) / np.maximum(expected, np.finfo(np.float32).tiny)
+        report.timesteps.append(TimestepParity(
+            timestep=float(feed[INPUT_NAMES[1]][0]),
+            median_reldiff=float(stats.median_reldiff),
+            quantile_reldiff=float(np.quantile(reldiff, ERROR_QUANTILE)),
+            max_absdiff=float(stats.max_absdiff),
+            passed=bool(stats.median_reldiff <= tolerance),
+        ))
+    return report, results

@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny random UNet (fast), and one small bundle exported from the demo model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from stepquant.models.demo_config import SCHEDULER_CONFIG
+from stepquant.pipeline import ExportConfig, export_quantized
+from stepquant.runtime import SamplerConfig
+
+TINY_UNET = {
+    "sample_size": 8,
+    "in_channels": 1,
+    "out_channels": 1,
+    "layers_per_block": 1,
+    "block_out_channels": (16, 32),
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 8,
+    "attention_head_dim": 16,
+}
+FEW_STEPS = SamplerConfig(steps=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random-weight UNet2DModel saved as a diffusers DDPMPipeline directory."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    DDPMPipeline(unet=UNet2DModel(**TINY_UNET), scheduler=DDPMScheduler(**SCHEDULER_CONFIG)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory):
+    """The demo model exported at W8A8 with few steps; returns (bundle path, ExportReport)."""
+    out = tmp_path_factory.mktemp("bundles") / "demo-w8a8"
+    report = export_quantized(ExportConfig(out=out, sampler=FEW_STEPS, calib_samples=8, eval_samples=8, progress=False))
+    return out, report

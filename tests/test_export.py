@@ -1,0 +1,118 @@
+"""The Q/DQ graph: node types, zero points, scales and integer weights equal to the calibrated ones."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from stepquant.calibrators import calibrate_ranges, collect_calibration_set
+from stepquant.export import export_onnx
+from stepquant.models import EpsilonModel, load_model
+from stepquant.quant import QuantSpec, quantize_, quantized_layers
+from stepquant.runtime import TorchBackend
+from tests.conftest import FEW_STEPS
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir, tmp_path_factory):
+    loaded = load_model(str(tiny_model_dir))
+    shape = (1, 8, 8)
+    calib = collect_calibration_set(TorchBackend(EpsilonModel(loaded.unet)), loaded.scheduler_config, range(4), shape,
+                                    FEW_STEPS, calib_steps=4, progress=False)
+    model = EpsilonModel(loaded.unet)
+    quantize_(model, QuantSpec())
+    calibrate_ranges(model, calib, progress=False)
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export_onnx(model, path, shape)
+    return model, onnx.load(str(path)), path
+
+
+def _initializers(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    return {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+
+
+def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray:
+    inits = _initializers(graph)
+    if name in inits:
+        return inits[name]
+    node = next(n for n in graph.node if n.op_type == "Constant" and n.output[0] == name)
+    return numpy_helper.to_array(node.attribute[0].t)
+
+
+def test_every_quantized_layer_has_qdq_on_input_and_weight(exported):
+    model, proto, _ = exported
+    layers = dict(quantized_layers(model))
+    quantize = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    dequantize = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(quantize) == len(layers)  # one activation Q per layer, never on outputs
+    assert len(dequantize) == 2 * len(layers)  # activation DQ + weight DQ
+    assert proto.opset_import[0].version >= 17
+    onnx.checker.check_model(proto, full_check=True)
+
+
+def test_zero_points_are_int8_zeros(exported):
+    _, proto, _ = exported
+    for node in proto.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zero_point = _constant(proto.graph, node.input[2])
+            assert zero_point.dtype == np.int8 and not zero_point.any(), node.name
+
+
+def _qdq_pairs(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, onnx.NodeProto]]:
+    """For each Conv/MatMul/Gemm fed by Q/DQ: layer name -> (activation Q node, weight DQ node).
+
+    Inputs are traced back through layout ops (Linear weights reach MatMul through a Transpose).
+    """
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def source(name: str) -> onnx.NodeProto | None:
+        node = producer.get(name)
+        while node is not None and node.op_type in ("Transpose", "Reshape", "Identity"):
+            node = producer.get(node.input[0])
+        return node
+
+    pairs = {}
+    for node in graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm"):
+            continue
+        feeders = [source(name) for name in node.input[:2]]
+        weight_dq = next((f for f in feeders if f is not None and f.op_type == "DequantizeLinear"
+                          and f.input[0].endswith(".weight_quantizer.weight_int")), None)
+        act_dq = next((f for f in feeders if f is not None and f.op_type == "DequantizeLinear" and f is not weight_dq), None)
+        if weight_dq is not None and act_dq is not None:
+            pairs[weight_dq.input[0].removesuffix(".weight_quantizer.weight_int")] = (producer[act_dq.input[0]], weight_dq)
+    return pairs
+
+
+def test_scales_and_integer_weights_equal_calibrated_values(exported):
+    model, proto, _ = exported
+    pairs = _qdq_pairs(proto.graph)
+    layers = dict(quantized_layers(model))
+    assert set(pairs) == set(layers)  # layer names are the EpsilonModel's paths, e.g. unet.conv_in
+    for name, layer in layers.items():
+        act_q, weight_dq = pairs[name]
+        assert act_q.op_type == "QuantizeLinear"
+        np.testing.assert_array_equal(_constant(proto.graph, act_q.input[1]), layer.input_quantizer.scale.numpy())
+        np.testing.assert_array_equal(_constant(proto.graph, weight_dq.input[1]), layer.weight_quantizer.scale.numpy())
+        weight = _constant(proto.graph, weight_dq.input[0])
+        assert weight.dtype == np.int8 and np.abs(weight).max() <= 127
+        np.testing.assert_array_equal(weight, layer.weight_quantizer.weight_int.numpy())
+    weight_dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight_int")]
+    assert weight_dq and all(a.name == "axis" and a.i == 0 for n in weight_dq for a in n.attribute)
+    # excluded layers keep float weights
+    assert _initializers(proto.graph)["unet.conv_in.weight"].dtype == np.float32
+
+
+def test_graph_has_dynamic_batch_and_runs_on_onnxruntime(exported):
+    model, _, path = exported
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = torch.randn(batch, 1, 8, 8)
+        t = torch.full((batch,), 321.0)
+        got = session.run(None, {"sample": x.numpy(), "timestep": t.numpy()})[0]
+        with torch.no_grad():
+            expected = model(x, t).numpy()
+        assert got.shape == (batch, 1, 8, 8)
+        assert np.median(np.abs(got - expected) / np.maximum(np.abs(expected), 1e-12)) < 1e-3
