@@ -1,0 +1,3 @@
+from stepquant.cli.main import main
+
+main()

@@ -1,0 +1,145 @@
+"""`export_quantized(config)`: the whole job behind the `export-quantized` command.
+
+load model -> FP sampling trajectories -> quantize_ + range calibration -> Q/DQ ONNX (and FP ONNX)
+-> Polygraphy parity -> PSNR-to-FP of the bundle on onnxruntime -> manifest -> atomic rename.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from polygraphy.comparator import RunResults
+from polygraphy.json import save_json
+
+from stepquant.calibrators import calibrate_ranges, collect_calibration_set
+from stepquant.calibrators.data import CalibrationSet
+from stepquant.eval import psnr, save_comparison_grid
+from stepquant.export import ParityReport, check_parity, export_onnx, staged_directory, write_manifest
+from stepquant.export.parity import parity_feeds, quiet_polygraphy
+from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
+from stepquant.quant import QuantSpec, quantize_
+from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, TorchBackend, sample
+
+CALIBRATION_SEED_OFFSET = 1_000_000  # calibration trajectories never share seeds with evaluation
+QDQ_TOLERANCE = 1e-3  # median relative error, fake-quant torch vs Q/DQ graph on onnxruntime
+FP_TOLERANCE = 1e-5  # median relative error, FP torch vs FP ONNX
+MODEL_FILE, FP_MODEL_FILE, PREVIEW_FILE = "model.onnx", "model_fp32.onnx", "preview.png"
+
+
+class ParityError(RuntimeError):
+    """The exported graph does not reproduce the torch model within tolerance."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model: str = DEMO_MODEL_NAME
+    out: Path = Path("out/demo-digits-w8a8")
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    observer: str = "max"
+    percentile: float = 99.99
+    calib_samples: int = 64
+    calib_steps: int | None = None  # sampler steps kept for calibration; None keeps every step
+    seed: int = 0
+    eval_samples: int = 256
+    parity_timesteps: int = 5
+    parity_batch: int = 4
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("calib_samples", "eval_samples", "parity_timesteps", "parity_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ExportReport:
+    bundle: Path
+    preview: Path
+    qdq_parity: ParityReport
+    fp_parity: ParityReport
+    psnr_mean_db: float
+    psnr_min_db: float
+    eval_samples: int
+    quantized_layers: list[str]
+    seconds: float
+
+
+def _versions() -> dict:
+    packages = ("stepquant", "torch", "diffusers", "onnx", "onnxruntime", "polygraphy")
+    return {"python": platform.python_version(), **{p: version(p) for p in packages}}
+
+
+def _parity_subset(calib: CalibrationSet, count: int, batch: int) -> list:
+    timesteps = calib.unique_timesteps()
+    picks = [timesteps[round(i * (len(timesteps) - 1) / max(1, count - 1))] for i in range(min(count, len(timesteps)))]
+    parts = [calib.at_timestep(t, batch) for t in dict.fromkeys(picks)]
+    return parity_feeds(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+
+def export_quantized(config: ExportConfig) -> ExportReport:
+    start = time.perf_counter()
+    loaded = load_model(config.model)
+    unet_config = loaded.unet.config
+    shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
+    fp_model = EpsilonModel(loaded.unet)
+    with staged_directory(config.out, config.overwrite) as staging:
+        calib_seeds = range(CALIBRATION_SEED_OFFSET + config.seed, CALIBRATION_SEED_OFFSET + config.seed + config.calib_samples)
+        calib = collect_calibration_set(TorchBackend(fp_model), loaded.scheduler_config, calib_seeds, shape,
+                                        config.sampler, config.calib_steps or config.sampler.steps, config.progress)
+        q_model = EpsilonModel(copy.deepcopy(loaded.unet))
+        layer_names = quantize_(q_model, config.quant)
+        calibrate_ranges(q_model, calib, config.observer, config.percentile, progress=config.progress)
+
+        export_onnx(fp_model, staging / FP_MODEL_FILE, shape)
+        export_onnx(q_model, staging / MODEL_FILE, shape)
+        feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch)
+        fp_parity, _ = check_parity(fp_model, staging / FP_MODEL_FILE, feeds, FP_TOLERANCE)
+        qdq_parity, results = check_parity(q_model, staging / MODEL_FILE, feeds, QDQ_TOLERANCE)
+        for label, report in (("FP torch vs FP ONNX", fp_parity), ("fake-quant torch vs Q/DQ ONNX", qdq_parity)):
+            if not report.passed:
+                raise ParityError(f"parity failed for {label}: worst median relative error "
+                                  f"{report.worst_median_reldiff:.3g} > {report.tolerance_median_rel:g}")
+        (staging / "parity").mkdir()
+        with quiet_polygraphy():
+            save_json(feeds, staging / "parity" / "inputs.json", description="parity inputs")
+            RunResults([results[0]]).save(str(staging / "parity" / "reference_outputs.json"))
+
+        eval_seeds = range(config.seed, config.seed + config.eval_samples)
+        fp_samples = sample(TorchBackend(fp_model), loaded.scheduler_config, eval_seeds, shape, config.sampler,
+                            progress=config.progress, desc="FP samples").samples
+        q_samples = sample(OnnxRuntimeBackend(staging / MODEL_FILE), loaded.scheduler_config, eval_seeds, shape,
+                           config.sampler, progress=config.progress, desc="bundle samples (onnxruntime)").samples
+        scores = psnr(q_samples, fp_samples)
+        save_comparison_grid(fp_samples[:32], q_samples[:32], staging / PREVIEW_FILE)
+
+        write_manifest(staging, {
+            "source_model": loaded.source,
+            "sample_shape": list(shape),
+            "noise_schedule": loaded.scheduler_config,
+            "sampler": asdict(config.sampler),
+            "timestep_groups": [{"graph": MODEL_FILE, "timesteps": "all"}],
+            "reference_graph": FP_MODEL_FILE,
+            "quantization": {**config.quant.to_dict(), "target": "tensorrt", "layers": layer_names},
+            "calibration": {"method": config.observer, "percentile": config.percentile,
+                            "trajectories": config.calib_samples, "inputs": len(calib),
+                            "timesteps": calib.unique_timesteps(), "seed": config.seed},
+            "correction": {"method": "none"},
+            "parity": {"fp": fp_parity.to_dict(), "qdq": qdq_parity.to_dict()},
+            "quality": {"psnr_to_fp_db_mean": float(scores.mean()), "psnr_to_fp_db_min": float(scores.min()),
+                        "samples": config.eval_samples, "seeds": [config.seed, config.seed + config.eval_samples - 1],
+                        "executed_by": "onnxruntime CPUExecutionProvider"},
+            "versions": _versions(),
+        })
+    return ExportReport(
+        bundle=Path(config.out), preview=Path(config.out) / PREVIEW_FILE, qdq_parity=qdq_parity, fp_parity=fp_parity,
+        psnr_mean_db=float(scores.mean()), psnr_min_db=float(scores.min()), eval_samples=config.eval_samples,
+        quantized_layers=layer_names, seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,106 @@
+"""The commands as a user runs them: one end-to-end export on the demo model, sampling, and every
+kind of bad input ending in one clear line, a non-zero exit and no partial output."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BIN = Path(sys.executable).parent
+FAST = ["--steps", "3", "--calib-samples", "4", "--eval-samples", "4", "--no-progress"]
+
+
+def run(command: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / command), *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "error:" in lines[0] and fragment in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def cli_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "bundle"
+    result = run("export-quantized", "--out", out, *FAST)
+    assert result.returncode == 0, result.stderr
+    return out, result.stdout
+
+
+def test_export_end_to_end_prints_bundle_parity_and_psnr(cli_bundle):
+    out, stdout = cli_bundle
+    assert f"bundle:  {out}" in stdout
+    assert "preview.png" in stdout and (out / "preview.png").is_file()
+    assert stdout.count("PASS") == 2
+    assert "PSNR to FP" in stdout
+    assert (out / "model.onnx").is_file() and (out / "manifest.json").is_file()
+
+
+def test_sample_bundle_and_model_with_the_same_seeds(cli_bundle, tmp_path):
+    out, _ = cli_bundle
+    assert run("stepquant", "sample", "--bundle", out, "--n", "3", "--seed", "5", "--steps", "3",
+               "--out", tmp_path / "q.npz", "--no-progress").returncode == 0
+    assert run("stepquant", "sample", "--model", "demo-digits", "--n", "3", "--seed", "5", "--steps", "3",
+               "--out", tmp_path / "fp.npz", "--no-progress").returncode == 0
+    quantized, fp = np.load(tmp_path / "q.npz")["samples"], np.load(tmp_path / "fp.npz")["samples"]
+    assert quantized.shape == fp.shape == (3, 1, 16, 16) and quantized.dtype == np.float32
+    psnr = 10 * np.log10(4.0 / np.mean((quantized - fp) ** 2, axis=(1, 2, 3)))
+    assert psnr.min() > 20.0  # same seeds give the same digits
+    grid = run("stepquant", "sample", "--bundle", out, "--n", "2", "--steps", "2", "--out", tmp_path / "g.png", "--no-progress")
+    assert grid.returncode == 0 and (tmp_path / "g.png").stat().st_size > 0
+
+
+def test_missing_model_directory(tmp_path):
+    result = run("export-quantized", "--model", tmp_path / "nope", "--out", tmp_path / "b", *FAST)
+    assert_one_line_error(result, "not found")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_directory_that_is_not_a_diffusers_model(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights.bin").write_bytes(b"\0")
+    result = run("export-quantized", "--model", tmp_path / "model", "--out", tmp_path / "b", *FAST)
+    assert_one_line_error(result, "not a diffusers model directory")
+    assert not (tmp_path / "b").exists()
+
+
+def test_unwritable_output_path(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    result = run("export-quantized", "--out", tmp_path / "file" / "bundle", *FAST)
+    assert_one_line_error(result, "cannot write the bundle")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir(mode=0o500)
+    if subprocess.run(["touch", str(readonly / "probe")]).returncode == 0:
+        pytest.skip("running as a user who can write anywhere (root)")
+    assert_one_line_error(run("export-quantized", "--out", readonly / "bundle", *FAST), "cannot write the bundle")
+
+
+def test_unknown_option_value(tmp_path):
+    result = run("export-quantized", "--out", tmp_path / "b", "--observer", "median", *FAST)
+    assert_one_line_error(result, "median")
+    assert result.returncode == 2
+    assert_one_line_error(run("export-quantized", "--out", tmp_path / "b", "--weight-bits", "9", *FAST), "between 2 and 8")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tampered_bundle_is_refused(cli_bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(cli_bundle[0], copy)
+    model = copy / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[100] ^= 0xFF
+    model.write_bytes(bytes(data))
+    result = run("stepquant", "sample", "--bundle", copy, "--n", "1", "--out", tmp_path / "x.npz", "--no-progress")
+    assert_one_line_error(result, "sha256 of model.onnx")
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_existing_output_needs_overwrite(cli_bundle):
+    result = run("export-quantized", "--out", cli_bundle[0], *FAST)
+    assert_one_line_error(result, "--overwrite")
