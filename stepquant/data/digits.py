@@ -22,3 +22,10 @@ def load_digits_16() -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
     return images.clamp(0.0, 1.0) * 2.0 - 1.0, torch.tensor(digits.target, dtype=torch.long)
+
+
+def held_out_split(count: int, fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, held-out indices): a fixed random split shared by training and its tests."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    cut = int(count * fraction)
+    return order[cut:], order[:cut]
