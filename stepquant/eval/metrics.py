@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 PSNR_CAP_DB = 100.0  # identical samples would be infinite; a cap keeps means finite and comparable
@@ -14,3 +15,21 @@ def psnr(samples: torch.Tensor, reference: torch.Tensor, data_range: float = 2.0
     mse = (samples.double() - reference.double()).square().flatten(1).mean(dim=1)
     value = 10.0 * torch.log10(data_range**2 / mse.clamp_min(1e-30))
     return value.clamp(max=PSNR_CAP_DB).float()
+
+
+def frechet_distance(features: torch.Tensor, reference: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets [N, D] (the FID formula)."""
+    a, b = features.double().numpy(), reference.double().numpy()
+    mean_a, mean_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # tr(sqrt(A B)) = sum of sqrt of the eigenvalues of sqrt(A) B sqrt(A), which is symmetric PSD
+    values, vectors = np.linalg.eigh(cov_a)
+    root_a = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
+    cross = np.linalg.eigvalsh(root_a @ cov_b @ root_a).clip(min=0)
+    distance = np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.sqrt(cross).sum()
+    return float(max(distance, 0.0))
+
+
+def rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample root-mean-square difference of two batches."""
+    return (a.double() - b.double()).square().flatten(1).mean(dim=1).sqrt()

@@ -1,0 +1,145 @@
+"""Evaluate a quantized backend against the FP one from the same noise: final-sample metrics and the
+per-step against accumulated error along the sampling trajectory.
+
+- per-step error: RMS of eps_q(x_t) - eps_fp(x_t) on the FP trajectory's inputs (the network's own error);
+- accumulated error: RMS of x_t(quantized trajectory) - x_t(FP trajectory) after each step.
+
+Batches are processed one at a time and only sums are kept, so memory does not grow with the sample count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from stepquant.data.digits import load_digits_16
+from stepquant.eval.classifier import DigitClassifier, load_classifier
+from stepquant.eval.metrics import frechet_distance, psnr, rms
+from stepquant.runtime.backend import Backend
+from stepquant.runtime.sampler import SamplerConfig, make_scheduler, sample
+
+RECOGNISABLE_CONFIDENCE = 0.9
+
+
+@dataclass
+class Evaluation:
+    samples: int
+    psnr_to_fp_db: float
+    psnr_to_fp_db_min: float
+    fd_to_fp: float
+    fd_to_data: float
+    fp_fd_to_data: float
+    label_agreement: float  # fraction whose predicted digit equals that of the FP sample from the same seed
+    confidence: float
+    fp_confidence: float
+    recognisable: float  # fraction classified with confidence >= RECOGNISABLE_CONFIDENCE
+    fp_recognisable: float
+    timesteps: list[int] = field(default_factory=list)
+    step_error: list[float] = field(default_factory=list)
+    accumulated_error: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _StepErrorMeter:
+    """Wraps the FP backend: also runs the quantized backend on the same inputs and sums the RMS error."""
+
+    def __init__(self, fp: Backend, quantized: Backend, steps: int) -> None:
+        self.fp, self.quantized = fp, quantized
+        self.sums = np.zeros(steps)
+        self.step = 0
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        eps = self.fp(sample, timestep)
+        self.sums[self.step % len(self.sums)] += float(rms(self.quantized(sample, timestep), eps).sum())
+        self.step += 1
+        return eps
+
+
+def _states(backend: Backend, schedule: dict, seeds: Sequence[int], shape, config: SamplerConfig):
+    """Final samples and the x_t after every step (the inputs of steps 1.. plus the final sample)."""
+    inputs: list[torch.Tensor] = []
+    final = sample(backend, schedule, seeds, shape, config, batch_size=len(seeds), progress=False,
+                   on_step=lambda index, t, x: inputs.append(x.clone())).samples
+    return final, inputs[1:]
+
+
+def _classify(classifier: DigitClassifier, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        features = classifier.features(images)
+        return features, classifier.head(features).softmax(dim=1)
+
+
+def evaluate(
+    fp: Backend,
+    quantized: Backend,
+    noise_schedule: dict,
+    seeds: Sequence[int],
+    sample_shape: tuple[int, int, int],
+    config: SamplerConfig = SamplerConfig(),
+    batch_size: int = 128,
+    progress: bool = True,
+) -> Evaluation:
+    seeds = list(seeds)
+    meter = _StepErrorMeter(fp, quantized, config.steps)
+    accumulated = np.zeros(config.steps)
+    fp_final, q_final = [], []
+    for start in tqdm(range(0, len(seeds), batch_size), desc="evaluating", unit="batch", disable=not progress, leave=False):
+        batch = seeds[start : start + batch_size]
+        fp_samples, fp_states = _states(meter, noise_schedule, batch, sample_shape, config)
+        q_samples, q_states = _states(quantized, noise_schedule, batch, sample_shape, config)
+        # after the last step the returned (clipped) samples are compared
+        for index, (a, b) in enumerate(zip(q_states + [q_samples], fp_states + [fp_samples])):
+            accumulated[index] += float(rms(a, b).sum())
+        fp_final.append(fp_samples)
+        q_final.append(q_samples)
+    fp_all, q_all = torch.cat(fp_final), torch.cat(q_final)
+    classifier = load_classifier()
+    data_features, _ = _classify(classifier, load_digits_16()[0])
+    fp_features, fp_probs = _classify(classifier, fp_all)
+    q_features, q_probs = _classify(classifier, q_all)
+    scores = psnr(q_all, fp_all)
+    n = len(seeds)
+    return Evaluation(
+        samples=n,
+        psnr_to_fp_db=float(scores.mean()),
+        psnr_to_fp_db_min=float(scores.min()),
+        fd_to_fp=frechet_distance(q_features, fp_features),
+        fd_to_data=frechet_distance(q_features, data_features),
+        fp_fd_to_data=frechet_distance(fp_features, data_features),
+        label_agreement=float((q_probs.argmax(1) == fp_probs.argmax(1)).float().mean()),
+        confidence=float(q_probs.max(1).values.mean()),
+        fp_confidence=float(fp_probs.max(1).values.mean()),
+        recognisable=float((q_probs.max(1).values >= RECOGNISABLE_CONFIDENCE).float().mean()),
+        fp_recognisable=float((fp_probs.max(1).values >= RECOGNISABLE_CONFIDENCE).float().mean()),
+        timesteps=[int(t) for t in make_scheduler(config, noise_schedule).timesteps],
+        step_error=(meter.sums / n).tolist(),
+        accumulated_error=(accumulated / n).tolist(),
+    )
+
+
+def plot_errors(evaluation: Evaluation, path, title: str = "") -> None:
+    """Per-step against accumulated error, step by step (the AccuQuant figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.arange(1, len(evaluation.step_error) + 1)
+    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=120)
+    axis.plot(steps, evaluation.step_error, marker="o", markersize=3, label="per-step error (network, FP input)")
+    axis.plot(steps, evaluation.accumulated_error, marker="s", markersize=3, label="accumulated error (trajectory)")
+    axis.set_xlabel("sampler step")
+    axis.set_ylabel("RMS error (log scale)")
+    axis.set_yscale("log")
+    axis.set_title(title or f"{evaluation.samples} samples")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

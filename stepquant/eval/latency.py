@@ -1,0 +1,47 @@
+"""Per-forward latency of a backend: warm-up, then repeated timed calls, reported as the median."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from stepquant.runtime.backend import Backend
+
+
+@dataclass
+class Latency:
+    batch: int
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+    @property
+    def images_per_second(self) -> float:
+        return 1000.0 * self.batch / self.median_ms
+
+
+def measure_latency(
+    backend: Backend,
+    sample_shape: tuple[int, int, int],
+    batch: int,
+    warmup: int = 3,
+    min_runs: int = 10,
+    min_seconds: float = 3.0,
+    max_runs: int = 200,
+) -> Latency:
+    """Time `backend` on a fixed random input until both `min_runs` and `min_seconds` are reached."""
+    sample = torch.randn((batch, *sample_shape), generator=torch.Generator().manual_seed(0))
+    timestep = torch.full((batch,), 500.0)
+    for _ in range(warmup):
+        backend(sample, timestep)
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - started < min_seconds):
+        begin = time.perf_counter()
+        backend(sample, timestep)
+        times.append(1000.0 * (time.perf_counter() - begin))
+    times.sort()
+    return Latency(batch, statistics.median(times), times[int(0.9 * (len(times) - 1))], len(times))

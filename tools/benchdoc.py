@@ -1,0 +1,42 @@
+"""Write a generated section into docs/BENCHMARKS.md between `<!-- NAME:start -->` and `<!-- NAME:end -->`,
+so each benchmark script owns its table and reruns replace it."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import re
+import shlex
+import sys
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+
+
+def header() -> str:
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    return f"Generated {datetime.date.today().isoformat()} by `{command}` on {machine()}.\n"
+
+
+def write_section(name: str, body: str, doc: Path = DOC) -> None:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(text)
+    print(f"updated section '{name}' of {doc}")
