@@ -21,6 +21,8 @@ from stepquant.calibrators import calibrate_ranges, collect_calibration_set
 from stepquant.calibrators.data import CalibrationSet
 from stepquant.eval import psnr, save_comparison_grid
 from stepquant.export import ParityReport, check_parity, export_onnx, staged_directory, write_manifest
+from stepquant.export.lint import check_conformance
+from stepquant.export.tensorrt import ENGINE_FILE, TIMING_CACHE_FILE, BatchProfile, build_engine, build_script, tensorrt_version
 from stepquant.export.parity import parity_feeds, quiet_polygraphy
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
 from stepquant.quant import QuantSpec, quantize_
@@ -29,7 +31,7 @@ from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, TorchBackend, s
 CALIBRATION_SEED_OFFSET = 1_000_000  # calibration trajectories never share seeds with evaluation
 QDQ_TOLERANCE = 1e-3  # median relative error, fake-quant torch vs Q/DQ graph on onnxruntime
 FP_TOLERANCE = 1e-5  # median relative error, FP torch vs FP ONNX
-MODEL_FILE, FP_MODEL_FILE, PREVIEW_FILE = "model.onnx", "model_fp32.onnx", "preview.png"
+MODEL_FILE, FP_MODEL_FILE, PREVIEW_FILE, BUILD_SCRIPT = "model.onnx", "model_fp32.onnx", "preview.png", "build_engine.sh"
 
 
 class ParityError(RuntimeError):
@@ -50,6 +52,8 @@ class ExportConfig:
     eval_samples: int = 256
     parity_timesteps: int = 5
     parity_batch: int = 4
+    engine: bool = False  # also build the TensorRT engine (needs tensorrt on this machine)
+    engine_profile: BatchProfile = field(default_factory=BatchProfile)
     overwrite: bool = False
     progress: bool = True
 
@@ -69,6 +73,7 @@ class ExportReport:
     psnr_min_db: float
     eval_samples: int
     quantized_layers: list[str]
+    calibration_seconds: float  # model load, FP trajectories and range calibration
     seconds: float
 
 
@@ -90,6 +95,10 @@ def export_quantized(config: ExportConfig) -> ExportReport:
     unet_config = loaded.unet.config
     shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
     fp_model = EpsilonModel(loaded.unet)
+    if config.engine:
+        tensorrt_version()  # fail before any work when the engine cannot be built here
+    # onnxruntime's CPU fusions reject FLOAT8 Q/DQ (MatMulIntegerToFloat); basic optimisations run it
+    ort_level = "basic" if config.quant.format == "fp8" else "all"
     with staged_directory(config.out, config.overwrite) as staging:
         calib_seeds = range(CALIBRATION_SEED_OFFSET + config.seed, CALIBRATION_SEED_OFFSET + config.seed + config.calib_samples)
         calib = collect_calibration_set(TorchBackend(fp_model), loaded.scheduler_config, calib_seeds, shape,
@@ -97,12 +106,14 @@ def export_quantized(config: ExportConfig) -> ExportReport:
         q_model = EpsilonModel(copy.deepcopy(loaded.unet))
         layer_names = quantize_(q_model, config.quant)
         calibrate_ranges(q_model, calib, config.observer, config.percentile, progress=config.progress)
+        calibration_seconds = time.perf_counter() - start
 
         export_onnx(fp_model, staging / FP_MODEL_FILE, shape)
-        export_onnx(q_model, staging / MODEL_FILE, shape)
+        export_onnx(q_model, staging / MODEL_FILE, shape, opset=config.quant.opset)
+        check_conformance(staging / MODEL_FILE)  # TensorRT's Q/DQ rules, before any user runs trtexec
         feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch)
         fp_parity, _ = check_parity(fp_model, staging / FP_MODEL_FILE, feeds, FP_TOLERANCE)
-        qdq_parity, results = check_parity(q_model, staging / MODEL_FILE, feeds, QDQ_TOLERANCE)
+        qdq_parity, results = check_parity(q_model, staging / MODEL_FILE, feeds, QDQ_TOLERANCE, ort_level)
         for label, report in (("FP torch vs FP ONNX", fp_parity), ("fake-quant torch vs Q/DQ ONNX", qdq_parity)):
             if not report.passed:
                 raise ParityError(f"parity failed for {label}: worst median relative error "
@@ -110,16 +121,22 @@ def export_quantized(config: ExportConfig) -> ExportReport:
         (staging / "parity").mkdir()
         with quiet_polygraphy():
             save_json(feeds, staging / "parity" / "inputs.json", description="parity inputs")
-            RunResults([results[0]]).save(str(staging / "parity" / "reference_outputs.json"))
+            RunResults([results[1]]).save(str(staging / "parity" / "reference_outputs.json"))  # the torch outputs
 
         eval_seeds = range(config.seed, config.seed + config.eval_samples)
         fp_samples = sample(TorchBackend(fp_model), loaded.scheduler_config, eval_seeds, shape, config.sampler,
                             progress=config.progress, desc="FP samples").samples
-        q_samples = sample(OnnxRuntimeBackend(staging / MODEL_FILE), loaded.scheduler_config, eval_seeds, shape,
+        q_samples = sample(OnnxRuntimeBackend(staging / MODEL_FILE, optimization_level=ort_level), loaded.scheduler_config, eval_seeds, shape,
                            config.sampler, progress=config.progress, desc="bundle samples (onnxruntime)").samples
         scores = psnr(q_samples, fp_samples)
         save_comparison_grid(fp_samples[:32], q_samples[:32], staging / PREVIEW_FILE)
 
+        (staging / BUILD_SCRIPT).write_text(build_script(MODEL_FILE, shape, config.engine_profile))
+        (staging / BUILD_SCRIPT).chmod(0o755)
+        engine = {"build_script": BUILD_SCRIPT, "batch_profile": asdict(config.engine_profile)}
+        if config.engine:
+            engine.update(plan=ENGINE_FILE, tensorrt_version=build_engine(
+                staging / MODEL_FILE, staging / ENGINE_FILE, shape, config.engine_profile, staging / TIMING_CACHE_FILE))
         write_manifest(staging, {
             "source_model": loaded.source,
             "sample_shape": list(shape),
@@ -130,8 +147,12 @@ def export_quantized(config: ExportConfig) -> ExportReport:
             "quantization": {**config.quant.to_dict(), "target": "tensorrt", "layers": layer_names},
             "calibration": {"method": config.observer, "percentile": config.percentile,
                             "trajectories": config.calib_samples, "inputs": len(calib),
-                            "timesteps": calib.unique_timesteps(), "seed": config.seed},
+                            "timesteps": calib.unique_timesteps(), "seed": config.seed,
+                            "seconds": round(calibration_seconds, 2)},
             "correction": {"method": "none"},
+            "lint": {"target": "tensorrt", "findings": 0},
+            "engine": engine,
+            "onnxruntime": {"graph_optimization_level": ort_level},
             "parity": {"fp": fp_parity.to_dict(), "qdq": qdq_parity.to_dict()},
             "quality": {"psnr_to_fp_db_mean": float(scores.mean()), "psnr_to_fp_db_min": float(scores.min()),
                         "samples": config.eval_samples, "seeds": [config.seed, config.seed + config.eval_samples - 1],
@@ -141,5 +162,5 @@ def export_quantized(config: ExportConfig) -> ExportReport:
     return ExportReport(
         bundle=Path(config.out), preview=Path(config.out) / PREVIEW_FILE, qdq_parity=qdq_parity, fp_parity=fp_parity,
         psnr_mean_db=float(scores.mean()), psnr_min_db=float(scores.min()), eval_samples=config.eval_samples,
-        quantized_layers=layer_names, seconds=time.perf_counter() - start,
+        quantized_layers=layer_names, calibration_seconds=calibration_seconds, seconds=time.perf_counter() - start,
     )

@@ -1,6 +1,7 @@
 """The commands as a user runs them: one end-to-end export on the demo model, sampling, and every
 kind of bad input ending in one clear line, a non-zero exit and no partial output."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -104,3 +105,20 @@ def test_tampered_bundle_is_refused(cli_bundle, tmp_path):
 def test_existing_output_needs_overwrite(cli_bundle):
     result = run("export-quantized", "--out", cli_bundle[0], *FAST)
     assert_one_line_error(result, "--overwrite")
+
+
+def test_eval_writes_json_and_plot(cli_bundle, tmp_path):
+    out, _ = cli_bundle
+    result = run("stepquant", "eval", "--bundle", out, "--n", "4", "--steps", "3", "--out", tmp_path / "eval", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "PSNR to FP" in result.stdout and "FD to FP" in result.stdout
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["samples"] == 4 and len(report["step_error"]) == 3 and len(report["accumulated_error"]) == 3
+    assert (tmp_path / "eval" / "errors.png").stat().st_size > 0
+    assert_one_line_error(run("stepquant", "eval", "--bundle", out, "--n", "1"), "at least 2")
+
+
+def test_bench_prints_both_graphs(cli_bundle):
+    result = run("stepquant", "bench", "--bundle", cli_bundle[0], "--batch", "2")
+    assert result.returncode == 0, result.stderr
+    assert "onnxruntime FP32" in result.stdout and "onnxruntime Q/DQ" in result.stdout and "x vs FP32" in result.stdout

@@ -79,10 +79,10 @@ def _qdq_pairs(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, onnx.N
             continue
         feeders = [source(name) for name in node.input[:2]]
         weight_dq = next((f for f in feeders if f is not None and f.op_type == "DequantizeLinear"
-                          and f.input[0].endswith(".weight_quantizer.weight_int")), None)
+                          and f.input[0].endswith(".weight_quantizer.qweight")), None)
         act_dq = next((f for f in feeders if f is not None and f.op_type == "DequantizeLinear" and f is not weight_dq), None)
         if weight_dq is not None and act_dq is not None:
-            pairs[weight_dq.input[0].removesuffix(".weight_quantizer.weight_int")] = (producer[act_dq.input[0]], weight_dq)
+            pairs[weight_dq.input[0].removesuffix(".weight_quantizer.qweight")] = (producer[act_dq.input[0]], weight_dq)
     return pairs
 
 
@@ -98,8 +98,8 @@ def test_scales_and_integer_weights_equal_calibrated_values(exported):
         np.testing.assert_array_equal(_constant(proto.graph, weight_dq.input[1]), layer.weight_quantizer.scale.numpy())
         weight = _constant(proto.graph, weight_dq.input[0])
         assert weight.dtype == np.int8 and np.abs(weight).max() <= 127
-        np.testing.assert_array_equal(weight, layer.weight_quantizer.weight_int.numpy())
-    weight_dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight_int")]
+        np.testing.assert_array_equal(weight, layer.weight_quantizer.qweight.numpy())
+    weight_dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("qweight")]
     assert weight_dq and all(a.name == "axis" and a.i == 0 for n in weight_dq for a in n.attribute)
     # excluded layers keep float weights
     assert _initializers(proto.graph)["unet.conv_in.weight"].dtype == np.float32

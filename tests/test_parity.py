@@ -1,10 +1,12 @@
 """Parity on the demo model, measured with Polygraphy: Q/DQ graph vs fake-quant torch, FP ONNX vs FP torch."""
 
 import numpy as np
-from polygraphy.comparator import RunResults
+import pytest
+from polygraphy.comparator import IterationResult, RunResults
 from polygraphy.json import load_json
 
 from stepquant.export import load_bundle
+from stepquant.export.parity import compare_runs, replay_parity
 from stepquant.pipeline import FP_TOLERANCE, QDQ_TOLERANCE
 
 
@@ -30,3 +32,26 @@ def test_parity_figures_and_replay_data_are_in_the_bundle(demo_bundle):
     assert len(iterations) == len(inputs)
     assert {float(feed["timestep"][0]) for feed in inputs} == {t["timestep"] for t in recorded["timesteps"]}
     assert np.isfinite(iterations[0]["eps"]).all()
+
+
+def test_replay_on_onnxruntime_reproduces_the_export_figures(demo_bundle):
+    path, report = demo_bundle
+    replayed = replay_parity(load_bundle(path), "onnxruntime", QDQ_TOLERANCE)
+    assert replayed.passed
+    for now, then in zip(replayed.timesteps, report.qdq_parity.timesteps):
+        assert now.timestep == then.timestep
+        assert now.median_reldiff == pytest.approx(then.median_reldiff, rel=1e-6, abs=1e-9)
+
+
+def test_comparison_fails_when_outputs_drift(demo_bundle):
+    path, _ = demo_bundle
+    bundle = load_bundle(path)
+    feeds = load_json(bundle.file("parity/inputs.json"))
+    reference = RunResults.load(str(bundle.file("parity/reference_outputs.json")))
+    name, iterations = reference[0]
+    drifted = [IterationResult({"eps": np.asarray(it["eps"]) * 1.01}, runner_name="drifted") for it in iterations]
+    report = compare_runs(RunResults([("drifted", drifted), (name, iterations)]), feeds, QDQ_TOLERANCE)
+    assert not report.passed
+    assert all(t.median_reldiff == pytest.approx(0.01, rel=1e-3) for t in report.timesteps)
+    assert all(t.quantile_reldiff == pytest.approx(0.01, rel=1e-3) for t in report.timesteps)
+    assert compare_runs(RunResults([("drifted", drifted), (name, iterations)]), feeds, 0.02).passed

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from stepquant.quant.grid import IntGrid
+from stepquant.quant.grid import Grid
 
 OBSERVER_METHODS = ("max", "percentile", "mse")
 
@@ -42,7 +42,7 @@ class RangeObserver:
     def _centers(self) -> torch.Tensor:
         return (torch.arange(self.bins, dtype=torch.float64) + 0.5) * self.width
 
-    def amax(self, method: str, grid: IntGrid, percentile: float = 99.99) -> float:
+    def amax(self, method: str, grid: Grid, percentile: float = 99.99) -> float:
         """The calibrated range; 0.0 means the tensor was all zeros (the caller refuses it)."""
         if method == "max" or self.max == 0.0:
             return self.max
@@ -54,14 +54,14 @@ class RangeObserver:
             return self._mse_amax(grid)
         raise ValueError(f"unknown observer method {method!r}; choose from {', '.join(OBSERVER_METHODS)}")
 
-    def _mse_amax(self, grid: IntGrid, candidates: int = 80) -> float:
+    def _mse_amax(self, grid: Grid, candidates: int = 80) -> float:
         """Q-Diffusion's search: shrink the max by 1% steps, keep the range of least squared error."""
         centers = self._centers()
         best, best_error = self.max, math.inf
         for i in range(candidates):
             amax = self.max * (1.0 - 0.01 * i)
-            scale = amax / grid.qmax
-            error = centers - torch.clamp(torch.round(centers / scale), 0, grid.qmax) * scale
+            scale = torch.tensor(amax / grid.qmax, dtype=torch.float64)
+            error = centers - grid.quantize(centers, scale) * scale
             total = float((self.counts * error.square()).sum())
             if total < best_error:
                 best, best_error = amax, total

@@ -120,3 +120,16 @@ def load_bundle(path: str | Path) -> Bundle:
         if _sha256(file) != expected:
             raise BundleError(f"bundle {path} was modified after export: sha256 of {name} does not match the manifest")
     return Bundle(path=path, manifest=manifest)
+
+
+def extend_bundle(bundle: Bundle, add_files, manifest_update: dict) -> Bundle:
+    """Atomically rewrite `bundle` with extra files (written by `add_files(staging_dir)`) and manifest
+    entries; the manifest's hashes are recomputed. Used to add a TensorRT engine built later."""
+    body = {k: v for k, v in bundle.manifest.items() if k not in ("format_version", "files", _SELF_HASH)}
+    with staged_directory(bundle.path, overwrite=True) as staging:
+        for item in bundle.path.iterdir():
+            if item.name != MANIFEST:
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
+        add_files(staging)
+        write_manifest(staging, {**body, **manifest_update})
+    return load_bundle(bundle.path)

@@ -12,12 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from polygraphy.backend.base import BaseRunner
-from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-from polygraphy.comparator import Comparator, CompareFunc
+from polygraphy.backend.onnxrt import OnnxrtRunner
+from polygraphy.comparator import Comparator, CompareFunc, RunResults
+from polygraphy.json import load_json
 from polygraphy.logger import G_LOGGER
 from torch import nn
 
+from stepquant.export.bundle import Bundle, BundleError
 from stepquant.export.onnx_export import INPUT_NAMES, OUTPUT_NAME
+from stepquant.runtime.onnxruntime_backend import OPTIMIZATION_LEVELS
 
 ERROR_QUANTILE = 0.99
 
@@ -105,20 +108,21 @@ def parity_feeds(samples: torch.Tensor, timesteps: torch.Tensor) -> list[Ordered
     return feeds
 
 
-def check_parity(model: nn.Module, onnx_path: Path, feeds: list[OrderedDict], tolerance: float):
-    """Run both on every feed; returns the report and the torch outputs (the reference results)."""
-    runners = [TorchRunner(model), OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["cpu"]), name="onnxruntime")]
-    compare = _simple_compare(check_error_stat="median", rtol=tolerance, atol=0.0, error_quantile=ERROR_QUANTILE)
+def compare_runs(results: RunResults, feeds: list[OrderedDict], tolerance: float) -> ParityReport:
+    """Compare the first runner of `results` against the second, the reference (Polygraphy divides by the
+    second output for relative errors), feed by feed, checking the median relative error against `tolerance`."""
+    compare = _simple_compare(check_error_stat="median", rtol={OUTPUT_NAME: tolerance}, atol={OUTPUT_NAME: 0.0},
+                              error_quantile=ERROR_QUANTILE)
     with quiet_polygraphy():
-        results = Comparator.run(runners, data_loader=feeds)
         accuracy = Comparator.compare_accuracy(results, compare_func=compare)
     result = accuracy if hasattr(accuracy, "values") else accuracy[0]  # Polygraphy >= 0.53 returns a list
     per_iteration = next(iter(result.values()))
     report = ParityReport(tolerance, ERROR_QUANTILE, [])
-    for feed, outputs, torch_out, onnx_out in zip(feeds, per_iteration, results[0][1], results[1][1]):
+    for feed, outputs, candidate, reference in zip(feeds, per_iteration, results[0][1], results[1][1]):
         stats = outputs[OUTPUT_NAME]
-        expected = np.abs(torch_out[OUTPUT_NAME]).astype(np.float64)
-        reldiff = np.abs(onnx_out[OUTPUT_NAME] - torch_out[OUTPUT_NAME]) / np.maximum(expected, np.finfo(np.float32).tiny)
+        expected = np.abs(np.asarray(reference[OUTPUT_NAME])).astype(np.float64)
+        reldiff = np.abs(np.asarray(candidate[OUTPUT_NAME]) - np.asarray(reference[OUTPUT_NAME])) / np.maximum(
+            expected, np.finfo(np.float32).tiny)
         report.timesteps.append(TimestepParity(
             timestep=float(feed[INPUT_NAMES[1]][0]),
             median_reldiff=float(stats.median_reldiff),
@@ -126,4 +130,53 @@ def check_parity(model: nn.Module, onnx_path: Path, feeds: list[OrderedDict], to
             max_absdiff=float(stats.max_absdiff),
             passed=bool(stats.median_reldiff <= tolerance),
         ))
-    return report, results
+    return report
+
+
+def onnxruntime_runner(onnx_path: Path, optimization_level: str | None = None) -> OnnxrtRunner:
+    """Polygraphy's onnxruntime runner on the CPU provider, with a session whose graph optimisation
+    level can be lowered (FP8 Q/DQ graphs need 'basic' on the CPU provider)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if optimization_level is not None:
+        options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization_level]
+    session = lambda: ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])  # noqa: E731
+    return OnnxrtRunner(session, name="onnxruntime")
+
+
+def check_parity(model: nn.Module, onnx_path: Path, feeds: list[OrderedDict], tolerance: float,
+                 optimization_level: str | None = None) -> tuple[ParityReport, RunResults]:
+    """Run onnxruntime and torch (the reference) on every feed; returns the report and the results."""
+    with quiet_polygraphy():
+        results = Comparator.run([onnxruntime_runner(onnx_path, optimization_level), TorchRunner(model)], data_loader=feeds)
+    return compare_runs(results, feeds, tolerance), results
+
+
+def replay_parity(bundle: Bundle, backend: str = "onnxruntime", tolerance: float = 1e-3,
+                  engine: Path | None = None) -> ParityReport:
+    """Replay the bundle's saved inputs on `backend` and compare with its saved reference outputs, so a
+    CPU box (onnxruntime) and a Jetson (TensorRT) are checked against the same data."""
+    with quiet_polygraphy():
+        feeds = load_json(bundle.file("parity/inputs.json"), description="parity inputs")
+        reference = RunResults.load(str(bundle.file("parity/reference_outputs.json")))
+    if backend == "onnxruntime":
+        level = bundle.manifest.get("onnxruntime", {}).get("graph_optimization_level")
+        runner = onnxruntime_runner(bundle.file(bundle.manifest["timestep_groups"][0]["graph"]), level)
+    elif backend == "tensorrt":
+        from stepquant.export.tensorrt import ENGINE_FILE, tensorrt_version
+
+        tensorrt_version()
+        plan = engine or bundle.path / bundle.manifest.get("engine", {}).get("plan", ENGINE_FILE)
+        if not Path(plan).is_file():
+            raise BundleError(f"no TensorRT engine at {plan}: run `stepquant build-engine --bundle {bundle.path}` "
+                              "or the bundle's build_engine.sh first, or pass --engine")
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        runner = TrtRunner(EngineFromBytes(BytesFromPath(str(plan))), name="tensorrt")
+    else:
+        raise ValueError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
+    with quiet_polygraphy():
+        results = Comparator.run([runner], data_loader=feeds)
+    return compare_runs(RunResults([results[0], reference[0]]), feeds, tolerance)

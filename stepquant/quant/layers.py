@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stepquant.quant.functional import DequantizeWeight, FakeQuantize
-from stepquant.quant.grid import IntGrid
+from stepquant.quant.grid import Grid
 
 
 class Observer(Protocol):
@@ -20,9 +20,9 @@ class Observer(Protocol):
 class ActivationQuantizer(nn.Module):
     """Per-tensor symmetric fake quantization; until calibrated it only observes (or passes through)."""
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, grid: Grid) -> None:
         super().__init__()
-        self.grid = IntGrid(bits, narrow=False)
+        self.grid = grid
         self.register_buffer("scale", torch.tensor(float("nan")))
         self.observer: Observer | None = None
         self.enabled = True
@@ -41,49 +41,50 @@ class ActivationQuantizer(nn.Module):
             return x
         if not self.calibrated:
             raise RuntimeError("activation quantizer used before calibration: run a calibrator first")
-        return FakeQuantize.apply(x, self.scale, self.grid.qmin, self.grid.qmax)
+        return FakeQuantize.apply(x, self.scale, self.grid)
 
     def extra_repr(self) -> str:
-        return f"bits={self.grid.bits}, amax={float(self.scale) * self.grid.qmax:.5g}"
+        return f"{self.grid}, amax={float(self.scale) * self.grid.qmax:.5g}"
 
 
 class WeightQuantizer(nn.Module):
-    """Per-output-channel symmetric quantization of a weight, held as int8 integers and scales."""
+    """Symmetric quantization of a weight, held as quantized values (int8 or float8 storage) and scales:
+    one scale per output channel, or one per tensor (FP8, as modelopt and TensorRT's FP8 kernels use)."""
 
-    def __init__(self, bits: int, weight: torch.Tensor) -> None:
+    def __init__(self, grid: Grid, weight: torch.Tensor, per_channel: bool = True) -> None:
         super().__init__()
-        self.grid = IntGrid(bits, narrow=True)
-        amax = weight.detach().abs().flatten(1).amax(dim=1)
+        self.grid = grid
+        amax = weight.detach().abs().flatten(1).amax(dim=1) if per_channel else weight.detach().abs().max()
         # A channel of all-zero weights quantizes to zeros whatever its scale; give it a positive one.
         amax = torch.where(amax > 0, amax, torch.ones_like(amax))
         self.register_buffer("scale", self.grid.scale_for(amax))
-        self.register_buffer("weight_int", self.integers(weight, self.scale))
+        self.register_buffer("qweight", self.quantized(weight, self.scale))
         self.enabled = True
 
-    def integers(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Round-to-nearest integers of `weight` on this grid (int8 storage whatever the bit width)."""
-        shape = (-1,) + (1,) * (weight.dim() - 1)
-        return self.grid.to_int(weight.detach(), scale.reshape(shape)).to(torch.int8)
+    def quantized(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Round-to-nearest grid values of `weight`, in the grid's storage type."""
+        shape = (-1,) + (1,) * (weight.dim() - 1) if scale.numel() > 1 else ()
+        return self.grid.quantize(weight.detach(), scale.reshape(shape)).to(self.grid.storage_dtype)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
-        return DequantizeWeight.apply(self.weight_int, self.scale)
+        return DequantizeWeight.apply(self.qweight, self.scale)
 
     def extra_repr(self) -> str:
-        return f"bits={self.grid.bits}, channels={self.scale.numel()}"
+        return f"{self.grid}, scales={self.scale.numel()}"
 
 
 class QuantizedLayer(nn.Module):
     """A Conv2d or Linear whose input and weight are fake-quantized; bias stays in floating point."""
 
-    def __init__(self, layer: nn.Conv2d | nn.Linear, weight_bits: int, act_bits: int) -> None:
+    def __init__(self, layer: nn.Conv2d | nn.Linear, weight_grid: Grid, act_grid: Grid, per_channel: bool = True) -> None:
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"only Conv2d and Linear can be quantized, got {type(layer).__name__}")
         self.layer = layer
-        self.input_quantizer = ActivationQuantizer(act_bits)
-        self.weight_quantizer = WeightQuantizer(weight_bits, layer.weight)
+        self.input_quantizer = ActivationQuantizer(act_grid)
+        self.weight_quantizer = WeightQuantizer(weight_grid, layer.weight, per_channel)
 
     def set_enabled(self, enabled: bool) -> None:
         self.input_quantizer.enabled = enabled

@@ -25,7 +25,7 @@ def quantize_(model: nn.Module, spec: QuantSpec) -> list[str]:
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantizedLayer(module, spec.weight_bits, spec.act_bits))
+        setattr(parent, child, QuantizedLayer(module, spec.weight_grid, spec.act_grid, spec.per_channel_weights))
     return [name for name, _ in targets]
 
 

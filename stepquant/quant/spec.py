@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from stepquant.quant.grid import Fp8Grid, Grid, IntGrid
+
+FORMATS = ("int8", "fp8")
+
 # modelopt's diffusers default (utils.filter_func_default) plus its library-wide `proj_out`: embeddings,
 # the first and last convolutions and the shortcut convolutions stay in floating point.
 DEFAULT_EXCLUDE: tuple[str, ...] = (
@@ -34,8 +38,13 @@ class QuantSpec:
     weight_bits: int = 8
     act_bits: int = 8
     exclude: tuple[str, ...] = field(default=DEFAULT_EXCLUDE)
+    format: str = "int8"  # or "fp8": E4M3 for Ada/Hopper, per-tensor weights as modelopt's FP8 config
 
     def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown format {self.format!r}; choose from {', '.join(FORMATS)}")
+        if self.format == "fp8" and (self.weight_bits, self.act_bits) != (8, 8):
+            raise ValueError("fp8 is E4M3 for weights and activations: weight and activation bits must be 8")
         for name, bits in (("weight", self.weight_bits), ("activation", self.act_bits)):
             if bits not in (2, 3, 4, 5, 6, 7, 8):
                 raise ValueError(f"{name} bits must be between 2 and 8, got {bits}")
@@ -45,9 +54,28 @@ class QuantSpec:
             except re.error as err:
                 raise ValueError(f"exclude pattern {pattern!r} is not a valid regular expression: {err}") from err
 
+    @property
+    def weight_grid(self) -> Grid:
+        return Fp8Grid() if self.format == "fp8" else IntGrid(self.weight_bits, narrow=True)
+
+    @property
+    def act_grid(self) -> Grid:
+        return Fp8Grid() if self.format == "fp8" else IntGrid(self.act_bits, narrow=False)
+
+    @property
+    def per_channel_weights(self) -> bool:
+        return self.format == "int8"
+
+    @property
+    def opset(self) -> int:
+        """ONNX opset of the exported graph: FLOAT8E4M3FN Q/DQ needs 19."""
+        return 19 if self.format == "fp8" else 17
+
     def excludes(self, module_name: str) -> bool:
         return any(re.search(pattern, module_name) for pattern in self.exclude)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "exclude": list(self.exclude), "format": "int8", "zero_point": 0,
-                "weight_granularity": "per-output-channel (axis 0)", "activation_granularity": "per-tensor"}
+        return {**asdict(self), "exclude": list(self.exclude), "zero_point": 0,
+                "weight_grid": str(self.weight_grid), "activation_grid": str(self.act_grid),
+                "weight_granularity": "per-output-channel (axis 0)" if self.per_channel_weights else "per-tensor",
+                "activation_granularity": "per-tensor"}

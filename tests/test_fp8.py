@@ -1,0 +1,47 @@
+"""FP8 (E4M3) export: standard ONNX float8 Q/DQ at opset 19, lint-clean, and in parity with the torch
+simulation on onnxruntime's CPU provider with basic graph optimisations."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+
+from stepquant.export import load_bundle
+from stepquant.export.lint import lint
+from stepquant.export.parity import replay_parity
+from stepquant.pipeline import QDQ_TOLERANCE, ExportConfig, export_quantized
+from stepquant.quant import QuantSpec
+from stepquant.runtime.bundle_backends import quantized_backend
+from tests.conftest import FEW_STEPS
+
+
+@pytest.fixture(scope="module")
+def fp8_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp8") / "bundle"
+    report = export_quantized(ExportConfig(out=out, quant=QuantSpec(format="fp8"), sampler=FEW_STEPS,
+                                           calib_samples=8, eval_samples=8, progress=False))
+    return out, report
+
+
+def test_fp8_graph_uses_float8_zero_points_and_weights(fp8_bundle):
+    path, _ = fp8_bundle
+    model = onnx.load(str(path / "model.onnx"))
+    assert model.opset_import[0].version >= 19
+    constants = {n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant"}
+    weights = [i for i in model.graph.initializer if i.data_type == TensorProto.FLOAT8E4M3FN]
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and all(constants[n.input[2]].data_type == TensorProto.FLOAT8E4M3FN for n in qdq)
+    assert len(weights) == len(qdq) // 3  # per layer: activation Q + DQ, weight DQ
+    assert lint(model) == []
+
+
+def test_fp8_parity_with_the_torch_simulation(fp8_bundle):
+    path, report = fp8_bundle
+    assert report.qdq_parity.passed
+    assert all(t.median_reldiff <= QDQ_TOLERANCE for t in report.qdq_parity.timesteps)
+    bundle = load_bundle(path)
+    assert bundle.manifest["onnxruntime"]["graph_optimization_level"] == "basic"
+    assert bundle.manifest["quantization"]["format"] == "fp8"
+    assert replay_parity(bundle, "onnxruntime", QDQ_TOLERANCE).passed
+    assert quantized_backend(bundle).session.get_session_options().graph_optimization_level.name == "ORT_ENABLE_BASIC"
+    assert np.isfinite(report.psnr_mean_db) and report.psnr_mean_db > 25
