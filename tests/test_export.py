@@ -11,6 +11,7 @@ from stepquant.calibrators import calibrate_ranges, collect_calibration_set
 from stepquant.export import export_onnx
 from stepquant.models import EpsilonModel, load_model
 from stepquant.quant import QuantSpec, quantize_, quantized_layers
+from stepquant.quant.quantize import ResidualQuantizer
 from stepquant.runtime import TorchBackend
 from tests.conftest import FEW_STEPS
 
@@ -26,7 +27,7 @@ def exported(tiny_model_dir, tmp_path_factory):
     calibrate_ranges(model, calib, progress=False)
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     export_onnx(model, path, shape)
-    return model, onnx.load(str(path)), path
+    return model, onnx.load(str(path)), path, tiny_model_dir
 
 
 def _initializers(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
@@ -42,18 +43,35 @@ def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray:
 
 
 def test_every_quantized_layer_has_qdq_on_input_and_weight(exported):
-    model, proto, _ = exported
+    model, proto, _, _ = exported
     layers = dict(quantized_layers(model))
+    residuals = [m for m in model.modules() if isinstance(m, ResidualQuantizer)]
     quantize = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
     dequantize = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
-    assert len(quantize) == len(layers)  # one activation Q per layer, never on outputs
-    assert len(dequantize) == 2 * len(layers)  # activation DQ + weight DQ
+    assert len(residuals) == sum("Resnet" in type(m).__name__ for m in model.modules()) > 0  # one per ResNet block
+    assert len(quantize) == len(layers) + len(residuals)  # layer inputs and residual skips, never outputs
+    assert len(dequantize) == 2 * len(layers) + len(residuals)  # plus one weight DQ per layer
+
+
+def test_residual_adds_get_qdq_on_the_skip_input_only(exported):
+    _, proto, _, _ = exported
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    adds = [n for n in proto.graph.node if n.op_type == "Add" and "/resnets." in n.name
+            and any(producer.get(i) is not None and producer[i].op_type == "Conv" and "conv2" in producer[i].name
+                    for i in n.input)]
+    assert adds
+    for add in adds:
+        kinds = sorted(producer[i].op_type for i in add.input)
+        assert kinds == ["Conv", "DequantizeLinear"], (add.name, kinds)  # conv2 direct, skip through Q/DQ
+    plain = EpsilonModel(load_model(str(exported[3])).unet)
+    assert quantize_(plain, QuantSpec(quantize_residuals=False))
+    assert not [m for m in plain.modules() if isinstance(m, ResidualQuantizer)]
     assert proto.opset_import[0].version >= 17
     onnx.checker.check_model(proto, full_check=True)
 
 
 def test_zero_points_are_int8_zeros(exported):
-    _, proto, _ = exported
+    _, proto, _, _ = exported
     for node in proto.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             zero_point = _constant(proto.graph, node.input[2])
@@ -87,7 +105,7 @@ def _qdq_pairs(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, onnx.N
 
 
 def test_scales_and_integer_weights_equal_calibrated_values(exported):
-    model, proto, _ = exported
+    model, proto, _, _ = exported
     pairs = _qdq_pairs(proto.graph)
     layers = dict(quantized_layers(model))
     assert set(pairs) == set(layers)  # layer names are the EpsilonModel's paths, e.g. unet.conv_in
@@ -106,7 +124,7 @@ def test_scales_and_integer_weights_equal_calibrated_values(exported):
 
 
 def test_graph_has_dynamic_batch_and_runs_on_onnxruntime(exported):
-    model, _, path = exported
+    model, _, path, _ = exported
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 3):
         x = torch.randn(batch, 1, 8, 8)

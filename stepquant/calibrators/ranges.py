@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from stepquant.calibrators.data import CalibrationSet
 from stepquant.calibrators.observers import OBSERVER_METHODS, RangeObserver
+from stepquant.quant.layers import ActivationQuantizer
 from stepquant.quant.quantize import quantized_layers
 
 
@@ -24,17 +25,21 @@ def calibrate_ranges(
     batch_size: int = 64,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Set the input scale of every fake-quant layer of `model` (an EpsilonModel); return the amax values.
+    """Set the scale of every activation quantizer of `model` (an EpsilonModel); return the amax values
+    keyed by quantizer name.
 
     Observation runs with quantization disabled (FP activations, as modelopt calibrates).
     """
     if method not in OBSERVER_METHODS:
         raise ValueError(f"unknown observer method {method!r}; choose from {', '.join(OBSERVER_METHODS)}")
     layers = list(quantized_layers(model))
-    observers = {name: RangeObserver(name) for name, _ in layers}
-    for name, layer in layers:
+    quantizers = [(name, m) for name, m in model.named_modules() if isinstance(m, ActivationQuantizer)]
+    observers = {name: RangeObserver(name) for name, _ in quantizers}
+    for _, layer in layers:
         layer.set_enabled(False)
-        layer.input_quantizer.observer = observers[name]
+    for name, quantizer in quantizers:
+        quantizer.enabled = False
+        quantizer.observer = observers[name]
     try:
         with torch.inference_mode():
             for samples, timesteps in tqdm(list(data.batches(batch_size)), desc="observing ranges", unit="batch",
@@ -43,15 +48,16 @@ def calibrate_ranges(
     except FloatingPointError as err:
         raise CalibrationError(str(err)) from err
     finally:
+        for _, quantizer in quantizers:
+            quantizer.observer = None
+            quantizer.enabled = True
         for _, layer in layers:
-            layer.input_quantizer.observer = None
             layer.set_enabled(True)
     amax: dict[str, float] = {}
-    for name, layer in layers:
-        quantizer = layer.input_quantizer
+    for name, quantizer in quantizers:
         amax[name] = observers[name].amax(method, quantizer.grid, percentile)
         try:
             quantizer.set_amax(amax[name])
         except ValueError as err:
-            raise CalibrationError(f"cannot calibrate the input of {name}: {err}") from err
+            raise CalibrationError(f"cannot calibrate {name}: {err}") from err
     return amax

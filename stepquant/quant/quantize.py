@@ -1,17 +1,42 @@
-"""`quantize_(model, spec)`: the one entry point that turns Conv2d/Linear layers into fake-quant layers."""
+"""`quantize_(model, spec)`: the one entry point that turns Conv2d/Linear layers into fake-quant layers
+and, for the TensorRT target, puts a quantizer on the skip input of every ResNet block's residual Add."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
-from stepquant.quant.layers import QuantizedLayer
+from stepquant.quant.layers import ActivationQuantizer, QuantizedLayer, WeightQuantizer
 from stepquant.quant.spec import QuantSpec
 
 
+class ResidualQuantizer(nn.Module):
+    """Takes the place of a ResNet block's `conv_shortcut` (diffusers applies it to the skip input just
+    before `skip + conv2(...)`), runs the original shortcut if there was one, and fake-quantizes the
+    result. The Q/DQ lands on the Add's skip input: the placement TensorRT fuses into Conv+Add."""
+
+    def __init__(self, shortcut: nn.Module | None, quantizer: ActivationQuantizer) -> None:
+        super().__init__()
+        self.shortcut = shortcut
+        self.quantizer = quantizer
+
+    def forward(self, x):
+        return self.quantizer(x if self.shortcut is None else self.shortcut(x))
+
+
+def _quantize_residuals(model: nn.Module, spec: QuantSpec) -> list[str]:
+    blocks = [(name, module) for name, module in model.named_modules()
+              if hasattr(module, "conv_shortcut") and "Resnet" in type(module).__name__ and not spec.excludes(name)]
+    for _, block in blocks:
+        block.conv_shortcut = ResidualQuantizer(block.conv_shortcut, ActivationQuantizer(spec.residual_grid))
+    return [f"{name}.conv_shortcut" for name, _ in blocks]
+
+
 def quantize_(model: nn.Module, spec: QuantSpec) -> list[str]:
-    """Wrap, in place, every Conv2d and Linear not excluded by `spec`; return the wrapped names.
+    """Wrap, in place, every Conv2d and Linear not excluded by `spec` (and the residual skip inputs when
+    `spec.quantize_residuals`); return the names of the wrapped modules.
 
     Weights are quantized at once (they need no data); activation quantizers wait for a calibrator.
     """
@@ -26,7 +51,16 @@ def quantize_(model: nn.Module, spec: QuantSpec) -> list[str]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantizedLayer(module, spec.weight_grid, spec.act_grid, spec.per_channel_weights))
-    return [name for name, _ in targets]
+    residuals = _quantize_residuals(model, spec) if spec.quantize_residuals else []
+    return [name for name, _ in targets] + residuals
+
+
+def round_scales_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round every scale to a value `dtype` represents exactly, so the simulation quantizes on the same
+    grid as a graph whose Q/DQ scales are stored in `dtype` (FP16 scales for FP16 engines)."""
+    for module in model.modules():
+        if isinstance(module, (ActivationQuantizer, WeightQuantizer)):
+            module.scale = module.scale.to(dtype).to(module.scale.dtype)
 
 
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantizedLayer]]:

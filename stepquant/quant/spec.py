@@ -39,6 +39,7 @@ class QuantSpec:
     act_bits: int = 8
     exclude: tuple[str, ...] = field(default=DEFAULT_EXCLUDE)
     format: str = "int8"  # or "fp8": E4M3 for Ada/Hopper, per-tensor weights as modelopt's FP8 config
+    quantize_residuals: bool = True  # Q/DQ on the skip input of ResNet residual Adds (TensorRT fuses Conv+Add)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -61,6 +62,11 @@ class QuantSpec:
     @property
     def act_grid(self) -> Grid:
         return Fp8Grid() if self.format == "fp8" else IntGrid(self.act_bits, narrow=False)
+
+    @property
+    def residual_grid(self) -> Grid:
+        """Skip inputs stay at 8 bits (TensorRT's fused Conv+Add residual is INT8 or FP8) whatever act_bits."""
+        return Fp8Grid() if self.format == "fp8" else IntGrid(8, narrow=False)
 
     @property
     def per_channel_weights(self) -> bool:
