@@ -9,7 +9,7 @@ from onnx import TensorProto
 from stepquant.export import load_bundle
 from stepquant.export.lint import lint
 from stepquant.export.parity import replay_parity
-from stepquant.pipeline import QDQ_TOLERANCE, ExportConfig, export_quantized
+from stepquant.pipeline import FP8_QDQ_TOLERANCE, ExportConfig, export_quantized
 from stepquant.quant import QuantSpec
 from stepquant.runtime.bundle_backends import quantized_backend
 from tests.conftest import FEW_STEPS
@@ -31,17 +31,19 @@ def test_fp8_graph_uses_float8_zero_points_and_weights(fp8_bundle):
     weights = [i for i in model.graph.initializer if i.data_type == TensorProto.FLOAT8E4M3FN]
     qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert qdq and all(constants[n.input[2]].data_type == TensorProto.FLOAT8E4M3FN for n in qdq)
-    assert len(weights) == len(qdq) // 3  # per layer: activation Q + DQ, weight DQ
+    weight_dq = [n for n in qdq if n.op_type == "DequantizeLinear" and n.input[0] in {w.name for w in weights}]
+    assert weights and len(weight_dq) == len(weights)  # every FP8 weight sits behind its DequantizeLinear
     assert lint(model) == []
 
 
 def test_fp8_parity_with_the_torch_simulation(fp8_bundle):
     path, report = fp8_bundle
     assert report.qdq_parity.passed
-    assert all(t.median_reldiff <= QDQ_TOLERANCE for t in report.qdq_parity.timesteps)
+    assert all(t.median_reldiff <= FP8_QDQ_TOLERANCE for t in report.qdq_parity.timesteps)
     bundle = load_bundle(path)
     assert bundle.manifest["onnxruntime"]["graph_optimization_level"] == "basic"
     assert bundle.manifest["quantization"]["format"] == "fp8"
-    assert replay_parity(bundle, "onnxruntime", QDQ_TOLERANCE).passed
+    assert replay_parity(bundle, "onnxruntime", FP8_QDQ_TOLERANCE).passed
+    assert report.qdq_parity.tolerance_median_rel == FP8_QDQ_TOLERANCE
     assert quantized_backend(bundle).session.get_session_options().graph_optimization_level.name == "ORT_ENABLE_BASIC"
     assert np.isfinite(report.psnr_mean_db) and report.psnr_mean_db > 25

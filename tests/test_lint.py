@@ -95,6 +95,16 @@ def test_each_seeded_violation_is_caught_and_named(kwargs, rule):
     assert finding.node and finding.node in str(finding)
 
 
+def test_a_quantized_skip_beside_a_direct_conv_output_is_the_wanted_placement():
+    # Add(DQ(Q(conv)), conv2): TensorRT fuses the Add into conv2 and reads the skip in INT8
+    model = build(residual=True)
+    graph = model.graph
+    graph.node.append(helper.make_node("Conv", ["xdq", "w"], ["conv2_out"], name="conv2", pads=[1, 1, 1, 1]))
+    add = next(n for n in graph.node if n.name == "residual_add")
+    add.input[1] = "conv2_out"
+    assert "residual-fusion" not in rules(model)
+
+
 def test_the_demo_bundle_conforms(demo_bundle):
     path, _ = demo_bundle
     assert lint(path / "model.onnx") == []

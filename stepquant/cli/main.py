@@ -49,6 +49,15 @@ class Format(str, Enum):
     fp8 = "fp8"
 
 
+class Target(str, Enum):
+    tensorrt = "tensorrt"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
 class Scheduler(str, Enum):
     ddim = "ddim"
     ddpm = "ddpm"
@@ -81,6 +90,9 @@ def export_command(
     weight_bits: Annotated[int, typer.Option(help="Weight bits (per output channel, symmetric).")] = 8,
     act_bits: Annotated[int, typer.Option(help="Activation bits (per tensor, symmetric).")] = 8,
     format: Annotated[Format, typer.Option(help="int8, or fp8 (E4M3, for Ada/Hopper GPUs).")] = Format.int8,
+    target: Annotated[Target, typer.Option(help="Placement profile of the Q/DQ graph.")] = Target.tensorrt,
+    precision: Annotated[Precision, typer.Option(help="Float compute and Q/DQ scales: fp32, or fp16 for FP16 engines.")] = Precision.fp32,
+    residual_qdq: Annotated[bool, typer.Option(help="Q/DQ on the skip input of ResNet residual Adds (TensorRT fuses Conv+Add).")] = True,
     steps: Annotated[int, typer.Option(help="Sampler steps for calibration trajectories and evaluation.")] = 25,
     scheduler: Annotated[Scheduler, typer.Option(help="Sampler for trajectories and evaluation.")] = Scheduler.ddim,
     eta: Annotated[float, typer.Option(help="DDIM eta (0: deterministic).")] = 0.0,
@@ -99,7 +111,8 @@ def export_command(
     """Calibrate, quantize and export a diffusion model into a bundle (Q/DQ ONNX, manifest, parity data)."""
     patterns = (DEFAULT_EXCLUDE if default_excludes else ()) + tuple(exclude or ())
     config = ExportConfig(
-        model=model, out=out, quant=QuantSpec(weight_bits, act_bits, patterns, format.value),
+        model=model, out=out, quant=QuantSpec(weight_bits, act_bits, patterns, format.value, residual_qdq),
+        precision=precision.value,
         sampler=SamplerConfig(scheduler.value, steps, eta), observer=observer.value, percentile=percentile,
         calib_samples=calib_samples, calib_steps=calib_steps, seed=seed, eval_samples=eval_samples,
         engine=engine, overwrite=overwrite, progress=progress,

@@ -25,7 +25,8 @@ RULES: dict[str, str] = {
     "input-type": "QuantizeLinear's input must be float32, float16 or bfloat16",
     "qdq-on-output": "a graph output must not be quantized: TensorRT fuses Q/DQ into the consumers of a tensor",
     "dangling-quantize": "every QuantizeLinear must feed DequantizeLinear nodes only",
-    "residual-fusion": "Q/DQ between a Conv and the residual Add it feeds prevents TensorRT's Conv+Add fusion",
+    "residual-fusion": "Q/DQ between a Conv and the residual Add it feeds, with no other Conv input to fuse with, "
+                       "prevents TensorRT's Conv+Add fusion",
     "opset": "Q/DQ with per-channel scales needs opset 13 or newer, FP8 needs 19 or newer",
     "unsupported-op": "the graph holds an operator the TensorRT ONNX parser does not import",
 }
@@ -152,10 +153,14 @@ def _check_qdq_node(g: _Graph, node: onnx.NodeProto) -> list[Finding]:
 
 
 def _check_residual_fusion(g: _Graph, node: onnx.NodeProto) -> list[Finding]:
-    """Add(DQ(Q(Conv(...))), skip): the quantized conv branch blocks Conv+Add fusion."""
+    """Add(DQ(Q(Conv(...))), other) where no input comes straight from a Conv: the only convolution
+    TensorRT could fuse the Add into sits behind Q/DQ. (A quantized *skip* input next to a direct Conv
+    output is the placement TensorRT wants.)"""
+    producers = [g.producer.get(name) for name in node.input]
+    if any(p is not None and p.op_type == "Conv" for p in producers):
+        return []
     found = []
-    for name in node.input:
-        dq = g.producer.get(name)
+    for dq in producers:
         q = g.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
         conv = g.producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
         if conv is not None and conv.op_type == "Conv":

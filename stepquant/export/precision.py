@@ -1,0 +1,55 @@
+"""`--precision fp16`: the Q/DQ graph's floating-point compute and its Q/DQ scales in FP16, as a strongly
+typed TensorRT FP16 engine needs them (the graph's types are its precisions); inputs and outputs stay FP32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto
+
+PRECISIONS = ("fp32", "fp16")
+
+
+def timestep_encoding_nodes(graph: onnx.GraphProto, timestep_input: str = "timestep", stop: str = "time_embedding") -> list[str]:
+    """Nodes from the timestep input up to (not into) the time-embedding MLP: the sinusoidal encoding.
+
+    sin(t * f) for t up to 1000 needs FP32: FP16's spacing near 1000 is 0.5, which scrambles the phases.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found: dict[str, None] = {}
+    frontier = [timestep_input]
+    while frontier:
+        for node in consumers.get(frontier.pop(), []):
+            if stop in node.name or node.name in found:
+                continue
+            found[node.name] = None
+            frontier.extend(node.output)
+    return list(found)
+
+
+def convert_to_fp16(path: Path) -> None:
+    """Rewrite the ONNX file at `path` in FP16 (onnxconverter-common), keeping FP32 inputs and outputs
+    and the timestep encoding.
+
+    The converter retypes tensors and wraps the ops it keeps in FP32 with its own Casts, but leaves the
+    graph's own Cast(to=FLOAT) nodes, which would turn FP16 tensors back to FP32: those are retargeted.
+    """
+    from onnxconverter_common.float16 import convert_float_to_float16
+
+    model = onnx.load(str(path))
+    keep_fp32 = timestep_encoding_nodes(model.graph)
+    own_casts = {n.name for n in model.graph.node if n.name not in keep_fp32 and n.op_type == "Cast"
+                 and any(a.name == "to" and a.i == TensorProto.FLOAT for a in n.attribute)}
+    model = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep_fp32)
+    outputs = {out.name for out in model.graph.output}
+    for node in model.graph.node:
+        if node.name in own_casts and node.output[0] not in outputs:
+            for attribute in node.attribute:
+                if attribute.name == "to":
+                    attribute.i = TensorProto.FLOAT16
+    del model.graph.value_info[:]
+    onnx.save(onnx.shape_inference.infer_shapes(model), str(path))
