@@ -62,6 +62,9 @@ class ExportConfig:
     parity_batch: int = 4
     precision: str = "fp32"  # float compute and Q/DQ scales of the quantized graph: fp32 or fp16
     engine: bool = False  # also build the TensorRT engine (needs tensorrt on this machine)
+    # Coarse grids (4-bit, FP8) and the near-singular noise estimate at t ~ 0 can turn one float rounding
+    # difference into a grid flip that fails parity without anything being wrong; allow keeping such bundles.
+    require_parity: bool = True
     engine_profile: BatchProfile = field(default_factory=BatchProfile)
     overwrite: bool = False
     progress: bool = True
@@ -133,10 +136,14 @@ def export_quantized(config: ExportConfig) -> ExportReport:
         tolerance = (FP16_QDQ_TOLERANCE if config.precision == "fp16"
                      else FP8_QDQ_TOLERANCE if config.quant.format == "fp8" else QDQ_TOLERANCE)
         qdq_parity, results = check_parity(q_model, staging / MODEL_FILE, feeds, tolerance, ort_level)
-        for label, report in (("FP torch vs FP ONNX", fp_parity), ("fake-quant torch vs Q/DQ ONNX", qdq_parity)):
-            if not report.passed:
-                raise ParityError(f"parity failed for {label}: worst median relative error "
-                                  f"{report.worst_median_reldiff:.3g} > {report.tolerance_median_rel:g}")
+        if not fp_parity.passed:  # the FP graph must match: nothing quantized can explain a difference
+            raise ParityError(f"parity failed for FP torch vs FP ONNX: worst median relative error "
+                              f"{fp_parity.worst_median_reldiff:.3g} > {fp_parity.tolerance_median_rel:g}")
+        if not qdq_parity.passed and config.require_parity:
+            worst = max(qdq_parity.timesteps, key=lambda t: t.median_reldiff)
+            raise ParityError(f"parity failed for fake-quant torch vs Q/DQ ONNX: median relative error "
+                              f"{worst.median_reldiff:.3g} > {qdq_parity.tolerance_median_rel:g} at timestep "
+                              f"{worst.timestep:g} (pass --allow-parity-failure to keep the bundle, recorded as failed)")
         (staging / "parity").mkdir()
         with quiet_polygraphy():
             save_json(feeds, staging / "parity" / "inputs.json", description="parity inputs")

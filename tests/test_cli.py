@@ -122,3 +122,10 @@ def test_bench_prints_both_graphs(cli_bundle):
     result = run("stepquant", "bench", "--bundle", cli_bundle[0], "--batch", "2")
     assert result.returncode == 0, result.stderr
     assert "onnxruntime FP32" in result.stdout and "onnxruntime Q/DQ" in result.stdout and "x vs FP32" in result.stdout
+
+
+def test_parity_replay_command(cli_bundle):
+    passed = run("stepquant", "parity", "--bundle", cli_bundle[0])
+    assert passed.returncode == 0 and "parity: PASS" in passed.stdout and "p99 rel" in passed.stdout
+    failed = run("stepquant", "parity", "--bundle", cli_bundle[0], "--rtol", "0")
+    assert failed.returncode == 1 and "parity: FAIL" in failed.stdout

@@ -114,3 +114,37 @@ def test_unreadable_file_is_reported(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"not a protobuf")
     with pytest.raises(LintError, match="not a readable ONNX model"):
         lint(tmp_path / "bad.onnx")
+
+
+def test_lint_command_names_each_finding_and_exits_1(tmp_path, demo_bundle):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    onnx.save(build(act_zp=np.int8(3), output_qdq=True), str(tmp_path / "bad.onnx"))
+    stepquant = Path(sys.executable).parent / "stepquant"
+    bad = subprocess.run([str(stepquant), "lint", str(tmp_path / "bad.onnx")], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "[zero-point-nonzero] act_q" in bad.stdout and "[qdq-on-output] out_dq" in bad.stdout
+    good = subprocess.run([str(stepquant), "lint", str(demo_bundle[0])], capture_output=True, text=True)
+    assert good.returncode == 0 and "conforms" in good.stdout
+
+
+def test_the_cifar10_architecture_export_conforms(tmp_path):
+    import torch
+    from diffusers import UNet2DModel
+
+    from stepquant.calibrators import calibrate_ranges
+    from stepquant.calibrators.data import CalibrationSet
+    from stepquant.export import export_onnx
+    from stepquant.models import EpsilonModel
+    from stepquant.models.reference_configs import DDPM_CIFAR10_UNET
+    from stepquant.quant import QuantSpec, quantize_
+
+    torch.manual_seed(0)
+    model = EpsilonModel(UNet2DModel(**DDPM_CIFAR10_UNET).eval())
+    assert 35.5e6 < sum(p.numel() for p in model.parameters()) < 36e6
+    quantize_(model, QuantSpec())
+    calibrate_ranges(model, CalibrationSet(torch.randn(2, 3, 32, 32), torch.tensor([900.0, 100.0])), progress=False)
+    export_onnx(model, tmp_path / "cifar10.onnx", (3, 32, 32))
+    assert lint(tmp_path / "cifar10.onnx") == []

@@ -55,3 +55,18 @@ def test_comparison_fails_when_outputs_drift(demo_bundle):
     assert all(t.median_reldiff == pytest.approx(0.01, rel=1e-3) for t in report.timesteps)
     assert all(t.quantile_reldiff == pytest.approx(0.01, rel=1e-3) for t in report.timesteps)
     assert compare_runs(RunResults([("drifted", drifted), (name, iterations)]), feeds, 0.02).passed
+
+
+def test_a_failed_qdq_parity_stops_the_export_unless_allowed(tiny_model_dir, tmp_path, monkeypatch):
+    import stepquant.pipeline as pipeline
+    from stepquant.pipeline import ExportConfig, ParityError, export_quantized
+    from tests.conftest import FEW_STEPS
+
+    monkeypatch.setattr(pipeline, "QDQ_TOLERANCE", 0.0)  # nothing float-computed meets a zero tolerance
+    config = dict(model=str(tiny_model_dir), sampler=FEW_STEPS, calib_samples=4, eval_samples=2, progress=False)
+    with pytest.raises(ParityError, match="allow-parity-failure"):
+        export_quantized(ExportConfig(out=tmp_path / "strict", **config))
+    assert not (tmp_path / "strict").exists() and list(tmp_path.iterdir()) == []
+    report = export_quantized(ExportConfig(out=tmp_path / "kept", require_parity=False, **config))
+    assert not report.qdq_parity.passed
+    assert load_bundle(tmp_path / "kept").manifest["parity"]["qdq"]["passed"] is False

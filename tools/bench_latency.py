@@ -24,27 +24,19 @@ from stepquant.calibrators import calibrate_ranges
 from stepquant.calibrators.data import CalibrationSet
 from stepquant.eval.latency import measure_latency
 from stepquant.export import export_onnx, load_bundle
+from stepquant.export.lint import check_conformance
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
+from stepquant.models.reference_configs import DDPM_CIFAR10_UNET
 from stepquant.quant import QuantSpec, quantize_
 from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, TorchBackend, sample
 from stepquant.runtime.bundle_backends import quantized_backend
-
-# google/ddpm-cifar10-32's unet/config.json (35.7M parameters); only the architecture is used.
-CIFAR10_UNET = {
-    "sample_size": 32, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
-    "block_out_channels": (128, 256, 256, 256),
-    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "norm_eps": 1e-6, "norm_num_groups": 32,
-}
-
 
 def build_models(name: str):
     if name == "demo":
         unet = load_model(DEMO_MODEL_NAME).unet
     else:
         torch.manual_seed(0)
-        unet = UNet2DModel(**CIFAR10_UNET).eval().requires_grad_(False)
+        unet = UNet2DModel(**DDPM_CIFAR10_UNET).eval().requires_grad_(False)
     return unet, (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
 
 
@@ -60,6 +52,7 @@ def quantized_graph(unet, shape, path: Path) -> None:
     calibrate_ranges(model, CalibrationSet(torch.randn((len(timesteps), *shape), generator=generator), timesteps),
                      batch_size=4, progress=False)
     export_onnx(model, path, shape)
+    check_conformance(path)
 
 
 def latency_rows(name: str, threads: int, workdir: Path) -> list[str]:

@@ -65,8 +65,11 @@ def stepquant_method(bits: str) -> Callable[[Context], tuple[Backend, float, str
         weight_bits, act_bits = BITS[bits]
         report = export_quantized(ExportConfig(
             model=DEMO_MODEL_NAME, out=ctx.workdir / f"stepquant-{bits}", quant=QuantSpec(weight_bits, act_bits),
-            sampler=ctx.sampler, calib_samples=ctx.calib_samples, eval_samples=8, progress=False))
-        return quantized_backend(load_bundle(report.bundle), threads=2), report.calibration_seconds, "onnxruntime (Q/DQ ONNX)"
+            sampler=ctx.sampler, calib_samples=ctx.calib_samples, eval_samples=8, require_parity=False, progress=False))
+        parity = report.qdq_parity
+        executed = (f"onnxruntime (Q/DQ ONNX; parity {'pass' if parity.passed else 'FAIL'}, "
+                    f"worst median rel. error {parity.worst_median_reldiff:.1e})")
+        return quantized_backend(load_bundle(report.bundle), threads=2), report.calibration_seconds, executed
     return run
 
 

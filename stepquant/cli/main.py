@@ -105,6 +105,7 @@ def export_command(
     seed: Annotated[int, typer.Option(help="Seed of calibration and evaluation noise.")] = 0,
     eval_samples: Annotated[int, typer.Option(help="Seeds sampled to report PSNR to FP.")] = 256,
     engine: Annotated[bool, typer.Option(help="Also build the TensorRT engine (needs TensorRT here).")] = False,
+    allow_parity_failure: Annotated[bool, typer.Option(help="Keep a bundle whose Q/DQ parity check fails (recorded as failed).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
@@ -115,7 +116,7 @@ def export_command(
         precision=precision.value,
         sampler=SamplerConfig(scheduler.value, steps, eta), observer=observer.value, percentile=percentile,
         calib_samples=calib_samples, calib_steps=calib_steps, seed=seed, eval_samples=eval_samples,
-        engine=engine, overwrite=overwrite, progress=progress,
+        engine=engine, require_parity=not allow_parity_failure, overwrite=overwrite, progress=progress,
     )
     _print_report(export_quantized(config), config)
 
@@ -295,7 +296,9 @@ def build_engine_command(
 def _run(app_: typer.Typer, prog_name: str) -> None:
     """Run a typer app, turning usage errors and expected failures into one line and an exit code."""
     try:
-        typer.main.get_command(app_).main(prog_name=prog_name, standalone_mode=False)
+        code = typer.main.get_command(app_).main(prog_name=prog_name, standalone_mode=False)
+        if isinstance(code, int) and code:  # without standalone mode, an Exit comes back as the return value
+            sys.exit(code)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
     except typer.Abort:
