@@ -22,9 +22,9 @@ from stepquant.calibrators.data import CalibrationSet
 from stepquant.eval import psnr, save_comparison_grid
 from stepquant.export import ParityReport, check_parity, export_onnx, staged_directory, write_manifest
 from stepquant.export.lint import check_conformance
+from stepquant.export.parity import parity_feeds, quiet_polygraphy
 from stepquant.export.precision import PRECISIONS, convert_to_fp16
 from stepquant.export.tensorrt import ENGINE_FILE, TIMING_CACHE_FILE, BatchProfile, build_engine, build_script, tensorrt_version
-from stepquant.export.parity import parity_feeds, quiet_polygraphy
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
 from stepquant.quant import QuantSpec, quantize_
 from stepquant.quant.quantize import round_scales_

@@ -95,7 +95,8 @@ def test_tensorrt_commands_fail_clearly_without_tensorrt(demo_bundle):
     except ImportError:
         pass
     stepquant = Path(sys.executable).parent / "stepquant"
-    for args in (["build-engine", "--bundle", demo_bundle[0]], ["parity", "--bundle", demo_bundle[0], "--backend", "tensorrt"]):
+    for args in (["build-engine", "--bundle", demo_bundle[0]], ["parity", "--bundle", demo_bundle[0], "--backend", "tensorrt"],
+                 ["sample", "--bundle", demo_bundle[0], "--backend", "tensorrt", "--n", "1", "--out", "unused.npz"]):
         result = subprocess.run([str(stepquant), *map(str, args)], capture_output=True, text=True)
         assert result.returncode == 1 and "TensorRT is not installed" in result.stderr
 
@@ -134,3 +135,7 @@ def test_engine_build_tensorrt_backend_and_parity_replay(demo_bundle, tmp_path):
     by_ort = sample(quantized_backend(bundle), schedule, range(8), bundle.sample_shape, config, progress=False)
     assert float(psnr(by_trt.samples, by_ort.samples).mean()) > 30.0
     assert torch.isfinite(by_trt.samples).all()
+    out = tmp_path / "trt.npz"
+    sampled = subprocess.run([str(stepquant), "sample", "--bundle", str(path), "--backend", "tensorrt", "--n", "2",
+                              "--steps", "4", "--out", str(out), "--no-progress"], capture_output=True, text=True)
+    assert sampled.returncode == 0 and out.is_file(), sampled.stderr

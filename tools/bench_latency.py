@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import torch
+from benchdoc import header, write_section
 from diffusers import UNet2DModel
 
-from benchdoc import header, write_section
 from stepquant.calibrators import calibrate_ranges
 from stepquant.calibrators.data import CalibrationSet
 from stepquant.eval.latency import measure_latency
@@ -30,6 +30,7 @@ from stepquant.models.reference_configs import DDPM_CIFAR10_UNET
 from stepquant.quant import QuantSpec, quantize_
 from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, TorchBackend, sample
 from stepquant.runtime.bundle_backends import quantized_backend
+
 
 def build_models(name: str):
     if name == "demo":

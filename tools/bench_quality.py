@@ -21,10 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-
 from benchdoc import header, write_section
+
 from stepquant.calibrators import collect_calibration_set
 from stepquant.calibrators.data import CalibrationSet
 from stepquant.eval.evaluate import Evaluation, evaluate
@@ -60,11 +59,12 @@ class Context:
     sampler: SamplerConfig
 
 
-def stepquant_method(bits: str) -> Callable[[Context], tuple[Backend, float, str]]:
+def stepquant_method(bits: str, residuals: bool = True) -> Callable[[Context], tuple[Backend, float, str]]:
     def run(ctx: Context):
         weight_bits, act_bits = BITS[bits]
         report = export_quantized(ExportConfig(
-            model=DEMO_MODEL_NAME, out=ctx.workdir / f"stepquant-{bits}", quant=QuantSpec(weight_bits, act_bits),
+            model=DEMO_MODEL_NAME, out=ctx.workdir / f"stepquant-{bits}-{residuals}",
+            quant=QuantSpec(weight_bits, act_bits, quantize_residuals=residuals),
             sampler=ctx.sampler, calib_samples=ctx.calib_samples, eval_samples=8, require_parity=False, progress=False))
         parity = report.qdq_parity
         executed = (f"onnxruntime (Q/DQ ONNX; parity {'pass' if parity.passed else 'FAIL'}, "
@@ -133,6 +133,8 @@ def ort_static_method(calibrate_method: str) -> Callable[[Context], tuple[Backen
 
 METHODS: list[tuple[str, str, Callable[[Context], tuple[Backend, float, str]]]] = [
     *[("stepquant (max)", bits, stepquant_method(bits)) for bits in BITS],
+    # modelopt's torch path leaves residual skips in FP; this row compares like with like
+    ("stepquant (max, no residual Q/DQ)", "W8A8", stepquant_method("W8A8", residuals=False)),
     *[("modelopt (max)", bits, modelopt_method(bits)) for bits in BITS],
     *[(f"ORT quantize_static ({m})", "W8A8", ort_static_method(m)) for m in ("MinMax", "Entropy", "Percentile")],
 ]

@@ -18,7 +18,7 @@ from polygraphy.json import load_json
 from polygraphy.logger import G_LOGGER
 from torch import nn
 
-from stepquant.export.bundle import Bundle, BundleError
+from stepquant.export.bundle import Bundle
 from stepquant.export.onnx_export import INPUT_NAMES, OUTPUT_NAME
 from stepquant.runtime.onnxruntime_backend import OPTIMIZATION_LEVELS
 
@@ -164,13 +164,10 @@ def replay_parity(bundle: Bundle, backend: str = "onnxruntime", tolerance: float
         level = bundle.manifest.get("onnxruntime", {}).get("graph_optimization_level")
         runner = onnxruntime_runner(bundle.file(bundle.manifest["timestep_groups"][0]["graph"]), level)
     elif backend == "tensorrt":
-        from stepquant.export.tensorrt import ENGINE_FILE, tensorrt_version
+        from stepquant.export.tensorrt import engine_path, tensorrt_version
 
         tensorrt_version()
-        plan = engine or bundle.path / bundle.manifest.get("engine", {}).get("plan", ENGINE_FILE)
-        if not Path(plan).is_file():
-            raise BundleError(f"no TensorRT engine at {plan}: run `stepquant build-engine --bundle {bundle.path}` "
-                              "or the bundle's build_engine.sh first, or pass --engine")
+        plan = engine_path(bundle, engine)
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 

@@ -97,6 +97,18 @@ echo "built {ENGINE_FILE} with TensorRT $major.x"
 """
 
 
+def engine_path(bundle, engine: Path | None = None) -> Path:
+    """The engine to run for `bundle`: `engine` if given, else the bundle's plan (built by build-engine or
+    by build_engine.sh, which writes model.plan beside the graph)."""
+    from stepquant.export.bundle import BundleError
+
+    plan = Path(engine) if engine else bundle.path / bundle.manifest.get("engine", {}).get("plan", ENGINE_FILE)
+    if not plan.is_file():
+        raise BundleError(f"no TensorRT engine at {plan}: run `stepquant build-engine --bundle {bundle.path}` "
+                          "or the bundle's build_engine.sh first, or pass --engine")
+    return plan
+
+
 def tensorrt_version() -> str:
     try:
         import tensorrt

@@ -1,12 +1,26 @@
-"""Backends for the graphs a bundle carries: the deployed Q/DQ graph and its FP reference."""
+"""Backends for what a bundle carries: the deployed Q/DQ graph (on onnxruntime, or as a TensorRT
+engine) and its FP reference graph."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from stepquant.export.bundle import Bundle
+from stepquant.runtime.backend import Backend
 from stepquant.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
+BACKENDS = ("onnxruntime", "tensorrt")
 
-def quantized_backend(bundle: Bundle, threads: int | None = None) -> OnnxRuntimeBackend:
+
+def quantized_backend(bundle: Bundle, threads: int | None = None, backend: str = "onnxruntime",
+                      engine: Path | None = None) -> Backend:
+    if backend == "tensorrt":
+        from stepquant.export.tensorrt import engine_path
+        from stepquant.runtime.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(engine_path(bundle, engine))
+    if backend != "onnxruntime":
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     level = bundle.manifest.get("onnxruntime", {}).get("graph_optimization_level", "all")
     return OnnxRuntimeBackend(bundle.file(bundle.manifest["timestep_groups"][0]["graph"]), threads, optimization_level=level)
 

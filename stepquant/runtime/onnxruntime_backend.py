@@ -9,7 +9,6 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -1,0 +1,75 @@
+"""`stepquant eval` (quality against FP from the same noise) and `stepquant bench` (latency)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+
+from stepquant.cli.choices import RuntimeBackend, Scheduler
+from stepquant.eval.evaluate import evaluate, plot_errors
+from stepquant.eval.latency import measure_latency
+from stepquant.export import load_bundle
+from stepquant.runtime import SamplerConfig
+from stepquant.runtime.bundle_backends import quantized_backend, reference_backend
+
+
+def eval_command(
+    bundle: Annotated[Path, typer.Option(help="Bundle to evaluate (its Q/DQ graph against its FP graph, both on onnxruntime).")],
+    n: Annotated[int, typer.Option(help="Number of seeds (0 .. n-1).")] = 1024,
+    steps: Annotated[Optional[int], typer.Option(help="Sampler steps (default: the bundle's).")] = None,
+    eta: Annotated[float, typer.Option(help="DDIM eta (0: deterministic).")] = 0.0,
+    scheduler: Annotated[Scheduler, typer.Option(help="Sampler.")] = Scheduler.ddim,
+    out: Annotated[Optional[Path], typer.Option(help="Directory for eval.json and errors.png (default: BUNDLE-eval).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads.")] = None,
+    backend: Annotated[RuntimeBackend, typer.Option(help="What runs the bundle's Q/DQ graph.")] = RuntimeBackend.onnxruntime,
+    engine: Annotated[Optional[Path], typer.Option(help="TensorRT engine for --backend tensorrt (default: the bundle's).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Quality of a bundle against FP from the same noise: PSNR, Fréchet distances, classifier, error per step."""
+    if n < 2:
+        raise typer.BadParameter("must be at least 2 (Fréchet distances need a covariance)", param_hint="--n")
+    loaded = load_bundle(bundle)
+    config = SamplerConfig(scheduler.value, steps or loaded.manifest["sampler"]["steps"], eta)
+    result = evaluate(reference_backend(loaded, threads), quantized_backend(loaded, threads, backend.value, engine),
+                      loaded.manifest["noise_schedule"],
+                      range(n), loaded.sample_shape, config, progress=progress)
+    out = out or bundle.with_name(bundle.name + "-eval")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({"bundle": str(bundle), "sampler": asdict(config), **result.to_dict()}, indent=2))
+    plot_errors(result, out / "errors.png", title=f"{bundle.name}: {n} samples, {config.steps} steps, eta {eta:g}")
+    rows = [("PSNR to FP (dB, mean / min)", f"{result.psnr_to_fp_db:.2f} / {result.psnr_to_fp_db_min:.2f}"),
+            ("FD to FP", f"{result.fd_to_fp:.3f}"),
+            ("FD to data (quantized / FP)", f"{result.fd_to_data:.3f} / {result.fp_fd_to_data:.3f}"),
+            ("label agreement with FP", f"{result.label_agreement:.3f}"),
+            ("confidence (quantized / FP)", f"{result.confidence:.3f} / {result.fp_confidence:.3f}"),
+            ("recognisable (quantized / FP)", f"{result.recognisable:.3f} / {result.fp_recognisable:.3f}"),
+            ("final accumulated / mean per-step error", f"{result.accumulated_error[-1]:.4f} / {np.mean(result.step_error):.4f}")]
+    width = max(len(label) for label, _ in rows)
+    print(f"{bundle} on {backend.value}: {n} samples, {config.steps} {config.scheduler.upper()} steps, eta {eta:g}")
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value}")
+    print(f"wrote {out / 'eval.json'} and {out / 'errors.png'}")
+
+
+def bench_command(
+    bundle: Annotated[Path, typer.Option(help="Bundle whose graphs to time.")],
+    batch: Annotated[Optional[list[int]], typer.Option(help="Batch size (repeatable; default 1 and 8).")] = None,
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads.")] = 2,
+) -> None:
+    """Per-forward latency of the bundle's Q/DQ graph against its FP32 graph on onnxruntime."""
+    loaded = load_bundle(bundle)
+    graphs = {"onnxruntime FP32": reference_backend(loaded, threads), "onnxruntime Q/DQ": quantized_backend(loaded, threads)}
+    print(f"{bundle}: {threads} threads, median of at least 10 calls after 3 warm-up calls")
+    for size in batch or [1, 8]:
+        if size < 1:
+            raise typer.BadParameter("must be at least 1", param_hint="--batch")
+        results = {label: measure_latency(backend, loaded.sample_shape, size) for label, backend in graphs.items()}
+        fp_ms = results["onnxruntime FP32"].median_ms
+        for label, result in results.items():
+            print(f"  batch {size:<3} {label:<18} {result.median_ms:9.2f} ms  {result.images_per_second:9.1f} images/s  "
+                  f"{fp_ms / result.median_ms:5.2f}x vs FP32")

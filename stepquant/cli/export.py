@@ -1,0 +1,67 @@
+"""`export-quantized` / `stepquant export`: options in, `export_quantized(ExportConfig)` called, report out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from stepquant.cli.choices import Format, Observer, Precision, Scheduler, Target
+from stepquant.models import DEMO_MODEL_NAME
+from stepquant.pipeline import ExportConfig, ExportReport, export_quantized
+from stepquant.quant import DEFAULT_EXCLUDE, QuantSpec
+from stepquant.runtime import SamplerConfig
+
+
+def _print_report(report: ExportReport, config: ExportConfig) -> None:
+    spec = config.quant
+    print(f"bundle:  {report.bundle}")
+    print(f"preview: {report.preview}  (left: FP torch, right: quantized bundle on onnxruntime, same seeds)")
+    for label, parity in (("Q/DQ ONNX vs fake-quant torch", report.qdq_parity), ("FP ONNX vs FP torch", report.fp_parity)):
+        print(f"parity:  {label}: worst median relative error {parity.worst_median_reldiff:.2e} "
+              f"(tolerance {parity.tolerance_median_rel:g}) over {len(parity.timesteps)} timesteps: "
+              f"{'PASS' if parity.passed else 'FAIL'}")
+    print(f"quality: PSNR to FP {report.psnr_mean_db:.2f} dB mean, {report.psnr_min_db:.2f} dB min, over "
+          f"{report.eval_samples} seeds, {config.sampler.steps} {config.sampler.scheduler.upper()} steps "
+          f"(eta {config.sampler.eta:g}), bundle executed by onnxruntime")
+    print("lint:    TensorRT Q/DQ conformance: no findings")
+    print(f"layers:  {len(report.quantized_layers)} quantized at {spec.weight_grid} weights, {spec.act_grid} activations; "
+          f"done in {report.seconds:.0f} s")
+
+
+def export_command(
+    out: Annotated[Path, typer.Option(help="Bundle directory to write (atomically).")],
+    model: Annotated[str, typer.Option(help=f"'{DEMO_MODEL_NAME}', a local diffusers directory, or a hub id.")] = DEMO_MODEL_NAME,
+    weight_bits: Annotated[int, typer.Option(help="Weight bits (per output channel, symmetric).")] = 8,
+    act_bits: Annotated[int, typer.Option(help="Activation bits (per tensor, symmetric).")] = 8,
+    format: Annotated[Format, typer.Option(help="int8, or fp8 (E4M3, for Ada/Hopper GPUs).")] = Format.int8,
+    target: Annotated[Target, typer.Option(help="Placement profile of the Q/DQ graph.")] = Target.tensorrt,
+    precision: Annotated[Precision, typer.Option(help="Float compute and Q/DQ scales: fp32, or fp16 for FP16 engines.")] = Precision.fp32,
+    residual_qdq: Annotated[bool, typer.Option(help="Q/DQ on the skip input of ResNet residual Adds (TensorRT fuses Conv+Add).")] = True,
+    steps: Annotated[int, typer.Option(help="Sampler steps for calibration trajectories and evaluation.")] = 25,
+    scheduler: Annotated[Scheduler, typer.Option(help="Sampler for trajectories and evaluation.")] = Scheduler.ddim,
+    eta: Annotated[float, typer.Option(help="DDIM eta (0: deterministic).")] = 0.0,
+    calib_samples: Annotated[int, typer.Option(help="Calibration trajectories (seeded noise samples).")] = 64,
+    calib_steps: Annotated[Optional[int], typer.Option(help="Sampler steps kept per trajectory (default: all).")] = None,
+    observer: Annotated[Observer, typer.Option(help="How the activation range is chosen.")] = Observer.max,
+    percentile: Annotated[float, typer.Option(help="Percentile of |x| for --observer percentile.")] = 99.99,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Extra layer-name regex to keep in FP (repeatable).")] = None,
+    default_excludes: Annotated[bool, typer.Option(help="Apply the default exclusions (embeddings, conv_in/out, shortcuts).")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of calibration and evaluation noise.")] = 0,
+    eval_samples: Annotated[int, typer.Option(help="Seeds sampled to report PSNR to FP.")] = 256,
+    engine: Annotated[bool, typer.Option(help="Also build the TensorRT engine (needs TensorRT here).")] = False,
+    allow_parity_failure: Annotated[bool, typer.Option(help="Keep a bundle whose Q/DQ parity check fails (recorded as failed).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Calibrate, quantize and export a diffusion model into a bundle (Q/DQ ONNX, manifest, parity data)."""
+    patterns = (DEFAULT_EXCLUDE if default_excludes else ()) + tuple(exclude or ())
+    config = ExportConfig(
+        model=model, out=out, quant=QuantSpec(weight_bits, act_bits, patterns, format.value, residual_qdq),
+        precision=precision.value,
+        sampler=SamplerConfig(scheduler.value, steps, eta), observer=observer.value, percentile=percentile,
+        calib_samples=calib_samples, calib_steps=calib_steps, seed=seed, eval_samples=eval_samples,
+        engine=engine, require_parity=not allow_parity_failure, overwrite=overwrite, progress=progress,
+    )
+    _print_report(export_quantized(config), config)

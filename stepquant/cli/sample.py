@@ -1,0 +1,74 @@
+"""`stepquant sample`: seeded samples from a bundle or an FP model, as a PNG grid or raw .npz."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+
+from stepquant.cli.choices import RuntimeBackend, Scheduler
+from stepquant.eval import save_grid
+from stepquant.export import load_bundle
+from stepquant.models import EpsilonModel, load_model
+from stepquant.runtime import SamplerConfig, TorchBackend, sample
+from stepquant.runtime.bundle_backends import quantized_backend
+
+
+def _write_samples(samples, out: Path) -> None:
+    """Write a PNG grid or an .npz (key `samples`) via a temporary file, so no partial output remains."""
+    if out.suffix not in (".png", ".npz"):
+        raise ValueError(f"--out must end in .png (a grid) or .npz (raw samples), got {out.name}")
+    if not out.parent.is_dir():
+        raise ValueError(f"cannot write {out}: {out.parent} is not an existing directory")
+    handle, temporary = tempfile.mkstemp(suffix=out.suffix, dir=out.parent)
+    os.close(handle)
+    try:
+        if out.suffix == ".png":
+            save_grid(samples, Path(temporary))
+        else:
+            np.savez(temporary, samples=samples.numpy().astype(np.float32))
+        os.replace(temporary, out)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def sample_command(
+    out: Annotated[Path, typer.Option(help="Output: .png grid or .npz with key 'samples' (N,C,H,W in [-1, 1]).")],
+    bundle: Annotated[Optional[Path], typer.Option(help="Bundle to run (onnxruntime).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="FP model to run (torch), seeded exactly as a bundle.")] = None,
+    n: Annotated[int, typer.Option(help="Number of samples (seeds seed .. seed+n-1).")] = 64,
+    seed: Annotated[int, typer.Option(help="First seed.")] = 0,
+    steps: Annotated[Optional[int], typer.Option(help="Sampler steps (default: the bundle's, else 25).")] = None,
+    eta: Annotated[float, typer.Option(help="DDIM eta (0: deterministic).")] = 0.0,
+    scheduler: Annotated[Scheduler, typer.Option(help="Sampler.")] = Scheduler.ddim,
+    batch_size: Annotated[int, typer.Option(help="Samples per network call.")] = 64,
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: all cores).")] = None,
+    backend: Annotated[RuntimeBackend, typer.Option(help="What runs a bundle's graph.")] = RuntimeBackend.onnxruntime,
+    engine: Annotated[Optional[Path], typer.Option(help="TensorRT engine for --backend tensorrt (default: the bundle's).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Sample from a bundle or from an FP model with per-sample seeds, so outputs compare one to one."""
+    if (bundle is None) == (model is None):
+        raise typer.BadParameter("give exactly one of --bundle and --model")
+    if model is not None and backend != RuntimeBackend.onnxruntime:
+        raise typer.BadParameter("--model runs the FP model in torch; --backend applies to --bundle")
+    if n < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--n")
+    if bundle is not None:
+        loaded = load_bundle(bundle)
+        runner = quantized_backend(loaded, threads, backend.value, engine)
+        noise_schedule, shape = loaded.manifest["noise_schedule"], loaded.sample_shape
+        default_steps = loaded.manifest["sampler"]["steps"]
+    else:
+        fp = load_model(model)
+        runner, noise_schedule = TorchBackend(EpsilonModel(fp.unet)), fp.scheduler_config
+        shape, default_steps = (fp.unet.config.in_channels, fp.unet.config.sample_size, fp.unet.config.sample_size), 25
+    config = SamplerConfig(scheduler.value, steps or default_steps, eta)
+    result = sample(runner, noise_schedule, range(seed, seed + n), shape, config, batch_size, progress=progress)
+    _write_samples(result.samples, out)
+    print(f"wrote {n} samples ({config.steps} {config.scheduler.upper()} steps, eta {config.eta:g}) to {out}")

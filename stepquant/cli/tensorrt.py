@@ -1,0 +1,68 @@
+"""The TensorRT commands: `stepquant lint`, `stepquant parity`, `stepquant build-engine`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from stepquant.cli.choices import RuntimeBackend
+from stepquant.export import load_bundle
+from stepquant.export.bundle import extend_bundle
+from stepquant.export.lint import lint
+from stepquant.export.parity import replay_parity
+from stepquant.export.tensorrt import ENGINE_FILE, TIMING_CACHE_FILE, BatchProfile, build_engine, tensorrt_version
+from stepquant.pipeline import MODEL_FILE
+
+
+def lint_command(model: Annotated[Path, typer.Argument(help="A Q/DQ ONNX model, or a bundle directory.")]) -> None:
+    """Check a Q/DQ ONNX graph against TensorRT's explicit-quantization rules; exit 1 on any finding."""
+    path = load_bundle(model).file(MODEL_FILE) if model.is_dir() else model
+    if not path.is_file():
+        raise ValueError(f"{path} not found")
+    findings = lint(path)
+    for finding in findings:
+        print(finding)
+    print(f"{path}: {len(findings)} TensorRT rule violation(s)" if findings else f"{path}: conforms to TensorRT's Q/DQ rules")
+    if findings:
+        raise typer.Exit(1)
+
+
+def parity_command(
+    bundle: Annotated[Path, typer.Option(help="Bundle whose saved parity inputs to replay.")],
+    backend: Annotated[RuntimeBackend, typer.Option(help="Runtime to check against the saved reference outputs.")] = RuntimeBackend.onnxruntime,
+    rtol: Annotated[float, typer.Option(help="Tolerance on the median relative error of 'eps' at each timestep.")] = 1e-3,
+    engine: Annotated[Optional[Path], typer.Option(help="TensorRT engine (default: the bundle's model.plan).")] = None,
+) -> None:
+    """Replay the bundle's parity inputs (Polygraphy JSON) and compare with its reference outputs; exit 1 on failure."""
+    report = replay_parity(load_bundle(bundle), backend.value, rtol, engine)
+    print(f"{bundle}: {backend.value} against the saved fake-quant torch outputs (tolerance: median relative error <= {rtol:g})")
+    print(f"  {'timestep':>8}  {'median rel':>10}  {'p' + str(round(100 * report.error_quantile)) + ' rel':>10}  {'max abs':>10}")
+    for t in report.timesteps:
+        print(f"  {t.timestep:8.0f}  {t.median_reldiff:10.2e}  {t.quantile_reldiff:10.2e}  {t.max_absdiff:10.2e}  "
+              f"{'PASS' if t.passed else 'FAIL'}")
+    print("parity: PASS" if report.passed else "parity: FAIL")
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def build_engine_command(
+    bundle: Annotated[Path, typer.Option(help="Bundle to build the TensorRT engine for (on this machine's GPU).")],
+    min_batch: Annotated[int, typer.Option(help="Smallest batch of the optimisation profile.")] = 1,
+    opt_batch: Annotated[int, typer.Option(help="Batch TensorRT tunes for.")] = 8,
+    max_batch: Annotated[int, typer.Option(help="Largest batch of the optimisation profile.")] = 64,
+) -> None:
+    """Build a strongly typed TensorRT engine from the bundle's Q/DQ graph and add it to the bundle."""
+    loaded = load_bundle(bundle)
+    profile = BatchProfile(min_batch, opt_batch, max_batch)
+    version = tensorrt_version()  # a clear error before anything is staged
+
+    def add_engine(staging: Path) -> None:
+        build_engine(staging / MODEL_FILE, staging / ENGINE_FILE, loaded.sample_shape, profile, staging / TIMING_CACHE_FILE)
+
+    engine = {**loaded.manifest.get("engine", {}), "plan": ENGINE_FILE, "batch_profile": asdict(profile),
+              "tensorrt_version": version}
+    extended = extend_bundle(loaded, add_engine, {"engine": engine})
+    print(f"built {extended.file(ENGINE_FILE)} with TensorRT {extended.manifest['engine']['tensorrt_version']}")
