@@ -18,6 +18,7 @@ from polygraphy.comparator import RunResults
 from polygraphy.json import save_json
 
 from stepquant.calibrators import calibrate_ranges, collect_calibration_set
+from stepquant.calibrators.corrections import estimate_corrections
 from stepquant.calibrators.data import CalibrationSet
 from stepquant.eval import psnr, save_comparison_grid
 from stepquant.export import ParityReport, check_parity, export_onnx, staged_directory, write_manifest
@@ -29,6 +30,7 @@ from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
 from stepquant.quant import QuantSpec, quantize_
 from stepquant.quant.quantize import round_scales_
 from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, TorchBackend, sample
+from stepquant.runtime.corrections import METHODS as CORRECTION_METHODS
 
 CALIBRATION_SEED_OFFSET = 1_000_000  # calibration trajectories never share seeds with evaluation
 # Median relative error allowed between the fake-quant torch model and the Q/DQ graph on onnxruntime.
@@ -40,6 +42,7 @@ FP8_QDQ_TOLERANCE = 1e-2
 FP16_QDQ_TOLERANCE = 0.2
 FP_TOLERANCE = 1e-5  # median relative error, FP torch vs FP ONNX
 MODEL_FILE, FP_MODEL_FILE, PREVIEW_FILE, BUILD_SCRIPT = "model.onnx", "model_fp32.onnx", "preview.png", "build_engine.sh"
+CORRECTIONS_FILE = "corrections.safetensors"
 
 
 class ParityError(RuntimeError):
@@ -61,6 +64,7 @@ class ExportConfig:
     parity_timesteps: int = 5
     parity_batch: int = 4
     precision: str = "fp32"  # float compute and Q/DQ scales of the quantized graph: fp32 or fp16
+    correction: str = "none"  # per-timestep correction terms estimated on the deployed graph (see runtime.corrections)
     engine: bool = False  # also build the TensorRT engine (needs tensorrt on this machine)
     # Coarse grids (4-bit, FP8) and the near-singular noise estimate at t ~ 0 can turn one float rounding
     # difference into a grid flip that fails parity without anything being wrong; allow keeping such bundles.
@@ -70,6 +74,8 @@ class ExportConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.correction not in CORRECTION_METHODS:
+            raise ValueError(f"unknown correction {self.correction!r}; choose from {', '.join(CORRECTION_METHODS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         if self.precision == "fp16" and self.quant.format == "fp8":
@@ -149,11 +155,18 @@ def export_quantized(config: ExportConfig) -> ExportReport:
             save_json(feeds, staging / "parity" / "inputs.json", description="parity inputs")
             RunResults([results[1]]).save(str(staging / "parity" / "reference_outputs.json"))  # the torch outputs
 
+        corrections = None
+        if config.correction != "none":  # estimated on the deployed graph, along calibration trajectories
+            corrections = estimate_corrections(
+                config.correction, TorchBackend(fp_model), OnnxRuntimeBackend(staging / MODEL_FILE, optimization_level=ort_level),
+                loaded.scheduler_config, calib_seeds, shape, config.sampler, config.progress)
+            corrections.save(staging / CORRECTIONS_FILE)
         eval_seeds = range(config.seed, config.seed + config.eval_samples)
         fp_samples = sample(TorchBackend(fp_model), loaded.scheduler_config, eval_seeds, shape, config.sampler,
                             progress=config.progress, desc="FP samples").samples
         q_samples = sample(OnnxRuntimeBackend(staging / MODEL_FILE, optimization_level=ort_level), loaded.scheduler_config, eval_seeds, shape,
-                           config.sampler, progress=config.progress, desc="bundle samples (onnxruntime)").samples
+                           config.sampler, progress=config.progress, desc="bundle samples (onnxruntime)",
+                           corrections=corrections).samples
         scores = psnr(q_samples, fp_samples)
         save_comparison_grid(fp_samples[:32], q_samples[:32], staging / PREVIEW_FILE)
 
@@ -176,7 +189,8 @@ def export_quantized(config: ExportConfig) -> ExportReport:
                             "trajectories": config.calib_samples, "inputs": len(calib),
                             "timesteps": calib.unique_timesteps(), "seed": config.seed,
                             "seconds": round(calibration_seconds, 2)},
-            "correction": {"method": "none"},
+            "correction": {"method": config.correction, "file": CORRECTIONS_FILE if corrections else None,
+                           "timesteps": corrections.timesteps.tolist() if corrections else None},
             "lint": {"target": "tensorrt", "findings": 0},
             "engine": engine,
             "onnxruntime": {"graph_optimization_level": ort_level},

@@ -31,3 +31,11 @@ class Precision(str, Enum):
 class Scheduler(str, Enum):
     ddim = "ddim"
     ddpm = "ddpm"
+
+
+class Correction(str, Enum):
+    none = "none"
+    ptqd = "ptqd"
+    d2_deterministic = "d2-deterministic"
+    d2_stochastic = "d2-stochastic"
+    tac = "tac"

@@ -11,11 +11,11 @@ import numpy as np
 import typer
 
 from stepquant.cli.choices import RuntimeBackend, Scheduler
-from stepquant.eval.evaluate import evaluate, plot_errors
+from stepquant.eval.evaluate import evaluate, plot_corrections, plot_errors
 from stepquant.eval.latency import measure_latency
 from stepquant.export import load_bundle
 from stepquant.runtime import SamplerConfig
-from stepquant.runtime.bundle_backends import quantized_backend, reference_backend
+from stepquant.runtime.bundle_backends import bundle_corrections, quantized_backend, reference_backend
 
 
 def eval_command(
@@ -28,6 +28,7 @@ def eval_command(
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads.")] = None,
     backend: Annotated[RuntimeBackend, typer.Option(help="What runs the bundle's Q/DQ graph.")] = RuntimeBackend.onnxruntime,
     engine: Annotated[Optional[Path], typer.Option(help="TensorRT engine for --backend tensorrt (default: the bundle's).")] = None,
+    corrections: Annotated[bool, typer.Option(help="Apply the bundle's per-timestep correction terms, if it has them.")] = True,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Quality of a bundle against FP from the same noise: PSNR, Fréchet distances, classifier, error per step."""
@@ -35,9 +36,10 @@ def eval_command(
         raise typer.BadParameter("must be at least 2 (Fréchet distances need a covariance)", param_hint="--n")
     loaded = load_bundle(bundle)
     config = SamplerConfig(scheduler.value, steps or loaded.manifest["sampler"]["steps"], eta)
+    terms = bundle_corrections(loaded) if corrections else None
     result = evaluate(reference_backend(loaded, threads), quantized_backend(loaded, threads, backend.value, engine),
-                      loaded.manifest["noise_schedule"],
-                      range(n), loaded.sample_shape, config, progress=progress)
+                      loaded.manifest["noise_schedule"], range(n), loaded.sample_shape, config, progress=progress,
+                      corrections=terms)
     out = out or bundle.with_name(bundle.name + "-eval")
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({"bundle": str(bundle), "sampler": asdict(config), **result.to_dict()}, indent=2))
@@ -50,10 +52,29 @@ def eval_command(
             ("recognisable (quantized / FP)", f"{result.recognisable:.3f} / {result.fp_recognisable:.3f}"),
             ("final accumulated / mean per-step error", f"{result.accumulated_error[-1]:.4f} / {np.mean(result.step_error):.4f}")]
     width = max(len(label) for label, _ in rows)
-    print(f"{bundle} on {backend.value}: {n} samples, {config.steps} {config.scheduler.upper()} steps, eta {eta:g}")
+    print(f"{bundle} on {backend.value}, corrections {terms.method if terms else 'none'}: {n} samples, {config.steps} {config.scheduler.upper()} steps, eta {eta:g}")
     for label, value in rows:
         print(f"  {label:<{width}}  {value}")
     print(f"wrote {out / 'eval.json'} and {out / 'errors.png'}")
+
+
+def inspect_command(
+    bundle: Annotated[Path, typer.Option(help="Bundle whose correction terms to show.")],
+    plot: Annotated[Optional[Path], typer.Option(help="PNG of the terms per step (default: BUNDLE-corrections.png).")] = None,
+) -> None:
+    """Print the bundle's per-timestep correction terms and plot them."""
+    terms = bundle_corrections(load_bundle(bundle))
+    if terms is None:
+        print(f"{bundle}: exported without correction terms (--correction none)")
+        return
+    print(f"{bundle}: {terms.method} correction terms for {len(terms.timesteps)} timesteps")
+    print(f"  {'timestep':>8}  {'gain':>8}  {'bias':>9}  {'noise std':>9}  {'resid var':>9}  {'input bias':>10}")
+    for i, t in enumerate(terms.timesteps.tolist()):
+        print(f"  {t:8d}  {float(terms.gain[i].mean()):8.4f}  {float(terms.bias[i].mean()):9.2e}  "
+              f"{float(terms.noise_std[i]):9.2e}  {float(terms.residual_var[i]):9.2e}  {float(terms.input_bias[i].mean()):10.2e}")
+    plot = plot or bundle.with_name(bundle.name + "-corrections.png")
+    plot_corrections(terms, plot)
+    print(f"wrote {plot}")
 
 
 def bench_command(

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from stepquant.cli.choices import Format, Observer, Precision, Scheduler, Target
+from stepquant.cli.choices import Correction, Format, Observer, Precision, Scheduler, Target
 from stepquant.models import DEMO_MODEL_NAME
 from stepquant.pipeline import ExportConfig, ExportReport, export_quantized
 from stepquant.quant import DEFAULT_EXCLUDE, QuantSpec
@@ -26,6 +26,7 @@ def _print_report(report: ExportReport, config: ExportConfig) -> None:
           f"{report.eval_samples} seeds, {config.sampler.steps} {config.sampler.scheduler.upper()} steps "
           f"(eta {config.sampler.eta:g}), bundle executed by onnxruntime")
     print("lint:    TensorRT Q/DQ conformance: no findings")
+    print(f"correct: {config.correction}")
     print(f"layers:  {len(report.quantized_layers)} quantized at {spec.weight_grid} weights, {spec.act_grid} activations; "
           f"done in {report.seconds:.0f} s")
 
@@ -38,6 +39,7 @@ def export_command(
     format: Annotated[Format, typer.Option(help="int8, or fp8 (E4M3, for Ada/Hopper GPUs).")] = Format.int8,
     target: Annotated[Target, typer.Option(help="Placement profile of the Q/DQ graph.")] = Target.tensorrt,
     precision: Annotated[Precision, typer.Option(help="Float compute and Q/DQ scales: fp32, or fp16 for FP16 engines.")] = Precision.fp32,
+    correction: Annotated[Correction, typer.Option(help="Per-timestep correction terms applied by the sampler's host loop.")] = Correction.none,
     residual_qdq: Annotated[bool, typer.Option(help="Q/DQ on the skip input of ResNet residual Adds (TensorRT fuses Conv+Add).")] = True,
     steps: Annotated[int, typer.Option(help="Sampler steps for calibration trajectories and evaluation.")] = 25,
     scheduler: Annotated[Scheduler, typer.Option(help="Sampler for trajectories and evaluation.")] = Scheduler.ddim,
@@ -59,7 +61,7 @@ def export_command(
     patterns = (DEFAULT_EXCLUDE if default_excludes else ()) + tuple(exclude or ())
     config = ExportConfig(
         model=model, out=out, quant=QuantSpec(weight_bits, act_bits, patterns, format.value, residual_qdq),
-        precision=precision.value,
+        precision=precision.value, correction=correction.value,
         sampler=SamplerConfig(scheduler.value, steps, eta), observer=observer.value, percentile=percentile,
         calib_samples=calib_samples, calib_steps=calib_steps, seed=seed, eval_samples=eval_samples,
         engine=engine, require_parity=not allow_parity_failure, overwrite=overwrite, progress=progress,

@@ -11,7 +11,7 @@ import sys
 import typer
 
 from stepquant.calibrators import CalibrationError
-from stepquant.cli.evaluate import bench_command, eval_command
+from stepquant.cli.evaluate import bench_command, eval_command, inspect_command
 from stepquant.cli.export import export_command
 from stepquant.cli.sample import sample_command
 from stepquant.cli.tensorrt import build_engine_command, lint_command, parity_command
@@ -20,15 +20,16 @@ from stepquant.export.lint import LintError
 from stepquant.export.tensorrt import TensorRTUnavailable
 from stepquant.models import ModelLoadError
 from stepquant.pipeline import ParityError
+from stepquant.runtime.corrections import CorrectionError
 
 EXPECTED_ERRORS = (ModelLoadError, BundleError, CalibrationError, ParityError, OnnxExportError, LintError,
-                   TensorRTUnavailable, ValueError, OSError)
+                   TensorRTUnavailable, CorrectionError, ValueError, OSError)
 
 app = typer.Typer(help="Quantize diffusion models into deployable Q/DQ ONNX bundles, and run them.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 for name, command in (("export", export_command), ("sample", sample_command), ("eval", eval_command),
                       ("bench", bench_command), ("lint", lint_command), ("parity", parity_command),
-                      ("build-engine", build_engine_command)):
+                      ("build-engine", build_engine_command), ("inspect", inspect_command)):
     app.command(name)(command)
 
 

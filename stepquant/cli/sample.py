@@ -15,7 +15,7 @@ from stepquant.eval import save_grid
 from stepquant.export import load_bundle
 from stepquant.models import EpsilonModel, load_model
 from stepquant.runtime import SamplerConfig, TorchBackend, sample
-from stepquant.runtime.bundle_backends import quantized_backend
+from stepquant.runtime.bundle_backends import bundle_corrections, quantized_backend
 
 
 def _write_samples(samples, out: Path) -> None:
@@ -50,6 +50,7 @@ def sample_command(
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: all cores).")] = None,
     backend: Annotated[RuntimeBackend, typer.Option(help="What runs a bundle's graph.")] = RuntimeBackend.onnxruntime,
     engine: Annotated[Optional[Path], typer.Option(help="TensorRT engine for --backend tensorrt (default: the bundle's).")] = None,
+    corrections: Annotated[bool, typer.Option(help="Apply the bundle's per-timestep correction terms, if it has them.")] = True,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Sample from a bundle or from an FP model with per-sample seeds, so outputs compare one to one."""
@@ -62,13 +63,15 @@ def sample_command(
     if bundle is not None:
         loaded = load_bundle(bundle)
         runner = quantized_backend(loaded, threads, backend.value, engine)
+        terms = bundle_corrections(loaded) if corrections else None
         noise_schedule, shape = loaded.manifest["noise_schedule"], loaded.sample_shape
         default_steps = loaded.manifest["sampler"]["steps"]
     else:
         fp = load_model(model)
-        runner, noise_schedule = TorchBackend(EpsilonModel(fp.unet)), fp.scheduler_config
+        runner, noise_schedule, terms = TorchBackend(EpsilonModel(fp.unet)), fp.scheduler_config, None
         shape, default_steps = (fp.unet.config.in_channels, fp.unet.config.sample_size, fp.unet.config.sample_size), 25
     config = SamplerConfig(scheduler.value, steps or default_steps, eta)
-    result = sample(runner, noise_schedule, range(seed, seed + n), shape, config, batch_size, progress=progress)
+    result = sample(runner, noise_schedule, range(seed, seed + n), shape, config, batch_size, progress=progress,
+                    corrections=terms)
     _write_samples(result.samples, out)
     print(f"wrote {n} samples ({config.steps} {config.scheduler.upper()} steps, eta {config.eta:g}) to {out}")

@@ -20,6 +20,7 @@ from stepquant.data.digits import load_digits_16
 from stepquant.eval.classifier import DigitClassifier, load_classifier
 from stepquant.eval.metrics import frechet_distance, psnr, rms
 from stepquant.runtime.backend import Backend
+from stepquant.runtime.corrections import Corrections
 from stepquant.runtime.sampler import SamplerConfig, make_scheduler, sample
 
 RECOGNISABLE_CONFIDENCE = 0.9
@@ -61,11 +62,12 @@ class _StepErrorMeter:
         return eps
 
 
-def _states(backend: Backend, schedule: dict, seeds: Sequence[int], shape, config: SamplerConfig):
+def _states(backend: Backend, schedule: dict, seeds: Sequence[int], shape, config: SamplerConfig,
+            corrections: Corrections | None = None):
     """Final samples and the x_t after every step (the inputs of steps 1.. plus the final sample)."""
     inputs: list[torch.Tensor] = []
     final = sample(backend, schedule, seeds, shape, config, batch_size=len(seeds), progress=False,
-                   on_step=lambda index, t, x: inputs.append(x.clone())).samples
+                   on_step=lambda index, t, x: inputs.append(x.clone()), corrections=corrections).samples
     return final, inputs[1:]
 
 
@@ -84,7 +86,10 @@ def evaluate(
     config: SamplerConfig = SamplerConfig(),
     batch_size: int = 128,
     progress: bool = True,
+    corrections: Corrections | None = None,
 ) -> Evaluation:
+    """Compare `quantized` (with its host-side `corrections`, if any) to `fp` from the same seeds. The
+    per-step error is the raw network error on FP inputs; corrections act on the trajectories."""
     seeds = list(seeds)
     meter = _StepErrorMeter(fp, quantized, config.steps)
     accumulated = np.zeros(config.steps)
@@ -92,7 +97,7 @@ def evaluate(
     for start in tqdm(range(0, len(seeds), batch_size), desc="evaluating", unit="batch", disable=not progress, leave=False):
         batch = seeds[start : start + batch_size]
         fp_samples, fp_states = _states(meter, noise_schedule, batch, sample_shape, config)
-        q_samples, q_states = _states(quantized, noise_schedule, batch, sample_shape, config)
+        q_samples, q_states = _states(quantized, noise_schedule, batch, sample_shape, config, corrections)
         # after the last step the returned (clipped) samples are compared
         for index, (a, b) in enumerate(zip(q_states + [q_samples], fp_states + [fp_samples])):
             accumulated[index] += float(rms(a, b).sum())
@@ -140,6 +145,35 @@ def plot_errors(evaluation: Evaluation, path, title: str = "") -> None:
     axis.set_title(title or f"{evaluation.samples} samples")
     axis.grid(alpha=0.3)
     axis.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def plot_corrections(corrections: Corrections, path) -> None:
+    """Gain, bias, added noise and removed variance of each step's correction terms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = corrections.timesteps.numpy()
+    figure, axes = plt.subplots(1, 3, figsize=(11, 3.2), dpi=110)
+    axes[0].plot(steps, corrections.gain.mean(dim=1).numpy(), marker="o", markersize=3)
+    axes[0].set_title("gain (channel mean)")
+    axes[1].plot(steps, corrections.bias.mean(dim=1).numpy(), marker="o", markersize=3, label="estimate bias")
+    axes[1].plot(steps, corrections.input_bias.mean(dim=1).numpy(), marker="s", markersize=3, label="input bias")
+    axes[1].set_title("bias (channel mean)")
+    axes[1].legend()
+    axes[2].plot(steps, corrections.noise_std.numpy(), marker="o", markersize=3, label="added noise std")
+    axes[2].plot(steps, corrections.residual_var.numpy(), marker="s", markersize=3, label="removed variance")
+    axes[2].set_title("variance terms")
+    axes[2].legend()
+    for axis in axes:
+        axis.set_xlabel("timestep")
+        axis.invert_xaxis()
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{corrections.method} correction terms")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

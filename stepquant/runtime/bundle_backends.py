@@ -7,6 +7,7 @@ from pathlib import Path
 
 from stepquant.export.bundle import Bundle
 from stepquant.runtime.backend import Backend
+from stepquant.runtime.corrections import CorrectionError, Corrections
 from stepquant.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -28,3 +29,15 @@ def quantized_backend(bundle: Bundle, threads: int | None = None, backend: str =
 def reference_backend(bundle: Bundle, threads: int | None = None) -> OnnxRuntimeBackend:
     """The FP32 graph, parity-checked against the FP torch model at export."""
     return OnnxRuntimeBackend(bundle.file(bundle.manifest["reference_graph"]), threads)
+
+
+def bundle_corrections(bundle: Bundle) -> Corrections | None:
+    """The bundle's per-timestep correction terms, or None when it was exported without."""
+    name = bundle.manifest.get("correction", {}).get("file")
+    if not name:
+        return None
+    corrections = Corrections.load(bundle.file(name))
+    if corrections.method != bundle.manifest["correction"]["method"]:
+        raise CorrectionError(f"{name} holds {corrections.method!r} terms but the manifest says "
+                              f"{bundle.manifest['correction']['method']!r}")
+    return corrections

@@ -16,6 +16,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm import tqdm
 
 from stepquant.runtime.backend import Backend
+from stepquant.runtime.corrections import Corrections
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
@@ -52,7 +53,32 @@ def make_scheduler(config: SamplerConfig, scheduler_config: dict) -> SchedulerMi
     return scheduler
 
 
-def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
+def _noise(generators: Sequence[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+    """Per-sample standard normal noise, drawn as diffusers' randn_tensor draws it from a generator list."""
+    return torch.cat([torch.randn((1, *like.shape[1:]), generator=g) for g in generators])
+
+
+def ddim_step(scheduler: DDIMScheduler, eps: torch.Tensor, timestep: int, x: torch.Tensor, eta: float,
+              generators: Sequence[torch.Generator], residual_var: float = 0.0) -> torch.Tensor:
+    """One DDIM update (diffusers' formulas, epsilon prediction) with PTQD's variance schedule calibration:
+    sigma'^2 = max(sigma^2 - c_t^2 * residual_var, 0), c_t being the net coefficient of eps in the update,
+    so the sampler's own noise makes room for the noise the quantized estimate already carries."""
+    prev = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alpha = scheduler.alphas_cumprod[timestep]
+    alpha_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
+    x0 = (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+    if scheduler.config.clip_sample:
+        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    variance = (1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)
+    sigma2 = eta**2 * variance
+    if residual_var > 0:
+        c = (1 - alpha_prev - sigma2).sqrt() - (alpha_prev * (1 - alpha) / alpha).sqrt()
+        sigma2 = torch.clamp(sigma2 - c**2 * residual_var, min=0.0)
+    x_prev = alpha_prev.sqrt() * x0 + (1 - alpha_prev - sigma2).sqrt() * eps
+    return x_prev + sigma2.sqrt() * _noise(generators, eps) if eta > 0 else x_prev
+
+
+def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
 
@@ -66,21 +92,38 @@ def sample(
     on_step: StepCallback | None = None,
     progress: bool = True,
     desc: str = "sampling",
+    corrections: Corrections | None = None,
 ) -> SampleOutput:
-    """Run the reverse process for every seed; returns final samples clipped to [-1, 1]."""
+    """Run the reverse process for every seed; returns final samples clipped to [-1, 1].
+
+    With `corrections`, each step corrects the network input and output on the host (see
+    stepquant.runtime.corrections); without, the loop is exactly diffusers' scheduler loop.
+    """
+    if corrections is not None:
+        corrections.check_covers(make_scheduler(config, scheduler_config).timesteps)
     batches = [list(seeds[i : i + batch_size]) for i in range(0, len(seeds), batch_size)]
     bar = tqdm(total=len(batches) * config.steps, desc=desc, unit="step", disable=not progress, leave=False)
     outputs = []
     for batch_seeds in batches:
         scheduler = make_scheduler(config, scheduler_config)
-        generators = _generators(batch_seeds)
+        generators = seed_generators(batch_seeds)
         x = torch.cat([torch.randn((1, *sample_shape), generator=g) for g in generators])
         extra = {"eta": config.eta} if config.scheduler == "ddim" else {}
         for index, t in enumerate(scheduler.timesteps):
             if on_step is not None:
                 on_step(index, int(t), x)
-            eps = backend(x, torch.full((len(batch_seeds),), float(t)))
-            x = scheduler.step(eps, t, x, generator=generators, **extra).prev_sample
+            timesteps = torch.full((len(batch_seeds),), float(t))
+            if corrections is None:
+                eps = backend(x, timesteps)
+                x = scheduler.step(eps, t, x, generator=generators, **extra).prev_sample
+            else:
+                x = corrections.correct_input(x, int(t))
+                eps = corrections.correct_estimate(backend(x, timesteps), int(t), generators)
+                residual_var = float(corrections.residual_var[corrections.index(int(t))])
+                if config.scheduler == "ddim":
+                    x = ddim_step(scheduler, eps, int(t), x, config.eta, generators, residual_var)
+                else:
+                    x = scheduler.step(eps, t, x, generator=generators).prev_sample
             bar.update(1)
         outputs.append(x.clamp(-1.0, 1.0))
     bar.close()

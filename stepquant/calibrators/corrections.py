@@ -1,0 +1,157 @@
+"""Estimators of per-timestep correction terms (PTQD, D2-DPM, TAC-Diffusion) from FP and quantized
+noise estimates on the same inputs. Statistics are streamed as per-timestep, per-channel sums, so memory
+does not grow with the number of calibration samples. Formulas: shared/research/anchors-academic.md."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from stepquant.runtime.backend import Backend
+from stepquant.runtime.corrections import Corrections
+from stepquant.runtime.sampler import SamplerConfig, seed_generators, make_scheduler, sample
+
+MAX_CORRELATION = 0.9999  # D2-DPM clips the correlation of (estimate, error) to keep the conditional variance positive
+
+
+class ErrorStatistics:
+    """Per timestep and channel, sums of eps (FP), q (quantized estimate), d = q - eps and their products."""
+
+    _SUMS = ("n", "e", "q", "d", "ee", "qq", "dd", "ed", "qd", "qe")
+
+    def __init__(self, timesteps: Sequence[int], channels: int) -> None:
+        self.timesteps = [int(t) for t in timesteps]
+        self.sums = {name: torch.zeros(len(self.timesteps), channels, dtype=torch.float64) for name in self._SUMS}
+
+    def update(self, timestep: int, eps: torch.Tensor, estimate: torch.Tensor) -> None:
+        i = self.timesteps.index(int(timestep))
+        e = eps.double().transpose(0, 1).flatten(1)  # [C, N*H*W]
+        q = estimate.double().transpose(0, 1).flatten(1)
+        d = q - e
+        values = {"n": torch.ones_like(e), "e": e, "q": q, "d": d, "ee": e * e, "qq": q * q, "dd": d * d,
+                  "ed": e * d, "qd": q * d, "qe": q * e}
+        for name, value in values.items():
+            self.sums[name][i] += value.sum(dim=1)
+
+    def moments(self, per_channel: bool) -> dict[str, torch.Tensor]:
+        """Means and (co)variances per timestep (and channel when `per_channel`)."""
+        sums = self.sums if per_channel else {k: v.sum(dim=1, keepdim=True) for k, v in self.sums.items()}
+        n = sums["n"].clamp(min=1)
+        mean = {k: sums[k] / n for k in ("e", "q", "d")}
+
+        def cov(a: str, b: str, ab: str) -> torch.Tensor:
+            return sums[ab] / n - mean[a] * mean[b]
+
+        return {"mean_e": mean["e"], "mean_q": mean["q"], "mean_d": mean["d"], "var_e": cov("e", "e", "ee"),
+                "var_q": cov("q", "q", "qq"), "var_d": cov("d", "d", "dd"), "cov_ed": cov("e", "d", "ed"),
+                "cov_qd": cov("q", "d", "qd"), "sum_qe": sums["qe"], "sum_qq": sums["qq"], "n": sums["n"]}
+
+
+def ptqd(stats: ErrorStatistics) -> Corrections:
+    """PTQD: d = k eps + d'' with k the regression slope of the error on the FP estimate (kept only when
+    positive), d'' of per-channel mean b and variance s^2; eps' = (q - b) / (1 + k), residual variance s^2/(1+k)^2."""
+    whole, channel = stats.moments(per_channel=False), stats.moments(per_channel=True)
+    k = (whole["cov_ed"] / whole["var_e"].clamp(min=1e-12)).clamp(min=0.0)  # [T, 1]
+    bias = channel["mean_d"] - k * channel["mean_e"]  # per-channel mean of d - k eps
+    # variance of d - k eps around its per-channel mean (the bias term removes the between-channel part)
+    per_channel = channel["var_d"] - 2 * k * channel["cov_ed"] + k * k * channel["var_e"]
+    residual = (per_channel * channel["n"]).sum(dim=1, keepdim=True) / channel["n"].sum(dim=1, keepdim=True).clamp(min=1)
+    gain = 1.0 / (1.0 + k)
+    return Corrections("ptqd", torch.tensor(stats.timesteps), gain.expand_as(bias).float().contiguous(),
+                       (-bias * gain).float(), torch.zeros(len(stats.timesteps)),
+                       (residual.clamp(min=0) * gain * gain).flatten().float(), torch.zeros_like(bias).float())
+
+
+def d2(stats: ErrorStatistics, stochastic: bool) -> Corrections:
+    """D2-DPM: a joint Gaussian of (q, d) per timestep; the error's conditional mean given the observed q,
+    mu_d + s (q - mu_q) with s = cov(q, d) / var(q), is removed: eps' = (1 - s) q + s mu_q - mu_d. Its
+    conditional variance is either sampled back (stochastic) or taken out of the sampler's noise (deterministic)."""
+    m = stats.moments(per_channel=False)
+    std_q, std_d = m["var_q"].clamp(min=1e-12).sqrt(), m["var_d"].clamp(min=1e-12).sqrt()
+    rho = (m["cov_qd"] / (std_q * std_d)).clamp(-MAX_CORRELATION, MAX_CORRELATION)
+    slope = rho * std_d / std_q
+    conditional_var = (m["var_d"] * (1 - rho * rho)).clamp(min=0).flatten()
+    channels = stats.sums["n"].shape[1]
+    steps = len(stats.timesteps)
+    gain = (1 - slope).expand(steps, channels).float().contiguous()
+    bias = (slope * m["mean_q"] - m["mean_d"]).expand(steps, channels).float().contiguous()
+    noise_std = conditional_var.sqrt().float() if stochastic else torch.zeros(steps)
+    residual_var = torch.zeros(steps) if stochastic else conditional_var.float()
+    method = "d2-stochastic" if stochastic else "d2-deterministic"
+    return Corrections(method, torch.tensor(stats.timesteps), gain, bias, noise_std, residual_var, torch.zeros(steps, channels))
+
+
+def tac_gain(stats: ErrorStatistics, shrinkage: float = 0.1) -> torch.Tensor:
+    """TAC's noise-estimation reconstruction K per (timestep, channel), closed form of
+    min ||K q - eps||^2 + shrinkage * N (K - 1)^2 (its relative-distortion weight set to 0: q / eps is
+    unbounded where eps is near 0)."""
+    n = stats.sums["n"]
+    return ((stats.sums["qe"] + shrinkage * n) / (stats.sums["qq"] + shrinkage * n)).float()
+
+
+class _PairedBackend:
+    """Runs the FP backend (which drives the trajectory) and the quantized one on the same inputs."""
+
+    def __init__(self, fp: Backend, quantized: Backend, stats: ErrorStatistics) -> None:
+        self.fp, self.quantized, self.stats = fp, quantized, stats
+
+    def __call__(self, sample_: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        eps = self.fp(sample_, timestep)
+        self.stats.update(int(timestep[0]), eps, self.quantized(sample_, timestep))
+        return eps
+
+
+def collect_statistics(fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequence[int],
+                       sample_shape: tuple[int, int, int], config: SamplerConfig, progress: bool = True) -> ErrorStatistics:
+    """Error statistics along the FP model's own trajectories (PTQD's and D2's collection)."""
+    stats = ErrorStatistics([int(t) for t in make_scheduler(config, noise_schedule).timesteps], sample_shape[0])
+    sample(_PairedBackend(fp, quantized, stats), noise_schedule, seeds, sample_shape, config, progress=progress,
+           desc="correction statistics")
+    return stats
+
+
+def fit_tac(fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequence[int],
+            sample_shape: tuple[int, int, int], config: SamplerConfig, shrinkage: float = 0.1) -> Corrections:
+    """TAC-Diffusion, fitted step by step along the *corrected* quantized trajectory: at each step the
+    input bias (mean of x_q - x_fp per channel) is removed from the quantized state, then the per-channel
+    gain K is fitted and applied before both trajectories take their step with the same noise."""
+    scheduler = make_scheduler(config, noise_schedule)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    channels = sample_shape[0]
+    fp_gen, q_gen = seed_generators(seeds), seed_generators(seeds)
+    x_fp = torch.cat([torch.randn((1, *sample_shape), generator=g) for g in fp_gen])
+    x_q = torch.cat([torch.randn((1, *sample_shape), generator=g) for g in q_gen])
+    gains, input_biases = [], []
+    extra = {"eta": config.eta} if config.scheduler == "ddim" else {}
+    for t in timesteps:
+        input_bias = (x_q - x_fp).transpose(0, 1).flatten(1).mean(dim=1)
+        x_q = x_q - input_bias.reshape(1, -1, 1, 1)  # the drift is removed from the state, as at run time
+        ts = torch.full((len(seeds),), float(t))
+        eps = fp(x_fp, ts)
+        estimate = quantized(x_q, ts)
+        stats = ErrorStatistics([t], channels)
+        stats.update(t, eps, estimate)
+        gain = tac_gain(stats, shrinkage)[0]
+        x_fp = scheduler.step(eps, t, x_fp, generator=fp_gen, **extra).prev_sample
+        x_q = scheduler.step(gain.reshape(1, -1, 1, 1) * estimate, t, x_q, generator=q_gen, **extra).prev_sample
+        gains.append(gain)
+        input_biases.append(input_bias.float())
+    steps = len(timesteps)
+    return Corrections("tac", torch.tensor(timesteps), torch.stack(gains), torch.zeros(steps, channels),
+                       torch.zeros(steps), torch.zeros(steps), torch.stack(input_biases))
+
+
+def estimate_corrections(method: str, fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequence[int],
+                         sample_shape: tuple[int, int, int], config: SamplerConfig, progress: bool = True) -> Corrections:
+    """The correction terms of `method` for the sampler `config` (its timesteps key the terms)."""
+    if method == "none":
+        return Corrections.identity([int(t) for t in make_scheduler(config, noise_schedule).timesteps], sample_shape[0])
+    if method == "tac":
+        return fit_tac(fp, quantized, noise_schedule, seeds, sample_shape, config)
+    stats = collect_statistics(fp, quantized, noise_schedule, seeds, sample_shape, config, progress)
+    if method == "ptqd":
+        return ptqd(stats)
+    if method in ("d2-deterministic", "d2-stochastic"):
+        return d2(stats, stochastic=method == "d2-stochastic")
+    raise ValueError(f"unknown correction method {method!r}")

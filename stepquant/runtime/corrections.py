@@ -1,0 +1,107 @@
+"""Per-timestep correction terms, applied by the sampler's host loop whatever backend runs the network.
+
+PTQD, D2-DPM and TAC-Diffusion all map the quantized noise estimate through a per-timestep affine
+function; PTQD and D2 also shrink the sampler's noise variance and TAC removes an input bias. One
+representation covers them (the estimators live in stepquant.calibrators.corrections):
+
+    x_t <- x_t - input_bias[t]                      (per channel, on the sampler's state; TAC's input bias correction)
+    eps' = gain[t] * backend(x_t, t) + bias[t]      (per channel)
+    eps' += noise_std[t] * z                        (D2's stochastic variant)
+    sigma_t'^2 = max(sigma_t^2 - c_t^2 * residual_var[t], 0)   (variance schedule calibration, DDIM eta > 0)
+
+Terms are keyed by the scheduler's timestep values, so a bundle exported for 25 steps refuses a run at
+50 steps unless its terms cover those timesteps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+METHODS = ("none", "ptqd", "d2-deterministic", "d2-stochastic", "tac")
+_TENSORS = ("timesteps", "gain", "bias", "noise_std", "residual_var", "input_bias")
+
+
+class CorrectionError(ValueError):
+    """Correction terms are missing, malformed, or do not cover the sampler's timesteps."""
+
+
+@dataclass
+class Corrections:
+    method: str
+    timesteps: torch.Tensor  # [T] int64, the scheduler's timestep values
+    gain: torch.Tensor  # [T, C]
+    bias: torch.Tensor  # [T, C]
+    noise_std: torch.Tensor  # [T]
+    residual_var: torch.Tensor  # [T]
+    input_bias: torch.Tensor  # [T, C]
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise CorrectionError(f"unknown correction method {self.method!r}; choose from {', '.join(METHODS)}")
+        steps = len(self.timesteps)
+        channels = self.gain.shape[1] if self.gain.dim() == 2 else -1
+        for name, shape in (("gain", (steps, channels)), ("bias", (steps, channels)), ("input_bias", (steps, channels)),
+                            ("noise_std", (steps,)), ("residual_var", (steps,))):
+            tensor = getattr(self, name)
+            if tuple(tensor.shape) != shape:
+                raise CorrectionError(f"correction term {name} has shape {tuple(tensor.shape)}, expected {shape}")
+            if not torch.isfinite(tensor).all():
+                raise CorrectionError(f"correction term {name} holds NaN or inf")
+        if (self.noise_std < 0).any() or (self.residual_var < 0).any():
+            raise CorrectionError("noise_std and residual_var must not be negative")
+
+    @classmethod
+    def identity(cls, timesteps: Sequence[int], channels: int, method: str = "none") -> Corrections:
+        steps = len(timesteps)
+        return cls(method, torch.tensor(list(timesteps), dtype=torch.int64), torch.ones(steps, channels),
+                   torch.zeros(steps, channels), torch.zeros(steps), torch.zeros(steps), torch.zeros(steps, channels))
+
+    def index(self, timestep: int) -> int:
+        match = torch.nonzero(self.timesteps == int(timestep)).flatten()
+        if len(match) == 0:
+            raise CorrectionError(f"no correction terms for timestep {int(timestep)}: the bundle's terms cover "
+                                  f"{len(self.timesteps)} timesteps ({self.timesteps.tolist()[:4]}...); sample with "
+                                  "the step count it was exported for")
+        return int(match[0])
+
+    def check_covers(self, timesteps: Sequence[int]) -> None:
+        for timestep in timesteps:
+            self.index(int(timestep))
+
+    @staticmethod
+    def _per_channel(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return values.reshape(1, -1, *([1] * (like.dim() - 2)))
+
+    def correct_input(self, x: torch.Tensor, timestep: int) -> torch.Tensor:
+        return x - self._per_channel(self.input_bias[self.index(timestep)], x)
+
+    def correct_estimate(self, eps: torch.Tensor, timestep: int, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        i = self.index(timestep)
+        eps = self._per_channel(self.gain[i], eps) * eps + self._per_channel(self.bias[i], eps)
+        if self.noise_std[i] > 0:
+            noise = torch.cat([torch.randn((1, *eps.shape[1:]), generator=g) for g in generators])
+            eps = eps + self.noise_std[i] * noise
+        return eps
+
+    def save(self, path: Path) -> None:
+        save_file({name: getattr(self, name).contiguous() for name in _TENSORS}, str(path), metadata={"method": self.method})
+
+    @classmethod
+    def load(cls, path: Path) -> Corrections:
+        try:
+            tensors = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as handle:
+                method = (handle.metadata() or {}).get("method", "")
+        except Exception as err:  # safetensors raises several types for unreadable files
+            raise CorrectionError(f"cannot read correction terms from {path}: {err}") from err
+        missing = [name for name in _TENSORS if name not in tensors]
+        if missing:
+            raise CorrectionError(f"{path} lacks correction terms {', '.join(missing)}")
+        return cls(method, **{name: tensors[name] for name in _TENSORS})

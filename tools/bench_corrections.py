@@ -1,0 +1,119 @@
+"""Per-timestep correction terms on the demo model, side by side with modelopt and onnxruntime's
+quantize_static from the same run: each correction (and none) at W8A8 and W4A8, for one eta.
+Everything is executed on onnxruntime except modelopt (its own torch fake-quant model), and judged by
+`stepquant.eval.evaluate` against the FP graph from the same seeds. Also the host-loop cost of corrections.
+
+    python tools/bench_corrections.py --eta 0 && python tools/bench_corrections.py --eta 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench_quality import Context, Row, modelopt_method, ort_static_method
+from benchdoc import header, write_section
+from stepquant.calibrators import collect_calibration_set
+from stepquant.eval.evaluate import evaluate
+from stepquant.export import export_onnx, load_bundle
+from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
+from stepquant.pipeline import CALIBRATION_SEED_OFFSET, ExportConfig, export_quantized
+from stepquant.quant import QuantSpec
+from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, TorchBackend, sample
+from stepquant.runtime.bundle_backends import bundle_corrections, quantized_backend
+from stepquant.runtime.corrections import METHODS
+
+BITS = {"W8A8": (8, 8), "W4A8": (4, 8)}
+
+
+class _Timed:
+    def __init__(self, backend) -> None:
+        self.backend, self.seconds = backend, 0.0
+
+    def __call__(self, x, t):
+        begin = time.perf_counter()
+        out = self.backend(x, t)
+        self.seconds += time.perf_counter() - begin
+        return out
+
+
+def host_overhead(bundle_path: Path, sampler: SamplerConfig) -> str:
+    """Host-loop time per step with and without the bundle's corrections, against the network's time."""
+    bundle = load_bundle(bundle_path)
+    terms = bundle_corrections(bundle)
+    results = {}
+    for label, corrections in (("without", None), ("with", terms)):
+        backend = _Timed(quantized_backend(bundle, threads=2))
+        begin = time.perf_counter()
+        sample(backend, bundle.manifest["noise_schedule"], range(8), bundle.sample_shape, sampler, batch_size=8,
+               progress=False, corrections=corrections)
+        results[label] = ((time.perf_counter() - begin - backend.seconds) / sampler.steps, backend.seconds / sampler.steps)
+    extra = results["with"][0] - results["without"][0]
+    return (f"Host-loop cost of {terms.method} corrections, batch 8, {sampler.steps} steps: {1000 * extra:.3f} ms per step "
+            f"more than the uncorrected loop, {100 * extra / results['with'][1]:.2f}% of a network call "
+            f"({1000 * results['with'][1]:.2f} ms).")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--eta", type=float, default=0.0)
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    loaded = load_model(DEMO_MODEL_NAME)
+    shape = (1, 16, 16)
+    sampler = SamplerConfig("ddim", args.steps, args.eta)
+    fp_model = EpsilonModel(loaded.unet)
+    seeds = range(CALIBRATION_SEED_OFFSET, CALIBRATION_SEED_OFFSET + args.calib_samples)
+    calib = collect_calibration_set(TorchBackend(fp_model), loaded.scheduler_config, seeds, shape, sampler, args.steps, progress=False)
+    rows: list[Row] = []
+    overhead = ""
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        export_onnx(fp_model, workdir / "fp32.onnx", shape)
+        ctx = Context(fp_model, loaded.scheduler_config, shape, calib, workdir / "fp32.onnx", workdir, args.calib_samples, sampler)
+        fp_backend = OnnxRuntimeBackend(ctx.fp_onnx, threads=2)
+
+        def judge(name, bits, backend, seconds, executed_by, corrections=None):
+            result = evaluate(fp_backend, backend, loaded.scheduler_config, range(args.n), shape, sampler,
+                              progress=False, corrections=corrections)
+            rows.append(Row(name, bits, executed_by, seconds, result))
+            print(f"{name:36} {bits}  PSNR {result.psnr_to_fp_db:6.2f} dB  FD-to-FP {result.fd_to_fp:7.3f}  "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+        for bits, (weight_bits, act_bits) in BITS.items():
+            for method in METHODS:
+                out = workdir / f"{bits}-{method}"
+                begin = time.perf_counter()
+                export_quantized(ExportConfig(out=out, quant=QuantSpec(weight_bits, act_bits), sampler=sampler,
+                                              calib_samples=args.calib_samples, eval_samples=2, correction=method,
+                                              require_parity=False, progress=False))
+                bundle = load_bundle(out)
+                judge(f"stepquant, correction {method}", bits, quantized_backend(bundle, threads=2),
+                      time.perf_counter() - begin, "onnxruntime", bundle_corrections(bundle))
+            judge("modelopt (max)", bits, *modelopt_method(bits)(ctx))
+        judge("ORT quantize_static (MinMax)", "W8A8", *ort_static_method("MinMax")(ctx))
+        overhead = host_overhead(workdir / "W4A8-ptqd", sampler)
+    lines = [f"{args.n} seeds, {args.steps} DDIM steps, eta {args.eta:g}; calibration (s) includes estimating the terms.",
+             "", "| method | bits | PSNR to FP (dB) | FD to FP | FD to data | agreement | recognisable | calibration (s) | executed by |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e = r.result
+        lines.append(f"| {r.method} | {r.bits} | {e.psnr_to_fp_db:.2f} | {e.fd_to_fp:.3f} | {e.fd_to_data:.2f} | "
+                     f"{e.label_agreement:.3f} | {e.recognisable:.3f} | {r.calibration_seconds:.1f} | {r.executed_by} |")
+    text = "\n".join(lines) + f"\n\n{overhead}\n"
+    print(text)
+    if not args.no_write:
+        write_section(f"bench_corrections_eta{args.eta:g}", header() + f"Total wall time {time.perf_counter() - start:.0f} s.\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
