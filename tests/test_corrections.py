@@ -6,7 +6,7 @@ import torch
 
 from stepquant.calibrators.corrections import ErrorStatistics, d2, ptqd, tac_gain
 from stepquant.runtime.corrections import CorrectionError, Corrections
-from stepquant.runtime.sampler import SamplerConfig, ddim_step, make_scheduler, sample, seed_generators
+from stepquant.runtime.sampler import SamplerConfig, ddim_step, ddpm_step, make_scheduler, sample, seed_generators
 from stepquant.models.demo_config import SCHEDULER_CONFIG
 
 TIMESTEPS = [900, 500, 100]
@@ -65,6 +65,19 @@ def test_tac_gain_inverts_a_per_channel_scale():
     assert (tac_gain(stats, shrinkage=10.0)[0] - 1).abs().max() < (tac_gain(stats, 0.0)[0] - 1).abs().max()
 
 
+def test_own_steps_match_diffusers_without_variance_calibration():
+    for name, eta in (("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)):
+        config = SamplerConfig(name, 10, eta)
+        scheduler = make_scheduler(config, SCHEDULER_CONFIG)
+        x, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+        for t in scheduler.timesteps:
+            extra = {"eta": eta} if name == "ddim" else {}
+            expected = scheduler.step(eps, t, x, generator=seed_generators(range(3)), **extra).prev_sample
+            ours = (ddim_step(scheduler, eps, int(t), x, eta, seed_generators(range(3))) if name == "ddim"
+                    else ddpm_step(scheduler, eps, int(t), x, seed_generators(range(3))))
+            assert torch.allclose(ours, expected, atol=1e-5), (name, eta, int(t))
+
+
 def test_variance_schedule_calibration_never_goes_negative():
     scheduler = make_scheduler(SamplerConfig("ddim", 10, 1.0), SCHEDULER_CONFIG)
     x, eps = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
@@ -72,6 +85,11 @@ def test_variance_schedule_calibration_never_goes_negative():
         huge = ddim_step(scheduler, eps, int(t), x, 1.0, seed_generators([0, 1]), residual_var=1e9)
         deterministic = ddim_step(scheduler, eps, int(t), x, 0.0, seed_generators([0, 1]))
         assert torch.isfinite(huge).all() and torch.allclose(huge, deterministic, atol=1e-6)  # sigma' clamps at 0
+    ddpm = make_scheduler(SamplerConfig("ddpm", 10), SCHEDULER_CONFIG)
+    for t in ddpm.timesteps:
+        first = ddpm_step(ddpm, eps, int(t), x, seed_generators([0, 1]), residual_var=1e9)
+        second = ddpm_step(ddpm, eps, int(t), x, seed_generators([5, 6]), residual_var=1e9)
+        assert torch.isfinite(first).all() and torch.allclose(first, second)  # no noise left: seeds do not matter
 
 
 def test_identity_terms_leave_the_loop_unchanged_and_terms_must_cover_the_timesteps():

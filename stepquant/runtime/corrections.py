@@ -7,7 +7,7 @@ representation covers them (the estimators live in stepquant.calibrators.correct
     x_t <- x_t - input_bias[t]                      (per channel, on the sampler's state; TAC's input bias correction)
     eps' = gain[t] * backend(x_t, t) + bias[t]      (per channel)
     eps' += noise_std[t] * z                        (D2's stochastic variant)
-    sigma_t'^2 = max(sigma_t^2 - c_t^2 * residual_var[t], 0)   (variance schedule calibration, DDIM eta > 0)
+    sigma_t'^2 = max(sigma_t^2 - c_t^2 * residual_var[t], 0)   (variance schedule calibration: DDIM eta > 0, DDPM)
 
 Terms are keyed by the scheduler's timestep values, so a bundle exported for 25 steps refuses a run at
 50 steps unless its terms cover those timesteps.

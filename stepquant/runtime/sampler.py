@@ -78,6 +78,28 @@ def ddim_step(scheduler: DDIMScheduler, eps: torch.Tensor, timestep: int, x: tor
     return x_prev + sigma2.sqrt() * _noise(generators, eps) if eta > 0 else x_prev
 
 
+def ddpm_step(scheduler: DDPMScheduler, eps: torch.Tensor, timestep: int, x: torch.Tensor,
+              generators: Sequence[torch.Generator], residual_var: float = 0.0) -> torch.Tensor:
+    """One DDPM ancestral step (diffusers' formulas, epsilon prediction, fixed_small variance) with the same
+    variance schedule calibration as `ddim_step`: c_t is the net coefficient of eps in the posterior mean."""
+    prev = scheduler.previous_timestep(timestep)
+    alpha = scheduler.alphas_cumprod[timestep]
+    alpha_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.one
+    beta = 1 - alpha / alpha_prev
+    x0 = (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+    if scheduler.config.clip_sample:
+        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    x0_coeff = alpha_prev.sqrt() * beta / (1 - alpha)
+    x_prev = x0_coeff * x0 + (1 - beta).sqrt() * (1 - alpha_prev) / (1 - alpha) * x
+    if timestep <= 0:
+        return x_prev
+    sigma2 = torch.clamp((1 - alpha_prev) / (1 - alpha) * beta, min=1e-20)
+    if residual_var > 0:
+        c = x0_coeff * (1 - alpha).sqrt() / alpha.sqrt()
+        sigma2 = torch.clamp(sigma2 - c**2 * residual_var, min=0.0)
+    return x_prev + sigma2.sqrt() * _noise(generators, eps)
+
+
 def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
@@ -123,7 +145,7 @@ def sample(
                 if config.scheduler == "ddim":
                     x = ddim_step(scheduler, eps, int(t), x, config.eta, generators, residual_var)
                 else:
-                    x = scheduler.step(eps, t, x, generator=generators).prev_sample
+                    x = ddpm_step(scheduler, eps, int(t), x, generators, residual_var)
             bar.update(1)
         outputs.append(x.clamp(-1.0, 1.0))
     bar.close()
