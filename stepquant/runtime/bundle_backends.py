@@ -16,9 +16,10 @@ BACKENDS = ("onnxruntime", "tensorrt")
 def quantized_backend(bundle: Bundle, threads: int | None = None, backend: str = "onnxruntime",
                       engine: Path | None = None) -> Backend:
     if backend == "tensorrt":
-        from stepquant.export.tensorrt import engine_path
+        from stepquant.export.tensorrt import engine_path, tensorrt_version
         from stepquant.runtime.tensorrt_backend import TensorRTBackend
 
+        tensorrt_version()  # say TensorRT is missing before asking for an engine
         return TensorRTBackend(engine_path(bundle, engine))
     if backend != "onnxruntime":
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
