@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_quality import Context, Row, modelopt_method, ort_static_method
 from benchdoc import header, write_section
+
 from stepquant.calibrators import collect_calibration_set
 from stepquant.eval.evaluate import evaluate
 from stepquant.export import export_onnx, load_bundle
@@ -41,21 +41,29 @@ class _Timed:
         return out
 
 
-def host_overhead(bundle_path: Path, sampler: SamplerConfig) -> str:
-    """Host-loop time per step with and without the bundle's corrections, against the network's time."""
+def host_overhead(bundle_path: Path, sampler: SamplerConfig, repeats: int = 5) -> str:
+    """Host-loop time per step with and without the bundle's corrections (median of `repeats` runs),
+    against the network's time per step."""
+    import statistics
+
     bundle = load_bundle(bundle_path)
     terms = bundle_corrections(bundle)
-    results = {}
-    for label, corrections in (("without", None), ("with", terms)):
-        backend = _Timed(quantized_backend(bundle, threads=2))
-        begin = time.perf_counter()
-        sample(backend, bundle.manifest["noise_schedule"], range(8), bundle.sample_shape, sampler, batch_size=8,
-               progress=False, corrections=corrections)
-        results[label] = ((time.perf_counter() - begin - backend.seconds) / sampler.steps, backend.seconds / sampler.steps)
-    extra = results["with"][0] - results["without"][0]
-    return (f"Host-loop cost of {terms.method} corrections, batch 8, {sampler.steps} steps: {1000 * extra:.3f} ms per step "
-            f"more than the uncorrected loop, {100 * extra / results['with'][1]:.2f}% of a network call "
-            f"({1000 * results['with'][1]:.2f} ms).")
+    backend = _Timed(quantized_backend(bundle, threads=2))
+    host = {"without": [], "with": []}
+    network = []
+    for _ in range(repeats):
+        for label, corrections in (("without", None), ("with", terms)):
+            backend.seconds = 0.0
+            begin = time.perf_counter()
+            sample(backend, bundle.manifest["noise_schedule"], range(8), bundle.sample_shape, sampler, batch_size=8,
+                   progress=False, corrections=corrections)
+            host[label].append((time.perf_counter() - begin - backend.seconds) / sampler.steps)
+            network.append(backend.seconds / sampler.steps)
+    extra = statistics.median(host["with"]) - statistics.median(host["without"])
+    step = statistics.median(network) + statistics.median(host["with"])
+    return (f"Host-loop cost of {terms.method} corrections, batch 8, {sampler.steps} DDIM steps (eta {sampler.eta:g}), "
+            f"median of {repeats} runs: {1000 * extra:.3f} ms per step more than the uncorrected loop, "
+            f"{100 * extra / step:.2f}% of a step ({1000 * step:.2f} ms: network {1000 * statistics.median(network):.2f} ms).")
 
 
 def main() -> None:
@@ -65,6 +73,7 @@ def main() -> None:
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--overhead-only", action="store_true", help="only export one W4A8 ptqd bundle and time the host loop")
     args = parser.parse_args()
     torch.set_num_threads(2)
     start = time.perf_counter()
@@ -81,6 +90,12 @@ def main() -> None:
         export_onnx(fp_model, workdir / "fp32.onnx", shape)
         ctx = Context(fp_model, loaded.scheduler_config, shape, calib, workdir / "fp32.onnx", workdir, args.calib_samples, sampler)
         fp_backend = OnnxRuntimeBackend(ctx.fp_onnx, threads=2)
+        if args.overhead_only:
+            export_quantized(ExportConfig(out=workdir / "W4A8-ptqd", quant=QuantSpec(4, 8), sampler=sampler,
+                                          calib_samples=args.calib_samples, eval_samples=2, correction="ptqd",
+                                          require_parity=False, progress=False))
+            print(host_overhead(workdir / "W4A8-ptqd", sampler))
+            return
 
         def judge(name, bits, backend, seconds, executed_by, corrections=None):
             result = evaluate(fp_backend, backend, loaded.scheduler_config, range(args.n), shape, sampler,

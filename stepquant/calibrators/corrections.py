@@ -10,7 +10,7 @@ import torch
 
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.corrections import Corrections
-from stepquant.runtime.sampler import SamplerConfig, seed_generators, make_scheduler, sample
+from stepquant.runtime.sampler import SamplerConfig, make_scheduler, sample, seed_generators
 
 MAX_CORRELATION = 0.9999  # D2-DPM clips the correlation of (estimate, error) to keep the conditional variance positive
 

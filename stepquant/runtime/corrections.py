@@ -30,6 +30,15 @@ class CorrectionError(ValueError):
     """Correction terms are missing, malformed, or do not cover the sampler's timesteps."""
 
 
+@dataclass(frozen=True)
+class _StepTerms:
+    gain: torch.Tensor
+    bias: torch.Tensor
+    input_bias: torch.Tensor | None
+    noise_std: float
+    residual_var: float
+
+
 @dataclass
 class Corrections:
     method: str
@@ -62,31 +71,44 @@ class Corrections:
                    torch.zeros(steps, channels), torch.zeros(steps), torch.zeros(steps), torch.zeros(steps, channels))
 
     def index(self, timestep: int) -> int:
-        match = torch.nonzero(self.timesteps == int(timestep)).flatten()
-        if len(match) == 0:
+        positions = self.__dict__.setdefault("_positions", {int(t): i for i, t in enumerate(self.timesteps.tolist())})
+        if int(timestep) not in positions:
             raise CorrectionError(f"no correction terms for timestep {int(timestep)}: the bundle's terms cover "
                                   f"{len(self.timesteps)} timesteps ({self.timesteps.tolist()[:4]}...); sample with "
                                   "the step count it was exported for")
-        return int(match[0])
+        return positions[int(timestep)]
 
     def check_covers(self, timesteps: Sequence[int]) -> None:
         for timestep in timesteps:
             self.index(int(timestep))
 
-    @staticmethod
-    def _per_channel(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return values.reshape(1, -1, *([1] * (like.dim() - 2)))
+    def _step(self, timestep: int) -> _StepTerms:
+        """The terms of one timestep, shaped for broadcasting and cached: the host loop's per-step cost
+        stays a lookup and one multiply-add."""
+        cache = self.__dict__.setdefault("_steps", {})
+        if timestep not in cache:
+            i = self.index(timestep)
+            shape = (1, -1, 1, 1)
+            input_bias = self.input_bias[i].reshape(shape)
+            cache[timestep] = _StepTerms(self.gain[i].reshape(shape), self.bias[i].reshape(shape),
+                                         input_bias if input_bias.any() else None, float(self.noise_std[i]),
+                                         float(self.residual_var[i]))
+        return cache[timestep]
 
     def correct_input(self, x: torch.Tensor, timestep: int) -> torch.Tensor:
-        return x - self._per_channel(self.input_bias[self.index(timestep)], x)
+        input_bias = self._step(int(timestep)).input_bias
+        return x if input_bias is None else x - input_bias
 
     def correct_estimate(self, eps: torch.Tensor, timestep: int, generators: Sequence[torch.Generator]) -> torch.Tensor:
-        i = self.index(timestep)
-        eps = self._per_channel(self.gain[i], eps) * eps + self._per_channel(self.bias[i], eps)
-        if self.noise_std[i] > 0:
+        terms = self._step(int(timestep))
+        eps = terms.gain * eps + terms.bias
+        if terms.noise_std > 0:
             noise = torch.cat([torch.randn((1, *eps.shape[1:]), generator=g) for g in generators])
-            eps = eps + self.noise_std[i] * noise
+            eps = eps + terms.noise_std * noise
         return eps
+
+    def residual_variance(self, timestep: int) -> float:
+        return self._step(int(timestep)).residual_var
 
     def save(self, path: Path) -> None:
         save_file({name: getattr(self, name).contiguous() for name in _TENSORS}, str(path), metadata={"method": self.method})

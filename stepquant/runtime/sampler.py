@@ -141,7 +141,7 @@ def sample(
             else:
                 x = corrections.correct_input(x, int(t))
                 eps = corrections.correct_estimate(backend(x, timesteps), int(t), generators)
-                residual_var = float(corrections.residual_var[corrections.index(int(t))])
+                residual_var = corrections.residual_variance(int(t))
                 if config.scheduler == "ddim":
                     x = ddim_step(scheduler, eps, int(t), x, config.eta, generators, residual_var)
                 else:
