@@ -173,3 +173,16 @@ def test_the_cli_applies_terms_and_refuses_other_step_counts(corrected_bundle, t
     shown = run("inspect", "--bundle", corrected_bundle, "--plot", tmp_path / "terms.png")
     assert shown.returncode == 0 and "ptqd correction terms for 4 timesteps" in shown.stdout
     assert (tmp_path / "terms.png").stat().st_size > 1000
+
+
+def test_added_estimate_noise_does_not_shift_the_samplers_own_noise():
+    def backend(x, t):
+        return 0.1 * x
+
+    config = SamplerConfig("ddim", 5, 1.0)
+    timesteps = [int(t) for t in make_scheduler(config, SCHEDULER_CONFIG).timesteps]
+    terms = Corrections.identity(timesteps, 1, method="d2-stochastic")
+    terms.noise_std[:] = 1e-4
+    plain = sample(backend, SCHEDULER_CONFIG, range(3), (1, 4, 4), config, progress=False).samples
+    noisy = sample(backend, SCHEDULER_CONFIG, range(3), (1, 4, 4), config, progress=False, corrections=terms).samples
+    assert torch.allclose(plain, noisy, atol=1e-3)  # same per-step sampler noise, tiny extra estimate noise

@@ -20,6 +20,8 @@ from stepquant.runtime.corrections import Corrections
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
+CORRECTION_NOISE_SEED_OFFSET = 1 << 40
+
 # Called before each network evaluation with (step index, timestep, x_t of the batch).
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -129,6 +131,9 @@ def sample(
     for batch_seeds in batches:
         scheduler = make_scheduler(config, scheduler_config)
         generators = seed_generators(batch_seeds)
+        # noise the corrections add (D2's stochastic variant) has its own streams, so the sampler's own
+        # per-step noise stays aligned with an uncorrected (FP) run from the same seeds
+        correction_generators = seed_generators([CORRECTION_NOISE_SEED_OFFSET + s for s in batch_seeds])
         x = torch.cat([torch.randn((1, *sample_shape), generator=g) for g in generators])
         extra = {"eta": config.eta} if config.scheduler == "ddim" else {}
         for index, t in enumerate(scheduler.timesteps):
@@ -140,7 +145,7 @@ def sample(
                 x = scheduler.step(eps, t, x, generator=generators, **extra).prev_sample
             else:
                 x = corrections.correct_input(x, int(t))
-                eps = corrections.correct_estimate(backend(x, timesteps), int(t), generators)
+                eps = corrections.correct_estimate(backend(x, timesteps), int(t), correction_generators)
                 residual_var = corrections.residual_variance(int(t))
                 if config.scheduler == "ddim":
                     x = ddim_step(scheduler, eps, int(t), x, config.eta, generators, residual_var)
