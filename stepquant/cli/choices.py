@@ -1,41 +1,26 @@
-"""The closed sets of option values the commands accept (typer shows them in --help and refuses others)."""
+"""The closed sets of option values the commands accept, built from the package's own constants so
+the CLI and the library cannot disagree (typer lists them in --help and refuses anything else)."""
 
 from enum import Enum
 
+from stepquant.calibrators.observers import OBSERVER_METHODS
+from stepquant.export.precision import PRECISIONS
+from stepquant.quant.spec import FORMATS
+from stepquant.runtime.bundle_backends import BACKENDS
+from stepquant.runtime.corrections import METHODS as CORRECTION_METHODS
+from stepquant.runtime.sampler import SCHEDULERS
 
-class Observer(str, Enum):
-    max = "max"
-    percentile = "percentile"
-    mse = "mse"
-
-
-class Format(str, Enum):
-    int8 = "int8"
-    fp8 = "fp8"
+TARGETS = ("tensorrt",)
 
 
-class RuntimeBackend(str, Enum):
-    onnxruntime = "onnxruntime"
-    tensorrt = "tensorrt"
+def _choices(name: str, values) -> type[Enum]:
+    return Enum(name, {value: value for value in values}, type=str)
 
 
-class Target(str, Enum):
-    tensorrt = "tensorrt"
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-
-
-class Scheduler(str, Enum):
-    ddim = "ddim"
-    ddpm = "ddpm"
-
-
-class Correction(str, Enum):
-    none = "none"
-    ptqd = "ptqd"
-    d2_deterministic = "d2-deterministic"
-    d2_stochastic = "d2-stochastic"
-    tac = "tac"
+Observer = _choices("Observer", OBSERVER_METHODS)
+Format = _choices("Format", FORMATS)
+RuntimeBackend = _choices("RuntimeBackend", BACKENDS)
+Target = _choices("Target", TARGETS)
+Precision = _choices("Precision", PRECISIONS)
+Scheduler = _choices("Scheduler", SCHEDULERS)
+Correction = _choices("Correction", CORRECTION_METHODS)
