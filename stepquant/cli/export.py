@@ -26,7 +26,7 @@ def _print_report(report: ExportReport, config: ExportConfig) -> None:
           f"{report.eval_samples} seeds, {config.sampler.steps} {config.sampler.scheduler.upper()} steps "
           f"(eta {config.sampler.eta:g}), bundle executed by onnxruntime")
     print("lint:    TensorRT Q/DQ conformance: no findings")
-    print(f"correct: {config.correction}")
+    print(f"correct: {config.correction} (per-timestep correction terms applied by the sampler host loop)")
     print(f"layers:  {len(report.quantized_layers)} quantized at {spec.weight_grid} weights, {spec.act_grid} activations; "
           f"done in {report.seconds:.0f} s")
 
