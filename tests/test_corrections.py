@@ -7,7 +7,8 @@ import torch
 from stepquant.calibrators.corrections import ErrorStatistics, d2, ptqd, tac_gain
 from stepquant.models.demo_config import SCHEDULER_CONFIG
 from stepquant.runtime.corrections import CorrectionError, Corrections
-from stepquant.runtime.sampler import SamplerConfig, ddim_step, ddpm_step, make_scheduler, sample, seed_generators
+from stepquant.runtime.sampler import SamplerConfig, ddim_step, ddpm_step, make_scheduler, sample
+from stepquant.runtime.seeding import seed_generators
 
 TIMESTEPS = [900, 500, 100]
 

@@ -19,6 +19,7 @@ from benchdoc import header, write_section
 
 from stepquant.calibrators import collect_calibration_set
 from stepquant.eval.evaluate import evaluate
+from stepquant.eval.latency import TimedBackend
 from stepquant.export import export_onnx, load_bundle
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
 from stepquant.pipeline import CALIBRATION_SEED_OFFSET, ExportConfig, export_quantized
@@ -30,17 +31,6 @@ from stepquant.runtime.corrections import METHODS
 BITS = {"W8A8": (8, 8), "W4A8": (4, 8)}
 
 
-class _Timed:
-    def __init__(self, backend) -> None:
-        self.backend, self.seconds = backend, 0.0
-
-    def __call__(self, x, t):
-        begin = time.perf_counter()
-        out = self.backend(x, t)
-        self.seconds += time.perf_counter() - begin
-        return out
-
-
 def host_overhead(bundle_path: Path, sampler: SamplerConfig, repeats: int = 5) -> str:
     """Host-loop time per step with and without the bundle's corrections (median of `repeats` runs),
     against the network's time per step."""
@@ -48,7 +38,7 @@ def host_overhead(bundle_path: Path, sampler: SamplerConfig, repeats: int = 5) -
 
     bundle = load_bundle(bundle_path)
     terms = bundle_corrections(bundle)
-    backend = _Timed(quantized_backend(bundle, threads=2))
+    backend = TimedBackend(quantized_backend(bundle, threads=2))
     host = {"without": [], "with": []}
     network = []
     for _ in range(repeats):

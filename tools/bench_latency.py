@@ -22,7 +22,7 @@ from diffusers import UNet2DModel
 
 from stepquant.calibrators import calibrate_ranges
 from stepquant.calibrators.data import CalibrationSet
-from stepquant.eval.latency import measure_latency
+from stepquant.eval.latency import TimedBackend, measure_latency
 from stepquant.export import export_onnx, load_bundle
 from stepquant.export.lint import check_conformance
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
@@ -93,23 +93,11 @@ def calibration_cost(workdir: Path) -> str:
             f"FP trajectories + range calibration {calibration['seconds']:.1f} s; peak RSS {peak_mib:.0f} MiB.")
 
 
-class _TimedBackend:
-    def __init__(self, backend) -> None:
-        self.backend, self.seconds, self.calls = backend, 0.0, 0
-
-    def __call__(self, sample_, timestep):
-        begin = time.perf_counter()
-        eps = self.backend(sample_, timestep)
-        self.seconds += time.perf_counter() - begin
-        self.calls += 1
-        return eps
-
-
 def host_loop_cost(workdir: Path, threads: int) -> str:
     bundle = load_bundle(workdir / "bundle")
     lines = []
     for batch in (1, 8):
-        backend = _TimedBackend(quantized_backend(bundle, threads))
+        backend = TimedBackend(quantized_backend(bundle, threads))
         config = SamplerConfig("ddim", 25, 1.0)
         begin = time.perf_counter()
         sample(backend, bundle.manifest["noise_schedule"], range(batch), bundle.sample_shape, config, batch_size=batch, progress=False)

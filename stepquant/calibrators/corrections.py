@@ -10,7 +10,8 @@ import torch
 
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.corrections import Corrections
-from stepquant.runtime.sampler import SamplerConfig, make_scheduler, sample, seed_generators
+from stepquant.runtime.sampler import SamplerConfig, make_scheduler, sample
+from stepquant.runtime.seeding import per_sample_noise, seed_generators
 
 MAX_CORRELATION = 0.9999  # D2-DPM clips the correlation of (estimate, error) to keep the conditional variance positive
 
@@ -45,7 +46,7 @@ class ErrorStatistics:
 
         return {"mean_e": mean["e"], "mean_q": mean["q"], "mean_d": mean["d"], "var_e": cov("e", "e", "ee"),
                 "var_q": cov("q", "q", "qq"), "var_d": cov("d", "d", "dd"), "cov_ed": cov("e", "d", "ed"),
-                "cov_qd": cov("q", "d", "qd"), "sum_qe": sums["qe"], "sum_qq": sums["qq"], "n": sums["n"]}
+                "cov_qd": cov("q", "d", "qd"), "n": sums["n"]}
 
 
 def ptqd(stats: ErrorStatistics) -> Corrections:
@@ -120,8 +121,7 @@ def fit_tac(fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequen
     timesteps = [int(t) for t in scheduler.timesteps]
     channels = sample_shape[0]
     fp_gen, q_gen = seed_generators(seeds), seed_generators(seeds)
-    x_fp = torch.cat([torch.randn((1, *sample_shape), generator=g) for g in fp_gen])
-    x_q = torch.cat([torch.randn((1, *sample_shape), generator=g) for g in q_gen])
+    x_fp, x_q = per_sample_noise(fp_gen, sample_shape), per_sample_noise(q_gen, sample_shape)
     gains, input_biases = [], []
     extra = {"eta": config.eta} if config.scheduler == "ddim" else {}
     for t in timesteps:

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from stepquant.runtime.seeding import per_sample_noise
+
 METHODS = ("none", "ptqd", "d2-deterministic", "d2-stochastic", "tac")
 _TENSORS = ("timesteps", "gain", "bias", "noise_std", "residual_var", "input_bias")
 
@@ -103,8 +105,7 @@ class Corrections:
         terms = self._step(int(timestep))
         eps = terms.gain * eps + terms.bias
         if terms.noise_std > 0:
-            noise = torch.cat([torch.randn((1, *eps.shape[1:]), generator=g) for g in generators])
-            eps = eps + terms.noise_std * noise
+            eps = eps + terms.noise_std * per_sample_noise(generators, eps.shape[1:])
         return eps
 
     def residual_variance(self, timestep: int) -> float:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.corrections import Corrections
+from stepquant.runtime.seeding import per_sample_noise, seed_generators
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
@@ -55,11 +56,6 @@ def make_scheduler(config: SamplerConfig, scheduler_config: dict) -> SchedulerMi
     return scheduler
 
 
-def _noise(generators: Sequence[torch.Generator], like: torch.Tensor) -> torch.Tensor:
-    """Per-sample standard normal noise, drawn as diffusers' randn_tensor draws it from a generator list."""
-    return torch.cat([torch.randn((1, *like.shape[1:]), generator=g) for g in generators])
-
-
 def ddim_step(scheduler: DDIMScheduler, eps: torch.Tensor, timestep: int, x: torch.Tensor, eta: float,
               generators: Sequence[torch.Generator], residual_var: float = 0.0) -> torch.Tensor:
     """One DDIM update (diffusers' formulas, epsilon prediction) with PTQD's variance schedule calibration:
@@ -77,7 +73,7 @@ def ddim_step(scheduler: DDIMScheduler, eps: torch.Tensor, timestep: int, x: tor
         c = (1 - alpha_prev - sigma2).sqrt() - (alpha_prev * (1 - alpha) / alpha).sqrt()
         sigma2 = torch.clamp(sigma2 - c**2 * residual_var, min=0.0)
     x_prev = alpha_prev.sqrt() * x0 + (1 - alpha_prev - sigma2).sqrt() * eps
-    return x_prev + sigma2.sqrt() * _noise(generators, eps) if eta > 0 else x_prev
+    return x_prev + sigma2.sqrt() * per_sample_noise(generators, eps.shape[1:]) if eta > 0 else x_prev
 
 
 def ddpm_step(scheduler: DDPMScheduler, eps: torch.Tensor, timestep: int, x: torch.Tensor,
@@ -99,11 +95,7 @@ def ddpm_step(scheduler: DDPMScheduler, eps: torch.Tensor, timestep: int, x: tor
     if residual_var > 0:
         c = x0_coeff * (1 - alpha).sqrt() / alpha.sqrt()
         sigma2 = torch.clamp(sigma2 - c**2 * residual_var, min=0.0)
-    return x_prev + sigma2.sqrt() * _noise(generators, eps)
-
-
-def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    return x_prev + sigma2.sqrt() * per_sample_noise(generators, eps.shape[1:])
 
 
 def sample(
@@ -134,7 +126,7 @@ def sample(
         # noise the corrections add (D2's stochastic variant) has its own streams, so the sampler's own
         # per-step noise stays aligned with an uncorrected (FP) run from the same seeds
         correction_generators = seed_generators([CORRECTION_NOISE_SEED_OFFSET + s for s in batch_seeds])
-        x = torch.cat([torch.randn((1, *sample_shape), generator=g) for g in generators])
+        x = per_sample_noise(generators, sample_shape)
         extra = {"eta": config.eta} if config.scheduler == "ddim" else {}
         for index, t in enumerate(scheduler.timesteps):
             if on_step is not None:
