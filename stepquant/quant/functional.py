@@ -13,7 +13,9 @@ class FakeQuantize(torch.autograd.Function):
     point's type (INT8 or FLOAT8E4M3FN) selects the format.
 
     Integer grids narrower than INT8 are exported with a Clip in front of an INT8 Q/DQ pair, which gives
-    the same values on any runtime. The backward pass is the straight-through estimator.
+    the same values on any runtime. The backward pass is the straight-through estimator for x and, when
+    the scale is being learned (reconstruction), LSQ's gradient for the scale: q - x/s inside the grid,
+    the clipped grid bound outside.
     """
 
     @staticmethod
@@ -26,7 +28,11 @@ class FakeQuantize(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, scale = ctx.saved_tensors
         inside = (x >= ctx.grid.qmin * scale) & (x <= ctx.grid.qmax * scale)
-        return grad * inside, None, None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            q = ctx.grid.quantize(x, scale)
+            grad_scale = (grad * torch.where(inside, q - x / scale, q)).sum().reshape(scale.shape)
+        return grad * inside, grad_scale, None
 
     @staticmethod
     def symbolic(g, x, scale, grid: Grid):

@@ -11,6 +11,7 @@ from torch import nn
 
 from stepquant.quant.functional import DequantizeWeight, FakeQuantize
 from stepquant.quant.grid import Grid
+from stepquant.quant.rounding import LearnedRounding
 
 
 class Observer(Protocol):
@@ -59,16 +60,37 @@ class WeightQuantizer(nn.Module):
         amax = torch.where(amax > 0, amax, torch.ones_like(amax))
         self.register_buffer("scale", self.grid.scale_for(amax))
         self.register_buffer("qweight", self.quantized(weight, self.scale))
+        self.rounding: LearnedRounding | None = None  # set while a reconstruction learns the rounding
         self.enabled = True
+
+    def _broadcast_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.scale.reshape((-1,) + (1,) * (weight.dim() - 1) if self.scale.numel() > 1 else ())
 
     def quantized(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Round-to-nearest grid values of `weight`, in the grid's storage type."""
         shape = (-1,) + (1,) * (weight.dim() - 1) if scale.numel() > 1 else ()
         return self.grid.quantize(weight.detach(), scale.reshape(shape)).to(self.grid.storage_dtype)
 
+    def learn_rounding(self, weight: torch.Tensor) -> LearnedRounding:
+        """Start (or resume) learning this weight's rounding; the learned choice replaces `qweight` on `bake_rounding`."""
+        if self.rounding is None:
+            self.rounding = LearnedRounding(weight, self._broadcast_scale(weight), self.grid)
+        self.rounding.soft = True
+        return self.rounding
+
+    def bake_rounding(self) -> None:
+        """Store the learned (hard) rounding as the integer weights the graph exports, and drop alpha."""
+        if self.rounding is not None:
+            self.rounding.soft = False
+            with torch.no_grad():
+                self.qweight = self.rounding.values().to(self.grid.storage_dtype)
+            self.rounding = None
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
+        if self.rounding is not None:
+            return self.rounding.values() * self._broadcast_scale(weight)
         return DequantizeWeight.apply(self.qweight, self.scale)
 
     def extra_repr(self) -> str:
@@ -96,3 +118,41 @@ class QuantizedLayer(nn.Module):
         if isinstance(self.layer, nn.Conv2d):
             return self.layer._conv_forward(x, weight, self.layer.bias)
         return F.linear(x, weight, self.layer.bias)
+
+
+class SplitQuantizedLayer(nn.Module):
+    """A layer consuming cat([h, skip], dim=1) run as two layers, one per channel group, each with its
+    own input and weight quantizers: Q(X)Q(W) = Q(X1)Q(W1) + Q(X2)Q(W2), Q-Diffusion's split for decoder
+    layers whose two inputs have very different ranges. Exports as two quantized layers and an Add."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, split: int, weight_grid: Grid, act_grid: Grid,
+                 per_channel: bool = True) -> None:
+        super().__init__()
+        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            raise ValueError("only ungrouped convolutions can be split")
+        in_features = layer.weight.shape[1]
+        if not 0 < split < in_features:
+            raise ValueError(f"split {split} is outside the layer's {in_features} input channels")
+        self.split = split
+        self.parts = nn.ModuleList(
+            QuantizedLayer(_part(layer, slice(start, stop), bias), weight_grid, act_grid, per_channel)
+            for start, stop, bias in ((0, split, True), (split, in_features, False))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parts[0](x[:, : self.split]) + self.parts[1](x[:, self.split :])
+
+
+def _part(layer: nn.Conv2d | nn.Linear, channels: slice, bias: bool) -> nn.Conv2d | nn.Linear:
+    """A copy of `layer` restricted to input `channels`, with or without the bias."""
+    weight = layer.weight.detach()[:, channels]
+    if isinstance(layer, nn.Conv2d):
+        part = nn.Conv2d(weight.shape[1], weight.shape[0], layer.kernel_size, layer.stride, layer.padding,
+                         layer.dilation, bias=bias and layer.bias is not None, padding_mode=layer.padding_mode)
+    else:
+        part = nn.Linear(weight.shape[1], weight.shape[0], bias=bias and layer.bias is not None)
+    with torch.no_grad():
+        part.weight.copy_(weight)
+        if part.bias is not None:
+            part.bias.copy_(layer.bias.detach())
+    return part

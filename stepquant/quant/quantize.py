@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from stepquant.quant.layers import ActivationQuantizer, QuantizedLayer, WeightQuantizer
+from stepquant.quant.layers import ActivationQuantizer, QuantizedLayer, SplitQuantizedLayer, WeightQuantizer
 from stepquant.quant.spec import QuantSpec
 
 
@@ -34,11 +34,32 @@ def _quantize_residuals(model: nn.Module, spec: QuantSpec) -> list[str]:
     return [f"{name}.conv_shortcut" for name, _ in blocks]
 
 
+def skip_concat_splits(model: nn.Module) -> dict[str, int]:
+    """Layers of a diffusers UNet decoder that consume cat([h, skip]), mapped to the channel where the
+    skip features start: each decoder ResNet block's conv1 (after its norm and activation, which keep
+    the channel order) and its conv_shortcut. h has the channels of the previous decoder ResNet (the
+    mid block's last one for the first)."""
+    splits: dict[str, int] = {}
+    for unet_name, unet in model.named_modules():
+        if not (hasattr(unet, "up_blocks") and getattr(unet, "mid_block", None) is not None):
+            continue
+        previous = unet.mid_block.resnets[-1].out_channels
+        for b, block in enumerate(unet.up_blocks):
+            for r, resnet in enumerate(block.resnets):
+                prefix = f"{unet_name}.up_blocks.{b}.resnets.{r}".lstrip(".")
+                splits[f"{prefix}.conv1"] = previous
+                if getattr(resnet, "conv_shortcut", None) is not None:
+                    splits[f"{prefix}.conv_shortcut"] = previous
+                previous = resnet.out_channels
+    return splits
+
+
 def quantize_(model: nn.Module, spec: QuantSpec) -> list[str]:
     """Wrap, in place, every Conv2d and Linear not excluded by `spec` (and the residual skip inputs when
     `spec.quantize_residuals`); return the names of the wrapped modules.
 
     Weights are quantized at once (they need no data); activation quantizers wait for a calibrator.
+    With `spec.split_skip_concat`, decoder layers fed cat([h, skip]) get one quantizer pair per group.
     """
     targets = [
         (name, module)
@@ -47,10 +68,12 @@ def quantize_(model: nn.Module, spec: QuantSpec) -> list[str]:
     ]
     if not targets:
         raise ValueError("no Conv2d or Linear layer is left to quantize after the exclusions")
+    splits = skip_concat_splits(model) if spec.split_skip_concat else {}
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantizedLayer(module, spec.weight_grid, spec.act_grid, spec.per_channel_weights))
+        grids = (spec.weight_grid, spec.act_grid, spec.per_channel_weights)
+        setattr(parent, child, SplitQuantizedLayer(module, splits[name], *grids) if name in splits else QuantizedLayer(module, *grids))
     residuals = _quantize_residuals(model, spec) if spec.quantize_residuals else []
     return [name for name, _ in targets] + residuals
 
@@ -61,6 +84,13 @@ def round_scales_(model: nn.Module, dtype: torch.dtype) -> None:
     for module in model.modules():
         if isinstance(module, (ActivationQuantizer, WeightQuantizer)):
             module.scale = module.scale.to(dtype).to(module.scale.dtype)
+
+
+def bake_rounding_(model: nn.Module) -> None:
+    """Store every learned rounding as the integer weights the exported graph carries."""
+    for module in model.modules():
+        if isinstance(module, WeightQuantizer):
+            module.bake_rounding()
 
 
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantizedLayer]]:

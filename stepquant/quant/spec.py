@@ -40,6 +40,7 @@ class QuantSpec:
     exclude: tuple[str, ...] = field(default=DEFAULT_EXCLUDE)
     format: str = "int8"  # or "fp8": E4M3 for Ada/Hopper, per-tensor weights as modelopt's FP8 config
     quantize_residuals: bool = True  # Q/DQ on the skip input of ResNet residual Adds (TensorRT fuses Conv+Add)
+    split_skip_concat: bool = False  # separate quantizers for h and skip in decoder layers fed cat([h, skip])
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:

@@ -1,0 +1,71 @@
+"""Multi-step calibration (AccuQuant): start the FP and the quantized model from the same x_t, run n
+consecutive DDIM steps with each, and minimise the distance of the two results.
+
+Memory stays constant in n: the unrolled n-step graph is never kept. A no-grad pass stores only the n
+input states (B x C x H x W each); the backward pass then walks the chain in reverse, rebuilding one
+step's graph at a time from its stored state and passing the state gradient on (gradient
+checkpointing per sampler step). The gradient is the exact one of the unrolled chain, at about twice
+its compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from stepquant.calibrators.data import CalibrationSet
+from stepquant.runtime.sampler import ddim_step
+
+Objective = Callable[[int], float]
+
+
+def _step(model: nn.Module, scheduler, x: torch.Tensor, t: int) -> torch.Tensor:
+    return ddim_step(scheduler, model(x, torch.full((len(x),), float(t))), t, x, 0.0, [])
+
+
+def _run(model: nn.Module, scheduler, x: torch.Tensor, chain: list[int]) -> torch.Tensor:
+    for t in chain:
+        x = _step(model, scheduler, x, t)
+    return x
+
+
+def _trajectory_loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (x - target).pow(2).flatten(1).sum(1).mean()
+
+
+def multistep_objective(fp_model: nn.Module, q_model: nn.Module, data: CalibrationSet, scheduler, steps: int,
+                        batch_size: int, generator: torch.Generator, unrolled: bool = False) -> Objective:
+    """An objective for `train_quantizers`: each call draws a start step and a batch of calibration states
+    there, and back-propagates the n-step trajectory loss (constant memory unless `unrolled`)."""
+    timesteps = [int(t) for t in scheduler.timesteps]
+    starts = [k for k, t in enumerate(timesteps) if (data.timesteps == float(t)).any()]
+    if not starts:
+        raise ValueError("the calibration set holds no state at any of the sampler's timesteps")
+
+    def objective(_it: int) -> float:
+        k = starts[int(torch.randint(len(starts), (1,), generator=generator))]
+        chain = timesteps[k : k + steps]
+        states, _ = data.at_timestep(float(timesteps[k]), len(data))
+        x = states[torch.randint(len(states), (batch_size,), generator=generator)]
+        with torch.no_grad():
+            target = _run(fp_model, scheduler, x, chain)
+        if unrolled:
+            loss = _trajectory_loss(_run(q_model, scheduler, x, chain), target)
+            loss.backward()
+            return loss.item()
+        states = []
+        with torch.no_grad():
+            for t in chain:
+                states.append(x)
+                x = _step(q_model, scheduler, x, t)
+            loss = _trajectory_loss(x, target)
+        grad_state = 2 * (x - target) / len(x)  # d loss / d final state
+        for state, t in zip(reversed(states), reversed(chain)):
+            state = state.clone().requires_grad_(True)
+            _step(q_model, scheduler, state, t).backward(grad_state)
+            grad_state = state.grad
+        return loss.item()
+
+    return objective

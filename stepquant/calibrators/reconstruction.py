@@ -1,0 +1,212 @@
+"""Block-wise reconstruction (BRECQ / Q-Diffusion): for each block of the network, in execution order,
+learn the weights' rounding (AdaRound) and the activation step sizes (LSQ) so that the quantized block,
+fed by the already-reconstructed quantized network, reproduces the FP block's output on the
+calibration set.
+
+The trainer (`train_quantizers`) is shared with the trajectory objectives (multi-step, mixed-order):
+they differ only in the loss they back-propagate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from stepquant.calibrators.data import CalibrationSet
+from stepquant.quant.grid import IntGrid
+from stepquant.quant.layers import ActivationQuantizer, QuantizedLayer, SplitQuantizedLayer
+from stepquant.quant.rounding import LearnedRounding
+
+# Blocks reconstructed as one unit (diffusers class names); a quantized layer outside all of them is its own unit.
+BLOCK_TYPES = ("ResnetBlock2D", "Attention", "Downsample2D", "Upsample2D", "BasicTransformerBlock")
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig:
+    """Q-Diffusion's recipe (AdaRound weight 0.01, beta 20 -> 2 after 20% warm-up, L_2.4 output loss),
+    with iteration counts cut for a CPU: 20k iterations per block there, a few hundred here."""
+
+    iters: int = 300
+    batch_size: int = 32
+    rounding_lr: float = 1e-2
+    scale_lr: float = 1e-2  # relative: each step size moves by about this fraction per iteration
+    rounding_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    p: float = 2.4
+    seed: int = 0
+    # the network-level stage of the trajectory calibrators (multistep, mixed-order), after the blocks
+    trajectory_iters: int = 150
+    trajectory_lr: float = 0.1  # the network-level stage fine-tunes: learning rates times this
+    trajectory_batch: int = 16
+    multistep_steps: int = 2  # n consecutive sampler steps per multi-step objective
+    unrolled: bool = False  # back-propagate through the whole n-step chain (memory grows with n); tests only
+
+    def __post_init__(self) -> None:
+        for name in ("iters", "batch_size", "trajectory_iters", "trajectory_batch", "multistep_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+
+class _Stop(Exception):
+    """Raised by a capture hook to end a forward pass once the block of interest has run."""
+
+
+def _quantizers(module: nn.Module) -> Iterator[ActivationQuantizer]:
+    return (m for m in module.modules() if isinstance(m, ActivationQuantizer) and m.enabled)
+
+
+def _layers(module: nn.Module) -> Iterator[QuantizedLayer]:
+    return (m for m in module.modules() if isinstance(m, QuantizedLayer))
+
+
+def reconstruction_units(model: nn.Module, data: CalibrationSet) -> list[str]:
+    """Names of the blocks holding quantized layers, in the order the forward pass runs them."""
+    candidates = {}
+    for name, module in model.named_modules():
+        is_block = type(module).__name__ in BLOCK_TYPES
+        is_lone_layer = isinstance(module, (QuantizedLayer, SplitQuantizedLayer))
+        if (is_block or is_lone_layer) and not any(name.startswith(f"{c}.") for c in candidates):
+            if any(True for _ in _layers(module)):
+                candidates[name] = module
+    order: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n) if n not in order else None)
+             for n, m in candidates.items()]
+    try:
+        with torch.no_grad():
+            samples, timesteps = next(data.batches(1))
+            model(samples, timesteps)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return order
+
+
+def _capture(model: nn.Module, name: str, data: CalibrationSet, want_output: bool, batch_size: int = 64) -> list:
+    """What block `name` receives ((args, kwargs) per batch) or returns, over the calibration set."""
+    block = model.get_submodule(name)
+    records: list = []
+
+    def on_input(_module, args, kwargs):
+        records.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args),
+                        {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}))
+        raise _Stop
+
+    def on_output(_module, _args, output):
+        if not torch.is_tensor(output):
+            raise TypeError(f"block {name} returns {type(output).__name__}; reconstruction needs a tensor output")
+        records.append(output.detach())
+        raise _Stop
+
+    hook = (block.register_forward_hook(on_output) if want_output
+            else block.register_forward_pre_hook(on_input, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for samples, timesteps in data.batches(batch_size):
+                try:
+                    model(samples, timesteps)
+                except _Stop:
+                    pass
+    finally:
+        hook.remove()
+    return records
+
+
+def _concat_inputs(records: list) -> tuple[tuple, dict]:
+    """One (args, kwargs) whose tensors hold every batch; non-tensor values are the same in every batch."""
+    def merge(values):
+        return torch.cat(values) if torch.is_tensor(values[0]) else values[0]
+    args = tuple(merge([r[0][i] for r in records]) for i in range(len(records[0][0])))
+    kwargs = {k: merge([r[1][k] for r in records]) for k in records[0][1]}
+    return args, kwargs
+
+
+def _select(value, index: torch.Tensor):
+    return value[index] if torch.is_tensor(value) else value
+
+
+def train_quantizers(
+    module: nn.Module,
+    objective: Callable[[int], float],
+    config: ReconstructionConfig,
+    iters: int,
+    beta_start: float,
+    desc: str,
+    progress: bool,
+    lr_factor: float = 1.0,
+    learn_rounding: bool = True,
+) -> float:
+    """Learn the rounding of every quantized weight in `module` and the step size of every enabled
+    activation quantizer in it. `objective(iteration)` back-propagates the reconstruction loss itself
+    (so it may free its graph step by step) and returns its value; the rounding regulariser, with beta
+    annealed from `beta_start` to `config.beta_end` after the warm-up, is added here. Returns the last
+    objective value. Roundings are left hard (alpha kept, for a later stage to resume)."""
+    roundings: list[LearnedRounding] = [layer.weight_quantizer.learn_rounding(layer.layer.weight)
+                                        for layer in _layers(module) if learn_rounding and isinstance(layer.weight_quantizer.grid, IntGrid)]
+    quantizers = list(_quantizers(module))
+    groups = [{"params": [r.alpha for r in roundings], "lr": config.rounding_lr * lr_factor}] if roundings else []
+    for quantizer in quantizers:
+        quantizer.scale = quantizer.scale.detach().clone().requires_grad_(True)
+        groups.append({"params": [quantizer.scale], "lr": config.scale_lr * lr_factor * quantizer.scale.item()})
+    if not groups:
+        return float("nan")
+    optimiser = torch.optim.Adam(groups)
+    warmup = int(config.warmup * iters)
+    value = float("nan")
+    try:
+        for it in tqdm(range(iters), desc=desc, unit="it", disable=not progress, leave=False):
+            optimiser.zero_grad(set_to_none=True)
+            value = objective(it)
+            if roundings and it >= warmup:
+                progress_frac = (it - warmup) / max(1, iters - warmup)
+                beta = config.beta_end + (beta_start - config.beta_end) * (1 - progress_frac)
+                (config.rounding_weight * sum(r.regulariser(beta) for r in roundings)).backward()
+            optimiser.step()
+            with torch.no_grad():
+                for quantizer in quantizers:
+                    quantizer.scale.clamp_(min=1e-8)
+    finally:
+        for rounding in roundings:
+            rounding.soft = False
+        for quantizer in quantizers:
+            quantizer.scale = quantizer.scale.detach()
+    return value
+
+
+def lp_loss(output: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
+    """BRECQ's output loss: |difference|^p summed over channels, averaged over batch and positions."""
+    return (output - target).abs().pow(p).sum(1).mean()
+
+
+def reconstruct_blocks(
+    fp_model: nn.Module,
+    q_model: nn.Module,
+    data: CalibrationSet,
+    config: ReconstructionConfig = ReconstructionConfig(),
+    progress: bool = True,
+) -> dict[str, float]:
+    """Reconstruct every block of `q_model` (activation ranges already calibrated) against `fp_model`;
+    return the final loss per block. Inputs come from the quantized network ("asym"), so each block
+    learns to undo the error of the blocks before it."""
+    generator = torch.Generator().manual_seed(config.seed)
+    losses: dict[str, float] = {}
+    units = reconstruction_units(q_model, data)
+    for name in tqdm(units, desc="reconstructing blocks", unit="block", disable=not progress, leave=False):
+        args, kwargs = _concat_inputs(_capture(q_model, name, data, want_output=False))
+        target = torch.cat(_capture(fp_model, name, data, want_output=True))
+        block = q_model.get_submodule(name)
+
+        def objective(_it: int) -> float:
+            index = torch.randint(len(target), (config.batch_size,), generator=generator)
+            output = block(*(_select(a, index) for a in args), **{k: _select(v, index) for k, v in kwargs.items()})
+            loss = lp_loss(output, target[index], config.p)
+            loss.backward()
+            return float(loss)
+
+        losses[name] = train_quantizers(block, objective, config, config.iters, config.beta_start, name, progress)
+    return losses
