@@ -17,19 +17,23 @@ import torch
 from polygraphy.comparator import RunResults
 from polygraphy.json import save_json
 
-from stepquant.calibrators import calibrate_ranges, collect_calibration_set
+from stepquant.calibrators import collect_calibration_set
+from stepquant.calibrators.calibrate import CALIBRATORS, calibrate_
 from stepquant.calibrators.corrections import estimate_corrections
 from stepquant.calibrators.data import CalibrationSet
+from stepquant.calibrators.reconstruction import ReconstructionConfig
+from stepquant.calibrators.timestep_groups import group_scales, range_profile, set_scales, split_by_range_change, split_every
 from stepquant.eval import psnr, save_comparison_grid
 from stepquant.export import ParityReport, check_parity, export_onnx, staged_directory, write_manifest
 from stepquant.export.lint import check_conformance
 from stepquant.export.parity import parity_feeds, quiet_polygraphy
 from stepquant.export.precision import PRECISIONS, convert_to_fp16
-from stepquant.export.tensorrt import ENGINE_FILE, TIMING_CACHE_FILE, BatchProfile, build_engine, build_script, tensorrt_version
+from stepquant.export.tensorrt import BatchProfile, build_engines, build_script, tensorrt_version
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
 from stepquant.quant import QuantSpec, quantize_
 from stepquant.quant.quantize import round_scales_
-from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, TorchBackend, sample
+from stepquant.runtime import SamplerConfig, TorchBackend, make_scheduler, sample
+from stepquant.runtime.bundle_backends import graph_backend
 from stepquant.runtime.corrections import METHODS as CORRECTION_METHODS
 
 CALIBRATION_SEED_OFFSET = 1_000_000  # calibration trajectories never share seeds with evaluation
@@ -55,8 +59,11 @@ class ExportConfig:
     out: Path = Path("out/demo-digits-w8a8")
     quant: QuantSpec = field(default_factory=QuantSpec)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    observer: str = "max"
+    calibrator: str = "minmax"
     percentile: float = 99.99
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    timestep_groups: int = 1  # graphs with their own activation scales, split where ranges change most
+    steps_per_group: int | None = None  # instead: a new group every N sampler steps
     calib_samples: int = 64
     calib_steps: int | None = None  # sampler steps kept for calibration; None keeps every step
     seed: int = 0
@@ -74,6 +81,12 @@ class ExportConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.calibrator not in CALIBRATORS:
+            raise ValueError(f"unknown calibrator {self.calibrator!r}; choose from {', '.join(CALIBRATORS)}")
+        if self.timestep_groups > 1 and self.steps_per_group is not None:
+            raise ValueError("give either timestep-groups or steps-per-group, not both")
+        if not 1 <= self.timestep_groups <= self.sampler.steps:
+            raise ValueError(f"timestep-groups must be between 1 and the {self.sampler.steps} sampler steps, got {self.timestep_groups}")
         if self.correction not in CORRECTION_METHODS:
             raise ValueError(f"unknown correction {self.correction!r}; choose from {', '.join(CORRECTION_METHODS)}")
         if self.precision not in PRECISIONS:
@@ -95,6 +108,7 @@ class ExportReport:
     psnr_min_db: float
     eval_samples: int
     quantized_layers: list[str]
+    graphs: list[str]
     calibration_seconds: float  # model load, FP trajectories and range calibration
     seconds: float
 
@@ -104,11 +118,56 @@ def _versions() -> dict:
     return {"python": platform.python_version(), **{p: version(p) for p in packages}}
 
 
-def _parity_subset(calib: CalibrationSet, count: int, batch: int) -> list:
-    timesteps = calib.unique_timesteps()
+def _parity_subset(calib: CalibrationSet, count: int, batch: int, timesteps: list[float]) -> list:
     picks = [timesteps[round(i * (len(timesteps) - 1) / max(1, count - 1))] for i in range(min(count, len(timesteps)))]
     parts = [calib.at_timestep(t, batch) for t in dict.fromkeys(picks)]
     return parity_feeds(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+
+@dataclass
+class _Graph:
+    """One exported Q/DQ graph and the sampler timesteps it serves ("all" for a single graph)."""
+
+    file: str
+    timesteps: list[float] | str
+    parity_dir: str
+    calibrated: list[float]  # the calibration timesteps inside this group
+
+
+def _graphs(config: ExportConfig, calib: CalibrationSet, q_model, scheduler_config: dict) -> tuple[list[_Graph], list | None]:
+    """The graphs to export and, with timestep groups, each group's activation scales."""
+    calibrated = calib.unique_timesteps()
+    if config.timestep_groups == 1 and config.steps_per_group is None:
+        return [_Graph(MODEL_FILE, "all", "parity", calibrated)], None
+    profile_timesteps, profile = range_profile(q_model, calib)
+    groups = (split_every(len(profile_timesteps), config.steps_per_group) if config.steps_per_group
+              else split_by_range_change(profile, config.timestep_groups))
+    scales = group_scales(q_model, profile, groups)
+    # every sampler timestep joins the group of the nearest calibrated timestep
+    members: list[list[float]] = [[] for _ in groups]
+    for t in make_scheduler(config.sampler, scheduler_config).timesteps.tolist():
+        nearest = min(range(len(profile_timesteps)), key=lambda i: abs(profile_timesteps[i] - t))
+        members[next(g for g, rows in enumerate(groups) if nearest in rows)].append(float(t))
+    graphs = [_Graph(f"model_g{g}.onnx", members[g], f"parity/g{g}", [profile_timesteps[i] for i in rows])
+              for g, rows in enumerate(groups)]
+    return graphs, scales
+
+
+def _export_graph(q_model, path: Path, shape, config: ExportConfig, feeds: list, ort_level: str) -> tuple[ParityReport, RunResults]:
+    """Export one Q/DQ graph, lint it for TensorRT and check it against the torch model."""
+    export_onnx(q_model, path, shape, opset=19 if config.precision == "fp16" else config.quant.opset)
+    if config.precision == "fp16":
+        convert_to_fp16(path)
+    check_conformance(path)  # TensorRT's Q/DQ rules, before any user runs trtexec
+    tolerance = (FP16_QDQ_TOLERANCE if config.precision == "fp16"
+                 else FP8_QDQ_TOLERANCE if config.quant.format == "fp8" else QDQ_TOLERANCE)
+    parity, results = check_parity(q_model, path, feeds, tolerance, ort_level)
+    if not parity.passed and config.require_parity:
+        worst = max(parity.timesteps, key=lambda t: t.median_reldiff)
+        raise ParityError(f"parity failed for fake-quant torch vs Q/DQ ONNX ({path.name}): median relative error "
+                          f"{worst.median_reldiff:.3g} > {parity.tolerance_median_rel:g} at timestep "
+                          f"{worst.timestep:g} (pass --allow-parity-failure to keep the bundle, recorded as failed)")
+    return parity, results
 
 
 def export_quantized(config: ExportConfig) -> ExportReport:
@@ -127,65 +186,66 @@ def export_quantized(config: ExportConfig) -> ExportReport:
                                         config.sampler, config.calib_steps or config.sampler.steps, config.progress)
         q_model = EpsilonModel(copy.deepcopy(loaded.unet))
         layer_names = quantize_(q_model, config.quant)
-        calibrate_ranges(q_model, calib, config.observer, config.percentile, progress=config.progress)
+        calibration = calibrate_(fp_model, q_model, calib, config.calibrator, loaded.scheduler_config, config.sampler,
+                                 config.percentile, config.reconstruction, config.progress)
+        graphs, scales = _graphs(config, calib, q_model, loaded.scheduler_config)
         if config.precision == "fp16":
             round_scales_(q_model, torch.float16)
         calibration_seconds = time.perf_counter() - start
 
         export_onnx(fp_model, staging / FP_MODEL_FILE, shape)
-        export_onnx(q_model, staging / MODEL_FILE, shape, opset=19 if config.precision == "fp16" else config.quant.opset)
-        if config.precision == "fp16":
-            convert_to_fp16(staging / MODEL_FILE)
-        check_conformance(staging / MODEL_FILE)  # TensorRT's Q/DQ rules, before any user runs trtexec
-        feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch)
-        fp_parity, _ = check_parity(fp_model, staging / FP_MODEL_FILE, feeds, FP_TOLERANCE)
-        tolerance = (FP16_QDQ_TOLERANCE if config.precision == "fp16"
-                     else FP8_QDQ_TOLERANCE if config.quant.format == "fp8" else QDQ_TOLERANCE)
-        qdq_parity, results = check_parity(q_model, staging / MODEL_FILE, feeds, tolerance, ort_level)
+        all_feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch, calib.unique_timesteps())
+        fp_parity, _ = check_parity(fp_model, staging / FP_MODEL_FILE, all_feeds, FP_TOLERANCE)
         if not fp_parity.passed:  # the FP graph must match: nothing quantized can explain a difference
             raise ParityError(f"parity failed for FP torch vs FP ONNX: worst median relative error "
                               f"{fp_parity.worst_median_reldiff:.3g} > {fp_parity.tolerance_median_rel:g}")
-        if not qdq_parity.passed and config.require_parity:
-            worst = max(qdq_parity.timesteps, key=lambda t: t.median_reldiff)
-            raise ParityError(f"parity failed for fake-quant torch vs Q/DQ ONNX: median relative error "
-                              f"{worst.median_reldiff:.3g} > {qdq_parity.tolerance_median_rel:g} at timestep "
-                              f"{worst.timestep:g} (pass --allow-parity-failure to keep the bundle, recorded as failed)")
-        (staging / "parity").mkdir()
-        with quiet_polygraphy():
-            save_json(feeds, staging / "parity" / "inputs.json", description="parity inputs")
-            RunResults([results[1]]).save(str(staging / "parity" / "reference_outputs.json"))  # the torch outputs
+        qdq_parity = ParityReport(0.0, 0.0, [])
+        for g, graph in enumerate(graphs):
+            if scales is not None:
+                set_scales(q_model, scales[g])
+                if config.precision == "fp16":
+                    round_scales_(q_model, torch.float16)
+            feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch, graph.calibrated)
+            parity, results = _export_graph(q_model, staging / graph.file, shape, config, feeds, ort_level)
+            qdq_parity = ParityReport(parity.tolerance_median_rel, parity.error_quantile, qdq_parity.timesteps + parity.timesteps)
+            (staging / graph.parity_dir).mkdir(parents=True)
+            with quiet_polygraphy():
+                save_json(feeds, staging / graph.parity_dir / "inputs.json", description="parity inputs")
+                RunResults([results[1]]).save(str(staging / graph.parity_dir / "reference_outputs.json"))  # torch outputs
+        groups = [{"graph": g.file, "timesteps": g.timesteps, "parity": g.parity_dir} for g in graphs]
+        deployed = graph_backend(staging, groups, optimization_level=ort_level)
 
         corrections = None
         if config.correction != "none":  # estimated on the deployed graph, along calibration trajectories
             corrections = estimate_corrections(
-                config.correction, TorchBackend(fp_model), OnnxRuntimeBackend(staging / MODEL_FILE, optimization_level=ort_level),
+                config.correction, TorchBackend(fp_model), deployed,
                 loaded.scheduler_config, calib_seeds, shape, config.sampler, config.progress)
             corrections.save(staging / CORRECTIONS_FILE)
         eval_seeds = range(config.seed, config.seed + config.eval_samples)
         fp_samples = sample(TorchBackend(fp_model), loaded.scheduler_config, eval_seeds, shape, config.sampler,
                             progress=config.progress, desc="FP samples").samples
-        q_samples = sample(OnnxRuntimeBackend(staging / MODEL_FILE, optimization_level=ort_level), loaded.scheduler_config, eval_seeds, shape,
+        q_samples = sample(deployed, loaded.scheduler_config, eval_seeds, shape,
                            config.sampler, progress=config.progress, desc="bundle samples (onnxruntime)",
                            corrections=corrections).samples
         scores = psnr(q_samples, fp_samples)
         save_comparison_grid(fp_samples[:32], q_samples[:32], staging / PREVIEW_FILE)
 
-        (staging / BUILD_SCRIPT).write_text(build_script(MODEL_FILE, shape, config.engine_profile))
+        (staging / BUILD_SCRIPT).write_text(build_script([g.file for g in graphs], shape, config.engine_profile))
         (staging / BUILD_SCRIPT).chmod(0o755)
         engine = {"build_script": BUILD_SCRIPT, "batch_profile": asdict(config.engine_profile)}
         if config.engine:
-            engine.update(plan=ENGINE_FILE, tensorrt_version=build_engine(
-                staging / MODEL_FILE, staging / ENGINE_FILE, shape, config.engine_profile, staging / TIMING_CACHE_FILE))
+            engine.update(build_engines(staging, [g.file for g in graphs], shape, config.engine_profile))
         write_manifest(staging, {
             "source_model": loaded.source,
             "sample_shape": list(shape),
             "noise_schedule": loaded.scheduler_config,
             "sampler": asdict(config.sampler),
-            "timestep_groups": [{"graph": MODEL_FILE, "timesteps": "all"}],
+            "timestep_groups": groups,
             "reference_graph": FP_MODEL_FILE,
             "quantization": {**config.quant.to_dict(), "target": "tensorrt", "precision": config.precision,
                              "layers": layer_names},
-            "calibration": {"method": config.observer, "percentile": config.percentile,
+            "calibration": {**calibration, "percentile": config.percentile,
+                            "reconstruction": asdict(config.reconstruction) if calibration.get("blocks") else None,
                             "trajectories": config.calib_samples, "inputs": len(calib),
                             "timesteps": calib.unique_timesteps(), "seed": config.seed,
                             "seconds": round(calibration_seconds, 2)},
@@ -203,5 +263,5 @@ def export_quantized(config: ExportConfig) -> ExportReport:
     return ExportReport(
         bundle=Path(config.out), preview=Path(config.out) / PREVIEW_FILE, qdq_parity=qdq_parity, fp_parity=fp_parity,
         psnr_mean_db=float(scores.mean()), psnr_min_db=float(scores.min()), eval_samples=config.eval_samples,
-        quantized_layers=layer_names, calibration_seconds=calibration_seconds, seconds=time.perf_counter() - start,
+        quantized_layers=layer_names, graphs=[g.file for g in graphs], calibration_seconds=calibration_seconds, seconds=time.perf_counter() - start,
     )

@@ -83,7 +83,7 @@ def test_unwritable_output_path(tmp_path):
 
 
 def test_unknown_option_value(tmp_path):
-    result = run("export-quantized", "--out", tmp_path / "b", "--observer", "median", *FAST)
+    result = run("export-quantized", "--out", tmp_path / "b", "--calibrator", "median", *FAST)
     assert_one_line_error(result, "median")
     assert result.returncode == 2
     assert_one_line_error(run("export-quantized", "--out", tmp_path / "b", "--weight-bits", "9", *FAST), "between 2 and 8")

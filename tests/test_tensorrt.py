@@ -42,7 +42,7 @@ def test_unsupported_versions_and_profiles_are_refused():
 
 @pytest.fixture
 def script_dir(tmp_path):
-    (tmp_path / "build_engine.sh").write_text(build_script("model.onnx", SHAPE))
+    (tmp_path / "build_engine.sh").write_text(build_script(["model.onnx"], SHAPE))
     (tmp_path / "build_engine.sh").chmod(0o755)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -62,7 +62,7 @@ def run_script(directory: Path, **env):
 
 
 def test_build_script_is_valid_bash():
-    assert subprocess.run(["bash", "-n", "-c", build_script("model.onnx", SHAPE)]).returncode == 0
+    assert subprocess.run(["bash", "-n", "-c", build_script(["model.onnx"], SHAPE)]).returncode == 0
 
 
 @pytest.mark.parametrize("version, major", [("100300", 10), ("110100", 11)])
@@ -83,7 +83,7 @@ def test_build_script_refuses_other_versions(script_dir):
 def test_every_bundle_carries_the_build_script(demo_bundle):
     bundle = load_bundle(demo_bundle[0])
     script = bundle.file("build_engine.sh").read_text()
-    assert script == build_script("model.onnx", bundle.sample_shape)
+    assert script == build_script(["model.onnx"], bundle.sample_shape)
     assert os.access(bundle.file("build_engine.sh"), os.X_OK)
     assert bundle.manifest["engine"]["build_script"] == "build_engine.sh"
 

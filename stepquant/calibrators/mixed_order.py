@@ -67,6 +67,6 @@ def mixed_order_objective(fp_model: nn.Module, q_model: nn.Module, data: Calibra
         eps = q_model(data.samples[index], data.timesteps[index])
         loss = (eps - targets[index]).pow(2).flatten(1).sum(1).mean()
         loss.backward()
-        return float(loss)
+        return loss.item()
 
     return objective

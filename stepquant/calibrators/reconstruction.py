@@ -93,8 +93,10 @@ def _capture(model: nn.Module, name: str, data: CalibrationSet, want_output: boo
     records: list = []
 
     def on_input(_module, args, kwargs):
-        records.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args),
-                        {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}))
+        # contiguous: attention outputs arrive with channels-last strides, whose GroupNorm backward
+        # crashes torch 2.13's CPU kernel at some shapes
+        records.append((tuple(a.detach().contiguous() if torch.is_tensor(a) else a for a in args),
+                        {k: v.detach().contiguous() if torch.is_tensor(v) else v for k, v in kwargs.items()}))
         raise _Stop
 
     def on_output(_module, _args, output):
@@ -206,7 +208,7 @@ def reconstruct_blocks(
             output = block(*(_select(a, index) for a in args), **{k: _select(v, index) for k, v in kwargs.items()})
             loss = lp_loss(output, target[index], config.p)
             loss.backward()
-            return float(loss)
+            return loss.item()
 
         losses[name] = train_quantizers(block, objective, config, config.iters, config.beta_start, name, progress)
     return losses

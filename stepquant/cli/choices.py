@@ -3,7 +3,7 @@ the CLI and the library cannot disagree (typer lists them in --help and refuses 
 
 from enum import Enum
 
-from stepquant.calibrators.observers import OBSERVER_METHODS
+from stepquant.calibrators.calibrate import CALIBRATORS
 from stepquant.export.precision import PRECISIONS
 from stepquant.quant.spec import FORMATS
 from stepquant.runtime.bundle_backends import BACKENDS
@@ -17,7 +17,7 @@ def _choices(name: str, values) -> type[Enum]:
     return Enum(name, {value: value for value in values}, type=str)
 
 
-Observer = _choices("Observer", OBSERVER_METHODS)
+Calibrator = _choices("Calibrator", CALIBRATORS)
 Format = _choices("Format", FORMATS)
 RuntimeBackend = _choices("RuntimeBackend", BACKENDS)
 Target = _choices("Target", TARGETS)

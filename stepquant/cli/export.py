@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from stepquant.cli.choices import Correction, Format, Observer, Precision, Scheduler, Target
+from stepquant.calibrators.calibrate import RECONSTRUCTION_CALIBRATORS
+from stepquant.calibrators.reconstruction import ReconstructionConfig
+from stepquant.cli.choices import Calibrator, Correction, Format, Precision, Scheduler, Target
 from stepquant.models import DEMO_MODEL_NAME
 from stepquant.pipeline import ExportConfig, ExportReport, export_quantized
 from stepquant.quant import DEFAULT_EXCLUDE, QuantSpec
@@ -26,6 +28,7 @@ def _print_report(report: ExportReport, config: ExportConfig) -> None:
           f"{report.eval_samples} seeds, {config.sampler.steps} {config.sampler.scheduler.upper()} steps "
           f"(eta {config.sampler.eta:g}), bundle executed by onnxruntime")
     print("lint:    TensorRT Q/DQ conformance: no findings")
+    print(f"calib:   {config.calibrator}, {len(report.graphs)} graph(s): {', '.join(report.graphs)}")
     print(f"correct: {config.correction} (per-timestep correction terms applied by the sampler host loop)")
     print(f"layers:  {len(report.quantized_layers)} quantized at {spec.weight_grid} weights, {spec.act_grid} activations; "
           f"done in {report.seconds:.0f} s")
@@ -46,8 +49,16 @@ def export_command(
     eta: Annotated[float, typer.Option(help="DDIM eta (0: deterministic).")] = 0.0,
     calib_samples: Annotated[int, typer.Option(help="Calibration trajectories (seeded noise samples).")] = 64,
     calib_steps: Annotated[Optional[int], typer.Option(help="Sampler steps kept per trajectory (default: all).")] = None,
-    observer: Annotated[Observer, typer.Option(help="How the activation range is chosen.")] = Observer.max,
-    percentile: Annotated[float, typer.Option(help="Percentile of |x| for --observer percentile.")] = 99.99,
+    calibrator: Annotated[Calibrator, typer.Option(
+        help="minmax/percentile/mse: activation ranges only; reconstruct: + learned rounding and step sizes per block; "
+             "multistep / mixed-order: + a network stage over n sampler steps / towards the FP second-order direction.")] = Calibrator.minmax,
+    percentile: Annotated[float, typer.Option(help="Percentile of |x| for --calibrator percentile.")] = 99.99,
+    recon_iters: Annotated[int, typer.Option(help="Reconstruction iterations per block.")] = ReconstructionConfig.iters,
+    multistep_steps: Annotated[int, typer.Option(help="Consecutive sampler steps per multistep objective (n).")] = ReconstructionConfig.multistep_steps,
+    split_skip_concat: Annotated[Optional[bool], typer.Option(
+        help="Own quantizers for h and skip in decoder layers fed cat([h, skip]) (default: on for reconstruction calibrators).")] = None,
+    timestep_groups: Annotated[int, typer.Option(help="Graphs with their own activation scales, split where ranges change most.")] = 1,
+    steps_per_group: Annotated[Optional[int], typer.Option(help="Instead of --timestep-groups: a new graph every N sampler steps.")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="Extra layer-name regex to keep in FP (repeatable).")] = None,
     default_excludes: Annotated[bool, typer.Option(help="Apply the default exclusions (embeddings, conv_in/out, shortcuts).")] = True,
     seed: Annotated[int, typer.Option(help="Seed of calibration and evaluation noise.")] = 0,
@@ -59,10 +70,13 @@ def export_command(
 ) -> None:
     """Calibrate, quantize and export a diffusion model into a bundle (Q/DQ ONNX, manifest, parity data)."""
     patterns = (DEFAULT_EXCLUDE if default_excludes else ()) + tuple(exclude or ())
+    split = calibrator.value in RECONSTRUCTION_CALIBRATORS if split_skip_concat is None else split_skip_concat
     config = ExportConfig(
-        model=model, out=out, quant=QuantSpec(weight_bits, act_bits, patterns, format.value, residual_qdq),
+        model=model, out=out, quant=QuantSpec(weight_bits, act_bits, patterns, format.value, residual_qdq, split),
         precision=precision.value, correction=correction.value,
-        sampler=SamplerConfig(scheduler.value, steps, eta), observer=observer.value, percentile=percentile,
+        sampler=SamplerConfig(scheduler.value, steps, eta), calibrator=calibrator.value, percentile=percentile,
+        reconstruction=ReconstructionConfig(iters=recon_iters, multistep_steps=multistep_steps),
+        timestep_groups=timestep_groups, steps_per_group=steps_per_group,
         calib_samples=calib_samples, calib_steps=calib_steps, seed=seed, eval_samples=eval_samples,
         engine=engine, require_parity=not allow_parity_failure, overwrite=overwrite, progress=progress,
     )

@@ -13,7 +13,7 @@ from stepquant.export import load_bundle
 from stepquant.export.bundle import extend_bundle
 from stepquant.export.lint import lint
 from stepquant.export.parity import replay_parity
-from stepquant.export.tensorrt import ENGINE_FILE, TIMING_CACHE_FILE, BatchProfile, build_engine, tensorrt_version
+from stepquant.export.tensorrt import BatchProfile, build_engines, plan_file, tensorrt_version
 from stepquant.pipeline import MODEL_FILE
 
 
@@ -59,10 +59,8 @@ def build_engine_command(
     profile = BatchProfile(min_batch, opt_batch, max_batch)
     version = tensorrt_version()  # a clear error before anything is staged
 
-    def add_engine(staging: Path) -> None:
-        build_engine(staging / MODEL_FILE, staging / ENGINE_FILE, loaded.sample_shape, profile, staging / TIMING_CACHE_FILE)
-
-    engine = {**loaded.manifest.get("engine", {}), "plan": ENGINE_FILE, "batch_profile": asdict(profile),
-              "tensorrt_version": version}
-    extended = extend_bundle(loaded, add_engine, {"engine": engine})
-    print(f"built {extended.file(ENGINE_FILE)} with TensorRT {extended.manifest['engine']['tensorrt_version']}")
+    graphs = [group["graph"] for group in loaded.manifest["timestep_groups"]]
+    engine = {**loaded.manifest.get("engine", {}), "plans": [plan_file(g) for g in graphs],
+              "batch_profile": asdict(profile), "tensorrt_version": version}
+    extended = extend_bundle(loaded, lambda staging: build_engines(staging, graphs, loaded.sample_shape, profile), {"engine": engine})
+    print(f"built {', '.join(engine['plans'])} in {extended.path} with TensorRT {version}")

@@ -156,24 +156,29 @@ def check_parity(model: nn.Module, onnx_path: Path, feeds: list[OrderedDict], to
 def replay_parity(bundle: Bundle, backend: str = "onnxruntime", tolerance: float = 1e-3,
                   engine: Path | None = None) -> ParityReport:
     """Replay the bundle's saved inputs on `backend` and compare with its saved reference outputs, so a
-    CPU box (onnxruntime) and a Jetson (TensorRT) are checked against the same data."""
-    with quiet_polygraphy():
-        feeds = load_json(bundle.file("parity/inputs.json"), description="parity inputs")
-        reference = RunResults.load(str(bundle.file("parity/reference_outputs.json")))
-    if backend == "onnxruntime":
-        level = bundle.manifest.get("onnxruntime", {}).get("graph_optimization_level")
-        runner = onnxruntime_runner(bundle.file(bundle.manifest["timestep_groups"][0]["graph"]), level)
-    elif backend == "tensorrt":
-        from stepquant.export.tensorrt import engine_path, tensorrt_version
-
-        tensorrt_version()
-        plan = engine_path(bundle, engine)
-        from polygraphy.backend.common import BytesFromPath
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-        runner = TrtRunner(EngineFromBytes(BytesFromPath(str(plan))), name="tensorrt")
-    else:
+    CPU box (onnxruntime) and a Jetson (TensorRT) are checked against the same data. A bundle with
+    timestep groups holds inputs per group, replayed on that group's graph."""
+    if backend not in ("onnxruntime", "tensorrt"):
         raise ValueError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
-    with quiet_polygraphy():
-        results = Comparator.run([runner], data_loader=feeds)
-    return compare_runs(RunResults([results[0], reference[0]]), feeds, tolerance)
+    report = ParityReport(tolerance, ERROR_QUANTILE, [])
+    for group in bundle.manifest["timestep_groups"]:
+        directory = group.get("parity", "parity")
+        with quiet_polygraphy():
+            feeds = load_json(bundle.file(f"{directory}/inputs.json"), description="parity inputs")
+            reference = RunResults.load(str(bundle.file(f"{directory}/reference_outputs.json")))
+        if backend == "onnxruntime":
+            level = bundle.manifest.get("onnxruntime", {}).get("graph_optimization_level")
+            runner = onnxruntime_runner(bundle.file(group["graph"]), level)
+        else:
+            from stepquant.export.tensorrt import engine_path, tensorrt_version
+
+            tensorrt_version()
+            plan = engine_path(bundle, group["graph"], engine)
+            from polygraphy.backend.common import BytesFromPath
+            from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+            runner = TrtRunner(EngineFromBytes(BytesFromPath(str(plan))), name="tensorrt")
+        with quiet_polygraphy():
+            results = Comparator.run([runner], data_loader=feeds)
+        report.timesteps += compare_runs(RunResults([results[0], reference[0]]), feeds, tolerance).timesteps
+    return report

@@ -5,10 +5,11 @@ through Polygraphy's TensorRT loaders when `tensorrt` is installed."""
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ENGINE_FILE = "model.plan"
+ENGINE_FILE = "model.plan"  # the plan of a single-graph bundle's model.onnx
 TIMING_CACHE_FILE = "timing.cache"
 BUILDER_OPTIMIZATION_LEVEL = 4  # what modelopt and demoDiffusion use for quantized builds
 
@@ -52,12 +53,17 @@ def _shape_flag(shapes: dict[str, dict[str, tuple[int, ...]]], which: str) -> st
     return ",".join(f"{name}:{'x'.join(map(str, bounds[which]))}" for name, bounds in shapes.items())
 
 
+def plan_file(onnx_file: str) -> str:
+    """The engine built from `onnx_file` sits beside it with the same stem: model_g1.onnx -> model_g1.plan."""
+    return Path(onnx_file).with_suffix(".plan").name
+
+
 def trtexec_command(major: int, onnx_file: str, sample_shape: tuple[int, ...], profile: BatchProfile = BatchProfile()) -> list[str]:
     """The trtexec argument list that builds a strongly typed engine from a Q/DQ graph."""
     if major not in TRTEXEC_FLAGS:
         raise ValueError(f"TensorRT {major}.x is not supported; stepquant targets {sorted(TRTEXEC_FLAGS)}")
     shapes = profile.shapes(sample_shape)
-    command = ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={ENGINE_FILE}",
+    command = ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={plan_file(onnx_file)}",
                f"--minShapes={_shape_flag(shapes, 'min')}", f"--optShapes={_shape_flag(shapes, 'opt')}",
                f"--maxShapes={_shape_flag(shapes, 'max')}", f"--timingCacheFile={TIMING_CACHE_FILE}",
                f"--builderOptimizationLevel={BUILDER_OPTIMIZATION_LEVEL}", "--skipInference"]
@@ -66,13 +72,15 @@ def trtexec_command(major: int, onnx_file: str, sample_shape: tuple[int, ...], p
     return command
 
 
-def build_script(onnx_file: str, sample_shape: tuple[int, ...], profile: BatchProfile = BatchProfile()) -> str:
-    """build_engine.sh: picks the command for the installed TensorRT major version."""
+def build_script(onnx_files: Sequence[str], sample_shape: tuple[int, ...], profile: BatchProfile = BatchProfile()) -> str:
+    """build_engine.sh: picks the commands (one engine per graph) for the installed TensorRT major version."""
     def line(major: int) -> str:
-        return '"$TRTEXEC" ' + " ".join(shlex.quote(arg) for arg in trtexec_command(major, onnx_file, sample_shape, profile)[1:])
+        return " && ".join('"$TRTEXEC" ' + " ".join(shlex.quote(arg) for arg in trtexec_command(major, f, sample_shape, profile)[1:])
+                           for f in onnx_files)
 
+    plans = " ".join(plan_file(f) for f in onnx_files)
     return f"""#!/usr/bin/env bash
-# Build this bundle's TensorRT engine on the machine that will run it (engines are specific to the GPU
+# Build this bundle's TensorRT engine(s) on the machine that will run it (engines are specific to the GPU
 # and the TensorRT version; on Jetson, build on the Jetson). Needs TensorRT 10.x or 11.x.
 #   TRTEXEC=/usr/src/tensorrt/bin/trtexec ./build_engine.sh     (JetPack's location)
 #   TRT_MAJOR=10 ./build_engine.sh                               (skip version detection)
@@ -93,16 +101,19 @@ case "$major" in
   11) {line(11)} ;;
   *) echo "build_engine.sh: TensorRT 10.x or 11.x is needed (found '${{major:-none}}'); set TRTEXEC or TRT_MAJOR" >&2; exit 1 ;;
 esac
-echo "built {ENGINE_FILE} with TensorRT $major.x"
+echo "built {plans} with TensorRT $major.x"
 """
 
 
-def engine_path(bundle, engine: Path | None = None) -> Path:
-    """The engine to run for `bundle`: `engine` if given, else the bundle's plan (built by build-engine or
-    by build_engine.sh, which writes model.plan beside the graph)."""
+def engine_path(bundle, graph: str, engine: Path | None = None) -> Path:
+    """The engine to run for one of `bundle`'s graphs: `engine` if given (single-graph bundles only),
+    else the plan beside the graph (written by build-engine or by build_engine.sh)."""
     from stepquant.export.bundle import BundleError
 
-    plan = Path(engine) if engine else bundle.path / bundle.manifest.get("engine", {}).get("plan", ENGINE_FILE)
+    if engine and len(bundle.manifest["timestep_groups"]) > 1:
+        raise BundleError("--engine names one plan, but this bundle has one graph per timestep group; "
+                          "build its plans with build_engine.sh or `stepquant build-engine`")
+    plan = Path(engine) if engine else bundle.path / plan_file(graph)
     if not plan.is_file():
         raise BundleError(f"no TensorRT engine at {plan}: run `stepquant build-engine --bundle {bundle.path}` "
                           "or the bundle's build_engine.sh first, or pass --engine")
@@ -133,3 +144,11 @@ def build_engine(onnx_path: Path, engine_path: Path, sample_shape: tuple[int, ..
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
     SaveEngine(EngineFromNetwork(network, config=config, save_timing_cache=str(timing_cache)), path=str(engine_path))()
     return version
+
+
+def build_engines(directory: Path, graphs: Sequence[str], sample_shape: tuple[int, ...], profile: BatchProfile) -> dict:
+    """Build the plan of every graph in `directory` (sharing one timing cache); returns the manifest's engine entry."""
+    version = ""
+    for graph in graphs:
+        version = build_engine(directory / graph, directory / plan_file(graph), sample_shape, profile, directory / TIMING_CACHE_FILE)
+    return {"plans": [plan_file(g) for g in graphs], "tensorrt_version": version, "batch_profile": asdict(profile)}

@@ -9,22 +9,32 @@ from stepquant.export.bundle import Bundle
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.corrections import CorrectionError, Corrections
 from stepquant.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from stepquant.runtime.timestep_groups import TimestepGroupBackend
 
 BACKENDS = ("onnxruntime", "tensorrt")
 
 
+def graph_backend(directory: Path, groups: list[dict], threads: int | None = None,
+                  optimization_level: str = "all") -> Backend:
+    """The deployed graph(s) listed in a manifest's `timestep_groups`, on onnxruntime."""
+    backends = [OnnxRuntimeBackend(Path(directory) / g["graph"], threads, optimization_level=optimization_level) for g in groups]
+    return backends[0] if len(groups) == 1 else TimestepGroupBackend(backends, [g["timesteps"] for g in groups])
+
+
 def quantized_backend(bundle: Bundle, threads: int | None = None, backend: str = "onnxruntime",
                       engine: Path | None = None) -> Backend:
+    groups = bundle.manifest["timestep_groups"]
     if backend == "tensorrt":
         from stepquant.export.tensorrt import engine_path, tensorrt_version
         from stepquant.runtime.tensorrt_backend import TensorRTBackend
 
         tensorrt_version()  # say TensorRT is missing before asking for an engine
-        return TensorRTBackend(engine_path(bundle, engine))
+        backends = [TensorRTBackend(engine_path(bundle, g["graph"], engine)) for g in groups]
+        return backends[0] if len(groups) == 1 else TimestepGroupBackend(backends, [g["timesteps"] for g in groups])
     if backend != "onnxruntime":
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     level = bundle.manifest.get("onnxruntime", {}).get("graph_optimization_level", "all")
-    return OnnxRuntimeBackend(bundle.file(bundle.manifest["timestep_groups"][0]["graph"]), threads, optimization_level=level)
+    return graph_backend(bundle.path, groups, threads, level)
 
 
 def reference_backend(bundle: Bundle, threads: int | None = None) -> OnnxRuntimeBackend:
