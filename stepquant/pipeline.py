@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
@@ -192,6 +193,8 @@ def export_quantized(config: ExportConfig) -> ExportReport:
         if config.precision == "fp16":
             round_scales_(q_model, torch.float16)
         calibration_seconds = time.perf_counter() - start
+        # the process's peak resident memory so far: in a fresh process, the peak of loading and calibrating
+        calibration["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
         export_onnx(fp_model, staging / FP_MODEL_FILE, shape)
         all_feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch, calib.unique_timesteps())
