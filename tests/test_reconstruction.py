@@ -11,7 +11,6 @@ import torch
 from diffusers import UNet2DModel
 
 from stepquant.calibrators import collect_calibration_set
-from stepquant.calibrators.calibrate import calibrate_
 from stepquant.calibrators.mixed_order import midpoint_timestep, second_order_targets
 from stepquant.calibrators.multistep import multistep_objective
 from stepquant.calibrators.ranges import calibrate_ranges
@@ -25,7 +24,7 @@ from stepquant.pipeline import ExportConfig, export_quantized
 from stepquant.quant import QuantSpec, quantize_
 from stepquant.quant.layers import ActivationQuantizer, QuantizedLayer, SplitQuantizedLayer, WeightQuantizer
 from stepquant.quant.quantize import bake_rounding_, skip_concat_splits
-from stepquant.runtime import SamplerConfig, TorchBackend, make_scheduler
+from stepquant.runtime import TorchBackend, make_scheduler
 from stepquant.runtime.bundle_backends import quantized_backend
 from stepquant.runtime.timestep_groups import TimestepGroupBackend
 from tests.conftest import FEW_STEPS, TINY_UNET

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_quality import BITS, Context, modelopt_method
+from bench_quality import Context, modelopt_method
 from benchdoc import DOC, header, write_section
 
 from stepquant.calibrators import collect_calibration_set
