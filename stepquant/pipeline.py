@@ -190,8 +190,6 @@ def export_quantized(config: ExportConfig) -> ExportReport:
         calibration = calibrate_(fp_model, q_model, calib, config.calibrator, loaded.scheduler_config, config.sampler,
                                  config.percentile, config.reconstruction, config.progress)
         graphs, scales = _graphs(config, calib, q_model, loaded.scheduler_config)
-        if config.precision == "fp16":
-            round_scales_(q_model, torch.float16)
         calibration_seconds = time.perf_counter() - start
         # the process's peak resident memory so far: in a fresh process, the peak of loading and calibrating
         calibration["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -202,19 +200,21 @@ def export_quantized(config: ExportConfig) -> ExportReport:
         if not fp_parity.passed:  # the FP graph must match: nothing quantized can explain a difference
             raise ParityError(f"parity failed for FP torch vs FP ONNX: worst median relative error "
                               f"{fp_parity.worst_median_reldiff:.3g} > {fp_parity.tolerance_median_rel:g}")
-        qdq_parity = ParityReport(0.0, 0.0, [])
+        parities = []
         for g, graph in enumerate(graphs):
             if scales is not None:
                 set_scales(q_model, scales[g])
-                if config.precision == "fp16":
-                    round_scales_(q_model, torch.float16)
+            if config.precision == "fp16":
+                round_scales_(q_model, torch.float16)
             feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch, graph.calibrated)
             parity, results = _export_graph(q_model, staging / graph.file, shape, config, feeds, ort_level)
-            qdq_parity = ParityReport(parity.tolerance_median_rel, parity.error_quantile, qdq_parity.timesteps + parity.timesteps)
+            parities.append(parity)
             (staging / graph.parity_dir).mkdir(parents=True)
             with quiet_polygraphy():
                 save_json(feeds, staging / graph.parity_dir / "inputs.json", description="parity inputs")
                 RunResults([results[1]]).save(str(staging / graph.parity_dir / "reference_outputs.json"))  # torch outputs
+        qdq_parity = ParityReport(parities[0].tolerance_median_rel, parities[0].error_quantile,
+                                  [t for parity in parities for t in parity.timesteps])
         groups = [{"graph": g.file, "timesteps": g.timesteps, "parity": g.parity_dir} for g in graphs]
         deployed = graph_backend(staging, groups, optimization_level=ort_level)
 

@@ -3,6 +3,9 @@ calibration set, then fix one scale per tensor."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -15,6 +18,27 @@ from stepquant.quant.quantize import quantized_layers
 
 class CalibrationError(RuntimeError):
     """Calibration met data it cannot turn into a valid range (NaN, inf, or an all-zero tensor)."""
+
+
+@contextmanager
+def observing_fp(model: nn.Module) -> Iterator[list[tuple[str, ActivationQuantizer]]]:
+    """Quantization off (FP activations, as modelopt calibrates) while the caller's observers, set on the
+    yielded (name, activation quantizer) pairs, watch their inputs; observers removed and quantization
+    restored on exit."""
+    layers = [layer for _, layer in quantized_layers(model)]
+    quantizers = [(name, m) for name, m in model.named_modules() if isinstance(m, ActivationQuantizer)]
+    for layer in layers:
+        layer.set_enabled(False)
+    for _, quantizer in quantizers:
+        quantizer.enabled = False
+    try:
+        yield quantizers
+    finally:
+        for _, quantizer in quantizers:
+            quantizer.observer = None
+            quantizer.enabled = True
+        for layer in layers:
+            layer.set_enabled(True)
 
 
 def calibrate_ranges(
@@ -32,27 +56,17 @@ def calibrate_ranges(
     """
     if method not in OBSERVER_METHODS:
         raise ValueError(f"unknown observer method {method!r}; choose from {', '.join(OBSERVER_METHODS)}")
-    layers = list(quantized_layers(model))
-    quantizers = [(name, m) for name, m in model.named_modules() if isinstance(m, ActivationQuantizer)]
-    observers = {name: RangeObserver(name) for name, _ in quantizers}
-    for _, layer in layers:
-        layer.set_enabled(False)
-    for name, quantizer in quantizers:
-        quantizer.enabled = False
-        quantizer.observer = observers[name]
-    try:
-        with torch.inference_mode():
-            for samples, timesteps in tqdm(list(data.batches(batch_size)), desc="observing ranges", unit="batch",
-                                           disable=not progress, leave=False):
-                model(samples, timesteps)
-    except FloatingPointError as err:
-        raise CalibrationError(str(err)) from err
-    finally:
-        for _, quantizer in quantizers:
-            quantizer.observer = None
-            quantizer.enabled = True
-        for _, layer in layers:
-            layer.set_enabled(True)
+    with observing_fp(model) as quantizers:
+        observers = {name: RangeObserver(name) for name, _ in quantizers}
+        for name, quantizer in quantizers:
+            quantizer.observer = observers[name]
+        try:
+            with torch.inference_mode():
+                for samples, timesteps in tqdm(list(data.batches(batch_size)), desc="observing ranges", unit="batch",
+                                               disable=not progress, leave=False):
+                    model(samples, timesteps)
+        except FloatingPointError as err:
+            raise CalibrationError(str(err)) from err
     amax: dict[str, float] = {}
     for name, quantizer in quantizers:
         amax[name] = observers[name].amax(method, quantizer.grid, percentile)

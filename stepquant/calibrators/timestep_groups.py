@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from stepquant.calibrators.data import CalibrationSet
-from stepquant.quant.layers import ActivationQuantizer, QuantizedLayer
+from stepquant.calibrators.ranges import observing_fp
+from stepquant.quant.quantize import activation_quantizers
 
 
 class _MaxObserver:
@@ -24,30 +25,16 @@ class _MaxObserver:
 def range_profile(model: nn.Module, data: CalibrationSet) -> tuple[list[float], torch.Tensor]:
     """(timesteps from noisiest to cleanest, [T, Q] max |input| of every activation quantizer at each
     timestep, observed on FP activations as range calibration does)."""
-    quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLayer)]
     timesteps = data.unique_timesteps()
-    profile = torch.zeros(len(timesteps), len(quantizers), dtype=torch.float64)
-    for layer in layers:
-        layer.set_enabled(False)
-    for quantizer in quantizers:
-        quantizer.enabled = False
-    try:
-        with torch.no_grad():
-            for i, t in enumerate(timesteps):
-                observers = [_MaxObserver() for _ in quantizers]
-                for quantizer, observer in zip(quantizers, observers):
-                    quantizer.observer = observer
-                samples, steps = data.at_timestep(t, len(data))
-                for start in range(0, len(samples), 64):
-                    model(samples[start : start + 64], steps[start : start + 64])
-                profile[i] = torch.tensor([o.amax for o in observers])
-    finally:
-        for quantizer in quantizers:
-            quantizer.observer = None
-            quantizer.enabled = True
-        for layer in layers:
-            layer.set_enabled(True)
+    with observing_fp(model) as quantizers, torch.no_grad():
+        profile = torch.zeros(len(timesteps), len(quantizers), dtype=torch.float64)
+        for i, t in enumerate(timesteps):
+            observers = [_MaxObserver() for _ in quantizers]
+            for (_, quantizer), observer in zip(quantizers, observers):
+                quantizer.observer = observer
+            for samples, steps in CalibrationSet(*data.at_timestep(t, len(data))).batches(64):
+                model(samples, steps)
+            profile[i] = torch.tensor([o.amax for o in observers])
     return timesteps, profile
 
 
@@ -88,7 +75,7 @@ def group_scales(model: nn.Module, profile: torch.Tensor, groups: list[range]) -
     """Activation scales per group: the calibrated (merged) scale times the group's share of the full
     range, max|x| over the group / max|x| over all timesteps. For max calibration that is exactly a max
     calibration on the group; for learned or searched scales it keeps their clipping ratio."""
-    quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    quantizers = activation_quantizers(model)
     overall = profile.max(0).values.clamp(min=1e-12)
     return [[q.scale * float(profile[list(g)].max(0).values[i] / overall[i]) for i, q in enumerate(quantizers)]
             for g in groups]
@@ -96,6 +83,5 @@ def group_scales(model: nn.Module, profile: torch.Tensor, groups: list[range]) -
 
 def set_scales(model: nn.Module, scales: list[torch.Tensor]) -> None:
     """Install one group's activation scales (in the order `group_scales` lists quantizers)."""
-    quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
-    for quantizer, scale in zip(quantizers, scales, strict=True):
+    for quantizer, scale in zip(activation_quantizers(model), scales, strict=True):
         quantizer.scale = scale.detach().clone()

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ENGINE_FILE = "model.plan"  # the plan of a single-graph bundle's model.onnx
 TIMING_CACHE_FILE = "timing.cache"
 BUILDER_OPTIMIZATION_LEVEL = 4  # what modelopt and demoDiffusion use for quantized builds
 

@@ -59,17 +59,16 @@ class WeightQuantizer(nn.Module):
         # A channel of all-zero weights quantizes to zeros whatever its scale; give it a positive one.
         amax = torch.where(amax > 0, amax, torch.ones_like(amax))
         self.register_buffer("scale", self.grid.scale_for(amax))
-        self.register_buffer("qweight", self.quantized(weight, self.scale))
+        self.register_buffer("qweight", self.quantized(weight))
         self.rounding: LearnedRounding | None = None  # set while a reconstruction learns the rounding
         self.enabled = True
 
     def _broadcast_scale(self, weight: torch.Tensor) -> torch.Tensor:
         return self.scale.reshape((-1,) + (1,) * (weight.dim() - 1) if self.scale.numel() > 1 else ())
 
-    def quantized(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def quantized(self, weight: torch.Tensor) -> torch.Tensor:
         """Round-to-nearest grid values of `weight`, in the grid's storage type."""
-        shape = (-1,) + (1,) * (weight.dim() - 1) if scale.numel() > 1 else ()
-        return self.grid.quantize(weight.detach(), scale.reshape(shape)).to(self.grid.storage_dtype)
+        return self.grid.quantize(weight.detach(), self._broadcast_scale(weight)).to(self.grid.storage_dtype)
 
     def learn_rounding(self, weight: torch.Tensor) -> LearnedRounding:
         """Start (or resume) learning this weight's rounding; the learned choice replaces `qweight` on `bake_rounding`."""

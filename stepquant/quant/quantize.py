@@ -93,6 +93,11 @@ def bake_rounding_(model: nn.Module) -> None:
             module.bake_rounding()
 
 
+def activation_quantizers(model: nn.Module) -> list[ActivationQuantizer]:
+    """Every activation quantizer (layer inputs and residual skips), in module order."""
+    return [module for module in model.modules() if isinstance(module, ActivationQuantizer)]
+
+
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantizedLayer]]:
     """(name, layer) for every fake-quant layer, in module order."""
     for name, module in model.named_modules():

@@ -14,11 +14,15 @@ from stepquant.runtime.timestep_groups import TimestepGroupBackend
 BACKENDS = ("onnxruntime", "tensorrt")
 
 
+def _per_group(backends: list[Backend], groups: list[dict]) -> Backend:
+    return backends[0] if len(groups) == 1 else TimestepGroupBackend(backends, [g["timesteps"] for g in groups])
+
+
 def graph_backend(directory: Path, groups: list[dict], threads: int | None = None,
                   optimization_level: str = "all") -> Backend:
     """The deployed graph(s) listed in a manifest's `timestep_groups`, on onnxruntime."""
-    backends = [OnnxRuntimeBackend(Path(directory) / g["graph"], threads, optimization_level=optimization_level) for g in groups]
-    return backends[0] if len(groups) == 1 else TimestepGroupBackend(backends, [g["timesteps"] for g in groups])
+    return _per_group([OnnxRuntimeBackend(Path(directory) / g["graph"], threads, optimization_level=optimization_level)
+                       for g in groups], groups)
 
 
 def quantized_backend(bundle: Bundle, threads: int | None = None, backend: str = "onnxruntime",
@@ -29,8 +33,7 @@ def quantized_backend(bundle: Bundle, threads: int | None = None, backend: str =
         from stepquant.runtime.tensorrt_backend import TensorRTBackend
 
         tensorrt_version()  # say TensorRT is missing before asking for an engine
-        backends = [TensorRTBackend(engine_path(bundle, g["graph"], engine)) for g in groups]
-        return backends[0] if len(groups) == 1 else TimestepGroupBackend(backends, [g["timesteps"] for g in groups])
+        return _per_group([TensorRTBackend(engine_path(bundle, g["graph"], engine)) for g in groups], groups)
     if backend != "onnxruntime":
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     level = bundle.manifest.get("onnxruntime", {}).get("graph_optimization_level", "all")
