@@ -20,7 +20,7 @@ def test_round_trip(demo_bundle):
     assert bundle.manifest["format_version"] == FORMAT_VERSION
     assert {"model.onnx", "model_fp32.onnx", "preview.png", "parity/inputs.json"} <= set(bundle.manifest["files"])
     assert bundle.sample_shape == (1, 16, 16)
-    for key in ("source_model", "noise_schedule", "sampler", "quantization", "calibration", "versions", "parity", "quality"):
+    for key in ("source_model", "noise_schedule", "sampler", "quantization", "calibration", "versions", "parity", "targets"):
         assert key in bundle.manifest
     assert bundle.manifest["quantization"]["weight_bits"] == 8
 

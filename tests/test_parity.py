@@ -23,7 +23,7 @@ def test_demo_bundle_parity_within_tolerance(demo_bundle):
 def test_parity_figures_and_replay_data_are_in_the_bundle(demo_bundle):
     path, report = demo_bundle
     bundle = load_bundle(path)
-    recorded = bundle.manifest["parity"]["qdq"]
+    recorded = bundle.target("tensorrt")["parity"]
     assert recorded["passed"] and len(recorded["timesteps"]) == len(report.qdq_parity.timesteps)
     inputs = load_json(bundle.file("parity/inputs.json"))
     references = RunResults.load(str(bundle.file("parity/reference_outputs.json")))
@@ -69,4 +69,4 @@ def test_a_failed_qdq_parity_stops_the_export_unless_allowed(tiny_model_dir, tmp
     assert not (tmp_path / "strict").exists() and list(tmp_path.iterdir()) == []
     report = export_quantized(ExportConfig(out=tmp_path / "kept", require_parity=False, **config))
     assert not report.qdq_parity.passed
-    assert load_bundle(tmp_path / "kept").manifest["parity"]["qdq"]["passed"] is False
+    assert load_bundle(tmp_path / "kept").target("tensorrt")["parity"]["passed"] is False

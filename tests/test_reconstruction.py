@@ -177,7 +177,7 @@ def test_timestep_groups_export_one_graph_per_group_and_the_runtime_switches(tin
         model=str(tiny_model_dir), out=out, calibrator="minmax", timestep_groups=2, sampler=FEW_STEPS,
         calib_samples=4, eval_samples=2, progress=False))
     bundle = load_bundle(out)
-    groups = bundle.manifest["timestep_groups"]
+    groups = bundle.target("tensorrt")["timestep_groups"]
     assert [g["graph"] for g in groups] == report.graphs == ["model_g0.onnx", "model_g1.onnx"]
     covered = sorted(t for g in groups for t in g["timesteps"])
     assert covered == sorted(float(t) for t in make_scheduler(FEW_STEPS, SCHEDULER_CONFIG).timesteps)

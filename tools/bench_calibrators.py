@@ -146,7 +146,7 @@ def main() -> None:
                                   sampler, progress=False)
                 evaluations[(bits, calibrator)] = result
                 calibration = bundle.manifest["calibration"]
-                parity = bundle.manifest["parity"]["qdq"]
+                parity = bundle.target("tensorrt")["parity"]
                 row(bits, f"stepquant {calibrator}", result, calibration["seconds"], f"{calibration['peak_rss_mib']:.0f}",
                     f"{'pass' if parity['passed'] else 'FAIL'} ({max(t['median_reldiff'] for t in parity['timesteps']):.1e})")
     text = "\n".join(lines)

@@ -1,7 +1,10 @@
-"""Speed on the CPU: per-forward median latency and images/s of onnxruntime FP32, onnxruntime with
-stepquant's Q/DQ graph, and torch eager FP32, at batch 1 and 8 with 2 threads, on the demo model and on a
+"""Speed on the CPU: per-forward median latency and images/s of onnxruntime FP32, stepquant's INT8 graphs
+(onnxruntime-cpu profile and tensorrt profile), onnxruntime's own `quantize_static` in three
+configurations, and torch eager FP32, at batch 1 and 8 with 2 threads, on the demo model and on a
 UNet2DModel with the architecture of google/ddpm-cifar10-32 (random weights, built from its config).
-Also the calibration wall time and peak memory of `export-quantized`, and the sampler's host-loop time.
+Every quantized graph is calibrated on the same inputs. Also session start-up with and without the
+optimised-graph cache, onnxruntime's per-operator profile of the CPU-profile graph, the calibration
+wall time and peak memory of `export-quantized`, and the sampler's host-loop time.
 
     python tools/bench_latency.py [--threads 2] [--models demo,cifar10]
 """
@@ -9,27 +12,43 @@ Also the calibration wall time and peak memory of `export-quantized`, and the sa
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import torch
 from benchdoc import header, write_section
 from diffusers import UNet2DModel
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 
 from stepquant.calibrators import calibrate_ranges
 from stepquant.calibrators.data import CalibrationSet
 from stepquant.eval.latency import TimedBackend, measure_latency
 from stepquant.export import export_onnx, load_bundle
+from stepquant.export.fusion import check_integer_convs
 from stepquant.export.lint import check_conformance
+from stepquant.export.targets import for_target
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
 from stepquant.models.reference_configs import DDPM_CIFAR10_UNET
-from stepquant.quant import QuantSpec, quantize_
+from stepquant.quant import QuantizedLayer, QuantSpec, quantize_
 from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, TorchBackend, sample
 from stepquant.runtime.bundle_backends import quantized_backend
+
+# onnxruntime's quantize_static, as its docs suggest for CPU (U8S8), and the TensorRT-style S8S8 setting
+QUANTIZE_STATIC = {
+    "U8S8 all ops": dict(activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=None),
+    "S8S8 Conv/Gemm/MatMul": dict(activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                  op_types_to_quantize=["Conv", "Gemm", "MatMul"]),
+    "U8S8 Conv only": dict(activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"]),
+}
 
 
 def build_models(name: str):
@@ -41,30 +60,90 @@ def build_models(name: str):
     return unet, (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
 
 
-def quantized_graph(unet, shape, path: Path) -> None:
-    """W8A8 Q/DQ graph calibrated on inputs noised to several timesteps (for speed only; quality is
-    measured by bench_quality.py on the trained demo model)."""
-    import copy
-
-    model = EpsilonModel(copy.deepcopy(unet))
-    quantize_(model, QuantSpec())
+def calibration_inputs(shape) -> CalibrationSet:
+    """Noise at several timesteps (for speed only; quality is measured by the quality benchmarks)."""
     generator = torch.Generator().manual_seed(0)
     timesteps = torch.tensor([999.0, 750.0, 500.0, 250.0, 0.0]).repeat_interleave(4)
-    calibrate_ranges(model, CalibrationSet(torch.randn((len(timesteps), *shape), generator=generator), timesteps),
-                     batch_size=4, progress=False)
-    export_onnx(model, path, shape)
-    check_conformance(path)
+    return CalibrationSet(torch.randn((len(timesteps), *shape), generator=generator), timesteps)
 
 
-def latency_rows(name: str, threads: int, workdir: Path) -> list[str]:
+def stepquant_graphs(unet, shape, data: CalibrationSet, workdir: Path, name: str) -> dict[str, Path]:
+    """W8A8 graphs of both target profiles from one range calibration."""
+    model = EpsilonModel(copy.deepcopy(unet))
+    quantize_(model, QuantSpec())
+    calibrate_ranges(model, data, batch_size=4, progress=False)
+    paths = {"tensorrt": workdir / f"{name}-qdq.onnx", "onnxruntime-cpu": workdir / f"{name}-cpu.onnx"}
+    export_onnx(model, paths["tensorrt"], shape)
+    check_conformance(paths["tensorrt"])
+    cpu = for_target(model, "onnxruntime-cpu")
+    calibrate_ranges(cpu, data, batch_size=4, progress=False, only_uncalibrated=True)
+    export_onnx(cpu, paths["onnxruntime-cpu"], shape)
+    convs = sum(isinstance(m, QuantizedLayer) and isinstance(m.layer, torch.nn.Conv2d) for m in cpu.modules())
+    print(name, "onnxruntime-cpu integer kernels:", check_integer_convs(paths["onnxruntime-cpu"], convs), flush=True)
+    return paths
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, data: CalibrationSet) -> None:
+        self.feeds = iter([{"sample": s.numpy(), "timestep": t.numpy()} for s, t in data.batches(4)])
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
+def quantize_static_graphs(fp32: Path, data: CalibrationSet, workdir: Path, name: str) -> dict[str, Path]:
+    """onnxruntime's own static quantization of the FP32 graph (QDQ format, per-channel weights, MinMax)."""
+    prepared = workdir / f"{name}-fp32-prep.onnx"
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+    paths = {}
+    for label, options in QUANTIZE_STATIC.items():
+        paths[label] = workdir / f"{name}-ort-{label.replace(' ', '_').replace('/', '-')}.onnx"
+        quantize_static(str(prepared), str(paths[label]), _Reader(data), quant_format=QuantFormat.QDQ, per_channel=True, **options)
+    return paths
+
+
+def startup_ms(path: Path, threads: int, cache: Path | None) -> float:
+    begin = time.perf_counter()
+    OnnxRuntimeBackend(path, threads, cache_dir=cache)
+    return 1000 * (time.perf_counter() - begin)
+
+
+def operator_profile(path: Path, shape, batch: int, threads: int, workdir: Path, top: int = 8) -> str:
+    """Share of the run time per operator type, from onnxruntime's profiler (10 runs after warm-up)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(workdir / "profile")
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"sample": np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32),
+            "timestep": np.full((batch,), 500.0, np.float32)}
+    for _ in range(13):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: dict[str, float] = defaultdict(float)
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]] += event["dur"]
+    total = sum(per_op.values())
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
+    return ", ".join(f"{op} {100 * us / total:.0f}%" for op, us in ranked)
+
+
+def latency_rows(name: str, threads: int, workdir: Path) -> tuple[list[str], list[str]]:
     unet, shape = build_models(name)
     params = sum(p.numel() for p in unet.parameters()) / 1e6
-    export_onnx(EpsilonModel(unet), workdir / f"{name}-fp32.onnx", shape)
-    quantized_graph(unet, shape, workdir / f"{name}-qdq.onnx")
+    data = calibration_inputs(shape)
+    fp32 = workdir / f"{name}-fp32.onnx"
+    export_onnx(EpsilonModel(unet), fp32, shape)
+    ours = stepquant_graphs(unet, shape, data, workdir, name)
+    peers = quantize_static_graphs(fp32, data, workdir, name)
     torch.set_num_threads(threads)
     backends = {
-        "onnxruntime FP32": OnnxRuntimeBackend(workdir / f"{name}-fp32.onnx", threads),
-        "onnxruntime INT8 Q/DQ (tensorrt profile)": OnnxRuntimeBackend(workdir / f"{name}-qdq.onnx", threads),
+        "onnxruntime FP32": OnnxRuntimeBackend(fp32, threads),
+        "stepquant INT8, onnxruntime-cpu profile": OnnxRuntimeBackend(ours["onnxruntime-cpu"], threads),
+        "stepquant INT8, tensorrt profile": OnnxRuntimeBackend(ours["tensorrt"], threads),
+        **{f"quantize_static {label}": OnnxRuntimeBackend(path, threads) for label, path in peers.items()},
         "torch eager FP32": TorchBackend(EpsilonModel(unet)),
     }
     rows = []
@@ -76,7 +155,16 @@ def latency_rows(name: str, threads: int, workdir: Path) -> list[str]:
             rows.append(f"| {name} ({params:.1f}M) | {batch} | {label} | {result.median_ms:.2f} | {result.p90_ms:.2f} | "
                         f"{result.images_per_second:.1f} | {reference / result.median_ms:.2f}x |")
             print(rows[-1], flush=True)
-    return rows
+    cache = workdir / f"{name}-cache"
+    cold, _, warm = (startup_ms(ours["onnxruntime-cpu"], threads, c) for c in (None, cache, cache))
+    notes = [f"{name}: session start-up of the onnxruntime-cpu graph {cold:.0f} ms, {warm:.0f} ms from the optimised-graph "
+             f"cache (`OnnxRuntimeBackend(..., cache_dir=...)`); FP32 graph {startup_ms(fp32, threads, None):.0f} ms.",
+             f"{name}, batch 8, onnxruntime profiler, share of kernel time: FP32: "
+             f"{operator_profile(fp32, shape, 8, threads, workdir)}; onnxruntime-cpu profile: "
+             f"{operator_profile(ours['onnxruntime-cpu'], shape, 8, threads, workdir)}."]
+    for note in notes:
+        print(note, flush=True)
+    return rows, notes
 
 
 def calibration_cost(workdir: Path) -> str:
@@ -117,16 +205,21 @@ def main() -> None:
     args = parser.parse_args()
     rows = ["| model | batch | backend | median ms | p90 ms | images/s | speed vs onnxruntime FP32 |",
             "|---|---|---|---|---|---|---|"]
+    notes = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for name in args.models.split(","):
-            rows += latency_rows(name, args.threads, workdir)
+            model_rows, model_notes = latency_rows(name, args.threads, workdir)
+            rows += model_rows
+            notes += model_notes
         cost = calibration_cost(workdir)
         loop = host_loop_cost(workdir, args.threads)
     print(cost)
     print(loop)
-    body = (header() + f"\n{args.threads} threads (onnxruntime intra-op threads, torch.set_num_threads); median of at "
-            "least 10 timed calls after 3 warm-up calls.\n\n" + "\n".join(rows) + f"\n\n{cost}\n\n{loop}\n")
+    body = (header() + f"\nSession options: {args.threads} intra-op threads (torch.set_num_threads for torch), graph "
+            f"optimisation level ORT_ENABLE_ALL, onnxruntime {ort.__version__}, CPUExecutionProvider; median of at least 10 timed "
+            "calls (and 3 s) after 3 warm-up calls. All INT8 graphs are W8A8 with per-channel weights, calibrated on the "
+            "same 20 inputs (MinMax).\n\n" + "\n".join(rows) + "\n\n" + "\n\n".join(notes) + f"\n\n{cost}\n\n{loop}\n")
     if not args.no_write:
         write_section("bench_latency", body)
 

@@ -56,7 +56,7 @@ def main() -> None:
                 subprocess.run(["export-quantized", "--out", str(out), "--weight-bits", weight_bits, "--act-bits", act_bits,
                                 "--eval-samples", "2", "--allow-parity-failure", "--no-progress", *extra], check=True, capture_output=True)
                 bundle = load_bundle(out)
-                groups = bundle.manifest["timestep_groups"]
+                groups = bundle.target("tensorrt")["timestep_groups"]
                 result = evaluate(reference_backend(bundle, threads=2), quantized_backend(bundle, threads=2),
                                   bundle.manifest["noise_schedule"], range(args.n), bundle.sample_shape, sampler, progress=False)
                 size = sum((out / g["graph"]).stat().st_size for g in groups) / 1e6

@@ -48,15 +48,20 @@ def calibrate_ranges(
     percentile: float = 99.99,
     batch_size: int = 64,
     progress: bool = True,
+    only_uncalibrated: bool = False,
 ) -> dict[str, float]:
-    """Set the scale of every activation quantizer of `model` (an EpsilonModel); return the amax values
-    keyed by quantizer name.
+    """Set the scale of every activation quantizer of `model` (an EpsilonModel), or with
+    `only_uncalibrated` of those without one yet (quantizers a target profile added after calibration);
+    return the amax values keyed by quantizer name.
 
     Observation runs with quantization disabled (FP activations, as modelopt calibrates).
     """
     if method not in OBSERVER_METHODS:
         raise ValueError(f"unknown observer method {method!r}; choose from {', '.join(OBSERVER_METHODS)}")
     with observing_fp(model) as quantizers:
+        quantizers = [(name, q) for name, q in quantizers if not (only_uncalibrated and q.calibrated)]
+        if not quantizers:
+            return {}
         observers = {name: RangeObserver(name) for name, _ in quantizers}
         for name, quantizer in quantizers:
             quantizer.observer = observers[name]

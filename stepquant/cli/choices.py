@@ -5,12 +5,11 @@ from enum import Enum
 
 from stepquant.calibrators.calibrate import CALIBRATORS
 from stepquant.export.precision import PRECISIONS
+from stepquant.export.targets import TARGETS
 from stepquant.quant.spec import FORMATS
 from stepquant.runtime.bundle_backends import BACKENDS
 from stepquant.runtime.corrections import METHODS as CORRECTION_METHODS
 from stepquant.runtime.sampler import SCHEDULERS
-
-TARGETS = ("tensorrt",)
 
 
 def _choices(name: str, values) -> type[Enum]:

@@ -19,17 +19,27 @@ from stepquant.runtime import SamplerConfig
 def _print_report(report: ExportReport, config: ExportConfig) -> None:
     spec = config.quant
     print(f"bundle:  {report.bundle}")
-    print(f"preview: {report.preview}  (left: FP torch, right: quantized bundle on onnxruntime, same seeds)")
-    for label, parity in (("Q/DQ ONNX vs fake-quant torch", report.qdq_parity), ("FP ONNX vs FP torch", report.fp_parity)):
-        print(f"parity:  {label}: worst median relative error {parity.worst_median_reldiff:.2e} "
+    print(f"preview: {report.preview}  (left: FP torch, right: the {config.targets[0]} graph on onnxruntime, same seeds)")
+    fp = report.fp_parity
+    print(f"parity:  FP ONNX vs FP torch: worst median relative error {fp.worst_median_reldiff:.2e} "
+          f"(tolerance {fp.tolerance_median_rel:g}): {'PASS' if fp.passed else 'FAIL'}")
+    for target, result in report.targets.items():
+        parity = result.qdq_parity
+        print(f"{target}: {', '.join(result.graphs)}")
+        print(f"  parity:  Q/DQ ONNX vs fake-quant torch: worst median relative error {parity.worst_median_reldiff:.2e} "
               f"(tolerance {parity.tolerance_median_rel:g}) over {len(parity.timesteps)} timesteps: "
               f"{'PASS' if parity.passed else 'FAIL'}")
-    print(f"quality: PSNR to FP {report.psnr_mean_db:.2f} dB mean, {report.psnr_min_db:.2f} dB min, over "
-          f"{report.eval_samples} seeds, {config.sampler.steps} {config.sampler.scheduler.upper()} steps "
-          f"(eta {config.sampler.eta:g}), bundle executed by onnxruntime")
-    print("lint:    TensorRT Q/DQ conformance: no findings")
-    print(f"calib:   {config.calibrator}, {len(report.graphs)} graph(s): {', '.join(report.graphs)}")
-    print(f"correct: {config.correction} (per-timestep correction terms applied by the sampler host loop)")
+        print(f"  quality: PSNR to FP {result.psnr_mean_db:.2f} dB mean, {result.psnr_min_db:.2f} dB min, over "
+              f"{report.eval_samples} seeds, {config.sampler.steps} {config.sampler.scheduler.upper()} steps "
+              f"(eta {config.sampler.eta:g}), executed by onnxruntime")
+        if result.integer_kernels is None:
+            print("  lint:    TensorRT Q/DQ conformance: no findings")
+        else:
+            kernels = result.integer_kernels
+            print(f"  kernels: onnxruntime runs {', '.join(f'{n} {op}' for op, n in kernels['integer_kernels'].items())}; "
+                  f"fused vs simulation: median relative error up to {max(kernels['fused_kernels_median_reldiff'].values()):.1e} "
+                  "(parity above: Q/DQ as written, optimisations off)")
+    print(f"calib:   {config.calibrator}; correction: {config.correction} (applied by the sampler host loop)")
     print(f"layers:  {len(report.quantized_layers)} quantized at {spec.weight_grid} weights, {spec.act_grid} activations; "
           f"done in {report.seconds:.0f} s")
 
@@ -40,7 +50,9 @@ def export_command(
     weight_bits: Annotated[int, typer.Option(help="Weight bits (per output channel, symmetric).")] = 8,
     act_bits: Annotated[int, typer.Option(help="Activation bits (per tensor, symmetric).")] = 8,
     format: Annotated[Format, typer.Option(help="int8, or fp8 (E4M3, for Ada/Hopper GPUs).")] = Format.int8,
-    target: Annotated[Target, typer.Option(help="Placement profile of the Q/DQ graph.")] = Target.tensorrt,
+    target: Annotated[Optional[list[Target]], typer.Option(
+        help="Placement profile(s), one graph each from the same calibration (repeatable): tensorrt (default), "
+             "onnxruntime-cpu (U8S8 integer kernels on onnxruntime's CPU provider).")] = None,
     precision: Annotated[Precision, typer.Option(help="Float compute and Q/DQ scales: fp32, or fp16 for FP16 engines.")] = Precision.fp32,
     correction: Annotated[Correction, typer.Option(help="Per-timestep correction terms applied by the sampler's host loop.")] = Correction.none,
     residual_qdq: Annotated[bool, typer.Option(help="Q/DQ on the skip input of ResNet residual Adds (TensorRT fuses Conv+Add).")] = True,
@@ -73,7 +85,7 @@ def export_command(
     split = calibrator.value in RECONSTRUCTION_CALIBRATORS if split_skip_concat is None else split_skip_concat
     config = ExportConfig(
         model=model, out=out, quant=QuantSpec(weight_bits, act_bits, patterns, format.value, residual_qdq, split),
-        precision=precision.value, correction=correction.value,
+        precision=precision.value, correction=correction.value, targets=tuple(t.value for t in target or [Target.tensorrt]),
         sampler=SamplerConfig(scheduler.value, steps, eta), calibrator=calibrator.value, percentile=percentile,
         reconstruction=ReconstructionConfig(iters=recon_iters, multistep_steps=multistep_steps),
         timestep_groups=timestep_groups, steps_per_group=steps_per_group,

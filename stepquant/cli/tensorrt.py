@@ -33,12 +33,15 @@ def lint_command(model: Annotated[Path, typer.Argument(help="A Q/DQ ONNX model, 
 def parity_command(
     bundle: Annotated[Path, typer.Option(help="Bundle whose saved parity inputs to replay.")],
     backend: Annotated[RuntimeBackend, typer.Option(help="Runtime to check against the saved reference outputs.")] = RuntimeBackend.onnxruntime,
-    rtol: Annotated[float, typer.Option(help="Tolerance on the median relative error of 'eps' at each timestep.")] = 1e-3,
+    rtol: Annotated[Optional[float], typer.Option(
+        help="Tolerance on the median relative error of 'eps' at each timestep (default: the one recorded at export).")] = None,
     engine: Annotated[Optional[Path], typer.Option(help="TensorRT engine (default: the bundle's model.plan).")] = None,
 ) -> None:
     """Replay the bundle's parity inputs (Polygraphy JSON) and compare with its reference outputs; exit 1 on failure."""
-    report = replay_parity(load_bundle(bundle), backend.value, rtol, engine)
-    print(f"{bundle}: {backend.value} against the saved fake-quant torch outputs (tolerance: median relative error <= {rtol:g})")
+    loaded = load_bundle(bundle)
+    report = replay_parity(loaded, backend.value, rtol, engine)
+    print(f"{bundle}: {backend.value} running the {loaded.target_for(backend.value)} graph against the saved fake-quant "
+          f"torch outputs (tolerance: median relative error <= {report.tolerance_median_rel:g})")
     print(f"  {'timestep':>8}  {'median rel':>10}  {'p' + str(round(100 * report.error_quantile)) + ' rel':>10}  {'max abs':>10}")
     for t in report.timesteps:
         print(f"  {t.timestep:8.0f}  {t.median_reldiff:10.2e}  {t.quantile_reldiff:10.2e}  {t.max_absdiff:10.2e}  "
@@ -59,7 +62,7 @@ def build_engine_command(
     profile = BatchProfile(min_batch, opt_batch, max_batch)
     version = tensorrt_version()  # a clear error before anything is staged
 
-    graphs = [group["graph"] for group in loaded.manifest["timestep_groups"]]
+    graphs = [group["graph"] for group in loaded.target("tensorrt")["timestep_groups"]]
     engine = {**loaded.manifest.get("engine", {}), "plans": [plan_file(g) for g in graphs],
               "batch_profile": asdict(profile), "tensorrt_version": version}
     extended = extend_bundle(loaded, lambda staging: build_engines(staging, graphs, loaded.sample_shape, profile), {"engine": engine})

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one section per target profile (manifest['targets'])
 MANIFEST = "manifest.json"
 _SELF_HASH = "manifest_sha256"
 
@@ -94,6 +94,22 @@ class Bundle:
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         return tuple(self.manifest["sample_shape"])  # type: ignore[return-value]
+
+    def target(self, name: str) -> dict:
+        """The manifest section of one target profile: its `timestep_groups` ([{graph, timesteps,
+        parity}]), parity report and quality."""
+        targets = self.manifest["targets"]
+        if name not in targets:
+            raise BundleError(f"bundle {self.path} has no {name} graph (it holds {', '.join(targets)}); "
+                              f"export it with --target {name}")
+        return targets[name]
+
+    def target_for(self, backend: str) -> str:
+        """The target profile a runtime backend executes: TensorRT its own; onnxruntime the CPU profile
+        when the bundle carries one (integer kernels), else the TensorRT graph (a correct, slower reference)."""
+        if backend == "tensorrt" or "onnxruntime-cpu" not in self.manifest["targets"]:
+            return "tensorrt"
+        return "onnxruntime-cpu"
 
 
 def load_bundle(path: str | Path) -> Bundle:

@@ -153,21 +153,24 @@ def check_parity(model: nn.Module, onnx_path: Path, feeds: list[OrderedDict], to
     return compare_runs(results, feeds, tolerance), results
 
 
-def replay_parity(bundle: Bundle, backend: str = "onnxruntime", tolerance: float = 1e-3,
-                  engine: Path | None = None) -> ParityReport:
+def replay_parity(bundle: Bundle, backend: str = "onnxruntime", tolerance: float | None = None,
+                  engine: Path | None = None, target: str | None = None) -> ParityReport:
     """Replay the bundle's saved inputs on `backend` and compare with its saved reference outputs, so a
-    CPU box (onnxruntime) and a Jetson (TensorRT) are checked against the same data. A bundle with
-    timestep groups holds inputs per group, replayed on that group's graph."""
+    CPU box (onnxruntime) and a Jetson (TensorRT) are checked against the same data. The graphs are the
+    target profile's that `backend` runs (or `target`'s), at the tolerance recorded at export unless
+    given. A bundle with timestep groups holds inputs per group, replayed on that group's graph."""
     if backend not in ("onnxruntime", "tensorrt"):
         raise ValueError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
+    section = bundle.target(target or bundle.target_for(backend))
+    tolerance = section["parity"]["tolerance_median_rel"] if tolerance is None else tolerance
     report = ParityReport(tolerance, ERROR_QUANTILE, [])
-    for group in bundle.manifest["timestep_groups"]:
-        directory = group.get("parity", "parity")
+    for group in section["timestep_groups"]:
+        directory = group["parity"]
         with quiet_polygraphy():
             feeds = load_json(bundle.file(f"{directory}/inputs.json"), description="parity inputs")
             reference = RunResults.load(str(bundle.file(f"{directory}/reference_outputs.json")))
         if backend == "onnxruntime":
-            level = bundle.manifest.get("onnxruntime", {}).get("graph_optimization_level")
+            level = section.get("parity_optimization_level", bundle.manifest["onnxruntime"]["graph_optimization_level"])
             runner = onnxruntime_runner(bundle.file(group["graph"]), level)
         else:
             from stepquant.export.tensorrt import engine_path, tensorrt_version

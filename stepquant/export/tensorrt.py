@@ -109,7 +109,7 @@ def engine_path(bundle, graph: str, engine: Path | None = None) -> Path:
     else the plan beside the graph (written by build-engine or by build_engine.sh)."""
     from stepquant.export.bundle import BundleError
 
-    if engine and len(bundle.manifest["timestep_groups"]) > 1:
+    if engine and len(bundle.target("tensorrt")["timestep_groups"]) > 1:
         raise BundleError("--engine names one plan, but this bundle has one graph per timestep group; "
                           "build its plans with build_engine.sh or `stepquant build-engine`")
     plan = Path(engine) if engine else bundle.path / plan_file(graph)

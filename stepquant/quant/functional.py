@@ -10,7 +10,7 @@ from stepquant.quant.grid import Grid
 
 class FakeQuantize(torch.autograd.Function):
     """x -> grid.quantize(x / scale) * scale, exported as QuantizeLinear -> DequantizeLinear whose zero
-    point's type (INT8 or FLOAT8E4M3FN) selects the format.
+    point's type (INT8, UINT8 with zero point 128, or FLOAT8E4M3FN) selects the format.
 
     Integer grids narrower than INT8 are exported with a Clip in front of an INT8 Q/DQ pair, which gives
     the same values on any runtime. The backward pass is the straight-through estimator for x and, when
@@ -36,7 +36,7 @@ class FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, scale, grid: Grid):
-        zero_point = g.op("Constant", value_t=torch.zeros((), dtype=grid.storage_dtype))
+        zero_point = g.op("Constant", value_t=torch.tensor(grid.zero_point, dtype=grid.storage_dtype))
         if grid.needs_clip:
             low = g.op("Mul", scale, g.op("Constant", value_t=torch.tensor(float(grid.qmin))))
             high = g.op("Mul", scale, g.op("Constant", value_t=torch.tensor(float(grid.qmax))))

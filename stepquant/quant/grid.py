@@ -2,7 +2,9 @@
 
 - IntGrid: signed integers. Weights use the narrow range [-(2^(b-1)-1), 2^(b-1)-1] (INT8: [-127, 127])
   so the grid is symmetric; activations use the full range [-2^(b-1), 2^(b-1)-1] (INT8: [-128, 127]).
-  Grids narrower than 8 bits are stored in INT8 containers.
+  Grids narrower than 8 bits are stored in INT8 containers. For onnxruntime's CPU kernels, which fuse
+  U8 activations with S8 weights, the same grid can be stored as UINT8 with zero point 128: identical
+  values (q_u8 = q_s8 + 128), only the container differs.
 - Fp8Grid: FP8 E4M3 (saturating at +-448), for Ada/Hopper GPUs.
 """
 
@@ -23,11 +25,20 @@ def _checked_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class IntGrid:
-    """A signed integer grid of `bits` bits, optionally without its most negative value."""
+    """A signed integer grid of `bits` bits, optionally without its most negative value, stored as INT8
+    (zero point 0) or, with `unsigned_storage`, as UINT8 with zero point 128."""
 
     bits: int
     narrow: bool
-    storage_dtype = torch.int8
+    unsigned_storage: bool = False
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.unsigned_storage else torch.int8
+
+    @property
+    def zero_point(self) -> int:
+        return 128 if self.unsigned_storage else 0
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -55,7 +66,7 @@ class IntGrid:
         return torch.clamp(torch.round(x / scale), self.qmin, self.qmax)
 
     def __str__(self) -> str:
-        return f"INT{self.bits}"
+        return f"INT{self.bits}" + (" (as UINT8, zero point 128)" if self.unsigned_storage else "")
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class Fp8Grid:
     """FP8 E4M3FN: round to nearest even on the E4M3 value set, saturating at +-448."""
 
     storage_dtype = torch.float8_e4m3fn
+    zero_point = 0
     qmax = 448.0
     qmin = -448.0
     bits = 8

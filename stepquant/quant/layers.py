@@ -97,7 +97,10 @@ class WeightQuantizer(nn.Module):
 
 
 class QuantizedLayer(nn.Module):
-    """A Conv2d or Linear whose input and weight are fake-quantized; bias stays in floating point."""
+    """A Conv2d or Linear whose input and weight are fake-quantized; bias stays in floating point.
+
+    `output_quantizer` stays None except for targets whose integer kernels also produce quantized
+    outputs (onnxruntime's QLinearConv needs a QuantizeLinear after the Conv to fuse)."""
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, weight_grid: Grid, act_grid: Grid, per_channel: bool = True) -> None:
         super().__init__()
@@ -106,6 +109,7 @@ class QuantizedLayer(nn.Module):
         self.layer = layer
         self.input_quantizer = ActivationQuantizer(act_grid)
         self.weight_quantizer = WeightQuantizer(weight_grid, layer.weight, per_channel)
+        self.output_quantizer: ActivationQuantizer | None = None
 
     def set_enabled(self, enabled: bool) -> None:
         self.input_quantizer.enabled = enabled
@@ -115,8 +119,10 @@ class QuantizedLayer(nn.Module):
         x = self.input_quantizer(x)
         weight = self.weight_quantizer(self.layer.weight)
         if isinstance(self.layer, nn.Conv2d):
-            return self.layer._conv_forward(x, weight, self.layer.bias)
-        return F.linear(x, weight, self.layer.bias)
+            out = self.layer._conv_forward(x, weight, self.layer.bias)
+        else:
+            out = F.linear(x, weight, self.layer.bias)
+        return out if self.output_quantizer is None else self.output_quantizer(out)
 
 
 class SplitQuantizedLayer(nn.Module):

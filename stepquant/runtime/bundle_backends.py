@@ -26,8 +26,10 @@ def graph_backend(directory: Path, groups: list[dict], threads: int | None = Non
 
 
 def quantized_backend(bundle: Bundle, threads: int | None = None, backend: str = "onnxruntime",
-                      engine: Path | None = None) -> Backend:
-    groups = bundle.manifest["timestep_groups"]
+                      engine: Path | None = None, target: str | None = None) -> Backend:
+    """The bundle's quantized graph(s) on `backend`: TensorRT runs the tensorrt profile; onnxruntime the
+    onnxruntime-cpu profile when the bundle has it (else the tensorrt graph), or the `target` named."""
+    groups = bundle.target(target or bundle.target_for(backend))["timestep_groups"]
     if backend == "tensorrt":
         from stepquant.export.tensorrt import engine_path, tensorrt_version
         from stepquant.runtime.tensorrt_backend import TensorRTBackend

@@ -1,0 +1,42 @@
+"""What onnxruntime's CPU provider really runs: the operator counts of the graph it optimises (written
+through `optimized_model_filepath`), and the check that every quantized convolution became an integer
+kernel rather than DQ -> float Conv."""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from stepquant.runtime.onnxruntime_backend import OPTIMIZATION_LEVELS
+
+INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger", "QLinearAdd")
+
+
+class FusionError(RuntimeError):
+    """onnxruntime left quantized layers in float: the graph would be no faster than FP32."""
+
+
+def optimized_op_counts(path: Path, optimization_level: str = "all") -> Counter:
+    """Operator type -> count in the graph onnxruntime's CPU provider executes for `path`."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization_level]
+    options.log_severity_level = 3  # its notes on initializers the optimiser dropped are not ours to show
+    with tempfile.TemporaryDirectory() as tmp:
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
+    return Counter(node.op_type for node in graph.node)
+
+
+def check_integer_convs(path: Path, quantized_convs: int) -> dict[str, int]:
+    """Raise unless at least `quantized_convs` QLinearConv kernels run; return the integer kernel counts."""
+    counts = optimized_op_counts(path)
+    kernels = {op: counts[op] for op in INTEGER_KERNELS if counts[op]}
+    if counts["QLinearConv"] < quantized_convs:
+        raise FusionError(f"{path.name}: onnxruntime fused {counts['QLinearConv']} of {quantized_convs} quantized convolutions "
+                          f"into QLinearConv (integer kernels found: {kernels or 'none'}); the rest run as float Conv")
+    return kernels

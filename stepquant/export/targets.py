@@ -1,0 +1,59 @@
+"""Placement profiles: which Q/DQ graph a calibrated fake-quant model becomes for each runtime.
+
+- `tensorrt`: symmetric INT8 (or FP8) Q/DQ on the inputs and weights of Conv/Linear, zero point 0, as
+  TensorRT's explicit quantization wants. onnxruntime executes it correctly, but its CPU provider keeps
+  such convolutions in float (DQ -> Conv -> ...), so it is a reference there, not a fast path.
+- `onnxruntime-cpu`: the same scales, with activations stored as UINT8 (zero point 128: the same grid
+  values) beside INT8 weights, and Q/DQ only where onnxruntime fuses it into an integer kernel: a
+  QuantizeLinear after every quantized Conv, so DQ -> Conv -> Q becomes QLinearConv (U8S8, the VNNI
+  fast path); Linear layers need none (DQ -> MatMul becomes MatMulIntegerToFloat); the residual skip
+  Q/DQ that TensorRT fuses into Conv+Add is dropped (on the CPU it is two extra passes, no kernel).
+  The Conv output quantizers are the one addition; the caller calibrates them on the same calibration
+  set (`calibrate_ranges(..., only_uncalibrated=True)`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+from torch import nn
+
+from stepquant.quant.grid import IntGrid
+from stepquant.quant.layers import ActivationQuantizer
+from stepquant.quant.quantize import ResidualQuantizer, activation_quantizers, quantized_layers
+
+TARGETS = ("tensorrt", "onnxruntime-cpu")
+_GRAPH_SUFFIX = {"tensorrt": "", "onnxruntime-cpu": "_cpu"}
+
+
+class TargetError(ValueError):
+    """The model or export settings cannot serve the requested target."""
+
+
+def graph_file(base: str, target: str) -> str:
+    """`model.onnx` -> `model_cpu.onnx` for the onnxruntime-cpu graph; TensorRT keeps the base name."""
+    stem, dot, ext = base.rpartition(".")
+    return f"{stem}{_GRAPH_SUFFIX[target]}{dot}{ext}"
+
+
+def for_target(model: nn.Module, target: str) -> nn.Module:
+    """The model whose export is the graph for `target`: `model` itself for tensorrt; for
+    onnxruntime-cpu a copy with UINT8-stored activation grids, an (uncalibrated) output quantizer on
+    every quantized Conv and no residual quantizers. `model` is left unchanged."""
+    if target not in TARGETS:
+        raise TargetError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    if target == "tensorrt":
+        return model
+    if any(not isinstance(q.grid, IntGrid) for q in activation_quantizers(model)):
+        raise TargetError("the onnxruntime-cpu target needs integer quantization (--format int8): its CPU kernels have no FP8")
+    retargeted = copy.deepcopy(model)
+    for block in retargeted.modules():
+        if isinstance(getattr(block, "conv_shortcut", None), ResidualQuantizer):
+            block.conv_shortcut = block.conv_shortcut.shortcut
+    for quantizer in activation_quantizers(retargeted):
+        quantizer.grid = dataclasses.replace(quantizer.grid, unsigned_storage=True)
+    for _, layer in quantized_layers(retargeted):
+        if isinstance(layer.layer, nn.Conv2d):
+            layer.output_quantizer = ActivationQuantizer(IntGrid(8, narrow=False, unsigned_storage=True))
+    return retargeted

@@ -1,0 +1,131 @@
+"""The onnxruntime-cpu target: the same calibrated scales as the TensorRT graph, stored as UINT8 beside
+INT8 weights, with output Q/DQ on every quantized Conv so onnxruntime fuses them into QLinearConv; the
+bundle carries both graphs and each runtime picks its own."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import FEW_STEPS
+from onnx import numpy_helper
+
+from stepquant.calibrators.data import CalibrationSet
+from stepquant.calibrators.ranges import calibrate_ranges
+from stepquant.export import BundleError, check_parity, export_onnx, load_bundle
+from stepquant.export.fusion import FusionError, check_integer_convs, optimized_op_counts
+from stepquant.export.parity import parity_feeds, replay_parity
+from stepquant.export.targets import TargetError, for_target
+from stepquant.models import EpsilonModel, load_model
+from stepquant.pipeline import QDQ_TOLERANCE, ExportConfig, export_quantized
+from stepquant.quant import QuantizedLayer, QuantSpec, quantize_
+from stepquant.quant.quantize import ResidualQuantizer
+from stepquant.runtime import OnnxRuntimeBackend
+from stepquant.runtime.bundle_backends import quantized_backend
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_model_dir):
+    """A tiny UNet at W8A8 with ranges calibrated on noise at three timesteps, and that data."""
+    model = EpsilonModel(copy.deepcopy(load_model(str(tiny_model_dir)).unet))
+    quantize_(model, QuantSpec())
+    generator = torch.Generator().manual_seed(0)
+    timesteps = torch.tensor([900.0, 500.0, 100.0]).repeat_interleave(4)
+    data = CalibrationSet(torch.randn((len(timesteps), 1, 8, 8), generator=generator), timesteps)
+    calibrate_ranges(model, data, progress=False)
+    return model, data
+
+
+def _convs(model) -> int:
+    return sum(isinstance(m, QuantizedLayer) and isinstance(m.layer, torch.nn.Conv2d) for m in model.modules())
+
+
+def test_cpu_profile_keeps_the_scales_and_adds_conv_output_quantizers(calibrated):
+    model, data = calibrated
+    cpu = for_target(model, "onnxruntime-cpu")
+    assert for_target(model, "tensorrt") is model
+    layers = dict((n, m) for n, m in cpu.named_modules() if isinstance(m, QuantizedLayer))
+    originals = dict((n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLayer))
+    for name, layer in layers.items():
+        assert layer.input_quantizer.scale == originals[name].input_quantizer.scale
+        assert layer.input_quantizer.grid.unsigned_storage and not originals[name].input_quantizer.grid.unsigned_storage
+        assert (layer.output_quantizer is not None) == isinstance(layer.layer, torch.nn.Conv2d)
+        assert originals[name].output_quantizer is None
+    assert not any(isinstance(m, ResidualQuantizer) for m in cpu.modules())
+    assert any(isinstance(m, ResidualQuantizer) for m in model.modules())
+    assert calibrate_ranges(cpu, data, progress=False, only_uncalibrated=True).keys() == {
+        f"{n}.output_quantizer" for n, m in layers.items() if m.output_quantizer is not None}
+
+
+def test_cpu_graph_fuses_every_quantized_conv_and_matches_the_simulation(calibrated, tmp_path):
+    model, data = calibrated
+    cpu = for_target(model, "onnxruntime-cpu")
+    calibrate_ranges(cpu, data, progress=False, only_uncalibrated=True)
+    export_onnx(cpu, tmp_path / "cpu.onnx", (1, 8, 8))
+    export_onnx(model, tmp_path / "trt.onnx", (1, 8, 8))
+    graph = onnx.load(tmp_path / "cpu.onnx").graph
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"})
+    activation_zero_points = [constants[n.input[2]] for n in graph.node
+                              if n.op_type == "QuantizeLinear"]
+    assert activation_zero_points and all(z.dtype == np.uint8 and z == 128 for z in activation_zero_points)
+
+    convs = _convs(cpu)
+    kernels = check_integer_convs(tmp_path / "cpu.onnx", convs)
+    assert kernels["QLinearConv"] == convs and kernels.get("MatMulIntegerToFloat", 0) > 0
+    assert optimized_op_counts(tmp_path / "trt.onnx")["QLinearConv"] == 0  # why the TensorRT graph is slow here
+    with pytest.raises(FusionError, match="into QLinearConv"):
+        check_integer_convs(tmp_path / "trt.onnx", convs)
+
+    feeds = parity_feeds(data.samples[::4], data.timesteps[::4])
+    report, _ = check_parity(cpu, tmp_path / "cpu.onnx", feeds, QDQ_TOLERANCE, "disable")
+    assert report.passed, report.to_dict()
+
+
+def test_fp8_has_no_cpu_profile():
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3))
+    quantize_(model, QuantSpec(format="fp8", exclude=()))
+    with pytest.raises(TargetError, match="int8"):
+        for_target(model, "onnxruntime-cpu")
+    with pytest.raises(ValueError, match="onnxruntime-cpu"):
+        ExportConfig(targets=("onnxruntime-cpu",), quant=QuantSpec(format="fp8"))
+
+
+def test_a_bundle_carries_a_graph_per_target_and_each_runtime_picks_its_own(tiny_model_dir, tmp_path):
+    out = tmp_path / "both"
+    report = export_quantized(ExportConfig(model=str(tiny_model_dir), out=out, targets=("tensorrt", "onnxruntime-cpu"),
+                                           sampler=FEW_STEPS, calib_samples=4, eval_samples=4, progress=False))
+    assert list(report.targets) == ["tensorrt", "onnxruntime-cpu"]
+    assert report.targets["onnxruntime-cpu"].graphs == ["model_cpu.onnx"]
+    bundle = load_bundle(out)
+    cpu = bundle.target("onnxruntime-cpu")
+    assert cpu["integer_kernels"]["QLinearConv"] > 0 and cpu["parity"]["passed"]
+    assert bundle.target("tensorrt")["lint"]["findings"] == 0
+    assert bundle.target_for("onnxruntime") == "onnxruntime-cpu" and bundle.target_for("tensorrt") == "tensorrt"
+    backend = quantized_backend(bundle, threads=1)
+    assert backend.model_path.name == "model_cpu.onnx"
+    assert replay_parity(bundle).passed and replay_parity(bundle, target="tensorrt").passed
+
+    only_trt = tmp_path / "trt"
+    export_quantized(ExportConfig(model=str(tiny_model_dir), out=only_trt, sampler=FEW_STEPS, calib_samples=4,
+                                  eval_samples=2, progress=False))
+    trt_bundle = load_bundle(only_trt)
+    assert trt_bundle.target_for("onnxruntime") == "tensorrt"  # the TensorRT graph is the onnxruntime fallback
+    with pytest.raises(BundleError, match="--target onnxruntime-cpu"):
+        trt_bundle.target("onnxruntime-cpu")
+
+
+def test_optimised_graph_cache_is_written_once_then_reused(calibrated, tmp_path):
+    model, data = calibrated
+    cpu = for_target(model, "onnxruntime-cpu")
+    calibrate_ranges(cpu, data, progress=False, only_uncalibrated=True)
+    export_onnx(cpu, tmp_path / "cpu.onnx", (1, 8, 8))
+    first = OnnxRuntimeBackend(tmp_path / "cpu.onnx", threads=1, cache_dir=tmp_path / "cache")
+    second = OnnxRuntimeBackend(tmp_path / "cpu.onnx", threads=1, cache_dir=tmp_path / "cache")
+    assert not first.loaded_from_cache and second.loaded_from_cache
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".onnx"]  # no partial file left
+    x, t = data.samples[:2], data.timesteps[:2]
+    torch.testing.assert_close(first(x, t), second(x, t), rtol=0, atol=0)
