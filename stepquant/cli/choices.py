@@ -9,6 +9,7 @@ from stepquant.export.targets import TARGETS
 from stepquant.quant.spec import FORMATS
 from stepquant.runtime.bundle_backends import BACKENDS
 from stepquant.runtime.corrections import METHODS as CORRECTION_METHODS
+from stepquant.runtime.onnxruntime_backend import OPTIMIZATION_LEVELS
 from stepquant.runtime.sampler import SCHEDULERS
 
 
@@ -23,3 +24,4 @@ Target = _choices("Target", TARGETS)
 Precision = _choices("Precision", PRECISIONS)
 Scheduler = _choices("Scheduler", SCHEDULERS)
 Correction = _choices("Correction", CORRECTION_METHODS)
+OptimizationLevel = _choices("OptimizationLevel", OPTIMIZATION_LEVELS)

@@ -10,11 +10,11 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from stepquant.cli.choices import RuntimeBackend, Scheduler
+from stepquant.cli.choices import OptimizationLevel, RuntimeBackend, Scheduler
 from stepquant.eval.evaluate import evaluate, plot_corrections, plot_errors
 from stepquant.eval.latency import measure_latency
 from stepquant.export import load_bundle
-from stepquant.runtime import SamplerConfig
+from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig
 from stepquant.runtime.bundle_backends import bundle_corrections, quantized_backend, reference_backend
 
 
@@ -81,16 +81,26 @@ def bench_command(
     bundle: Annotated[Path, typer.Option(help="Bundle whose graphs to time.")],
     batch: Annotated[Optional[list[int]], typer.Option(help="Batch size (repeatable; default 1 and 8).")] = None,
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads.")] = 2,
+    optimization_level: Annotated[OptimizationLevel, typer.Option(help="onnxruntime graph optimisation level.")] = OptimizationLevel.all,
+    cache_dir: Annotated[Optional[Path], typer.Option(
+        help="Keep onnxruntime's optimised graphs here and reuse them (faster start-up; valid on this machine only).")] = None,
 ) -> None:
-    """Per-forward latency of the bundle's Q/DQ graph against its FP32 graph on onnxruntime."""
+    """Per-forward latency of each of the bundle's quantized graphs (one per target profile) against its FP32 graph on onnxruntime."""
     loaded = load_bundle(bundle)
-    graphs = {"onnxruntime FP32": reference_backend(loaded, threads), "onnxruntime Q/DQ": quantized_backend(loaded, threads)}
-    print(f"{bundle}: {threads} threads, median of at least 10 calls after 3 warm-up calls")
+    graphs = {"onnxruntime FP32": OnnxRuntimeBackend(loaded.file(loaded.manifest["reference_graph"]), threads, optimization_level=optimization_level.value,
+                                                     cache_dir=cache_dir)}
+    for target in loaded.manifest["targets"]:
+        groups = loaded.target(target)["timestep_groups"]
+        graphs[f"{target} graph"] = OnnxRuntimeBackend(loaded.file(groups[0]["graph"]), threads, optimization_level=optimization_level.value,
+                                                       cache_dir=cache_dir)
+    print(f"{bundle}: {threads} intra-op threads, optimisation level {optimization_level.value}, median of at least 10 calls after 3 warm-up calls"
+          + (" (first graph of each target's timestep groups)" if any(len(loaded.target(t)["timestep_groups"]) > 1
+                                                                     for t in loaded.manifest["targets"]) else ""))
     for size in batch or [1, 8]:
         if size < 1:
             raise typer.BadParameter("must be at least 1", param_hint="--batch")
         results = {label: measure_latency(backend, loaded.sample_shape, size) for label, backend in graphs.items()}
         fp_ms = results["onnxruntime FP32"].median_ms
         for label, result in results.items():
-            print(f"  batch {size:<3} {label:<18} {result.median_ms:9.2f} ms  {result.images_per_second:9.1f} images/s  "
+            print(f"  batch {size:<3} {label:<22} {result.median_ms:9.2f} ms  {result.images_per_second:9.1f} images/s  "
                   f"{fp_ms / result.median_ms:5.2f}x vs FP32")
