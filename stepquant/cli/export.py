@@ -66,6 +66,8 @@ def export_command(
              "multistep / mixed-order: + a network stage over n sampler steps / towards the FP second-order direction.")] = Calibrator.minmax,
     percentile: Annotated[float, typer.Option(help="Percentile of |x| for --calibrator percentile.")] = 99.99,
     recon_iters: Annotated[int, typer.Option(help="Reconstruction iterations per block.")] = ReconstructionConfig.iters,
+    recon_scale_lr: Annotated[float, typer.Option(
+        help="Step-size learning rate of reconstruction, relative to each step size.")] = ReconstructionConfig.scale_lr,
     multistep_steps: Annotated[int, typer.Option(help="Consecutive sampler steps per multistep objective (n).")] = ReconstructionConfig.multistep_steps,
     split_skip_concat: Annotated[Optional[bool], typer.Option(
         help="Own quantizers for h and skip in decoder layers fed cat([h, skip]) (default: on for reconstruction calibrators).")] = None,
@@ -87,7 +89,7 @@ def export_command(
         model=model, out=out, quant=QuantSpec(weight_bits, act_bits, patterns, format.value, residual_qdq, split),
         precision=precision.value, correction=correction.value, targets=tuple(t.value for t in target or [Target.tensorrt]),
         sampler=SamplerConfig(scheduler.value, steps, eta), calibrator=calibrator.value, percentile=percentile,
-        reconstruction=ReconstructionConfig(iters=recon_iters, multistep_steps=multistep_steps),
+        reconstruction=ReconstructionConfig(iters=recon_iters, scale_lr=recon_scale_lr, multistep_steps=multistep_steps),
         timestep_groups=timestep_groups, steps_per_group=steps_per_group,
         calib_samples=calib_samples, calib_steps=calib_steps, seed=seed, eval_samples=eval_samples,
         engine=engine, require_parity=not allow_parity_failure, overwrite=overwrite, progress=progress,
