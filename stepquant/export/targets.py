@@ -6,8 +6,10 @@
 - `onnxruntime-cpu`: the same scales, with activations stored as UINT8 (zero point 128: the same grid
   values) beside INT8 weights, and Q/DQ only where onnxruntime fuses it into an integer kernel: a
   QuantizeLinear after every quantized Conv, so DQ -> Conv -> Q becomes QLinearConv (U8S8, the VNNI
-  fast path); Linear layers need none (DQ -> MatMul becomes MatMulIntegerToFloat); the residual skip
-  Q/DQ that TensorRT fuses into Conv+Add is dropped (on the CPU it is two extra passes, no kernel).
+  fast path). Linear layers stay float: onnxruntime turns their DQ -> MatMul into MatMulIntegerToFloat,
+  but with the QuantizeLinear in front that was slower than the float MatMul on the cifar10-size UNet
+  (326 against 263 ms at batch 8, docs/BENCHMARKS.md). The residual skip Q/DQ that TensorRT fuses into
+  Conv+Add is dropped too (on the CPU it is two extra passes and no kernel).
   The Conv output quantizers are the one addition; the caller calibrates them on the same calibration
   set (`calibrate_ranges(..., only_uncalibrated=True)`).
 """
@@ -40,7 +42,7 @@ def graph_file(base: str, target: str) -> str:
 def for_target(model: nn.Module, target: str) -> nn.Module:
     """The model whose export is the graph for `target`: `model` itself for tensorrt; for
     onnxruntime-cpu a copy with UINT8-stored activation grids, an (uncalibrated) output quantizer on
-    every quantized Conv and no residual quantizers. `model` is left unchanged."""
+    every quantized Conv, float Linear layers and no residual quantizers. `model` is left unchanged."""
     if target not in TARGETS:
         raise TargetError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     if target == "tensorrt":
@@ -53,7 +55,10 @@ def for_target(model: nn.Module, target: str) -> nn.Module:
             block.conv_shortcut = block.conv_shortcut.shortcut
     for quantizer in activation_quantizers(retargeted):
         quantizer.grid = dataclasses.replace(quantizer.grid, unsigned_storage=True)
-    for _, layer in quantized_layers(retargeted):
+    for name, layer in list(quantized_layers(retargeted)):
         if isinstance(layer.layer, nn.Conv2d):
             layer.output_quantizer = ActivationQuantizer(IntGrid(8, narrow=False, unsigned_storage=True))
+        else:  # back to the float layer (its input Q/DQ would only add work, see the module docstring)
+            parent, _, child = name.rpartition(".")
+            setattr(retargeted.get_submodule(parent) if parent else retargeted, child, layer.layer)
     return retargeted
