@@ -67,10 +67,10 @@ def calibration_inputs(shape) -> CalibrationSet:
     return CalibrationSet(torch.randn((len(timesteps), *shape), generator=generator), timesteps)
 
 
-def stepquant_graphs(unet, shape, data: CalibrationSet, workdir: Path, name: str) -> dict[str, Path]:
+def stepquant_graphs(unet, shape, data: CalibrationSet, workdir: Path, name: str, spec: QuantSpec = QuantSpec()) -> dict[str, Path]:
     """W8A8 graphs of both target profiles from one range calibration."""
     model = EpsilonModel(copy.deepcopy(unet))
-    quantize_(model, QuantSpec())
+    quantize_(model, spec)
     calibrate_ranges(model, data, batch_size=4, progress=False)
     paths = {"tensorrt": workdir / f"{name}-qdq.onnx", "onnxruntime-cpu": workdir / f"{name}-cpu.onnx"}
     export_onnx(model, paths["tensorrt"], shape)
@@ -137,11 +137,14 @@ def latency_rows(name: str, threads: int, workdir: Path) -> tuple[list[str], lis
     fp32 = workdir / f"{name}-fp32.onnx"
     export_onnx(EpsilonModel(unet), fp32, shape)
     ours = stepquant_graphs(unet, shape, data, workdir, name)
+    # every Conv/Linear quantized, as quantize_static does (no modelopt-style exclusions of conv_in/out, shortcuts)
+    unexcluded = stepquant_graphs(unet, shape, data, workdir, f"{name}-all", QuantSpec(exclude=()))
     peers = quantize_static_graphs(fp32, data, workdir, name)
     torch.set_num_threads(threads)
     backends = {
         "onnxruntime FP32": OnnxRuntimeBackend(fp32, threads),
         "stepquant INT8, onnxruntime-cpu profile": OnnxRuntimeBackend(ours["onnxruntime-cpu"], threads),
+        "stepquant INT8, onnxruntime-cpu profile, no exclusions": OnnxRuntimeBackend(unexcluded["onnxruntime-cpu"], threads),
         "stepquant INT8, tensorrt profile": OnnxRuntimeBackend(ours["tensorrt"], threads),
         **{f"quantize_static {label}": OnnxRuntimeBackend(path, threads) for label, path in peers.items()},
         "torch eager FP32": TorchBackend(EpsilonModel(unet)),
