@@ -36,7 +36,6 @@ from stepquant.export.targets import TARGETS, for_target, graph_file
 from stepquant.export.tensorrt import BatchProfile, build_engines, build_script, tensorrt_version
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
 from stepquant.quant import QuantSpec, quantize_
-from stepquant.quant.layers import QuantizedLayer
 from stepquant.quant.quantize import round_scales_
 from stepquant.runtime import SamplerConfig, TorchBackend, make_scheduler, sample
 from stepquant.runtime.bundle_backends import graph_backend
@@ -210,9 +209,8 @@ def _export_graph(q_model, path: Path, shape, config: ExportConfig, feeds: list,
         tolerance = (FP16_QDQ_TOLERANCE if config.precision == "fp16"
                      else FP8_QDQ_TOLERANCE if config.quant.format == "fp8" else QDQ_TOLERANCE)
     else:
-        convs = sum(isinstance(m, QuantizedLayer) and isinstance(m.layer, torch.nn.Conv2d) for m in q_model.modules())
         fused, _ = check_parity(q_model, path, feeds, QDQ_TOLERANCE, ort_level)
-        extra = {"integer_kernels": check_integer_convs(path, convs),
+        extra = {"integer_kernels": check_integer_convs(path, q_model),
                  "fused_kernels_median_reldiff": {f"{t.timestep:g}": t.median_reldiff for t in fused.timesteps}}
         tolerance, ort_level = QDQ_TOLERANCE, CPU_PARITY_LEVEL
     parity, results = check_parity(q_model, path, feeds, tolerance, ort_level)
@@ -254,6 +252,8 @@ def export_quantized(config: ExportConfig) -> ExportReport:
             raise ParityError(f"parity failed for FP torch vs FP ONNX: worst median relative error "
                               f"{fp_parity.worst_median_reldiff:.3g} > {fp_parity.tolerance_median_rel:g}")
         models = {target: for_target(q_model, target) for target in config.targets}
+        for model in models.values():  # same scales; a profile's extra output quantizers get their ranges here
+            calibrate_ranges(model, calib, progress=False, only_uncalibrated=True)
         exported: dict[str, list] = {target: [] for target in config.targets}  # (group entry, parity, kernels)
         for g, graph in enumerate(graphs):
             if scales is not None:
@@ -262,10 +262,8 @@ def export_quantized(config: ExportConfig) -> ExportReport:
                 round_scales_(q_model, torch.float16)
             feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch, graph.calibrated)
             for target, model in models.items():
-                if model is not q_model:  # same scales; the profile's extra output quantizers get ranges here
-                    if scales is not None:
-                        model.load_state_dict(q_model.state_dict(), strict=False)
-                    calibrate_ranges(model, calib, progress=False, only_uncalibrated=True)
+                if model is not q_model and scales is not None:  # this group's scales (strict=False: the
+                    model.load_state_dict(q_model.state_dict(), strict=False)  # profile adds or drops quantizers)
                 file = graph_file(graph.file, target)
                 parity_dir = graph.parity_dir if target == "tensorrt" else f"{graph.parity_dir}/{target}"
                 parity, results, kernels = _export_graph(model, staging / file, shape, config, feeds, ort_level, target)
@@ -294,7 +292,10 @@ def export_quantized(config: ExportConfig) -> ExportReport:
             if not reports:
                 save_comparison_grid(fp_samples[:32], q_samples[:32], staging / PREVIEW_FILE)
             parities = [parity for _, parity, _ in exported[target]]
-            kernels = exported[target][0][2]
+            extras = [extra for _, _, extra in exported[target]]
+            kernels = None if extras[0] is None else {
+                "integer_kernels": extras[0]["integer_kernels"],  # every group's graph has the same structure
+                "fused_kernels_median_reldiff": {t: v for extra in extras for t, v in extra["fused_kernels_median_reldiff"].items()}}
             reports[target] = TargetReport(
                 graphs=[entry["graph"] for entry, _, _ in exported[target]],
                 qdq_parity=ParityReport(parities[0].tolerance_median_rel, parities[0].error_quantile,

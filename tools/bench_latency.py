@@ -39,7 +39,7 @@ from stepquant.export.lint import check_conformance
 from stepquant.export.targets import for_target
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
 from stepquant.models.reference_configs import DDPM_CIFAR10_UNET
-from stepquant.quant import QuantizedLayer, QuantSpec, quantize_
+from stepquant.quant import QuantSpec, quantize_
 from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, TorchBackend, sample
 from stepquant.runtime.bundle_backends import quantized_backend
 
@@ -81,8 +81,7 @@ def stepquant_graphs(unet, shape, data: CalibrationSet, workdir: Path, name: str
     cpu = for_target(model, "onnxruntime-cpu")
     calibrate_ranges(cpu, data, batch_size=4, progress=False, only_uncalibrated=True)
     export_onnx(cpu, paths["onnxruntime-cpu"], shape)
-    convs = sum(isinstance(m, QuantizedLayer) and isinstance(m.layer, torch.nn.Conv2d) for m in cpu.modules())
-    print(name, "onnxruntime-cpu integer kernels:", check_integer_convs(paths["onnxruntime-cpu"], convs), flush=True)
+    print(name, "onnxruntime-cpu integer kernels:", check_integer_convs(paths["onnxruntime-cpu"], cpu), flush=True)
     return paths
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+from torch import nn
 
+from stepquant.quant.quantize import quantized_layers
 from stepquant.runtime.onnxruntime_backend import OPTIMIZATION_LEVELS
 
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger", "QLinearAdd")
@@ -32,8 +34,10 @@ def optimized_op_counts(path: Path, optimization_level: str = "all") -> Counter:
     return Counter(node.op_type for node in graph.node)
 
 
-def check_integer_convs(path: Path, quantized_convs: int) -> dict[str, int]:
-    """Raise unless at least `quantized_convs` QLinearConv kernels run; return the integer kernel counts."""
+def check_integer_convs(path: Path, model: nn.Module) -> dict[str, int]:
+    """Raise unless onnxruntime runs a QLinearConv for every quantized Conv of `model` (the fake-quant
+    model `path` was exported from); return the integer kernel counts."""
+    quantized_convs = sum(isinstance(layer.layer, nn.Conv2d) for _, layer in quantized_layers(model))
     counts = optimized_op_counts(path)
     kernels = {op: counts[op] for op in INTEGER_KERNELS if counts[op]}
     if counts["QLinearConv"] < quantized_convs:
