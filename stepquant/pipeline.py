@@ -1,8 +1,10 @@
 """`export_quantized(config)`: the whole job behind the `export-quantized` command.
 
-load model -> FP sampling trajectories -> quantize_ + calibration -> per target profile (tensorrt,
-onnxruntime-cpu) and timestep group: Q/DQ ONNX -> Polygraphy parity -> PSNR-to-FP on onnxruntime
-(and the FP ONNX reference) -> manifest -> atomic rename.
+load model (and, for conditional models, the conditioning: prompts through the pipeline's text encoder,
+or a conditioning file) -> FP sampling trajectories (guided) -> quantize_ + calibration -> per target
+profile (tensorrt, onnxruntime-cpu) and timestep group: Q/DQ ONNX -> Polygraphy parity (calibration
+inputs, and the corners of the declared shape ranges) -> PSNR-to-FP on onnxruntime (and the FP ONNX
+reference) -> manifest -> atomic rename.
 """
 
 from __future__ import annotations
@@ -32,14 +34,18 @@ from stepquant.export.fusion import check_integer_convs
 from stepquant.export.lint import check_conformance
 from stepquant.export.parity import parity_feeds, quiet_polygraphy
 from stepquant.export.precision import PRECISIONS, convert_to_fp16
+from stepquant.export.shapes import CORNERS, ShapeProfile, resize_inputs
 from stepquant.export.targets import TARGETS, for_target, graph_file
-from stepquant.export.tensorrt import BatchProfile, build_engines, build_script, tensorrt_version
-from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
+from stepquant.export.tensorrt import build_engines, build_script, tensorrt_version
+from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, LoadedModel, load_model
+from stepquant.models.denoisers import SEQUENCE, sample_shape
+from stepquant.models.prompts import encode_prompts, read_prompts
 from stepquant.quant import QuantSpec, quantize_
 from stepquant.quant.quantize import round_scales_
 from stepquant.runtime import SamplerConfig, TorchBackend, make_scheduler, sample
 from stepquant.runtime.bundle_backends import graph_backend
 from stepquant.runtime.corrections import METHODS as CORRECTION_METHODS
+from stepquant.runtime.guidance import Conditioning, ConditioningError
 
 CALIBRATION_SEED_OFFSET = 1_000_000  # calibration trajectories never share seeds with evaluation
 # Median relative error allowed between the fake-quant torch model and the Q/DQ graph on onnxruntime.
@@ -88,7 +94,10 @@ class ExportConfig:
     # Coarse grids (4-bit, FP8) and the near-singular noise estimate at t ~ 0 can turn one float rounding
     # difference into a grid flip that fails parity without anything being wrong; allow keeping such bundles.
     require_parity: bool = True
-    engine_profile: BatchProfile = field(default_factory=BatchProfile)
+    # conditional models: prompts (one per line, encoded by the pipeline's text encoder) or a conditioning file
+    prompts_file: Path | None = None
+    conditioning: Path | None = None
+    shapes: ShapeProfile = field(default_factory=ShapeProfile)  # batch/height/width/sequence ranges of the graphs
     overwrite: bool = False
     progress: bool = True
 
@@ -109,6 +118,8 @@ class ExportConfig:
             raise ValueError(f"targets must be distinct values from {', '.join(TARGETS)}, got {list(self.targets)}")
         if "onnxruntime-cpu" in self.targets and (self.precision != "fp32" or self.quant.format != "int8"):
             raise ValueError("the onnxruntime-cpu target is INT8 with FP32 compute: drop --format fp8 / --precision fp16 for it")
+        if self.prompts_file is not None and self.conditioning is not None:
+            raise ValueError("give either prompts-file or conditioning, not both")
         for name in ("calib_samples", "eval_samples", "parity_timesteps", "parity_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -160,10 +171,64 @@ def _versions() -> dict:
     return {"python": platform.python_version(), **{p: version(p) for p in packages}}
 
 
-def _parity_subset(calib: CalibrationSet, count: int, batch: int, timesteps: list[float]) -> list:
+def _parity_subset(calib: CalibrationSet, count: int, batch: int, timesteps: list[float],
+                   shapes: ShapeProfile | None = None, conditions=()) -> list:
+    """Feeds at `count` of `timesteps` as calibrated (batch `batch`, not the traced 2, so the batch axis is
+    exercised); where `shapes` declares dynamic sizes, also the first and middle timestep at its corners
+    (min sizes at batch 2, max sizes at `batch`), resized from calibration inputs.
+
+    Corners avoid batch 1 and t ~ 0, where Q/DQ rounding ties flip on float noise alone: at batch 1
+    onnxruntime's CPU convolutions sum in another order (demo model, t = 750: median 2.7e-3 between
+    onnxruntime's own batch-1 and batch-4 outputs of one input), so such checks would measure onnxruntime's
+    kernels, not the export."""
     picks = [timesteps[round(i * (len(timesteps) - 1) / max(1, count - 1))] for i in range(min(count, len(timesteps)))]
     parts = [calib.at_timestep(t, batch) for t in dict.fromkeys(picks)]
-    return parity_feeds(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    feeds = parity_feeds(torch.cat([p.samples for p in parts]), torch.cat([p.timesteps for p in parts]),
+                         {k: torch.cat([p.conditions[k] for p in parts]) for k in calib.conditions})
+    if shapes is None or not any(d is not None and d.dynamic for d in (shapes.height, shapes.width, shapes.sequence)):
+        return feeds
+    for corner in CORNERS:
+        size = {dim: getattr(getattr(shapes, dim), corner) for dim in ("height", "width")}
+        rows = min(max(2 if corner == "min" else batch, shapes.batch.min), shapes.batch.max)
+        sequence = getattr(shapes.sequence, corner) if shapes.sequence is not None else None
+        for t in dict.fromkeys((timesteps[0], timesteps[len(timesteps) // 2])):
+            part = calib.at_timestep(t, len(calib))
+            samples, cond = resize_inputs(part.samples, part.conditions, conditions, rows, size["height"], size["width"], sequence)
+            feeds += parity_feeds(samples, torch.full((rows,), t), cond)
+    return feeds
+
+
+def _conditioning(config: ExportConfig, loaded: LoadedModel, model: EpsilonModel, shape) -> Conditioning | None:
+    """The prompts' (or the file's) conditioning a conditional model is calibrated and evaluated with."""
+    if not model.conditions:
+        if config.prompts_file or config.conditioning:
+            raise ConditioningError(f"{type(loaded.denoiser).__name__} is unconditional: drop --prompts-file/--conditioning")
+        return None
+    if config.conditioning is not None:
+        conditioning = Conditioning.load(config.conditioning)
+    elif config.prompts_file is not None:
+        if loaded.pipeline is None:
+            raise ConditioningError("--prompts-file needs --model to be a pipeline directory (its text encoder "
+                                    "encodes the prompts); or pass --conditioning")
+        conditioning = encode_prompts(loaded.pipeline, read_prompts(config.prompts_file), model.conditions, shape)
+    else:
+        raise ConditioningError(f"{type(loaded.denoiser).__name__} is conditioned on {', '.join(model.condition_names)}: "
+                                "pass --prompts-file (encoded by the pipeline's text encoder) or --conditioning")
+    conditioning.check_inputs(model.condition_names)
+    for condition in model.conditions:
+        expected = [d for d in condition.shape if d != SEQUENCE]
+        found = [d for d, c in zip(conditioning.cond[condition.name].shape[1:], condition.shape) if c != SEQUENCE]
+        if expected != found or conditioning.cond[condition.name].dim() != 1 + len(condition.shape):
+            raise ConditioningError(f"condition {condition.name} has shape {tuple(conditioning.cond[condition.name].shape)}; "
+                                    f"the model takes [prompts, {', '.join(map(str, condition.shape))}]")
+    return conditioning
+
+
+def _sequence_length(model: EpsilonModel, conditioning: Conditioning | None) -> int | None:
+    for condition in model.conditions:
+        if SEQUENCE in condition.shape:
+            return conditioning.cond[condition.name].shape[1 + condition.shape.index(SEQUENCE)]
+    return None
 
 
 @dataclass
@@ -196,11 +261,11 @@ def _graphs(config: ExportConfig, calib: CalibrationSet, q_model, scheduler_conf
 
 
 def _export_graph(q_model, path: Path, shape, config: ExportConfig, feeds: list, ort_level: str,
-                  target: str) -> tuple[ParityReport, RunResults, dict | None]:
+                  target: str, shapes: ShapeProfile) -> tuple[ParityReport, RunResults, dict | None]:
     """Export one Q/DQ graph, check it for its target (TensorRT's Q/DQ rules, or onnxruntime's integer
     kernels) and against the torch model; return parity, the runs and, for the CPU target, the integer
     kernels and the fused kernels' distance to the simulation."""
-    export_onnx(q_model, path, shape, opset=19 if config.precision == "fp16" else config.quant.opset)
+    export_onnx(q_model, path, shape, opset=19 if config.precision == "fp16" else config.quant.opset, profile=shapes)
     if config.precision == "fp16":
         convert_to_fp16(path)
     extra = None
@@ -225,18 +290,24 @@ def _export_graph(q_model, path: Path, shape, config: ExportConfig, feeds: list,
 def export_quantized(config: ExportConfig) -> ExportReport:
     start = time.perf_counter()
     loaded = load_model(config.model)
-    unet_config = loaded.unet.config
-    shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
-    fp_model = EpsilonModel(loaded.unet)
+    shape = sample_shape(loaded.denoiser)
+    fp_model = EpsilonModel(loaded.denoiser)
     if config.engine:
         tensorrt_version()  # fail before any work when the engine cannot be built here
+    conditioning = _conditioning(config, loaded, fp_model, shape)
+    if conditioning is not None and config.correction != "none":
+        raise ValueError("correction terms are estimated along unguided trajectories: use --correction none for "
+                         "conditional models")
+    shapes = config.shapes.resolved(shape, _sequence_length(fp_model, conditioning))
+    latent = bool(fp_model.conditions)  # every conditional architecture here samples latents for a VAE
     # onnxruntime's CPU fusions reject FLOAT8 Q/DQ (MatMulIntegerToFloat); basic optimisations run it
     ort_level = "basic" if config.quant.format == "fp8" else "all"
     with staged_directory(config.out, config.overwrite) as staging:
         calib_seeds = range(CALIBRATION_SEED_OFFSET + config.seed, CALIBRATION_SEED_OFFSET + config.seed + config.calib_samples)
         calib = collect_calibration_set(TorchBackend(fp_model), loaded.scheduler_config, calib_seeds, shape,
-                                        config.sampler, config.calib_steps or config.sampler.steps, config.progress)
-        q_model = EpsilonModel(copy.deepcopy(loaded.unet))
+                                        config.sampler, config.calib_steps or config.sampler.steps, config.progress,
+                                        conditioning)
+        q_model = EpsilonModel(copy.deepcopy(loaded.denoiser))
         layer_names = quantize_(q_model, config.quant)
         calibration = calibrate_(fp_model, q_model, calib, config.calibrator, loaded.scheduler_config, config.sampler,
                                  config.percentile, config.reconstruction, config.progress)
@@ -245,8 +316,9 @@ def export_quantized(config: ExportConfig) -> ExportReport:
         # the process's peak resident memory so far: in a fresh process, the peak of loading and calibrating
         calibration["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
-        export_onnx(fp_model, staging / FP_MODEL_FILE, shape)
-        all_feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch, calib.unique_timesteps())
+        export_onnx(fp_model, staging / FP_MODEL_FILE, shape, profile=shapes)
+        all_feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch, calib.unique_timesteps(),
+                                   shapes, fp_model.conditions)
         fp_parity, _ = check_parity(fp_model, staging / FP_MODEL_FILE, all_feeds, FP_TOLERANCE)
         if not fp_parity.passed:  # the FP graph must match: nothing quantized can explain a difference
             raise ParityError(f"parity failed for FP torch vs FP ONNX: worst median relative error "
@@ -260,13 +332,14 @@ def export_quantized(config: ExportConfig) -> ExportReport:
                 set_scales(q_model, scales[g])
             if config.precision == "fp16":
                 round_scales_(q_model, torch.float16)
-            feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch, graph.calibrated)
+            feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch, graph.calibrated,
+                                   shapes, fp_model.conditions)
             for target, model in models.items():
                 if model is not q_model and scales is not None:  # this group's scales (strict=False: the
                     model.load_state_dict(q_model.state_dict(), strict=False)  # profile adds or drops quantizers)
                 file = graph_file(graph.file, target)
                 parity_dir = graph.parity_dir if target == "tensorrt" else f"{graph.parity_dir}/{target}"
-                parity, results, kernels = _export_graph(model, staging / file, shape, config, feeds, ort_level, target)
+                parity, results, kernels = _export_graph(model, staging / file, shape, config, feeds, ort_level, target, shapes)
                 (staging / parity_dir).mkdir(parents=True)
                 with quiet_polygraphy():
                     save_json(feeds, staging / parity_dir / "inputs.json", description="parity inputs")
@@ -283,12 +356,15 @@ def export_quantized(config: ExportConfig) -> ExportReport:
             corrections.save(staging / CORRECTIONS_FILE)
         eval_seeds = range(config.seed, config.seed + config.eval_samples)
         fp_samples = sample(TorchBackend(fp_model), loaded.scheduler_config, eval_seeds, shape, config.sampler,
-                            progress=config.progress, desc="FP samples").samples
+                            progress=config.progress, desc="FP samples", conditioning=conditioning, clip=not latent).samples
+        # latents are not in [-1, 1]: their PSNR is taken over the FP latents' peak-to-peak range
+        data_range = float(fp_samples.max() - fp_samples.min()) if latent else 2.0
         reports: dict[str, TargetReport] = {}
         for target, backend in deployed.items():
             q_samples = sample(backend, loaded.scheduler_config, eval_seeds, shape, config.sampler, progress=config.progress,
-                               desc=f"{target} graph samples (onnxruntime)", corrections=corrections).samples
-            scores = psnr(q_samples, fp_samples)
+                               desc=f"{target} graph samples (onnxruntime)", corrections=corrections,
+                               conditioning=conditioning, clip=not latent).samples
+            scores = psnr(q_samples, fp_samples, data_range)
             if not reports:
                 save_comparison_grid(fp_samples[:32], q_samples[:32], staging / PREVIEW_FILE)
             parities = [parity for _, parity, _ in exported[target]]
@@ -306,6 +382,7 @@ def export_quantized(config: ExportConfig) -> ExportReport:
             "parity": report.qdq_parity.to_dict(),
             "quality": {"psnr_to_fp_db_mean": report.psnr_mean_db, "psnr_to_fp_db_min": report.psnr_min_db,
                         "samples": config.eval_samples, "seeds": [config.seed, config.seed + config.eval_samples - 1],
+                        "space": "latent" if latent else "pixel", "psnr_data_range": data_range,
                         "executed_by": "onnxruntime CPUExecutionProvider"},
             **({"lint": {"rules": "tensorrt explicit quantization", "findings": 0}} if target == "tensorrt"
                else {**report.integer_kernels, "parity_optimization_level": CPU_PARITY_LEVEL}),
@@ -314,14 +391,20 @@ def export_quantized(config: ExportConfig) -> ExportReport:
 
         engine = {}
         if trt_graphs:
-            (staging / BUILD_SCRIPT).write_text(build_script(trt_graphs, shape, config.engine_profile))
+            input_shapes = shapes.input_shapes(shape[0], fp_model.conditions)
+            (staging / BUILD_SCRIPT).write_text(build_script(trt_graphs, input_shapes))
             (staging / BUILD_SCRIPT).chmod(0o755)
-            engine = {"build_script": BUILD_SCRIPT, "batch_profile": asdict(config.engine_profile)}
+            engine = {"build_script": BUILD_SCRIPT, "input_shapes": input_shapes}
             if config.engine:
-                engine.update(build_engines(staging, trt_graphs, shape, config.engine_profile))
+                engine.update(build_engines(staging, trt_graphs, input_shapes))
         write_manifest(staging, {
             "source_model": loaded.source,
             "sample_shape": list(shape),
+            "inputs": {"conditions": [{"name": c.name, "shape": list(c.shape)} for c in fp_model.conditions],
+                       "shape_profile": shapes.to_dict()},
+            "conditioning": None if conditioning is None else {
+                "source": str(config.prompts_file or config.conditioning), "prompts": len(conditioning),
+                "calibration_copies": "unconditional and conditional" if config.sampler.guidance_scale != 1.0 else "conditional"},
             "noise_schedule": loaded.scheduler_config,
             "sampler": asdict(config.sampler),
             "targets": targets_manifest,

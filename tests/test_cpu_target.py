@@ -30,7 +30,7 @@ from stepquant.runtime.bundle_backends import quantized_backend
 @pytest.fixture(scope="module")
 def calibrated(tiny_model_dir):
     """A tiny UNet at W8A8 with ranges calibrated on noise at three timesteps, and that data."""
-    model = EpsilonModel(copy.deepcopy(load_model(str(tiny_model_dir)).unet))
+    model = EpsilonModel(copy.deepcopy(load_model(str(tiny_model_dir)).denoiser))
     quantize_(model, QuantSpec())
     generator = torch.Generator().manual_seed(0)
     timesteps = torch.tensor([900.0, 500.0, 100.0]).repeat_interleave(4)

@@ -51,12 +51,12 @@ def test_classifier_held_out_accuracy_is_at_least_95_percent():
 @pytest.fixture(scope="module")
 def demo_backends():
     loaded = load_model("demo-digits")
-    fp = EpsilonModel(loaded.unet)
+    fp = EpsilonModel(loaded.denoiser)
     config = SamplerConfig(steps=5)
     calib = collect_calibration_set(TorchBackend(fp), loaded.scheduler_config, range(100, 104), (1, 16, 16), config, 5, progress=False)
     quantized = {}
     for bits in (8, 4):
-        model = EpsilonModel(copy.deepcopy(loaded.unet))
+        model = EpsilonModel(copy.deepcopy(loaded.denoiser))
         quantize_(model, QuantSpec(bits, bits))
         calibrate_ranges(model, calib, progress=False)
         quantized[bits] = TorchBackend(model)

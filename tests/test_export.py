@@ -20,9 +20,9 @@ from tests.conftest import FEW_STEPS
 def exported(tiny_model_dir, tmp_path_factory):
     loaded = load_model(str(tiny_model_dir))
     shape = (1, 8, 8)
-    calib = collect_calibration_set(TorchBackend(EpsilonModel(loaded.unet)), loaded.scheduler_config, range(4), shape,
+    calib = collect_calibration_set(TorchBackend(EpsilonModel(loaded.denoiser)), loaded.scheduler_config, range(4), shape,
                                     FEW_STEPS, calib_steps=4, progress=False)
-    model = EpsilonModel(loaded.unet)
+    model = EpsilonModel(loaded.denoiser)
     quantize_(model, QuantSpec())
     calibrate_ranges(model, calib, progress=False)
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
@@ -63,7 +63,7 @@ def test_residual_adds_get_qdq_on_the_skip_input_only(exported):
     for add in adds:
         kinds = sorted(producer[i].op_type for i in add.input)
         assert kinds == ["Conv", "DequantizeLinear"], (add.name, kinds)  # conv2 direct, skip through Q/DQ
-    plain = EpsilonModel(load_model(str(exported[3])).unet)
+    plain = EpsilonModel(load_model(str(exported[3])).denoiser)
     assert quantize_(plain, QuantSpec(quantize_residuals=False))
     assert not [m for m in plain.modules() if isinstance(m, ResidualQuantizer)]
     assert proto.opset_import[0].version >= 17

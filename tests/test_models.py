@@ -11,13 +11,13 @@ from stepquant.models import DEMO_MODEL_NAME, ModelLoadError, load_model
 
 def test_demo_model_loads_by_name():
     loaded = load_model(DEMO_MODEL_NAME)
-    assert loaded.unet.config.sample_size == 16 and loaded.unet.config.in_channels == 1
-    assert 0.8e6 < sum(p.numel() for p in loaded.unet.parameters()) < 1.5e6
+    assert loaded.denoiser.config.sample_size == 16 and loaded.denoiser.config.in_channels == 1
+    assert 0.8e6 < sum(p.numel() for p in loaded.denoiser.parameters()) < 1.5e6
     assert loaded.scheduler_config["num_train_timesteps"] == 1000
 
 
 def test_pipeline_and_bare_model_directories(tiny_model_dir):
-    assert load_model(str(tiny_model_dir)).unet.config.sample_size == 8
+    assert load_model(str(tiny_model_dir)).denoiser.config.sample_size == 8
     assert load_model(str(tiny_model_dir / "unet")).scheduler_config["beta_schedule"] == "linear"
 
 

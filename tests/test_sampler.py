@@ -11,7 +11,7 @@ from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, TorchBackend, s
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir))
-    return TorchBackend(EpsilonModel(loaded.unet)), loaded.scheduler_config
+    return TorchBackend(EpsilonModel(loaded.denoiser)), loaded.scheduler_config
 
 
 @pytest.mark.parametrize("config", [SamplerConfig("ddim", 4, 0.0), SamplerConfig("ddim", 4, 1.0), SamplerConfig("ddpm", 4)])

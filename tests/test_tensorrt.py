@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from stepquant.export import load_bundle
-from stepquant.export.tensorrt import REMOVED_IN_11, TRTEXEC_FLAGS, BatchProfile, build_script, trtexec_command
+from stepquant.export.shapes import DimRange, ShapeProfile
+from stepquant.export.tensorrt import REMOVED_IN_11, TRTEXEC_FLAGS, build_script, trtexec_command
 
-SHAPE = (1, 16, 16)
+SHAPES = ShapeProfile(DimRange(1, 8, 64)).resolved((1, 16, 16), None).input_shapes(1, ())
 
 
 def flags(command: list[str]) -> dict[str, str]:
@@ -21,7 +22,7 @@ def flags(command: list[str]) -> dict[str, str]:
 
 @pytest.mark.parametrize("major", [10, 11])
 def test_commands_use_only_documented_flags(major):
-    command = trtexec_command(major, "model.onnx", SHAPE, BatchProfile(1, 8, 64))
+    command = trtexec_command(major, "model.onnx", SHAPES)
     used = flags(command)
     assert command[0] == "trtexec"
     assert set(used) <= TRTEXEC_FLAGS[major]
@@ -35,14 +36,14 @@ def test_commands_use_only_documented_flags(major):
 
 def test_unsupported_versions_and_profiles_are_refused():
     with pytest.raises(ValueError, match="TensorRT 9.x"):
-        trtexec_command(9, "model.onnx", SHAPE)
+        trtexec_command(9, "model.onnx", SHAPES)
     with pytest.raises(ValueError, match="min <= opt <= max"):
-        BatchProfile(8, 4, 16)
+        DimRange(8, 4, 16)
 
 
 @pytest.fixture
 def script_dir(tmp_path):
-    (tmp_path / "build_engine.sh").write_text(build_script(["model.onnx"], SHAPE))
+    (tmp_path / "build_engine.sh").write_text(build_script(["model.onnx"], SHAPES))
     (tmp_path / "build_engine.sh").chmod(0o755)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -62,7 +63,7 @@ def run_script(directory: Path, **env):
 
 
 def test_build_script_is_valid_bash():
-    assert subprocess.run(["bash", "-n", "-c", build_script(["model.onnx"], SHAPE)]).returncode == 0
+    assert subprocess.run(["bash", "-n", "-c", build_script(["model.onnx"], SHAPES)]).returncode == 0
 
 
 @pytest.mark.parametrize("version, major", [("100300", 10), ("110100", 11)])
@@ -70,7 +71,7 @@ def test_build_script_picks_the_command_of_the_installed_version(script_dir, ver
     result = run_script(script_dir, FAKE_TRT_VERSION=version)
     assert result.returncode == 0, result.stderr
     recorded = shlex.split((script_dir / "bin" / "args").read_text())
-    assert recorded == trtexec_command(major, "model.onnx", SHAPE)[1:]
+    assert recorded == trtexec_command(major, "model.onnx", SHAPES)[1:]
     assert f"TensorRT {major}.x" in result.stdout
 
 
@@ -83,7 +84,8 @@ def test_build_script_refuses_other_versions(script_dir):
 def test_every_bundle_carries_the_build_script(demo_bundle):
     bundle = load_bundle(demo_bundle[0])
     script = bundle.file("build_engine.sh").read_text()
-    assert script == build_script(["model.onnx"], bundle.sample_shape)
+    assert script == build_script(["model.onnx"], bundle.shape_profile.input_shapes(1, ()))
+    assert bundle.manifest["engine"]["input_shapes"]["sample"]["max"] == [64, 1, 16, 16]
     assert os.access(bundle.file("build_engine.sh"), os.X_OK)
     assert bundle.manifest["engine"]["build_script"] == "build_engine.sh"
 

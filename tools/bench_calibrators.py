@@ -48,7 +48,7 @@ def memory_child(steps: int, unrolled: bool, batch: int, iters: int) -> None:
 
     torch.set_num_threads(2)
     loaded = load_model(DEMO_MODEL_NAME)
-    fp = EpsilonModel(loaded.unet).eval()
+    fp = EpsilonModel(loaded.denoiser).eval()
     sampler = SamplerConfig()
     calib = collect_calibration_set(TorchBackend(fp), loaded.scheduler_config, range(CALIBRATION_SEED_OFFSET, CALIBRATION_SEED_OFFSET + 16),
                                     (1, 16, 16), sampler, sampler.steps, progress=False)
@@ -109,7 +109,7 @@ def main() -> None:
     loaded = load_model(DEMO_MODEL_NAME)
     shape = (1, 16, 16)
     sampler = SamplerConfig()
-    fp_model = EpsilonModel(loaded.unet)
+    fp_model = EpsilonModel(loaded.denoiser)
     seeds = range(CALIBRATION_SEED_OFFSET, CALIBRATION_SEED_OFFSET + args.calib_samples)
     calib = collect_calibration_set(TorchBackend(fp_model), loaded.scheduler_config, seeds, shape, sampler, sampler.steps, progress=False)
     lines = [f"{args.n} seeds, {sampler.steps} DDIM steps (eta 0), {args.calib_samples} calibration trajectories "

@@ -70,7 +70,7 @@ def main() -> None:
     loaded = load_model(DEMO_MODEL_NAME)
     shape = (1, 16, 16)
     sampler = SamplerConfig("ddim", args.steps, args.eta)
-    fp_model = EpsilonModel(loaded.unet)
+    fp_model = EpsilonModel(loaded.denoiser)
     seeds = range(CALIBRATION_SEED_OFFSET, CALIBRATION_SEED_OFFSET + args.calib_samples)
     calib = collect_calibration_set(TorchBackend(fp_model), loaded.scheduler_config, seeds, shape, sampler, args.steps, progress=False)
     rows: list[Row] = []

@@ -56,7 +56,7 @@ QUANTIZE_STATIC = {
 
 def build_models(name: str):
     if name == "demo":
-        unet = load_model(DEMO_MODEL_NAME).unet
+        unet = load_model(DEMO_MODEL_NAME).denoiser
     else:
         torch.manual_seed(0)
         unet = UNet2DModel(**DDPM_CIFAR10_UNET).eval().requires_grad_(False)

@@ -170,9 +170,9 @@ def main() -> None:
     torch.set_num_threads(2)
     start = time.perf_counter()
     loaded = load_model(DEMO_MODEL_NAME)
-    shape = (1, loaded.unet.config.sample_size, loaded.unet.config.sample_size)
+    shape = (1, loaded.denoiser.config.sample_size, loaded.denoiser.config.sample_size)
     sampler = SamplerConfig("ddim", args.steps, args.eta)
-    fp_model = EpsilonModel(loaded.unet)
+    fp_model = EpsilonModel(loaded.denoiser)
     seeds = range(CALIBRATION_SEED_OFFSET, CALIBRATION_SEED_OFFSET + args.calib_samples)  # what export_quantized uses
     calib = collect_calibration_set(TorchBackend(fp_model), loaded.scheduler_config, seeds, shape, sampler, args.steps, progress=False)
     rows: list[Row] = []

@@ -20,7 +20,8 @@ from stepquant.quant.quantize import bake_rounding_
 from stepquant.runtime.sampler import SamplerConfig, make_scheduler
 
 OBSERVER_CALIBRATORS = {"minmax": "max", "percentile": "percentile", "mse": "mse"}
-RECONSTRUCTION_CALIBRATORS = ("reconstruct", "multistep", "mixed-order")
+TRAJECTORY_CALIBRATORS = ("multistep", "mixed-order")
+RECONSTRUCTION_CALIBRATORS = ("reconstruct", *TRAJECTORY_CALIBRATORS)
 CALIBRATORS = (*OBSERVER_CALIBRATORS, *RECONSTRUCTION_CALIBRATORS)
 
 
@@ -38,6 +39,9 @@ def calibrate_(
     """Calibrate the fake-quant `q_model` in place against `fp_model`; return a summary for the manifest."""
     if calibrator not in CALIBRATORS:
         raise ValueError(f"unknown calibrator {calibrator!r}; choose from {', '.join(CALIBRATORS)}")
+    if calibrator in TRAJECTORY_CALIBRATORS and data.conditions:
+        raise ValueError(f"the {calibrator} calibrator follows unguided sampler steps and supports unconditional "
+                         "models only; use reconstruct, minmax, percentile or mse for conditional ones")
     calibrate_ranges(q_model, data, OBSERVER_CALIBRATORS.get(calibrator, "max"), percentile, progress=progress)
     summary: dict = {"calibrator": calibrator}
     if calibrator in OBSERVER_CALIBRATORS:

@@ -1,36 +1,48 @@
 """Timestep-aware calibration data (the Q-Diffusion recipe): run the FP model's own sampler from
-seeded noise and keep (x_t, t) at uniformly spaced sampler steps."""
+seeded noise and keep the network's inputs at uniformly spaced sampler steps. With classifier-free
+guidance the network sees each x_t twice, with the unconditional and the conditional inputs: both
+copies are kept, as Q-Diffusion does for Stable Diffusion."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from stepquant.runtime.backend import Backend
-from stepquant.runtime.sampler import SamplerConfig, sample
+from stepquant.runtime.guidance import Conditioning
+from stepquant.runtime.sampler import SamplerConfig, make_scheduler, sample
 
 
 @dataclass
 class CalibrationSet:
-    """Network inputs from sampling trajectories: samples [N,C,H,W] and timesteps [N] (float32)."""
+    """Network inputs from sampling trajectories: samples [N,C,H,W], timesteps [N] (float32) and, for
+    conditional models, each condition input [N, ...] in the model's input order."""
 
     samples: torch.Tensor
     timesteps: torch.Tensor
+    conditions: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.timesteps)
 
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(self), batch_size):
-            yield self.samples[start : start + batch_size], self.timesteps[start : start + batch_size]
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        """(samples, timesteps, *conditions): the positional arguments of an EpsilonModel."""
+        return (self.samples, self.timesteps, *self.conditions.values())
 
-    def at_timestep(self, timestep: float, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def subset(self, index: torch.Tensor | slice) -> CalibrationSet:
+        return CalibrationSet(self.samples[index], self.timesteps[index], {k: v[index] for k, v in self.conditions.items()})
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Model inputs (samples, timesteps, *conditions), `batch_size` rows at a time."""
+        for start in range(0, len(self), batch_size):
+            yield self.subset(slice(start, start + batch_size)).inputs()
+
+    def at_timestep(self, timestep: float, count: int) -> CalibrationSet:
         """The first `count` inputs recorded at `timestep`."""
-        index = torch.nonzero(self.timesteps == timestep).flatten()[:count]
-        return self.samples[index], self.timesteps[index]
+        return self.subset(torch.nonzero(self.timesteps == timestep).flatten()[:count])
 
     def unique_timesteps(self) -> list[float]:
         return sorted({float(t) for t in self.timesteps}, reverse=True)
@@ -42,6 +54,18 @@ def calibration_step_indices(steps: int, calib_steps: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, steps - 1, count).round()})
 
 
+class _Recorder:
+    """A backend that passes calls through and keeps the inputs it sees at the chosen timesteps."""
+
+    def __init__(self, backend: Backend, timesteps: set[float]) -> None:
+        self.backend, self.timesteps, self.calls = backend, timesteps, []
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
+        if float(timestep[0]) in self.timesteps:
+            self.calls.append((sample.clone(), timestep.clone(), {k: v.clone() for k, v in conditions.items()}))
+        return self.backend(sample, timestep, **conditions)
+
+
 def collect_calibration_set(
     backend: Backend,
     scheduler_config: dict,
@@ -50,17 +74,13 @@ def collect_calibration_set(
     sampler: SamplerConfig,
     calib_steps: int,
     progress: bool = True,
+    conditioning: Conditioning | None = None,
 ) -> CalibrationSet:
     """Sample with the FP `backend` and record the inputs it sees at the chosen steps."""
-    keep = set(calibration_step_indices(sampler.steps, calib_steps))
-    xs: list[torch.Tensor] = []
-    ts: list[torch.Tensor] = []
-
-    def record(index: int, timestep: int, x: torch.Tensor) -> None:
-        if index in keep:
-            xs.append(x.clone())
-            ts.append(torch.full((len(x),), float(timestep)))
-
-    sample(backend, scheduler_config, seeds, sample_shape, sampler, on_step=record, progress=progress,
-           desc="calibration trajectories")
-    return CalibrationSet(samples=torch.cat(xs), timesteps=torch.cat(ts))
+    timesteps = make_scheduler(sampler, scheduler_config).timesteps
+    recorder = _Recorder(backend, {float(timesteps[i]) for i in calibration_step_indices(sampler.steps, calib_steps)})
+    sample(recorder, scheduler_config, seeds, sample_shape, sampler, progress=progress, desc="calibration trajectories",
+           conditioning=conditioning)
+    names = recorder.calls[0][2].keys()
+    return CalibrationSet(samples=torch.cat([c[0] for c in recorder.calls]), timesteps=torch.cat([c[1] for c in recorder.calls]),
+                          conditions={name: torch.cat([c[2][name] for c in recorder.calls]) for name in names})

@@ -47,7 +47,7 @@ def multistep_objective(fp_model: nn.Module, q_model: nn.Module, data: Calibrati
     def objective(_it: int) -> float:
         k = starts[int(torch.randint(len(starts), (1,), generator=generator))]
         chain = timesteps[k : k + steps]
-        pool, _ = data.at_timestep(float(timesteps[k]), len(data))
+        pool = data.at_timestep(float(timesteps[k]), len(data)).samples
         x = pool[torch.randint(len(pool), (batch_size,), generator=generator)]
         with torch.no_grad():
             target = _run(fp_model, scheduler, x, chain)

@@ -67,9 +67,9 @@ def calibrate_ranges(
             quantizer.observer = observers[name]
         try:
             with torch.inference_mode():
-                for samples, timesteps in tqdm(list(data.batches(batch_size)), desc="observing ranges", unit="batch",
-                                               disable=not progress, leave=False):
-                    model(samples, timesteps)
+                for inputs in tqdm(list(data.batches(batch_size)), desc="observing ranges", unit="batch",
+                                   disable=not progress, leave=False):
+                    model(*inputs)
         except FloatingPointError as err:
             raise CalibrationError(str(err)) from err
     amax: dict[str, float] = {}

@@ -81,8 +81,7 @@ def reconstruction_units(model: nn.Module, data: CalibrationSet) -> list[str]:
              for n, m in candidates.items()]
     try:
         with torch.no_grad():
-            samples, timesteps = next(data.batches(1))
-            model(samples, timesteps)
+            model(*next(data.batches(1)))
     finally:
         for hook in hooks:
             hook.remove()
@@ -111,9 +110,9 @@ def _capture(model: nn.Module, name: str, data: CalibrationSet, want_output: boo
             else block.register_forward_pre_hook(on_input, with_kwargs=True))
     try:
         with torch.no_grad():
-            for samples, timesteps in data.batches(batch_size):
+            for inputs in data.batches(batch_size):
                 try:
-                    model(samples, timesteps)
+                    model(*inputs)
                 except _Stop:
                     pass
     finally:

@@ -32,8 +32,8 @@ def range_profile(model: nn.Module, data: CalibrationSet) -> tuple[list[float], 
             observers = [_MaxObserver() for _ in quantizers]
             for (_, quantizer), observer in zip(quantizers, observers):
                 quantizer.observer = observer
-            for samples, steps in CalibrationSet(*data.at_timestep(t, len(data))).batches(64):
-                model(samples, steps)
+            for inputs in data.at_timestep(t, len(data)).batches(64):
+                model(*inputs)
             profile[i] = torch.tensor([o.amax for o in observers])
     return timesteps, profile
 

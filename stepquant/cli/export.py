@@ -10,6 +10,7 @@ import typer
 from stepquant.calibrators.calibrate import RECONSTRUCTION_CALIBRATORS
 from stepquant.calibrators.reconstruction import ReconstructionConfig
 from stepquant.cli.choices import Calibrator, Correction, Format, Precision, Scheduler, Target
+from stepquant.export.shapes import DimRange, ShapeProfile
 from stepquant.models import DEMO_MODEL_NAME
 from stepquant.pipeline import ExportConfig, ExportReport, export_quantized
 from stepquant.quant import DEFAULT_EXCLUDE, QuantSpec
@@ -59,6 +60,16 @@ def export_command(
     steps: Annotated[int, typer.Option(help="Sampler steps for calibration trajectories and evaluation.")] = 25,
     scheduler: Annotated[Scheduler, typer.Option(help="Sampler for trajectories and evaluation.")] = Scheduler.ddim,
     eta: Annotated[float, typer.Option(help="DDIM eta (0: deterministic).")] = 0.0,
+    prompts_file: Annotated[Optional[Path], typer.Option(
+        help="Conditional models: calibration prompts, one per line, encoded by the pipeline's own text encoder(s).")] = None,
+    conditioning: Annotated[Optional[Path], typer.Option(
+        help="Conditional models: precomputed conditioning (.safetensors from `stepquant encode-prompts`).")] = None,
+    guidance_scale: Annotated[float, typer.Option(
+        help="Classifier-free guidance of the calibration and evaluation sampling (Stable Diffusion: 7.5; 1: none).")] = 1.0,
+    batch_range: Annotated[str, typer.Option(help="Network batch range min:opt:max (with guidance, twice the images).")] = "1:8:64",
+    height_range: Annotated[Optional[str], typer.Option(help="Latent height range min:opt:max (default: the model's size only).")] = None,
+    width_range: Annotated[Optional[str], typer.Option(help="Latent width range min:opt:max (default: the model's size only).")] = None,
+    sequence_range: Annotated[Optional[str], typer.Option(help="Text token range min:opt:max (default: the conditioning's length).")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration trajectories (seeded noise samples).")] = 64,
     calib_steps: Annotated[Optional[int], typer.Option(help="Sampler steps kept per trajectory (default: all).")] = None,
     calibrator: Annotated[Calibrator, typer.Option(
@@ -88,7 +99,9 @@ def export_command(
     config = ExportConfig(
         model=model, out=out, quant=QuantSpec(weight_bits, act_bits, patterns, format.value, residual_qdq, split),
         precision=precision.value, correction=correction.value, targets=tuple(t.value for t in target or [Target.tensorrt]),
-        sampler=SamplerConfig(scheduler.value, steps, eta), calibrator=calibrator.value, percentile=percentile,
+        sampler=SamplerConfig(scheduler.value, steps, eta, guidance_scale), calibrator=calibrator.value, percentile=percentile,
+        prompts_file=prompts_file, conditioning=conditioning,
+        shapes=ShapeProfile(*(DimRange.parse(r) if r else None for r in (batch_range, height_range, width_range, sequence_range))),
         reconstruction=ReconstructionConfig(iters=recon_iters, scale_lr=recon_scale_lr, multistep_steps=multistep_steps),
         timestep_groups=timestep_groups, steps_per_group=steps_per_group,
         calib_samples=calib_samples, calib_steps=calib_steps, seed=seed, eval_samples=eval_samples,

@@ -13,6 +13,7 @@ import typer
 from stepquant.calibrators import CalibrationError
 from stepquant.cli.evaluate import bench_command, eval_command, inspect_command
 from stepquant.cli.export import export_command
+from stepquant.cli.prompts import encode_prompts_command
 from stepquant.cli.sample import sample_command
 from stepquant.cli.tensorrt import build_engine_command, lint_command, parity_command
 from stepquant.export import BundleError, OnnxExportError
@@ -29,7 +30,8 @@ app = typer.Typer(help="Quantize diffusion models into deployable Q/DQ ONNX bund
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 for name, command in (("export", export_command), ("sample", sample_command), ("eval", eval_command),
                       ("bench", bench_command), ("lint", lint_command), ("parity", parity_command),
-                      ("build-engine", build_engine_command), ("inspect", inspect_command)):
+                      ("build-engine", build_engine_command), ("inspect", inspect_command),
+                      ("encode-prompts", encode_prompts_command)):
     app.command(name)(command)
 
 

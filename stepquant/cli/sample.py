@@ -14,8 +14,10 @@ from stepquant.cli.choices import RuntimeBackend, Scheduler
 from stepquant.eval import save_grid
 from stepquant.export import load_bundle
 from stepquant.models import EpsilonModel, load_model
+from stepquant.models.denoisers import sample_shape
 from stepquant.runtime import SamplerConfig, TorchBackend, sample
 from stepquant.runtime.bundle_backends import bundle_corrections, quantized_backend
+from stepquant.runtime.guidance import Conditioning
 
 
 def _write_samples(samples, out: Path) -> None:
@@ -38,7 +40,7 @@ def _write_samples(samples, out: Path) -> None:
 
 
 def sample_command(
-    out: Annotated[Path, typer.Option(help="Output: .png grid or .npz with key 'samples' (N,C,H,W in [-1, 1]).")],
+    out: Annotated[Path, typer.Option(help="Output: .png grid or .npz with key 'samples' (N,C,H,W; in [-1, 1], or latents).")],
     bundle: Annotated[Optional[Path], typer.Option(help="Bundle to run (onnxruntime).")] = None,
     model: Annotated[Optional[str], typer.Option(help="FP model to run (torch), seeded exactly as a bundle.")] = None,
     n: Annotated[int, typer.Option(help="Number of samples (seeds seed .. seed+n-1).")] = 64,
@@ -51,6 +53,10 @@ def sample_command(
     backend: Annotated[RuntimeBackend, typer.Option(help="What runs a bundle's graph.")] = RuntimeBackend.onnxruntime,
     engine: Annotated[Optional[Path], typer.Option(help="TensorRT engine for --backend tensorrt (default: the bundle's).")] = None,
     corrections: Annotated[bool, typer.Option(help="Apply the bundle's per-timestep correction terms, if it has them.")] = True,
+    conditioning: Annotated[Optional[Path], typer.Option(
+        help="Conditional models: prompts' conditioning (.safetensors from `stepquant encode-prompts`); sample i takes row i mod P.")] = None,
+    guidance_scale: Annotated[Optional[float], typer.Option(
+        help="Classifier-free guidance scale (default: the bundle's calibration scale, else 1).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Sample from a bundle or from an FP model with per-sample seeds, so outputs compare one to one."""
@@ -65,13 +71,23 @@ def sample_command(
         runner = quantized_backend(loaded, threads, backend.value, engine)
         terms = bundle_corrections(loaded) if corrections else None
         noise_schedule, shape = loaded.manifest["noise_schedule"], loaded.sample_shape
-        default_steps = loaded.manifest["sampler"]["steps"]
+        default_steps, default_guidance = loaded.manifest["sampler"]["steps"], loaded.manifest["sampler"]["guidance_scale"]
+        names = [c.name for c in loaded.conditions]
     else:
         fp = load_model(model)
-        runner, noise_schedule, terms = TorchBackend(EpsilonModel(fp.unet)), fp.scheduler_config, None
-        shape, default_steps = (fp.unet.config.in_channels, fp.unet.config.sample_size, fp.unet.config.sample_size), 25
-    config = SamplerConfig(scheduler.value, steps or default_steps, eta)
+        runner, noise_schedule, terms = TorchBackend(EpsilonModel(fp.denoiser)), fp.scheduler_config, None
+        shape, default_steps, default_guidance = sample_shape(fp.denoiser), 25, 1.0
+        names = list(runner.model.condition_names)
+    rows = Conditioning.load(conditioning) if conditioning else None
+    if names and rows is None:
+        raise typer.BadParameter(f"this model is conditioned on {', '.join(names)}: pass --conditioning")
+    if rows is not None:
+        rows.check_inputs(names)
+    config = SamplerConfig(scheduler.value, steps or default_steps, eta,
+                           default_guidance if guidance_scale is None else guidance_scale)
     result = sample(runner, noise_schedule, range(seed, seed + n), shape, config, batch_size, progress=progress,
-                    corrections=terms)
+                    corrections=terms, conditioning=rows, clip=not names)
     _write_samples(result.samples, out)
-    print(f"wrote {n} samples ({config.steps} {config.scheduler.upper()} steps, eta {config.eta:g}) to {out}")
+    guided = f", guidance {config.guidance_scale:g}" if names else ""
+    print(f"wrote {n} {'latents' if names else 'samples'} ({config.steps} {config.scheduler.upper()} steps, "
+          f"eta {config.eta:g}{guided}) to {out}")

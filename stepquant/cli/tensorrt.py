@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,7 +13,8 @@ from stepquant.export import load_bundle
 from stepquant.export.bundle import extend_bundle
 from stepquant.export.lint import lint
 from stepquant.export.parity import replay_parity
-from stepquant.export.tensorrt import BatchProfile, build_engines, plan_file, tensorrt_version
+from stepquant.export.shapes import DimRange
+from stepquant.export.tensorrt import build_engines, plan_file, tensorrt_version
 from stepquant.pipeline import MODEL_FILE
 
 
@@ -53,17 +54,20 @@ def parity_command(
 
 def build_engine_command(
     bundle: Annotated[Path, typer.Option(help="Bundle to build the TensorRT engine for (on this machine's GPU).")],
-    min_batch: Annotated[int, typer.Option(help="Smallest batch of the optimisation profile.")] = 1,
-    opt_batch: Annotated[int, typer.Option(help="Batch TensorRT tunes for.")] = 8,
-    max_batch: Annotated[int, typer.Option(help="Largest batch of the optimisation profile.")] = 64,
+    batch_range: Annotated[Optional[str], typer.Option(
+        help="Batch range min:opt:max of the optimisation profile (default: the bundle's declared range).")] = None,
 ) -> None:
-    """Build a strongly typed TensorRT engine from the bundle's Q/DQ graph and add it to the bundle."""
+    """Build a strongly typed TensorRT engine from the bundle's Q/DQ graph and add it to the bundle; the
+    other dimensions' ranges are the ones declared at export (the graph accepts no others)."""
     loaded = load_bundle(bundle)
-    profile = BatchProfile(min_batch, opt_batch, max_batch)
+    profile = loaded.shape_profile
+    if batch_range:
+        profile = replace(profile, batch=DimRange.parse(batch_range))
     version = tensorrt_version()  # a clear error before anything is staged
 
     graphs = [group["graph"] for group in loaded.target("tensorrt")["timestep_groups"]]
+    shapes = profile.input_shapes(loaded.sample_shape[0], loaded.conditions)
     engine = {**loaded.manifest.get("engine", {}), "plans": [plan_file(g) for g in graphs],
-              "batch_profile": asdict(profile), "tensorrt_version": version}
-    extended = extend_bundle(loaded, lambda staging: build_engines(staging, graphs, loaded.sample_shape, profile), {"engine": engine})
+              "input_shapes": shapes, "tensorrt_version": version}
+    extended = extend_bundle(loaded, lambda staging: build_engines(staging, graphs, shapes), {"engine": engine})
     print(f"built {', '.join(engine['plans'])} in {extended.path} with TensorRT {version}")

@@ -11,6 +11,8 @@ from PIL import Image
 
 
 def _grid_array(samples: torch.Tensor, columns: int, pad: int = 1) -> np.ndarray:
+    if samples.shape[1] not in (1, 3):  # latents: their first three channels (or the first one) as a picture
+        samples = samples[:, :3] if samples.shape[1] > 3 else samples[:, :1]
     n, c, h, w = samples.shape
     rows = math.ceil(n / columns)
     canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, dtype=np.uint8)

@@ -14,7 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT_VERSION = 2  # 2: one section per target profile (manifest['targets'])
+from stepquant.export.shapes import ShapeProfile
+from stepquant.models.denoisers import ConditionInput
+
+FORMAT_VERSION = 3  # 2: one section per target profile (manifest['targets']); 3: condition inputs and shape ranges
 MANIFEST = "manifest.json"
 _SELF_HASH = "manifest_sha256"
 
@@ -94,6 +97,16 @@ class Bundle:
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         return tuple(self.manifest["sample_shape"])  # type: ignore[return-value]
+
+    @property
+    def conditions(self) -> tuple[ConditionInput, ...]:
+        """The graph's inputs after (sample, timestep): text embeddings and the like; none when unconditional."""
+        return tuple(ConditionInput(c["name"], tuple(c["shape"])) for c in self.manifest["inputs"]["conditions"])
+
+    @property
+    def shape_profile(self) -> ShapeProfile:
+        """The batch / height / width / sequence ranges the graphs accept."""
+        return ShapeProfile.from_dict(self.manifest["inputs"]["shape_profile"])
 
     def target(self, name: str) -> dict:
         """The manifest section of one target profile: its `timestep_groups` ([{graph, timesteps,

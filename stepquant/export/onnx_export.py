@@ -1,4 +1,4 @@
-"""Export an `EpsilonModel` (FP or fake-quant) to ONNX with a dynamic batch.
+"""Export an `EpsilonModel` (FP or fake-quant) to ONNX, with the axes its `ShapeProfile` declares dynamic.
 
 Fake-quant layers carry their own ONNX symbolics (stepquant.quant.functional), so the exported graph
 holds QuantizeLinear/DequantizeLinear with the calibrated constant scales and zero points of 0, and
@@ -15,7 +15,9 @@ import onnx
 import torch
 from torch import nn
 
-INPUT_NAMES = ("sample", "timestep")
+from stepquant.export.shapes import ShapeProfile
+
+INPUT_NAMES = ("sample", "timestep")  # then the model's condition inputs
 OUTPUT_NAME = "eps"
 DEFAULT_OPSET = 17
 
@@ -45,10 +47,23 @@ def _inline_identity_constants(graph: onnx.GraphProto) -> None:
     graph.node.extend(kept)
 
 
-def export_onnx(model: nn.Module, path: Path, sample_shape: tuple[int, int, int], opset: int = DEFAULT_OPSET) -> None:
-    """Write `model` to `path` and validate it with `onnx.checker` (full check, shape inference)."""
-    example = (torch.zeros((2, *sample_shape)), torch.full((2,), 500.0))
-    dynamic = {name: {0: "batch"} for name in (*INPUT_NAMES, OUTPUT_NAME)}
+def example_inputs(model: nn.Module, sample_shape: tuple[int, int, int], profile: ShapeProfile) -> tuple[torch.Tensor, ...]:
+    """Inputs of the profile's opt shape (batch 2, so no size-1 axis gets specialised) to trace with."""
+    shapes = profile.input_shapes(sample_shape[0], model.conditions, ("opt",))
+    return tuple(torch.ones((2, *shapes[name]["opt"][1:])) for name in (*INPUT_NAMES, *model.condition_names))
+
+
+def export_onnx(model: nn.Module, path: Path, sample_shape: tuple[int, int, int], opset: int = DEFAULT_OPSET,
+                profile: ShapeProfile | None = None) -> None:
+    """Write `model` to `path` and validate it with `onnx.checker` (full check, shape inference).
+
+    `profile` (resolved) says which axes are dynamic; by default only the batch, which suits unconditional
+    models; conditional ones need their sequence range."""
+    profile = profile or ShapeProfile().resolved(sample_shape, None)
+    if model.conditions and profile.sequence is None:
+        raise ValueError("a conditional model's export needs a shape profile with its sequence range")
+    example = example_inputs(model, sample_shape, profile)
+    dynamic = profile.dynamic_axes(model.conditions)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer chatter
@@ -58,7 +73,7 @@ def export_onnx(model: nn.Module, path: Path, sample_shape: tuple[int, int, int]
                 str(path),
                 dynamo=False,
                 opset_version=opset,
-                input_names=list(INPUT_NAMES),
+                input_names=[*INPUT_NAMES, *model.condition_names],
                 output_names=[OUTPUT_NAME],
                 dynamic_axes=dynamic,
                 do_constant_folding=True,
@@ -69,3 +84,4 @@ def export_onnx(model: nn.Module, path: Path, sample_shape: tuple[int, int, int]
         onnx.checker.check_model(str(path), full_check=True)
     except (RuntimeError, onnx.checker.ValidationError, torch.onnx.errors.OnnxExporterError) as err:
         raise OnnxExportError(f"ONNX export to {path} failed: {err}") from err
+

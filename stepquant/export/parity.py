@@ -31,12 +31,13 @@ except ImportError:  # older Polygraphy, e.g. the one shipped with JetPack
 
 
 class TorchRunner(BaseRunner):
-    """A Polygraphy runner for a CPU torch module with the (sample, timestep) -> eps signature
+    """A Polygraphy runner for a CPU torch module with the (sample, timestep, *conditions) -> eps signature
     (Polygraphy's own PytRunner moves inputs to CUDA)."""
 
     def __init__(self, model: nn.Module, name: str = "torch") -> None:
         super().__init__(name=name, prefix="torch-cpu-runner")
         self._model = model
+        self._names = (*INPUT_NAMES, *getattr(model, "condition_names", ()))
 
     def activate_impl(self) -> None:
         self._model.eval()
@@ -47,10 +48,12 @@ class TorchRunner(BaseRunner):
         metadata = TensorMetadata()
         metadata.add(INPUT_NAMES[0], np.float32, shape=(-1, -1, -1, -1))
         metadata.add(INPUT_NAMES[1], np.float32, shape=(-1,))
+        for condition in getattr(self._model, "conditions", ()):
+            metadata.add(condition.name, np.float32, shape=(-1,) * (1 + len(condition.shape)))
         return metadata
 
     def infer_impl(self, feed_dict):
-        inputs = [torch.from_numpy(np.asarray(feed_dict[name], dtype=np.float32)) for name in INPUT_NAMES]
+        inputs = [torch.from_numpy(np.asarray(feed_dict[name], dtype=np.float32)) for name in self._names]
         start = time.perf_counter()
         with torch.inference_mode():
             output = self._model(*inputs)
@@ -64,6 +67,7 @@ class TorchRunner(BaseRunner):
 @dataclass
 class TimestepParity:
     timestep: float
+    shape: list[int]  # of the sample input (batch, channels, height, width)
     median_reldiff: float
     quantile_reldiff: float
     max_absdiff: float
@@ -98,13 +102,15 @@ def quiet_polygraphy():
         yield
 
 
-def parity_feeds(samples: torch.Tensor, timesteps: torch.Tensor) -> list[OrderedDict]:
-    """One Polygraphy feed dict per distinct timestep (the format `polygraphy run --load-inputs` reads)."""
+def parity_feeds(samples: torch.Tensor, timesteps: torch.Tensor,
+                 conditions: dict[str, torch.Tensor] | None = None) -> list[OrderedDict]:
+    """One Polygraphy feed dict per distinct timestep (the format `polygraphy run --load-inputs` reads),
+    holding the sample, the timestep and the condition inputs, in graph input order."""
     feeds = []
     for t in sorted({float(v) for v in timesteps}, reverse=True):
         index = timesteps == t
-        feeds.append(OrderedDict([(INPUT_NAMES[0], samples[index].numpy().astype(np.float32)),
-                                  (INPUT_NAMES[1], timesteps[index].numpy().astype(np.float32))]))
+        tensors = {INPUT_NAMES[0]: samples, INPUT_NAMES[1]: timesteps, **(conditions or {})}
+        feeds.append(OrderedDict((name, tensor[index].numpy().astype(np.float32)) for name, tensor in tensors.items()))
     return feeds
 
 
@@ -125,6 +131,7 @@ def compare_runs(results: RunResults, feeds: list[OrderedDict], tolerance: float
             expected, np.finfo(np.float32).tiny)
         report.timesteps.append(TimestepParity(
             timestep=float(feed[INPUT_NAMES[1]][0]),
+            shape=list(np.shape(feed[INPUT_NAMES[0]])),
             median_reldiff=float(stats.median_reldiff),
             quantile_reldiff=float(np.quantile(reldiff, ERROR_QUANTILE)),
             max_absdiff=float(stats.max_absdiff),

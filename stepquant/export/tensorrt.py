@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 TIMING_CACHE_FILE = "timing.cache"
@@ -28,27 +27,11 @@ class TensorRTUnavailable(RuntimeError):
     """The `tensorrt` package is not importable on this machine."""
 
 
-@dataclass(frozen=True)
-class BatchProfile:
-    """The optimisation profile's batch range; the other dimensions are the bundle's fixed shape."""
-
-    min: int = 1
-    opt: int = 8
-    max: int = 64
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min <= self.opt <= self.max:
-            raise ValueError(f"batch profile needs 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
-
-    def shapes(self, sample_shape: tuple[int, ...]) -> dict[str, dict[str, tuple[int, ...]]]:
-        """{input name: {min|opt|max: shape}} for the (sample, timestep) inputs."""
-        return {
-            "sample": {k: (b, *sample_shape) for k, b in asdict(self).items()},
-            "timestep": {k: (b,) for k, b in asdict(self).items()},
-        }
+# {input name: {min|opt|max: shape}}, from ShapeProfile.input_shapes
+InputShapes = dict[str, dict[str, tuple[int, ...]]]
 
 
-def _shape_flag(shapes: dict[str, dict[str, tuple[int, ...]]], which: str) -> str:
+def _shape_flag(shapes: InputShapes, which: str) -> str:
     return ",".join(f"{name}:{'x'.join(map(str, bounds[which]))}" for name, bounds in shapes.items())
 
 
@@ -57,11 +40,10 @@ def plan_file(onnx_file: str) -> str:
     return Path(onnx_file).with_suffix(".plan").name
 
 
-def trtexec_command(major: int, onnx_file: str, sample_shape: tuple[int, ...], profile: BatchProfile = BatchProfile()) -> list[str]:
-    """The trtexec argument list that builds a strongly typed engine from a Q/DQ graph."""
+def trtexec_command(major: int, onnx_file: str, shapes: InputShapes) -> list[str]:
+    """The trtexec argument list that builds a strongly typed engine from a Q/DQ graph for `shapes`."""
     if major not in TRTEXEC_FLAGS:
         raise ValueError(f"TensorRT {major}.x is not supported; stepquant targets {sorted(TRTEXEC_FLAGS)}")
-    shapes = profile.shapes(sample_shape)
     command = ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={plan_file(onnx_file)}",
                f"--minShapes={_shape_flag(shapes, 'min')}", f"--optShapes={_shape_flag(shapes, 'opt')}",
                f"--maxShapes={_shape_flag(shapes, 'max')}", f"--timingCacheFile={TIMING_CACHE_FILE}",
@@ -71,10 +53,10 @@ def trtexec_command(major: int, onnx_file: str, sample_shape: tuple[int, ...], p
     return command
 
 
-def build_script(onnx_files: Sequence[str], sample_shape: tuple[int, ...], profile: BatchProfile = BatchProfile()) -> str:
+def build_script(onnx_files: Sequence[str], shapes: InputShapes) -> str:
     """build_engine.sh: picks the commands (one engine per graph) for the installed TensorRT major version."""
     def line(major: int) -> str:
-        return " && ".join('"$TRTEXEC" ' + " ".join(shlex.quote(arg) for arg in trtexec_command(major, f, sample_shape, profile)[1:])
+        return " && ".join('"$TRTEXEC" ' + " ".join(shlex.quote(arg) for arg in trtexec_command(major, f, shapes)[1:])
                            for f in onnx_files)
 
     plans = " ".join(plan_file(f) for f in onnx_files)
@@ -129,14 +111,13 @@ def tensorrt_version() -> str:
     return tensorrt.__version__
 
 
-def build_engine(onnx_path: Path, engine_path: Path, sample_shape: tuple[int, ...], profile: BatchProfile,
-                 timing_cache: Path) -> str:
+def build_engine(onnx_path: Path, engine_path: Path, shapes: InputShapes, timing_cache: Path) -> str:
     """Build a strongly typed engine with Polygraphy's loaders; returns the TensorRT version used."""
     version = tensorrt_version()
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
 
     trt_profile = Profile()
-    for name, bounds in profile.shapes(sample_shape).items():
+    for name, bounds in shapes.items():
         trt_profile.add(name, min=bounds["min"], opt=bounds["opt"], max=bounds["max"])
     config = CreateConfig(profiles=[trt_profile], builder_optimization_level=BUILDER_OPTIMIZATION_LEVEL,
                           load_timing_cache=str(timing_cache) if timing_cache.is_file() else None)
@@ -145,9 +126,9 @@ def build_engine(onnx_path: Path, engine_path: Path, sample_shape: tuple[int, ..
     return version
 
 
-def build_engines(directory: Path, graphs: Sequence[str], sample_shape: tuple[int, ...], profile: BatchProfile) -> dict:
+def build_engines(directory: Path, graphs: Sequence[str], shapes: InputShapes) -> dict:
     """Build the plan of every graph in `directory` (sharing one timing cache); returns the manifest's engine entry."""
     version = ""
     for graph in graphs:
-        version = build_engine(directory / graph, directory / plan_file(graph), sample_shape, profile, directory / TIMING_CACHE_FILE)
-    return {"plans": [plan_file(g) for g in graphs], "tensorrt_version": version, "batch_profile": asdict(profile)}
+        version = build_engine(directory / graph, directory / plan_file(graph), shapes, directory / TIMING_CACHE_FILE)
+    return {"plans": [plan_file(g) for g in graphs], "tensorrt_version": version, "input_shapes": shapes}

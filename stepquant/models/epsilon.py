@@ -1,18 +1,28 @@
-"""The one signature every backend and every exported graph share: eps = model(sample, timestep)."""
+"""The one signature every backend and every exported graph share:
+eps = model(sample, timestep, *conditions), conditions in `condition_names` order (none for an
+unconditional UNet; text embeddings and the like for Stable Diffusion-style UNets and DiTs)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from stepquant.models.denoisers import architecture_of
+
 
 class EpsilonModel(nn.Module):
-    """Wraps a diffusers denoiser so it takes (sample [B,C,H,W], timestep [B] float32) and returns
-    the noise estimate as a plain tensor, which is what ONNX export and the runtime backends need."""
+    """Wraps a diffusers denoiser so it takes (sample [B,C,H,W], timestep [B] float32, *conditions) and
+    returns the noise estimate as a plain tensor, which is what ONNX export and the runtime backends need."""
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, denoiser: nn.Module) -> None:
         super().__init__()
-        self.unet = unet
+        self.unet = denoiser  # the attribute name keeps quantizer names (unet.down_blocks...) stable
+        self._architecture = architecture_of(denoiser)
+        self.conditions = self._architecture.conditions(dict(denoiser.config))
+        self.condition_names = tuple(c.name for c in self.conditions)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
+        if len(conditions) != len(self.condition_names):
+            raise TypeError(f"{type(self.unet).__name__} takes {len(self.condition_names)} condition inputs "
+                            f"({', '.join(self.condition_names) or 'none'}), got {len(conditions)}")
+        return self._architecture.call(self.unet, sample, timestep, dict(zip(self.condition_names, conditions)))

@@ -1,5 +1,5 @@
-"""Resolve `--model` (the bundled demo name, a local diffusers directory, or a hub id) to a UNet and
-its noise schedule, with one clear error for anything that is not a diffusers model."""
+"""Resolve `--model` (the bundled demo name, a local diffusers directory, or a hub id) to a denoiser (UNet
+or diffusion transformer) and its noise schedule, with one clear error for anything else."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DModel
+
+from stepquant.models.denoisers import ARCHITECTURES
+from stepquant.models.patch_embed import follow_input_shape_
 
 DEMO_MODEL_NAME = "demo-digits"
 _BUNDLED = {DEMO_MODEL_NAME: Path(__file__).resolve().parent / "demo_digits"}
-_SUPPORTED_CLASSES = {"UNet2DModel": UNet2DModel}
 
 
 class ModelLoadError(ValueError):
@@ -21,11 +22,13 @@ class ModelLoadError(ValueError):
 
 @dataclass
 class LoadedModel:
-    """A denoiser in eval mode, the training scheduler's config, and where both came from."""
+    """A denoiser in eval mode, the training scheduler's config, and where both came from (`pipeline`: the
+    pipeline directory, whose text encoder turns prompts into conditioning; None for a bare model)."""
 
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
     scheduler_config: dict
     source: str
+    pipeline: Path | None = None
 
 
 def _read_json(path: Path) -> dict:
@@ -36,9 +39,13 @@ def _read_json(path: Path) -> dict:
 
 
 def _component_dirs(root: Path) -> tuple[Path, Path]:
-    """(unet dir, scheduler config file) for a pipeline directory or a bare model directory."""
+    """(denoiser dir, scheduler config file) for a pipeline directory or a bare model directory."""
     if (root / "model_index.json").is_file():
-        return root / "unet", root / "scheduler" / "scheduler_config.json"
+        index = _read_json(root / "model_index.json")
+        folder = next((f for f in ("unet", "transformer") if f in index), None)
+        if folder is None:
+            raise ModelLoadError(f"{root}/model_index.json names neither a unet nor a transformer component")
+        return root / folder, root / "scheduler" / "scheduler_config.json"
     if (root / "config.json").is_file():
         sibling = root.parent / "scheduler" / "scheduler_config.json"
         return root, root / "scheduler_config.json" if (root / "scheduler_config.json").is_file() else sibling
@@ -48,29 +55,35 @@ def _component_dirs(root: Path) -> tuple[Path, Path]:
 
 
 def _load_local(root: Path) -> LoadedModel:
-    unet_dir, scheduler_file = _component_dirs(root)
-    config = _read_json(unet_dir / "config.json") if (unet_dir / "config.json").is_file() else None
-    if config is None:
-        raise ModelLoadError(f"{root} has no unet/config.json")
-    class_name = config.get("_class_name")
-    if class_name not in _SUPPORTED_CLASSES:
+    model_dir, scheduler_file = _component_dirs(root)
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"{root} has no {model_dir.name}/config.json")
+    class_name = _read_json(model_dir / "config.json").get("_class_name")
+    if class_name not in ARCHITECTURES:
         raise ModelLoadError(
-            f"{unet_dir} holds a {class_name or 'model of unknown class'}; supported: {', '.join(_SUPPORTED_CLASSES)}"
+            f"{model_dir} holds a {class_name or 'model of unknown class'}; supported: {', '.join(ARCHITECTURES)}"
         )
     if not scheduler_file.is_file():
         raise ModelLoadError(f"{root} has no scheduler config (looked for {scheduler_file})")
     try:
-        unet = _SUPPORTED_CLASSES[class_name].from_pretrained(unet_dir, low_cpu_mem_usage=False)
+        denoiser = ARCHITECTURES[class_name].cls.from_pretrained(model_dir, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as err:
-        raise ModelLoadError(f"cannot load the {class_name} weights in {unet_dir}: {err}") from err
-    return LoadedModel(unet.eval().requires_grad_(False), _read_json(scheduler_file), str(root))
+        raise ModelLoadError(f"cannot load the {class_name} weights in {model_dir}: {err}") from err
+    follow_input_shape_(denoiser)
+    pipeline = root if (root / "model_index.json").is_file() else None
+    return LoadedModel(denoiser.eval().requires_grad_(False), _read_json(scheduler_file), str(root), pipeline)
+
+
+# configs, tokenizer vocabularies, and the FP32 safetensors weights of the denoiser and text encoders
+_HUB_FILES = ["*.json", "*.txt", "*.model", "unet/diffusion_pytorch_model*.safetensors",
+              "transformer/diffusion_pytorch_model*.safetensors", "text_encoder*/model*.safetensors"]
 
 
 def _load_hub(repo_id: str) -> LoadedModel:
     from huggingface_hub import snapshot_download
 
     try:
-        root = Path(snapshot_download(repo_id, allow_patterns=["*.json", "unet/*", "*.safetensors"]))
+        root = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
     except Exception as err:  # hub errors come in many classes; all mean "not available here"
         raise ModelLoadError(f"model '{repo_id}' is neither a local directory nor reachable on the hub: {err}") from err
     return _load_local(root)

@@ -14,9 +14,10 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
+
+from stepquant.runtime.backend import graph_feed
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -60,9 +61,6 @@ class OnnxRuntimeBackend:
             writing.replace(cached)  # complete only once onnxruntime has written it all
         self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        feed = {
-            self.input_names[0]: np.ascontiguousarray(sample.detach().cpu().numpy(), dtype=np.float32),
-            self.input_names[1]: np.ascontiguousarray(timestep.detach().cpu().numpy(), dtype=np.float32),
-        }
-        return torch.from_numpy(self.session.run(None, feed)[0])
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, graph_feed(self.input_names, sample, timestep, conditions))[0])
+

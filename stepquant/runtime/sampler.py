@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.corrections import Corrections
+from stepquant.runtime.guidance import Conditioning, guided_estimate
 from stepquant.runtime.seeding import per_sample_noise, seed_generators
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
@@ -29,11 +30,13 @@ StepCallback = Callable[[int, int, torch.Tensor], None]
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """`eta` is DDIM's stochasticity (0: deterministic); DDPM is always stochastic and ignores it."""
+    """`eta` is DDIM's stochasticity (0: deterministic); DDPM is always stochastic and ignores it.
+    `guidance_scale` is classifier-free guidance's weight for conditional models (1: no guidance)."""
 
     scheduler: str = "ddim"
     steps: int = 25
     eta: float = 0.0
+    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
@@ -42,11 +45,13 @@ class SamplerConfig:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+        if not self.guidance_scale >= 0.0:
+            raise ValueError(f"guidance scale must be at least 0, got {self.guidance_scale}")
 
 
 @dataclass
 class SampleOutput:
-    samples: torch.Tensor  # [N, C, H, W] float32 in [-1, 1], in the order of the seeds
+    samples: torch.Tensor  # [N, C, H, W] float32 (in [-1, 1] when clipped), in the order of the seeds
 
 
 def make_scheduler(config: SamplerConfig, scheduler_config: dict) -> SchedulerMixin:
@@ -109,18 +114,24 @@ def sample(
     progress: bool = True,
     desc: str = "sampling",
     corrections: Corrections | None = None,
+    conditioning: Conditioning | None = None,
+    clip: bool = True,
 ) -> SampleOutput:
-    """Run the reverse process for every seed; returns final samples clipped to [-1, 1].
+    """Run the reverse process for every seed; returns final samples, clipped to [-1, 1] with `clip`
+    (pixel-space models; latent models leave their latents to the VAE).
 
-    With `corrections`, each step corrects the network input and output on the host (see
-    stepquant.runtime.corrections); without, the loop is exactly diffusers' scheduler loop.
+    Conditional models need `conditioning` (sample i takes its row i mod P) and are guided with
+    `config.guidance_scale`. With `corrections`, each step corrects the network input and output on the
+    host (see stepquant.runtime.corrections); without, the loop is exactly diffusers' scheduler loop.
     """
     if corrections is not None:
         corrections.check_covers(make_scheduler(config, scheduler_config).timesteps)
-    batches = [list(seeds[i : i + batch_size]) for i in range(0, len(seeds), batch_size)]
+    starts = range(0, len(seeds), batch_size)
+    batches = [list(seeds[i : i + batch_size]) for i in starts]
     bar = tqdm(total=len(batches) * config.steps, desc=desc, unit="step", disable=not progress, leave=False)
     outputs = []
-    for batch_seeds in batches:
+    for start, batch_seeds in zip(starts, batches):
+        positions = range(start, start + len(batch_seeds))
         scheduler = make_scheduler(config, scheduler_config)
         generators = seed_generators(batch_seeds)
         # noise the corrections add (D2's stochastic variant) has its own streams, so the sampler's own
@@ -133,17 +144,18 @@ def sample(
                 on_step(index, int(t), x)
             timesteps = torch.full((len(batch_seeds),), float(t))
             if corrections is None:
-                eps = backend(x, timesteps)
+                eps = guided_estimate(backend, x, timesteps, conditioning, positions, config.guidance_scale)
                 x = scheduler.step(eps, t, x, generator=generators, **extra).prev_sample
             else:
                 x = corrections.correct_input(x, int(t))
-                eps = corrections.correct_estimate(backend(x, timesteps), int(t), correction_generators)
+                eps = guided_estimate(backend, x, timesteps, conditioning, positions, config.guidance_scale)
+                eps = corrections.correct_estimate(eps, int(t), correction_generators)
                 residual_var = corrections.residual_variance(int(t))
                 if config.scheduler == "ddim":
                     x = ddim_step(scheduler, eps, int(t), x, config.eta, generators, residual_var)
                 else:
                     x = ddpm_step(scheduler, eps, int(t), x, generators, residual_var)
             bar.update(1)
-        outputs.append(x.clamp(-1.0, 1.0))
+        outputs.append(x.clamp(-1.0, 1.0) if clip else x)
     bar.close()
     return SampleOutput(samples=torch.cat(outputs))

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from stepquant.export.tensorrt import tensorrt_version
+from stepquant.runtime.backend import graph_feed
 
 
 class TensorRTBackend:
@@ -18,11 +19,10 @@ class TensorRTBackend:
 
         self.runner = TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))))
         self.runner.activate()
+        self.input_names = list(self.runner.get_input_metadata().keys())
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        feed = {"sample": np.ascontiguousarray(sample.cpu().numpy(), dtype=np.float32),
-                "timestep": np.ascontiguousarray(timestep.cpu().numpy(), dtype=np.float32)}
-        output = self.runner.infer(feed)["eps"]
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
+        output = self.runner.infer(graph_feed(self.input_names, sample, timestep, conditions))["eps"]
         return torch.as_tensor(np.asarray(output) if not isinstance(output, torch.Tensor) else output.cpu())
 
     def __del__(self) -> None:

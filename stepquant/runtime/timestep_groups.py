@@ -24,14 +24,14 @@ class TimestepGroupBackend:
             raise ValueError(f"timestep {timestep:g} belongs to no timestep group of this bundle (its graphs cover "
                              f"{sorted(self.group_of, reverse=True)}); sample with the steps it was exported for") from None
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
         groups = torch.tensor([self.group(t) for t in timestep.tolist()])
         if bool((groups == groups[0]).all()):
-            return self.backends[int(groups[0])](sample, timestep)
+            return self.backends[int(groups[0])](sample, timestep, **conditions)
         out = None
         for g in groups.unique().tolist():
             rows = groups == g
-            eps = self.backends[g](sample[rows], timestep[rows])
+            eps = self.backends[g](sample[rows], timestep[rows], **{k: v[rows] for k, v in conditions.items()})
             out = eps.new_empty((len(sample), *eps.shape[1:])) if out is None else out
             out[rows] = eps
         return out

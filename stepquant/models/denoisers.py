@@ -1,0 +1,108 @@
+"""The denoiser architectures stepquant handles, and what each needs besides (sample, timestep).
+
+An unconditional UNet takes nothing else. A Stable Diffusion-style `UNet2DConditionModel` takes the text
+encoder's hidden states and, SDXL-style (`addition_embed_type="text_time"`), the pooled text embedding and
+the size/crop `time_ids`. `PixArtTransformer2DModel` (a diffusion transformer) takes T5 hidden states, their
+attention mask and, at 1024 px, resolution and aspect ratio. These extra inputs become named graph inputs
+after `sample` and `timestep`, in the order listed here; their first axis is the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers import PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from torch import nn
+
+SEQUENCE = "sequence"  # the symbolic text-length axis of a condition input
+
+
+@dataclass(frozen=True)
+class ConditionInput:
+    """One extra network input: its name and its shape after the batch axis (ints, or `SEQUENCE`)."""
+
+    name: str
+    shape: tuple[int | str, ...]
+
+    def concrete_shape(self, batch: int, sequence: int) -> tuple[int, ...]:
+        return (batch, *(sequence if d == SEQUENCE else d for d in self.shape))
+
+
+Call = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to find a denoiser class in a pipeline, what it takes, and how to call it."""
+
+    cls: type[nn.Module]
+    subfolder: str  # its component folder in a diffusers pipeline
+    conditions: Callable[[dict], tuple[ConditionInput, ...]]  # from the model's config
+    call: Call  # returns the noise estimate only
+
+
+def _unet_conditions(config: dict) -> tuple[ConditionInput, ...]:
+    width = config["cross_attention_dim"]
+    if not isinstance(width, int) or config.get("encoder_hid_dim") is not None:
+        raise ValueError("UNet2DConditionModel with per-block cross-attention widths or an encoder_hid_dim projection "
+                         "is not supported")
+    inputs = [ConditionInput("encoder_hidden_states", (SEQUENCE, width))]
+    if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text embedding + 6 size/crop ids
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        inputs += [ConditionInput("text_embeds", (pooled,)), ConditionInput("time_ids", (6,))]
+    elif config.get("addition_embed_type") is not None or config.get("class_embed_type") is not None:
+        raise ValueError(f"UNet2DConditionModel with addition_embed_type={config.get('addition_embed_type')!r} / "
+                         f"class_embed_type={config.get('class_embed_type')!r} is not supported (text_time, SDXL's, is)")
+    return tuple(inputs)
+
+
+def _call_unet_condition(model: nn.Module, sample, timestep, conditions):
+    added = {k: conditions[k] for k in ("text_embeds", "time_ids") if k in conditions}
+    return model(sample, timestep, encoder_hidden_states=conditions["encoder_hidden_states"],
+                 added_cond_kwargs=added or None, return_dict=False)[0]
+
+
+def _pixart_conditions(config: dict) -> tuple[ConditionInput, ...]:
+    width = config.get("caption_channels") or config["cross_attention_dim"]
+    inputs = [ConditionInput("encoder_hidden_states", (SEQUENCE, width)), ConditionInput("encoder_attention_mask", (SEQUENCE,))]
+    additional = config.get("use_additional_conditions")
+    if additional or (additional is None and config["sample_size"] == 128):  # diffusers' own default rule
+        inputs += [ConditionInput("resolution", (2,)), ConditionInput("aspect_ratio", (1,))]
+    return tuple(inputs)
+
+
+def _call_pixart(model: nn.Module, sample, timestep, conditions):
+    added = {k: conditions[k] for k in ("resolution", "aspect_ratio") if k in conditions}
+    out = model(sample, encoder_hidden_states=conditions["encoder_hidden_states"], timestep=timestep,
+                encoder_attention_mask=conditions["encoder_attention_mask"],
+                added_cond_kwargs=added or {"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+    return out[:, : sample.shape[1]]  # learned-sigma models also predict the variance: keep the noise half
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "UNet2DModel": Architecture(UNet2DModel, "unet", lambda config: (),
+                                lambda model, sample, timestep, _: model(sample, timestep, return_dict=False)[0]),
+    "UNet2DConditionModel": Architecture(UNet2DConditionModel, "unet", _unet_conditions, _call_unet_condition),
+    "PixArtTransformer2DModel": Architecture(PixArtTransformer2DModel, "transformer", _pixart_conditions, _call_pixart),
+}
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    name = type(model).__name__
+    if name not in ARCHITECTURES:
+        raise ValueError(f"{name} is not a supported denoiser; supported: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def condition_inputs(model: nn.Module) -> tuple[ConditionInput, ...]:
+    """The extra inputs `model` takes, in graph input order."""
+    return architecture_of(model).conditions(dict(model.config))
+
+
+def sample_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of the model's native sample (latent for latent models)."""
+    size = model.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return model.config.in_channels, height, width

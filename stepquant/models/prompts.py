@@ -1,0 +1,68 @@
+"""Prompts to conditioning with a pipeline's own text encoder(s), through the pipeline's `encode_prompt`
+(so CLIP skip, SDXL's two encoders and PixArt's T5 attention mask are exactly what diffusers does).
+Needs `transformers` (`pip install 'stepquant[text]'`); the unconditional rows are the empty prompt's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from stepquant.models.denoisers import ConditionInput
+from stepquant.runtime.guidance import Conditioning, ConditioningError
+
+VAE_SCALE = 8  # latent pixel -> image pixels for SD 1.x/2.x/XL and PixArt's VAEs
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per non-empty line."""
+    try:
+        prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConditioningError(f"cannot read prompts from {path}: {err}") from err
+    if not prompts:
+        raise ConditioningError(f"{path} holds no prompts (one per line)")
+    return prompts
+
+
+def _load_text_pipeline(pipeline_dir: Path):
+    try:
+        import transformers  # noqa: F401  (diffusers loads the text encoders with it)
+    except ImportError as err:
+        raise ConditioningError("encoding prompts needs transformers: pip install 'stepquant[text]'") from err
+    from diffusers import DiffusionPipeline
+
+    skip = {name: None for name in ("unet", "transformer", "vae", "safety_checker", "feature_extractor", "image_encoder")}
+    try:
+        index = DiffusionPipeline.load_config(str(pipeline_dir))
+        return DiffusionPipeline.from_pretrained(str(pipeline_dir), **{k: v for k, v in skip.items() if k in index})
+    except (OSError, ValueError, TypeError) as err:
+        raise ConditioningError(f"cannot load the text encoder(s) of {pipeline_dir}: {err}") from err
+
+
+@torch.no_grad()
+def encode_prompts(pipeline_dir: Path, prompts: list[str], conditions: tuple[ConditionInput, ...],
+                   sample_shape: tuple[int, int, int]) -> Conditioning:
+    """The conditioning rows of `prompts` (and of the empty prompt) for a model taking `conditions`."""
+    pipe = _load_text_pipeline(pipeline_dir)
+    names = {c.name for c in conditions}
+    _, height, width = sample_shape
+    if "text_embeds" in names:  # SDXL: two encoders, pooled embedding and size/crop ids
+        cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=True,
+                                                                 negative_prompt=[""] * len(prompts))
+        ids = torch.tensor([[height * VAE_SCALE, width * VAE_SCALE, 0, 0, height * VAE_SCALE, width * VAE_SCALE]],
+                           dtype=torch.float32).repeat(len(prompts), 1)
+        return Conditioning({"encoder_hidden_states": cond, "text_embeds": pooled, "time_ids": ids},
+                            {"encoder_hidden_states": uncond, "text_embeds": pooled_uncond, "time_ids": ids})
+    if "encoder_attention_mask" in names:  # PixArt: T5 states with their padding mask
+        cond, mask, uncond, uncond_mask = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, negative_prompt="",
+                                                             device="cpu")
+        extra = {}
+        if "resolution" in names:
+            extra = {"resolution": torch.tensor([[height * VAE_SCALE, width * VAE_SCALE]], dtype=torch.float32),
+                     "aspect_ratio": torch.tensor([[height / width]], dtype=torch.float32)}
+        rows = {k: v.repeat(len(prompts), 1) for k, v in extra.items()}
+        return Conditioning({"encoder_hidden_states": cond, "encoder_attention_mask": mask.float(), **rows},
+                            {"encoder_hidden_states": uncond[:1], "encoder_attention_mask": uncond_mask[:1].float(), **extra})
+    cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=[""] * len(prompts))
+    return Conditioning({"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond[:1]})

@@ -1,0 +1,92 @@
+"""Conditioning for conditional denoisers and classifier-free guidance in the host loop.
+
+A `Conditioning` holds one row per prompt (or class) for every condition input of the model, and the
+unconditional ("null") rows the guidance contrasts them with. Sample i of a run uses prompt i mod P, so
+FP and quantized runs from the same seeds see the same prompts. With a guidance scale g != 1 the network
+runs once per step on [unconditional half; conditional half] and the host combines
+eps = eps_u + g (eps_c - eps_u), as diffusers' pipelines do.
+
+Files are safetensors with the condition names as keys and `uncond.<name>` for the null rows (one row, or
+one per prompt); `stepquant encode-prompts` writes them from a pipeline's own text encoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from stepquant.runtime.backend import Backend
+
+UNCOND_PREFIX = "uncond."
+
+
+class ConditioningError(ValueError):
+    """Conditioning that does not fit the model (missing input, wrong shape) or an unreadable file."""
+
+
+@dataclass
+class Conditioning:
+    cond: dict[str, torch.Tensor]  # name -> [P, ...]
+    uncond: dict[str, torch.Tensor]  # name -> [1 or P, ...]
+
+    def __post_init__(self) -> None:
+        if not self.cond:
+            raise ConditioningError("conditioning holds no inputs")
+        if set(self.cond) != set(self.uncond):
+            raise ConditioningError(f"conditional inputs {sorted(self.cond)} and unconditional inputs "
+                                    f"{sorted(self.uncond)} differ")
+        counts = {len(v) for v in self.cond.values()}
+        if len(counts) != 1:
+            raise ConditioningError(f"condition inputs disagree on the number of prompts: {sorted(counts)}")
+        for name, rows in self.uncond.items():
+            if len(rows) not in (1, len(self)) or rows.shape[1:] != self.cond[name].shape[1:]:
+                raise ConditioningError(f"unconditional {name} has shape {tuple(rows.shape)}; expected 1 or "
+                                        f"{len(self)} rows of {tuple(self.cond[name].shape[1:])}")
+            if not (torch.isfinite(rows).all() and torch.isfinite(self.cond[name]).all()):
+                raise ConditioningError(f"condition input {name} holds NaN or infinite values")
+
+    def __len__(self) -> int:
+        return len(next(iter(self.cond.values())))
+
+    def rows(self, indices: Sequence[int], unconditional: bool = False) -> dict[str, torch.Tensor]:
+        """The rows for sample positions `indices` (prompt i mod P)."""
+        source = self.uncond if unconditional else self.cond
+        return {name: t[torch.tensor([i % len(t) for i in indices])] for name, t in source.items()}
+
+    def check_inputs(self, names: Sequence[str]) -> None:
+        """Refuse conditioning that does not provide exactly the model's condition inputs."""
+        if set(names) != set(self.cond):
+            raise ConditioningError(f"the model takes condition inputs {list(names)}, the conditioning holds "
+                                    f"{sorted(self.cond)}")
+
+    def save(self, path: str | Path) -> None:
+        tensors = {**self.cond, **{UNCOND_PREFIX + k: v for k, v in self.uncond.items()}}
+        save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Conditioning:
+        try:
+            tensors = load_file(str(path))
+        except Exception as err:  # safetensors raises several types for unreadable files
+            raise ConditioningError(f"cannot read conditioning {path}: {err}") from err
+        cond = {k: v for k, v in tensors.items() if not k.startswith(UNCOND_PREFIX)}
+        uncond = {k[len(UNCOND_PREFIX):]: v for k, v in tensors.items() if k.startswith(UNCOND_PREFIX)}
+        return cls(cond, uncond)
+
+
+def guided_estimate(backend: Backend, x: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning | None,
+                    indices: Sequence[int], guidance_scale: float) -> torch.Tensor:
+    """The noise estimate the scheduler steps with: unconditional models get `backend(x, t)`; conditional
+    ones their prompts' rows, guided when `guidance_scale` != 1 (both halves in one batch)."""
+    if conditioning is None:
+        return backend(x, timesteps)
+    if guidance_scale == 1.0:
+        return backend(x, timesteps, **conditioning.rows(indices))
+    uncond, cond = conditioning.rows(indices, unconditional=True), conditioning.rows(indices)
+    inputs = {name: torch.cat([uncond[name], cond[name]]) for name in cond}
+    eps_uncond, eps_cond = backend(torch.cat([x, x]), torch.cat([timesteps, timesteps]), **inputs).chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
