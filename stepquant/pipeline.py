@@ -94,6 +94,9 @@ class ExportConfig:
     # Coarse grids (4-bit, FP8) and the near-singular noise estimate at t ~ 0 can turn one float rounding
     # difference into a grid flip that fails parity without anything being wrong; allow keeping such bundles.
     require_parity: bool = True
+    # Q/DQ parity tolerance (median relative error) instead of the format's default: for networks that amplify
+    # one rounding-tie flip into a visible output change (random-weight test models measured up to 3.2e-2)
+    parity_tolerance: float | None = None
     # conditional models: prompts (one per line, encoded by the pipeline's text encoder) or a conditioning file
     prompts_file: Path | None = None
     conditioning: Path | None = None
@@ -120,6 +123,8 @@ class ExportConfig:
             raise ValueError("the onnxruntime-cpu target is INT8 with FP32 compute: drop --format fp8 / --precision fp16 for it")
         if self.prompts_file is not None and self.conditioning is not None:
             raise ValueError("give either prompts-file or conditioning, not both")
+        if self.parity_tolerance is not None and not 0 < self.parity_tolerance < 1:
+            raise ValueError(f"parity tolerance must be in (0, 1), got {self.parity_tolerance}")
         for name in ("calib_samples", "eval_samples", "parity_timesteps", "parity_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -181,7 +186,8 @@ def _parity_subset(calib: CalibrationSet, count: int, batch: int, timesteps: lis
     onnxruntime's CPU convolutions sum in another order (demo model, t = 750: median 2.7e-3 between
     onnxruntime's own batch-1 and batch-4 outputs of one input), so such checks would measure onnxruntime's
     kernels, not the export."""
-    picks = [timesteps[round(i * (len(timesteps) - 1) / max(1, count - 1))] for i in range(min(count, len(timesteps)))]
+    count = min(count, len(timesteps))
+    picks = [timesteps[round(i * (len(timesteps) - 1) / max(1, count - 1))] for i in range(count)]
     parts = [calib.at_timestep(t, batch) for t in dict.fromkeys(picks)]
     feeds = parity_feeds(torch.cat([p.samples for p in parts]), torch.cat([p.timesteps for p in parts]),
                          {k: torch.cat([p.conditions[k] for p in parts]) for k in calib.conditions})
@@ -214,7 +220,7 @@ def _conditioning(config: ExportConfig, loaded: LoadedModel, model: EpsilonModel
     else:
         raise ConditioningError(f"{type(loaded.denoiser).__name__} is conditioned on {', '.join(model.condition_names)}: "
                                 "pass --prompts-file (encoded by the pipeline's text encoder) or --conditioning")
-    conditioning.check_inputs(model.condition_names)
+    conditioning = conditioning.for_inputs(model.condition_names)
     for condition in model.conditions:
         expected = [d for d in condition.shape if d != SEQUENCE]
         found = [d for d, c in zip(conditioning.cond[condition.name].shape[1:], condition.shape) if c != SEQUENCE]
@@ -271,13 +277,13 @@ def _export_graph(q_model, path: Path, shape, config: ExportConfig, feeds: list,
     extra = None
     if target == "tensorrt":
         check_conformance(path)  # TensorRT's Q/DQ rules, before any user runs trtexec
-        tolerance = (FP16_QDQ_TOLERANCE if config.precision == "fp16"
-                     else FP8_QDQ_TOLERANCE if config.quant.format == "fp8" else QDQ_TOLERANCE)
+        tolerance = config.parity_tolerance or (FP16_QDQ_TOLERANCE if config.precision == "fp16"
+                                                else FP8_QDQ_TOLERANCE if config.quant.format == "fp8" else QDQ_TOLERANCE)
     else:
-        fused, _ = check_parity(q_model, path, feeds, QDQ_TOLERANCE, ort_level)
+        fused, _ = check_parity(q_model, path, feeds, config.parity_tolerance or QDQ_TOLERANCE, ort_level)
         extra = {"integer_kernels": check_integer_convs(path, q_model),
                  "fused_kernels_median_reldiff": {f"{t.timestep:g}": t.median_reldiff for t in fused.timesteps}}
-        tolerance, ort_level = QDQ_TOLERANCE, CPU_PARITY_LEVEL
+        tolerance, ort_level = config.parity_tolerance or QDQ_TOLERANCE, CPU_PARITY_LEVEL
     parity, results = check_parity(q_model, path, feeds, tolerance, ort_level)
     if not parity.passed and config.require_parity:
         worst = max(parity.timesteps, key=lambda t: t.median_reldiff)

@@ -89,6 +89,8 @@ def export_command(
     seed: Annotated[int, typer.Option(help="Seed of calibration and evaluation noise.")] = 0,
     eval_samples: Annotated[int, typer.Option(help="Seeds sampled to report PSNR to FP.")] = 256,
     engine: Annotated[bool, typer.Option(help="Also build the TensorRT engine (needs TensorRT here).")] = False,
+    parity_rtol: Annotated[Optional[float], typer.Option(
+        help="Q/DQ parity tolerance on the median relative error (default: 1e-3 INT8, 1e-2 FP8, 0.2 FP16).")] = None,
     allow_parity_failure: Annotated[bool, typer.Option(help="Keep a bundle whose Q/DQ parity check fails (recorded as failed).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -105,6 +107,6 @@ def export_command(
         reconstruction=ReconstructionConfig(iters=recon_iters, scale_lr=recon_scale_lr, multistep_steps=multistep_steps),
         timestep_groups=timestep_groups, steps_per_group=steps_per_group,
         calib_samples=calib_samples, calib_steps=calib_steps, seed=seed, eval_samples=eval_samples,
-        engine=engine, require_parity=not allow_parity_failure, overwrite=overwrite, progress=progress,
+        engine=engine, require_parity=not allow_parity_failure, parity_tolerance=parity_rtol, overwrite=overwrite, progress=progress,
     )
     _print_report(export_quantized(config), config)

@@ -78,11 +78,9 @@ def sample_command(
         runner, noise_schedule, terms = TorchBackend(EpsilonModel(fp.denoiser)), fp.scheduler_config, None
         shape, default_steps, default_guidance = sample_shape(fp.denoiser), 25, 1.0
         names = list(runner.model.condition_names)
-    rows = Conditioning.load(conditioning) if conditioning else None
+    rows = Conditioning.load(conditioning).for_inputs(names) if conditioning else None
     if names and rows is None:
         raise typer.BadParameter(f"this model is conditioned on {', '.join(names)}: pass --conditioning")
-    if rows is not None:
-        rows.check_inputs(names)
     config = SamplerConfig(scheduler.value, steps or default_steps, eta,
                            default_guidance if guidance_scale is None else guidance_scale)
     result = sample(runner, noise_schedule, range(seed, seed + n), shape, config, batch_size, progress=progress,

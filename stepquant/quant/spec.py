@@ -10,7 +10,8 @@ from stepquant.quant.grid import Fp8Grid, Grid, IntGrid
 FORMATS = ("int8", "fp8")
 
 # modelopt's diffusers default (utils.filter_func_default) plus its library-wide `proj_out`: embeddings,
-# the first and last convolutions and the shortcut convolutions stay in floating point.
+# the first and last convolutions and the shortcut convolutions stay in floating point. PixArt's timestep
+# and caption embedders (adaln_single, caption_projection) are the same kind of layer under other names.
 DEFAULT_EXCLUDE: tuple[str, ...] = (
     r"time_emb_proj",
     r"time_embedding",
@@ -24,6 +25,8 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
     r"norm_out",
     r"x_embedder",
     r"proj_out",
+    r"adaln_single",
+    r"caption_projection",
 )
 
 

@@ -57,11 +57,12 @@ class Conditioning:
         source = self.uncond if unconditional else self.cond
         return {name: t[torch.tensor([i % len(t) for i in indices])] for name, t in source.items()}
 
-    def check_inputs(self, names: Sequence[str]) -> None:
-        """Refuse conditioning that does not provide exactly the model's condition inputs."""
+    def for_inputs(self, names: Sequence[str]) -> Conditioning:
+        """This conditioning in the model's input order; refused unless it holds exactly those inputs."""
         if set(names) != set(self.cond):
             raise ConditioningError(f"the model takes condition inputs {list(names)}, the conditioning holds "
                                     f"{sorted(self.cond)}")
+        return Conditioning({n: self.cond[n] for n in names}, {n: self.uncond[n] for n in names})
 
     def save(self, path: str | Path) -> None:
         tensors = {**self.cond, **{UNCOND_PREFIX + k: v for k, v in self.uncond.items()}}
