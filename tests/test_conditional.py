@@ -17,6 +17,7 @@ from diffusers.models.embeddings import PatchEmbed
 from stepquant.calibrators.data import collect_calibration_set
 from stepquant.eval import psnr
 from stepquant.export import load_bundle
+from stepquant.export.lint import lint
 from stepquant.export.parity import replay_parity
 from stepquant.export.shapes import DimRange, ShapeProfile
 from stepquant.models import EpsilonModel, load_model
@@ -72,11 +73,11 @@ def random_conditioning(model: EpsilonModel, prompts: int = 3, seed: int = 0) ->
     return Conditioning(rows["cond"], rows["uncond"])
 
 
-def save_pipeline(kind: str, root: Path) -> Path:
+def save_pipeline(kind: str, root: Path, **overrides) -> Path:
     """A diffusers pipeline directory holding the tiny denoiser and a DDIM scheduler."""
     cls, folder, config = ARCHITECTURES[kind]
     torch.manual_seed(0)
-    cls(**config).save_pretrained(root / folder)
+    cls(**{**config, **overrides}).save_pretrained(root / folder)
     DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
                                                        folder: ["diffusers", cls.__name__],
@@ -224,3 +225,37 @@ def test_conditioning_errors_are_clear(tmp_path, tiny_model_dir):
         Conditioning({"c": torch.tensor([[float("nan")]])}, {"c": torch.zeros(1, 1)})
     for name in "abcd":
         assert not (tmp_path / name).exists()  # nothing half-written
+
+
+def test_fp8_attention_puts_qdq_on_both_matmuls_and_keeps_parity(tmp_path):
+    pipeline = save_pipeline("sd", tmp_path / "sd", attention_head_dim=2)  # 2 heads (diffusers names SD's head count so): head_dim 16, 32
+    conditioning = tmp_path / "conditioning.safetensors"
+    random_conditioning(EpsilonModel(load_model(str(pipeline)).denoiser)).save(conditioning)
+    report = export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "bundle", conditioning=conditioning,
+                                           quant=QuantSpec(format="fp8", fp8_attention=True), sampler=FEW_GUIDED_STEPS,
+                                           calib_samples=2, eval_samples=2, progress=False))
+    assert report.qdq_parity.passed and any(n.endswith("attn2.processor") for n in report.quantized_layers)
+    graph = onnx.load(str(tmp_path / "bundle" / "model.onnx")).graph
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def dequantized(name: str) -> bool:  # through the Transpose of K
+        node = producers.get(name)
+        while node is not None and node.op_type == "Transpose":
+            node = producers.get(node.input[0])
+        return node is not None and node.op_type == "DequantizeLinear"
+
+    weights = {w.name for w in graph.initializer}
+
+    def is_weight(name: str) -> bool:  # a DequantizeLinear of stored weights, possibly transposed
+        node = producers.get(name)
+        while node is not None and node.op_type == "Transpose":
+            node = producers.get(node.input[0])
+        return name in weights or (node is not None and node.op_type == "DequantizeLinear" and node.input[0] in weights)
+
+    activation_matmuls = [n for n in graph.node if n.op_type == "MatMul" and not any(is_weight(i) for i in n.input)]
+    processors = [n for n in report.quantized_layers if n.endswith(".processor")]
+    assert len(processors) == 8 and len(activation_matmuls) == 2 * len(processors)  # Q·Kᵀ and P·V of each
+    assert all(dequantized(i) for n in activation_matmuls for i in n.input)
+    assert lint(tmp_path / "bundle" / "model.onnx") == []
+    with pytest.raises(ValueError, match="FP8 only"):
+        QuantSpec(fp8_attention=True)

@@ -56,6 +56,8 @@ def export_command(
              "onnxruntime-cpu (U8S8 integer kernels on onnxruntime's CPU provider).")] = None,
     precision: Annotated[Precision, typer.Option(help="Float compute and Q/DQ scales: fp32, or fp16 for FP16 engines.")] = Precision.fp32,
     correction: Annotated[Correction, typer.Option(help="Per-timestep correction terms applied by the sampler's host loop.")] = Correction.none,
+    fp8_attention: Annotated[bool, typer.Option(
+        help="With --format fp8: Q/DQ on the attention matmuls too (TensorRT's FP8 fused MHA; head_dim % 16 == 0).")] = False,
     residual_qdq: Annotated[bool, typer.Option(help="Q/DQ on the skip input of ResNet residual Adds (TensorRT fuses Conv+Add).")] = True,
     steps: Annotated[int, typer.Option(help="Sampler steps for calibration trajectories and evaluation.")] = 25,
     scheduler: Annotated[Scheduler, typer.Option(help="Sampler for trajectories and evaluation.")] = Scheduler.ddim,
@@ -99,7 +101,7 @@ def export_command(
     patterns = (DEFAULT_EXCLUDE if default_excludes else ()) + tuple(exclude or ())
     split = calibrator.value in RECONSTRUCTION_CALIBRATORS if split_skip_concat is None else split_skip_concat
     config = ExportConfig(
-        model=model, out=out, quant=QuantSpec(weight_bits, act_bits, patterns, format.value, residual_qdq, split),
+        model=model, out=out, quant=QuantSpec(weight_bits, act_bits, patterns, format.value, residual_qdq, split, fp8_attention),
         precision=precision.value, correction=correction.value, targets=tuple(t.value for t in target or [Target.tensorrt]),
         sampler=SamplerConfig(scheduler.value, steps, eta, guidance_scale), calibrator=calibrator.value, percentile=percentile,
         prompts_file=prompts_file, conditioning=conditioning,

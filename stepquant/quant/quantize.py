@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from stepquant.quant.attention import quantize_attention_
 from stepquant.quant.layers import ActivationQuantizer, QuantizedLayer, SplitQuantizedLayer, WeightQuantizer
 from stepquant.quant.spec import QuantSpec
 
@@ -56,7 +57,7 @@ def skip_concat_splits(model: nn.Module) -> dict[str, int]:
 
 def quantize_(model: nn.Module, spec: QuantSpec) -> list[str]:
     """Wrap, in place, every Conv2d and Linear not excluded by `spec` (and the residual skip inputs when
-    `spec.quantize_residuals`); return the names of the wrapped modules.
+    `spec.quantize_residuals`, and for FP8 the attention matmuls); return the names of the wrapped modules.
 
     Weights are quantized at once (they need no data); activation quantizers wait for a calibrator.
     With `spec.split_skip_concat`, decoder layers fed cat([h, skip]) get one quantizer pair per group.
@@ -75,7 +76,8 @@ def quantize_(model: nn.Module, spec: QuantSpec) -> list[str]:
         grids = (spec.weight_grid, spec.act_grid, spec.per_channel_weights)
         setattr(parent, child, SplitQuantizedLayer(module, splits[name], *grids) if name in splits else QuantizedLayer(module, *grids))
     residuals = _quantize_residuals(model, spec) if spec.quantize_residuals else []
-    return [name for name, _ in targets] + residuals
+    attention = quantize_attention_(model, spec.act_grid, spec.excludes) if spec.fp8_attention else []
+    return [name for name, _ in targets] + residuals + attention
 
 
 def round_scales_(model: nn.Module, dtype: torch.dtype) -> None:
