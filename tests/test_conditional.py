@@ -6,8 +6,12 @@ sampling from the bundle."""
 from __future__ import annotations
 
 import json
+import string
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -259,3 +263,65 @@ def test_fp8_attention_puts_qdq_on_both_matmuls_and_keeps_parity(tmp_path):
     assert lint(tmp_path / "bundle" / "model.onnx") == []
     with pytest.raises(ValueError, match="FP8 only"):
         QuantSpec(fp8_attention=True)
+
+
+def add_text_encoder(root: Path) -> None:
+    """A tiny CLIP tokenizer (letters only) and text encoder in the pipeline directory, as diffusers lays them out."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tokens = ["<|startoftext|>", "<|endoftext|>", *string.ascii_lowercase, *(c + "</w>" for c in string.ascii_lowercase)]
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (root / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(root / "tokenizer" / "vocab.json"), str(root / "tokenizer" / "merges.txt"),
+                  model_max_length=SEQUENCE).save_pretrained(root / "tokenizer")
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=SEQUENCE, bos_token_id=0, eos_token_id=1,
+                                 pad_token_id=1)).save_pretrained(root / "text_encoder")
+    index = json.loads((root / "model_index.json").read_text())
+    index.update(tokenizer=["transformers", "CLIPTokenizer"], text_encoder=["transformers", "CLIPTextModel"],
+                 vae=[None, None], safety_checker=[None, None], feature_extractor=[None, None])
+    (root / "model_index.json").write_text(json.dumps(index))
+
+
+def test_prompts_are_encoded_by_the_pipelines_text_encoder(tmp_path):
+    pytest.importorskip("transformers")  # part of the test extra; `stepquant[text]` for users
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipeline = save_pipeline("sd", tmp_path / "sd")
+    add_text_encoder(pipeline)
+    (tmp_path / "prompts.txt").write_text("a cat\n\nthe dog\n")
+    result = subprocess.run([sys.executable, "-m", "stepquant", "encode-prompts", "--model", str(pipeline), "--prompts-file",
+                             str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "c.safetensors")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "conditioning of 2 prompts" in result.stdout
+    conditioning = Conditioning.load(tmp_path / "c.safetensors")
+    tokenizer = CLIPTokenizer.from_pretrained(pipeline / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(pipeline / "text_encoder").eval()
+    with torch.no_grad():
+        expected = [encoder(tokenizer(p, padding="max_length", max_length=SEQUENCE, truncation=True,
+                                      return_tensors="pt").input_ids)[0] for p in ("a cat", "the dog", "")]
+    assert torch.allclose(conditioning.cond["encoder_hidden_states"], torch.cat(expected[:2]), atol=1e-6)
+    assert torch.allclose(conditioning.uncond["encoder_hidden_states"], expected[2], atol=1e-6)
+    report = export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "bundle", prompts_file=tmp_path / "prompts.txt",
+                                           sampler=FEW_GUIDED_STEPS, calib_samples=2, eval_samples=2, progress=False))
+    manifest = load_bundle(report.bundle).manifest
+    assert manifest["conditioning"]["prompts"] == 2 and manifest["inputs"]["shape_profile"]["sequence"]["opt"] == SEQUENCE
+
+
+def test_sample_command_takes_conditioning_and_guidance(exported, tmp_path):
+    from typer.testing import CliRunner
+
+    from stepquant.cli.main import app
+
+    _, _, conditioning_file, out, _ = exported
+    runner = CliRunner()
+    args = ["sample", "--bundle", str(out), "--n", "3", "--out", str(tmp_path / "latents.npz"), "--no-progress"]
+    refused = runner.invoke(app, args)
+    assert isinstance(refused.exception, ConditioningError) and "pass --conditioning" in str(refused.exception)
+    result = runner.invoke(app, [*args, "--conditioning", str(conditioning_file), "--guidance-scale", "2"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 3 latents" in result.output and "guidance 2" in result.output
+    latents = np.load(tmp_path / "latents.npz")["samples"]
+    assert latents.shape == (3, *load_bundle(out).sample_shape) and np.isfinite(latents).all()

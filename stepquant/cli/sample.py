@@ -17,7 +17,7 @@ from stepquant.models import EpsilonModel, load_model
 from stepquant.models.denoisers import sample_shape
 from stepquant.runtime import SamplerConfig, TorchBackend, sample
 from stepquant.runtime.bundle_backends import bundle_corrections, quantized_backend
-from stepquant.runtime.guidance import Conditioning
+from stepquant.runtime.guidance import Conditioning, ConditioningError
 
 
 def _write_samples(samples, out: Path) -> None:
@@ -80,7 +80,7 @@ def sample_command(
         names = list(runner.model.condition_names)
     rows = Conditioning.load(conditioning).for_inputs(names) if conditioning else None
     if names and rows is None:
-        raise typer.BadParameter(f"this model is conditioned on {', '.join(names)}: pass --conditioning")
+        raise ConditioningError(f"this model is conditioned on {', '.join(names)}: pass --conditioning")
     config = SamplerConfig(scheduler.value, steps or default_steps, eta,
                            default_guidance if guidance_scale is None else guidance_scale)
     result = sample(runner, noise_schedule, range(seed, seed + n), shape, config, batch_size, progress=progress,

@@ -4,6 +4,7 @@ Needs `transformers` (`pip install 'stepquant[text]'`); the unconditional rows a
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,13 +32,20 @@ def _load_text_pipeline(pipeline_dir: Path):
     except ImportError as err:
         raise ConditioningError("encoding prompts needs transformers: pip install 'stepquant[text]'") from err
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging
 
-    skip = {name: None for name in ("unet", "transformer", "vae", "safety_checker", "feature_extractor", "image_encoder")}
+    skip = ("unet", "transformer", "vae", "scheduler", "safety_checker", "feature_extractor", "image_encoder")
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the safety-checker and scheduler-config notices are not ours to print
     try:
-        index = DiffusionPipeline.load_config(str(pipeline_dir))
-        return DiffusionPipeline.from_pretrained(str(pipeline_dir), **{k: v for k, v in skip.items() if k in index})
-    except (OSError, ValueError, TypeError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            index = DiffusionPipeline.load_config(str(pipeline_dir))
+            return DiffusionPipeline.from_pretrained(str(pipeline_dir), **{k: None for k in skip if k in index})
+    except (OSError, ValueError, TypeError, KeyError) as err:
         raise ConditioningError(f"cannot load the text encoder(s) of {pipeline_dir}: {err}") from err
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 @torch.no_grad()
