@@ -325,3 +325,13 @@ def test_sample_command_takes_conditioning_and_guidance(exported, tmp_path):
     assert "wrote 3 latents" in result.output and "guidance 2" in result.output
     latents = np.load(tmp_path / "latents.npz")["samples"]
     assert latents.shape == (3, *load_bundle(out).sample_shape) and np.isfinite(latents).all()
+
+
+def test_bench_times_conditional_graphs(exported):
+    from typer.testing import CliRunner
+
+    from stepquant.cli.main import app
+
+    result = CliRunner().invoke(app, ["bench", "--bundle", str(exported[3]), "--batch", "2"])
+    assert result.exit_code == 0, result.output
+    assert "tensorrt graph" in result.output and "x vs FP32" in result.output

@@ -99,7 +99,9 @@ def bench_command(
     for size in batch or [1, 8]:
         if size < 1:
             raise typer.BadParameter("must be at least 1", param_hint="--batch")
-        results = {label: measure_latency(backend, loaded.sample_shape, size) for label, backend in graphs.items()}
+        sequence = loaded.shape_profile.sequence
+        results = {label: measure_latency(backend, loaded.sample_shape, size, loaded.conditions, sequence and sequence.opt)
+                   for label, backend in graphs.items()}
         fp_ms = results["onnxruntime FP32"].median_ms
         for label, result in results.items():
             print(f"  batch {size:<3} {label:<22} {result.median_ms:9.2f} ms  {result.images_per_second:9.1f} images/s  "

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from stepquant.models.denoisers import ConditionInput
 from stepquant.runtime.backend import Backend
 
 
@@ -27,21 +29,26 @@ def measure_latency(
     backend: Backend,
     sample_shape: tuple[int, int, int],
     batch: int,
+    conditions: Sequence[ConditionInput] = (),
+    sequence: int | None = None,
     warmup: int = 3,
     min_runs: int = 10,
     min_seconds: float = 3.0,
     max_runs: int = 200,
 ) -> Latency:
-    """Time `backend` on a fixed random input until both `min_runs` and `min_seconds` are reached."""
-    sample = torch.randn((batch, *sample_shape), generator=torch.Generator().manual_seed(0))
+    """Time `backend` on a fixed random input (with random `conditions`, text ones `sequence` tokens long)
+    until both `min_runs` and `min_seconds` are reached."""
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn((batch, *sample_shape), generator=generator)
     timestep = torch.full((batch,), 500.0)
+    extra = {c.name: torch.randn(c.concrete_shape(batch, sequence or 0), generator=generator) for c in conditions}
     for _ in range(warmup):
-        backend(sample, timestep)
+        backend(sample, timestep, **extra)
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - started < min_seconds):
         begin = time.perf_counter()
-        backend(sample, timestep)
+        backend(sample, timestep, **extra)
         times.append(1000.0 * (time.perf_counter() - begin))
     times.sort()
     return Latency(batch, statistics.median(times), times[int(0.9 * (len(times) - 1))], len(times))
@@ -53,9 +60,9 @@ class TimedBackend:
     def __init__(self, backend: Backend) -> None:
         self.backend, self.seconds, self.calls = backend, 0.0, 0
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
         begin = time.perf_counter()
-        eps = self.backend(sample, timestep)
+        eps = self.backend(sample, timestep, **conditions)
         self.seconds += time.perf_counter() - begin
         self.calls += 1
         return eps
