@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from diffusers import DDIMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
 from diffusers.models.embeddings import PatchEmbed
 
 from stepquant.calibrators.data import collect_calibration_set
@@ -317,14 +317,23 @@ def test_sample_command_takes_conditioning_and_guidance(exported, tmp_path):
 
     _, _, conditioning_file, out, _ = exported
     runner = CliRunner()
-    args = ["sample", "--bundle", str(out), "--n", "3", "--out", str(tmp_path / "latents.npz"), "--no-progress"]
-    refused = runner.invoke(app, args)
+    args = ["sample", "--bundle", str(out), "--n", "3", "--no-progress", "--out"]
+    latents_file, images_file = str(tmp_path / "latents.npz"), str(tmp_path / "images.npz")
+    refused = runner.invoke(app, [*args, latents_file])
     assert isinstance(refused.exception, ConditioningError) and "pass --conditioning" in str(refused.exception)
-    result = runner.invoke(app, [*args, "--conditioning", str(conditioning_file), "--guidance-scale", "2"])
+    result = runner.invoke(app, [*args, latents_file, "--conditioning", str(conditioning_file), "--guidance-scale", "2"])
     assert result.exit_code == 0, result.output
     assert "wrote 3 latents" in result.output and "guidance 2" in result.output
     latents = np.load(tmp_path / "latents.npz")["samples"]
     assert latents.shape == (3, *load_bundle(out).sample_shape) and np.isfinite(latents).all()
+    torch.manual_seed(0)  # a tiny VAE (one downsampling: latents of 8x8 decode to 16x16 RGB images)
+    vae_root = tmp_path / "pipeline"
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(vae_root / "vae")
+    result = runner.invoke(app, [*args, images_file, "--conditioning", str(conditioning_file), "--decode-with", str(vae_root)])
+    assert result.exit_code == 0, result.output
+    images = np.load(tmp_path / "images.npz")["samples"]
+    assert "wrote 3 images" in result.output and images.shape == (3, 3, 16, 16) and np.abs(images).max() <= 1.0
 
 
 def test_bench_times_conditional_graphs(exported):

@@ -15,6 +15,7 @@ from stepquant.eval import save_grid
 from stepquant.export import load_bundle
 from stepquant.models import EpsilonModel, load_model
 from stepquant.models.denoisers import sample_shape
+from stepquant.models.vae import decode_latents
 from stepquant.runtime import SamplerConfig, TorchBackend, sample
 from stepquant.runtime.bundle_backends import bundle_corrections, quantized_backend
 from stepquant.runtime.guidance import Conditioning, ConditioningError
@@ -57,6 +58,8 @@ def sample_command(
         help="Conditional models: prompts' conditioning (.safetensors from `stepquant encode-prompts`); sample i takes row i mod P.")] = None,
     guidance_scale: Annotated[Optional[float], typer.Option(
         help="Classifier-free guidance scale (default: the bundle's calibration scale, else 1).")] = None,
+    decode_with: Annotated[Optional[Path], typer.Option(
+        help="Latent models: decode the latents with this pipeline directory's VAE before writing.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Sample from a bundle or from an FP model with per-sample seeds, so outputs compare one to one."""
@@ -85,7 +88,9 @@ def sample_command(
                            default_guidance if guidance_scale is None else guidance_scale)
     result = sample(runner, noise_schedule, range(seed, seed + n), shape, config, batch_size, progress=progress,
                     corrections=terms, conditioning=rows, clip=not names)
-    _write_samples(result.samples, out)
+    samples = decode_latents(decode_with, result.samples) if decode_with else result.samples
+    _write_samples(samples, out)
     guided = f", guidance {config.guidance_scale:g}" if names else ""
-    print(f"wrote {n} {'latents' if names else 'samples'} ({config.steps} {config.scheduler.upper()} steps, "
+    kind = "images" if decode_with else "latents" if names else "samples"
+    print(f"wrote {n} {kind} ({config.steps} {config.scheduler.upper()} steps, "
           f"eta {config.eta:g}{guided}) to {out}")
