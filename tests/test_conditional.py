@@ -22,11 +22,12 @@ from stepquant.calibrators.data import collect_calibration_set
 from stepquant.eval import psnr
 from stepquant.export import load_bundle
 from stepquant.export.lint import lint
-from stepquant.export.parity import replay_parity
-from stepquant.export.shapes import DimRange, ShapeProfile
+from stepquant.export.onnx_export import export_onnx
+from stepquant.export.parity import check_parity, parity_feeds, replay_parity
+from stepquant.export.shapes import DimRange, ShapeProfile, resize_inputs
 from stepquant.models import EpsilonModel, load_model
 from stepquant.models.demo_config import SCHEDULER_CONFIG
-from stepquant.models.patch_embed import ShapeFollowingPatchEmbed
+from stepquant.models.patch_embed import ShapeFollowingPatchEmbed, follow_input_shape_
 from stepquant.pipeline import ExportConfig, export_quantized
 from stepquant.quant import QuantSpec, quantize_
 from stepquant.runtime import SamplerConfig, TorchBackend, sample
@@ -344,3 +345,22 @@ def test_bench_times_conditional_graphs(exported):
     result = CliRunner().invoke(app, ["bench", "--bundle", str(exported[3]), "--batch", "2"])
     assert result.exit_code == 0, result.output
     assert "tensorrt graph" in result.output and "x vs FP32" in result.output
+
+
+def test_pixart_with_resolution_conditions_exports_dynamic(tmp_path):
+    """PixArt at 1024 px takes resolution and aspect ratio as well (added_cond_kwargs)."""
+    torch.manual_seed(0)
+    config = {**ARCHITECTURES["pixart"][2], "num_attention_heads": 3, "cross_attention_dim": 24}  # width divisible by 3
+    model = EpsilonModel(PixArtTransformer2DModel(**config, use_additional_conditions=True).eval())
+    follow_input_shape_(model)  # what load_model does
+    assert model.condition_names == ("encoder_hidden_states", "encoder_attention_mask", "resolution", "aspect_ratio")
+    profile = SHAPES.resolved((4, 8, 8), SEQUENCE)
+    export_onnx(model, tmp_path / "pixart.onnx", (4, 8, 8), profile=profile)
+    conditions = random_conditioning(model, prompts=3).cond
+    conditions.update(resolution=torch.tensor([[64.0, 64.0]] * 3), aspect_ratio=torch.ones(3, 1))
+    feeds = []
+    for batch, height, width, sequence in ((2, 8, 8, 4), (3, 16, 12, 8)):
+        samples, resized = resize_inputs(torch.randn(3, 4, 8, 8), conditions, model.conditions, batch, height, width, sequence)
+        feeds += parity_feeds(samples, torch.full((batch,), 500.0), resized)
+    report, _ = check_parity(model, tmp_path / "pixart.onnx", feeds, 1e-5)
+    assert report.passed and [t.shape for t in report.timesteps] == [[2, 4, 8, 8], [3, 4, 16, 12]]

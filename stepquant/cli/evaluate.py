@@ -35,6 +35,9 @@ def eval_command(
     if n < 2:
         raise typer.BadParameter("must be at least 2 (Fréchet distances need a covariance)", param_hint="--n")
     loaded = load_bundle(bundle)
+    if loaded.conditions:
+        raise ValueError("stepquant eval scores digit samples (the demo's classifier and pixel-space metrics); this bundle is "
+                         "a conditional latent model: its manifest holds latent PSNR to FP, and `stepquant sample` runs it")
     config = SamplerConfig(scheduler.value, steps or loaded.manifest["sampler"]["steps"], eta)
     terms = bundle_corrections(loaded) if corrections else None
     result = evaluate(reference_backend(loaded, threads), quantized_backend(loaded, threads, backend.value, engine),
