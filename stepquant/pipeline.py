@@ -37,15 +37,14 @@ from stepquant.export.precision import PRECISIONS, convert_to_fp16
 from stepquant.export.shapes import CORNERS, ShapeProfile, resize_inputs
 from stepquant.export.targets import TARGETS, for_target, graph_file
 from stepquant.export.tensorrt import build_engines, build_script, tensorrt_version
-from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, LoadedModel, load_model
-from stepquant.models.denoisers import SEQUENCE, sample_shape
-from stepquant.models.prompts import encode_prompts, read_prompts
+from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
+from stepquant.models.conditioning import export_conditioning
+from stepquant.models.denoisers import sample_shape
 from stepquant.quant import QuantSpec, quantize_
 from stepquant.quant.quantize import round_scales_
 from stepquant.runtime import SamplerConfig, TorchBackend, make_scheduler, sample
 from stepquant.runtime.bundle_backends import graph_backend
 from stepquant.runtime.corrections import METHODS as CORRECTION_METHODS
-from stepquant.runtime.guidance import Conditioning, ConditioningError
 
 CALIBRATION_SEED_OFFSET = 1_000_000  # calibration trajectories never share seeds with evaluation
 # Median relative error allowed between the fake-quant torch model and the Q/DQ graph on onnxruntime.
@@ -204,39 +203,6 @@ def _parity_subset(calib: CalibrationSet, count: int, batch: int, timesteps: lis
     return feeds
 
 
-def _conditioning(config: ExportConfig, loaded: LoadedModel, model: EpsilonModel, shape) -> Conditioning | None:
-    """The prompts' (or the file's) conditioning a conditional model is calibrated and evaluated with."""
-    if not model.conditions:
-        if config.prompts_file or config.conditioning:
-            raise ConditioningError(f"{type(loaded.denoiser).__name__} is unconditional: drop --prompts-file/--conditioning")
-        return None
-    if config.conditioning is not None:
-        conditioning = Conditioning.load(config.conditioning)
-    elif config.prompts_file is not None:
-        if loaded.pipeline is None:
-            raise ConditioningError("--prompts-file needs --model to be a pipeline directory (its text encoder "
-                                    "encodes the prompts); or pass --conditioning")
-        conditioning = encode_prompts(loaded.pipeline, read_prompts(config.prompts_file), model.conditions, shape)
-    else:
-        raise ConditioningError(f"{type(loaded.denoiser).__name__} is conditioned on {', '.join(model.condition_names)}: "
-                                "pass --prompts-file (encoded by the pipeline's text encoder) or --conditioning")
-    conditioning = conditioning.for_inputs(model.condition_names)
-    for condition in model.conditions:
-        expected = [d for d in condition.shape if d != SEQUENCE]
-        found = [d for d, c in zip(conditioning.cond[condition.name].shape[1:], condition.shape) if c != SEQUENCE]
-        if expected != found or conditioning.cond[condition.name].dim() != 1 + len(condition.shape):
-            raise ConditioningError(f"condition {condition.name} has shape {tuple(conditioning.cond[condition.name].shape)}; "
-                                    f"the model takes [prompts, {', '.join(map(str, condition.shape))}]")
-    return conditioning
-
-
-def _sequence_length(model: EpsilonModel, conditioning: Conditioning | None) -> int | None:
-    for condition in model.conditions:
-        if SEQUENCE in condition.shape:
-            return conditioning.cond[condition.name].shape[1 + condition.shape.index(SEQUENCE)]
-    return None
-
-
 @dataclass
 class _Graph:
     """One exported Q/DQ graph and the sampler timesteps it serves ("all" for a single graph)."""
@@ -300,11 +266,11 @@ def export_quantized(config: ExportConfig) -> ExportReport:
     fp_model = EpsilonModel(loaded.denoiser)
     if config.engine:
         tensorrt_version()  # fail before any work when the engine cannot be built here
-    conditioning = _conditioning(config, loaded, fp_model, shape)
+    conditioning = export_conditioning(fp_model, loaded, config.prompts_file, config.conditioning, shape)
     if conditioning is not None and config.correction != "none":
         raise ValueError("correction terms are estimated along unguided trajectories: use --correction none for "
                          "conditional models")
-    shapes = config.shapes.resolved(shape, _sequence_length(fp_model, conditioning))
+    shapes = config.shapes.resolved(shape, None if conditioning is None else conditioning.sequence_length(fp_model.conditions))
     latent = bool(fp_model.conditions)  # every conditional architecture here samples latents for a VAE
     # onnxruntime's CPU fusions reject FLOAT8 Q/DQ (MatMulIntegerToFloat); basic optimisations run it
     ort_level = "basic" if config.quant.format == "fp8" else "all"

@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 
 from stepquant.models import EpsilonModel, load_model
+from stepquant.models.conditioning import encode_prompts, read_prompts
 from stepquant.models.denoisers import sample_shape
-from stepquant.models.prompts import encode_prompts, read_prompts
 
 
 def encode_prompts_command(

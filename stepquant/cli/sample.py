@@ -75,13 +75,14 @@ def sample_command(
         terms = bundle_corrections(loaded) if corrections else None
         noise_schedule, shape = loaded.manifest["noise_schedule"], loaded.sample_shape
         default_steps, default_guidance = loaded.manifest["sampler"]["steps"], loaded.manifest["sampler"]["guidance_scale"]
-        names = [c.name for c in loaded.conditions]
+        inputs = loaded.conditions
     else:
         fp = load_model(model)
         runner, noise_schedule, terms = TorchBackend(EpsilonModel(fp.denoiser)), fp.scheduler_config, None
         shape, default_steps, default_guidance = sample_shape(fp.denoiser), 25, 1.0
-        names = list(runner.model.condition_names)
-    rows = Conditioning.load(conditioning).for_inputs(names) if conditioning else None
+        inputs = runner.model.conditions
+    names = [c.name for c in inputs]
+    rows = Conditioning.load(conditioning).for_inputs(inputs) if conditioning else None
     if names and rows is None:
         raise ConditioningError(f"this model is conditioned on {', '.join(names)}: pass --conditioning")
     config = SamplerConfig(scheduler.value, steps or default_steps, eta,

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from stepquant.models.denoisers import SEQUENCE, ConditionInput
 from stepquant.runtime.backend import Backend
 
 UNCOND_PREFIX = "uncond."
@@ -57,12 +58,26 @@ class Conditioning:
         source = self.uncond if unconditional else self.cond
         return {name: t[torch.tensor([i % len(t) for i in indices])] for name, t in source.items()}
 
-    def for_inputs(self, names: Sequence[str]) -> Conditioning:
-        """This conditioning in the model's input order; refused unless it holds exactly those inputs."""
+    def for_inputs(self, inputs: Sequence[ConditionInput]) -> Conditioning:
+        """This conditioning in the model's input order; refused unless it holds exactly those inputs, each
+        with the model's shape (any length on a text axis)."""
+        names = [c.name for c in inputs]
         if set(names) != set(self.cond):
-            raise ConditioningError(f"the model takes condition inputs {list(names)}, the conditioning holds "
-                                    f"{sorted(self.cond)}")
+            raise ConditioningError(f"the model takes condition inputs {names}, the conditioning holds {sorted(self.cond)}")
+        for condition in inputs:
+            rows = self.cond[condition.name]
+            if rows.dim() != 1 + len(condition.shape) or any(
+                    d != SEQUENCE and d != found for d, found in zip(condition.shape, rows.shape[1:])):
+                raise ConditioningError(f"condition {condition.name} has shape {tuple(rows.shape)}; the model takes "
+                                        f"[prompts, {', '.join(map(str, condition.shape))}]")
         return Conditioning({n: self.cond[n] for n in names}, {n: self.uncond[n] for n in names})
+
+    def sequence_length(self, inputs: Sequence[ConditionInput]) -> int | None:
+        """The text length of the first input with a text axis (None without one)."""
+        for condition in inputs:
+            if SEQUENCE in condition.shape:
+                return self.cond[condition.name].shape[1 + condition.shape.index(SEQUENCE)]
+        return None
 
     def save(self, path: str | Path) -> None:
         tensors = {**self.cond, **{UNCOND_PREFIX + k: v for k, v in self.uncond.items()}}

@@ -1,6 +1,7 @@
-"""Prompts to conditioning with a pipeline's own text encoder(s), through the pipeline's `encode_prompt`
-(so CLIP skip, SDXL's two encoders and PixArt's T5 attention mask are exactly what diffusers does).
-Needs `transformers` (`pip install 'stepquant[text]'`); the unconditional rows are the empty prompt's."""
+"""Where a conditional model's conditioning comes from: a conditioning file, or prompts encoded with the
+pipeline's own text encoder(s) through its `encode_prompt` (so CLIP skip, SDXL's two encoders and PixArt's
+T5 attention mask are exactly what diffusers does; needs `transformers`: `pip install 'stepquant[text]'`).
+The unconditional rows are the empty prompt's."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 import torch
 
 from stepquant.models.denoisers import ConditionInput
+from stepquant.models.epsilon import EpsilonModel
+from stepquant.models.loading import LoadedModel
 from stepquant.runtime.guidance import Conditioning, ConditioningError
 
 VAE_SCALE = 8  # latent pixel -> image pixels for SD 1.x/2.x/XL and PixArt's VAEs
@@ -74,3 +77,25 @@ def encode_prompts(pipeline_dir: Path, prompts: list[str], conditions: tuple[Con
                             {"encoder_hidden_states": uncond[:1], "encoder_attention_mask": uncond_mask[:1].float(), **extra})
     cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=[""] * len(prompts))
     return Conditioning({"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond[:1]})
+
+
+def export_conditioning(model: EpsilonModel, loaded: LoadedModel, prompts_file: Path | None,
+                        conditioning_file: Path | None, sample_shape: tuple[int, int, int]) -> Conditioning | None:
+    """The conditioning a model is calibrated and evaluated with (None for an unconditional model), in its
+    input order; a clear error when it is missing, superfluous or does not fit the model."""
+    name = type(loaded.denoiser).__name__
+    if not model.conditions:
+        if prompts_file or conditioning_file:
+            raise ConditioningError(f"{name} is unconditional: drop --prompts-file/--conditioning")
+        return None
+    if conditioning_file is not None:
+        conditioning = Conditioning.load(conditioning_file)
+    elif prompts_file is not None:
+        if loaded.pipeline is None:
+            raise ConditioningError("--prompts-file needs --model to be a pipeline directory (its text encoder "
+                                    "encodes the prompts); or pass --conditioning")
+        conditioning = encode_prompts(loaded.pipeline, read_prompts(prompts_file), model.conditions, sample_shape)
+    else:
+        raise ConditioningError(f"{name} is conditioned on {', '.join(model.condition_names)}: pass --prompts-file "
+                                "(encoded by the pipeline's text encoder) or --conditioning")
+    return conditioning.for_inputs(model.conditions)
