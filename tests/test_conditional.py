@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
+from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
 from diffusers.models.embeddings import PatchEmbed
 
 from stepquant.calibrators.data import collect_calibration_set
@@ -28,27 +28,15 @@ from stepquant.export.shapes import DimRange, ShapeProfile, resize_inputs
 from stepquant.models import EpsilonModel, load_model
 from stepquant.models.demo_config import SCHEDULER_CONFIG
 from stepquant.models.patch_embed import ShapeFollowingPatchEmbed, follow_input_shape_
+from stepquant.models.tiny import TEXT_TOKENS, TINY_MODELS, random_conditioning, save_tiny_pipeline
 from stepquant.pipeline import ExportConfig, export_quantized
 from stepquant.quant import QuantSpec, quantize_
 from stepquant.runtime import SamplerConfig, TorchBackend, sample
 from stepquant.runtime.bundle_backends import quantized_backend
 from stepquant.runtime.guidance import Conditioning, ConditioningError, guided_estimate
 
-SEQUENCE = 6
-UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
-ARCHITECTURES = {
-    "sd": (UNet2DConditionModel, "unet", dict(UNET, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))),
-    "sdxl": (UNet2DConditionModel, "unet", dict(UNET, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                                                addition_embed_type="text_time", addition_time_embed_dim=8,
-                                                projection_class_embeddings_input_dim=16 + 6 * 8,
-                                                transformer_layers_per_block=(1, 2), use_linear_projection=True)),
-    "pixart": (PixArtTransformer2DModel, "transformer", dict(num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                                             out_channels=8, num_layers=2, sample_size=8, patch_size=2,
-                                                             cross_attention_dim=16, caption_channels=12, norm_num_groups=8)),
-}
+SEQUENCE = TEXT_TOKENS
+ARCHITECTURES = TINY_MODELS
 FEW_GUIDED_STEPS = SamplerConfig(steps=3, guidance_scale=3.0)
 # Random-weight networks can amplify a rounding-tie flip (the simulation and onnxruntime sum in different
 # orders, so an input within float noise of a grid midpoint rounds one way in each) far more than trained
@@ -60,41 +48,11 @@ SHAPES = ShapeProfile(batch=DimRange(1, 4, 8), height=DimRange(8, 8, 16), width=
                       sequence=DimRange(4, 6, 8))
 
 
-def random_conditioning(model: EpsilonModel, prompts: int = 3, seed: int = 0) -> Conditioning:
-    """Random embeddings of the model's condition inputs, in place of a text encoder's."""
-    generator = torch.Generator().manual_seed(seed)
-    rows: dict[str, dict[str, torch.Tensor]] = {"cond": {}, "uncond": {}}
-    for kind, count in (("cond", prompts), ("uncond", 1)):
-        for condition in model.conditions:
-            shape = condition.concrete_shape(count, SEQUENCE)
-            if condition.name == "encoder_attention_mask":
-                tensor = torch.ones(shape)
-                tensor[:, -1] = 0.0  # a padded token
-            elif condition.name == "time_ids":
-                tensor = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).repeat(count, 1)
-            else:
-                tensor = torch.randn(shape, generator=generator)
-            rows[kind][condition.name] = tensor
-    return Conditioning(rows["cond"], rows["uncond"])
-
-
-def save_pipeline(kind: str, root: Path, **overrides) -> Path:
-    """A diffusers pipeline directory holding the tiny denoiser and a DDIM scheduler."""
-    cls, folder, config = ARCHITECTURES[kind]
-    torch.manual_seed(0)
-    cls(**{**config, **overrides}).save_pretrained(root / folder)
-    DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
-                                                       folder: ["diffusers", cls.__name__],
-                                                       "scheduler": ["diffusers", "DDIMScheduler"]}))
-    return root
-
-
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
 def exported(request, tmp_path_factory):
     """(kind, pipeline dir, conditioning file, bundle dir, report) for each architecture."""
     root = tmp_path_factory.mktemp(request.param)
-    pipeline = save_pipeline(request.param, root / "pipeline")
+    pipeline = save_tiny_pipeline(request.param, root / "pipeline")
     model = EpsilonModel(load_model(str(pipeline)).denoiser)
     conditioning_file = root / "conditioning.safetensors"
     random_conditioning(model).save(conditioning_file)
@@ -208,7 +166,7 @@ def test_attention_projections_are_quantized_and_embeddings_excluded():
 
 
 def test_conditioning_errors_are_clear(tmp_path, tiny_model_dir):
-    pipeline = save_pipeline("sd", tmp_path / "sd")
+    pipeline = save_tiny_pipeline("sd", tmp_path / "sd")
     with pytest.raises(ConditioningError, match="pass --prompts-file"):
         export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "a", sampler=FEW_GUIDED_STEPS, progress=False))
     wrong = Conditioning({"encoder_hidden_states": torch.zeros(2, 5, 7)}, {"encoder_hidden_states": torch.zeros(1, 5, 7)})
@@ -233,7 +191,7 @@ def test_conditioning_errors_are_clear(tmp_path, tiny_model_dir):
 
 
 def test_fp8_attention_puts_qdq_on_both_matmuls_and_keeps_parity(tmp_path):
-    pipeline = save_pipeline("sd", tmp_path / "sd", attention_head_dim=2)  # 2 heads (diffusers names SD's head count so): head_dim 16, 32
+    pipeline = save_tiny_pipeline("sd", tmp_path / "sd", attention_head_dim=2)  # 2 heads (diffusers names SD's head count so): head_dim 16, 32
     conditioning = tmp_path / "conditioning.safetensors"
     random_conditioning(EpsilonModel(load_model(str(pipeline)).denoiser)).save(conditioning)
     report = export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "bundle", conditioning=conditioning,
@@ -290,7 +248,7 @@ def test_prompts_are_encoded_by_the_pipelines_text_encoder(tmp_path):
     pytest.importorskip("transformers")  # part of the test extra; `stepquant[text]` for users
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    pipeline = save_pipeline("sd", tmp_path / "sd")
+    pipeline = save_tiny_pipeline("sd", tmp_path / "sd")
     add_text_encoder(pipeline)
     (tmp_path / "prompts.txt").write_text("a cat\n\nthe dog\n")
     result = subprocess.run([sys.executable, "-m", "stepquant", "encode-prompts", "--model", str(pipeline), "--prompts-file",

@@ -1,0 +1,64 @@
+"""Tiny random-weight conditional denoisers (Stable Diffusion-, SDXL- and PixArt-style) saved as diffusers
+pipeline directories, and random conditioning for them: what the tests and tools/bench_conditional.py run
+on, since no checkpoint can be downloaded here. Their quality figures say nothing about real models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
+
+from stepquant.models.demo_config import SCHEDULER_CONFIG
+from stepquant.models.epsilon import EpsilonModel
+from stepquant.runtime.guidance import Conditioning
+
+TEXT_TOKENS = 6
+_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+             cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+# name -> (class, pipeline folder, config)
+TINY_MODELS: dict[str, tuple[type, str, dict]] = {
+    "sd": (UNet2DConditionModel, "unet", dict(_UNET, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))),
+    "sdxl": (UNet2DConditionModel, "unet", dict(_UNET, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                                addition_embed_type="text_time", addition_time_embed_dim=8,
+                                                projection_class_embeddings_input_dim=16 + 6 * 8,
+                                                transformer_layers_per_block=(1, 2), use_linear_projection=True)),
+    "pixart": (PixArtTransformer2DModel, "transformer", dict(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                             out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+                                                             cross_attention_dim=16, caption_channels=12, norm_num_groups=8)),
+}
+
+
+def save_tiny_pipeline(kind: str, root: Path, seed: int = 0, **overrides) -> Path:
+    """A diffusers pipeline directory holding the tiny denoiser `kind` (config `overrides` applied) and a
+    DDIM scheduler."""
+    cls, folder, config = TINY_MODELS[kind]
+    torch.manual_seed(seed)
+    cls(**{**config, **overrides}).save_pretrained(root / folder)
+    DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                       folder: ["diffusers", cls.__name__],
+                                                       "scheduler": ["diffusers", "DDIMScheduler"]}))
+    return root
+
+
+def random_conditioning(model: EpsilonModel, prompts: int = 3, seed: int = 0, tokens: int = TEXT_TOKENS) -> Conditioning:
+    """Random embeddings of the model's condition inputs, in place of a text encoder's: N(0, 1) states,
+    an attention mask with its last token padded, SDXL size ids of a 64 px image."""
+    generator = torch.Generator().manual_seed(seed)
+    rows: dict[str, dict[str, torch.Tensor]] = {"cond": {}, "uncond": {}}
+    for kind, count in (("cond", prompts), ("uncond", 1)):
+        for condition in model.conditions:
+            shape = condition.concrete_shape(count, tokens)
+            if condition.name == "encoder_attention_mask":
+                tensor = torch.ones(shape)
+                tensor[:, -1] = 0.0
+            elif condition.name == "time_ids":
+                tensor = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).repeat(count, 1)
+            else:
+                tensor = torch.randn(shape, generator=generator)
+            rows[kind][condition.name] = tensor
+    return Conditioning(rows["cond"], rows["uncond"])
