@@ -190,7 +190,7 @@ def _parity_subset(calib: CalibrationSet, count: int, batch: int, timesteps: lis
     parts = [calib.at_timestep(t, batch) for t in dict.fromkeys(picks)]
     feeds = parity_feeds(torch.cat([p.samples for p in parts]), torch.cat([p.timesteps for p in parts]),
                          {k: torch.cat([p.conditions[k] for p in parts]) for k in calib.conditions})
-    if shapes is None or not any(d is not None and d.dynamic for d in (shapes.height, shapes.width, shapes.sequence)):
+    if shapes is None or not shapes.dynamic_sizes:
         return feeds
     for corner in CORNERS:
         size = {dim: getattr(getattr(shapes, dim), corner) for dim in ("height", "width")}

@@ -64,6 +64,11 @@ class ShapeProfile:
         return replace(self, height=self.height or DimRange.fixed(height), width=self.width or DimRange.fixed(width),
                        sequence=(self.sequence or DimRange.fixed(sequence)) if sequence is not None else None)
 
+    @property
+    def dynamic_sizes(self) -> bool:
+        """Whether height, width or text length may vary (the batch always may)."""
+        return any(d is not None and d.dynamic for d in (self.height, self.width, self.sequence))
+
     def dynamic_axes(self, conditions: tuple[ConditionInput, ...]) -> dict[str, dict[int, str]]:
         """torch.onnx.export's dynamic_axes for (sample, timestep, *conditions) -> eps."""
         spatial = {0: "batch"}
