@@ -35,7 +35,7 @@ from stepquant.export.lint import check_conformance
 from stepquant.export.parity import parity_feeds, quiet_polygraphy
 from stepquant.export.precision import PRECISIONS, convert_to_fp16
 from stepquant.export.shapes import CORNERS, ShapeProfile, resize_inputs
-from stepquant.export.targets import TARGETS, for_target, graph_file
+from stepquant.export.targets import TARGETS, check_target, for_target, graph_file
 from stepquant.export.tensorrt import build_engines, build_script, tensorrt_version
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
 from stepquant.models.conditioning import export_conditioning
@@ -275,12 +275,14 @@ def export_quantized(config: ExportConfig) -> ExportReport:
     # onnxruntime's CPU fusions reject FLOAT8 Q/DQ (MatMulIntegerToFloat); basic optimisations run it
     ort_level = "basic" if config.quant.format == "fp8" else "all"
     with staged_directory(config.out, config.overwrite) as staging:
+        q_model = EpsilonModel(copy.deepcopy(loaded.denoiser))
+        layer_names = quantize_(q_model, config.quant)
+        for target in config.targets:
+            check_target(q_model, target)
         calib_seeds = range(CALIBRATION_SEED_OFFSET + config.seed, CALIBRATION_SEED_OFFSET + config.seed + config.calib_samples)
         calib = collect_calibration_set(TorchBackend(fp_model), loaded.scheduler_config, calib_seeds, shape,
                                         config.sampler, config.calib_steps or config.sampler.steps, config.progress,
                                         conditioning)
-        q_model = EpsilonModel(copy.deepcopy(loaded.denoiser))
-        layer_names = quantize_(q_model, config.quant)
         calibration = calibrate_(fp_model, q_model, calib, config.calibrator, loaded.scheduler_config, config.sampler,
                                  config.percentile, config.reconstruction, config.progress)
         graphs, scales = _graphs(config, calib, q_model, loaded.scheduler_config)

@@ -322,3 +322,14 @@ def test_pixart_with_resolution_conditions_exports_dynamic(tmp_path):
         feeds += parity_feeds(samples, torch.full((batch,), 500.0), resized)
     report, _ = check_parity(model, tmp_path / "pixart.onnx", feeds, 1e-5)
     assert report.passed and [t.shape for t in report.timesteps] == [[2, 4, 8, 8], [3, 4, 16, 12]]
+
+
+def test_cpu_target_refuses_a_transformer_with_nothing_to_run_in_integer():
+    from stepquant.export.targets import TargetError, for_target
+
+    torch.manual_seed(0)
+    cls, _, config = ARCHITECTURES["pixart"]
+    model = EpsilonModel(cls(**config).eval())
+    quantize_(model, QuantSpec())
+    with pytest.raises(TargetError, match="no quantized convolution"):
+        for_target(model, "onnxruntime-cpu")

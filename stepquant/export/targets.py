@@ -39,16 +39,27 @@ def graph_file(base: str, target: str) -> str:
     return f"{stem}{_GRAPH_SUFFIX[target]}{dot}{ext}"
 
 
+def check_target(model: nn.Module, target: str) -> None:
+    """Refuse a quantized `model` the `target` profile cannot serve (before any calibration work)."""
+    if target not in TARGETS:
+        raise TargetError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    if target == "tensorrt":
+        return
+    if any(not isinstance(q.grid, IntGrid) for q in activation_quantizers(model)):
+        raise TargetError("the onnxruntime-cpu target needs integer quantization (--format int8): its CPU kernels have no FP8")
+    if not any(isinstance(layer.layer, nn.Conv2d) for _, layer in quantized_layers(model)):
+        raise TargetError("the onnxruntime-cpu profile runs quantized convolutions as integer kernels and keeps Linear "
+                          "layers float; this model has no quantized convolution (a transformer?), so its graph would "
+                          "be all float: use --target tensorrt")
+
+
 def for_target(model: nn.Module, target: str) -> nn.Module:
     """The model whose export is the graph for `target`: `model` itself for tensorrt; for
     onnxruntime-cpu a copy with UINT8-stored activation grids, an (uncalibrated) output quantizer on
     every quantized Conv, float Linear layers and no residual quantizers. `model` is left unchanged."""
-    if target not in TARGETS:
-        raise TargetError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    check_target(model, target)
     if target == "tensorrt":
         return model
-    if any(not isinstance(q.grid, IntGrid) for q in activation_quantizers(model)):
-        raise TargetError("the onnxruntime-cpu target needs integer quantization (--format int8): its CPU kernels have no FP8")
     retargeted = copy.deepcopy(model)
     for block in retargeted.modules():
         if isinstance(getattr(block, "conv_shortcut", None), ResidualQuantizer):
