@@ -333,3 +333,17 @@ def test_cpu_target_refuses_a_transformer_with_nothing_to_run_in_integer():
     quantize_(model, QuantSpec())
     with pytest.raises(TargetError, match="no quantized convolution"):
         for_target(model, "onnxruntime-cpu")
+
+
+def test_shape_ranges_parse_validate_and_resolve():
+    assert DimRange.parse("64") == DimRange(64, 64, 64) and DimRange.parse("32:64:96") == DimRange(32, 64, 96)
+    for bad in ("a", "1:2", "8:4:16", "0"):
+        with pytest.raises(ValueError):
+            DimRange.parse(bad)
+    with pytest.raises(ValueError, match="does not contain the model's native height 8"):
+        ShapeProfile(height=DimRange(16, 16, 32)).resolved((4, 8, 8), None)
+    with pytest.raises(ValueError, match="resolve the shape profile"):
+        ShapeProfile().input_shapes(4, ())
+    fixed = ShapeProfile().resolved((4, 8, 8), 6)
+    assert not fixed.dynamic_sizes and fixed.sequence == DimRange(6, 6, 6) and SHAPES.resolved((4, 8, 8), 6).dynamic_sizes
+    assert ShapeProfile.from_dict(SHAPES.to_dict()) == SHAPES

@@ -84,14 +84,16 @@ class ShapeProfile:
 
     def input_shapes(self, channels: int, conditions: tuple[ConditionInput, ...],
                      which: tuple[str, ...] = ("min", "opt", "max")) -> dict[str, dict[str, tuple[int, ...]]]:
-        """{input name: {min|opt|max: shape}}: TensorRT's optimisation profile."""
+        """{input name: {min|opt|max: shape}} of a resolved profile: TensorRT's optimisation profile."""
+        if self.height is None or self.width is None or (self.sequence is None and conditions):
+            raise ValueError("resolve the shape profile (ShapeProfile.resolved) before asking for its shapes")
         shapes: dict[str, dict[str, tuple[int, ...]]] = {"sample": {}, "timestep": {}, **{c.name: {} for c in conditions}}
         for bound in which:
             batch = getattr(self.batch, bound)
             shapes["sample"][bound] = (batch, channels, getattr(self.height, bound), getattr(self.width, bound))
             shapes["timestep"][bound] = (batch,)
             for condition in conditions:
-                shapes[condition.name][bound] = condition.concrete_shape(batch, getattr(self.sequence, bound, 0))
+                shapes[condition.name][bound] = condition.concrete_shape(batch, getattr(self.sequence, bound))
         return shapes
 
     def to_dict(self) -> dict:
