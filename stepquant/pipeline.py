@@ -38,7 +38,7 @@ from stepquant.export.shapes import CORNERS, ShapeProfile, resize_inputs
 from stepquant.export.targets import TARGETS, check_target, for_target, graph_file
 from stepquant.export.tensorrt import build_engines, build_script, tensorrt_version
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
-from stepquant.models.conditioning import export_conditioning
+from stepquant.models.conditioning import load_conditioning
 from stepquant.models.denoisers import sample_shape
 from stepquant.quant import QuantSpec, quantize_
 from stepquant.quant.quantize import round_scales_
@@ -192,12 +192,12 @@ def _parity_subset(calib: CalibrationSet, count: int, batch: int, timesteps: lis
                          {k: torch.cat([p.conditions[k] for p in parts]) for k in calib.conditions})
     if shapes is None or not shapes.dynamic_sizes:
         return feeds
+    recorded = {t: calib.at_timestep(t, len(calib)) for t in (timesteps[0], timesteps[len(timesteps) // 2])}
     for corner in CORNERS:
         size = {dim: getattr(getattr(shapes, dim), corner) for dim in ("height", "width")}
         rows = min(max(2 if corner == "min" else batch, shapes.batch.min), shapes.batch.max)
         sequence = getattr(shapes.sequence, corner) if shapes.sequence is not None else None
-        for t in dict.fromkeys((timesteps[0], timesteps[len(timesteps) // 2])):
-            part = calib.at_timestep(t, len(calib))
+        for t, part in recorded.items():
             samples, cond = resize_inputs(part.samples, part.conditions, conditions, rows, size["height"], size["width"], sequence)
             feeds += parity_feeds(samples, torch.full((rows,), t), cond)
     return feeds
@@ -240,16 +240,16 @@ def _export_graph(q_model, path: Path, shape, config: ExportConfig, feeds: list,
     export_onnx(q_model, path, shape, opset=19 if config.precision == "fp16" else config.quant.opset, profile=shapes)
     if config.precision == "fp16":
         convert_to_fp16(path)
+    tolerance = config.parity_tolerance or (FP16_QDQ_TOLERANCE if config.precision == "fp16"
+                                            else FP8_QDQ_TOLERANCE if config.quant.format == "fp8" else QDQ_TOLERANCE)
     extra = None
     if target == "tensorrt":
         check_conformance(path)  # TensorRT's Q/DQ rules, before any user runs trtexec
-        tolerance = config.parity_tolerance or (FP16_QDQ_TOLERANCE if config.precision == "fp16"
-                                                else FP8_QDQ_TOLERANCE if config.quant.format == "fp8" else QDQ_TOLERANCE)
-    else:
-        fused, _ = check_parity(q_model, path, feeds, config.parity_tolerance or QDQ_TOLERANCE, ort_level)
+    else:  # INT8 with FP32 compute (ExportConfig checks), so the INT8 tolerance
+        fused, _ = check_parity(q_model, path, feeds, tolerance, ort_level)
         extra = {"integer_kernels": check_integer_convs(path, q_model),
                  "fused_kernels_median_reldiff": {f"{t.timestep:g}": t.median_reldiff for t in fused.timesteps}}
-        tolerance, ort_level = config.parity_tolerance or QDQ_TOLERANCE, CPU_PARITY_LEVEL
+        ort_level = CPU_PARITY_LEVEL
     parity, results = check_parity(q_model, path, feeds, tolerance, ort_level)
     if not parity.passed and config.require_parity:
         worst = max(parity.timesteps, key=lambda t: t.median_reldiff)
@@ -266,7 +266,7 @@ def export_quantized(config: ExportConfig) -> ExportReport:
     fp_model = EpsilonModel(loaded.denoiser)
     if config.engine:
         tensorrt_version()  # fail before any work when the engine cannot be built here
-    conditioning = export_conditioning(fp_model, loaded, config.prompts_file, config.conditioning, shape)
+    conditioning = load_conditioning(fp_model, loaded, config.prompts_file, config.conditioning, shape)
     if conditioning is not None and config.correction != "none":
         raise ValueError("correction terms are estimated along unguided trajectories: use --correction none for "
                          "conditional models")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from stepquant.cli.files import write_atomically
 from stepquant.models import EpsilonModel, load_model
-from stepquant.models.conditioning import encode_prompts, read_prompts
+from stepquant.models.conditioning import load_conditioning
 from stepquant.models.denoisers import sample_shape
 
 
@@ -23,18 +22,7 @@ def encode_prompts_command(
     if out.suffix != ".safetensors":
         raise ValueError(f"--out must end in .safetensors, got {out.name}")
     loaded = load_model(model)
-    denoiser = EpsilonModel(loaded.denoiser)
-    if not denoiser.conditions:
-        raise ValueError(f"{type(loaded.denoiser).__name__} is unconditional: it takes no prompts")
-    if loaded.pipeline is None:
-        raise ValueError(f"{model} is a bare model directory: encoding prompts needs the whole pipeline")
-    conditioning = encode_prompts(loaded.pipeline, read_prompts(prompts_file), denoiser.conditions, sample_shape(loaded.denoiser))
-    handle, temporary = tempfile.mkstemp(suffix=".safetensors", dir=out.parent if out.parent.is_dir() else None)
-    os.close(handle)
-    try:
-        conditioning.save(temporary)
-        os.replace(temporary, out)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    # the same encoding as `export --prompts-file`, refused the same way for unconditional models and bare directories
+    conditioning = load_conditioning(EpsilonModel(loaded.denoiser), loaded, prompts_file, None, sample_shape(loaded.denoiser))
+    write_atomically(out, conditioning.save)
     print(f"wrote the conditioning of {len(conditioning)} prompts ({', '.join(conditioning.cond)}) to {out}")

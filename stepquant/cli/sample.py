@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,6 +9,7 @@ import numpy as np
 import typer
 
 from stepquant.cli.choices import RuntimeBackend, Scheduler
+from stepquant.cli.files import write_atomically
 from stepquant.eval import save_grid
 from stepquant.export import load_bundle
 from stepquant.models import EpsilonModel, load_model
@@ -25,19 +24,10 @@ def _write_samples(samples, out: Path) -> None:
     """Write a PNG grid or an .npz (key `samples`) via a temporary file, so no partial output remains."""
     if out.suffix not in (".png", ".npz"):
         raise ValueError(f"--out must end in .png (a grid) or .npz (raw samples), got {out.name}")
-    if not out.parent.is_dir():
-        raise ValueError(f"cannot write {out}: {out.parent} is not an existing directory")
-    handle, temporary = tempfile.mkstemp(suffix=out.suffix, dir=out.parent)
-    os.close(handle)
-    try:
-        if out.suffix == ".png":
-            save_grid(samples, Path(temporary))
-        else:
-            np.savez(temporary, samples=samples.numpy().astype(np.float32))
-        os.replace(temporary, out)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    if out.suffix == ".png":
+        write_atomically(out, lambda path: save_grid(samples, path))
+    else:
+        write_atomically(out, lambda path: np.savez(path, samples=samples.numpy().astype(np.float32)))
 
 
 def sample_command(

@@ -84,4 +84,3 @@ def export_onnx(model: nn.Module, path: Path, sample_shape: tuple[int, int, int]
         onnx.checker.check_model(str(path), full_check=True)
     except (RuntimeError, onnx.checker.ValidationError, torch.onnx.errors.OnnxExporterError) as err:
         raise OnnxExportError(f"ONNX export to {path} failed: {err}") from err
-

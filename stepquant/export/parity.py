@@ -106,10 +106,10 @@ def parity_feeds(samples: torch.Tensor, timesteps: torch.Tensor,
                  conditions: dict[str, torch.Tensor] | None = None) -> list[OrderedDict]:
     """One Polygraphy feed dict per distinct timestep (the format `polygraphy run --load-inputs` reads),
     holding the sample, the timestep and the condition inputs, in graph input order."""
+    tensors = {INPUT_NAMES[0]: samples, INPUT_NAMES[1]: timesteps, **(conditions or {})}
     feeds = []
     for t in sorted({float(v) for v in timesteps}, reverse=True):
         index = timesteps == t
-        tensors = {INPUT_NAMES[0]: samples, INPUT_NAMES[1]: timesteps, **(conditions or {})}
         feeds.append(OrderedDict((name, tensor[index].numpy().astype(np.float32)) for name, tensor in tensors.items()))
     return feeds
 

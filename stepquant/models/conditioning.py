@@ -79,10 +79,11 @@ def encode_prompts(pipeline_dir: Path, prompts: list[str], conditions: tuple[Con
     return Conditioning({"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond[:1]})
 
 
-def export_conditioning(model: EpsilonModel, loaded: LoadedModel, prompts_file: Path | None,
+def load_conditioning(model: EpsilonModel, loaded: LoadedModel, prompts_file: Path | None,
                         conditioning_file: Path | None, sample_shape: tuple[int, int, int]) -> Conditioning | None:
-    """The conditioning a model is calibrated and evaluated with (None for an unconditional model), in its
-    input order; a clear error when it is missing, superfluous or does not fit the model."""
+    """The conditioning of a file or of prompts (None for an unconditional model), in the model's input
+    order, for export and encode-prompts alike; a clear error when it is missing, superfluous or does not
+    fit the model."""
     name = type(loaded.denoiser).__name__
     if not model.conditions:
         if prompts_file or conditioning_file:

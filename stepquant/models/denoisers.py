@@ -96,11 +96,6 @@ def architecture_of(model: nn.Module) -> Architecture:
     return ARCHITECTURES[name]
 
 
-def condition_inputs(model: nn.Module) -> tuple[ConditionInput, ...]:
-    """The extra inputs `model` takes, in graph input order."""
-    return architecture_of(model).conditions(dict(model.config))
-
-
 def sample_shape(model: nn.Module) -> tuple[int, int, int]:
     """(channels, height, width) of the model's native sample (latent for latent models)."""
     size = model.config.sample_size

@@ -63,4 +63,3 @@ class OnnxRuntimeBackend:
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, graph_feed(self.input_names, sample, timestep, conditions))[0])
-
