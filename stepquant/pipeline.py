@@ -297,7 +297,7 @@ def export_quantized(config: ExportConfig) -> ExportReport:
         if not fp_parity.passed:  # the FP graph must match: nothing quantized can explain a difference
             raise ParityError(f"parity failed for FP torch vs FP ONNX: worst median relative error "
                               f"{fp_parity.worst_median_reldiff:.3g} > {fp_parity.tolerance_median_rel:g}")
-        models = {target: for_target(q_model, target) for target in config.targets}
+        models = {target: for_target(q_model, target, shapes.batch.opt) for target in config.targets}
         for model in models.values():  # same scales; a profile's extra output quantizers get their ranges here
             calibrate_ranges(model, calib, progress=False, only_uncalibrated=True)
         exported: dict[str, list] = {target: [] for target in config.targets}  # (group entry, parity, kernels)

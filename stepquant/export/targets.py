@@ -11,7 +11,8 @@
   1, same process) and cost the demo model 0.23 dB more (docs/BENCHMARKS.md). The residual skip Q/DQ that TensorRT fuses into
   Conv+Add is dropped too (on the CPU it is two extra passes and no kernel).
   The Conv output quantizers are the one addition; the caller calibrates them on the same calibration
-  set (`calibrate_ranges(..., only_uncalibrated=True)`).
+  set (`calibrate_ranges(..., only_uncalibrated=True)`). Attention (float in both profiles) is computed
+  in head groups whose scores stay in cache (models/attention.py): the same values, less memory traffic.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import dataclasses
 
 from torch import nn
 
+from stepquant.export.shapes import ShapeProfile
+from stepquant.models.attention import group_attention_heads_
 from stepquant.quant.grid import IntGrid
 from stepquant.quant.layers import ActivationQuantizer
 from stepquant.quant.quantize import ResidualQuantizer, activation_quantizers, quantized_layers
@@ -53,14 +56,16 @@ def check_target(model: nn.Module, target: str) -> None:
                           "be all float: use --target tensorrt")
 
 
-def for_target(model: nn.Module, target: str) -> nn.Module:
+def for_target(model: nn.Module, target: str, batch: int = ShapeProfile.batch.opt) -> nn.Module:
     """The model whose export is the graph for `target`: `model` itself for tensorrt; for
     onnxruntime-cpu a copy with UINT8-stored activation grids, an (uncalibrated) output quantizer on
-    every quantized Conv, float Linear layers and no residual quantizers. `model` is left unchanged."""
+    every quantized Conv, float Linear layers, no residual quantizers and attention in head groups
+    sized for `batch`. `model` is left unchanged."""
     check_target(model, target)
     if target == "tensorrt":
         return model
     retargeted = copy.deepcopy(model)
+    group_attention_heads_(retargeted, batch)
     for block in retargeted.modules():
         if isinstance(getattr(block, "conv_shortcut", None), ResidualQuantizer):
             block.conv_shortcut = block.conv_shortcut.shortcut

@@ -1,0 +1,71 @@
+"""Explicit and head-grouped attention compute what diffusers' own processor does, and the grouped one
+exports as one Softmax per head group (what keeps each group's scores in cache on onnxruntime's CPU)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from stepquant.models.attention import (
+    ExplicitAttentionProcessor,
+    HeadGroupedAttentionProcessor,
+    group_attention_heads_,
+    heads_per_group,
+)
+
+
+def test_heads_per_group_fits_the_score_block():
+    # the cifar10 UNet's attention: 32 heads over 16x16 = 256 tokens; 2 MiB of scores per head at batch 8
+    assert heads_per_group(32, batch=8, query_tokens=256, key_tokens=256, block_bytes=8 * 2**20) == 4
+    assert heads_per_group(32, batch=1, query_tokens=256, key_tokens=256, block_bytes=8 * 2**20) == 32
+    assert heads_per_group(6, batch=8, query_tokens=256, key_tokens=256, block_bytes=5 * 2**20) == 2  # a divisor
+    assert heads_per_group(8, batch=64, query_tokens=4096, key_tokens=4096, block_bytes=2**20) == 1  # never 0
+
+
+def _attention(cross: bool) -> Attention:
+    torch.manual_seed(0)
+    return Attention(32, heads=4, dim_head=8, cross_attention_dim=12 if cross else None, norm_num_groups=None if cross else 8,
+                     residual_connection=not cross, bias=True).eval()
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("processor", [ExplicitAttentionProcessor(), HeadGroupedAttentionProcessor(batch=2, block_bytes=1)],
+                         ids=["explicit", "one-head-groups"])
+def test_processors_match_diffusers_attention(cross, processor):
+    reference = _attention(cross)
+    reference.set_processor(AttnProcessor2_0())
+    ours = copy.deepcopy(reference)
+    ours.set_processor(processor)
+    if cross:  # text tokens with a padding mask, as diffusers' UNets pass it: an additive bias
+        hidden, context = torch.randn(2, 9, 32), torch.randn(2, 5, 12)
+        mask = (1 - torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])) * -10000.0
+        args, kwargs = (hidden,), dict(encoder_hidden_states=context, attention_mask=mask)
+    else:  # the spatial self-attention of a UNet block
+        args, kwargs = (torch.randn(2, 32, 3, 4),), {}
+    with torch.no_grad():
+        torch.testing.assert_close(ours(*args, **kwargs), reference(*args, **kwargs), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_attention_exports_one_softmax_per_group_and_runs_on_onnxruntime(tmp_path):
+    layer = _attention(cross=False)
+    plain = copy.deepcopy(layer)
+    assert group_attention_heads_(layer, batch=2, block_bytes=2 * 12 * 12 * 4 * 2) == 1  # 2 heads per group
+    x = torch.randn(2, 32, 3, 4)
+    path = tmp_path / "attention.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes that the group size is fixed at export: it is meant to be
+        torch.onnx.export(layer, (x,), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    assert sum(node.op_type == "Softmax" for node in onnx.load(str(path)).graph.node) == 2
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 2, 5):  # groups are sized for batch 2; every batch still runs
+        x = torch.randn(batch, 32, 3, 4)
+        with torch.no_grad():
+            expected = plain(x).numpy()
+        np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected, rtol=1e-5, atol=1e-5)
