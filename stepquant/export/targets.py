@@ -7,8 +7,8 @@
   values) beside INT8 weights, and Q/DQ only where onnxruntime fuses it into an integer kernel: a
   QuantizeLinear after every quantized Conv, so DQ -> Conv -> Q becomes QLinearConv (U8S8, the VNNI
   fast path). Linear layers stay float: onnxruntime turns their DQ -> MatMul into MatMulIntegerToFloat,
-  which on the cifar10-size UNet ran no faster than the float MatMul at batch 8 (about 7% faster at batch
-  1, same process) and cost the demo model 0.23 dB more (docs/BENCHMARKS.md). The residual skip Q/DQ that TensorRT fuses into
+  which on the cifar10-size UNet was only 2-5% faster at batch 8 and cost the demo model 0.23 dB, 0.55 dB
+  behind the TensorRT graph (docs/BENCHMARKS.md). The residual skip Q/DQ that TensorRT fuses into
   Conv+Add is dropped too (on the CPU it is two extra passes and no kernel).
   The Conv output quantizers are the one addition; the caller calibrates them on the same calibration
   set (`calibrate_ranges(..., only_uncalibrated=True)`). Attention (float in both profiles) is computed
