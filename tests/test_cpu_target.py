@@ -104,6 +104,9 @@ def test_a_bundle_carries_a_graph_per_target_and_each_runtime_picks_its_own(tiny
     cpu = bundle.target("onnxruntime-cpu")
     assert cpu["integer_kernels"]["QLinearConv"] > 0 and cpu["parity"]["passed"]
     assert bundle.target("tensorrt")["lint"]["findings"] == 0
+    # both INT8 graphs judged as written, not as onnxruntime fuses them (a Q after a quantized Conv
+    # becomes QLinearConv in a tensorrt graph too, e.g. with quantized shortcut convolutions)
+    assert cpu["parity_optimization_level"] == bundle.target("tensorrt")["parity_optimization_level"] == "disable"
     assert bundle.target_for("onnxruntime") == "onnxruntime-cpu" and bundle.target_for("tensorrt") == "tensorrt"
     backend = quantized_backend(bundle, threads=1)
     assert backend.model_path.name == "model_cpu.onnx"

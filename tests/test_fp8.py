@@ -42,6 +42,7 @@ def test_fp8_parity_with_the_torch_simulation(fp8_bundle):
     assert all(t.median_reldiff <= FP8_QDQ_TOLERANCE for t in report.qdq_parity.timesteps)
     bundle = load_bundle(path)
     assert bundle.manifest["onnxruntime"]["graph_optimization_level"] == "basic"
+    assert bundle.target("tensorrt")["parity_optimization_level"] == "basic"  # onnxruntime needs basic to run FP8 Q/DQ
     assert bundle.manifest["quantization"]["format"] == "fp8"
     assert replay_parity(bundle, "onnxruntime", FP8_QDQ_TOLERANCE).passed
     assert report.qdq_parity.tolerance_median_rel == FP8_QDQ_TOLERANCE
