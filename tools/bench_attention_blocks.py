@@ -1,0 +1,85 @@
+"""Head-grouped attention on onnxruntime's CPU provider: one attention layer shaped like the
+google/ddpm-cifar10-32 UNet's (256 channels in 32 heads of dimension 8, over 16x16 = 256 tokens),
+exported with the score block sizes of `HeadGroupedAttentionProcessor` from "no grouping" down to one
+head per group, timed at batch 1 and 8 with 2 threads. Sessions alternate call by call with thread
+spinning off (a spinning idle session would steal the cores of the next one), so a slow spell of the
+machine hits every block size alike. This is what chose `SCORE_BLOCK_BYTES`.
+
+    python tools/bench_attention_blocks.py [--calls 30] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from benchdoc import header, write_section
+from diffusers.models.attention_processor import Attention
+
+from stepquant.models.attention import SCORE_BLOCK_BYTES, HeadGroupedAttentionProcessor, heads_per_group
+
+CHANNELS, HEADS, SIZE, TUNED_BATCH = 256, 32, 16, 8
+BLOCKS_MIB = (1024, 16, 8, 4, 2)  # 1024: one group (plain attention); 2: one head per group at batch 8
+
+
+def export_layer(block_mib: int, path: Path) -> int:
+    torch.manual_seed(0)
+    layer = Attention(CHANNELS, heads=HEADS, dim_head=CHANNELS // HEADS, norm_num_groups=32, residual_connection=True,
+                      bias=True).eval()
+    layer.set_processor(HeadGroupedAttentionProcessor(TUNED_BATCH, block_mib * 2**20))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(layer, (torch.randn(2, CHANNELS, SIZE, SIZE),), str(path), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})
+    return heads_per_group(HEADS, TUNED_BATCH, SIZE * SIZE, SIZE * SIZE, block_mib * 2**20)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=30)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    rows = ["| batch | score block | heads per group | median ms | vs one group |", "|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions, groups = {}, {}
+        for block in BLOCKS_MIB:
+            path = Path(tmp) / f"attention-{block}.onnx"
+            groups[block] = export_layer(block, path)
+            sessions[block] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for batch in (1, 8):
+            feed = {"x": np.random.default_rng(0).standard_normal((batch, CHANNELS, SIZE, SIZE), dtype=np.float32)}
+            reference = sessions[BLOCKS_MIB[0]].run(None, feed)[0]
+            times: dict[int, list[float]] = {block: [] for block in sessions}
+            for call in range(3 + args.calls):
+                for block, session in sessions.items():
+                    begin = time.perf_counter()
+                    out = session.run(None, feed)[0]
+                    if call >= 3:
+                        times[block].append(1000 * (time.perf_counter() - begin))
+                    if call == 0:
+                        np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-5)  # same values in any grouping
+            plain = statistics.median(times[BLOCKS_MIB[0]])
+            for block in sessions:
+                median = statistics.median(times[block])
+                label = "none" if block == BLOCKS_MIB[0] else f"{block} MiB" + (" (default)" if block * 2**20 == SCORE_BLOCK_BYTES else "")
+                rows.append(f"| {batch} | {label} | {groups[block]} | {median:.2f} | {plain / median:.2f}x |")
+                print(rows[-1], flush=True)
+    body = (header() + f"\nOne attention layer ({HEADS} heads of dimension {CHANNELS // HEADS}, {SIZE * SIZE} tokens), groups "
+            f"sized for batch {TUNED_BATCH}, onnxruntime {ort.__version__}, 2 intra-op threads without spinning, median of "
+            f"{args.calls} calls per setting, settings alternating call by call.\n\n" + "\n".join(rows) + "\n")
+    if not args.no_write:
+        write_section("bench_attention_blocks", body)
+
+
+if __name__ == "__main__":
+    main()
