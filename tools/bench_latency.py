@@ -37,6 +37,7 @@ from stepquant.eval.latency import TimedBackend, measure_latency
 from stepquant.export import export_onnx, load_bundle
 from stepquant.export.fusion import check_integer_convs
 from stepquant.export.lint import check_conformance
+from stepquant.export.shapes import ShapeProfile
 from stepquant.export.targets import for_target
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
 from stepquant.models.attention import group_attention_heads_
@@ -147,7 +148,7 @@ def latency_rows(name: str, threads: int, workdir: Path) -> tuple[list[str], lis
     # FP32 with the attention restructured as the onnxruntime-cpu profile has it: how much of that
     # profile's speed-up comes from the head groups rather than from INT8
     grouped = EpsilonModel(copy.deepcopy(unet))
-    group_attention_heads_(grouped, batch=8)
+    group_attention_heads_(grouped, batch=ShapeProfile.batch.opt)  # as for_target sizes them
     fp32_grouped = workdir / f"{name}-fp32-grouped.onnx"
     export_onnx(grouped, fp32_grouped, shape)
     ours = stepquant_graphs(unet, shape, data, workdir, name)

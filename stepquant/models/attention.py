@@ -2,7 +2,7 @@
 
 diffusers' AttnProcessor2_0 ends in `F.scaled_dot_product_attention`; `ExplicitAttentionProcessor` runs
 the same block (projections, norms, mask, residual, rescale) with the core as plain matmuls and a softmax
-in `attend()`. Two cores build on it: FP8 Q/DQ around the matmuls for TensorRT (quant/attention.py), and
+in `attend()` and `probabilities()`. Two cores build on it: FP8 Q/DQ around the matmuls for TensorRT (quant/attention.py), and
 head groups for onnxruntime's CPU provider (`HeadGroupedAttentionProcessor`, below).
 """
 
@@ -28,7 +28,11 @@ class ExplicitAttentionProcessor(nn.Module):
         scores = query @ key.transpose(-1, -2) * scale
         if mask is not None:
             scores = scores + mask
-        return scores.softmax(dim=-1) @ value
+        return self.probabilities(scores) @ value
+
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """Softmax over the keys: the operand of P·V."""
+        return scores.softmax(dim=-1)
 
     def forward(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:

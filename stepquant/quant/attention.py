@@ -30,10 +30,10 @@ class QuantizedAttentionProcessor(ExplicitAttentionProcessor):
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                scale: float) -> torch.Tensor:
-        scores = self.query_quantizer(query) @ self.key_quantizer(key).transpose(-1, -2) * scale
-        if mask is not None:
-            scores = scores + mask
-        return self.softmax_quantizer(scores.softmax(dim=-1)) @ self.value_quantizer(value)
+        return super().attend(self.query_quantizer(query), self.key_quantizer(key), self.value_quantizer(value), mask, scale)
+
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        return self.softmax_quantizer(super().probabilities(scores))
 
 
 def quantize_attention_(model: nn.Module, grid: Grid, excludes) -> list[str]:
