@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from stepquant.export.fusion import optimized_op_counts
 from stepquant.models.attention import (
     ExplicitAttentionProcessor,
     HeadGroupedAttentionProcessor,
@@ -36,8 +37,9 @@ def _attention(cross: bool) -> Attention:
 
 
 @pytest.mark.parametrize("cross", [False, True])
-@pytest.mark.parametrize("processor", [ExplicitAttentionProcessor(), HeadGroupedAttentionProcessor(batch=2, block_bytes=1)],
-                         ids=["explicit", "one-head-groups"])
+@pytest.mark.parametrize("processor", [ExplicitAttentionProcessor(), HeadGroupedAttentionProcessor(batch=2, block_bytes=1),
+                                       HeadGroupedAttentionProcessor(batch=2, block_bytes=1, channels_first=False)],
+                         ids=["explicit", "one-head-groups", "one-head-groups-token-major"])
 def test_processors_match_diffusers_attention(cross, processor):
     reference = _attention(cross)
     reference.set_processor(AttnProcessor2_0())
@@ -53,15 +55,19 @@ def test_processors_match_diffusers_attention(cross, processor):
         torch.testing.assert_close(ours(*args, **kwargs), reference(*args, **kwargs), rtol=1e-5, atol=1e-5)
 
 
+def _export(layer: Attention, path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes that the group size is fixed at export: it is meant to be
+        torch.onnx.export(layer, (torch.randn(2, 32, 3, 4),), str(path), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})
+
+
 def test_grouped_attention_exports_one_softmax_per_group_and_runs_on_onnxruntime(tmp_path):
     layer = _attention(cross=False)
     plain = copy.deepcopy(layer)
     assert group_attention_heads_(layer, batch=2, block_bytes=2 * 12 * 12 * 4 * 2) == 1  # 2 heads per group
-    x = torch.randn(2, 32, 3, 4)
     path = tmp_path / "attention.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes that the group size is fixed at export: it is meant to be
-        torch.onnx.export(layer, (x,), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    _export(layer, path)
     assert sum(node.op_type == "Softmax" for node in onnx.load(str(path)).graph.node) == 2
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 2, 5):  # groups are sized for batch 2; every batch still runs
@@ -69,3 +75,15 @@ def test_grouped_attention_exports_one_softmax_per_group_and_runs_on_onnxruntime
         with torch.no_grad():
             expected = plain(x).numpy()
         np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_first_spatial_attention_leaves_onnxruntime_no_token_major_copies(tmp_path):
+    """Token-major, onnxruntime copies the input, Q, K, V and the output through Transposes; channels-first,
+    it folds what transposes the core needs into its MatMuls (at most one Transpose is left, on the output)."""
+    counts = {}
+    for channels_first in (True, False):
+        layer = _attention(cross=False)
+        layer.set_processor(HeadGroupedAttentionProcessor(batch=2, block_bytes=2 * 12 * 12 * 4 * 2, channels_first=channels_first))
+        _export(layer, tmp_path / f"{channels_first}.onnx")
+        counts[channels_first] = optimized_op_counts(tmp_path / f"{channels_first}.onnx")["Transpose"]
+    assert counts[True] <= 1 < counts[False]

@@ -1,9 +1,10 @@
 """Head-grouped attention on onnxruntime's CPU provider: one attention layer shaped like the
 google/ddpm-cifar10-32 UNet's (256 channels in 32 heads of dimension 8, over 16x16 = 256 tokens),
 exported with the score block sizes of `HeadGroupedAttentionProcessor` from "no grouping" down to one
-head per group, timed at batch 1 and 8 with 2 threads. Sessions alternate call by call with thread
+head per group, channels-first (the default) and token-major (diffusers' layout), timed at batch 1
+and 8 with 2 threads. Sessions alternate call by call with thread
 spinning off (a spinning idle session would steal the cores of the next one), so a slow spell of the
-machine hits every block size alike. This is what chose `SCORE_BLOCK_BYTES`.
+machine hits every block size alike. This is what chose `SCORE_BLOCK_BYTES` and the channels-first layout.
 
     python tools/bench_attention_blocks.py [--calls 30] [--no-write]
 """
@@ -27,13 +28,15 @@ from stepquant.models.attention import SCORE_BLOCK_BYTES, HeadGroupedAttentionPr
 
 CHANNELS, HEADS, SIZE, TUNED_BATCH = 256, 32, 16, 8
 BLOCKS_MIB = (1024, 16, 8, 4, 2)  # 1024: one group (plain attention); 2: one head per group at batch 8
+# (score block MiB, channels-first); the first one, diffusers' own layout in one group, is the reference
+SETTINGS = [(1024, False), (8, False)] + [(block, True) for block in BLOCKS_MIB]
 
 
-def export_layer(block_mib: int, path: Path) -> int:
+def export_layer(block_mib: int, channels_first: bool, path: Path) -> int:
     torch.manual_seed(0)
     layer = Attention(CHANNELS, heads=HEADS, dim_head=CHANNELS // HEADS, norm_num_groups=32, residual_connection=True,
                       bias=True).eval()
-    layer.set_processor(HeadGroupedAttentionProcessor(TUNED_BATCH, block_mib * 2**20))
+    layer.set_processor(HeadGroupedAttentionProcessor(TUNED_BATCH, block_mib * 2**20, channels_first))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(layer, (torch.randn(2, CHANNELS, SIZE, SIZE),), str(path), dynamo=False, input_names=["x"],
@@ -49,30 +52,32 @@ def main() -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    rows = ["| batch | score block | heads per group | median ms | vs one group |", "|---|---|---|---|---|"]
+    rows = ["| batch | layout | score block | heads per group | median ms | vs token-major, one group |", "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         sessions, groups = {}, {}
-        for block in BLOCKS_MIB:
-            path = Path(tmp) / f"attention-{block}.onnx"
-            groups[block] = export_layer(block, path)
-            sessions[block] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for setting in SETTINGS:
+            path = Path(tmp) / f"attention-{setting[0]}-{setting[1]}.onnx"
+            groups[setting] = export_layer(*setting, path)
+            sessions[setting] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         for batch in (1, 8):
             feed = {"x": np.random.default_rng(0).standard_normal((batch, CHANNELS, SIZE, SIZE), dtype=np.float32)}
-            reference = sessions[BLOCKS_MIB[0]].run(None, feed)[0]
-            times: dict[int, list[float]] = {block: [] for block in sessions}
+            reference = sessions[SETTINGS[0]].run(None, feed)[0]
+            times: dict[tuple, list[float]] = {setting: [] for setting in sessions}
             for call in range(3 + args.calls):
-                for block, session in sessions.items():
+                for setting, session in sessions.items():
                     begin = time.perf_counter()
                     out = session.run(None, feed)[0]
                     if call >= 3:
-                        times[block].append(1000 * (time.perf_counter() - begin))
+                        times[setting].append(1000 * (time.perf_counter() - begin))
                     if call == 0:
-                        np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-5)  # same values in any grouping
-            plain = statistics.median(times[BLOCKS_MIB[0]])
-            for block in sessions:
-                median = statistics.median(times[block])
-                label = "none" if block == BLOCKS_MIB[0] else f"{block} MiB" + (" (default)" if block * 2**20 == SCORE_BLOCK_BYTES else "")
-                rows.append(f"| {batch} | {label} | {groups[block]} | {median:.2f} | {plain / median:.2f}x |")
+                        np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-5)  # same values in any setting
+            plain = statistics.median(times[SETTINGS[0]])
+            for (block, channels_first), median in ((s, statistics.median(t)) for s, t in times.items()):
+                label = "none" if block == BLOCKS_MIB[0] else f"{block} MiB"
+                default = channels_first and block * 2**20 == SCORE_BLOCK_BYTES
+                layout = "channels-first" if channels_first else "token-major"
+                rows.append(f"| {batch} | {layout} | {label}{' (default)' if default else ''} | {groups[(block, channels_first)]} | "
+                            f"{median:.2f} | {plain / median:.2f}x |")
                 print(rows[-1], flush=True)
     body = (header() + f"\nOne attention layer ({HEADS} heads of dimension {CHANNELS // HEADS}, {SIZE * SIZE} tokens), groups "
             f"sized for batch {TUNED_BATCH}, onnxruntime {ort.__version__}, 2 intra-op threads without spinning, median of "
