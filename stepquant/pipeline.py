@@ -52,6 +52,12 @@ CALIBRATION_SEED_OFFSET = 1_000_000  # calibration trajectories never share seed
 # now and then moves a value across a rounding boundary. One such flip costs 1/127 of the range on the
 # INT8 grid but up to 1/16 of the value on FP8's 3-bit mantissa, and FP16 arithmetic moves many values.
 QDQ_TOLERANCE = 1e-3
+# The onnxruntime-cpu graph re-quantizes every Conv output as well, so it has twice the grid points where
+# a float rounding difference between torch and onnxruntime can flip a tie, and GroupNorm spreads a flip's
+# effect: on an Intel Xeon with onnxruntime 1.32 one such flip moved the demo model's output by 1.02e-3
+# median at t = 960 (3e-7 at other timesteps; none on an AMD EPYC with 1.31). A real fault stays visible:
+# one activation DQ scale off by 2% gives 4.5e-3 to 1.3e-1 at every timestep (docs/BENCHMARKS.md).
+CPU_QDQ_TOLERANCE = 3e-3
 FP8_QDQ_TOLERANCE = 1e-2
 FP16_QDQ_TOLERANCE = 0.2
 # INT8 graphs are checked with onnxruntime's optimisations off: their Q/DQ nodes then run as written,
@@ -248,7 +254,8 @@ def _export_graph(q_model, path: Path, shape, config: ExportConfig, feeds: list,
     if config.precision == "fp16":
         convert_to_fp16(path)
     tolerance = config.parity_tolerance or (FP16_QDQ_TOLERANCE if config.precision == "fp16"
-                                            else FP8_QDQ_TOLERANCE if config.quant.format == "fp8" else QDQ_TOLERANCE)
+                                            else FP8_QDQ_TOLERANCE if config.quant.format == "fp8"
+                                            else CPU_QDQ_TOLERANCE if target == "onnxruntime-cpu" else QDQ_TOLERANCE)
     extra = None
     if target == "tensorrt":
         check_conformance(path)  # TensorRT's Q/DQ rules, before any user runs trtexec

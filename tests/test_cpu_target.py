@@ -20,7 +20,7 @@ from stepquant.export.fusion import FusionError, check_integer_convs, optimized_
 from stepquant.export.parity import parity_feeds, replay_parity
 from stepquant.export.targets import TargetError, for_target
 from stepquant.models import EpsilonModel, load_model
-from stepquant.pipeline import QDQ_TOLERANCE, ExportConfig, export_quantized
+from stepquant.pipeline import CPU_QDQ_TOLERANCE, QDQ_TOLERANCE, ExportConfig, export_quantized
 from stepquant.quant import QuantizedLayer, QuantSpec, quantize_
 from stepquant.quant.quantize import ResidualQuantizer
 from stepquant.runtime import OnnxRuntimeBackend
@@ -85,6 +85,28 @@ def test_cpu_graph_fuses_every_quantized_conv_and_matches_the_simulation(calibra
     assert report.passed, report.to_dict()
 
 
+def test_cpu_parity_tolerance_still_catches_a_scale_two_percent_off(calibrated, tmp_path):
+    """The CPU graph's looser tolerance (it leaves room for rounding-tie flips) still fails a graph whose
+    middle activation DQ disagrees with its Q by 2%."""
+    model, data = calibrated
+    cpu = for_target(model, "onnxruntime-cpu")
+    calibrate_ranges(cpu, data, progress=False, only_uncalibrated=True)
+    export_onnx(cpu, tmp_path / "cpu.onnx", (1, 8, 8))
+    graph = onnx.load(tmp_path / "cpu.onnx")
+    constants = {i.name: i for i in graph.graph.initializer}
+    dequantize = [n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[1] in constants
+                  and numpy_helper.to_array(constants[n.input[1]]).size == 1]
+    node = dequantize[len(dequantize) // 2]
+    scale = numpy_helper.to_array(constants[node.input[1]]) * np.float32(1.02)
+    graph.graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), "faulty_scale"))
+    node.input[1] = "faulty_scale"
+    onnx.save(graph, tmp_path / "faulty.onnx")
+    feeds = parity_feeds(data.samples[::4], data.timesteps[::4])
+    assert check_parity(cpu, tmp_path / "cpu.onnx", feeds, CPU_QDQ_TOLERANCE, "disable")[0].passed
+    faulty, _ = check_parity(cpu, tmp_path / "faulty.onnx", feeds, CPU_QDQ_TOLERANCE, "disable")
+    assert not faulty.passed, faulty.to_dict()
+
+
 def test_fp8_has_no_cpu_profile():
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3))
     quantize_(model, QuantSpec(format="fp8", exclude=()))
@@ -103,6 +125,8 @@ def test_a_bundle_carries_a_graph_per_target_and_each_runtime_picks_its_own(tiny
     bundle = load_bundle(out)
     cpu = bundle.target("onnxruntime-cpu")
     assert cpu["integer_kernels"]["QLinearConv"] > 0 and cpu["parity"]["passed"]
+    assert cpu["parity"]["tolerance_median_rel"] == CPU_QDQ_TOLERANCE
+    assert bundle.target("tensorrt")["parity"]["tolerance_median_rel"] == QDQ_TOLERANCE
     assert bundle.target("tensorrt")["lint"]["findings"] == 0
     # both INT8 graphs judged as written, not as onnxruntime fuses them (a Q after a quantized Conv
     # becomes QLinearConv in a tensorrt graph too, e.g. with quantized shortcut convolutions)
