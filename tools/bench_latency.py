@@ -1,6 +1,6 @@
 """Speed on the CPU: per-forward median latency and images/s of onnxruntime FP32, stepquant's INT8 graphs
 (onnxruntime-cpu profile and tensorrt profile), onnxruntime's own `quantize_static` in three
-configurations, torch eager FP32, and FP32 with the CPU profile's head-grouped attention (to separate
+configurations, torch eager FP32, and FP32 with the CPU profile's attention (head groups, channels-first; to separate
 what that restructuring gives from what INT8 gives), at batch 1 and 8 with 2 threads, on the demo model and on a
 UNet2DModel with the architecture of google/ddpm-cifar10-32 (random weights, built from its config).
 Every quantized graph is calibrated on the same inputs. Also session start-up with and without the
@@ -146,7 +146,7 @@ def latency_rows(name: str, threads: int, workdir: Path) -> tuple[list[str], lis
     fp32 = workdir / f"{name}-fp32.onnx"
     export_onnx(EpsilonModel(unet), fp32, shape)
     # FP32 with the attention restructured as the onnxruntime-cpu profile has it: how much of that
-    # profile's speed-up comes from the head groups rather than from INT8
+    # profile's speed-up comes from restructuring the attention rather than from INT8
     grouped = EpsilonModel(copy.deepcopy(unet))
     group_attention_heads_(grouped, batch=ShapeProfile.batch.opt)  # as for_target sizes them
     fp32_grouped = workdir / f"{name}-fp32-grouped.onnx"
@@ -158,7 +158,7 @@ def latency_rows(name: str, threads: int, workdir: Path) -> tuple[list[str], lis
     torch.set_num_threads(threads)
     backends = {
         "onnxruntime FP32": OnnxRuntimeBackend(fp32, threads),
-        "onnxruntime FP32, attention in head groups": OnnxRuntimeBackend(fp32_grouped, threads),
+        "onnxruntime FP32, CPU profile attention": OnnxRuntimeBackend(fp32_grouped, threads),
         "stepquant INT8, onnxruntime-cpu profile": OnnxRuntimeBackend(ours["onnxruntime-cpu"], threads),
         "stepquant INT8, onnxruntime-cpu profile, no exclusions": OnnxRuntimeBackend(unexcluded["onnxruntime-cpu"], threads),
         "stepquant INT8, tensorrt profile": OnnxRuntimeBackend(ours["tensorrt"], threads),

@@ -12,7 +12,8 @@
   Conv+Add is dropped too (on the CPU it is two extra passes and no kernel).
   The Conv output quantizers are the one addition; the caller calibrates them on the same calibration
   set (`calibrate_ranges(..., only_uncalibrated=True)`). Attention (float in both profiles) is computed
-  in head groups whose scores stay in cache (models/attention.py): the same values, less memory traffic.
+  in head groups whose scores stay in cache, and a UNet's spatial self-attention channels-first, with
+  no token-major copies (models/attention.py): the same values, less memory traffic.
 """
 
 from __future__ import annotations
