@@ -39,6 +39,17 @@ def calibrated(tiny_model_dir):
     return model, data
 
 
+@pytest.fixture(scope="module")
+def cpu_graph(calibrated, tmp_path_factory):
+    """The calibrated model's onnxruntime-cpu profile (output ranges calibrated on the same data) and its graph."""
+    model, data = calibrated
+    cpu = for_target(model, "onnxruntime-cpu")
+    calibrate_ranges(cpu, data, progress=False, only_uncalibrated=True)
+    path = tmp_path_factory.mktemp("cpu") / "cpu.onnx"
+    export_onnx(cpu, path, (1, 8, 8))
+    return cpu, path
+
+
 def _convs(model) -> int:
     return sum(isinstance(m, QuantizedLayer) and isinstance(m.layer, torch.nn.Conv2d) for m in model.modules())
 
@@ -60,13 +71,11 @@ def test_cpu_profile_keeps_the_scales_and_adds_conv_output_quantizers(calibrated
     assert calibrate_ranges(cpu, data, progress=False, only_uncalibrated=True).keys() == {f"{n}.output_quantizer" for n in layers}
 
 
-def test_cpu_graph_fuses_every_quantized_conv_and_matches_the_simulation(calibrated, tmp_path):
+def test_cpu_graph_fuses_every_quantized_conv_and_matches_the_simulation(calibrated, cpu_graph, tmp_path):
     model, data = calibrated
-    cpu = for_target(model, "onnxruntime-cpu")
-    calibrate_ranges(cpu, data, progress=False, only_uncalibrated=True)
-    export_onnx(cpu, tmp_path / "cpu.onnx", (1, 8, 8))
+    cpu, path = cpu_graph
     export_onnx(model, tmp_path / "trt.onnx", (1, 8, 8))
-    graph = onnx.load(tmp_path / "cpu.onnx").graph
+    graph = onnx.load(path).graph
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"})
     activation_zero_points = [constants[n.input[2]] for n in graph.node
@@ -74,25 +83,23 @@ def test_cpu_graph_fuses_every_quantized_conv_and_matches_the_simulation(calibra
     assert activation_zero_points and all(z.dtype == np.uint8 and z == 128 for z in activation_zero_points)
 
     convs = _convs(cpu)
-    kernels = check_integer_convs(tmp_path / "cpu.onnx", cpu)
+    kernels = check_integer_convs(path, cpu)
     assert kernels["QLinearConv"] == convs
     assert optimized_op_counts(tmp_path / "trt.onnx")["QLinearConv"] == 0  # why the TensorRT graph is slow here
     with pytest.raises(FusionError, match="into QLinearConv"):
         check_integer_convs(tmp_path / "trt.onnx", cpu)
 
     feeds = parity_feeds(data.samples[::4], data.timesteps[::4])
-    report, _ = check_parity(cpu, tmp_path / "cpu.onnx", feeds, QDQ_TOLERANCE, "disable")
+    report, _ = check_parity(cpu, path, feeds, QDQ_TOLERANCE, "disable")
     assert report.passed, report.to_dict()
 
 
-def test_cpu_parity_tolerance_still_catches_a_scale_two_percent_off(calibrated, tmp_path):
+def test_cpu_parity_tolerance_still_catches_a_scale_two_percent_off(calibrated, cpu_graph, tmp_path):
     """The CPU graph's looser tolerance (it leaves room for rounding-tie flips) still fails a graph whose
     middle activation DQ disagrees with its Q by 2%."""
-    model, data = calibrated
-    cpu = for_target(model, "onnxruntime-cpu")
-    calibrate_ranges(cpu, data, progress=False, only_uncalibrated=True)
-    export_onnx(cpu, tmp_path / "cpu.onnx", (1, 8, 8))
-    graph = onnx.load(tmp_path / "cpu.onnx")
+    _, data = calibrated
+    cpu, path = cpu_graph
+    graph = onnx.load(path)
     constants = {i.name: i for i in graph.graph.initializer}
     dequantize = [n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[1] in constants
                   and numpy_helper.to_array(constants[n.input[1]]).size == 1]
@@ -102,7 +109,7 @@ def test_cpu_parity_tolerance_still_catches_a_scale_two_percent_off(calibrated, 
     node.input[1] = "faulty_scale"
     onnx.save(graph, tmp_path / "faulty.onnx")
     feeds = parity_feeds(data.samples[::4], data.timesteps[::4])
-    assert check_parity(cpu, tmp_path / "cpu.onnx", feeds, CPU_QDQ_TOLERANCE, "disable")[0].passed
+    assert check_parity(cpu, path, feeds, CPU_QDQ_TOLERANCE, "disable")[0].passed
     faulty, _ = check_parity(cpu, tmp_path / "faulty.onnx", feeds, CPU_QDQ_TOLERANCE, "disable")
     assert not faulty.passed, faulty.to_dict()
 
@@ -145,13 +152,11 @@ def test_a_bundle_carries_a_graph_per_target_and_each_runtime_picks_its_own(tiny
         trt_bundle.target("onnxruntime-cpu")
 
 
-def test_optimised_graph_cache_is_written_once_then_reused(calibrated, tmp_path):
-    model, data = calibrated
-    cpu = for_target(model, "onnxruntime-cpu")
-    calibrate_ranges(cpu, data, progress=False, only_uncalibrated=True)
-    export_onnx(cpu, tmp_path / "cpu.onnx", (1, 8, 8))
-    first = OnnxRuntimeBackend(tmp_path / "cpu.onnx", threads=1, cache_dir=tmp_path / "cache")
-    second = OnnxRuntimeBackend(tmp_path / "cpu.onnx", threads=1, cache_dir=tmp_path / "cache")
+def test_optimised_graph_cache_is_written_once_then_reused(calibrated, cpu_graph, tmp_path):
+    _, data = calibrated
+    _, path = cpu_graph
+    first = OnnxRuntimeBackend(path, threads=1, cache_dir=tmp_path / "cache")
+    second = OnnxRuntimeBackend(path, threads=1, cache_dir=tmp_path / "cache")
     assert not first.loaded_from_cache and second.loaded_from_cache
     assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".onnx"]  # no partial file left
     x, t = data.samples[:2], data.timesteps[:2]

@@ -124,7 +124,8 @@ class HeadGroupedAttentionProcessor(ExplicitAttentionProcessor):
         if attn.group_norm is not None:
             x = attn.group_norm(x)
         # (batch, heads, head_dim, tokens) by reshape; each group's core sees transposed views, which
-        # onnxruntime folds into its MatMuls
+        # onnxruntime folds into its MatMuls. Transposed after the split, not before: onnxruntime does not
+        # move a Transpose through Split, so one before it stays a copy (3 Transposes left per layer, not 1)
         query, key, value = (_channels_first_linear(layer, x).view(batch, attn.heads, -1, height * width)
                              for layer in (attn.to_q, attn.to_k, attn.to_v))
         groups = self._groups(query, key, value, None, height * width, height * width)
