@@ -1,5 +1,6 @@
-"""Head-grouped attention on onnxruntime's CPU provider: one attention layer shaped like the
-google/ddpm-cifar10-32 UNet's (256 channels in 32 heads of dimension 8, over 16x16 = 256 tokens),
+"""Head-grouped attention on onnxruntime's CPU provider: one 32-head attention layer (256 channels in
+heads of dimension 8, UNet2DModel's default `attention_head_dim`, over 16x16 = 256 tokens; the
+google/ddpm-cifar10-32 UNet itself has one 256-wide head, where grouping changes nothing),
 exported with the score block sizes of `HeadGroupedAttentionProcessor` from "no grouping" down to one
 head per group, channels-first (the default) and token-major (diffusers' layout), timed at batch 1
 and 8 with 2 threads. Sessions alternate call by call with thread
