@@ -20,10 +20,13 @@ from stepquant.models.attention import (
     group_attention_heads_,
     heads_per_group,
 )
+from stepquant.quant import QuantizedLayer, QuantSpec
+from stepquant.quant.grid import IntGrid
+from stepquant.quant.layers import ActivationQuantizer
 
 
 def test_heads_per_group_fits_the_score_block():
-    # the cifar10 UNet's attention: 32 heads over 16x16 = 256 tokens; 2 MiB of scores per head at batch 8
+    # 32 heads (UNet2DModel's default head dimension 8 at 256 channels) over 16x16 = 256 tokens; 2 MiB of scores per head at batch 8
     assert heads_per_group(32, batch=8, query_tokens=256, key_tokens=256, block_bytes=8 * 2**20) == 4
     assert heads_per_group(32, batch=1, query_tokens=256, key_tokens=256, block_bytes=8 * 2**20) == 32
     assert heads_per_group(6, batch=8, query_tokens=256, key_tokens=256, block_bytes=5 * 2**20) == 2  # a divisor
@@ -87,3 +90,48 @@ def test_channels_first_spatial_attention_leaves_onnxruntime_no_token_major_copi
         _export(layer, tmp_path / f"{channels_first}.onnx")
         counts[channels_first] = optimized_op_counts(tmp_path / f"{channels_first}.onnx")["Transpose"]
     assert counts[True] <= 1 < counts[False]
+
+
+def _quantized_projections(layer: Attention, x: torch.Tensor) -> Attention:
+    """`layer` with its q/k/v/out projections fake-quantized as the onnxruntime-cpu profile has them
+    (UINT8-stored activations, quantized outputs), ranges taken from one float pass over `x`."""
+    amax = {}
+    projections = {"to_q": layer.to_q, "to_k": layer.to_k, "to_v": layer.to_v, "to_out": layer.to_out[0]}
+    hooks = [module.register_forward_hook(lambda m, i, o, name=name: amax.update({name: (i[0].abs().max(), o.abs().max())}))
+             for name, module in projections.items()]
+    with torch.no_grad():
+        layer(x)
+    for hook in hooks:
+        hook.remove()
+    grid = IntGrid(8, narrow=False, unsigned_storage=True)
+    for name, linear in projections.items():
+        quantized = QuantizedLayer(linear, QuantSpec().weight_grid, grid)
+        quantized.output_quantizer = ActivationQuantizer(grid)
+        quantized.input_quantizer.set_amax(amax[name][0])
+        quantized.output_quantizer.set_amax(amax[name][1])
+        if name == "to_out":
+            layer.to_out[0] = quantized
+        else:
+            setattr(layer, name, quantized)
+    return layer
+
+
+def test_quantized_projections_run_as_qlinearconv_and_match_the_token_major_simulation(tmp_path):
+    """Channels-first, quantized projections are 1x1 convolutions onnxruntime fuses into QLinearConv (the
+    shared input quantized once), Q·Kᵀ becomes an integer matmul, and the values are those of diffusers'
+    token-major layout with the same fake-quant layers (up to a rare output rounding tie)."""
+    x = torch.randn(2, 32, 3, 4)
+    layer = _quantized_projections(_attention(cross=False), x)
+    token_major = copy.deepcopy(layer)
+    layer.set_processor(HeadGroupedAttentionProcessor(batch=2))
+    token_major.set_processor(HeadGroupedAttentionProcessor(batch=2, channels_first=False))
+    with torch.no_grad():
+        ours, reference = layer(x), token_major(x)
+    step = float(layer.to_out[0].output_quantizer.scale)
+    assert (ours - reference).abs().max() <= step * 1.001 and (ours - reference).abs().gt(1e-5).float().mean() < 0.01
+    path = tmp_path / "attention.onnx"
+    _export(layer, path)
+    counts = optimized_op_counts(path)
+    assert counts["QLinearConv"] == 4 and counts["MatMulIntegerToFloat"] == 1 and counts["QuantizeLinear"] == 2
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], ours.numpy(), atol=3 * step)

@@ -5,6 +5,7 @@ bundle carries both graphs and each runtime picks its own."""
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import onnx
@@ -50,8 +51,10 @@ def cpu_graph(calibrated, tmp_path_factory):
     return cpu, path
 
 
-def _convs(model) -> int:
-    return sum(isinstance(m, QuantizedLayer) and isinstance(m.layer, torch.nn.Conv2d) for m in model.modules())
+def _integer_layers(model) -> int:
+    """Quantized convolutions plus attention projections: what the CPU graph runs as QLinearConv."""
+    return sum(isinstance(m, QuantizedLayer) and (isinstance(m.layer, torch.nn.Conv2d) or m.output_quantizer is not None)
+               for m in model.modules())
 
 
 def test_cpu_profile_keeps_the_scales_and_adds_conv_output_quantizers(calibrated):
@@ -60,8 +63,11 @@ def test_cpu_profile_keeps_the_scales_and_adds_conv_output_quantizers(calibrated
     assert for_target(model, "tensorrt") is model
     layers = dict((n, m) for n, m in cpu.named_modules() if isinstance(m, QuantizedLayer))
     originals = dict((n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLayer))
-    assert set(layers) == {n for n, m in originals.items() if isinstance(m.layer, torch.nn.Conv2d)}
-    assert all(isinstance(cpu.get_submodule(n), torch.nn.Linear) for n, m in originals.items() if isinstance(m.layer, torch.nn.Linear))
+    projections = {n for n in originals if re.search(r"attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)$", n)}
+    assert len(projections) == 16  # the tiny UNet's four spatial self-attention layers (down, mid, two up)
+    assert set(layers) == {n for n, m in originals.items() if isinstance(m.layer, torch.nn.Conv2d)} | projections
+    assert all(isinstance(cpu.get_submodule(n), torch.nn.Linear)  # the time embedding's Linear layers
+               for n, m in originals.items() if isinstance(m.layer, torch.nn.Linear) and n not in projections)
     for name, layer in layers.items():
         assert layer.input_quantizer.scale == originals[name].input_quantizer.scale
         assert layer.input_quantizer.grid.unsigned_storage and not originals[name].input_quantizer.grid.unsigned_storage
@@ -82,9 +88,9 @@ def test_cpu_graph_fuses_every_quantized_conv_and_matches_the_simulation(calibra
                               if n.op_type == "QuantizeLinear"]
     assert activation_zero_points and all(z.dtype == np.uint8 and z == 128 for z in activation_zero_points)
 
-    convs = _convs(cpu)
     kernels = check_integer_convs(path, cpu)
-    assert kernels["QLinearConv"] == convs
+    assert kernels["QLinearConv"] == _integer_layers(cpu)
+    assert kernels["MatMulIntegerToFloat"] == 4  # Q·Kᵀ of each attention layer (all heads in one group)
     assert optimized_op_counts(tmp_path / "trt.onnx")["QLinearConv"] == 0  # why the TensorRT graph is slow here
     with pytest.raises(FusionError, match="into QLinearConv"):
         check_integer_convs(tmp_path / "trt.onnx", cpu)
@@ -124,9 +130,11 @@ def test_fp8_has_no_cpu_profile():
 
 
 def test_a_bundle_carries_a_graph_per_target_and_each_runtime_picks_its_own(tiny_model_dir, tmp_path):
+    # the trained demo model: in the random-weight tiny UNet one rounding-tie flip cascades through every
+    # later requantization (1 flipped value -> hundreds by its middle block), past any parity tolerance
     out = tmp_path / "both"
-    report = export_quantized(ExportConfig(model=str(tiny_model_dir), out=out, targets=("tensorrt", "onnxruntime-cpu"),
-                                           sampler=FEW_STEPS, calib_samples=4, eval_samples=4, progress=False))
+    report = export_quantized(ExportConfig(out=out, targets=("tensorrt", "onnxruntime-cpu"),
+                                           sampler=FEW_STEPS, calib_samples=8, eval_samples=4, progress=False))
     assert list(report.targets) == ["tensorrt", "onnxruntime-cpu"]
     assert report.targets["onnxruntime-cpu"].graphs == ["model_cpu.onnx"]
     bundle = load_bundle(out)

@@ -36,11 +36,12 @@ def optimized_op_counts(path: Path, optimization_level: str = "all") -> Counter:
 
 def check_integer_convs(path: Path, model: nn.Module) -> dict[str, int]:
     """Raise unless onnxruntime runs a QLinearConv for every quantized Conv of `model` (the fake-quant
-    model `path` was exported from); return the integer kernel counts."""
-    quantized_convs = sum(isinstance(layer.layer, nn.Conv2d) for _, layer in quantized_layers(model))
+    model `path` was exported from) and every quantized layer with a quantized output (the CPU profile's
+    attention projections, run as 1x1 convolutions); return the integer kernel counts."""
+    expected = sum(isinstance(layer.layer, nn.Conv2d) or layer.output_quantizer is not None for _, layer in quantized_layers(model))
     counts = optimized_op_counts(path)
     kernels = {op: counts[op] for op in INTEGER_KERNELS if counts[op]}
-    if counts["QLinearConv"] < quantized_convs:
-        raise FusionError(f"{path.name}: onnxruntime fused {counts['QLinearConv']} of {quantized_convs} quantized convolutions "
+    if counts["QLinearConv"] < expected:
+        raise FusionError(f"{path.name}: onnxruntime fused {counts['QLinearConv']} of {expected} quantized convolutions "
                           f"into QLinearConv (integer kernels found: {kernels or 'none'}); the rest run as float Conv")
     return kernels

@@ -6,14 +6,14 @@
 - `onnxruntime-cpu`: the same scales, with activations stored as UINT8 (zero point 128: the same grid
   values) beside INT8 weights, and Q/DQ only where onnxruntime fuses it into an integer kernel: a
   QuantizeLinear after every quantized Conv, so DQ -> Conv -> Q becomes QLinearConv (U8S8, the VNNI
-  fast path). Linear layers stay float: onnxruntime turns their DQ -> MatMul into MatMulIntegerToFloat,
-  which on the cifar10-size UNet was only 2-5% faster at batch 8 and cost the demo model 0.23 dB, 0.55 dB
-  behind the TensorRT graph (docs/BENCHMARKS.md). The residual skip Q/DQ that TensorRT fuses into
-  Conv+Add is dropped too (on the CPU it is two extra passes and no kernel).
-  The Conv output quantizers are the one addition; the caller calibrates them on the same calibration
-  set (`calibrate_ranges(..., only_uncalibrated=True)`). Attention (float in both profiles) is computed
-  in head groups whose scores stay in cache, and a UNet's spatial self-attention channels-first, with
-  no token-major copies (models/attention.py): the same values, less memory traffic.
+  fast path). The q/k/v/out projections of a UNet's spatial self-attention get output quantizers too
+  and run as 1x1 convolutions (QLinearConv), their Q·Kᵀ as MatMulIntegerToFloat (models/attention.py).
+  Other Linear layers (the time embedding) stay float. The residual skip Q/DQ that TensorRT fuses into
+  Conv+Add is dropped (on the CPU it is two extra passes and no kernel).
+  The output quantizers are the one addition; the caller calibrates them on the same calibration set
+  (`calibrate_ranges(..., only_uncalibrated=True)`). Attention is computed in head groups whose scores
+  stay in cache, channels-first where it is a UNet's spatial self-attention: the same values, less
+  memory traffic.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import dataclasses
 from torch import nn
 
 from stepquant.export.shapes import ShapeProfile
-from stepquant.models.attention import group_attention_heads_
+from stepquant.models.attention import group_attention_heads_, is_spatial_self_attention
 from stepquant.quant.grid import IntGrid
 from stepquant.quant.layers import ActivationQuantizer
 from stepquant.quant.quantize import ResidualQuantizer, activation_quantizers, quantized_layers
@@ -52,16 +52,16 @@ def check_target(model: nn.Module, target: str) -> None:
     if any(not isinstance(q.grid, IntGrid) for q in activation_quantizers(model)):
         raise TargetError("the onnxruntime-cpu target needs integer quantization (--format int8): its CPU kernels have no FP8")
     if not any(isinstance(layer.layer, nn.Conv2d) for _, layer in quantized_layers(model)):
-        raise TargetError("the onnxruntime-cpu profile runs quantized convolutions as integer kernels and keeps Linear "
-                          "layers float; this model has no quantized convolution (a transformer?), so its graph would "
-                          "be all float: use --target tensorrt")
+        raise TargetError("the onnxruntime-cpu profile runs quantized convolutions (and a UNet's spatial attention) as "
+                          "integer kernels and keeps other Linear layers float; this model has no quantized convolution "
+                          "(a transformer?), so its graph would be all float: use --target tensorrt")
 
 
 def for_target(model: nn.Module, target: str, batch: int = ShapeProfile.batch.opt) -> nn.Module:
     """The model whose export is the graph for `target`: `model` itself for tensorrt; for
     onnxruntime-cpu a copy with UINT8-stored activation grids, an (uncalibrated) output quantizer on
-    every quantized Conv, float Linear layers, no residual quantizers and attention in head groups
-    sized for `batch`. `model` is left unchanged."""
+    every quantized Conv and spatial self-attention projection, other Linear layers float, no residual
+    quantizers and attention in head groups sized for `batch`. `model` is left unchanged."""
     check_target(model, target)
     if target == "tensorrt":
         return model
@@ -72,10 +72,21 @@ def for_target(model: nn.Module, target: str, batch: int = ShapeProfile.batch.op
             block.conv_shortcut = block.conv_shortcut.shortcut
     for quantizer in activation_quantizers(retargeted):
         quantizer.grid = dataclasses.replace(quantizer.grid, unsigned_storage=True)
+    projections = _spatial_attention_projections(retargeted)
     for name, layer in list(quantized_layers(retargeted)):
-        if isinstance(layer.layer, nn.Conv2d):
+        if isinstance(layer.layer, nn.Conv2d) or name in projections:
             layer.output_quantizer = ActivationQuantizer(IntGrid(8, narrow=False, unsigned_storage=True))
         else:  # back to the float layer (its input Q/DQ would only add work, see the module docstring)
             parent, _, child = name.rpartition(".")
             setattr(retargeted.get_submodule(parent) if parent else retargeted, child, layer.layer)
     return retargeted
+
+
+def _spatial_attention_projections(model: nn.Module) -> set[str]:
+    """Names of the q/k/v/out projections of every UNet spatial self-attention in `model`: the CPU
+    profile runs them as 1x1 QLinearConv (models/attention.py)."""
+    from diffusers.models.attention_processor import Attention
+
+    return {f"{name}.{projection}" for name, module in model.named_modules()
+            if isinstance(module, Attention) and is_spatial_self_attention(module)
+            for projection in ("to_q", "to_k", "to_v", "to_out.0")}

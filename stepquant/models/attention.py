@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from stepquant.quant.layers import QuantizedLayer
+
 SCORE_BLOCK_BYTES = 8 * 2**20  # float32 scores of one head group: well inside a server L3 (32 MiB here)
 
 
@@ -88,10 +90,15 @@ class HeadGroupedAttentionProcessor(ExplicitAttentionProcessor):
     the three ops. The grouping is fixed at export for the batch the graph is tuned for; any batch runs,
     with groups sized for that one. Results are identical (each head is computed alone either way).
 
-    With `channels_first`, a UNet's spatial self-attention also keeps its (batch, channels, tokens)
-    layout: projections are W·x, each head is a free reshape, and the transposed views the core needs
-    are folded by onnxruntime into its matmuls, instead of token-major copies of the input, Q, K, V and
-    output (1.09-1.13x for one cifar10 attention layer, docs/BENCHMARKS.md).
+    With `channels_first`, a UNet's spatial self-attention (`is_spatial_self_attention`) keeps its
+    (batch, channels, height, width) layout, in one of two forms:
+    - float projections: W·x on (batch, channels, tokens), each head a free reshape, and the transposed
+      views the core needs folded by onnxruntime into its matmuls, instead of token-major copies of the
+      input, Q, K, V and output (1.09-1.13x for a 32-head attention layer, docs/BENCHMARKS.md);
+    - quantized projections (with output quantizers, as the onnxruntime-cpu profile gives them): 1x1
+      convolutions, which onnxruntime runs as QLinearConv in its NHWC layout. Q and V are taken
+      token-major from there (the permute cancels onnxruntime's own transpose back to NCHW), K stays
+      channels-first (its NCHW form is the Kᵀ the scores need), and Q·Kᵀ becomes MatMulIntegerToFloat.
     """
 
     def __init__(self, batch: int, block_bytes: int = SCORE_BLOCK_BYTES, channels_first: bool = True) -> None:
@@ -117,26 +124,58 @@ class HeadGroupedAttentionProcessor(ExplicitAttentionProcessor):
 
     def forward(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
-        if not (self.channels_first and _is_plain_spatial_self_attention(attn, hidden_states, encoder_hidden_states, attention_mask)):
+        if not (self.channels_first and is_spatial_self_attention(attn) and _projections_run_channels_first(attn)
+                and hidden_states.ndim == 4 and encoder_hidden_states is None and attention_mask is None):
             return super().forward(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        batch, channels, height, width = hidden_states.shape
-        x = hidden_states.view(batch, channels, height * width)
-        if attn.group_norm is not None:
-            x = attn.group_norm(x)
-        # (batch, heads, head_dim, tokens) by reshape; each group's core sees transposed views, which
-        # onnxruntime folds into its MatMuls. Transposed after the split, not before: onnxruntime does not
-        # move a Transpose through Split, so one before it stays a copy (3 Transposes left per layer, not 1)
-        query, key, value = (_channels_first_linear(layer, x).view(batch, attn.heads, -1, height * width)
-                             for layer in (attn.to_q, attn.to_k, attn.to_v))
-        groups = self._groups(query, key, value, None, height * width, height * width)
-        cores = (ExplicitAttentionProcessor.attend(self, *(t.transpose(-1, -2) for t in (q, k, v)), None, attn.scale)
-                 for q, k, v, _ in groups)
-        out = torch.cat([core.transpose(-1, -2) for core in cores], 1)
-        out = _channels_first_linear(attn.to_out[0], out.reshape(batch, channels, height * width))
-        out = attn.to_out[1](out).view(batch, channels, height, width)
+        x = attn.group_norm(hidden_states)
+        core = self._integer_core if isinstance(attn.to_q, QuantizedLayer) else self._float_core
+        out = attn.to_out[1](core(attn, x))
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+    def _float_core(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Projections and core on (batch, channels, tokens), through to the output projection."""
+        batch, channels, height, width = x.shape
+        tokens = height * width
+        x = x.view(batch, channels, tokens)
+        # (batch, heads, head_dim, tokens) by reshape; each group's core sees transposed views, which
+        # onnxruntime folds into its MatMuls. Transposed after the split, not before: onnxruntime does not
+        # move a Transpose through Split, so one before it stays a copy (3 Transposes left per layer, not 1)
+        query, key, value = (_channels_first_linear(layer, x).view(batch, attn.heads, -1, tokens)
+                             for layer in (attn.to_q, attn.to_k, attn.to_v))
+        groups = self._groups(query, key, value, None, tokens, tokens)
+        cores = [ExplicitAttentionProcessor.attend(self, *(t.transpose(-1, -2) for t in (q, k, v)), None, attn.scale)
+                 for q, k, v, _ in groups]
+        out = _concat_heads([core.transpose(-1, -2) for core in cores])
+        return _channels_first_linear(attn.to_out[0], out.reshape(batch, channels, tokens)).view(batch, channels, height, width)
+
+    def _integer_core(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Quantized projections as 1x1 convolutions around a core laid out for onnxruntime's NHWC QLinearConv."""
+        batch, channels, height, width = x.shape
+        tokens, heads = height * width, attn.heads
+
+        def token_major(t: torch.Tensor) -> torch.Tensor:  # (batch, heads, tokens, head_dim)
+            t = t.permute(0, 2, 3, 1).reshape(batch, tokens, heads, -1)
+            return t.view(batch, 1, tokens, -1) if heads == 1 else t.transpose(1, 2)  # one head: no copy
+
+        # q, k and v read the same input: quantized once when their input scales agree (as calibrated, they do),
+        # so onnxruntime makes one QuantizeLinear and one NHWC copy of it instead of three
+        first, *others = (layer.input_quantizer for layer in (attn.to_q, attn.to_k, attn.to_v))
+        shared = all(q.grid == first.grid and torch.equal(q.scale, first.scale) for q in others)
+        x = first(x) if shared else x
+        query, value = (token_major(layer.pointwise(x, quantize_input=not shared)) for layer in (attn.to_q, attn.to_v))
+        key = attn.to_k.pointwise(x, quantize_input=not shared).view(batch, heads, -1, tokens).transpose(-1, -2)  # attend() transposes it back
+        groups = self._groups(query, key, value, None, tokens, tokens)
+        out = _concat_heads([ExplicitAttentionProcessor.attend(self, q, k, v, None, attn.scale) for q, k, v, _ in groups])
+        out = out.view(batch, tokens, channels) if heads == 1 else out.transpose(1, 2)
+        out = out.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+        return attn.to_out[0].pointwise(out)
+
+
+def _concat_heads(groups: list[torch.Tensor]) -> torch.Tensor:
+    """The head groups side by side again (a single group is left as it is: a Concat would copy it)."""
+    return groups[0] if len(groups) == 1 else torch.cat(groups, 1)
 
 
 def _channels_first_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -145,12 +184,19 @@ def _channels_first_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return y if layer.bias is None else y + layer.bias[:, None]
 
 
-def _is_plain_spatial_self_attention(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
-                                     attention_mask: torch.Tensor | None) -> bool:
-    """A UNet block's attention over its own feature map, with float Linear projections and nothing else."""
-    return (hidden_states.ndim == 4 and encoder_hidden_states is None and attention_mask is None
-            and attn.spatial_norm is None and attn.norm_q is None and attn.norm_k is None
-            and all(type(layer) is nn.Linear for layer in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])))
+def is_spatial_self_attention(attn: nn.Module) -> bool:
+    """A UNet block's self-attention over its own feature map (it brings its GroupNorm), with no
+    cross-attention, spatial or q/k norms: the attention the channels-first path serves."""
+    return (attn.group_norm is not None and not attn.is_cross_attention and attn.spatial_norm is None
+            and attn.norm_q is None and attn.norm_k is None)
+
+
+def _projections_run_channels_first(attn: nn.Module) -> bool:
+    """All four projections float Linear, or all quantized Linear with quantized outputs (1x1 QLinearConv)."""
+    projections = (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])
+    return (all(type(layer) is nn.Linear for layer in projections)
+            or all(type(layer) is QuantizedLayer and type(layer.layer) is nn.Linear and layer.output_quantizer is not None
+                   for layer in projections))
 
 
 def group_attention_heads_(model: nn.Module, batch: int, block_bytes: int = SCORE_BLOCK_BYTES) -> int:

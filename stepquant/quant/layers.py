@@ -85,12 +85,18 @@ class WeightQuantizer(nn.Module):
                 self.qweight = self.rounding.values().to(self.grid.storage_dtype)
             self.rounding = None
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+    def forward(self, weight: torch.Tensor, shape: torch.Size | None = None) -> torch.Tensor:
+        """The fake-quantized `weight`, viewed as `shape` when given. The integer weights are the ones
+        viewed, so the export stores them in that shape and the DequantizeLinear feeds its consumer
+        directly (onnxruntime fuses DQ -> Conv into an integer kernel, not DQ -> Reshape -> Conv)."""
+        def viewed(tensor: torch.Tensor) -> torch.Tensor:  # as stored otherwise: the initializer keeps its name
+            return tensor if shape is None else tensor.view(shape)
+
         if not self.enabled:
-            return weight
+            return viewed(weight)
         if self.rounding is not None:
-            return self.rounding.values() * self._broadcast_scale(weight)
-        return DequantizeWeight.apply(self.qweight, self.scale)
+            return viewed(self.rounding.values() * self._broadcast_scale(weight))
+        return DequantizeWeight.apply(viewed(self.qweight), self.scale)
 
     def extra_repr(self) -> str:
         return f"{self.grid}, scales={self.scale.numel()}"
@@ -122,6 +128,15 @@ class QuantizedLayer(nn.Module):
             out = self.layer._conv_forward(x, weight, self.layer.bias)
         else:
             out = F.linear(x, weight, self.layer.bias)
+        return out if self.output_quantizer is None else self.output_quantizer(out)
+
+    def pointwise(self, x: torch.Tensor, quantize_input: bool = True) -> torch.Tensor:
+        """This Linear layer applied along dim 1 of a (batch, features, height, width) tensor: a 1x1
+        convolution with the same values, which onnxruntime runs as QLinearConv when the output is quantized.
+        `quantize_input=False`: `x` is already this layer's input quantizer's output (shared by several layers)."""
+        out_features, in_features = self.layer.weight.shape
+        weight = self.weight_quantizer(self.layer.weight, torch.Size((out_features, in_features, 1, 1)))
+        out = F.conv2d(self.input_quantizer(x) if quantize_input else x, weight, self.layer.bias)
         return out if self.output_quantizer is None else self.output_quantizer(out)
 
 
