@@ -3,9 +3,11 @@
 configurations, torch eager FP32, and FP32 with the CPU profile's attention (head groups, channels-first; to separate
 what that restructuring gives from what INT8 gives), at batch 1 and 8 with 2 threads, on the demo model and on a
 UNet2DModel with the architecture of google/ddpm-cifar10-32 (random weights, built from its config).
-Every quantized graph is calibrated on the same inputs. Also session start-up with and without the
-optimised-graph cache, onnxruntime's per-operator profile of the CPU-profile graph, the calibration
-wall time and peak memory of `export-quantized`, and the sampler's host-loop time.
+Every quantized graph of a model is calibrated on the same inputs: the demo's on FP sampling trajectories
+as `export-quantized` collects them, so each demo graph's PSNR to FP (256 seeds, 25 DDIM steps, as the
+bundle's) stands beside its speed; the random-weight cifar10 UNet's on noise (speed only). Also session
+start-up with and without the optimised-graph cache, onnxruntime's per-operator profile of the CPU-profile
+graph, the calibration wall time and peak memory of `export-quantized`, and the sampler's host-loop time.
 
     python tools/bench_latency.py [--threads 2] [--models demo,cifar10]
 """
@@ -31,8 +33,9 @@ from benchdoc import header, write_section
 from diffusers import UNet2DModel
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 
-from stepquant.calibrators import calibrate_ranges
+from stepquant.calibrators import calibrate_ranges, collect_calibration_set
 from stepquant.calibrators.data import CalibrationSet
+from stepquant.eval.evaluate import evaluate
 from stepquant.eval.latency import TimedBackend, measure_latency
 from stepquant.export import export_onnx, load_bundle
 from stepquant.export.fusion import check_integer_convs
@@ -42,6 +45,7 @@ from stepquant.export.targets import for_target
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
 from stepquant.models.attention import group_attention_heads_
 from stepquant.models.reference_configs import DDPM_CIFAR10_UNET
+from stepquant.pipeline import CALIBRATION_SEED_OFFSET
 from stepquant.quant import QuantSpec, quantize_
 from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, TorchBackend, sample
 from stepquant.runtime.bundle_backends import quantized_backend
@@ -51,6 +55,9 @@ from stepquant.runtime.bundle_backends import quantized_backend
 # speed-up taken within its round, beat a few long ones.
 ROUNDS = 7
 BLOCK = dict(min_runs=5, min_seconds=1.0)
+# the demo's calibration and quality settings: export-quantized's defaults (64 trajectories, 256 seeds, 25 DDIM steps)
+DEMO_SAMPLER = SamplerConfig("ddim", 25, 0.0)
+DEMO_TRAJECTORIES, QUALITY_SEEDS = 64, 256
 
 # onnxruntime's quantize_static, as its docs suggest for CPU (U8S8), and the TensorRT-style S8S8 setting
 QUANTIZE_STATIC = {
@@ -70,8 +77,13 @@ def build_models(name: str):
     return unet, (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
 
 
-def calibration_inputs(shape) -> CalibrationSet:
-    """Noise at several timesteps (for speed only; quality is measured by the quality benchmarks)."""
+def calibration_inputs(name: str, unet, shape) -> CalibrationSet:
+    """The demo: FP trajectories, as export-quantized collects them; the random-weight cifar10 UNet, whose
+    outputs mean nothing: noise at several timesteps."""
+    if name == "demo":
+        seeds = range(CALIBRATION_SEED_OFFSET, CALIBRATION_SEED_OFFSET + DEMO_TRAJECTORIES)
+        return collect_calibration_set(TorchBackend(EpsilonModel(unet)), load_model(DEMO_MODEL_NAME).scheduler_config, seeds,
+                                       shape, DEMO_SAMPLER, DEMO_SAMPLER.steps, progress=False)
     generator = torch.Generator().manual_seed(0)
     timesteps = torch.tensor([999.0, 750.0, 500.0, 250.0, 0.0]).repeat_interleave(4)
     return CalibrationSet(torch.randn((len(timesteps), *shape), generator=generator), timesteps)
@@ -142,7 +154,7 @@ def operator_profile(path: Path, shape, batch: int, threads: int, workdir: Path,
 def latency_rows(name: str, threads: int, workdir: Path) -> tuple[list[str], list[str]]:
     unet, shape = build_models(name)
     params = sum(p.numel() for p in unet.parameters()) / 1e6
-    data = calibration_inputs(shape)
+    data = calibration_inputs(name, unet, shape)
     fp32 = workdir / f"{name}-fp32.onnx"
     export_onnx(EpsilonModel(unet), fp32, shape)
     # FP32 with the attention restructured as the onnxruntime-cpu profile has it: how much of that
@@ -165,6 +177,7 @@ def latency_rows(name: str, threads: int, workdir: Path) -> tuple[list[str], lis
         **{f"quantize_static {label}": OnnxRuntimeBackend(path, threads) for label, path in peers.items()},
         "torch eager FP32": TorchBackend(EpsilonModel(unet)),
     }
+    quality = demo_quality(backends, shape) if name == "demo" else {}
     rows = []
     for batch in (1, 8):
         # rounds interleave the backends, so a slow spell of the shared machine hits all of them alike;
@@ -176,7 +189,8 @@ def latency_rows(name: str, threads: int, workdir: Path) -> tuple[list[str], lis
             median_ms = statistics.median(medians)
             rows.append(f"| {name} ({params:.1f}M) | {batch} | {label} | {median_ms:.2f} | "
                         f"{' / '.join(f'{m:.1f}' for m in medians)} | {1000 * batch / median_ms:.1f} | "
-                        f"{statistics.median(speedups):.2f}x ({min(speedups):.2f}-{max(speedups):.2f}) |")
+                        f"{statistics.median(speedups):.2f}x ({min(speedups):.2f}-{max(speedups):.2f}) | "
+                        f"{f'{quality[label]:.2f}' if label in quality else '-'} |")
             print(rows[-1], flush=True)
     cache = workdir / f"{name}-cache"
     cold, _, warm = (startup_ms(ours["onnxruntime-cpu"], threads, c) for c in (None, cache, cache))
@@ -188,6 +202,14 @@ def latency_rows(name: str, threads: int, workdir: Path) -> tuple[list[str], lis
     for note in notes:
         print(note, flush=True)
     return rows, notes
+
+
+def demo_quality(backends: dict, shape) -> dict[str, float]:
+    """PSNR to the FP32 graph (dB, mean over seeds) of every INT8 graph, sampled from the same noise."""
+    schedule = load_model(DEMO_MODEL_NAME).scheduler_config
+    fp = backends["onnxruntime FP32"]
+    return {label: evaluate(fp, backend, schedule, range(QUALITY_SEEDS), shape, DEMO_SAMPLER, progress=False).psnr_to_fp_db
+            for label, backend in backends.items() if "INT8" in label or "quantize_static" in label}
 
 
 def calibration_cost(workdir: Path) -> str:
@@ -227,7 +249,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     rows = [f"| model | batch | backend | median ms | medians of the {ROUNDS} rounds (ms) | images/s | "
-            "speed vs onnxruntime FP32 (median of rounds, range) |", "|---|---|---|---|---|---|---|"]
+            "speed vs onnxruntime FP32 (median of rounds, range) | PSNR to FP (dB, demo) |", "|---|---|---|---|---|---|---|---|"]
     notes = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -242,7 +264,8 @@ def main() -> None:
     body = (header() + f"\nSession options: {args.threads} intra-op threads (torch.set_num_threads for torch), graph "
             f"optimisation level ORT_ENABLE_ALL, onnxruntime {ort.__version__}, CPUExecutionProvider; median of at least "
             f"{BLOCK['min_runs']} timed calls (and {BLOCK['min_seconds']:g} s) after 3 warm-up calls, in {ROUNDS} rounds that interleave the backends. All INT8 graphs are W8A8 "
-            "with per-channel weights, calibrated on the same 20 inputs (MinMax).\n\n" + "\n".join(rows) + "\n\n" + "\n\n".join(notes) + f"\n\n{cost}\n\n{loop}\n")
+            f"with per-channel weights, calibrated (MinMax) on the same inputs: the demo's on {DEMO_TRAJECTORIES} FP trajectories "
+            f"({DEMO_SAMPLER.steps} DDIM steps), its PSNR to FP over {QUALITY_SEEDS} seeds; the cifar10 UNet's on 20 noise inputs.\n\n" + "\n".join(rows) + "\n\n" + "\n\n".join(notes) + f"\n\n{cost}\n\n{loop}\n")
     if not args.no_write:
         write_section("bench_latency", body)
 
