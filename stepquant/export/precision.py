@@ -36,7 +36,9 @@ def convert_to_fp16(path: Path) -> None:
     and the timestep encoding.
 
     The converter retypes tensors and wraps the ops it keeps in FP32 with its own Casts, but leaves the
-    graph's own Cast(to=FLOAT) nodes, which would turn FP16 tensors back to FP32: those are retargeted.
+    graph's own Cast(to=FLOAT) nodes, which would turn FP16 tensors back to FP32: those are retargeted,
+    and dropped where their input is FP16 already (an FP16 -> FP16 Cast before an op the CPU provider runs
+    in FP32 breaks onnxruntime 1.30's cast insertion: "Type (tensor(float)) ... does not match").
     """
     from onnxconverter_common.float16 import convert_float_to_float16
 
@@ -52,4 +54,23 @@ def convert_to_fp16(path: Path) -> None:
                 if attribute.name == "to":
                     attribute.i = TensorProto.FLOAT16
     del model.graph.value_info[:]
+    model = _without_identity_casts(onnx.shape_inference.infer_shapes(model), own_casts)
+    del model.graph.value_info[:]
     onnx.save(onnx.shape_inference.infer_shapes(model), str(path))
+
+
+def _without_identity_casts(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """`model` without those of the named Cast nodes whose input already has the type they cast to."""
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({init.name: init.data_type for init in graph.initializer})
+    outputs = {out.name for out in graph.output}
+    identities = {node.output[0]: node.input[0] for node in graph.node
+                  if node.name in names and node.output[0] not in outputs
+                  and types.get(node.input[0]) == next(a.i for a in node.attribute if a.name == "to")}
+    kept = [node for node in graph.node if node.output[0] not in identities]
+    for node in kept:
+        node.input[:] = [identities.get(name, name) for name in node.input]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model
