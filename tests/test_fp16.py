@@ -35,6 +35,14 @@ def test_scales_and_compute_are_fp16_with_fp32_io(fp16_bundle):
     assert np.isfinite(report.psnr_mean_db) and report.psnr_mean_db > 30
 
 
+def test_no_cast_is_left_casting_fp16_to_fp16(fp16_bundle):
+    """onnxruntime 1.30 refuses an FP16 graph whose Cast(FP16 -> FP16) feeds an op it runs in FP32 (Sqrt)."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(fp16_bundle[0] / "model.onnx")))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+    casts = [n for n in model.graph.node if n.op_type == "Cast"]
+    assert casts and not [n.name for n in casts if types.get(n.input[0]) == n.attribute[0].i == TensorProto.FLOAT16]
+
+
 def test_the_timestep_encoding_stays_fp32(fp16_bundle):
     model = onnx.load(str(fp16_bundle[0] / "model.onnx"))
     kept = timestep_encoding_nodes(model.graph)
