@@ -85,7 +85,7 @@ class HeadGroupedAttentionProcessor(ExplicitAttentionProcessor):
     """The same attention, computed one group of heads at a time (Split -> per-group core -> Concat).
 
     onnxruntime's CPU provider runs a graph node by node, so the plain core writes the whole score
-    tensor (batch x heads x tokens²: 67 MB per layer for the cifar10 UNet at batch 8) to memory, then
+    tensor (batch x heads x tokens²: 67 MB for 32 heads over 16x16 tokens at batch 8) to memory, then
     reads it back for Softmax and again for P·V. In groups, each group's scores stay in cache between
     the three ops. The grouping is fixed at export for the batch the graph is tuned for; any batch runs,
     with groups sized for that one. Results are identical (each head is computed alone either way).
@@ -110,7 +110,7 @@ class HeadGroupedAttentionProcessor(ExplicitAttentionProcessor):
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                scale: float) -> torch.Tensor:
         groups = self._groups(query, key, value, mask, query.shape[2], key.shape[2])
-        return torch.cat([ExplicitAttentionProcessor.attend(self, q, k, v, m, scale) for q, k, v, m in groups], 1)
+        return _concat_heads([ExplicitAttentionProcessor.attend(self, q, k, v, m, scale) for q, k, v, m in groups])
 
     def _groups(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                 query_tokens: int, key_tokens: int) -> list[tuple]:
