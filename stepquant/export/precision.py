@@ -54,13 +54,12 @@ def convert_to_fp16(path: Path) -> None:
                 if attribute.name == "to":
                     attribute.i = TensorProto.FLOAT16
     del model.graph.value_info[:]
-    model = _without_identity_casts(onnx.shape_inference.infer_shapes(model), own_casts)
-    del model.graph.value_info[:]
-    onnx.save(onnx.shape_inference.infer_shapes(model), str(path))
+    onnx.save(_without_identity_casts(onnx.shape_inference.infer_shapes(model), own_casts), str(path))
 
 
 def _without_identity_casts(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """`model` without those of the named Cast nodes whose input already has the type they cast to."""
+    """`model` (shapes inferred) without those of the named Cast nodes whose input already has the type
+    they cast to; their consumers read the input instead, and the inferred types stay right."""
     graph = model.graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
     types.update({init.name: init.data_type for init in graph.initializer})
@@ -73,4 +72,7 @@ def _without_identity_casts(model: onnx.ModelProto, names: set[str]) -> onnx.Mod
         node.input[:] = [identities.get(name, name) for name in node.input]
     del graph.node[:]
     graph.node.extend(kept)
+    kept_info = [info for info in graph.value_info if info.name not in identities]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
     return model
