@@ -4,11 +4,18 @@ Fake-quant layers carry their own ONNX symbolics (stepquant.quant.functional), s
 holds QuantizeLinear/DequantizeLinear with the calibrated constant scales and zero points of 0, and
 integer weights behind DequantizeLinear. The TorchScript exporter is used because it honours those
 symbolics exactly (modelopt exports its Q/DQ the same way).
+
+Which quantizer module each Q/DQ node comes from is written to the model's metadata (QUANTIZER_MAP: node
+name -> module name), for the layer-wise parity check; node names survive later rewrites (FP16), their
+order does not.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -16,10 +23,13 @@ import torch
 from torch import nn
 
 from stepquant.export.shapes import ShapeProfile
+from stepquant.quant.functional import QUANTIZER_ATTRIBUTE
+from stepquant.quant.layers import ActivationQuantizer, WeightQuantizer
 
 INPUT_NAMES = ("sample", "timestep")  # then the model's condition inputs
 OUTPUT_NAME = "eps"
 DEFAULT_OPSET = 17
+QUANTIZER_MAP = "stepquant.quantizers"  # metadata key: JSON {Q/DQ node name: quantizer module name}
 
 
 class OnnxExportError(RuntimeError):
@@ -47,6 +57,38 @@ def _inline_identity_constants(graph: onnx.GraphProto) -> None:
     graph.node.extend(kept)
 
 
+@contextlib.contextmanager
+def _named_quantizers(model: nn.Module) -> Iterator[None]:
+    """Each quantizer tags the nodes it exports with its module name while the model is traced."""
+    quantizers = [(name, m) for name, m in model.named_modules() if isinstance(m, (ActivationQuantizer, WeightQuantizer))]
+    for name, quantizer in quantizers:
+        quantizer.export_name = name
+    try:
+        yield
+    finally:
+        for _, quantizer in quantizers:
+            quantizer.export_name = None
+
+
+def _move_quantizer_tags(model: onnx.ModelProto) -> None:
+    """Take the quantizer tags off the Q/DQ nodes (no attribute of theirs) into the QUANTIZER_MAP metadata."""
+    mapping = {}
+    for node in model.graph.node:
+        tags = [a for a in node.attribute if a.name == QUANTIZER_ATTRIBUTE]
+        for tag in tags:
+            mapping[node.name] = tag.s.decode()
+            node.attribute.remove(tag)
+    if mapping:
+        del model.metadata_props[:]  # one export, one map
+        onnx.helper.set_model_props(model, {QUANTIZER_MAP: json.dumps(mapping)})
+
+
+def quantizer_map(model: onnx.ModelProto) -> dict[str, str] | None:
+    """{Q/DQ node name: quantizer module name} of a graph exported here; None for other graphs."""
+    entry = next((p.value for p in model.metadata_props if p.key == QUANTIZER_MAP), None)
+    return None if entry is None else json.loads(entry)
+
+
 def example_inputs(model: nn.Module, sample_shape: tuple[int, int, int], profile: ShapeProfile) -> tuple[torch.Tensor, ...]:
     """Inputs of the profile's opt shape (batch 2, so no size-1 axis gets specialised) to trace with."""
     shapes = profile.input_shapes(sample_shape[0], model.conditions, ("opt",))
@@ -65,7 +107,7 @@ def export_onnx(model: nn.Module, path: Path, sample_shape: tuple[int, int, int]
     example = example_inputs(model, sample_shape, profile)
     dynamic = profile.dynamic_axes(model.conditions)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _named_quantizers(model):
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer chatter
             torch.onnx.export(
                 model.eval(),
@@ -79,6 +121,7 @@ def export_onnx(model: nn.Module, path: Path, sample_shape: tuple[int, int, int]
                 do_constant_folding=True,
             )
         model_proto = onnx.load(str(path))
+        _move_quantizer_tags(model_proto)
         _inline_identity_constants(model_proto.graph)
         onnx.save(model_proto, str(path))
         onnx.checker.check_model(str(path), full_check=True)

@@ -27,6 +27,7 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("scale", torch.tensor(float("nan")))
         self.observer: Observer | None = None
         self.enabled = True
+        self.export_name: str | None = None  # tags its exported Q/DQ nodes (export/onnx_export.py sets it)
 
     @property
     def calibrated(self) -> bool:
@@ -42,7 +43,7 @@ class ActivationQuantizer(nn.Module):
             return x
         if not self.calibrated:
             raise RuntimeError("activation quantizer used before calibration: run a calibrator first")
-        return FakeQuantize.apply(x, self.scale, self.grid)
+        return FakeQuantize.apply(x, self.scale, self.grid, self.export_name)
 
     def extra_repr(self) -> str:
         return f"{self.grid}, amax={float(self.scale) * self.grid.qmax:.5g}"
@@ -62,6 +63,7 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("qweight", self.quantized(weight))
         self.rounding: LearnedRounding | None = None  # set while a reconstruction learns the rounding
         self.enabled = True
+        self.export_name: str | None = None  # tags its exported DequantizeLinear (export/onnx_export.py sets it)
 
     def _broadcast_scale(self, weight: torch.Tensor) -> torch.Tensor:
         return self.scale.reshape((-1,) + (1,) * (weight.dim() - 1) if self.scale.numel() > 1 else ())
@@ -96,7 +98,7 @@ class WeightQuantizer(nn.Module):
             return viewed(weight)
         if self.rounding is not None:
             return viewed(self.rounding.values() * self._broadcast_scale(weight))
-        return DequantizeWeight.apply(viewed(self.qweight), self.scale)
+        return DequantizeWeight.apply(viewed(self.qweight), self.scale, self.export_name)
 
     def extra_repr(self) -> str:
         return f"{self.grid}, scales={self.scale.numel()}"
