@@ -7,8 +7,13 @@ from pathlib import Path
 
 import onnx
 from onnx import TensorProto
+from torch import nn
+
+from stepquant.export.onnx_export import export_onnx
+from stepquant.export.shapes import ShapeProfile
 
 PRECISIONS = ("fp32", "fp16")
+FP16_OPSET = 19  # FP16 Q/DQ scales need opset 19
 
 
 def timestep_encoding_nodes(graph: onnx.GraphProto, timestep_input: str = "timestep", stop: str = "time_embedding") -> list[str]:
@@ -29,6 +34,16 @@ def timestep_encoding_nodes(graph: onnx.GraphProto, timestep_input: str = "times
             found[node.name] = None
             frontier.extend(node.output)
     return list(found)
+
+
+def export_at_precision(model: nn.Module, path: Path, sample_shape: tuple[int, int, int], precision: str, opset: int,
+                        profile: ShapeProfile | None = None) -> None:
+    """`export_onnx`, then for `precision` fp16 the FP16 rewrite (the model's scales already rounded to FP16)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    export_onnx(model, path, sample_shape, opset=max(opset, FP16_OPSET) if precision == "fp16" else opset, profile=profile)
+    if precision == "fp16":
+        convert_to_fp16(path)
 
 
 def convert_to_fp16(path: Path) -> None:
