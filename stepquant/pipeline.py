@@ -18,7 +18,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from polygraphy.comparator import RunResults
+from polygraphy.comparator import IterationResult, RunResults
 from polygraphy.json import save_json
 
 from stepquant.calibrators import collect_calibration_set
@@ -31,11 +31,14 @@ from stepquant.calibrators.timestep_groups import group_scales, range_profile, s
 from stepquant.eval import psnr, save_comparison_grid
 from stepquant.export import ParityReport, check_parity, export_onnx, staged_directory, write_manifest
 from stepquant.export.fusion import check_integer_convs
+from stepquant.export.layerwise import LayerwiseReport, check_layerwise
 from stepquant.export.lint import check_conformance
-from stepquant.export.parity import parity_feeds, quiet_polygraphy
-from stepquant.export.precision import PRECISIONS, convert_to_fp16
+from stepquant.export.onnx_export import OUTPUT_NAME
+from stepquant.export.parity import compare_runs, parity_feeds, quiet_polygraphy, torch_outputs
+from stepquant.export.parity_policy import ParityPolicy, parity_policy
+from stepquant.export.precision import PRECISIONS, export_at_precision
 from stepquant.export.shapes import CORNERS, ShapeProfile, resize_inputs
-from stepquant.export.targets import TARGETS, check_target, for_target, graph_file
+from stepquant.export.targets import RUNTIME_OPTIMIZATION_LEVEL, TARGETS, check_target, for_target, graph_file
 from stepquant.export.tensorrt import build_engines, build_script, tensorrt_version
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
 from stepquant.models.conditioning import load_conditioning
@@ -47,28 +50,11 @@ from stepquant.runtime.bundle_backends import graph_backend
 from stepquant.runtime.corrections import METHODS as CORRECTION_METHODS
 
 CALIBRATION_SEED_OFFSET = 1_000_000  # calibration trajectories never share seeds with evaluation
-# Median relative error allowed between the fake-quant torch model and the Q/DQ graph on onnxruntime.
-# Both compute the same grid values; what differs is float rounding upstream of each quantizer, which
-# now and then moves a value across a rounding boundary. One such flip costs 1/127 of the range on the
-# INT8 grid but up to 1/16 of the value on FP8's 3-bit mantissa, and FP16 arithmetic moves many values.
-QDQ_TOLERANCE = 1e-3
-# The onnxruntime-cpu graph re-quantizes every Conv output as well, so it has twice the grid points where
-# a float rounding difference between torch and onnxruntime can flip a tie, and GroupNorm spreads a flip's
-# effect: on an Intel Xeon with onnxruntime 1.32 one such flip moved the demo model's output by 1.02e-3
-# median at t = 960 (3e-7 at other timesteps; none on an AMD EPYC with 1.31). A real fault stays visible:
-# one activation DQ scale off by 2% gives 4.5e-3 to 1.3e-1 at every timestep (docs/BENCHMARKS.md).
-CPU_QDQ_TOLERANCE = 3e-3
-FP8_QDQ_TOLERANCE = 1e-2
-FP16_QDQ_TOLERANCE = 0.2
-# INT8 graphs are checked with onnxruntime's optimisations off: their Q/DQ nodes then run as written,
-# which is what the simulation computes and what TensorRT is given. Fused, QLinearConv requantizes an
-# exact integer accumulator where the simulation sums floats; ties break differently now and then, a
-# flipped output moves its GroupNorm group's statistics, and many outputs shift a little (onnxruntime's
-# own fused and unfused runs differ by 3e-3 to 1e-1 median, the most at t = 0). That happens in every
-# onnxruntime-cpu graph (recorded, judged by quality instead) and in a tensorrt graph wherever a Q follows
-# a quantized Conv, e.g. quantized shortcut convolutions under their residual quantizer.
-INT8_PARITY_LEVEL = "disable"
-FP_TOLERANCE = 1e-5  # median relative error, FP torch vs FP ONNX
+FP_TOLERANCE = 1e-5  # median relative error, FP torch vs FP ONNX (no quantizer, so no rounding ties)
+# The replay (`stepquant parity`) on another machine or runtime is judged end to end, where one rounding tie
+# flipped upstream moves every later quantizer: its tolerance is this many times the worst error the correct
+# graph showed at export, and at least the policy's floor (docs/BENCHMARKS.md, "Parity").
+REPLAY_MARGIN = 4.0
 MODEL_FILE, FP_MODEL_FILE, PREVIEW_FILE, BUILD_SCRIPT = "model.onnx", "model_fp32.onnx", "preview.png", "build_engine.sh"
 CORRECTIONS_FILE = "corrections.safetensors"
 
@@ -98,12 +84,7 @@ class ExportConfig:
     targets: tuple[str, ...] = ("tensorrt",)  # placement profiles, one graph each from one calibration
     correction: str = "none"  # per-timestep correction terms estimated on the deployed graph (see runtime.corrections)
     engine: bool = False  # also build the TensorRT engine (needs tensorrt on this machine)
-    # Coarse grids (4-bit, FP8) and the near-singular noise estimate at t ~ 0 can turn one float rounding
-    # difference into a grid flip that fails parity without anything being wrong; allow keeping such bundles.
-    require_parity: bool = True
-    # Q/DQ parity tolerance (median relative error) instead of the format's default: for networks that amplify
-    # one rounding-tie flip into a visible output change (random-weight test models measured up to 3.2e-2)
-    parity_tolerance: float | None = None
+    require_parity: bool = True  # stop when the layer-wise parity check fails (else keep the bundle, recorded as failed)
     # conditional models: prompts (one per line, encoded by the pipeline's text encoder) or a conditioning file
     prompts_file: Path | None = None
     conditioning: Path | None = None
@@ -130,11 +111,20 @@ class ExportConfig:
             raise ValueError("the onnxruntime-cpu target is INT8 with FP32 compute: drop --format fp8 / --precision fp16 for it")
         if self.prompts_file is not None and self.conditioning is not None:
             raise ValueError("give either prompts-file or conditioning, not both")
-        if self.parity_tolerance is not None and not 0 < self.parity_tolerance < 1:
-            raise ValueError(f"parity tolerance must be in (0, 1), got {self.parity_tolerance}")
         for name in ("calib_samples", "eval_samples", "parity_timesteps", "parity_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class GraphParity:
+    """One exported graph's checks: the layer-wise gate, its end-to-end error (information), the fake-quant
+    torch outputs saved as the replay's reference and, for the CPU target, the integer kernels found."""
+
+    layerwise: LayerwiseReport
+    end_to_end: ParityReport
+    reference: RunResults
+    kernels: dict | None
 
 
 @dataclass
@@ -142,11 +132,16 @@ class TargetReport:
     """What one target profile's graphs showed at export."""
 
     graphs: list[str]
-    qdq_parity: ParityReport
+    layerwise: list[LayerwiseReport]  # the gate, one report per graph (timestep group)
+    end_to_end: ParityReport  # every graph's output against the simulation's, judged at the replay tolerance
     psnr_mean_db: float
     psnr_min_db: float
     # onnxruntime-cpu: the integer kernels onnxruntime runs, and the fused graph's distance to the simulation
     integer_kernels: dict | None
+
+    @property
+    def parity_passed(self) -> bool:
+        return all(report.passed for report in self.layerwise)
 
 
 @dataclass
@@ -166,8 +161,12 @@ class ExportReport:
         return next(iter(self.targets.values()))
 
     @property
-    def qdq_parity(self) -> ParityReport:
-        return self.primary.qdq_parity
+    def parity_passed(self) -> bool:
+        return all(target.parity_passed for target in self.targets.values())
+
+    @property
+    def end_to_end(self) -> ParityReport:
+        return self.primary.end_to_end
 
     @property
     def psnr_mean_db(self) -> float:
@@ -240,36 +239,32 @@ def _graphs(config: ExportConfig, calib: CalibrationSet, q_model, scheduler_conf
     return graphs, scales
 
 
-def parity_level(config: ExportConfig, ort_level: str) -> str:
-    """onnxruntime's optimisation level for judging a Q/DQ graph against the simulation."""
-    return INT8_PARITY_LEVEL if config.quant.format == "int8" else ort_level
-
-
-def _export_graph(q_model, path: Path, shape, config: ExportConfig, feeds: list, ort_level: str,
-                  target: str, shapes: ShapeProfile) -> tuple[ParityReport, RunResults, dict | None]:
+def _export_graph(q_model, path: Path, shape, config: ExportConfig, feeds: list, target: str,
+                  shapes: ShapeProfile) -> GraphParity:
     """Export one Q/DQ graph, check it for its target (TensorRT's Q/DQ rules, or onnxruntime's integer
-    kernels) and against the torch model; return parity, the runs and, for the CPU target, the integer
-    kernels and the fused kernels' distance to the simulation."""
-    export_onnx(q_model, path, shape, opset=19 if config.precision == "fp16" else config.quant.opset, profile=shapes)
-    if config.precision == "fp16":
-        convert_to_fp16(path)
-    tolerance = config.parity_tolerance or (FP16_QDQ_TOLERANCE if config.precision == "fp16"
-                                            else FP8_QDQ_TOLERANCE if config.quant.format == "fp8"
-                                            else CPU_QDQ_TOLERANCE if target == "onnxruntime-cpu" else QDQ_TOLERANCE)
-    extra = None
+    kernels) and against the fake-quant model, layer by layer; stop on a failure unless allowed."""
+    export_at_precision(q_model, path, shape, config.precision, config.quant.opset, shapes)
+    kernels = None
     if target == "tensorrt":
         check_conformance(path)  # TensorRT's Q/DQ rules, before any user runs trtexec
-    else:  # INT8 with FP32 compute (ExportConfig checks), so the INT8 tolerance
-        fused, _ = check_parity(q_model, path, feeds, tolerance, ort_level)
-        extra = {"integer_kernels": check_integer_convs(path, q_model),
-                 "fused_kernels_median_reldiff": {f"{t.timestep:g}": t.median_reldiff for t in fused.timesteps}}
-    parity, results = check_parity(q_model, path, feeds, tolerance, parity_level(config, ort_level))
-    if not parity.passed and config.require_parity:
-        worst = max(parity.timesteps, key=lambda t: t.median_reldiff)
-        raise ParityError(f"parity failed for fake-quant torch vs Q/DQ ONNX ({path.name}): median relative error "
-                          f"{worst.median_reldiff:.3g} > {parity.tolerance_median_rel:g} at timestep "
-                          f"{worst.timestep:g} (pass --allow-parity-failure to keep the bundle, recorded as failed)")
-    return parity, results, extra
+    else:  # what onnxruntime runs fused: integer kernels, and their distance to the simulation (information)
+        fused, _ = check_parity(q_model, path, feeds, optimization_level="all")
+        kernels = {"integer_kernels": check_integer_convs(path, q_model),
+                   "fused_kernels_median_reldiff": {f"{t.timestep:g}": t.median_reldiff for t in fused.timesteps}}
+    layerwise, outputs = check_layerwise(q_model, path, feeds, parity_policy(target, config.quant.format, config.precision))
+    if not layerwise.passed and config.require_parity:
+        raise ParityError(f"layer-wise parity failed for {path.name} against the fake-quant model: {layerwise.summary()} "
+                          "(pass --allow-parity-failure to keep the bundle, recorded as failed)")
+    reference = torch_outputs(q_model, feeds)
+    graph_runs = [IterationResult({OUTPUT_NAME: output}, runner_name="onnxruntime") for output in outputs]
+    end_to_end = compare_runs(RunResults([("onnxruntime", graph_runs), reference[0]]), feeds)
+    return GraphParity(layerwise, end_to_end, reference, kernels)
+
+
+def replay_tolerance(policy: ParityPolicy, end_to_end: list[ParityReport]) -> float:
+    """The end-to-end tolerance `stepquant parity` replays with: REPLAY_MARGIN times the worst median error
+    the correct graphs showed at export, at least the policy's floor."""
+    return max(policy.replay_floor, REPLAY_MARGIN * max(report.worst_median_reldiff for report in end_to_end))
 
 
 def export_quantized(config: ExportConfig) -> ExportReport:
@@ -285,8 +280,6 @@ def export_quantized(config: ExportConfig) -> ExportReport:
                          "conditional models")
     shapes = config.shapes.resolved(shape, None if conditioning is None else conditioning.sequence_length(fp_model.conditions))
     latent = bool(fp_model.conditions)  # every conditional architecture here samples latents for a VAE
-    # onnxruntime's CPU fusions reject FLOAT8 Q/DQ (MatMulIntegerToFloat); basic optimisations run it
-    ort_level = "basic" if config.quant.format == "fp8" else "all"
     with staged_directory(config.out, config.overwrite) as staging:
         q_model = EpsilonModel(copy.deepcopy(loaded.denoiser))
         layer_names = quantize_(q_model, config.quant)
@@ -313,7 +306,7 @@ def export_quantized(config: ExportConfig) -> ExportReport:
         models = {target: for_target(q_model, target, shapes.batch.opt) for target in config.targets}
         for model in models.values():  # same scales; a profile's extra output quantizers get their ranges here
             calibrate_ranges(model, calib, progress=False, only_uncalibrated=True)
-        exported: dict[str, list] = {target: [] for target in config.targets}  # (group entry, parity, kernels)
+        exported: dict[str, list[tuple[dict, GraphParity]]] = {target: [] for target in config.targets}
         for g, graph in enumerate(graphs):
             if scales is not None:
                 set_scales(q_model, scales[g])
@@ -326,13 +319,14 @@ def export_quantized(config: ExportConfig) -> ExportReport:
                     model.load_state_dict(q_model.state_dict(), strict=False)  # profile adds or drops quantizers)
                 file = graph_file(graph.file, target)
                 parity_dir = graph.parity_dir if target == "tensorrt" else f"{graph.parity_dir}/{target}"
-                parity, results, kernels = _export_graph(model, staging / file, shape, config, feeds, ort_level, target, shapes)
+                parity = _export_graph(model, staging / file, shape, config, feeds, target, shapes)
                 (staging / parity_dir).mkdir(parents=True)
                 with quiet_polygraphy():
                     save_json(feeds, staging / parity_dir / "inputs.json", description="parity inputs")
-                    RunResults([results[1]]).save(str(staging / parity_dir / "reference_outputs.json"))  # torch outputs
-                exported[target].append(({"graph": file, "timesteps": graph.timesteps, "parity": parity_dir}, parity, kernels))
-        deployed = {target: graph_backend(staging, [entry for entry, _, _ in exported[target]], optimization_level=ort_level)
+                    parity.reference.save(str(staging / parity_dir / "reference_outputs.json"))  # torch outputs
+                exported[target].append(({"graph": file, "timesteps": graph.timesteps, "parity": parity_dir}, parity))
+        deployed = {target: graph_backend(staging, [entry for entry, _ in exported[target]],
+                                          optimization_level=RUNTIME_OPTIMIZATION_LEVEL[target])
                     for target in config.targets}
 
         corrections = None
@@ -354,28 +348,34 @@ def export_quantized(config: ExportConfig) -> ExportReport:
             scores = psnr(q_samples, fp_samples, data_range)
             if not reports:
                 save_comparison_grid(fp_samples[:32], q_samples[:32], staging / PREVIEW_FILE)
-            parities = [parity for _, parity, _ in exported[target]]
-            extras = [extra for _, _, extra in exported[target]]
-            kernels = None if extras[0] is None else {
-                "integer_kernels": extras[0]["integer_kernels"],  # every group's graph has the same structure
-                "fused_kernels_median_reldiff": {t: v for extra in extras for t, v in extra["fused_kernels_median_reldiff"].items()}}
+            parities = [parity for _, parity in exported[target]]
+            kernels = None if parities[0].kernels is None else {
+                "integer_kernels": parities[0].kernels["integer_kernels"],  # every group's graph has the same structure
+                "fused_kernels_median_reldiff": {t: v for parity in parities
+                                                 for t, v in parity.kernels["fused_kernels_median_reldiff"].items()}}
+            end_to_end = [parity.end_to_end for parity in parities]
+            tolerance = replay_tolerance(parities[0].layerwise.policy, end_to_end)
             reports[target] = TargetReport(
-                graphs=[entry["graph"] for entry, _, _ in exported[target]],
-                qdq_parity=ParityReport(parities[0].tolerance_median_rel, parities[0].error_quantile,
-                                        [t for parity in parities for t in parity.timesteps]),
+                graphs=[entry["graph"] for entry, _ in exported[target]],
+                layerwise=[parity.layerwise for parity in parities],
+                end_to_end=ParityReport(tolerance, end_to_end[0].error_quantile,
+                                        [t for report in end_to_end for t in report.timesteps]).judged(tolerance),
                 psnr_mean_db=float(scores.mean()), psnr_min_db=float(scores.min()), integer_kernels=kernels)
         targets_manifest = {target: {
-            "timestep_groups": [entry for entry, _, _ in exported[target]],
-            "parity": report.qdq_parity.to_dict(),
+            "timestep_groups": [entry for entry, _ in exported[target]],
+            "parity": {"gate": "layer-wise", "passed": report.parity_passed,
+                       "layerwise": [layerwise.to_dict() for layerwise in report.layerwise],
+                       "end_to_end": report.end_to_end.to_dict()},
             "quality": {"psnr_to_fp_db_mean": report.psnr_mean_db, "psnr_to_fp_db_min": report.psnr_min_db,
                         "samples": config.eval_samples, "seeds": [config.seed, config.seed + config.eval_samples - 1],
                         "space": "latent" if latent else "pixel", "psnr_data_range": data_range,
                         "executed_by": "onnxruntime CPUExecutionProvider"},
-            "parity_optimization_level": parity_level(config, ort_level),
+            "parity_optimization_level": report.layerwise[0].policy.optimization_level,
+            "onnxruntime_optimization_level": RUNTIME_OPTIMIZATION_LEVEL[target],
             **({"lint": {"rules": "tensorrt explicit quantization", "findings": 0}} if target == "tensorrt"
                else report.integer_kernels),
         } for target, report in reports.items()}
-        trt_graphs = [entry["graph"] for entry, _, _ in exported.get("tensorrt", [])]
+        trt_graphs = [entry["graph"] for entry, _ in exported.get("tensorrt", [])]
 
         engine = {}
         if trt_graphs:
@@ -407,7 +407,6 @@ def export_quantized(config: ExportConfig) -> ExportReport:
             "correction": {"method": config.correction, "file": CORRECTIONS_FILE if corrections else None,
                            "timesteps": corrections.timesteps.tolist() if corrections else None},
             "engine": engine,
-            "onnxruntime": {"graph_optimization_level": ort_level},
             "parity": {"fp": fp_parity.to_dict()},
             "versions": _versions(),
         })

@@ -7,8 +7,9 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 from stepquant.export.lint import lint
+from stepquant.export.parity_policy import parity_policy
 from stepquant.export.precision import timestep_encoding_nodes
-from stepquant.pipeline import FP16_QDQ_TOLERANCE, ExportConfig, export_quantized
+from stepquant.pipeline import ExportConfig, export_quantized
 from stepquant.quant import QuantSpec
 from tests.conftest import FEW_STEPS
 
@@ -31,7 +32,7 @@ def test_scales_and_compute_are_fp16_with_fp32_io(fp16_bundle):
     assert {v.type.tensor_type.elem_type for v in model.graph.output} == {TensorProto.FLOAT}
     assert not [i for i in inits.values() if i.data_type == TensorProto.FLOAT and i.name.endswith(".scale")]
     assert lint(model) == []
-    assert report.qdq_parity.passed and report.qdq_parity.tolerance_median_rel == FP16_QDQ_TOLERANCE
+    assert report.parity_passed and report.primary.layerwise[0].policy == parity_policy("tensorrt", "int8", "fp16")
     assert np.isfinite(report.psnr_mean_db) and report.psnr_mean_db > 30
 
 

@@ -125,11 +125,11 @@ def test_engine_build_tensorrt_backend_and_parity_replay(demo_bundle, tmp_path):
     path = tmp_path / "bundle"
     shutil.copytree(demo_bundle[0], path)
     stepquant = Path(sys.executable).parent / "stepquant"
-    result = subprocess.run([str(stepquant), "build-engine", "--bundle", str(path), "--max-batch", "16"], capture_output=True, text=True)
+    result = subprocess.run([str(stepquant), "build-engine", "--bundle", str(path), "--batch-range", "1:8:16"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     bundle = load_bundle(path)
     assert bundle.manifest["engine"]["tensorrt_version"] and bundle.file("model.plan").stat().st_size > 0
-    report = replay_parity(bundle, "tensorrt", tolerance=1e-2)
+    report = replay_parity(bundle, "tensorrt")  # end to end, at the replay tolerance the export recorded
     assert report.passed, report.to_dict()
     config = SamplerConfig(steps=4)
     schedule = bundle.manifest["noise_schedule"]

@@ -148,7 +148,7 @@ def main() -> None:
                 calibration = bundle.manifest["calibration"]
                 parity = bundle.target("tensorrt")["parity"]
                 row(bits, f"stepquant {calibrator}", result, calibration["seconds"], f"{calibration['peak_rss_mib']:.0f}",
-                    f"{'pass' if parity['passed'] else 'FAIL'} ({max(t['median_reldiff'] for t in parity['timesteps']):.1e})")
+                    f"{'pass' if parity['passed'] else 'FAIL'} ({max(t['median_reldiff'] for t in parity['end_to_end']['timesteps']):.1e})")
     text = "\n".join(lines)
     plot = ""
     if ("W4A8", "minmax") in evaluations:

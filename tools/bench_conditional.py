@@ -35,8 +35,8 @@ def rows_for(kind: str, workdir: Path, eval_samples: int) -> list[str]:
     report = export_quantized(ExportConfig(model=str(pipeline), out=workdir / f"{kind}-bundle", conditioning=conditioning,
                                            sampler=SAMPLER, calib_samples=8, eval_samples=eval_samples, shapes=SHAPES,
                                            require_parity=False, progress=False))
-    native = [t for t in report.qdq_parity.timesteps if t.shape[2:] == [8, 8] and t.shape[0] == 4]
-    corners = [t for t in report.qdq_parity.timesteps if t not in native]
+    native = [t for t in report.end_to_end.timesteps if t.shape[2:] == [8, 8] and t.shape[0] == 4]
+    corners = [t for t in report.end_to_end.timesteps if t not in native]
     bundle = load_bundle(report.bundle)
     latency = []
     for batch in (2, 8):  # one image with guidance, four images with guidance
@@ -59,8 +59,8 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=32)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    rows = ["| model | parameters | FP graph vs FP torch, worst median rel | Q/DQ vs simulation, calibration feeds (batch 4, 8x8) | "
-            "Q/DQ vs simulation, range corners (timestep@shape) | latent PSNR to FP (dB) | batch 2 ms FP32 / Q/DQ | "
+    rows = ["| model | parameters | FP graph vs FP torch, worst median rel | Q/DQ vs simulation end to end, calibration feeds (batch 4, 8x8) | "
+            "Q/DQ vs simulation end to end, range corners (timestep@shape) | latent PSNR to FP (dB) | batch 2 ms FP32 / Q/DQ | "
             "batch 8 ms FP32 / Q/DQ |", "|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.models.split(","):

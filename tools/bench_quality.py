@@ -66,9 +66,8 @@ def stepquant_method(bits: str, residuals: bool = True) -> Callable[[Context], t
             model=DEMO_MODEL_NAME, out=ctx.workdir / f"stepquant-{bits}-{residuals}",
             quant=QuantSpec(weight_bits, act_bits, quantize_residuals=residuals),
             sampler=ctx.sampler, calib_samples=ctx.calib_samples, eval_samples=8, require_parity=False, progress=False))
-        parity = report.qdq_parity
-        executed = (f"onnxruntime (Q/DQ ONNX; parity {'pass' if parity.passed else 'FAIL'}, "
-                    f"worst median rel. error {parity.worst_median_reldiff:.1e})")
+        executed = (f"onnxruntime (Q/DQ ONNX; layer-wise parity {'pass' if report.parity_passed else 'FAIL'}, "
+                    f"end-to-end worst median rel. error {report.end_to_end.worst_median_reldiff:.1e})")
         return quantized_backend(load_bundle(report.bundle), threads=2), report.calibration_seconds, executed
     return run
 

@@ -25,11 +25,13 @@ def _print_report(report: ExportReport, config: ExportConfig) -> None:
     print(f"parity:  FP ONNX vs FP torch: worst median relative error {fp.worst_median_reldiff:.2e} "
           f"(tolerance {fp.tolerance_median_rel:g}): {'PASS' if fp.passed else 'FAIL'}")
     for target, result in report.targets.items():
-        parity = result.qdq_parity
         print(f"{target}: {', '.join(result.graphs)}")
-        print(f"  parity:  Q/DQ ONNX vs fake-quant torch: worst median relative error {parity.worst_median_reldiff:.2e} "
-              f"(tolerance {parity.tolerance_median_rel:g}) over {len(parity.timesteps)} timesteps: "
-              f"{'PASS' if parity.passed else 'FAIL'}")
+        for graph, layerwise in zip(result.graphs, result.layerwise):
+            print(f"  parity:  {graph} vs fake-quant torch, layer by layer over {layerwise.feeds} inputs: "
+                  f"{'PASS' if layerwise.passed else 'FAIL'}\n           {layerwise.summary()}")
+        end_to_end = result.end_to_end
+        print(f"  end to end: worst median relative error {end_to_end.worst_median_reldiff:.2e} over "
+              f"{len(end_to_end.timesteps)} inputs (information; `stepquant parity` replays at {end_to_end.tolerance_median_rel:.2g})")
         print(f"  quality: PSNR to FP {result.psnr_mean_db:.2f} dB mean, {result.psnr_min_db:.2f} dB min, over "
               f"{report.eval_samples} seeds, {config.sampler.steps} {config.sampler.scheduler.upper()} steps "
               f"(eta {config.sampler.eta:g}), executed by onnxruntime")
@@ -91,9 +93,8 @@ def export_command(
     seed: Annotated[int, typer.Option(help="Seed of calibration and evaluation noise.")] = 0,
     eval_samples: Annotated[int, typer.Option(help="Seeds sampled to report PSNR to FP.")] = 256,
     engine: Annotated[bool, typer.Option(help="Also build the TensorRT engine (needs TensorRT here).")] = False,
-    parity_rtol: Annotated[Optional[float], typer.Option(
-        help="Q/DQ parity tolerance on the median relative error (default: 1e-3 INT8, 1e-2 FP8, 0.2 FP16).")] = None,
-    allow_parity_failure: Annotated[bool, typer.Option(help="Keep a bundle whose Q/DQ parity check fails (recorded as failed).")] = False,
+    allow_parity_failure: Annotated[bool, typer.Option(
+        help="Keep a bundle whose layer-wise parity check fails (recorded as failed).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
@@ -109,6 +110,6 @@ def export_command(
         reconstruction=ReconstructionConfig(iters=recon_iters, scale_lr=recon_scale_lr, multistep_steps=multistep_steps),
         timestep_groups=timestep_groups, steps_per_group=steps_per_group,
         calib_samples=calib_samples, calib_steps=calib_steps, seed=seed, eval_samples=eval_samples,
-        engine=engine, require_parity=not allow_parity_failure, parity_tolerance=parity_rtol, overwrite=overwrite, progress=progress,
+        engine=engine, require_parity=not allow_parity_failure, overwrite=overwrite, progress=progress,
     )
     _print_report(export_quantized(config), config)

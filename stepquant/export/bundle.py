@@ -17,7 +17,8 @@ from pathlib import Path
 from stepquant.export.shapes import ShapeProfile
 from stepquant.models.denoisers import ConditionInput
 
-FORMAT_VERSION = 3  # 2: one section per target profile (manifest['targets']); 3: condition inputs and shape ranges
+FORMAT_VERSION = 4  # 2: one section per target profile (manifest["targets"]); 3: condition inputs and shape ranges;
+# 4: layer-wise parity (a target's "parity" holds "layerwise" reports and the "end_to_end" replay reference)
 MANIFEST = "manifest.json"
 _SELF_HASH = "manifest_sha256"
 

@@ -1,12 +1,14 @@
-"""Parity between a torch model and its exported graph, measured with Polygraphy's Comparator
-(torch on CPU against Polygraphy's onnxruntime runner), with explicit median-relative tolerances."""
+"""End-to-end parity between a torch model and its exported graph, measured with Polygraphy's Comparator
+(torch on CPU against Polygraphy's onnxruntime runner, or TensorRT's on a GPU box): the FP graph's gate,
+a quantized graph's reported error, and the replay of a bundle's saved inputs on another machine.
+A quantized graph's gate at export is layer-wise (export/layerwise.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +16,12 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.comparator import Comparator, CompareFunc, RunResults
+from polygraphy.exception import PolygraphyException
 from polygraphy.json import load_json
 from polygraphy.logger import G_LOGGER
 from torch import nn
 
-from stepquant.export.bundle import Bundle
+from stepquant.export.bundle import Bundle, BundleError
 from stepquant.export.onnx_export import INPUT_NAMES, OUTPUT_NAME
 from stepquant.runtime.onnxruntime_backend import OPTIMIZATION_LEVELS
 
@@ -76,7 +79,8 @@ class TimestepParity:
 
 @dataclass
 class ParityReport:
-    """Per-timestep error statistics of `onnx` against `torch`; `passed` when every median is in tolerance."""
+    """Per-timestep end-to-end error statistics of a graph against its reference; `passed` when every
+    median is within `tolerance_median_rel`."""
 
     tolerance_median_rel: float
     error_quantile: float
@@ -89,6 +93,10 @@ class ParityReport:
     @property
     def worst_median_reldiff(self) -> float:
         return max(t.median_reldiff for t in self.timesteps)
+
+    def judged(self, tolerance: float) -> ParityReport:
+        """The same figures judged at `tolerance`."""
+        return ParityReport(tolerance, self.error_quantile, [replace(t, passed=t.median_reldiff <= tolerance) for t in self.timesteps])
 
     def to_dict(self) -> dict:
         return {"tolerance_median_rel": self.tolerance_median_rel, "error_quantile": self.error_quantile,
@@ -114,9 +122,9 @@ def parity_feeds(samples: torch.Tensor, timesteps: torch.Tensor,
     return feeds
 
 
-def compare_runs(results: RunResults, feeds: list[OrderedDict], tolerance: float) -> ParityReport:
+def compare_runs(results: RunResults, feeds: list[OrderedDict], tolerance: float = float("inf")) -> ParityReport:
     """Compare the first runner of `results` against the second, the reference (Polygraphy divides by the
-    second output for relative errors), feed by feed, checking the median relative error against `tolerance`."""
+    second output for relative errors), feed by feed, judging the median relative error against `tolerance`."""
     compare = _simple_compare(check_error_stat="median", rtol={OUTPUT_NAME: tolerance}, atol={OUTPUT_NAME: 0.0},
                               error_quantile=ERROR_QUANTILE)
     with quiet_polygraphy():
@@ -140,19 +148,25 @@ def compare_runs(results: RunResults, feeds: list[OrderedDict], tolerance: float
     return report
 
 
-def onnxruntime_runner(onnx_path: Path, optimization_level: str | None = None) -> OnnxrtRunner:
-    """Polygraphy's onnxruntime runner on the CPU provider, with a session whose graph optimisation
-    level can be lowered (FP8 Q/DQ graphs need 'basic' on the CPU provider)."""
+def onnxruntime_session(model: Path | bytes, optimization_level: str | None = None):
+    """An onnxruntime session on the CPU provider for a graph's path or bytes, at a graph optimisation
+    level that can be lowered (Q/DQ as written for INT8; FP8 Q/DQ needs 'basic' on the CPU provider)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # its notes on initializers it drops are not ours to show
     if optimization_level is not None:
         options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization_level]
-    session = lambda: ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])  # noqa: E731
-    return OnnxrtRunner(session, name="onnxruntime")
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options,
+                                providers=["CPUExecutionProvider"])
 
 
-def check_parity(model: nn.Module, onnx_path: Path, feeds: list[OrderedDict], tolerance: float,
+def onnxruntime_runner(onnx_path: Path, optimization_level: str | None = None) -> OnnxrtRunner:
+    """Polygraphy's onnxruntime runner on `onnxruntime_session`."""
+    return OnnxrtRunner(lambda: onnxruntime_session(onnx_path, optimization_level), name="onnxruntime")
+
+
+def check_parity(model: nn.Module, onnx_path: Path, feeds: list[OrderedDict], tolerance: float = float("inf"),
                  optimization_level: str | None = None) -> tuple[ParityReport, RunResults]:
     """Run onnxruntime and torch (the reference) on every feed; returns the report and the results."""
     with quiet_polygraphy():
@@ -160,25 +174,65 @@ def check_parity(model: nn.Module, onnx_path: Path, feeds: list[OrderedDict], to
     return compare_runs(results, feeds, tolerance), results
 
 
+def torch_outputs(model: nn.Module, feeds: list[OrderedDict]) -> RunResults:
+    """The torch model's outputs on every feed, as Polygraphy results (the reference a bundle saves)."""
+    with quiet_polygraphy():
+        return Comparator.run([TorchRunner(model)], data_loader=feeds)
+
+
+def check_feeds(feeds: object, bundle: Bundle) -> list[OrderedDict]:
+    """Refuse parity inputs that the bundle's graphs cannot take: not a list of feed dicts, other input
+    names, or shapes outside the declared ranges."""
+    channels = bundle.sample_shape[0]
+    profile = bundle.shape_profile
+    names = [*INPUT_NAMES, *(c.name for c in bundle.conditions)]
+    if not isinstance(feeds, list) or not feeds or not all(isinstance(f, dict) for f in feeds):
+        raise BundleError("parity inputs are not a list of feed dicts (Polygraphy's --save-inputs format)")
+    for i, feed in enumerate(feeds):
+        if sorted(feed) != sorted(names):
+            raise BundleError(f"parity input {i} has inputs {sorted(feed)}, the graph takes {names}")
+        shape = np.shape(feed[INPUT_NAMES[0]])
+        batch = shape[0] if shape else 0
+        dims = (("batch", batch, profile.batch), ("height", shape[2] if len(shape) == 4 else 0, profile.height),
+                ("width", shape[3] if len(shape) == 4 else 0, profile.width))
+        if len(shape) != 4 or shape[1] != channels or any(not r.min <= size <= r.max for _, size, r in dims):
+            raise BundleError(f"parity input {i}: sample of shape {list(shape)} is outside the graph's inputs "
+                              f"(batch {profile.batch.min}-{profile.batch.max}, {channels} channels, height "
+                              f"{profile.height.min}-{profile.height.max}, width {profile.width.min}-{profile.width.max})")
+        for condition in bundle.conditions:
+            tensor_shape = np.shape(feed[condition.name])
+            if len(tensor_shape) != 1 + len(condition.shape) or tensor_shape[0] != batch or any(
+                    d != s for d, s in zip(condition.shape, tensor_shape[1:]) if isinstance(d, int)):
+                raise BundleError(f"parity input {i}: {condition.name} of shape {list(tensor_shape)} does not fit "
+                                  f"(batch {batch}, then {list(condition.shape)})")
+        if np.shape(feed[INPUT_NAMES[1]]) != (batch,):
+            raise BundleError(f"parity input {i}: timestep of shape {list(np.shape(feed[INPUT_NAMES[1]]))}, expected [{batch}]")
+    return feeds
+
+
 def replay_parity(bundle: Bundle, backend: str = "onnxruntime", tolerance: float | None = None,
                   engine: Path | None = None, target: str | None = None) -> ParityReport:
-    """Replay the bundle's saved inputs on `backend` and compare with its saved reference outputs, so a
-    CPU box (onnxruntime) and a Jetson (TensorRT) are checked against the same data. The graphs are the
-    target profile's that `backend` runs (or `target`'s), at the tolerance recorded at export unless
-    given. A bundle with timestep groups holds inputs per group, replayed on that group's graph."""
+    """Replay the bundle's saved inputs on `backend` end to end and compare with its saved reference
+    outputs (the fake-quant torch model's), so a CPU box (onnxruntime) and a Jetson (TensorRT) are checked
+    against the same data. The graphs are the target profile's that `backend` runs (or `target`'s), at the
+    replay tolerance recorded at export unless given. A bundle with timestep groups holds inputs per group,
+    replayed on that group's graph. End to end, since an engine cannot expose every quantizer's codes
+    without changing what it fuses: the layer-wise check is the export's."""
     if backend not in ("onnxruntime", "tensorrt"):
         raise ValueError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
     section = bundle.target(target or bundle.target_for(backend))
-    tolerance = section["parity"]["tolerance_median_rel"] if tolerance is None else tolerance
+    tolerance = section["parity"]["end_to_end"]["tolerance_median_rel"] if tolerance is None else tolerance
     report = ParityReport(tolerance, ERROR_QUANTILE, [])
     for group in section["timestep_groups"]:
         directory = group["parity"]
         with quiet_polygraphy():
-            feeds = load_json(bundle.file(f"{directory}/inputs.json"), description="parity inputs")
-            reference = RunResults.load(str(bundle.file(f"{directory}/reference_outputs.json")))
+            try:
+                feeds = check_feeds(load_json(bundle.file(f"{directory}/inputs.json"), description="parity inputs"), bundle)
+                reference = RunResults.load(str(bundle.file(f"{directory}/reference_outputs.json")))
+            except (ValueError, TypeError, KeyError, PolygraphyException) as err:
+                raise BundleError(f"{bundle.path}: unreadable parity data in {directory}: {' '.join(str(err).split())[:200]}") from err
         if backend == "onnxruntime":
-            level = section.get("parity_optimization_level", bundle.manifest["onnxruntime"]["graph_optimization_level"])
-            runner = onnxruntime_runner(bundle.file(group["graph"]), level)
+            runner = onnxruntime_runner(bundle.file(group["graph"]), section["parity_optimization_level"])
         else:
             from stepquant.export.tensorrt import engine_path, tensorrt_version
 

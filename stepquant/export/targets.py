@@ -30,6 +30,12 @@ from stepquant.quant.layers import ActivationQuantizer
 from stepquant.quant.quantize import ResidualQuantizer, activation_quantizers, quantized_layers
 
 TARGETS = ("tensorrt", "onnxruntime-cpu")
+# The graph optimisation level each target's graph runs at on onnxruntime. The tensorrt graph is the exact
+# reference there: run as written ('basic' folds constants only), since at 'all' onnxruntime swaps its
+# DQ -> MatMul pairs for integer kernels whose U8S8 path saturates 16-bit pair sums on x86 CPUs without
+# VNNI (vpmaddubsw; a tiny SDXL-style UNet lost 3 dB on an AVX2 AMD EPYC), and FP8 Q/DQ runs on the CPU
+# provider at 'basic' at most. The onnxruntime-cpu graph exists for those integer kernels: 'all'.
+RUNTIME_OPTIMIZATION_LEVEL = {"tensorrt": "basic", "onnxruntime-cpu": "all"}
 _GRAPH_SUFFIX = {"tensorrt": "", "onnxruntime-cpu": "_cpu"}
 
 

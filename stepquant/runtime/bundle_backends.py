@@ -29,7 +29,8 @@ def quantized_backend(bundle: Bundle, threads: int | None = None, backend: str =
                       engine: Path | None = None, target: str | None = None) -> Backend:
     """The bundle's quantized graph(s) on `backend`: TensorRT runs the tensorrt profile; onnxruntime the
     onnxruntime-cpu profile when the bundle has it (else the tensorrt graph), or the `target` named."""
-    groups = bundle.target(target or bundle.target_for(backend))["timestep_groups"]
+    section = bundle.target(target or bundle.target_for(backend))
+    groups = section["timestep_groups"]
     if backend == "tensorrt":
         from stepquant.export.tensorrt import engine_path, tensorrt_version
         from stepquant.runtime.tensorrt_backend import TensorRTBackend
@@ -38,8 +39,7 @@ def quantized_backend(bundle: Bundle, threads: int | None = None, backend: str =
         return _per_group([TensorRTBackend(engine_path(bundle, g["graph"], engine)) for g in groups], groups)
     if backend != "onnxruntime":
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    level = bundle.manifest.get("onnxruntime", {}).get("graph_optimization_level", "all")
-    return graph_backend(bundle.path, groups, threads, level)
+    return graph_backend(bundle.path, groups, threads, section["onnxruntime_optimization_level"])
 
 
 def reference_backend(bundle: Bundle, threads: int | None = None) -> OnnxRuntimeBackend:
