@@ -116,6 +116,20 @@ def test_unreadable_file_is_reported(tmp_path):
         lint(tmp_path / "bad.onnx")
 
 
+def test_a_graph_without_quantizers_is_refused_in_one_line(tmp_path, demo_bundle):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    stepquant = Path(sys.executable).parent / "stepquant"
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    for graph, says in ((demo_bundle[0] / "model_fp32.onnx", "no QuantizeLinear or DequantizeLinear node"),
+                        (tmp_path / "empty.onnx", "no node at all")):
+        result = subprocess.run([str(stepquant), "lint", str(graph)], capture_output=True, text=True)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert says in result.stderr and "not a quantized (Q/DQ) graph" in result.stderr
+
+
 def test_lint_command_names_each_finding_and_exits_1(tmp_path, demo_bundle):
     import subprocess
     import sys

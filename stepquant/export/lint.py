@@ -169,12 +169,17 @@ def _check_residual_fusion(g: _Graph, node: onnx.NodeProto) -> list[Finding]:
 
 
 def lint(model: onnx.ModelProto | str | Path) -> list[Finding]:
-    """Every TensorRT rule broken by `model` (an empty list means it conforms)."""
+    """Every TensorRT rule broken by `model` (an empty list means it conforms); a graph without any Q/DQ
+    node is refused, since TensorRT's explicit quantization has nothing to check in it."""
+    name = "the graph" if isinstance(model, onnx.ModelProto) else str(model)
     if not isinstance(model, onnx.ModelProto):
         try:
             model = onnx.load(str(model))
         except Exception as err:
             raise LintError(f"{model} is not a readable ONNX model: {err}") from err
+    if not any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node):
+        detail = "no node at all" if not model.graph.node else "no QuantizeLinear or DequantizeLinear node"
+        raise LintError(f"{name} has {detail}: it is not a quantized (Q/DQ) graph")
     g = _Graph(model)
     found: list[Finding] = []
     for node in g.model.graph.node:
