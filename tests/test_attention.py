@@ -23,6 +23,7 @@ from stepquant.models.attention import (
 from stepquant.quant import QuantizedLayer, QuantSpec
 from stepquant.quant.grid import IntGrid
 from stepquant.quant.layers import ActivationQuantizer
+from tests.conftest import needs_exact_integer_kernels
 
 
 def test_heads_per_group_fits_the_score_block():
@@ -116,10 +117,8 @@ def _quantized_projections(layer: Attention, x: torch.Tensor) -> Attention:
     return layer
 
 
-def test_quantized_projections_run_as_qlinearconv_and_match_the_token_major_simulation(tmp_path):
-    """Channels-first, quantized projections are 1x1 convolutions onnxruntime fuses into QLinearConv (the
-    shared input quantized once), Q·Kᵀ becomes an integer matmul, and the values are those of diffusers'
-    token-major layout with the same fake-quant layers (up to a rare output rounding tie)."""
+def _quantized_attention_graph(tmp_path):
+    """The quantized channels-first attention layer, its token-major twin, their outputs and the exported graph."""
     x = torch.randn(2, 32, 3, 4)
     layer = _quantized_projections(_attention(cross=False), x)
     token_major = copy.deepcopy(layer)
@@ -127,11 +126,28 @@ def test_quantized_projections_run_as_qlinearconv_and_match_the_token_major_simu
     token_major.set_processor(HeadGroupedAttentionProcessor(batch=2, channels_first=False))
     with torch.no_grad():
         ours, reference = layer(x), token_major(x)
-    step = float(layer.to_out[0].output_quantizer.scale)
-    assert (ours - reference).abs().max() <= step * 1.001 and (ours - reference).abs().gt(1e-5).float().mean() < 0.01
     path = tmp_path / "attention.onnx"
     _export(layer, path)
+    return x, ours, reference, float(layer.to_out[0].output_quantizer.scale), path
+
+
+def test_quantized_projections_run_as_qlinearconv_and_match_the_token_major_simulation(tmp_path):
+    """Channels-first, quantized projections are 1x1 convolutions onnxruntime fuses into QLinearConv (the
+    shared input quantized once), Q·Kᵀ becomes an integer matmul, and the values are those of diffusers'
+    token-major layout with the same fake-quant layers (up to a rare output rounding tie); the graph as
+    written (onnxruntime's optimisations off) computes them too."""
+    x, ours, reference, step, path = _quantized_attention_graph(tmp_path)
+    assert (ours - reference).abs().max() <= step * 1.001 and (ours - reference).abs().gt(1e-5).float().mean() < 0.01
     counts = optimized_op_counts(path)
     assert counts["QLinearConv"] == 4 and counts["MatMulIntegerToFloat"] == 1 and counts["QuantizeLinear"] == 2
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    as_written = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(as_written.run(None, {"x": x.numpy()})[0], ours.numpy(), atol=3 * step)
+
+
+@needs_exact_integer_kernels
+def test_the_fused_integer_attention_matches_the_simulation(tmp_path):
+    x, ours, _, step, path = _quantized_attention_graph(tmp_path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], ours.numpy(), atol=3 * step)
