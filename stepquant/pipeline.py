@@ -2,9 +2,9 @@
 
 load model (and, for conditional models, the conditioning: prompts through the pipeline's text encoder,
 or a conditioning file) -> FP sampling trajectories (guided) -> quantize_ + calibration -> per target
-profile (tensorrt, onnxruntime-cpu) and timestep group: Q/DQ ONNX -> Polygraphy parity (calibration
-inputs, and the corners of the declared shape ranges) -> PSNR-to-FP on onnxruntime (and the FP ONNX
-reference) -> manifest -> atomic rename.
+profile (tensorrt, onnxruntime-cpu) and timestep group: Q/DQ ONNX -> layer-wise parity against the
+fake-quant model (calibration inputs, and the corners of the declared shape ranges; the end-to-end error
+recorded beside it) -> PSNR-to-FP on onnxruntime (and the FP ONNX reference) -> manifest -> atomic rename.
 """
 
 from __future__ import annotations

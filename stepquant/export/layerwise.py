@@ -32,8 +32,9 @@ from stepquant.export.parity_policy import ParityPolicy
 from stepquant.quant.grid import Fp8Grid
 from stepquant.quant.layers import ActivationQuantizer, WeightQuantizer
 
-_STORAGE_TYPES = {torch.int8: TensorProto.INT8, torch.uint8: TensorProto.UINT8,
-                  torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN}
+# a grid's storage type -> its ONNX type, and the numpy type onnxruntime returns its codes in (FP8 as bits)
+_STORAGE_TYPES = {torch.int8: (TensorProto.INT8, np.int8), torch.uint8: (TensorProto.UINT8, np.uint8),
+                  torch.float8_e4m3fn: (TensorProto.FLOAT8E4M3FN, np.uint8)}
 
 
 class LayerwiseParityError(ValueError):
@@ -208,7 +209,7 @@ def _static_mismatches(node: onnx.NodeProto, constants: dict, scale: torch.Tenso
         found.append(f"{node.op_type} scale")
     graph_zero = constants.get(node.input[2]) if len(node.input) > 2 else None
     expected = _torch_bits(torch.full((1,), zero_point).to(storage))
-    if (graph_zero is None or graph_zero.data_type != _STORAGE_TYPES[storage]
+    if (graph_zero is None or graph_zero.data_type != _STORAGE_TYPES[storage][0]
             or not (_array(graph_zero).reshape(-1) == expected[0]).all()):
         found.append(f"{node.op_type} zero point")
     return found
@@ -231,14 +232,14 @@ def _grid_values(graph_codes: np.ndarray, quantizer: ActivationQuantizer) -> tor
     return torch.from_numpy(graph_codes.astype(np.float32) - quantizer.grid.zero_point)
 
 
-def _marked_session(path: Path, outputs: list[str], optimization_level: str):
-    """An onnxruntime session of a copy of the graph at `path` whose outputs are `outputs`."""
-    from polygraphy.backend.onnx import BytesFromOnnx, ModifyOutputs, OnnxFromPath
+def _marked_session(model: onnx.ModelProto, path: Path, outputs: list[str], optimization_level: str):
+    """An onnxruntime session of a copy of `model` (read from `path`) whose outputs are `outputs`."""
+    from polygraphy.backend.onnx import BytesFromOnnx, ModifyOutputs
 
     from stepquant.export.parity import onnxruntime_session, quiet_polygraphy
 
     with quiet_polygraphy():
-        model_bytes = BytesFromOnnx(ModifyOutputs(OnnxFromPath(str(path)), outputs=outputs))()
+        model_bytes = BytesFromOnnx(ModifyOutputs(model, outputs=outputs, copy=True))()
     try:
         return onnxruntime_session(model_bytes, optimization_level)
     except Exception as err:  # onnxruntime's own errors (its exception types are not exported)
@@ -270,7 +271,7 @@ def check_layerwise(model: nn.Module, path: Path, feeds: Sequence[dict[str, np.n
     activations, weights = _graph_quantizers(graph, constants, path)
     code_names = [q.node.output[0] for found in activations.values() for q in found]
     output = next(iter(graph.graph.output)).name
-    session = _marked_session(path, [output, *code_names], policy.optimization_level)
+    session = _marked_session(graph, path, [output, *code_names], policy.optimization_level)
     _check_feeds(session, feeds, path)
     input_names = [i.name for i in session.get_inputs()]
     comparison = _ForcedComparison(model, activations, weights, path)
@@ -347,7 +348,7 @@ class _ForcedComparison:
             result = QuantizerParity(self.names[id(quantizer)], graph_q.node.name, "weight")
             result.mismatches = _static_mismatches(graph_q.node, constants, quantizer.scale, quantizer.grid.storage_dtype, 0)
             stored = constants[graph_q.node.input[0]]
-            if stored.data_type != _STORAGE_TYPES[quantizer.grid.storage_dtype] or not np.array_equal(
+            if stored.data_type != _STORAGE_TYPES[quantizer.grid.storage_dtype][0] or not np.array_equal(
                     _array(stored).reshape(-1), _torch_bits(quantizer.qweight).reshape(-1)):
                 result.mismatches.append("integer weights")
             results.append(result)
@@ -358,7 +359,7 @@ def _compare(module: ActivationQuantizer, x: torch.Tensor, codes: np.ndarray, ou
              result: QuantizerParity) -> torch.Tensor | None:
     """Count `result`'s step distances between the graph's `codes` and the simulation's for `x`; return the
     graph's values to continue from (None, torch's own, where the codes are on another grid)."""
-    expected = np.uint8 if isinstance(module.grid, Fp8Grid) else _torch_bits(torch.zeros(1, dtype=module.grid.storage_dtype)).dtype
+    expected = _STORAGE_TYPES[module.grid.storage_dtype][1]
     if codes.dtype != expected:  # a zero point of another type: codes on another grid, nothing to force
         finding = f"codes stored as {codes.dtype}, not {np.dtype(expected)}"
         if finding not in result.mismatches:
