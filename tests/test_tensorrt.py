@@ -103,7 +103,30 @@ def test_tensorrt_commands_fail_clearly_without_tensorrt(demo_bundle):
         assert result.returncode == 1 and "TensorRT is not installed" in result.stderr
 
 
-# Everything below needs TensorRT and an NVIDIA GPU; it runs as-is on such a machine.
+# Everything below needs TensorRT and an NVIDIA GPU; it runs as-is on such a machine. Its command lines are
+# checked everywhere (test_tensorrt_only_command_lines_parse), so a renamed option fails here, not there.
+BUILD_ARGS = ["build-engine", "--bundle", "{bundle}", "--batch-range", "1:8:16"]
+SAMPLE_ARGS = ["sample", "--bundle", "{bundle}", "--backend", "tensorrt", "--n", "2", "--steps", "4", "--out", "{out}",
+               "--no-progress"]
+
+
+def _filled(args: list[str], **values) -> list[str]:
+    return [arg.format(**values) for arg in args]
+
+
+def test_tensorrt_only_command_lines_parse(tmp_path):
+    """The TensorRT tests' command lines are valid for today's CLI (parsed by its own click commands)."""
+    import typer
+
+    from stepquant.cli.main import app
+
+    command = typer.main.get_command(app)
+    for args in (BUILD_ARGS, SAMPLE_ARGS):
+        filled = _filled(args, bundle=tmp_path, out=tmp_path / "trt.npz")
+        subcommand = command.get_command(None, filled[0])
+        subcommand.make_context(filled[0], filled[1:])  # raises on an unknown option or a bad value
+
+
 needs_tensorrt = pytest.mark.skipif(
     subprocess.run([sys.executable, "-c", "import tensorrt"], capture_output=True).returncode != 0,
     reason="TensorRT is not installed (pip install tensorrt, or JetPack on Jetson); these tests build and run engines",
@@ -125,7 +148,7 @@ def test_engine_build_tensorrt_backend_and_parity_replay(demo_bundle, tmp_path):
     path = tmp_path / "bundle"
     shutil.copytree(demo_bundle[0], path)
     stepquant = Path(sys.executable).parent / "stepquant"
-    result = subprocess.run([str(stepquant), "build-engine", "--bundle", str(path), "--batch-range", "1:8:16"], capture_output=True, text=True)
+    result = subprocess.run([str(stepquant), *_filled(BUILD_ARGS, bundle=path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     bundle = load_bundle(path)
     assert bundle.manifest["engine"]["tensorrt_version"] and bundle.file("model.plan").stat().st_size > 0
@@ -138,6 +161,5 @@ def test_engine_build_tensorrt_backend_and_parity_replay(demo_bundle, tmp_path):
     assert float(psnr(by_trt.samples, by_ort.samples).mean()) > 30.0
     assert torch.isfinite(by_trt.samples).all()
     out = tmp_path / "trt.npz"
-    sampled = subprocess.run([str(stepquant), "sample", "--bundle", str(path), "--backend", "tensorrt", "--n", "2",
-                              "--steps", "4", "--out", str(out), "--no-progress"], capture_output=True, text=True)
+    sampled = subprocess.run([str(stepquant), *_filled(SAMPLE_ARGS, bundle=path, out=out)], capture_output=True, text=True)
     assert sampled.returncode == 0 and out.is_file(), sampled.stderr
