@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import platform
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
@@ -29,6 +28,7 @@ from stepquant.calibrators.ranges import calibrate_ranges
 from stepquant.calibrators.reconstruction import ReconstructionConfig
 from stepquant.calibrators.timestep_groups import group_scales, range_profile, set_scales, split_by_range_change, split_every
 from stepquant.eval import psnr, save_comparison_grid
+from stepquant.eval.memory import peak_rss_mib
 from stepquant.export import ParityReport, check_parity, export_onnx, staged_directory, write_manifest
 from stepquant.export.fusion import check_integer_convs
 from stepquant.export.layerwise import LayerwiseReport, check_layerwise
@@ -294,7 +294,7 @@ def export_quantized(config: ExportConfig) -> ExportReport:
         graphs, scales = _graphs(config, calib, q_model, loaded.scheduler_config)
         calibration_seconds = time.perf_counter() - start
         # the process's peak resident memory so far: in a fresh process, the peak of loading and calibrating
-        calibration["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        calibration["peak_rss_mib"] = round(peak_rss_mib(), 1)
 
         export_onnx(fp_model, staging / FP_MODEL_FILE, shape, profile=shapes)
         all_feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch, calib.unique_timesteps(),
