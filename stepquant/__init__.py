@@ -1,8 +1,20 @@
 """stepquant: timestep- and trajectory-aware post-training quantization of diffusion models,
-exported as Q/DQ ONNX bundles for TensorRT and onnxruntime."""
+exported as Q/DQ ONNX bundles for TensorRT and onnxruntime.
 
-from stepquant.export import load_bundle
-from stepquant.pipeline import ExportConfig, export_quantized
-from stepquant.quant import QuantSpec, quantize_
+The names below are imported on first use, so `import stepquant.cli.entry` (the commands' entry point) and
+the runtime do not pay for torch, diffusers and onnx until they need them.
+"""
 
-__all__ = ["ExportConfig", "QuantSpec", "export_quantized", "load_bundle", "quantize_"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {"ExportConfig": "stepquant.pipeline", "export_quantized": "stepquant.pipeline",
+            "load_bundle": "stepquant.export.bundle", "QuantSpec": "stepquant.quant", "quantize_": "stepquant.quant"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'stepquant' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,3 +1,3 @@
-from stepquant.cli.main import main
+from stepquant.cli.entry import stepquant
 
-main()
+stepquant()
