@@ -44,7 +44,9 @@ def _load_text_pipeline(pipeline_dir: Path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             index = DiffusionPipeline.load_config(str(pipeline_dir))
-            return DiffusionPipeline.from_pretrained(str(pipeline_dir), **{k: None for k in skip if k in index})
+            # safetensors only: a text encoder's pickle weights could run code on loading
+            return DiffusionPipeline.from_pretrained(str(pipeline_dir), use_safetensors=True,
+                                                     **{k: None for k in skip if k in index})
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise ConditioningError(f"cannot load the text encoder(s) of {pipeline_dir}: {err}") from err
     finally:

@@ -38,6 +38,23 @@ def _read_json(path: Path) -> dict:
         raise ModelLoadError(f"cannot read {path}: {err}") from err
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(directory: Path) -> None:
+    """Refuse a model folder whose weights are only in pickle files: unpickling a file can run code in it,
+    and a model may come from anywhere. safetensors holds tensors and nothing else."""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES) if directory.is_dir() else []
+    if pickled:
+        raise ModelLoadError(
+            f"{directory} holds its weights as pickle ({', '.join(pickled)}), which can run code when loaded; stepquant "
+            "loads safetensors only. Convert them where you trust the file, e.g. "
+            f"`.from_pretrained('{directory}').save_pretrained('{directory}', safe_serialization=True)` in diffusers")
+    raise ModelLoadError(f"{directory} has no weights (no .safetensors file)")
+
+
 def _component_dirs(root: Path) -> tuple[Path, Path]:
     """(denoiser dir, scheduler config file) for a pipeline directory or a bare model directory."""
     if (root / "model_index.json").is_file():
@@ -54,6 +71,16 @@ def _component_dirs(root: Path) -> tuple[Path, Path]:
     )
 
 
+def _check_schedule(config: dict, source: Path) -> None:
+    """Refuse, before any work, a noise schedule the samplers cannot build (an unknown beta_schedule...)."""
+    from stepquant.runtime.sampler import SamplerConfig, make_scheduler
+
+    try:
+        make_scheduler(SamplerConfig(steps=1), config)
+    except ValueError as err:
+        raise ModelLoadError(f"{source}: {err}") from err
+
+
 def _load_local(root: Path) -> LoadedModel:
     model_dir, scheduler_file = _component_dirs(root)
     if not (model_dir / "config.json").is_file():
@@ -65,13 +92,16 @@ def _load_local(root: Path) -> LoadedModel:
         )
     if not scheduler_file.is_file():
         raise ModelLoadError(f"{root} has no scheduler config (looked for {scheduler_file})")
+    scheduler_config = _read_json(scheduler_file)
+    _check_schedule(scheduler_config, scheduler_file)
+    require_safetensors(model_dir)
     try:
-        denoiser = ARCHITECTURES[class_name].cls.from_pretrained(model_dir, low_cpu_mem_usage=False)
+        denoiser = ARCHITECTURES[class_name].cls.from_pretrained(model_dir, low_cpu_mem_usage=False, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelLoadError(f"cannot load the {class_name} weights in {model_dir}: {err}") from err
     follow_input_shape_(denoiser)
     pipeline = root if (root / "model_index.json").is_file() else None
-    return LoadedModel(denoiser.eval().requires_grad_(False), _read_json(scheduler_file), str(root), pipeline)
+    return LoadedModel(denoiser.eval().requires_grad_(False), scheduler_config, str(root), pipeline)
 
 
 # configs, tokenizer vocabularies, and the FP32 safetensors weights of the denoiser and text encoders

@@ -16,7 +16,10 @@ def decode_latents(pipeline_dir: Path, latents: torch.Tensor, batch_size: int = 
     vae_dir = Path(pipeline_dir) / "vae"
     if not (vae_dir / "config.json").is_file():
         raise ValueError(f"{pipeline_dir} has no vae/ to decode latents with")
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    from stepquant.models.loading import require_safetensors
+
+    require_safetensors(vae_dir)
+    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval()
     if vae.config.latent_channels != latents.shape[1]:
         raise ValueError(f"the VAE takes {vae.config.latent_channels}-channel latents, the samples have {latents.shape[1]}")
     shift = vae.config.shift_factor or 0.0
