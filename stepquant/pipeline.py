@@ -30,6 +30,7 @@ from stepquant.calibrators.timestep_groups import group_scales, range_profile, s
 from stepquant.eval import psnr, save_comparison_grid
 from stepquant.eval.memory import peak_rss_mib
 from stepquant.export import ParityReport, check_parity, export_onnx, staged_directory, write_manifest
+from stepquant.export.bundle import check_destination, sign_manifest
 from stepquant.export.fusion import check_integer_convs
 from stepquant.export.layerwise import LayerwiseReport, check_layerwise
 from stepquant.export.lint import check_conformance
@@ -38,6 +39,7 @@ from stepquant.export.parity import compare_runs, parity_feeds, quiet_polygraphy
 from stepquant.export.parity_policy import ParityPolicy, parity_policy
 from stepquant.export.precision import PRECISIONS, export_at_precision
 from stepquant.export.shapes import CORNERS, ShapeProfile, resize_inputs
+from stepquant.export.signing import sign
 from stepquant.export.targets import RUNTIME_OPTIMIZATION_LEVEL, TARGETS, check_target, for_target, graph_file
 from stepquant.export.tensorrt import build_engines, build_script, tensorrt_version
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
@@ -48,8 +50,10 @@ from stepquant.quant.quantize import round_scales_
 from stepquant.runtime import SamplerConfig, TorchBackend, make_scheduler, sample
 from stepquant.runtime.bundle_backends import graph_backend
 from stepquant.runtime.corrections import METHODS as CORRECTION_METHODS
+from stepquant.runtime.seeding import MAX_SEED
 
 CALIBRATION_SEED_OFFSET = 1_000_000  # calibration trajectories never share seeds with evaluation
+PERCENTILE_RANGE = (50.0, 100.0)  # of |x|: below the median there is nothing left to clip
 FP_TOLERANCE = 1e-5  # median relative error, FP torch vs FP ONNX (no quantizer, so no rounding ties)
 # The replay (`stepquant parity`) on another machine or runtime is judged end to end, where one rounding tie
 # flipped upstream moves every later quantizer: its tolerance is this many times the worst error the correct
@@ -85,6 +89,7 @@ class ExportConfig:
     correction: str = "none"  # per-timestep correction terms estimated on the deployed graph (see runtime.corrections)
     engine: bool = False  # also build the TensorRT engine (needs tensorrt on this machine)
     require_parity: bool = True  # stop when the layer-wise parity check fails (else keep the bundle, recorded as failed)
+    sign_key: Path | None = None  # Ed25519 private key that signs the bundle's manifest
     # conditional models: prompts (one per line, encoded by the pipeline's text encoder) or a conditioning file
     prompts_file: Path | None = None
     conditioning: Path | None = None
@@ -96,9 +101,9 @@ class ExportConfig:
         if self.calibrator not in CALIBRATORS:
             raise ValueError(f"unknown calibrator {self.calibrator!r}; choose from {', '.join(CALIBRATORS)}")
         if self.timestep_groups > 1 and self.steps_per_group is not None:
-            raise ValueError("give either timestep-groups or steps-per-group, not both")
+            raise ValueError("give either --timestep-groups or --steps-per-group, not both")
         if not 1 <= self.timestep_groups <= self.sampler.steps:
-            raise ValueError(f"timestep-groups must be between 1 and the {self.sampler.steps} sampler steps, got {self.timestep_groups}")
+            raise ValueError(f"--timestep-groups must be between 1 and the {self.sampler.steps} sampler steps, got {self.timestep_groups}")
         if self.correction not in CORRECTION_METHODS:
             raise ValueError(f"unknown correction {self.correction!r}; choose from {', '.join(CORRECTION_METHODS)}")
         if self.precision not in PRECISIONS:
@@ -110,10 +115,19 @@ class ExportConfig:
         if "onnxruntime-cpu" in self.targets and (self.precision != "fp32" or self.quant.format != "int8"):
             raise ValueError("the onnxruntime-cpu target is INT8 with FP32 compute: drop --format fp8 / --precision fp16 for it")
         if self.prompts_file is not None and self.conditioning is not None:
-            raise ValueError("give either prompts-file or conditioning, not both")
+            raise ValueError("give either --prompts-file or --conditioning, not both")
         for name in ("calib_samples", "eval_samples", "parity_timesteps", "parity_batch"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not PERCENTILE_RANGE[0] < self.percentile <= PERCENTILE_RANGE[1]:
+            hint = f" (a percent: did you mean {self.percentile * 100:g}?)" if 0 < self.percentile <= 1 else ""
+            raise ValueError(f"--percentile must be in ({PERCENTILE_RANGE[0]:g}, {PERCENTILE_RANGE[1]:g}], got {self.percentile:g}{hint}")
+        for name in ("calib_steps", "steps_per_group"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= self.sampler.steps:
+                raise ValueError(f"--{name.replace('_', '-')} must be between 1 and the {self.sampler.steps} sampler steps, got {value}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
 
 
 @dataclass
@@ -269,18 +283,23 @@ def replay_tolerance(policy: ParityPolicy, end_to_end: list[ParityReport]) -> fl
 
 def export_quantized(config: ExportConfig) -> ExportReport:
     start = time.perf_counter()
+    model_path = Path(config.model).expanduser()
+    protected = (model_path,) if model_path.exists() else ()
+    check_destination(config.out, config.overwrite, protected)  # before any work
     loaded = load_model(config.model)
     shape = sample_shape(loaded.denoiser)
     fp_model = EpsilonModel(loaded.denoiser)
     if config.engine:
         tensorrt_version()  # fail before any work when the engine cannot be built here
+    if config.sign_key is not None:
+        sign(b"", config.sign_key)  # an unreadable key fails now, not after calibration
     conditioning = load_conditioning(fp_model, loaded, config.prompts_file, config.conditioning, shape)
     if conditioning is not None and config.correction != "none":
         raise ValueError("correction terms are estimated along unguided trajectories: use --correction none for "
                          "conditional models")
     shapes = config.shapes.resolved(shape, None if conditioning is None else conditioning.sequence_length(fp_model.conditions))
     latent = bool(fp_model.conditions)  # every conditional architecture here samples latents for a VAE
-    with staged_directory(config.out, config.overwrite) as staging:
+    with staged_directory(config.out, config.overwrite, protected) as staging:
         q_model = EpsilonModel(copy.deepcopy(loaded.denoiser))
         layer_names = quantize_(q_model, config.quant)
         for target in config.targets:
@@ -325,7 +344,8 @@ def export_quantized(config: ExportConfig) -> ExportReport:
                     save_json(feeds, staging / parity_dir / "inputs.json", description="parity inputs")
                     parity.reference.save(str(staging / parity_dir / "reference_outputs.json"))  # torch outputs
                 exported[target].append(({"graph": file, "timesteps": graph.timesteps, "parity": parity_dir}, parity))
-        deployed = {target: graph_backend(staging, [entry for entry, _ in exported[target]],
+        deployed = {target: graph_backend([staging / entry["graph"] for entry, _ in exported[target]],
+                                          [entry for entry, _ in exported[target]],
                                           optimization_level=RUNTIME_OPTIMIZATION_LEVEL[target])
                     for target in config.targets}
 
@@ -410,6 +430,8 @@ def export_quantized(config: ExportConfig) -> ExportReport:
             "parity": {"fp": fp_parity.to_dict()},
             "versions": _versions(),
         })
+        if config.sign_key is not None:
+            sign_manifest(staging, config.sign_key)
     return ExportReport(
         bundle=Path(config.out), preview=Path(config.out) / PREVIEW_FILE, fp_parity=fp_parity, targets=reports,
         eval_samples=config.eval_samples, quantized_layers=layer_names, calibration_seconds=calibration_seconds,

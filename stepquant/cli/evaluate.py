@@ -11,30 +11,33 @@ import numpy as np
 import typer
 
 from stepquant.cli.choices import OptimizationLevel, RuntimeBackend, Scheduler
+from stepquant.cli.options import TrustKey
 from stepquant.eval.evaluate import evaluate, plot_corrections, plot_errors
 from stepquant.eval.latency import measure_latency
 from stepquant.export import load_bundle
 from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig
 from stepquant.runtime.bundle_backends import bundle_corrections, quantized_backend, reference_backend
 
+MAX_EVAL_SAMPLES = 16384  # the metrics hold every sample and its features at once
+
 
 def eval_command(
     bundle: Annotated[Path, typer.Option(help="Bundle to evaluate (its Q/DQ graph against its FP graph, both on onnxruntime).")],
-    n: Annotated[int, typer.Option(help="Number of seeds (0 .. n-1).")] = 1024,
-    steps: Annotated[Optional[int], typer.Option(help="Sampler steps (default: the bundle's).")] = None,
+    n: Annotated[int, typer.Option(min=2, max=MAX_EVAL_SAMPLES, help="Number of seeds (0 .. n-1); at least 2, for "
+                                   "Fréchet distances' covariance; every sample is held for the metrics.")] = 1024,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Sampler steps (default: the bundle's).")] = None,
     eta: Annotated[float, typer.Option(help="DDIM eta (0: deterministic).")] = 0.0,
     scheduler: Annotated[Scheduler, typer.Option(help="Sampler.")] = Scheduler.ddim,
     out: Annotated[Optional[Path], typer.Option(help="Directory for eval.json and errors.png (default: BUNDLE-eval).")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads.")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime intra-op threads.")] = None,
     backend: Annotated[RuntimeBackend, typer.Option(help="What runs the bundle's Q/DQ graph.")] = RuntimeBackend.onnxruntime,
     engine: Annotated[Optional[Path], typer.Option(help="TensorRT engine for --backend tensorrt (default: the bundle's).")] = None,
     corrections: Annotated[bool, typer.Option(help="Apply the bundle's per-timestep correction terms, if it has them.")] = True,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    trust_key: TrustKey = None,
 ) -> None:
     """Quality of a bundle against FP from the same noise: PSNR, Fréchet distances, classifier, error per step."""
-    if n < 2:
-        raise typer.BadParameter("must be at least 2 (Fréchet distances need a covariance)", param_hint="--n")
-    loaded = load_bundle(bundle)
+    loaded = load_bundle(bundle, trust_key)
     if loaded.conditions:
         raise ValueError("stepquant eval scores digit samples (the demo's classifier and pixel-space metrics); this bundle is "
                          "a conditional latent model: its manifest holds latent PSNR to FP, and `stepquant sample` runs it")
@@ -64,9 +67,10 @@ def eval_command(
 def inspect_command(
     bundle: Annotated[Path, typer.Option(help="Bundle whose correction terms to show.")],
     plot: Annotated[Optional[Path], typer.Option(help="PNG of the terms per step (default: BUNDLE-corrections.png).")] = None,
+    trust_key: TrustKey = None,
 ) -> None:
     """Print the bundle's per-timestep correction terms and plot them."""
-    terms = bundle_corrections(load_bundle(bundle))
+    terms = bundle_corrections(load_bundle(bundle, trust_key))
     if terms is None:
         print(f"{bundle}: exported without correction terms (--correction none)")
         return
@@ -83,13 +87,14 @@ def inspect_command(
 def bench_command(
     bundle: Annotated[Path, typer.Option(help="Bundle whose graphs to time.")],
     batch: Annotated[Optional[list[int]], typer.Option(help="Batch size (repeatable; default 1 and 8).")] = None,
-    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads.")] = 2,
+    threads: Annotated[int, typer.Option(min=1, help="onnxruntime intra-op threads.")] = 2,
     optimization_level: Annotated[OptimizationLevel, typer.Option(help="onnxruntime graph optimisation level.")] = OptimizationLevel.all,
     cache_dir: Annotated[Optional[Path], typer.Option(
         help="Keep onnxruntime's optimised graphs here and reuse them (faster start-up; valid on this machine only).")] = None,
+    trust_key: TrustKey = None,
 ) -> None:
     """Per-forward latency of each of the bundle's quantized graphs (one per target profile) against its FP32 graph on onnxruntime."""
-    loaded = load_bundle(bundle)
+    loaded = load_bundle(bundle, trust_key)
     graphs = {"onnxruntime FP32": OnnxRuntimeBackend(loaded.file(loaded.manifest["reference_graph"]), threads, optimization_level=optimization_level.value,
                                                      cache_dir=cache_dir)}
     for target in loaded.manifest["targets"]:

@@ -10,6 +10,7 @@ import typer
 from stepquant.calibrators.calibrate import RECONSTRUCTION_CALIBRATORS
 from stepquant.calibrators.reconstruction import ReconstructionConfig
 from stepquant.cli.choices import Calibrator, Correction, Format, Precision, Scheduler, Target
+from stepquant.cli.options import SignKey
 from stepquant.export.shapes import DimRange, ShapeProfile
 from stepquant.models import DEMO_MODEL_NAME
 from stepquant.pipeline import ExportConfig, ExportReport, export_quantized
@@ -95,7 +96,9 @@ def export_command(
     engine: Annotated[bool, typer.Option(help="Also build the TensorRT engine (needs TensorRT here).")] = False,
     allow_parity_failure: Annotated[bool, typer.Option(
         help="Keep a bundle whose layer-wise parity check fails (recorded as failed).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an existing bundle at --out (only a stepquant bundle; never the current directory or the model's).")] = False,
+    sign_key: SignKey = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Calibrate, quantize and export a diffusion model into a bundle (Q/DQ ONNX, manifest, parity data)."""
@@ -110,6 +113,6 @@ def export_command(
         reconstruction=ReconstructionConfig(iters=recon_iters, scale_lr=recon_scale_lr, multistep_steps=multistep_steps),
         timestep_groups=timestep_groups, steps_per_group=steps_per_group,
         calib_samples=calib_samples, calib_steps=calib_steps, seed=seed, eval_samples=eval_samples,
-        engine=engine, require_parity=not allow_parity_failure, overwrite=overwrite, progress=progress,
+        engine=engine, require_parity=not allow_parity_failure, overwrite=overwrite, progress=progress, sign_key=sign_key,
     )
     _print_report(export_quantized(config), config)

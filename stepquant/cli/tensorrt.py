@@ -9,38 +9,47 @@ from typing import Annotated, Optional
 import typer
 
 from stepquant.cli.choices import RuntimeBackend
+from stepquant.cli.options import SignKey, TrustKey
 from stepquant.export import load_bundle
-from stepquant.export.bundle import extend_bundle
+from stepquant.export.bundle import SIGNATURE, extend_bundle
 from stepquant.export.lint import lint
 from stepquant.export.parity import replay_parity
 from stepquant.export.shapes import DimRange
 from stepquant.export.tensorrt import build_engines, plan_file, tensorrt_version
-from stepquant.pipeline import MODEL_FILE
 
 
-def lint_command(model: Annotated[Path, typer.Argument(help="A Q/DQ ONNX model, or a bundle directory.")]) -> None:
-    """Check a Q/DQ ONNX graph against TensorRT's explicit-quantization rules; exit 1 on any finding."""
-    path = load_bundle(model).file(MODEL_FILE) if model.is_dir() else model
-    if not path.is_file():
-        raise ValueError(f"{path} not found")
-    findings = lint(path)
-    for finding in findings:
-        print(finding)
-    print(f"{path}: {len(findings)} TensorRT rule violation(s)" if findings else f"{path}: conforms to TensorRT's Q/DQ rules")
-    if findings:
+def lint_command(model: Annotated[Path, typer.Argument(help="A Q/DQ ONNX model, or a bundle directory (its tensorrt graphs).")],
+                 trust_key: TrustKey = None) -> None:
+    """Check Q/DQ ONNX graphs against TensorRT's explicit-quantization rules; exit 1 on any finding."""
+    if model.is_dir():
+        loaded = load_bundle(model, trust_key)
+        paths = [loaded.file(group["graph"]) for group in loaded.target("tensorrt")["timestep_groups"]]
+    elif model.is_file():
+        paths = [model]
+    else:
+        raise ValueError(f"{model} not found")
+    failed = False
+    for path in paths:
+        findings = lint(path)
+        for finding in findings:
+            print(finding)
+        print(f"{path}: {len(findings)} TensorRT rule violation(s)" if findings else f"{path}: conforms to TensorRT's Q/DQ rules")
+        failed = failed or bool(findings)
+    if failed:
         raise typer.Exit(1)
 
 
 def parity_command(
     bundle: Annotated[Path, typer.Option(help="Bundle whose saved parity inputs to replay.")],
     backend: Annotated[RuntimeBackend, typer.Option(help="Runtime to check against the saved reference outputs.")] = RuntimeBackend.onnxruntime,
-    rtol: Annotated[Optional[float], typer.Option(
+    rtol: Annotated[Optional[float], typer.Option(min=0.0,
         help="Tolerance on the median relative error of 'eps' at each input (default: the replay tolerance recorded at export).")] = None,
     engine: Annotated[Optional[Path], typer.Option(help="TensorRT engine (default: the bundle's model.plan).")] = None,
+    trust_key: TrustKey = None,
 ) -> None:
     """Replay the bundle's parity inputs (Polygraphy JSON) end to end and compare with its reference outputs;
     exit 1 on failure. The export's own gate was layer-wise; an engine cannot expose every quantizer's codes."""
-    loaded = load_bundle(bundle)
+    loaded = load_bundle(bundle, trust_key)
     report = replay_parity(loaded, backend.value, rtol, engine)
     target = loaded.target(loaded.target_for(backend.value))
     print(f"{bundle}: end-to-end replay: {backend.value} running the {loaded.target_for(backend.value)} graph on the saved "
@@ -60,10 +69,13 @@ def build_engine_command(
     bundle: Annotated[Path, typer.Option(help="Bundle to build the TensorRT engine for (on this machine's GPU).")],
     batch_range: Annotated[Optional[str], typer.Option(
         help="Batch range min:opt:max of the optimisation profile (default: the bundle's declared range).")] = None,
+    trust_key: TrustKey = None,
+    sign_key: SignKey = None,
 ) -> None:
     """Build a strongly typed TensorRT engine from the bundle's Q/DQ graph and add it to the bundle; the
-    other dimensions' ranges are the ones declared at export (the graph accepts no others)."""
-    loaded = load_bundle(bundle)
+    other dimensions' ranges are the ones declared at export (the graph accepts no others). The manifest
+    changes, so a signature is dropped unless --sign-key signs the new one."""
+    loaded = load_bundle(bundle, trust_key)
     profile = loaded.shape_profile
     if batch_range:
         profile = replace(profile, batch=DimRange.parse(batch_range))
@@ -73,5 +85,7 @@ def build_engine_command(
     shapes = profile.input_shapes(loaded.sample_shape[0], loaded.conditions)
     engine = {**loaded.manifest.get("engine", {}), "plans": [plan_file(g) for g in graphs],
               "input_shapes": shapes, "tensorrt_version": version}
-    extended = extend_bundle(loaded, lambda staging: build_engines(staging, graphs, shapes), {"engine": engine})
-    print(f"built {', '.join(engine['plans'])} in {extended.path} with TensorRT {version}")
+    extended = extend_bundle(loaded, lambda staging: build_engines(staging, graphs, shapes), {"engine": engine}, sign_key)
+    print(f"built {', '.join(engine['plans'])} in {extended.path} with TensorRT {version}"
+          + ("; manifest signed again" if sign_key else "; the bundle is now unsigned (pass --sign-key to sign it)"
+             if (loaded.path / SIGNATURE).exists() or trust_key else ""))

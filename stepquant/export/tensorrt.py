@@ -87,18 +87,23 @@ echo "built {plans} with TensorRT $major.x"
 
 
 def engine_path(bundle, graph: str, engine: Path | None = None) -> Path:
-    """The engine to run for one of `bundle`'s graphs: `engine` if given (single-graph bundles only),
-    else the plan beside the graph (written by build-engine or by build_engine.sh)."""
+    """The engine to run for one of `bundle`'s graphs: `engine` if given (single-graph bundles only), else
+    the plan `stepquant build-engine` added to the bundle (listed and hashed in its manifest). A plan that
+    build_engine.sh wrote beside the graph is no part of the bundle: name it with --engine."""
     from stepquant.export.bundle import BundleError
 
     if engine and len(bundle.target("tensorrt")["timestep_groups"]) > 1:
         raise BundleError("--engine names one plan, but this bundle has one graph per timestep group; "
-                          "build its plans with build_engine.sh or `stepquant build-engine`")
-    plan = Path(engine) if engine else bundle.path / plan_file(graph)
-    if not plan.is_file():
-        raise BundleError(f"no TensorRT engine at {plan}: run `stepquant build-engine --bundle {bundle.path}` "
-                          "or the bundle's build_engine.sh first, or pass --engine")
-    return plan
+                          "build its plans with `stepquant build-engine`")
+    if engine:
+        if not Path(engine).is_file():
+            raise BundleError(f"no TensorRT engine at {engine}")
+        return Path(engine)
+    plan = plan_file(graph)
+    if plan not in bundle.manifest["files"]:
+        raise BundleError(f"bundle {bundle.path} holds no TensorRT engine {plan}: run `stepquant build-engine --bundle "
+                          f"{bundle.path}`, or pass --engine for a plan built by build_engine.sh")
+    return bundle.file(plan)
 
 
 def tensorrt_version() -> str:

@@ -18,11 +18,10 @@ def _per_group(backends: list[Backend], groups: list[dict]) -> Backend:
     return backends[0] if len(groups) == 1 else TimestepGroupBackend(backends, [g["timesteps"] for g in groups])
 
 
-def graph_backend(directory: Path, groups: list[dict], threads: int | None = None,
+def graph_backend(graphs: list[Path], groups: list[dict], threads: int | None = None,
                   optimization_level: str = "all") -> Backend:
-    """The deployed graph(s) listed in a manifest's `timestep_groups`, on onnxruntime."""
-    return _per_group([OnnxRuntimeBackend(Path(directory) / g["graph"], threads, optimization_level=optimization_level)
-                       for g in groups], groups)
+    """The deployed graphs of a manifest's `timestep_groups` (their paths, in the groups' order), on onnxruntime."""
+    return _per_group([OnnxRuntimeBackend(graph, threads, optimization_level=optimization_level) for graph in graphs], groups)
 
 
 def quantized_backend(bundle: Bundle, threads: int | None = None, backend: str = "onnxruntime",
@@ -39,7 +38,7 @@ def quantized_backend(bundle: Bundle, threads: int | None = None, backend: str =
         return _per_group([TensorRTBackend(engine_path(bundle, g["graph"], engine)) for g in groups], groups)
     if backend != "onnxruntime":
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    return graph_backend(bundle.path, groups, threads, section["onnxruntime_optimization_level"])
+    return graph_backend([bundle.file(g["graph"]) for g in groups], groups, threads, section["onnxruntime_optimization_level"])
 
 
 def reference_backend(bundle: Bundle, threads: int | None = None) -> OnnxRuntimeBackend:
