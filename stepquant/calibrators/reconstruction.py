@@ -52,7 +52,16 @@ class ReconstructionConfig:
     def __post_init__(self) -> None:
         for name in ("iters", "batch_size", "trajectory_iters", "trajectory_batch", "multistep_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(f"{_option(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("rounding_lr", "scale_lr", "trajectory_lr"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{_option(name)} must be a positive number, got {getattr(self, name)}")
+
+
+def _option(field: str) -> str:
+    """The command-line option of a ReconstructionConfig field (the others have none)."""
+    return {"iters": "--recon-iters", "scale_lr": "--recon-scale-lr", "multistep_steps": "--multistep-steps"}.get(
+        field, field.replace("_", "-"))
 
 
 class _Stop(Exception):

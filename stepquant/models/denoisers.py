@@ -17,6 +17,7 @@ from diffusers import PixArtTransformer2DModel, UNet2DConditionModel, UNet2DMode
 from torch import nn
 
 SEQUENCE = "sequence"  # the symbolic text-length axis of a condition input
+MAX_SAMPLE_ELEMENTS = 2**24  # one sample's values (channels x height x width): 4x2048x2048 latents, 3x2048x2048 pixels
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,12 @@ def architecture_of(model: nn.Module) -> Architecture:
 
 
 def sample_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) of the model's native sample (latent for latent models)."""
+    """(channels, height, width) of the model's native sample (latent for latent models), refused above
+    MAX_SAMPLE_ELEMENTS values before anything of that size is allocated."""
     size = model.config.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return model.config.in_channels, height, width
+    shape = (model.config.in_channels, height, width)
+    if not all(isinstance(d, int) and d >= 1 for d in shape) or shape[0] * shape[1] * shape[2] > MAX_SAMPLE_ELEMENTS:
+        raise ValueError(f"the model's sample shape {list(shape)} (in_channels, sample_size) is not {MAX_SAMPLE_ELEMENTS:,} "
+                         "values or fewer: check its config.json")
+    return shape

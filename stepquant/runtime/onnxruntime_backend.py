@@ -56,7 +56,10 @@ class OnnxRuntimeBackend:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 writing = cached.with_suffix(".partial")
                 options.optimized_model_filepath = str(writing)
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        except Exception as err:  # onnxruntime's own errors (its exception types are not exported)
+            raise ValueError(f"onnxruntime cannot load {path}: {' '.join(str(err).split())[:300]}") from err
         if writing is not None:
             writing.replace(cached)  # complete only once onnxruntime has written it all
         self.input_names = [i.name for i in self.session.get_inputs()]

@@ -7,7 +7,7 @@ FP and quantized runs comparable sample by sample.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,11 +42,11 @@ class SamplerConfig:
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
         if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
+            raise ValueError(f"--steps must be at least 1, got {self.steps}")
         if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
-        if not self.guidance_scale >= 0.0:
-            raise ValueError(f"guidance scale must be at least 0, got {self.guidance_scale}")
+            raise ValueError(f"--eta must be in [0, 1], got {self.eta}")
+        if not 0.0 <= self.guidance_scale < float("inf"):
+            raise ValueError(f"--guidance-scale must be a finite number of at least 0, got {self.guidance_scale}")
 
 
 @dataclass
@@ -55,9 +55,14 @@ class SampleOutput:
 
 
 def make_scheduler(config: SamplerConfig, scheduler_config: dict) -> SchedulerMixin:
-    """The sampler's scheduler built from the model's training noise schedule, timesteps set."""
-    scheduler = SCHEDULERS[config.scheduler].from_config(scheduler_config)
-    scheduler.set_timesteps(config.steps)
+    """The sampler's scheduler built from the model's training noise schedule, timesteps set; a schedule
+    diffusers cannot build (an unknown beta_schedule, a bad value) is refused with one line."""
+    try:
+        scheduler = SCHEDULERS[config.scheduler].from_config(scheduler_config)
+        scheduler.set_timesteps(config.steps)
+    except (NotImplementedError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise ValueError(f"the noise schedule cannot drive a {config.scheduler.upper()} sampler with {config.steps} steps: "
+                         f"{' '.join(str(err).split())[:200]}") from err
     return scheduler
 
 
@@ -103,7 +108,7 @@ def ddpm_step(scheduler: DDPMScheduler, eps: torch.Tensor, timestep: int, x: tor
     return x_prev + sigma2.sqrt() * per_sample_noise(generators, eps.shape[1:])
 
 
-def sample(
+def sample_batches(
     backend: Backend,
     scheduler_config: dict,
     seeds: Sequence[int],
@@ -116,46 +121,54 @@ def sample(
     corrections: Corrections | None = None,
     conditioning: Conditioning | None = None,
     clip: bool = True,
-) -> SampleOutput:
-    """Run the reverse process for every seed; returns final samples, clipped to [-1, 1] with `clip`
-    (pixel-space models; latent models leave their latents to the VAE).
+) -> Iterator[torch.Tensor]:
+    """Run the reverse process for every seed, `batch_size` seeds at a time, yielding each batch's final
+    samples (clipped to [-1, 1] with `clip`: pixel-space models; latent models leave their latents to the
+    VAE), so memory is bounded by the batch however many seeds there are.
 
     Conditional models need `conditioning` (sample i takes its row i mod P) and are guided with
     `config.guidance_scale`. With `corrections`, each step corrects the network input and output on the
     host (see stepquant.runtime.corrections); without, the loop is exactly diffusers' scheduler loop.
     """
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    timesteps = make_scheduler(config, scheduler_config).timesteps  # a schedule it cannot build fails before any bar
     if corrections is not None:
-        corrections.check_covers(make_scheduler(config, scheduler_config).timesteps)
+        corrections.check_covers(timesteps)
     starts = range(0, len(seeds), batch_size)
-    batches = [list(seeds[i : i + batch_size]) for i in starts]
-    bar = tqdm(total=len(batches) * config.steps, desc=desc, unit="step", disable=not progress, leave=False)
-    outputs = []
-    for start, batch_seeds in zip(starts, batches):
-        positions = range(start, start + len(batch_seeds))
-        scheduler = make_scheduler(config, scheduler_config)
-        generators = seed_generators(batch_seeds)
-        # noise the corrections add (D2's stochastic variant) has its own streams, so the sampler's own
-        # per-step noise stays aligned with an uncorrected (FP) run from the same seeds
-        correction_generators = seed_generators([CORRECTION_NOISE_SEED_OFFSET + s for s in batch_seeds])
-        x = per_sample_noise(generators, sample_shape)
-        extra = {"eta": config.eta} if config.scheduler == "ddim" else {}
-        for index, t in enumerate(scheduler.timesteps):
-            if on_step is not None:
-                on_step(index, int(t), x)
-            timesteps = torch.full((len(batch_seeds),), float(t))
-            if corrections is None:
-                eps = guided_estimate(backend, x, timesteps, conditioning, positions, config.guidance_scale)
-                x = scheduler.step(eps, t, x, generator=generators, **extra).prev_sample
-            else:
-                x = corrections.correct_input(x, int(t))
-                eps = guided_estimate(backend, x, timesteps, conditioning, positions, config.guidance_scale)
-                eps = corrections.correct_estimate(eps, int(t), correction_generators)
-                residual_var = corrections.residual_variance(int(t))
-                if config.scheduler == "ddim":
-                    x = ddim_step(scheduler, eps, int(t), x, config.eta, generators, residual_var)
+    with tqdm(total=len(starts) * config.steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
+        for start in starts:
+            batch_seeds = list(seeds[start : start + batch_size])
+            positions = range(start, start + len(batch_seeds))
+            scheduler = make_scheduler(config, scheduler_config)
+            generators = seed_generators(batch_seeds)
+            # noise the corrections add (D2's stochastic variant) has its own streams, so the sampler's own
+            # per-step noise stays aligned with an uncorrected (FP) run from the same seeds
+            correction_generators = seed_generators([CORRECTION_NOISE_SEED_OFFSET + s for s in batch_seeds])
+            x = per_sample_noise(generators, sample_shape)
+            extra = {"eta": config.eta} if config.scheduler == "ddim" else {}
+            for index, t in enumerate(scheduler.timesteps):
+                if on_step is not None:
+                    on_step(index, int(t), x)
+                timesteps = torch.full((len(batch_seeds),), float(t))
+                if corrections is None:
+                    eps = guided_estimate(backend, x, timesteps, conditioning, positions, config.guidance_scale)
+                    x = scheduler.step(eps, t, x, generator=generators, **extra).prev_sample
                 else:
-                    x = ddpm_step(scheduler, eps, int(t), x, generators, residual_var)
-            bar.update(1)
-        outputs.append(x.clamp(-1.0, 1.0) if clip else x)
-    bar.close()
-    return SampleOutput(samples=torch.cat(outputs))
+                    x = corrections.correct_input(x, int(t))
+                    eps = guided_estimate(backend, x, timesteps, conditioning, positions, config.guidance_scale)
+                    eps = corrections.correct_estimate(eps, int(t), correction_generators)
+                    residual_var = corrections.residual_variance(int(t))
+                    if config.scheduler == "ddim":
+                        x = ddim_step(scheduler, eps, int(t), x, config.eta, generators, residual_var)
+                    else:
+                        x = ddpm_step(scheduler, eps, int(t), x, generators, residual_var)
+                bar.update(1)
+            yield x.clamp(-1.0, 1.0) if clip else x
+
+
+def sample(backend: Backend, scheduler_config: dict, seeds: Sequence[int], sample_shape: tuple[int, int, int],
+           config: SamplerConfig = SamplerConfig(), batch_size: int = 64, **options) -> SampleOutput:
+    """Every seed's final sample, in the order of the seeds (`sample_batches`, concatenated)."""
+    return SampleOutput(samples=torch.cat(list(sample_batches(backend, scheduler_config, seeds, sample_shape, config,
+                                                               batch_size, **options))))

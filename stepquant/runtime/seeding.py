@@ -7,6 +7,10 @@ from collections.abc import Sequence
 
 import torch
 
+# seeds, plus a run's sample indices and the calibration and correction offsets (up to 2**40), stay inside a
+# generator's 64-bit seed
+MAX_SEED = 2**62
+
 
 def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
