@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,24 @@ TINY_UNET = {
     "attention_head_dim": 16,
 }
 FEW_STEPS = SamplerConfig(steps=4)
+
+
+def run_cli(command: str, *args) -> subprocess.CompletedProcess:
+    """`command ARGS` (stepquant or export-quantized) run in this process as its console script would run it,
+    without a Python start-up per call; the signal tests start real processes."""
+    from stepquant.cli.main import invoke
+
+    code, out, err = invoke(command, [str(a) for a in args])
+    return subprocess.CompletedProcess([command, *map(str, args)], code, out, err)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    """A failure as every command must end: non-zero exit, one line naming the problem, no traceback."""
+    assert result.returncode != 0, result
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "error:" in lines[0] and fragment in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
 
 
 def _exact_integer_kernels() -> bool:

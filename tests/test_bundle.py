@@ -69,16 +69,20 @@ def test_staging_leaves_nothing_behind_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_staging_refuses_to_replace_without_overwrite_and_replaces_with_it(tmp_path):
-    destination = tmp_path / "bundle"
-    destination.mkdir()
-    (destination / "old.txt").write_text("old")
+def test_staging_refuses_to_replace_without_overwrite_and_replaces_a_bundle_with_it(bundle_copy, tmp_path):
     with pytest.raises(BundleError, match="already exists"):
-        with staged_directory(destination):
+        with staged_directory(bundle_copy):
             pass
-    with staged_directory(destination, overwrite=True) as staging:
+    with staged_directory(bundle_copy, overwrite=True) as staging:
         (staging / "new.json").write_text("{}")
         write_manifest(staging, {})
-    assert sorted(p.name for p in destination.iterdir()) == ["manifest.json", "new.json"]
+    assert sorted(p.name for p in bundle_copy.iterdir()) == ["manifest.json", "new.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
-    assert list(load_bundle(destination).manifest["files"]) == ["new.json"]
+    assert list(json.loads((bundle_copy / "manifest.json").read_text())["files"]) == ["new.json"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "old.txt").write_text("old")
+    with pytest.raises(BundleError, match="not a stepquant bundle"):
+        with staged_directory(other, overwrite=True):
+            pass
+    assert (other / "old.txt").read_text() == "old"

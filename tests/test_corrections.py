@@ -152,16 +152,11 @@ def test_export_writes_terms_keyed_by_the_sampler_timesteps(corrected_bundle):
 
 
 def test_the_cli_applies_terms_and_refuses_other_step_counts(corrected_bundle, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     import numpy as np
-
-    stepquant = Path(sys.executable).parent / "stepquant"
+    from conftest import run_cli
 
     def run(*args):
-        return subprocess.run([str(stepquant), *map(str, args)], capture_output=True, text=True)
+        return run_cli("stepquant", *args)
 
     base = ("sample", "--bundle", corrected_bundle, "--n", "2", "--no-progress")
     assert run(*base, "--out", tmp_path / "with.npz").returncode == 0

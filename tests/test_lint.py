@@ -3,6 +3,7 @@
 import numpy as np
 import onnx
 import pytest
+from conftest import assert_one_line_error, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from stepquant.export.lint import LintError, check_conformance, lint
@@ -117,30 +118,22 @@ def test_unreadable_file_is_reported(tmp_path):
 
 
 def test_a_graph_without_quantizers_is_refused_in_one_line(tmp_path, demo_bundle):
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    stepquant = Path(sys.executable).parent / "stepquant"
     (tmp_path / "empty.onnx").write_bytes(b"")
     for graph, says in ((demo_bundle[0] / "model_fp32.onnx", "no QuantizeLinear or DequantizeLinear node"),
                         (tmp_path / "empty.onnx", "no node at all")):
-        result = subprocess.run([str(stepquant), "lint", str(graph)], capture_output=True, text=True)
-        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
-        assert says in result.stderr and "not a quantized (Q/DQ) graph" in result.stderr
+        result = run_cli("stepquant", "lint", graph)
+        assert_one_line_error(result, says)
+        assert result.returncode == 1 and "not a quantized (Q/DQ) graph" in result.stderr
 
 
 def test_lint_command_names_each_finding_and_exits_1(tmp_path, demo_bundle):
-    import subprocess
-    import sys
-    from pathlib import Path
 
     onnx.save(build(act_zp=np.int8(3), output_qdq=True), str(tmp_path / "bad.onnx"))
-    stepquant = Path(sys.executable).parent / "stepquant"
-    bad = subprocess.run([str(stepquant), "lint", str(tmp_path / "bad.onnx")], capture_output=True, text=True)
+    bad = run_cli("stepquant", "lint", tmp_path / "bad.onnx")
     assert bad.returncode == 1
     assert "[zero-point-nonzero] act_q" in bad.stdout and "[qdq-on-output] out_dq" in bad.stdout
-    good = subprocess.run([str(stepquant), "lint", str(demo_bundle[0])], capture_output=True, text=True)
+    good = run_cli("stepquant", "lint", demo_bundle[0])
     assert good.returncode == 0 and "conforms" in good.stdout
 
 

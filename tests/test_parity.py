@@ -3,12 +3,11 @@ replays (Polygraphy), the replay itself, and what stops an export."""
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error, run_cli
 from polygraphy.comparator import IterationResult, RunResults
 from polygraphy.json import load_json, save_json
 
@@ -100,15 +99,12 @@ def test_parity_inputs_of_the_wrong_shape_are_refused_in_one_line(demo_bundle, t
         save_json(feeds, directory / "parity" / "inputs.json")
 
     bundle = _resigned_copy(demo_bundle[0], tmp_path / "wrong-shapes", cut_sample)
-    stepquant = Path(sys.executable).parent / "stepquant"
-    result = subprocess.run([str(stepquant), "parity", "--bundle", str(bundle)], capture_output=True, text=True)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.count("\n") == 1 and "sample of shape [4, 1, 4, 16] is outside the graph's inputs" in result.stderr
+    assert_one_line_error(run_cli("stepquant", "parity", "--bundle", bundle),
+                          "sample of shape [4, 1, 4, 16] is outside the graph's inputs")
 
 
 def test_the_parity_command_says_which_check_it_runs(demo_bundle):
-    stepquant = Path(sys.executable).parent / "stepquant"
-    result = subprocess.run([str(stepquant), "parity", "--bundle", str(demo_bundle[0])], capture_output=True, text=True)
+    result = run_cli("stepquant", "parity", "--bundle", demo_bundle[0])
     assert result.returncode == 0, result.stderr
     assert "end-to-end replay" in result.stdout and "at export: layer-wise check PASS" in result.stdout
     assert result.stdout.rstrip().endswith("parity: PASS")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error, run_cli
 
 from stepquant.export import load_bundle
 from stepquant.export.shapes import DimRange, ShapeProfile
@@ -96,11 +97,9 @@ def test_tensorrt_commands_fail_clearly_without_tensorrt(demo_bundle):
         pytest.skip("TensorRT is installed here; the error path is for machines without it")
     except ImportError:
         pass
-    stepquant = Path(sys.executable).parent / "stepquant"
     for args in (["build-engine", "--bundle", demo_bundle[0]], ["parity", "--bundle", demo_bundle[0], "--backend", "tensorrt"],
                  ["sample", "--bundle", demo_bundle[0], "--backend", "tensorrt", "--n", "1", "--out", "unused.npz"]):
-        result = subprocess.run([str(stepquant), *map(str, args)], capture_output=True, text=True)
-        assert result.returncode == 1 and "TensorRT is not installed" in result.stderr
+        assert_one_line_error(run_cli("stepquant", *args), "TensorRT is not installed")
 
 
 # Everything below needs TensorRT and an NVIDIA GPU; it runs as-is on such a machine. Its command lines are

@@ -1,10 +1,14 @@
-"""Seeded faults in an exported Q/DQ graph, each the kind of export bug the layer-wise parity check must
-catch: a scale 2% off (one activation quantizer's, or one layer's weight scales), a zero point swapped
-for the other storage's, and an activation 2% off upstream of a quantizer with every scale intact (a
-wrong float op between two quantizers). The tests and tools/bench_parity.py seed them; nothing else does."""
+"""Seeded faults, each the kind the checks must catch. In an exported Q/DQ graph, the export bugs the
+layer-wise parity check must catch: a scale 2% off (one activation quantizer's, or one layer's weight
+scales), a zero point swapped for the other storage's, and an activation 2% off upstream of a quantizer with
+every scale intact (a wrong float op between two quantizers). In a bundle, what anyone holding it can do:
+edit files and the manifest and recompute every hash (`forge_bundle`); only a signature cannot be forged.
+The tests, tools/bench_parity.py and tools/robustness.py seed them; nothing else does."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,3 +110,19 @@ def seed_fault(source: Path, destination: Path, fault: str, quantizer: str | Non
     seed(model.graph, names, quantizer)
     onnx.save(model, str(destination))
     return quantizer
+
+
+def forge_bundle(bundle: Path, edit: Callable[[dict], None] | None = None, rehash_files: bool = True) -> None:
+    """Apply `edit` to the bundle's manifest, then recompute the sha256 of every listed file inside the bundle
+    (unless not `rehash_files`) and the manifest's self-hash, as an attacker would leave it."""
+    manifest_path = Path(bundle) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if edit is not None:
+        edit(manifest)
+    for name in list(manifest.get("files", {})) if rehash_files else []:
+        path = Path(bundle) / name
+        if isinstance(name, str) and ".." not in name and not name.startswith("/") and path.is_file() and not path.is_symlink():
+            manifest["files"][name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    manifest["manifest_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
