@@ -27,9 +27,10 @@ from stepquant.runtime.seeding import MAX_SEED
 MAX_GRID_SAMPLES = 4096  # a PNG grid is built in memory whole; more samples go to an .npz
 
 
-def _check_out(out: Path, n: int, shape: tuple[int, ...]) -> None:
-    """Refuse an output that cannot be written before sampling (the work would be thrown away)."""
-    check_writable(out, (".png", ".npz"), n * int(np.prod(shape)) * 4 if out.suffix == ".npz" else 0)
+def _check_out(out: Path, n: int, shape: tuple[int, ...] | None = None) -> None:
+    """Refuse an output that cannot be written before any work (it would be thrown away): its type and
+    directory at once, its size once the sample `shape` is known."""
+    check_writable(out, (".png", ".npz"), n * int(np.prod(shape)) * 4 if shape and out.suffix == ".npz" else 0)
     if out.suffix == ".png" and n > MAX_GRID_SAMPLES:
         raise ValueError(f"a PNG grid holds at most {MAX_GRID_SAMPLES} samples, got --n {n}: write an .npz for more")
 
@@ -64,6 +65,7 @@ def sample_command(
         raise typer.BadParameter("--model runs the FP model in torch; --backend applies to --bundle")
     if seed + n - 1 > MAX_SEED:
         raise typer.BadParameter(f"seed + n - 1 must stay at most {MAX_SEED}", param_hint="--seed")
+    _check_out(out, n)
     if bundle is not None:
         loaded = load_bundle(bundle, trust_key)
         runner = quantized_backend(loaded, threads, backend.value, engine)
