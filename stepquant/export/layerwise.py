@@ -240,10 +240,7 @@ def _marked_session(model: onnx.ModelProto, path: Path, outputs: list[str], opti
 
     with quiet_polygraphy():
         model_bytes = BytesFromOnnx(ModifyOutputs(model, outputs=outputs, copy=True))()
-    try:
-        return onnxruntime_session(model_bytes, optimization_level)
-    except Exception as err:  # onnxruntime's own errors (its exception types are not exported)
-        raise LayerwiseParityError(f"onnxruntime cannot load {path.name}: {' '.join(str(err).split())[:300]}") from err
+    return onnxruntime_session(model_bytes, optimization_level, path.name)
 
 
 def _check_feeds(session, feeds: Sequence[dict[str, np.ndarray]], path: Path) -> None:

@@ -148,17 +148,22 @@ def compare_runs(results: RunResults, feeds: list[OrderedDict], tolerance: float
     return report
 
 
-def onnxruntime_session(model: Path | bytes, optimization_level: str | None = None):
-    """An onnxruntime session on the CPU provider for a graph's path or bytes, at a graph optimisation
-    level that can be lowered (Q/DQ as written for INT8; FP8 Q/DQ needs 'basic' on the CPU provider)."""
+def onnxruntime_session(model: Path | bytes, optimization_level: str | None = None, name: str | None = None):
+    """An onnxruntime session on the CPU provider for a graph's path or bytes (`name` says which graph in
+    errors), at a graph optimisation level that can be lowered ('disable' runs the Q/DQ nodes as written);
+    a graph onnxruntime refuses ends in one line."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # its notes on initializers it drops are not ours to show
     if optimization_level is not None:
         options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization_level]
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options,
-                                providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime's own errors (its exception types are not exported)
+        label = name or (model.name if isinstance(model, Path) else "the graph")
+        raise ValueError(f"onnxruntime cannot load {label}: {' '.join(str(err).split())[:300]}") from err
 
 
 def onnxruntime_runner(onnx_path: Path, optimization_level: str | None = None) -> OnnxrtRunner:
@@ -178,6 +183,14 @@ def torch_outputs(model: nn.Module, feeds: list[OrderedDict]) -> RunResults:
     """The torch model's outputs on every feed, as Polygraphy results (the reference a bundle saves)."""
     with quiet_polygraphy():
         return Comparator.run([TorchRunner(model)], data_loader=feeds)
+
+
+def compare_to_reference(runner: BaseRunner, feeds: list[OrderedDict], reference: RunResults,
+                         tolerance: float = float("inf")) -> ParityReport:
+    """Run `runner` on every feed and compare its outputs with `reference`'s (one runner's, already run)."""
+    with quiet_polygraphy():
+        results = Comparator.run([runner], data_loader=feeds)
+    return compare_runs(RunResults([results[0], reference[0]]), feeds, tolerance)
 
 
 def check_feeds(feeds: object, bundle: Bundle) -> list[OrderedDict]:
@@ -227,10 +240,11 @@ def replay_parity(bundle: Bundle, backend: str = "onnxruntime", tolerance: float
         directory = group["parity"]
         with quiet_polygraphy():
             try:
-                feeds = check_feeds(load_json(bundle.file(f"{directory}/inputs.json"), description="parity inputs"), bundle)
+                feeds = load_json(bundle.file(f"{directory}/inputs.json"), description="parity inputs")
                 reference = RunResults.load(str(bundle.file(f"{directory}/reference_outputs.json")))
             except (ValueError, TypeError, KeyError, PolygraphyException) as err:
                 raise BundleError(f"{bundle.path}: unreadable parity data in {directory}: {' '.join(str(err).split())[:200]}") from err
+        check_feeds(feeds, bundle)
         if backend == "onnxruntime":
             runner = onnxruntime_runner(bundle.file(group["graph"]), section["parity_optimization_level"])
         else:
@@ -242,7 +256,5 @@ def replay_parity(bundle: Bundle, backend: str = "onnxruntime", tolerance: float
             from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
             runner = TrtRunner(EngineFromBytes(BytesFromPath(str(plan))), name="tensorrt")
-        with quiet_polygraphy():
-            results = Comparator.run([runner], data_loader=feeds)
-        report.timesteps += compare_runs(RunResults([results[0], reference[0]]), feeds, tolerance).timesteps
+        report.timesteps += compare_to_reference(runner, feeds, reference, tolerance).timesteps
     return report
