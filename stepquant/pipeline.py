@@ -1,10 +1,14 @@
-"""`export_quantized(config)`: the whole job behind the `export-quantized` command.
+"""`export_quantized(config)`: the whole job behind the `export-quantized` command, in five stages that
+each return a small result object:
 
-load model (and, for conditional models, the conditioning: prompts through the pipeline's text encoder,
-or a conditioning file) -> FP sampling trajectories (guided) -> quantize_ + calibration -> per target
-profile (tensorrt, onnxruntime-cpu) and timestep group: Q/DQ ONNX -> layer-wise parity against the
-fake-quant model (calibration inputs, and the corners of the declared shape ranges; the end-to-end error
-recorded beside it) -> PSNR-to-FP on onnxruntime (and the FP ONNX reference) -> manifest -> atomic rename.
+- `prepare`: load the model (and, for conditional models, the conditioning: prompts through the pipeline's
+  text encoder, or a conditioning file); refuse the destination, key or missing TensorRT before any work;
+- `calibrate_model`: FP sampling trajectories (guided) -> quantize_ + calibration;
+- `export_graphs`: per target profile (tensorrt, onnxruntime-cpu) and timestep group, the Q/DQ ONNX and its
+  layer-wise parity against the fake-quant model (calibration inputs and the corners of the declared shape
+  ranges; the end-to-end error recorded beside it), and the FP ONNX against FP torch;
+- `measure_quality`: correction terms, PSNR to FP of the runtime loop on onnxruntime, the preview;
+- `write_bundle`: build script, the typed manifest (with the scheduler table), signature; then the rename.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import torch
 from polygraphy.comparator import IterationResult, RunResults
 from polygraphy.json import save_json
 
+from stepquant.bundle.manifest import Manifest, Sampler, Target, TimestepGroup
+from stepquant.bundle.signing import sign
 from stepquant.calibrators import collect_calibration_set
 from stepquant.calibrators.calibrate import CALIBRATORS, calibrate_
 from stepquant.calibrators.corrections import estimate_corrections
@@ -27,15 +33,17 @@ from stepquant.calibrators.data import CalibrationSet
 from stepquant.calibrators.ranges import calibrate_ranges
 from stepquant.calibrators.reconstruction import ReconstructionConfig
 from stepquant.calibrators.timestep_groups import group_scales, range_profile, set_scales, split_by_range_change, split_every
+from stepquant.errors import StepquantError
 from stepquant.eval import psnr, save_comparison_grid
 from stepquant.eval.memory import peak_rss_mib
-from stepquant.export import ParityReport, check_parity, export_onnx, staged_directory, write_manifest
-from stepquant.export.bundle import check_destination, sign_manifest
+from stepquant.export.bundle import check_destination, sign_manifest, staged_directory, write_manifest
 from stepquant.export.fusion import check_integer_convs
 from stepquant.export.layerwise import LayerwiseReport, check_layerwise
 from stepquant.export.lint import check_conformance
-from stepquant.export.onnx_export import OUTPUT_NAME
+from stepquant.export.onnx_export import OUTPUT_NAME, export_onnx
 from stepquant.export.parity import (
+    ParityReport,
+    check_parity,
     compare_runs,
     compare_to_reference,
     onnxruntime_runner,
@@ -46,17 +54,21 @@ from stepquant.export.parity import (
 from stepquant.export.parity_policy import ParityPolicy, parity_policy
 from stepquant.export.precision import PRECISIONS, export_at_precision
 from stepquant.export.shapes import CORNERS, ShapeProfile, resize_inputs
-from stepquant.export.signing import sign
 from stepquant.export.targets import RUNTIME_OPTIMIZATION_LEVEL, TARGETS, check_target, for_target, graph_file
 from stepquant.export.tensorrt import build_engines, build_script, tensorrt_version
-from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
+from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, LoadedModel, load_model
 from stepquant.models.conditioning import load_conditioning
 from stepquant.models.denoisers import sample_shape
+from stepquant.models.schedulers import capture_table
+from stepquant.models.torch_backend import TorchBackend
 from stepquant.quant import QuantSpec, quantize_
 from stepquant.quant.quantize import round_scales_
-from stepquant.runtime import SamplerConfig, TorchBackend, make_scheduler, sample
 from stepquant.runtime.bundle_backends import graph_backend
 from stepquant.runtime.corrections import METHODS as CORRECTION_METHODS
+from stepquant.runtime.corrections import Corrections
+from stepquant.runtime.guidance import Conditioning
+from stepquant.runtime.sampler import SamplerConfig, sample
+from stepquant.runtime.scheduler_table import SchedulerTable
 from stepquant.runtime.seeding import MAX_SEED
 
 CALIBRATION_SEED_OFFSET = 1_000_000  # calibration trajectories never share seeds with evaluation
@@ -70,7 +82,7 @@ MODEL_FILE, FP_MODEL_FILE, PREVIEW_FILE, BUILD_SCRIPT = "model.onnx", "model_fp3
 CORRECTIONS_FILE = "corrections.safetensors"
 
 
-class ParityError(RuntimeError):
+class ParityError(StepquantError, RuntimeError):
     """The exported graph does not reproduce the torch model within tolerance."""
 
 
@@ -252,7 +264,7 @@ def _graphs(config: ExportConfig, calib: CalibrationSet, q_model, scheduler_conf
     scales = group_scales(q_model, profile, groups)
     # every sampler timestep joins the group of the nearest calibrated timestep
     members: list[list[float]] = [[] for _ in groups]
-    for t in make_scheduler(config.sampler, scheduler_config).timesteps.tolist():
+    for t in capture_table(config.sampler, scheduler_config).timesteps.tolist():
         nearest = min(range(len(profile_timesteps)), key=lambda i: abs(profile_timesteps[i] - t))
         members[next(g for g, rows in enumerate(groups) if nearest in rows)].append(float(t))
     graphs = [_Graph(f"model_g{g}.onnx", members[g], f"parity/g{g}", [profile_timesteps[i] for i in rows])
@@ -288,8 +300,53 @@ def replay_tolerance(policy: ParityPolicy, end_to_end: list[ParityReport]) -> fl
     return max(policy.replay_floor, REPLAY_MARGIN * max(report.worst_median_reldiff for report in end_to_end))
 
 
-def export_quantized(config: ExportConfig) -> ExportReport:
-    start = time.perf_counter()
+@dataclass
+class Prepared:
+    """Stage 1, before any work is staged: the model, its conditioning and the graphs' shape ranges."""
+
+    loaded: LoadedModel
+    fp_model: EpsilonModel
+    shape: tuple[int, int, int]
+    conditioning: Conditioning | None
+    shapes: ShapeProfile
+    latent: bool  # every conditional architecture here samples latents for a VAE
+    protected: tuple[Path, ...]  # the model's own directory, never to be replaced
+
+
+@dataclass
+class Calibrated:
+    """Stage 2: the fake-quant model with its calibrated scales, the data they came from, and the graphs to export."""
+
+    q_model: EpsilonModel
+    layer_names: list[str]
+    calib: CalibrationSet
+    calib_seeds: range
+    summary: dict  # the manifest's calibration section
+    graphs: list[_Graph]
+    scales: list | None  # per timestep group, when there are groups
+    seconds: float
+
+
+@dataclass
+class Exported:
+    """Stage 3: the FP graph's parity, and per target each graph's timestep group and checks."""
+
+    fp_parity: ParityReport
+    graphs: dict[str, list[tuple[TimestepGroup, GraphParity]]]
+
+
+@dataclass
+class Measured:
+    """Stage 4: the sampler's table, correction terms and each target's quality and parity summary."""
+
+    table: SchedulerTable
+    corrections: Corrections | None
+    reports: dict[str, TargetReport]
+    data_range: float
+
+
+def prepare(config: ExportConfig) -> Prepared:
+    """Load the model and its conditioning, and refuse what would fail later (destination, key, TensorRT)."""
     model_path = Path(config.model).expanduser()
     protected = (model_path,) if model_path.exists() else ()
     check_destination(config.out, config.overwrite, protected)  # before any work
@@ -305,142 +362,181 @@ def export_quantized(config: ExportConfig) -> ExportReport:
         raise ValueError("correction terms are estimated along unguided trajectories: use --correction none for "
                          "conditional models")
     shapes = config.shapes.resolved(shape, None if conditioning is None else conditioning.sequence_length(fp_model.conditions))
-    latent = bool(fp_model.conditions)  # every conditional architecture here samples latents for a VAE
-    with staged_directory(config.out, config.overwrite, protected) as staging:
-        q_model = EpsilonModel(copy.deepcopy(loaded.denoiser))
-        layer_names = quantize_(q_model, config.quant)
-        for target in config.targets:
-            check_target(q_model, target)
-        calib_seeds = range(CALIBRATION_SEED_OFFSET + config.seed, CALIBRATION_SEED_OFFSET + config.seed + config.calib_samples)
-        calib = collect_calibration_set(TorchBackend(fp_model), loaded.scheduler_config, calib_seeds, shape,
-                                        config.sampler, config.calib_steps or config.sampler.steps, config.progress,
-                                        conditioning)
-        calibration = calibrate_(fp_model, q_model, calib, config.calibrator, loaded.scheduler_config, config.sampler,
-                                 config.percentile, config.reconstruction, config.progress)
-        graphs, scales = _graphs(config, calib, q_model, loaded.scheduler_config)
-        calibration_seconds = time.perf_counter() - start
-        # the process's peak resident memory so far: in a fresh process, the peak of loading and calibrating
-        calibration["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    return Prepared(loaded, fp_model, shape, conditioning, shapes, bool(fp_model.conditions), protected)
 
-        export_onnx(fp_model, staging / FP_MODEL_FILE, shape, profile=shapes)
-        all_feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch, calib.unique_timesteps(),
-                                   shapes, fp_model.conditions)
-        fp_parity, _ = check_parity(fp_model, staging / FP_MODEL_FILE, all_feeds, FP_TOLERANCE)
-        if not fp_parity.passed:  # the FP graph must match: nothing quantized can explain a difference
-            raise ParityError(f"parity failed for FP torch vs FP ONNX: worst median relative error "
-                              f"{fp_parity.worst_median_reldiff:.3g} > {fp_parity.tolerance_median_rel:g}")
-        models = {target: for_target(q_model, target, shapes.batch.opt) for target in config.targets}
-        for model in models.values():  # same scales; a profile's extra output quantizers get their ranges here
-            calibrate_ranges(model, calib, progress=False, only_uncalibrated=True)
-        exported: dict[str, list[tuple[dict, GraphParity]]] = {target: [] for target in config.targets}
-        for g, graph in enumerate(graphs):
-            if scales is not None:
-                set_scales(q_model, scales[g])
-            if config.precision == "fp16":
-                round_scales_(q_model, torch.float16)
-            feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch, graph.calibrated,
-                                   shapes, fp_model.conditions)
-            for target, model in models.items():
-                if model is not q_model and scales is not None:  # this group's scales (strict=False: the
-                    model.load_state_dict(q_model.state_dict(), strict=False)  # profile adds or drops quantizers)
-                file = graph_file(graph.file, target)
-                parity_dir = graph.parity_dir if target == "tensorrt" else f"{graph.parity_dir}/{target}"
-                parity = _export_graph(model, staging / file, shape, config, feeds, target, shapes)
-                (staging / parity_dir).mkdir(parents=True)
-                with quiet_polygraphy():
-                    save_json(feeds, staging / parity_dir / "inputs.json", description="parity inputs")
-                    parity.reference.save(str(staging / parity_dir / "reference_outputs.json"))  # torch outputs
-                exported[target].append(({"graph": file, "timesteps": graph.timesteps, "parity": parity_dir}, parity))
-        deployed = {target: graph_backend([staging / entry["graph"] for entry, _ in exported[target]],
-                                          [entry for entry, _ in exported[target]],
-                                          optimization_level=RUNTIME_OPTIMIZATION_LEVEL[target])
-                    for target in config.targets}
 
-        corrections = None
-        if config.correction != "none":  # estimated on the first target's graph, along calibration trajectories
-            corrections = estimate_corrections(
-                config.correction, TorchBackend(fp_model), deployed[config.targets[0]],
-                loaded.scheduler_config, calib_seeds, shape, config.sampler, config.progress)
-            corrections.save(staging / CORRECTIONS_FILE)
-        eval_seeds = range(config.seed, config.seed + config.eval_samples)
-        fp_samples = sample(TorchBackend(fp_model), loaded.scheduler_config, eval_seeds, shape, config.sampler,
-                            progress=config.progress, desc="FP samples", conditioning=conditioning, clip=not latent).samples
-        # latents are not in [-1, 1]: their PSNR is taken over the FP latents' peak-to-peak range
-        data_range = float(fp_samples.max() - fp_samples.min()) if latent else 2.0
-        reports: dict[str, TargetReport] = {}
-        for target, backend in deployed.items():
-            q_samples = sample(backend, loaded.scheduler_config, eval_seeds, shape, config.sampler, progress=config.progress,
-                               desc=f"{target} graph samples (onnxruntime)", corrections=corrections,
-                               conditioning=conditioning, clip=not latent).samples
-            scores = psnr(q_samples, fp_samples, data_range)
-            if not reports:
-                save_comparison_grid(fp_samples[:32], q_samples[:32], staging / PREVIEW_FILE)
-            parities = [parity for _, parity in exported[target]]
-            kernels = None if parities[0].kernels is None else {
-                "integer_kernels": parities[0].kernels["integer_kernels"],  # every group's graph has the same structure
-                "fused_kernels_median_reldiff": {t: v for parity in parities
-                                                 for t, v in parity.kernels["fused_kernels_median_reldiff"].items()}}
-            end_to_end = [parity.end_to_end for parity in parities]
-            tolerance = replay_tolerance(parities[0].layerwise.policy, end_to_end)
-            reports[target] = TargetReport(
-                graphs=[entry["graph"] for entry, _ in exported[target]],
-                layerwise=[parity.layerwise for parity in parities],
-                end_to_end=ParityReport(float("inf"), end_to_end[0].error_quantile,
-                                        [t for report in end_to_end for t in report.timesteps]).judged(tolerance),
-                psnr_mean_db=float(scores.mean()), psnr_min_db=float(scores.min()), integer_kernels=kernels)
-        targets_manifest = {target: {
-            "timestep_groups": [entry for entry, _ in exported[target]],
-            "parity": {"gate": "layer-wise", "passed": report.parity_passed,
-                       "layerwise": [layerwise.to_dict() for layerwise in report.layerwise],
-                       "end_to_end": report.end_to_end.to_dict()},
-            "quality": {"psnr_to_fp_db_mean": report.psnr_mean_db, "psnr_to_fp_db_min": report.psnr_min_db,
-                        "samples": config.eval_samples, "seeds": [config.seed, config.seed + config.eval_samples - 1],
-                        "space": "latent" if latent else "pixel", "psnr_data_range": data_range,
-                        "executed_by": "onnxruntime CPUExecutionProvider"},
-            "parity_optimization_level": report.layerwise[0].policy.optimization_level,
-            "onnxruntime_optimization_level": RUNTIME_OPTIMIZATION_LEVEL[target],
-            **({"lint": {"rules": "tensorrt explicit quantization", "findings": 0}} if target == "tensorrt"
-               else report.integer_kernels),
-        } for target, report in reports.items()}
-        trt_graphs = [entry["graph"] for entry, _ in exported.get("tensorrt", [])]
+def calibrate_model(config: ExportConfig, prepared: Prepared, start: float) -> Calibrated:
+    """Quantize a copy of the model and calibrate it on the FP model's own sampling trajectories."""
+    loaded = prepared.loaded
+    q_model = EpsilonModel(copy.deepcopy(loaded.denoiser))
+    layer_names = quantize_(q_model, config.quant)
+    for target in config.targets:
+        check_target(q_model, target)
+    calib_seeds = range(CALIBRATION_SEED_OFFSET + config.seed, CALIBRATION_SEED_OFFSET + config.seed + config.calib_samples)
+    calib = collect_calibration_set(TorchBackend(prepared.fp_model), loaded.scheduler_config, calib_seeds, prepared.shape,
+                                    config.sampler, config.calib_steps or config.sampler.steps, config.progress,
+                                    prepared.conditioning)
+    summary = calibrate_(prepared.fp_model, q_model, calib, config.calibrator, loaded.scheduler_config, config.sampler,
+                         config.percentile, config.reconstruction, config.progress)
+    graphs, scales = _graphs(config, calib, q_model, loaded.scheduler_config)
+    seconds = time.perf_counter() - start
+    # the process's peak resident memory so far: in a fresh process, the peak of loading and calibrating
+    summary["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    summary.update(percentile=config.percentile,
+                   reconstruction=asdict(config.reconstruction) if summary.get("blocks") else None,
+                   trajectories=config.calib_samples, inputs=len(calib), timesteps=calib.unique_timesteps(),
+                   seed=config.seed, seconds=round(seconds, 2))
+    return Calibrated(q_model, layer_names, calib, calib_seeds, summary, graphs, scales, seconds)
 
-        engine = {}
-        if trt_graphs:
-            input_shapes = shapes.input_shapes(shape[0], fp_model.conditions)
-            (staging / BUILD_SCRIPT).write_text(build_script(trt_graphs, input_shapes))
-            (staging / BUILD_SCRIPT).chmod(0o755)
-            engine = {"build_script": BUILD_SCRIPT, "input_shapes": input_shapes}
-            if config.engine:
-                engine.update(build_engines(staging, trt_graphs, input_shapes))
-        write_manifest(staging, {
-            "source_model": loaded.source,
-            "sample_shape": list(shape),
-            "inputs": {"conditions": [{"name": c.name, "shape": list(c.shape)} for c in fp_model.conditions],
-                       "shape_profile": shapes.to_dict()},
+
+def export_graphs(config: ExportConfig, prepared: Prepared, calibrated: Calibrated, staging: Path) -> Exported:
+    """The FP graph (checked end to end against FP torch), then per timestep group and target the Q/DQ graph,
+    checked layer by layer, with its parity data saved for the replay."""
+    fp_model, shape, shapes, calib = prepared.fp_model, prepared.shape, prepared.shapes, calibrated.calib
+    q_model, scales = calibrated.q_model, calibrated.scales
+    export_onnx(fp_model, staging / FP_MODEL_FILE, shape, profile=shapes)
+    all_feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch, calib.unique_timesteps(),
+                               shapes, fp_model.conditions)
+    fp_parity, _ = check_parity(fp_model, staging / FP_MODEL_FILE, all_feeds, FP_TOLERANCE)
+    if not fp_parity.passed:  # the FP graph must match: nothing quantized can explain a difference
+        raise ParityError(f"parity failed for FP torch vs FP ONNX: worst median relative error "
+                          f"{fp_parity.worst_median_reldiff:.3g} > {fp_parity.tolerance_median_rel:g}")
+    models = {target: for_target(q_model, target, shapes.batch.opt) for target in config.targets}
+    for model in models.values():  # same scales; a profile's extra output quantizers get their ranges here
+        calibrate_ranges(model, calib, progress=False, only_uncalibrated=True)
+    exported: dict[str, list[tuple[TimestepGroup, GraphParity]]] = {target: [] for target in config.targets}
+    for g, graph in enumerate(calibrated.graphs):
+        if scales is not None:
+            set_scales(q_model, scales[g])
+        if config.precision == "fp16":
+            round_scales_(q_model, torch.float16)
+        feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch, graph.calibrated,
+                               shapes, fp_model.conditions)
+        for target, model in models.items():
+            if model is not q_model and scales is not None:  # this group's scales (strict=False: the
+                model.load_state_dict(q_model.state_dict(), strict=False)  # profile adds or drops quantizers)
+            file = graph_file(graph.file, target)
+            parity_dir = graph.parity_dir if target == "tensorrt" else f"{graph.parity_dir}/{target}"
+            parity = _export_graph(model, staging / file, shape, config, feeds, target, shapes)
+            (staging / parity_dir).mkdir(parents=True)
+            with quiet_polygraphy():
+                save_json(feeds, staging / parity_dir / "inputs.json", description="parity inputs")
+                parity.reference.save(str(staging / parity_dir / "reference_outputs.json"))  # torch outputs
+            exported[target].append((TimestepGroup(file, graph.timesteps, parity_dir), parity))
+    return Exported(fp_parity, exported)
+
+
+def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibrated, exported: Exported,
+                    staging: Path) -> Measured:
+    """Correction terms (on the first target's graphs), then every target's samples against FP torch's from the
+    same seeds, run by the runtime loop on onnxruntime; the preview grid; each target's report."""
+    loaded, fp_model, shape, latent = prepared.loaded, prepared.fp_model, prepared.shape, prepared.latent
+    deployed = {target: graph_backend([staging / group.graph for group, _ in graphs], [group for group, _ in graphs],
+                                      optimization_level=RUNTIME_OPTIMIZATION_LEVEL[target])
+                for target, graphs in exported.graphs.items()}
+    corrections = None
+    if config.correction != "none":  # estimated on the first target's graph, along calibration trajectories
+        corrections = estimate_corrections(
+            config.correction, TorchBackend(fp_model), deployed[config.targets[0]],
+            loaded.scheduler_config, calibrated.calib_seeds, shape, config.sampler, config.progress)
+        corrections.save(staging / CORRECTIONS_FILE)
+    eval_seeds = range(config.seed, config.seed + config.eval_samples)
+    table = capture_table(config.sampler, loaded.scheduler_config)
+    fp_samples = sample(TorchBackend(fp_model), table, eval_seeds, shape, config.sampler, progress=config.progress,
+                        desc="FP samples", conditioning=prepared.conditioning, clip=not latent).samples
+    # latents are not in [-1, 1]: their PSNR is taken over the FP latents' peak-to-peak range
+    data_range = float(fp_samples.max() - fp_samples.min()) if latent else 2.0
+    reports: dict[str, TargetReport] = {}
+    for target, backend in deployed.items():
+        q_samples = sample(backend, table, eval_seeds, shape, config.sampler, progress=config.progress,
+                           desc=f"{target} graph samples (onnxruntime)", corrections=corrections,
+                           conditioning=prepared.conditioning, clip=not latent).samples
+        scores = psnr(q_samples, fp_samples, data_range)
+        if not reports:
+            save_comparison_grid(fp_samples[:32], q_samples[:32], staging / PREVIEW_FILE)
+        parities = [parity for _, parity in exported.graphs[target]]
+        kernels = None if parities[0].kernels is None else {
+            "integer_kernels": parities[0].kernels["integer_kernels"],  # every group's graph has the same structure
+            "fused_kernels_median_reldiff": {t: v for parity in parities
+                                             for t, v in parity.kernels["fused_kernels_median_reldiff"].items()}}
+        end_to_end = [parity.end_to_end for parity in parities]
+        tolerance = replay_tolerance(parities[0].layerwise.policy, end_to_end)
+        reports[target] = TargetReport(
+            graphs=[group.graph for group, _ in exported.graphs[target]],
+            layerwise=[parity.layerwise for parity in parities],
+            end_to_end=ParityReport(float("inf"), end_to_end[0].error_quantile,
+                                    [t for report in end_to_end for t in report.timesteps]).judged(tolerance),
+            psnr_mean_db=float(scores.mean()), psnr_min_db=float(scores.min()), integer_kernels=kernels)
+    return Measured(table, corrections, reports, data_range)
+
+
+def _target_section(config: ExportConfig, target: str, report: TargetReport, groups: list[TimestepGroup],
+                    latent: bool, data_range: float) -> Target:
+    return Target(
+        timestep_groups=groups,
+        parity={"gate": "layer-wise", "passed": report.parity_passed,
+                "layerwise": [layerwise.to_dict() for layerwise in report.layerwise], "end_to_end": report.end_to_end.to_dict()},
+        onnxruntime_optimization_level=RUNTIME_OPTIMIZATION_LEVEL[target],
+        parity_optimization_level=report.layerwise[0].policy.optimization_level,
+        details={"quality": {"psnr_to_fp_db_mean": report.psnr_mean_db, "psnr_to_fp_db_min": report.psnr_min_db,
+                             "samples": config.eval_samples, "seeds": [config.seed, config.seed + config.eval_samples - 1],
+                             "space": "latent" if latent else "pixel", "psnr_data_range": data_range,
+                             "executed_by": "onnxruntime CPUExecutionProvider"},
+                 **({"lint": {"rules": "tensorrt explicit quantization", "findings": 0}} if target == "tensorrt"
+                    else report.integer_kernels)})
+
+
+def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrated, exported: Exported, measured: Measured,
+                 staging: Path) -> None:
+    """build_engine.sh (and the engines, with --engine), then the manifest, signed with --sign-key."""
+    fp_model, conditioning = prepared.fp_model, prepared.conditioning
+    trt_graphs = [group.graph for group, _ in exported.graphs.get("tensorrt", [])]
+    engine = {}
+    if trt_graphs:
+        input_shapes = prepared.shapes.input_shapes(prepared.shape[0], fp_model.conditions)
+        (staging / BUILD_SCRIPT).write_text(build_script(trt_graphs, input_shapes))
+        (staging / BUILD_SCRIPT).chmod(0o755)
+        engine = {"build_script": BUILD_SCRIPT, "input_shapes": input_shapes}
+        if config.engine:
+            engine.update(build_engines(staging, trt_graphs, input_shapes))
+    corrections = measured.corrections
+    write_manifest(staging, Manifest(
+        source_model=prepared.loaded.source, sample_shape=prepared.shape, conditions=fp_model.conditions,
+        shape_profile=prepared.shapes.to_dict(), noise_schedule=prepared.loaded.scheduler_config,
+        sampler=Sampler(config.sampler.scheduler, config.sampler.steps, config.sampler.eta, config.sampler.guidance_scale),
+        scheduler_table=measured.table.to_dict(),
+        targets={target: _target_section(config, target, report, [group for group, _ in exported.graphs[target]],
+                                         prepared.latent, measured.data_range)
+                 for target, report in measured.reports.items()},
+        reference_graph=FP_MODEL_FILE, correction_method=config.correction,
+        correction_file=CORRECTIONS_FILE if corrections else None, engine=engine,
+        info={
             "conditioning": None if conditioning is None else {
                 "source": str(config.prompts_file or config.conditioning), "prompts": len(conditioning),
                 "calibration_copies": "unconditional and conditional" if config.sampler.guidance_scale != 1.0 else "conditional"},
-            "noise_schedule": loaded.scheduler_config,
-            "sampler": asdict(config.sampler),
-            "targets": targets_manifest,
-            "reference_graph": FP_MODEL_FILE,
             "quantization": {**config.quant.to_dict(), "targets": list(config.targets), "precision": config.precision,
-                             "layers": layer_names},
-            "calibration": {**calibration, "percentile": config.percentile,
-                            "reconstruction": asdict(config.reconstruction) if calibration.get("blocks") else None,
-                            "trajectories": config.calib_samples, "inputs": len(calib),
-                            "timesteps": calib.unique_timesteps(), "seed": config.seed,
-                            "seconds": round(calibration_seconds, 2)},
-            "correction": {"method": config.correction, "file": CORRECTIONS_FILE if corrections else None,
-                           "timesteps": corrections.timesteps.tolist() if corrections else None},
-            "engine": engine,
-            "parity": {"fp": fp_parity.to_dict()},
+                             "layers": calibrated.layer_names},
+            "calibration": calibrated.summary,
+            "correction_timesteps": corrections.timesteps.tolist() if corrections else None,
+            "parity": {"fp": exported.fp_parity.to_dict()},
             "versions": _versions(),
-        })
-        if config.sign_key is not None:
-            sign_manifest(staging, config.sign_key)
+        }))
+    if config.sign_key is not None:
+        sign_manifest(staging, config.sign_key)
+
+
+def export_quantized(config: ExportConfig) -> ExportReport:
+    """prepare -> calibrate_model -> export_graphs -> measure_quality -> write_bundle, staged beside --out and
+    renamed there only when every stage succeeded."""
+    start = time.perf_counter()
+    prepared = prepare(config)
+    with staged_directory(config.out, config.overwrite, prepared.protected) as staging:
+        calibrated = calibrate_model(config, prepared, start)
+        exported = export_graphs(config, prepared, calibrated, staging)
+        measured = measure_quality(config, prepared, calibrated, exported, staging)
+        write_bundle(config, prepared, calibrated, exported, measured, staging)
     return ExportReport(
-        bundle=Path(config.out), preview=Path(config.out) / PREVIEW_FILE, fp_parity=fp_parity, targets=reports,
-        eval_samples=config.eval_samples, quantized_layers=layer_names, calibration_seconds=calibration_seconds,
-        seconds=time.perf_counter() - start,
+        bundle=Path(config.out), preview=Path(config.out) / PREVIEW_FILE, fp_parity=exported.fp_parity,
+        targets=measured.reports, eval_samples=config.eval_samples, quantized_layers=calibrated.layer_names,
+        calibration_seconds=calibrated.seconds, seconds=time.perf_counter() - start,
     )

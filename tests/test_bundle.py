@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from stepquant.export import FORMAT_VERSION, BundleError, load_bundle, staged_directory, write_manifest
+from stepquant.bundle import FORMAT_VERSION, BundleError, load_bundle
+from stepquant.export.bundle import staged_directory, write_manifest
 
 
 @pytest.fixture
@@ -17,12 +18,26 @@ def bundle_copy(demo_bundle, tmp_path):
 
 def test_round_trip(demo_bundle):
     bundle = load_bundle(demo_bundle[0])
-    assert bundle.manifest["format_version"] == FORMAT_VERSION
-    assert {"model.onnx", "model_fp32.onnx", "preview.png", "parity/inputs.json"} <= set(bundle.manifest["files"])
-    assert bundle.sample_shape == (1, 16, 16)
-    for key in ("source_model", "noise_schedule", "sampler", "quantization", "calibration", "versions", "parity", "targets"):
-        assert key in bundle.manifest
-    assert bundle.manifest["quantization"]["weight_bits"] == 8
+    raw = json.loads((demo_bundle[0] / "manifest.json").read_text())
+    assert raw["format_version"] == FORMAT_VERSION
+    manifest = bundle.manifest
+    assert {"model.onnx", "model_fp32.onnx", "preview.png", "parity/inputs.json"} <= set(manifest.files)
+    assert manifest.sample_shape == (1, 16, 16) and manifest.sampler.steps == 4 and manifest.scheduler_table["steps"] == 4
+    for key in ("quantization", "calibration", "versions", "parity"):
+        assert key in manifest.info
+    assert manifest.info["quantization"]["weight_bits"] == 8
+    # typed once: what the export wrote is what the manifest reads back
+    body = {k: v for k, v in raw.items() if k not in ("format_version", "files", "manifest_sha256")}
+    assert json.loads(json.dumps(manifest.to_dict())) == body
+
+
+def test_an_older_format_names_the_release_that_reads_it(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["format_version"] = 4
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="format version 4 is not supported .*re-export it with this stepquant, or read it "
+                                          "with stepquant 0.1.0"):
+        load_bundle(bundle_copy)
 
 
 def test_a_changed_byte_is_refused(bundle_copy):
@@ -73,9 +88,10 @@ def test_staging_refuses_to_replace_without_overwrite_and_replaces_a_bundle_with
     with pytest.raises(BundleError, match="already exists"):
         with staged_directory(bundle_copy):
             pass
+    manifest = load_bundle(bundle_copy).manifest
     with staged_directory(bundle_copy, overwrite=True) as staging:
         (staging / "new.json").write_text("{}")
-        write_manifest(staging, {})
+        write_manifest(staging, manifest)
     assert sorted(p.name for p in bundle_copy.iterdir()) == ["manifest.json", "new.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
     assert list(json.loads((bundle_copy / "manifest.json").read_text())["files"]) == ["new.json"]

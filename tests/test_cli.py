@@ -45,8 +45,10 @@ def test_sample_bundle_and_model_with_the_same_seeds(cli_bundle, tmp_path):
     assert quantized.shape == fp.shape == (3, 1, 16, 16) and quantized.dtype == np.float32
     psnr = 10 * np.log10(4.0 / np.mean((quantized - fp) ** 2, axis=(1, 2, 3)))
     assert psnr.min() > 20.0  # same seeds give the same digits
-    grid = run("stepquant", "sample", "--bundle", out, "--n", "2", "--steps", "2", "--out", tmp_path / "g.png", "--no-progress")
+    grid = run("stepquant", "sample", "--bundle", out, "--n", "2", "--out", tmp_path / "g.png", "--no-progress")
     assert grid.returncode == 0 and (tmp_path / "g.png").stat().st_size > 0
+    other = run("stepquant", "sample", "--bundle", out, "--n", "2", "--steps", "2", "--out", tmp_path / "o.npz", "--no-progress")
+    assert_one_line_error(other, "the bundle's sampler is DDIM, 3 steps, eta 0; it cannot sample DDIM with 2 steps")
 
 
 def test_missing_model_directory(tmp_path):

@@ -1,13 +1,15 @@
 """Correction terms: each estimator recovers known terms from synthetic data built with them, the variance
 schedule never goes negative, the host loop applies them, and bad correction files are refused."""
 
+import numpy as np
 import pytest
 import torch
 
 from stepquant.calibrators.corrections import ErrorStatistics, d2, ptqd, tac_gain
 from stepquant.models.demo_config import SCHEDULER_CONFIG
+from stepquant.models.schedulers import capture_table
 from stepquant.runtime.corrections import CorrectionError, Corrections
-from stepquant.runtime.sampler import SamplerConfig, ddim_step, ddpm_step, make_scheduler, sample
+from stepquant.runtime.sampler import SamplerConfig, sample
 from stepquant.runtime.seeding import seed_generators
 
 TIMESTEPS = [900, 500, 100]
@@ -21,24 +23,24 @@ def synthetic(k: float, bias: list[float], noise: float, batches: int = 20) -> E
     for _ in range(batches):
         for t in TIMESTEPS:
             eps = torch.randn(16, len(bias), 8, 8)
-            stats.update(t, eps, (1 + k) * eps + b + noise * torch.randn_like(eps))
+            stats.update(t, eps.numpy(), ((1 + k) * eps + b + noise * torch.randn_like(eps)).numpy())
     return stats
 
 
 def test_ptqd_recovers_gain_bias_and_residual_variance():
     k, bias, noise = 0.2, [0.05, -0.1], 0.1
     terms = ptqd(synthetic(k, bias, noise))
-    assert terms.gain == pytest.approx(torch.full((3, 2), 1 / (1 + k)), abs=2e-3)
-    assert terms.bias == pytest.approx(-torch.tensor(bias).expand(3, 2) / (1 + k), abs=3e-3)
+    assert terms.gain == pytest.approx(np.full((3, 2), 1 / (1 + k)), abs=2e-3)
+    assert terms.bias == pytest.approx(-np.broadcast_to(bias, (3, 2)) / (1 + k), abs=3e-3)
     assert terms.residual_var.tolist() == pytest.approx([noise**2 / (1 + k) ** 2] * 3, rel=0.05)
     # corrected estimate = eps + noise / (1 + k): the systematic part is gone
-    eps = torch.randn(4, 2, 8, 8)
-    corrected = terms.correct_estimate((1 + k) * eps + torch.tensor(bias).reshape(1, -1, 1, 1), 500, seed_generators(range(4)))
-    assert torch.allclose(corrected, eps, atol=5e-3)
+    eps = np.random.default_rng(0).standard_normal((4, 2, 8, 8), dtype=np.float32)
+    corrected = terms.correct_estimate((1 + k) * eps + np.reshape(bias, (1, -1, 1, 1)), 500, seed_generators(range(4)))
+    assert np.allclose(corrected, eps, atol=5e-3)
 
 
 def test_ptqd_ignores_a_negative_correlation():
-    assert ptqd(synthetic(-0.2, [0.0], 0.0)).gain == pytest.approx(torch.ones(3, 1))
+    assert ptqd(synthetic(-0.2, [0.0], 0.0)).gain == pytest.approx(np.ones((3, 1)))
 
 
 def test_d2_recovers_the_conditional_mean_and_variance():
@@ -48,49 +50,59 @@ def test_d2_recovers_the_conditional_mean_and_variance():
     var_q, cov_qd, var_d = (1 + k) ** 2 + noise**2, k * (1 + k) + noise**2, k**2 + noise**2
     slope = cov_qd / var_q
     conditional = var_d - cov_qd**2 / var_q
-    assert deterministic.gain == pytest.approx(torch.full((3, 1), 1 - slope), abs=3e-3)
+    assert deterministic.gain == pytest.approx(np.full((3, 1), 1 - slope), abs=3e-3)
     assert deterministic.residual_var.tolist() == pytest.approx([conditional] * 3, rel=0.03)
     assert stochastic.noise_std.tolist() == pytest.approx([conditional**0.5] * 3, rel=0.02)
     assert stochastic.residual_var.tolist() == [0.0] * 3 and deterministic.noise_std.tolist() == [0.0] * 3
     # the conditional mean of the error is removed: the corrected estimate's mean is eps's mean (0)
     mean_q = bias[0]  # E[q] with E[eps] = 0
-    assert (deterministic.gain * mean_q + deterministic.bias).abs().max() < 5e-3
+    assert np.abs(deterministic.gain * mean_q + deterministic.bias).max() < 5e-3
 
 
 def test_tac_gain_inverts_a_per_channel_scale():
     torch.manual_seed(0)
     stats = ErrorStatistics([500], channels=2)
     eps = torch.randn(32, 2, 8, 8)
-    stats.update(500, eps, eps * torch.tensor([1.25, 0.8]).reshape(1, -1, 1, 1))
+    stats.update(500, eps.numpy(), (eps * torch.tensor([1.25, 0.8]).reshape(1, -1, 1, 1)).numpy())
     assert tac_gain(stats, shrinkage=0.0)[0] == pytest.approx(torch.tensor([0.8, 1.25]), rel=1e-5)
     assert (tac_gain(stats, shrinkage=10.0)[0] - 1).abs().max() < (tac_gain(stats, 0.0)[0] - 1).abs().max()
 
 
-def test_own_steps_match_diffusers_without_variance_calibration():
-    for name, eta in (("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)):
-        config = SamplerConfig(name, 10, eta)
-        scheduler = make_scheduler(config, SCHEDULER_CONFIG)
-        x, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
-        for t in scheduler.timesteps:
-            extra = {"eta": eta} if name == "ddim" else {}
-            expected = scheduler.step(eps, t, x, generator=seed_generators(range(3)), **extra).prev_sample
-            ours = (ddim_step(scheduler, eps, int(t), x, eta, seed_generators(range(3))) if name == "ddim"
-                    else ddpm_step(scheduler, eps, int(t), x, seed_generators(range(3))))
-            assert torch.allclose(ours, expected, atol=1e-5), (name, eta, int(t))
+class _FixedThenRandom:
+    """A noise stream whose first draw (the initial noise) is fixed and whose later draws (the sampler's
+    per-step noise) come from `seed`."""
+
+    def __init__(self, seed: int) -> None:
+        self.first, self.rest = True, np.random.default_rng(seed)
+
+    def standard_normal(self, size, dtype=np.float32):
+        if self.first:
+            self.first = False
+            return np.ones(size, dtype=dtype)
+        return self.rest.standard_normal(size, dtype=dtype)
 
 
-def test_variance_schedule_calibration_never_goes_negative():
-    scheduler = make_scheduler(SamplerConfig("ddim", 10, 1.0), SCHEDULER_CONFIG)
-    x, eps = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
-    for t in scheduler.timesteps:
-        huge = ddim_step(scheduler, eps, int(t), x, 1.0, seed_generators([0, 1]), residual_var=1e9)
-        deterministic = ddim_step(scheduler, eps, int(t), x, 0.0, seed_generators([0, 1]))
-        assert torch.isfinite(huge).all() and torch.allclose(huge, deterministic, atol=1e-6)  # sigma' clamps at 0
-    ddpm = make_scheduler(SamplerConfig("ddpm", 10), SCHEDULER_CONFIG)
-    for t in ddpm.timesteps:
-        first = ddpm_step(ddpm, eps, int(t), x, seed_generators([0, 1]), residual_var=1e9)
-        second = ddpm_step(ddpm, eps, int(t), x, seed_generators([5, 6]), residual_var=1e9)
-        assert torch.isfinite(first).all() and torch.allclose(first, second)  # no noise left: seeds do not matter
+def test_variance_schedule_calibration_shrinks_the_samplers_noise_and_never_goes_negative():
+    terms = Corrections.identity([500], 1, method="ptqd")
+    terms.residual_var[:] = 0.5
+    assert terms.sampler_noise_std(500, 0.0, 1.0) == 0.0  # a deterministic step stays deterministic
+    assert terms.sampler_noise_std(500, 0.7, 0.4) == pytest.approx((0.49 - 0.16 * 0.5) ** 0.5)
+    terms = Corrections.identity([500], 1, method="ptqd")  # terms are cached per step once used: a fresh set
+    terms.residual_var[:] = 1e9
+    assert terms.sampler_noise_std(500, 0.7, 0.4) == 0.0  # clamped at 0, never negative
+
+    def backend(x, t):
+        return 0.1 * x
+
+    for config in (SamplerConfig("ddim", 10, 1.0), SamplerConfig("ddpm", 10)):
+        table = capture_table(config, SCHEDULER_CONFIG)
+        huge = Corrections.identity([int(t) for t in table.timesteps], 1, method="ptqd")
+        huge.residual_var[:] = 1e9
+        runs = [sample(backend, table, [0, 1], (1, 4, 4), config, progress=False, corrections=terms_,
+                       noise_streams=lambda seeds, o=offset: [_FixedThenRandom(o + s) for s in seeds]).samples
+                for terms_ in (huge, None) for offset in (0, 100)]
+        assert np.isfinite(runs[0]).all() and np.array_equal(runs[0], runs[1])  # no sampler noise left: the streams do not matter
+        assert not np.array_equal(runs[2], runs[3])  # without the terms they do
 
 
 def test_identity_terms_leave_the_loop_unchanged_and_terms_must_cover_the_timesteps():
@@ -98,13 +110,15 @@ def test_identity_terms_leave_the_loop_unchanged_and_terms_must_cover_the_timest
         return 0.1 * x
 
     config = SamplerConfig("ddim", 5, 1.0)
-    timesteps = [int(t) for t in make_scheduler(config, SCHEDULER_CONFIG).timesteps]
-    plain = sample(backend, SCHEDULER_CONFIG, range(3), (1, 4, 4), config, progress=False).samples
-    identity = sample(backend, SCHEDULER_CONFIG, range(3), (1, 4, 4), config, progress=False,
+    table = capture_table(config, SCHEDULER_CONFIG)
+    timesteps = [int(t) for t in table.timesteps]
+    plain = sample(backend, table, range(3), (1, 4, 4), config, progress=False).samples
+    identity = sample(backend, table, range(3), (1, 4, 4), config, progress=False,
                       corrections=Corrections.identity(timesteps, 1)).samples
-    assert torch.allclose(plain, identity, atol=1e-6)
+    assert np.allclose(plain, identity, atol=1e-6)
+    ten = SamplerConfig("ddim", 10, 0.0)
     with pytest.raises(CorrectionError, match="no correction terms for timestep"):
-        sample(backend, SCHEDULER_CONFIG, range(3), (1, 4, 4), SamplerConfig("ddim", 10, 0.0), progress=False,
+        sample(backend, capture_table(ten, SCHEDULER_CONFIG), range(3), (1, 4, 4), ten, progress=False,
                corrections=Corrections.identity(timesteps, 1))
 
 
@@ -141,13 +155,13 @@ def corrected_bundle(tmp_path_factory):
 
 
 def test_export_writes_terms_keyed_by_the_sampler_timesteps(corrected_bundle):
-    from stepquant.export import load_bundle
+    from stepquant.bundle import load_bundle
     from stepquant.runtime.bundle_backends import bundle_corrections
 
     bundle = load_bundle(corrected_bundle)
     terms = bundle_corrections(bundle)
-    assert terms.method == "ptqd" and bundle.manifest["correction"]["method"] == "ptqd"
-    assert terms.timesteps.tolist() == bundle.manifest["correction"]["timesteps"] == [750, 500, 250, 0]
+    assert terms.method == "ptqd" and bundle.manifest.correction_method == "ptqd"
+    assert terms.timesteps.tolist() == bundle.manifest.info["correction_timesteps"] == [750, 500, 250, 0]
     assert (terms.gain > 0).all() and (terms.residual_var >= 0).all()
 
 
@@ -164,7 +178,7 @@ def test_the_cli_applies_terms_and_refuses_other_step_counts(corrected_bundle, t
     with_terms, without = np.load(tmp_path / "with.npz")["samples"], np.load(tmp_path / "without.npz")["samples"]
     assert not np.array_equal(with_terms, without)
     refused = run(*base, "--steps", "10", "--out", tmp_path / "x.npz")
-    assert refused.returncode == 1 and "no correction terms for timestep" in refused.stderr
+    assert refused.returncode == 1 and "cannot sample DDIM with 10 steps" in refused.stderr
     assert not (tmp_path / "x.npz").exists()
     shown = run("inspect", "--bundle", corrected_bundle, "--plot", tmp_path / "terms.png")
     assert shown.returncode == 0 and "ptqd correction terms for 4 timesteps" in shown.stdout
@@ -176,9 +190,9 @@ def test_added_estimate_noise_does_not_shift_the_samplers_own_noise():
         return 0.1 * x
 
     config = SamplerConfig("ddim", 5, 1.0)
-    timesteps = [int(t) for t in make_scheduler(config, SCHEDULER_CONFIG).timesteps]
-    terms = Corrections.identity(timesteps, 1, method="d2-stochastic")
+    table = capture_table(config, SCHEDULER_CONFIG)
+    terms = Corrections.identity([int(t) for t in table.timesteps], 1, method="d2-stochastic")
     terms.noise_std[:] = 1e-4
-    plain = sample(backend, SCHEDULER_CONFIG, range(3), (1, 4, 4), config, progress=False).samples
-    noisy = sample(backend, SCHEDULER_CONFIG, range(3), (1, 4, 4), config, progress=False, corrections=terms).samples
-    assert torch.allclose(plain, noisy, atol=1e-3)  # same per-step sampler noise, tiny extra estimate noise
+    plain = sample(backend, table, range(3), (1, 4, 4), config, progress=False).samples
+    noisy = sample(backend, table, range(3), (1, 4, 4), config, progress=False, corrections=terms).samples
+    assert np.allclose(plain, noisy, atol=1e-3)  # same per-step sampler noise, tiny extra estimate noise

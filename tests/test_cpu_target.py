@@ -14,11 +14,12 @@ import torch
 from conftest import FEW_STEPS
 from onnx import numpy_helper
 
+from stepquant.bundle import BundleError, load_bundle
 from stepquant.calibrators.data import CalibrationSet
 from stepquant.calibrators.ranges import calibrate_ranges
-from stepquant.export import BundleError, export_onnx, load_bundle
 from stepquant.export.fusion import FusionError, check_integer_convs, optimized_op_counts
 from stepquant.export.layerwise import check_layerwise
+from stepquant.export.onnx_export import export_onnx
 from stepquant.export.parity import parity_feeds, replay_parity
 from stepquant.export.parity_policy import parity_policy
 from stepquant.export.targets import TargetError, for_target
@@ -140,12 +141,12 @@ def test_a_bundle_carries_a_graph_per_target_and_each_runtime_picks_its_own(tiny
     assert report.targets["onnxruntime-cpu"].graphs == ["model_cpu.onnx"]
     bundle = load_bundle(out)
     cpu = bundle.target("onnxruntime-cpu")
-    assert cpu["integer_kernels"]["QLinearConv"] > 0 and cpu["parity"]["passed"]
-    assert cpu["parity"]["layerwise"][0]["policy"] == bundle.target("tensorrt")["parity"]["layerwise"][0]["policy"]
-    assert bundle.target("tensorrt")["lint"]["findings"] == 0
+    assert cpu.details["integer_kernels"]["QLinearConv"] > 0 and cpu.parity["passed"]
+    assert cpu.parity["layerwise"][0]["policy"] == bundle.target("tensorrt").parity["layerwise"][0]["policy"]
+    assert bundle.target("tensorrt").details["lint"]["findings"] == 0
     # both INT8 graphs judged as written, not as onnxruntime fuses them (a Q after a quantized Conv
     # becomes QLinearConv in a tensorrt graph too, e.g. with quantized shortcut convolutions)
-    assert cpu["parity_optimization_level"] == bundle.target("tensorrt")["parity_optimization_level"] == "disable"
+    assert cpu.parity_optimization_level == bundle.target("tensorrt").parity_optimization_level == "disable"
     assert bundle.target_for("onnxruntime") == "onnxruntime-cpu" and bundle.target_for("tensorrt") == "tensorrt"
     backend = quantized_backend(bundle, threads=1)
     assert backend.model_path.name == "model_cpu.onnx"

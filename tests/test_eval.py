@@ -13,8 +13,9 @@ from stepquant.eval.classifier import WEIGHTS, load_classifier
 from stepquant.eval.evaluate import evaluate, plot_errors
 from stepquant.eval.metrics import PSNR_CAP_DB, frechet_distance, psnr
 from stepquant.models import EpsilonModel, load_model
+from stepquant.models.torch_backend import TorchBackend
 from stepquant.quant import QuantSpec, quantize_
-from stepquant.runtime import SamplerConfig, TorchBackend
+from stepquant.runtime import SamplerConfig
 
 
 def test_psnr_of_identical_sets_is_capped_and_matches_hand_value():

@@ -7,13 +7,13 @@ import torch
 from onnx import numpy_helper
 
 from stepquant.calibrators import calibrate_ranges, collect_calibration_set
-from stepquant.export import export_onnx
 from stepquant.export.layerwise import check_layerwise
+from stepquant.export.onnx_export import export_onnx
 from stepquant.export.parity_policy import parity_policy
 from stepquant.models import EpsilonModel, load_model
+from stepquant.models.torch_backend import TorchBackend
 from stepquant.quant import QuantSpec, quantize_, quantized_layers
 from stepquant.quant.quantize import ResidualQuantizer
-from stepquant.runtime import TorchBackend
 from tests.conftest import FEW_STEPS
 
 

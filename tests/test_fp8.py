@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from stepquant.export import load_bundle
+from stepquant.bundle import load_bundle
 from stepquant.export.lint import lint
 from stepquant.export.parity import replay_parity
 from stepquant.export.parity_policy import parity_policy
@@ -42,9 +42,9 @@ def test_fp8_parity_with_the_torch_simulation(fp8_bundle):
     assert report.parity_passed
     assert report.primary.layerwise[0].policy == parity_policy("tensorrt", "fp8", "fp32")
     bundle = load_bundle(path)
-    assert bundle.target("tensorrt")["onnxruntime_optimization_level"] == "basic"
-    assert bundle.target("tensorrt")["parity_optimization_level"] == "disable"  # judged as written, like INT8
-    assert bundle.manifest["quantization"]["format"] == "fp8"
+    assert bundle.target("tensorrt").onnxruntime_optimization_level == "basic"
+    assert bundle.target("tensorrt").parity_optimization_level == "disable"  # judged as written, like INT8
+    assert bundle.manifest.info["quantization"]["format"] == "fp8"
     assert replay_parity(bundle, "onnxruntime").passed
     assert quantized_backend(bundle).session.get_session_options().graph_optimization_level.name == "ORT_ENABLE_BASIC"
     assert np.isfinite(report.psnr_mean_db) and report.psnr_mean_db > 25

@@ -13,9 +13,9 @@ import torch
 
 from stepquant.calibrators.data import CalibrationSet
 from stepquant.calibrators.ranges import calibrate_ranges
-from stepquant.export import export_onnx
 from stepquant.export.faults import FAULTS, seed_fault
 from stepquant.export.layerwise import LayerwiseParityError, check_layerwise
+from stepquant.export.onnx_export import export_onnx
 from stepquant.export.parity import parity_feeds
 from stepquant.export.parity_policy import parity_policy
 from stepquant.export.precision import export_at_precision

@@ -143,7 +143,7 @@ def test_the_cifar10_architecture_export_conforms(tmp_path):
 
     from stepquant.calibrators import calibrate_ranges
     from stepquant.calibrators.data import CalibrationSet
-    from stepquant.export import export_onnx
+    from stepquant.export.onnx_export import export_onnx
     from stepquant.models import EpsilonModel
     from stepquant.models.reference_configs import DDPM_CIFAR10_UNET
     from stepquant.quant import QuantSpec, quantize_

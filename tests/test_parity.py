@@ -11,8 +11,9 @@ from conftest import assert_one_line_error, run_cli
 from polygraphy.comparator import IterationResult, RunResults
 from polygraphy.json import load_json, save_json
 
-from stepquant.export import load_bundle
-from stepquant.export.bundle import MANIFEST, write_manifest
+from stepquant.bundle import Manifest, load_bundle
+from stepquant.bundle.reader import MANIFEST
+from stepquant.export.bundle import write_manifest
 from stepquant.export.parity import ParityReport, TimestepParity, compare_runs, replay_parity
 from stepquant.export.parity_policy import parity_policy
 from stepquant.pipeline import FP_TOLERANCE, REPLAY_MARGIN, replay_tolerance
@@ -34,7 +35,7 @@ def test_demo_bundle_passes_the_layerwise_gate(demo_bundle):
 def test_parity_figures_and_replay_data_are_in_the_bundle(demo_bundle):
     path, report = demo_bundle
     bundle = load_bundle(path)
-    recorded = bundle.target("tensorrt")["parity"]
+    recorded = bundle.target("tensorrt").parity
     assert recorded["gate"] == "layer-wise" and recorded["passed"]
     assert recorded["layerwise"][0]["codes_compared"] == report.primary.layerwise[0].to_dict()["codes_compared"]
     end_to_end = recorded["end_to_end"]
@@ -88,7 +89,7 @@ def _resigned_copy(source: Path, destination: Path, edit) -> Path:
     edit(destination)
     manifest = json.loads((destination / MANIFEST).read_text())
     (destination / MANIFEST).unlink()
-    write_manifest(destination, {k: v for k, v in manifest.items() if k not in ("format_version", "files", "manifest_sha256")})
+    write_manifest(destination, Manifest.from_dict(manifest))
     return destination
 
 
@@ -130,5 +131,5 @@ def test_a_wrong_graph_stops_the_export_unless_allowed(tiny_model_dir, tmp_path,
     assert not (tmp_path / "strict").exists() and list(tmp_path.iterdir()) == []
     report = export_quantized(ExportConfig(out=tmp_path / "kept", require_parity=False, **config))
     assert not report.parity_passed
-    recorded = load_bundle(tmp_path / "kept").target("tensorrt")["parity"]
+    recorded = load_bundle(tmp_path / "kept").target("tensorrt").parity
     assert recorded["passed"] is False and recorded["layerwise"][0]["failures"]

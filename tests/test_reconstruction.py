@@ -6,25 +6,27 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DModel
 
+from stepquant.bundle import load_bundle
 from stepquant.calibrators import collect_calibration_set
 from stepquant.calibrators.mixed_order import midpoint_timestep, second_order_targets
 from stepquant.calibrators.multistep import multistep_objective
 from stepquant.calibrators.ranges import calibrate_ranges
 from stepquant.calibrators.reconstruction import ReconstructionConfig, reconstruct_blocks, reconstruction_units
 from stepquant.calibrators.timestep_groups import split_by_range_change, split_every
-from stepquant.export.bundle import load_bundle
 from stepquant.export.parity import replay_parity
 from stepquant.models.demo_config import SCHEDULER_CONFIG
 from stepquant.models.epsilon import EpsilonModel
+from stepquant.models.schedulers import capture_table, make_scheduler
+from stepquant.models.torch_backend import TorchBackend
 from stepquant.pipeline import ExportConfig, export_quantized
 from stepquant.quant import QuantSpec, quantize_
 from stepquant.quant.layers import ActivationQuantizer, QuantizedLayer, SplitQuantizedLayer, WeightQuantizer
 from stepquant.quant.quantize import bake_rounding_, skip_concat_splits
-from stepquant.runtime import TorchBackend, make_scheduler
 from stepquant.runtime.bundle_backends import quantized_backend
 from stepquant.runtime.timestep_groups import TimestepGroupBackend
 from tests.conftest import FEW_STEPS, TINY_UNET
@@ -110,12 +112,12 @@ def test_multistep_gradient_equals_the_unrolled_chain_without_keeping_it(tiny):
     quantizers = [m for m in q.modules() if isinstance(m, ActivationQuantizer)]
     for m in quantizers:
         m.scale = m.scale.detach().clone().requires_grad_(True)
-    scheduler = make_scheduler(FEW_STEPS, SCHEDULER_CONFIG)
+    table = capture_table(FEW_STEPS, SCHEDULER_CONFIG)
     grads = []
     for unrolled in (True, False):
         for m in quantizers:
             m.scale.grad = None
-        objective = multistep_objective(fp, q, calib, scheduler, 3, 4, torch.Generator().manual_seed(1), unrolled)
+        objective = multistep_objective(fp, q, calib, table, 3, 4, torch.Generator().manual_seed(1), unrolled)
         objective(0)
         grads.append(torch.stack([m.scale.grad for m in quantizers]))
     assert grads[0].abs().sum() > 0
@@ -149,15 +151,15 @@ def test_group_backend_sends_each_timestep_to_its_graph():
     def backend(tag):
         def run(sample, timestep):
             calls.append((tag, timestep.tolist()))
-            return torch.full_like(sample, tag)
+            return np.full_like(sample, tag)
         return run
 
     grouped = TimestepGroupBackend([backend(0), backend(1)], [[750.0, 500.0], [250.0, 0.0]])
-    out = grouped(torch.zeros(3, 1, 2, 2), torch.tensor([750.0, 0.0, 500.0]))
+    out = grouped(np.zeros((3, 1, 2, 2), dtype=np.float32), np.array([750.0, 0.0, 500.0], dtype=np.float32))
     assert out[:, 0, 0, 0].tolist() == [0.0, 1.0, 0.0]
     assert sorted(calls) == [(0, [750.0, 500.0]), (1, [0.0])]
     with pytest.raises(ValueError, match="timestep 125 belongs to no timestep group"):
-        grouped(torch.zeros(1, 1, 2, 2), torch.tensor([125.0]))
+        grouped(np.zeros((1, 1, 2, 2), dtype=np.float32), np.array([125.0], dtype=np.float32))
 
 
 @pytest.mark.parametrize("calibrator", ["reconstruct", "multistep", "mixed-order"])
@@ -177,18 +179,18 @@ def test_timestep_groups_export_one_graph_per_group_and_the_runtime_switches(tin
         model=str(tiny_model_dir), out=out, calibrator="minmax", timestep_groups=2, sampler=FEW_STEPS,
         calib_samples=4, eval_samples=2, progress=False))
     bundle = load_bundle(out)
-    groups = bundle.target("tensorrt")["timestep_groups"]
-    assert [g["graph"] for g in groups] == report.graphs == ["model_g0.onnx", "model_g1.onnx"]
-    covered = sorted(t for g in groups for t in g["timesteps"])
+    groups = bundle.target("tensorrt").timestep_groups
+    assert [g.graph for g in groups] == report.graphs == ["model_g0.onnx", "model_g1.onnx"]
+    covered = sorted(t for g in groups for t in g.timesteps)
     assert covered == sorted(float(t) for t in make_scheduler(FEW_STEPS, SCHEDULER_CONFIG).timesteps)
     assert replay_parity(bundle).passed
     backend = quantized_backend(bundle)
     assert isinstance(backend, TimestepGroupBackend)
     # each step runs its own group's graph: the graphs differ, and each matches the group's reference
-    x = torch.randn(2, 1, 8, 8)
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8), dtype=np.float32)
     for g, group in enumerate(groups):
-        t = torch.full((2,), group["timesteps"][0])
-        torch.testing.assert_close(backend(x, t), backend.backends[g](x, t))
-    t0, t1 = (torch.full((2,), g["timesteps"][0]) for g in groups)
-    assert not torch.allclose(backend.backends[0](x, t0), backend.backends[1](x, t0))
+        t = np.full((2,), group.timesteps[0], dtype=np.float32)
+        np.testing.assert_array_equal(backend(x, t), backend.backends[g](x, t))
+    t0, t1 = (np.full((2,), g.timesteps[0], dtype=np.float32) for g in groups)
+    assert not np.allclose(backend.backends[0](x, t0), backend.backends[1](x, t0))
     assert "model_g1.plan" in (out / "build_engine.sh").read_text()

@@ -19,9 +19,11 @@ import onnx
 import pytest
 from conftest import assert_one_line_error, run_cli
 
-from stepquant.export.bundle import SIGNATURE, BundleError, load_bundle, staged_directory
+from stepquant.bundle import BundleError, load_bundle
+from stepquant.bundle.reader import SIGNATURE
+from stepquant.bundle.signing import SignatureError, generate_keypair
+from stepquant.export.bundle import staged_directory
 from stepquant.export.faults import forge_bundle
-from stepquant.export.signing import SignatureError, generate_keypair
 
 BIN = Path(sys.executable).parent
 OPENED: list[str] = []
@@ -109,7 +111,7 @@ def test_symbolic_links_inside_a_bundle_are_refused(bundle, linked):
 def test_a_manifest_missing_a_key_is_one_line(bundle, tmp_path):
     forge_bundle(bundle, lambda m: m.pop("sampler"))
     assert_one_line_error(cli("sample", "--bundle", bundle, "--n", "1", "--out", tmp_path / "x.npz"),
-                   "'sampler' must hold 'steps'")
+                   "'sampler' must hold 'scheduler', 'steps'")
     assert not (tmp_path / "x.npz").exists()
 
 
@@ -201,8 +203,7 @@ def test_sample_checks_its_output_and_values_before_sampling(bundle, tmp_path):
 # --- bounded memory ---------------------------------------------------------------------------------------------
 
 def test_samples_stream_to_the_npz_batch_by_batch(bundle, tmp_path):
-    result = cli("sample", "--bundle", bundle, "--n", "5", "--batch-size", "2", "--steps", "2", "--out", tmp_path / "x.npz",
-                 "--no-progress")
+    result = cli("sample", "--bundle", bundle, "--n", "5", "--batch-size", "2", "--out", tmp_path / "x.npz", "--no-progress")
     assert result.returncode == 0, result.stderr
     samples = np.load(tmp_path / "x.npz")["samples"]
     assert samples.shape == (5, 1, 16, 16) and samples.dtype == np.float32 and np.isfinite(samples).all()

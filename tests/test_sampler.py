@@ -1,11 +1,20 @@
-"""The host loop: per-sample seeding independent of batching, deterministic and stochastic samplers."""
+"""The host loop: per-sample seeding independent of batching, the scheduler table against diffusers' own
+loop, deterministic and stochastic samplers, interchangeable backends."""
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
-from stepquant.export import export_onnx
+from stepquant.export.onnx_export import export_onnx
 from stepquant.models import EpsilonModel, load_model
-from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, TorchBackend, sample
+from stepquant.models.schedulers import capture_table, check_table, make_scheduler
+from stepquant.models.torch_backend import TorchBackend
+from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, sample
+from stepquant.runtime.scheduler_table import SchedulerTable, SchedulerTableError
+
+SAMPLERS = [SamplerConfig("ddim", 4, 0.0), SamplerConfig("ddim", 4, 1.0), SamplerConfig("ddpm", 4)]
 
 
 @pytest.fixture(scope="module")
@@ -14,30 +23,101 @@ def tiny(tiny_model_dir):
     return TorchBackend(EpsilonModel(loaded.denoiser)), loaded.scheduler_config
 
 
-@pytest.mark.parametrize("config", [SamplerConfig("ddim", 4, 0.0), SamplerConfig("ddim", 4, 1.0), SamplerConfig("ddpm", 4)])
+@pytest.mark.parametrize("config", SAMPLERS)
 def test_each_seed_gives_the_same_sample_whatever_the_batch(tiny, config):
     backend, schedule = tiny
-    together = sample(backend, schedule, [3, 4, 5], (1, 8, 8), config, batch_size=3, progress=False).samples
-    alone = sample(backend, schedule, [4], (1, 8, 8), config, batch_size=1, progress=False).samples
-    assert torch.allclose(together[1], alone[0], atol=1e-5)
-    assert not torch.allclose(together[0], together[1])
-    assert together.abs().max() <= 1.0
+    table = capture_table(config, schedule)
+    together = sample(backend, table, [3, 4, 5], (1, 8, 8), config, batch_size=3, progress=False).samples
+    alone = sample(backend, table, [4], (1, 8, 8), config, batch_size=1, progress=False).samples
+    assert np.allclose(together[1], alone[0], atol=1e-5)
+    assert not np.allclose(together[0], together[1])
+    assert np.abs(together).max() <= 1.0
+
+
+class _TorchStream:
+    """A sample's noise drawn as diffusers draws it from a list of generators, one (1, ...) draw per sample."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def standard_normal(self, size, dtype=np.float32):
+        return torch.randn((1, *size), generator=self.generator).numpy()[0]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    loaded = load_model("demo-digits")
+    return TorchBackend(EpsilonModel(loaded.denoiser)), loaded.scheduler_config
+
+
+@pytest.mark.parametrize("config", [SamplerConfig("ddim", 25, 0.0), SamplerConfig("ddim", 10, 1.0), SamplerConfig("ddpm", 25)])
+def test_the_runtime_loop_equals_diffusers_own_loop_from_the_same_noise(demo, config):
+    """On the trained demo: a random network amplifies float32 rounding (the table's coefficients are
+    products diffusers takes in another order) by about 30x over 10 steps; a trained one does not."""
+    backend, schedule = demo
+    seeds, shape = [0, 1, 2, 3], (1, 16, 16)
+    ours = sample(backend, capture_table(config, schedule), seeds, shape, config, progress=False, clip=False,
+                  noise_streams=lambda s: [_TorchStream(seed) for seed in s]).samples
+    scheduler = make_scheduler(config, schedule)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    x = torch.cat([torch.randn((1, *shape), generator=g) for g in generators]) * scheduler.init_noise_sigma
+    extra = {"eta": config.eta} if config.scheduler == "ddim" else {}
+    for t in scheduler.timesteps:
+        eps = torch.from_numpy(backend(x.numpy(), np.full(len(seeds), float(t), dtype=np.float32)))
+        x = scheduler.step(eps, t, x, generator=generators, **extra).prev_sample
+    assert np.abs(ours - x.numpy()).max() <= 1e-5
+
+
+def test_a_table_that_departs_from_its_scheduler_is_refused(tiny):
+    _, schedule = tiny
+    for config in SAMPLERS:
+        table = capture_table(config, schedule)
+        check_table(table, config, schedule)  # the captured table passes
+        for row in ("from_x0", "x0_from_output", "noise_std", "from_sample"):
+            values = getattr(table, row).copy()
+            largest = np.abs(values).reshape(len(values), -1).max(axis=1)
+            if largest.max() < 1e-6:  # a row this sampler does not use (0 up to rounding)
+                continue
+            values[np.argmax(largest)] *= 1.01  # a 1% fault in the step that leans on the row most
+            with pytest.raises(SchedulerTableError, match="departs from diffusers"):
+                check_table(dataclasses.replace(table, **{row: values}), config, schedule)
+
+
+def test_tables_round_trip_and_refuse_other_samplers_and_malformed_data(tiny):
+    _, schedule = tiny
+    table = capture_table(SamplerConfig("ddim", 4, 0.5), schedule)
+    again = SchedulerTable.from_dict(table.to_dict())
+    assert all(np.array_equal(getattr(table, f.name), getattr(again, f.name)) for f in dataclasses.fields(table)
+               if isinstance(getattr(table, f.name), np.ndarray))
+    table.check_sampler("ddim", 4, 0.5)
+    for request in (("ddim", 5, 0.5), ("ddim", 4, 0.0), ("ddpm", 4, 0.5)):
+        with pytest.raises(SchedulerTableError, match="the bundle's sampler is DDIM, 4 steps, eta 0.5"):
+            table.check_sampler(*request)
+    broken = table.to_dict()
+    broken["noise_std"] = broken["noise_std"][:-1]
+    with pytest.raises(SchedulerTableError, match="noise_std has shape"):
+        SchedulerTable.from_dict(broken)
+    with pytest.raises(SchedulerTableError, match="malformed scheduler table"):
+        SchedulerTable.from_dict({"scheduler": "ddim"})
+    with pytest.raises(SchedulerTableError, match="NaN"):
+        SchedulerTable.from_dict({**table.to_dict(), "from_x0": [float("nan")] * 4})
 
 
 def test_stochastic_sampling_differs_from_deterministic(tiny):
     backend, schedule = tiny
-    deterministic = sample(backend, schedule, [0], (1, 8, 8), SamplerConfig("ddim", 4, 0.0), progress=False).samples
-    stochastic = sample(backend, schedule, [0], (1, 8, 8), SamplerConfig("ddim", 4, 1.0), progress=False).samples
-    assert not torch.allclose(deterministic, stochastic)
+    runs = [sample(backend, capture_table(config, schedule), [0], (1, 8, 8), config, progress=False).samples
+            for config in SAMPLERS[:2]]
+    assert not np.allclose(*runs)
 
 
 def test_torch_and_onnxruntime_backends_are_interchangeable(tiny, tmp_path):
     backend, schedule = tiny
     export_onnx(backend.model, tmp_path / "fp.onnx", (1, 8, 8))
     config = SamplerConfig("ddim", 4, 1.0)
-    by_torch = sample(backend, schedule, range(4), (1, 8, 8), config, progress=False).samples
-    by_ort = sample(OnnxRuntimeBackend(tmp_path / "fp.onnx"), schedule, range(4), (1, 8, 8), config, progress=False).samples
-    assert torch.allclose(by_torch, by_ort, atol=1e-4)
+    table = capture_table(config, schedule)
+    by_torch = sample(backend, table, range(4), (1, 8, 8), config, progress=False).samples
+    by_ort = sample(OnnxRuntimeBackend(tmp_path / "fp.onnx"), table, range(4), (1, 8, 8), config, progress=False).samples
+    assert np.allclose(by_torch, by_ort, atol=1e-4)
 
 
 @pytest.mark.parametrize("kwargs, message", [({"scheduler": "euler"}, "unknown scheduler"),

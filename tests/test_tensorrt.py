@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_one_line_error, run_cli
 
-from stepquant.export import load_bundle
+from stepquant.bundle import load_bundle
 from stepquant.export.shapes import DimRange, ShapeProfile
 from stepquant.export.tensorrt import REMOVED_IN_11, TRTEXEC_FLAGS, build_script, trtexec_command
 
@@ -85,10 +85,10 @@ def test_build_script_refuses_other_versions(script_dir):
 def test_every_bundle_carries_the_build_script(demo_bundle):
     bundle = load_bundle(demo_bundle[0])
     script = bundle.file("build_engine.sh").read_text()
-    assert script == build_script(["model.onnx"], bundle.shape_profile.input_shapes(1, ()))
-    assert bundle.manifest["engine"]["input_shapes"]["sample"]["max"] == [64, 1, 16, 16]
+    assert script == build_script(["model.onnx"], ShapeProfile.from_dict(bundle.manifest.shape_profile).input_shapes(1, ()))
+    assert bundle.manifest.engine["input_shapes"]["sample"]["max"] == [64, 1, 16, 16]
     assert os.access(bundle.file("build_engine.sh"), os.X_OK)
-    assert bundle.manifest["engine"]["build_script"] == "build_engine.sh"
+    assert bundle.manifest.engine["build_script"] == "build_engine.sh"
 
 
 def test_tensorrt_commands_fail_clearly_without_tensorrt(demo_bundle):
@@ -115,15 +115,11 @@ def _filled(args: list[str], **values) -> list[str]:
 
 def test_tensorrt_only_command_lines_parse(tmp_path):
     """The TensorRT tests' command lines are valid for today's CLI (parsed by its own click commands)."""
-    import typer
+    from stepquant.cli.main import click_command
 
-    from stepquant.cli.main import app
-
-    command = typer.main.get_command(app)
     for args in (BUILD_ARGS, SAMPLE_ARGS):
         filled = _filled(args, bundle=tmp_path, out=tmp_path / "trt.npz")
-        subcommand = command.get_command(None, filled[0])
-        subcommand.make_context(filled[0], filled[1:])  # raises on an unknown option or a bad value
+        click_command(filled[0]).make_context(filled[0], filled[1:])  # raises on an unknown option or a bad value
 
 
 needs_tensorrt = pytest.mark.skipif(
@@ -141,7 +137,7 @@ def test_engine_build_tensorrt_backend_and_parity_replay(demo_bundle, tmp_path):
     from stepquant.eval import psnr
     from stepquant.export.parity import replay_parity
     from stepquant.runtime import SamplerConfig, sample
-    from stepquant.runtime.bundle_backends import quantized_backend
+    from stepquant.runtime.bundle_backends import bundle_table, quantized_backend
     from stepquant.runtime.tensorrt_backend import TensorRTBackend
 
     path = tmp_path / "bundle"
@@ -150,13 +146,13 @@ def test_engine_build_tensorrt_backend_and_parity_replay(demo_bundle, tmp_path):
     result = subprocess.run([str(stepquant), *_filled(BUILD_ARGS, bundle=path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     bundle = load_bundle(path)
-    assert bundle.manifest["engine"]["tensorrt_version"] and bundle.file("model.plan").stat().st_size > 0
+    assert bundle.manifest.engine["tensorrt_version"] and bundle.file("model.plan").stat().st_size > 0
     report = replay_parity(bundle, "tensorrt")  # end to end, at the replay tolerance the export recorded
     assert report.passed, report.to_dict()
     config = SamplerConfig(steps=4)
-    schedule = bundle.manifest["noise_schedule"]
-    by_trt = sample(TensorRTBackend(bundle.file("model.plan")), schedule, range(8), bundle.sample_shape, config, progress=False)
-    by_ort = sample(quantized_backend(bundle), schedule, range(8), bundle.sample_shape, config, progress=False)
+    table, shape = bundle_table(bundle), bundle.manifest.sample_shape
+    by_trt = sample(TensorRTBackend(bundle.file("model.plan")), table, range(8), shape, config, progress=False)
+    by_ort = sample(quantized_backend(bundle), table, range(8), shape, config, progress=False)
     assert float(psnr(by_trt.samples, by_ort.samples).mean()) > 30.0
     assert torch.isfinite(by_trt.samples).all()
     out = tmp_path / "trt.npz"

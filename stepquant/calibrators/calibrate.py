@@ -16,8 +16,9 @@ from stepquant.calibrators.mixed_order import mixed_order_objective
 from stepquant.calibrators.multistep import multistep_objective
 from stepquant.calibrators.ranges import calibrate_ranges
 from stepquant.calibrators.reconstruction import ReconstructionConfig, reconstruct_blocks, train_quantizers
+from stepquant.models.schedulers import capture_table, make_scheduler
 from stepquant.quant.quantize import bake_rounding_
-from stepquant.runtime.sampler import SamplerConfig, make_scheduler
+from stepquant.runtime.sampler import SamplerConfig
 
 OBSERVER_CALIBRATORS = {"minmax": "max", "percentile": "percentile", "mse": "mse"}
 TRAJECTORY_CALIBRATORS = ("multistep", "mixed-order")
@@ -52,13 +53,14 @@ def calibrate_(
     summary["blocks"] = len(block_losses)
     if calibrator != "reconstruct":
         # the trajectory stage follows the deterministic DDIM steps the calibration states came from
-        scheduler = make_scheduler(SamplerConfig("ddim", sampler.steps, 0.0), scheduler_config)
+        ddim = SamplerConfig("ddim", sampler.steps, 0.0)
         generator = torch.Generator().manual_seed(reconstruction.seed)
         if calibrator == "multistep":
-            objective = multistep_objective(fp_model, q_model, data, scheduler, reconstruction.multistep_steps,
+            objective = multistep_objective(fp_model, q_model, data, capture_table(ddim, scheduler_config), reconstruction.multistep_steps,
                                             reconstruction.trajectory_batch, generator, reconstruction.unrolled)
         else:
-            objective = mixed_order_objective(fp_model, q_model, data, scheduler, reconstruction.trajectory_batch, generator)
+            objective = mixed_order_objective(fp_model, q_model, data, make_scheduler(ddim, scheduler_config),
+                                              reconstruction.trajectory_batch, generator)
         summary["trajectory_loss"] = train_quantizers(q_model, objective, reconstruction, reconstruction.trajectory_iters,
                                                       beta_start=reconstruction.beta_end, desc=calibrator, progress=progress,
                                                       lr_factor=reconstruction.trajectory_lr, learn_rounding=False)

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+from stepquant.models.schedulers import capture_table
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.corrections import Corrections
-from stepquant.runtime.sampler import SamplerConfig, make_scheduler, sample
+from stepquant.runtime.sampler import SamplerConfig, sample
 from stepquant.runtime.seeding import per_sample_noise, seed_generators
 
 MAX_CORRELATION = 0.9999  # D2-DPM clips the correlation of (estimate, error) to keep the conditional variance positive
@@ -25,8 +27,9 @@ class ErrorStatistics:
         self.timesteps = [int(t) for t in timesteps]
         self.sums = {name: torch.zeros(len(self.timesteps), channels, dtype=torch.float64) for name in self._SUMS}
 
-    def update(self, timestep: int, eps: torch.Tensor, estimate: torch.Tensor) -> None:
+    def update(self, timestep: int, eps: np.ndarray, estimate: np.ndarray) -> None:
         i = self.timesteps.index(int(timestep))
+        eps, estimate = torch.from_numpy(np.asarray(eps)), torch.from_numpy(np.asarray(estimate))
         e = eps.double().transpose(0, 1).flatten(1)  # [C, N*H*W]
         q = estimate.double().transpose(0, 1).flatten(1)
         d = q - e
@@ -59,9 +62,9 @@ def ptqd(stats: ErrorStatistics) -> Corrections:
     per_channel = channel["var_d"] - 2 * k * channel["cov_ed"] + k * k * channel["var_e"]
     residual = (per_channel * channel["n"]).sum(dim=1, keepdim=True) / channel["n"].sum(dim=1, keepdim=True).clamp(min=1)
     gain = 1.0 / (1.0 + k)
-    return Corrections("ptqd", torch.tensor(stats.timesteps), gain.expand_as(bias).float().contiguous(),
-                       (-bias * gain).float(), torch.zeros(len(stats.timesteps)),
-                       (residual.clamp(min=0) * gain * gain).flatten().float(), torch.zeros_like(bias).float())
+    return Corrections("ptqd", np.array(stats.timesteps), gain.expand_as(bias).numpy(), (-bias * gain).numpy(),
+                       np.zeros(len(stats.timesteps)), (residual.clamp(min=0) * gain * gain).flatten().numpy(),
+                       np.zeros(tuple(bias.shape)))
 
 
 def d2(stats: ErrorStatistics, stochastic: bool) -> Corrections:
@@ -80,7 +83,8 @@ def d2(stats: ErrorStatistics, stochastic: bool) -> Corrections:
     noise_std = conditional_var.sqrt().float() if stochastic else torch.zeros(steps)
     residual_var = torch.zeros(steps) if stochastic else conditional_var.float()
     method = "d2-stochastic" if stochastic else "d2-deterministic"
-    return Corrections(method, torch.tensor(stats.timesteps), gain, bias, noise_std, residual_var, torch.zeros(steps, channels))
+    return Corrections(method, np.array(stats.timesteps), gain.numpy(), bias.numpy(), noise_std.numpy(), residual_var.numpy(),
+                       np.zeros((steps, channels)))
 
 
 def tac_gain(stats: ErrorStatistics, shrinkage: float = 0.1) -> torch.Tensor:
@@ -97,7 +101,7 @@ class _PairedBackend:
     def __init__(self, fp: Backend, quantized: Backend, stats: ErrorStatistics) -> None:
         self.fp, self.quantized, self.stats = fp, quantized, stats
 
-    def __call__(self, sample_: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sample_: np.ndarray, timestep: np.ndarray) -> np.ndarray:
         eps = self.fp(sample_, timestep)
         self.stats.update(int(timestep[0]), eps, self.quantized(sample_, timestep))
         return eps
@@ -106,8 +110,9 @@ class _PairedBackend:
 def collect_statistics(fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequence[int],
                        sample_shape: tuple[int, int, int], config: SamplerConfig, progress: bool = True) -> ErrorStatistics:
     """Error statistics along the FP model's own trajectories (PTQD's and D2's collection)."""
-    stats = ErrorStatistics([int(t) for t in make_scheduler(config, noise_schedule).timesteps], sample_shape[0])
-    sample(_PairedBackend(fp, quantized, stats), noise_schedule, seeds, sample_shape, config, progress=progress,
+    table = capture_table(config, noise_schedule)
+    stats = ErrorStatistics([int(t) for t in table.timesteps], sample_shape[0])
+    sample(_PairedBackend(fp, quantized, stats), table, seeds, sample_shape, config, progress=progress,
            desc="correction statistics")
     return stats
 
@@ -117,36 +122,44 @@ def fit_tac(fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequen
     """TAC-Diffusion, fitted step by step along the *corrected* quantized trajectory: at each step the
     input bias (mean of x_q - x_fp per channel) is removed from the quantized state, then the per-channel
     gain K is fitted and applied before both trajectories take their step with the same noise."""
-    scheduler = make_scheduler(config, noise_schedule)
-    timesteps = [int(t) for t in scheduler.timesteps]
+    table = capture_table(config, noise_schedule)
+    timesteps = [int(t) for t in table.timesteps]
     channels = sample_shape[0]
     fp_gen, q_gen = seed_generators(seeds), seed_generators(seeds)
-    x_fp, x_q = per_sample_noise(fp_gen, sample_shape), per_sample_noise(q_gen, sample_shape)
+    x_fp = np.float32(table.init_noise_sigma) * per_sample_noise(fp_gen, sample_shape)
+    x_q = np.float32(table.init_noise_sigma) * per_sample_noise(q_gen, sample_shape)
     gains, input_biases = [], []
-    extra = {"eta": config.eta} if config.scheduler == "ddim" else {}
-    for t in timesteps:
-        input_bias = (x_q - x_fp).transpose(0, 1).flatten(1).mean(dim=1)
+    history: dict[str, list[np.ndarray]] = {"x_fp": [], "eps": [], "x_q": [], "q": []}
+
+    def remember(name: str, value: np.ndarray) -> list[np.ndarray]:
+        history[name] = [value, *history[name][: table.depth - 1]]
+        return history[name]
+
+    for i, t in enumerate(timesteps):
+        input_bias = (x_q - x_fp).mean(axis=(0, 2, 3))
         x_q = x_q - input_bias.reshape(1, -1, 1, 1)  # the drift is removed from the state, as at run time
-        ts = torch.full((len(seeds),), float(t))
+        ts = np.full((len(seeds),), float(t), dtype=np.float32)
         eps = fp(x_fp, ts)
         estimate = quantized(x_q, ts)
         stats = ErrorStatistics([t], channels)
         stats.update(t, eps, estimate)
-        gain = tac_gain(stats, shrinkage)[0]
-        x_fp = scheduler.step(eps, t, x_fp, generator=fp_gen, **extra).prev_sample
-        x_q = scheduler.step(gain.reshape(1, -1, 1, 1) * estimate, t, x_q, generator=q_gen, **extra).prev_sample
+        gain = tac_gain(stats, shrinkage)[0].numpy()
+        noise = table.noise_std[i] > 0  # the same noise for both trajectories
+        x_fp = table.step(i, remember("x_fp", x_fp), remember("eps", eps), per_sample_noise(fp_gen, sample_shape) if noise else None)
+        x_q = table.step(i, remember("x_q", x_q), remember("q", gain.reshape(1, -1, 1, 1) * estimate),
+                         per_sample_noise(q_gen, sample_shape) if noise else None)
         gains.append(gain)
-        input_biases.append(input_bias.float())
+        input_biases.append(input_bias)
     steps = len(timesteps)
-    return Corrections("tac", torch.tensor(timesteps), torch.stack(gains), torch.zeros(steps, channels),
-                       torch.zeros(steps), torch.zeros(steps), torch.stack(input_biases))
+    return Corrections("tac", np.array(timesteps), np.stack(gains), np.zeros((steps, channels)), np.zeros(steps),
+                       np.zeros(steps), np.stack(input_biases))
 
 
 def estimate_corrections(method: str, fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequence[int],
                          sample_shape: tuple[int, int, int], config: SamplerConfig, progress: bool = True) -> Corrections:
     """The correction terms of `method` for the sampler `config` (its timesteps key the terms)."""
     if method == "none":
-        return Corrections.identity([int(t) for t in make_scheduler(config, noise_schedule).timesteps], sample_shape[0])
+        return Corrections.identity([int(t) for t in capture_table(config, noise_schedule).timesteps], sample_shape[0])
     if method == "tac":
         return fit_tac(fp, quantized, noise_schedule, seeds, sample_shape, config)
     stats = collect_statistics(fp, quantized, noise_schedule, seeds, sample_shape, config, progress)

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from stepquant.models.schedulers import capture_table
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.guidance import Conditioning
-from stepquant.runtime.sampler import SamplerConfig, make_scheduler, sample
+from stepquant.runtime.sampler import SamplerConfig, sample
 
 
 @dataclass
@@ -60,9 +61,9 @@ class _Recorder:
     def __init__(self, backend: Backend, timesteps: set[float]) -> None:
         self.backend, self.timesteps, self.calls = backend, timesteps, []
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditions: np.ndarray) -> np.ndarray:
         if float(timestep[0]) in self.timesteps:
-            self.calls.append((sample.clone(), timestep.clone(), {k: v.clone() for k, v in conditions.items()}))
+            self.calls.append((torch.tensor(sample), torch.tensor(timestep), {k: torch.tensor(v) for k, v in conditions.items()}))
         return self.backend(sample, timestep, **conditions)
 
 
@@ -77,9 +78,9 @@ def collect_calibration_set(
     conditioning: Conditioning | None = None,
 ) -> CalibrationSet:
     """Sample with the FP `backend` and record the inputs it sees at the chosen steps."""
-    timesteps = make_scheduler(sampler, scheduler_config).timesteps
-    recorder = _Recorder(backend, {float(timesteps[i]) for i in calibration_step_indices(sampler.steps, calib_steps)})
-    sample(recorder, scheduler_config, seeds, sample_shape, sampler, progress=progress, desc="calibration trajectories",
+    table = capture_table(sampler, scheduler_config)
+    recorder = _Recorder(backend, {float(table.timesteps[i]) for i in calibration_step_indices(sampler.steps, calib_steps)})
+    sample(recorder, table, seeds, sample_shape, sampler, progress=progress, desc="calibration trajectories",
            conditioning=conditioning)
     names = recorder.calls[0][2].keys()
     return CalibrationSet(samples=torch.cat([c[0] for c in recorder.calls]), timesteps=torch.cat([c[1] for c in recorder.calls]),

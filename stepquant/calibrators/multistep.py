@@ -16,18 +16,19 @@ import torch
 from torch import nn
 
 from stepquant.calibrators.data import CalibrationSet
-from stepquant.runtime.sampler import ddim_step
+from stepquant.runtime.scheduler_table import SchedulerTable
 
 Objective = Callable[[int], float]
 
 
-def _step(model: nn.Module, scheduler, x: torch.Tensor, t: int) -> torch.Tensor:
-    return ddim_step(scheduler, model(x, torch.full((len(x),), float(t))), t, x, 0.0, [])
+def _step(model: nn.Module, table: SchedulerTable, x: torch.Tensor, i: int) -> torch.Tensor:
+    """Step i of the deterministic sampler the table describes, differentiable (the table's step is plain arithmetic)."""
+    return table.step(i, [x], [model(x, torch.full((len(x),), float(table.timesteps[i])))])
 
 
-def _run(model: nn.Module, scheduler, x: torch.Tensor, chain: list[int]) -> torch.Tensor:
-    for t in chain:
-        x = _step(model, scheduler, x, t)
+def _run(model: nn.Module, table: SchedulerTable, x: torch.Tensor, chain: range) -> torch.Tensor:
+    for i in chain:
+        x = _step(model, table, x, i)
     return x
 
 
@@ -35,36 +36,39 @@ def _trajectory_loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (x - target).pow(2).flatten(1).sum(1).mean()
 
 
-def multistep_objective(fp_model: nn.Module, q_model: nn.Module, data: CalibrationSet, scheduler, steps: int,
+def multistep_objective(fp_model: nn.Module, q_model: nn.Module, data: CalibrationSet, table: SchedulerTable, steps: int,
                         batch_size: int, generator: torch.Generator, unrolled: bool = False) -> Objective:
     """An objective for `train_quantizers`: each call draws a start step and a batch of calibration states
-    there, and back-propagates the n-step trajectory loss (constant memory unless `unrolled`)."""
-    timesteps = [int(t) for t in scheduler.timesteps]
+    there, and back-propagates the n-step trajectory loss (constant memory unless `unrolled`). `table` is a
+    deterministic, memoryless sampler (DDIM with eta 0)."""
+    if table.stochastic or table.depth != 1:
+        raise ValueError("multi-step calibration unrolls a deterministic one-step sampler (DDIM, eta 0)")
+    timesteps = [int(t) for t in table.timesteps]
     starts = [k for k, t in enumerate(timesteps) if (data.timesteps == float(t)).any()]
     if not starts:
         raise ValueError("the calibration set holds no state at any of the sampler's timesteps")
 
     def objective(_it: int) -> float:
         k = starts[int(torch.randint(len(starts), (1,), generator=generator))]
-        chain = timesteps[k : k + steps]
+        chain = range(k, min(k + steps, len(timesteps)))
         pool = data.at_timestep(float(timesteps[k]), len(data)).samples
         x = pool[torch.randint(len(pool), (batch_size,), generator=generator)]
         with torch.no_grad():
-            target = _run(fp_model, scheduler, x, chain)
+            target = _run(fp_model, table, x, chain)
         if unrolled:
-            loss = _trajectory_loss(_run(q_model, scheduler, x, chain), target)
+            loss = _trajectory_loss(_run(q_model, table, x, chain), target)
             loss.backward()
             return loss.item()
         states = []
         with torch.no_grad():
-            for t in chain:
+            for i in chain:
                 states.append(x)
-                x = _step(q_model, scheduler, x, t)
+                x = _step(q_model, table, x, i)
             loss = _trajectory_loss(x, target)
         grad_state = 2 * (x - target) / len(x)  # d loss / d final state
-        for state, t in zip(reversed(states), reversed(chain)):
+        for state, i in zip(reversed(states), reversed(chain)):
             state = state.clone().requires_grad_(True)
-            _step(q_model, scheduler, state, t).backward(grad_state)
+            _step(q_model, table, state, i).backward(grad_state)
             grad_state = state.grad
         return loss.item()
 

@@ -12,11 +12,12 @@ from tqdm import tqdm
 
 from stepquant.calibrators.data import CalibrationSet
 from stepquant.calibrators.observers import OBSERVER_METHODS, RangeObserver
+from stepquant.errors import StepquantError
 from stepquant.quant.layers import ActivationQuantizer
 from stepquant.quant.quantize import quantized_layers
 
 
-class CalibrationError(RuntimeError):
+class CalibrationError(StepquantError, RuntimeError):
     """Calibration met data it cannot turn into a valid range (NaN, inf, or an all-zero tensor)."""
 
 

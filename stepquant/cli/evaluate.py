@@ -10,11 +10,11 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
+from stepquant.bundle import load_bundle
 from stepquant.cli.choices import OptimizationLevel, RuntimeBackend, Scheduler
 from stepquant.cli.options import TrustKey
 from stepquant.eval.evaluate import evaluate, plot_corrections, plot_errors
 from stepquant.eval.latency import measure_latency
-from stepquant.export import load_bundle
 from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig
 from stepquant.runtime.bundle_backends import bundle_corrections, quantized_backend, reference_backend
 
@@ -26,8 +26,9 @@ def eval_command(
     n: Annotated[int, typer.Option(min=2, max=MAX_EVAL_SAMPLES, help="Number of seeds (0 .. n-1); at least 2, for "
                                    "Fréchet distances' covariance; every sample is held for the metrics.")] = 1024,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Sampler steps (default: the bundle's).")] = None,
-    eta: Annotated[float, typer.Option(help="DDIM eta (0: deterministic).")] = 0.0,
-    scheduler: Annotated[Scheduler, typer.Option(help="Sampler.")] = Scheduler.ddim,
+    eta: Annotated[Optional[float], typer.Option(help="DDIM eta (default: the bundle's).")] = None,
+    scheduler: Annotated[Optional[Scheduler], typer.Option(help="Sampler (default: the bundle's; another one is captured "
+                                                                  "from the bundle's noise schedule).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Directory for eval.json and errors.png (default: BUNDLE-eval).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime intra-op threads.")] = None,
     backend: Annotated[RuntimeBackend, typer.Option(help="What runs the bundle's Q/DQ graph.")] = RuntimeBackend.onnxruntime,
@@ -38,18 +39,20 @@ def eval_command(
 ) -> None:
     """Quality of a bundle against FP from the same noise: PSNR, Fréchet distances, classifier, error per step."""
     loaded = load_bundle(bundle, trust_key)
-    if loaded.conditions:
+    if loaded.manifest.conditions:
         raise ValueError("stepquant eval scores digit samples (the demo's classifier and pixel-space metrics); this bundle is "
                          "a conditional latent model: its manifest holds latent PSNR to FP, and `stepquant sample` runs it")
-    config = SamplerConfig(scheduler.value, steps or loaded.manifest["sampler"]["steps"], eta)
+    exported = loaded.manifest.sampler
+    config = SamplerConfig(scheduler.value if scheduler else exported.scheduler, steps or exported.steps,
+                           exported.eta if eta is None else eta)
     terms = bundle_corrections(loaded) if corrections else None
     result = evaluate(reference_backend(loaded, threads), quantized_backend(loaded, threads, backend.value, engine),
-                      loaded.manifest["noise_schedule"], range(n), loaded.sample_shape, config, progress=progress,
+                      loaded.manifest.noise_schedule, range(n), loaded.manifest.sample_shape, config, progress=progress,
                       corrections=terms)
     out = out or bundle.with_name(bundle.name + "-eval")
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({"bundle": str(bundle), "sampler": asdict(config), **result.to_dict()}, indent=2))
-    plot_errors(result, out / "errors.png", title=f"{bundle.name}: {n} samples, {config.steps} steps, eta {eta:g}")
+    plot_errors(result, out / "errors.png", title=f"{bundle.name}: {n} samples, {config.steps} steps, eta {config.eta:g}")
     rows = [("PSNR to FP (dB, mean / min)", f"{result.psnr_to_fp_db:.2f} / {result.psnr_to_fp_db_min:.2f}"),
             ("FD to FP", f"{result.fd_to_fp:.3f}"),
             ("FD to data (quantized / FP)", f"{result.fd_to_data:.3f} / {result.fp_fd_to_data:.3f}"),
@@ -58,7 +61,7 @@ def eval_command(
             ("recognisable (quantized / FP)", f"{result.recognisable:.3f} / {result.fp_recognisable:.3f}"),
             ("final accumulated / mean per-step error", f"{result.accumulated_error[-1]:.4f} / {np.mean(result.step_error):.4f}")]
     width = max(len(label) for label, _ in rows)
-    print(f"{bundle} on {backend.value}, corrections {terms.method if terms else 'none'}: {n} samples, {config.steps} {config.scheduler.upper()} steps, eta {eta:g}")
+    print(f"{bundle} on {backend.value}, corrections {terms.method if terms else 'none'}: {n} samples, {config.steps} {config.scheduler.upper()} steps, eta {config.eta:g}")
     for label, value in rows:
         print(f"  {label:<{width}}  {value}")
     print(f"wrote {out / 'eval.json'} and {out / 'errors.png'}")
@@ -95,20 +98,19 @@ def bench_command(
 ) -> None:
     """Per-forward latency of each of the bundle's quantized graphs (one per target profile) against its FP32 graph on onnxruntime."""
     loaded = load_bundle(bundle, trust_key)
-    graphs = {"onnxruntime FP32": OnnxRuntimeBackend(loaded.file(loaded.manifest["reference_graph"]), threads, optimization_level=optimization_level.value,
-                                                     cache_dir=cache_dir)}
-    for target in loaded.manifest["targets"]:
-        groups = loaded.target(target)["timestep_groups"]
-        graphs[f"{target} graph"] = OnnxRuntimeBackend(loaded.file(groups[0]["graph"]), threads, optimization_level=optimization_level.value,
-                                                       cache_dir=cache_dir)
+    manifest = loaded.manifest
+    graphs = {"onnxruntime FP32": OnnxRuntimeBackend(loaded.file(manifest.reference_graph), threads,
+                                                     optimization_level=optimization_level.value, cache_dir=cache_dir)}
+    for name, target in manifest.targets.items():
+        graphs[f"{name} graph"] = OnnxRuntimeBackend(loaded.file(target.graphs[0]), threads,
+                                                     optimization_level=optimization_level.value, cache_dir=cache_dir)
     print(f"{bundle}: {threads} intra-op threads, optimisation level {optimization_level.value}, median of at least 10 calls after 3 warm-up calls"
-          + (" (first graph of each target's timestep groups)" if any(len(loaded.target(t)["timestep_groups"]) > 1
-                                                                     for t in loaded.manifest["targets"]) else ""))
+          + (" (first graph of each target's timestep groups)" if any(len(t.graphs) > 1 for t in manifest.targets.values()) else ""))
     for size in batch or [1, 8]:
         if size < 1:
             raise typer.BadParameter("must be at least 1", param_hint="--batch")
-        sequence = loaded.shape_profile.sequence
-        results = {label: measure_latency(backend, loaded.sample_shape, size, loaded.conditions, sequence and sequence.opt)
+        sequence = manifest.shape_profile.get("sequence")
+        results = {label: measure_latency(backend, manifest.sample_shape, size, manifest.conditions, sequence and sequence["opt"])
                    for label, backend in graphs.items()}
         fp_ms = results["onnxruntime FP32"].median_ms
         for label, result in results.items():

@@ -9,7 +9,8 @@ import typer
 
 from stepquant.calibrators.calibrate import RECONSTRUCTION_CALIBRATORS
 from stepquant.calibrators.reconstruction import ReconstructionConfig
-from stepquant.cli.choices import Calibrator, Correction, Format, Precision, Scheduler, Target
+from stepquant.cli.choices import Correction, Scheduler
+from stepquant.cli.export_choices import Calibrator, Format, Precision, Target
 from stepquant.cli.options import SignKey
 from stepquant.export.shapes import DimRange, ShapeProfile
 from stepquant.models import DEMO_MODEL_NAME

@@ -7,37 +7,87 @@ ends in one `error:` line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import sys
 
 import typer
 
-from stepquant.calibrators import CalibrationError
-from stepquant.cli.evaluate import bench_command, eval_command, inspect_command
-from stepquant.cli.export import export_command
-from stepquant.cli.prompts import encode_prompts_command
-from stepquant.cli.sample import sample_command
-from stepquant.cli.signing import keygen_command, sign_command, verify_command
-from stepquant.cli.tensorrt import build_engine_command, lint_command, parity_command
-from stepquant.export import BundleError, OnnxExportError
-from stepquant.export.lint import LintError
-from stepquant.export.signing import SignatureError
-from stepquant.export.tensorrt import TensorRTUnavailable
-from stepquant.models import ModelLoadError
-from stepquant.pipeline import ParityError
-from stepquant.runtime.corrections import CorrectionError
+from stepquant.errors import StepquantError
 
-EXPECTED_ERRORS = (ModelLoadError, BundleError, CalibrationError, ParityError, OnnxExportError, LintError,
-                   TensorRTUnavailable, CorrectionError, SignatureError, ValueError, OSError)
+# Every expected failure: bad input is a ValueError (BundleError, CorrectionError, SignatureError... are),
+# the rest a StepquantError; OSError for files.
+EXPECTED_ERRORS = (StepquantError, ValueError, OSError)
+# What `pip install 'stepquant[export]'` adds; a command that needs one of them says so in one line.
+EXPORT_MODULES = frozenset({"torch", "diffusers", "onnx", "onnxconverter_common", "polygraphy", "matplotlib", "transformers",
+                            "sklearn", "PIL"})
+EXPORT_EXTRA = "pip install 'stepquant[export]'"
 
-app = typer.Typer(help="Quantize diffusion models into deployable Q/DQ ONNX bundles, and run them.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-for name, command in (("export", export_command), ("sample", sample_command), ("eval", eval_command),
-                      ("bench", bench_command), ("lint", lint_command), ("parity", parity_command),
-                      ("build-engine", build_engine_command), ("inspect", inspect_command),
-                      ("encode-prompts", encode_prompts_command), ("keygen", keygen_command), ("sign", sign_command),
-                      ("verify", verify_command)):
-    app.command(name)(command)
+# name -> (module, function): imported only when that command runs (or --help lists it), so running a
+# bundle imports the runtime and nothing of the export side
+COMMANDS = {
+    "export": ("stepquant.cli.export", "export_command"),
+    "sample": ("stepquant.cli.sample", "sample_command"),
+    "eval": ("stepquant.cli.evaluate", "eval_command"),
+    "bench": ("stepquant.cli.evaluate", "bench_command"),
+    "lint": ("stepquant.cli.tensorrt", "lint_command"),
+    "parity": ("stepquant.cli.tensorrt", "parity_command"),
+    "build-engine": ("stepquant.cli.tensorrt", "build_engine_command"),
+    "inspect": ("stepquant.cli.evaluate", "inspect_command"),
+    "encode-prompts": ("stepquant.cli.prompts", "encode_prompts_command"),
+    "keygen": ("stepquant.cli.signing", "keygen_command"),
+    "sign": ("stepquant.cli.signing", "sign_command"),
+    "verify": ("stepquant.cli.signing", "verify_command"),
+}
+
+
+class MissingExtra(StepquantError):
+    """A command needs a package of the export side that this install lacks."""
+
+
+def missing_extra(err: ModuleNotFoundError, what: str) -> MissingExtra | None:
+    """The one-line error for a missing export-side package, or None when `err` is about something else."""
+    if (err.name or "").split(".")[0] not in EXPORT_MODULES:
+        return None
+    return MissingExtra(f"{what} needs the export side, which this install lacks (no module {err.name!r}): {EXPORT_EXTRA}")
+
+
+def _command(name: str, function) -> typer.Typer:
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command(name, context_settings=getattr(function, "context_settings", None))(function)
+    return single
+
+
+def _load(name: str):
+    """A command's function, or, where its module needs a missing extra, one that says which to install."""
+    module, function = COMMANDS[name]
+    try:
+        return getattr(importlib.import_module(module), function)
+    except ModuleNotFoundError as err:
+        problem = missing_extra(err, f"stepquant {name}")
+        if problem is None:
+            raise
+
+        def unavailable(ctx: typer.Context) -> None:
+            raise problem
+
+        unavailable.__doc__ = f"(needs the export side: {EXPORT_EXTRA})"
+        unavailable.context_settings = {"ignore_unknown_options": True, "allow_extra_args": True}  # any options: one line
+        return unavailable
+
+
+def click_command(name: str):
+    """The click command behind `stepquant NAME` (for tools and tests that parse its options)."""
+    return typer.main.get_command(_command(name, _load(name)))
+
+
+def _full_app() -> typer.Typer:
+    """Every command, for `stepquant --help` and for usage errors."""
+    app = typer.Typer(help="Quantize diffusion models into deployable Q/DQ ONNX bundles, and run them.",
+                      no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    for name in COMMANDS:
+        app.command(name)(_load(name))
+    return app
 
 
 def _fail(prog_name: str, message: str, code: int) -> None:
@@ -45,10 +95,11 @@ def _fail(prog_name: str, message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _run(app_: typer.Typer, prog_name: str) -> None:
+def _run(app: typer.Typer, prog_name: str, args: list[str] | None = None, usage_name: str | None = None) -> None:
     """Run a typer app, turning usage errors and expected failures into one line and an exit code."""
     try:
-        code = typer.main.get_command(app_).main(prog_name=prog_name, standalone_mode=False)
+        command = typer.main.get_command(app)
+        code = command.main(args=args, prog_name=usage_name or prog_name, standalone_mode=False)
         if isinstance(code, int) and code:  # without standalone mode, an Exit comes back as the return value
             sys.exit(code)
     except typer.Exit as exit_:
@@ -59,6 +110,11 @@ def _run(app_: typer.Typer, prog_name: str) -> None:
         _fail(prog_name, err.format_message(), getattr(err, "exit_code", 2))
     except EXPECTED_ERRORS as err:
         _fail(prog_name, str(err), 1)
+    except ModuleNotFoundError as err:
+        problem = missing_extra(err, prog_name if prog_name != "stepquant" else "this command")
+        if problem is None:
+            raise
+        _fail(prog_name, str(problem), 1)
 
 
 def invoke(prog_name: str, args: list[str]) -> tuple[int, str, str]:
@@ -78,12 +134,22 @@ def invoke(prog_name: str, args: list[str]) -> tuple[int, str, str]:
 
 
 def main() -> None:
-    """Entry point of `stepquant`."""
-    _run(app, "stepquant")
+    """Entry point of `stepquant`: a subcommand imports its own module only, so `stepquant sample --bundle`
+    loads the runtime and nothing of the export side."""
+    args = sys.argv[1:]
+    if args and args[0] in COMMANDS:
+        _run(_command(args[0], _load(args[0])), "stepquant", args[1:], f"stepquant {args[0]}")
+    else:
+        _run(_full_app(), "stepquant", args)
 
 
 def export_quantized_main() -> None:
     """Entry point of `export-quantized` (the same command as `stepquant export`)."""
-    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    single.command()(export_command)
-    _run(single, "export-quantized")
+    try:
+        from stepquant.cli.export import export_command
+    except ModuleNotFoundError as err:
+        problem = missing_extra(err, "export-quantized")
+        if problem is None:
+            raise
+        _fail("export-quantized", str(problem), 1)
+    _run(_command("export-quantized", export_command), "export-quantized", sys.argv[1:])

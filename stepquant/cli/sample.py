@@ -7,19 +7,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
-import torch
 import typer
 
+from stepquant.bundle import load_bundle
 from stepquant.cli.choices import RuntimeBackend, Scheduler
 from stepquant.cli.files import check_writable, write_atomically, write_npz_batches
 from stepquant.cli.options import TrustKey
-from stepquant.eval import save_grid
-from stepquant.export import load_bundle
-from stepquant.models import EpsilonModel, load_model
-from stepquant.models.denoisers import sample_shape
-from stepquant.models.vae import decode_latents
-from stepquant.runtime import SamplerConfig, TorchBackend
-from stepquant.runtime.bundle_backends import bundle_corrections, quantized_backend
+from stepquant.runtime import SamplerConfig
+from stepquant.runtime.bundle_backends import bundle_corrections, bundle_table, quantized_backend
 from stepquant.runtime.guidance import Conditioning, ConditioningError
 from stepquant.runtime.sampler import sample_batches
 from stepquant.runtime.seeding import MAX_SEED
@@ -42,8 +37,8 @@ def sample_command(
     n: Annotated[int, typer.Option(min=1, help="Number of samples (seeds seed .. seed+n-1).")] = 64,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="First seed.")] = 0,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Sampler steps (default: the bundle's, else 25).")] = None,
-    eta: Annotated[float, typer.Option(help="DDIM eta (0: deterministic).")] = 0.0,
-    scheduler: Annotated[Scheduler, typer.Option(help="Sampler.")] = Scheduler.ddim,
+    eta: Annotated[Optional[float], typer.Option(help="DDIM eta (default: the bundle's, else 0: deterministic).")] = None,
+    scheduler: Annotated[Optional[Scheduler], typer.Option(help="Sampler (default: the bundle's, else ddim).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per network call.")] = 64,
     threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime intra-op threads (default: all cores).")] = None,
     backend: Annotated[RuntimeBackend, typer.Option(help="What runs a bundle's graph.")] = RuntimeBackend.onnxruntime,
@@ -68,34 +63,46 @@ def sample_command(
     _check_out(out, n)
     if bundle is not None:
         loaded = load_bundle(bundle, trust_key)
+        exported = loaded.manifest.sampler
+        config = SamplerConfig(scheduler.value if scheduler else exported.scheduler, steps or exported.steps,
+                               exported.eta if eta is None else eta,
+                               exported.guidance_scale if guidance_scale is None else guidance_scale)
+        table = bundle_table(loaded)
+        table.check_sampler(config.scheduler, config.steps, config.eta)  # before any graph is loaded
         runner = quantized_backend(loaded, threads, backend.value, engine)
         terms = bundle_corrections(loaded) if corrections else None
-        noise_schedule, shape = loaded.manifest["noise_schedule"], loaded.sample_shape
-        default_steps, default_guidance = loaded.manifest["sampler"]["steps"], loaded.manifest["sampler"]["guidance_scale"]
-        inputs = loaded.conditions
-    else:
+        shape, inputs = loaded.manifest.sample_shape, loaded.manifest.conditions
+    else:  # the FP model in torch: the export side
+        from stepquant.models import EpsilonModel, load_model
+        from stepquant.models.denoisers import sample_shape
+        from stepquant.models.schedulers import capture_table
+        from stepquant.models.torch_backend import TorchBackend
+
         fp = load_model(model)
-        runner, noise_schedule, terms = TorchBackend(EpsilonModel(fp.denoiser)), fp.scheduler_config, None
-        shape, default_steps, default_guidance = sample_shape(fp.denoiser), 25, 1.0
-        inputs = runner.model.conditions
+        config = SamplerConfig(scheduler.value if scheduler else "ddim", steps or 25, eta or 0.0,
+                               1.0 if guidance_scale is None else guidance_scale)
+        runner, terms = TorchBackend(EpsilonModel(fp.denoiser)), None
+        table = capture_table(config, fp.scheduler_config)
+        shape, inputs = sample_shape(fp.denoiser), runner.model.conditions
     _check_out(out, n, shape)
     names = [c.name for c in inputs]
     rows = Conditioning.load(conditioning).for_inputs(inputs) if conditioning else None
     if names and rows is None:
         raise ConditioningError(f"this model is conditioned on {', '.join(names)}: pass --conditioning")
-    config = SamplerConfig(scheduler.value, steps or default_steps, eta,
-                           default_guidance if guidance_scale is None else guidance_scale)
-    batches = sample_batches(runner, noise_schedule, range(seed, seed + n), shape, config, batch_size, progress=progress,
+    batches = sample_batches(runner, table, range(seed, seed + n), shape, config, batch_size, progress=progress,
                              corrections=terms, conditioning=rows, clip=not names)
     if decode_with:
-        batches = (decode_latents(decode_with, latents) for latents in batches)
+        from stepquant.models.vae import decode_latents  # the pipeline's VAE, in torch: the export side
+
+        batches = (np.asarray(decode_latents(decode_with, latents)) for latents in batches)
     if out.suffix == ".png":
-        samples = torch.cat(list(batches))
+        from stepquant.eval.images import save_grid
+
+        samples = np.concatenate(list(batches))
         write_atomically(out, lambda path: save_grid(samples, path))
     else:
         first = next(batches)  # decoded images have the VAE's shape, not the latents'
-        write_npz_batches(out, "samples", (n, *first.shape[1:]),
-                          (batch.numpy() for batch in itertools.chain([first], batches)))
+        write_npz_batches(out, "samples", (n, *first.shape[1:]), itertools.chain([first], batches))
     guided = f", guidance {config.guidance_scale:g}" if names else ""
     kind = "images" if decode_with else "latents" if names else "samples"
     print(f"wrote {n} {kind} ({config.steps} {config.scheduler.upper()} steps, "

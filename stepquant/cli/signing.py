@@ -7,9 +7,11 @@ from typing import Annotated
 
 import typer
 
+from stepquant.bundle import load_bundle
+from stepquant.bundle.reader import SIGNATURE
+from stepquant.bundle.signing import generate_keypair
 from stepquant.cli.options import TrustKey
-from stepquant.export.bundle import SIGNATURE, load_bundle, sign_manifest
-from stepquant.export.signing import generate_keypair
+from stepquant.export.bundle import sign_manifest
 
 
 def keygen_command(out: Annotated[Path, typer.Option(help="Directory for signing.key (private) and signing.pub.")]) -> None:
@@ -31,4 +33,4 @@ def verify_command(bundle: Annotated[Path, typer.Option(help="Bundle to verify."
     loaded = load_bundle(bundle, trust_key)
     signed = f"signed by the key {trust_key}" if trust_key else (
         f"carries {SIGNATURE} (pass --trust-key to check it)" if (loaded.path / SIGNATURE).exists() else "unsigned")
-    print(f"{bundle}: {len(loaded.manifest['files'])} files verified; {signed}")
+    print(f"{bundle}: {len(loaded.manifest.files)} files verified; {signed}")

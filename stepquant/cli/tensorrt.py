@@ -8,14 +8,17 @@ from typing import Annotated, Optional
 
 import typer
 
+from stepquant.bundle import load_bundle
+from stepquant.bundle.reader import SIGNATURE
 from stepquant.cli.choices import RuntimeBackend
 from stepquant.cli.options import SignKey, TrustKey
-from stepquant.export import load_bundle
-from stepquant.export.bundle import SIGNATURE, extend_bundle
+from stepquant.export.bundle import extend_bundle
 from stepquant.export.lint import lint
 from stepquant.export.parity import replay_parity
-from stepquant.export.shapes import DimRange
-from stepquant.export.tensorrt import build_engines, plan_file, tensorrt_version
+from stepquant.export.shapes import DimRange, ShapeProfile
+from stepquant.export.tensorrt import build_engines
+from stepquant.runtime.bundle_backends import plan_file
+from stepquant.runtime.tensorrt_backend import tensorrt_version
 
 
 def lint_command(model: Annotated[Path, typer.Argument(help="A Q/DQ ONNX model, or a bundle directory (its tensorrt graphs).")],
@@ -23,7 +26,7 @@ def lint_command(model: Annotated[Path, typer.Argument(help="A Q/DQ ONNX model, 
     """Check Q/DQ ONNX graphs against TensorRT's explicit-quantization rules; exit 1 on any finding."""
     if model.is_dir():
         loaded = load_bundle(model, trust_key)
-        paths = [loaded.file(group["graph"]) for group in loaded.target("tensorrt")["timestep_groups"]]
+        paths = [loaded.file(graph) for graph in loaded.target("tensorrt").graphs]
     elif model.is_file():
         paths = [model]
     else:
@@ -54,8 +57,8 @@ def parity_command(
     target = loaded.target(loaded.target_for(backend.value))
     print(f"{bundle}: end-to-end replay: {backend.value} running the {loaded.target_for(backend.value)} graph on the saved "
           f"inputs against the saved fake-quant torch outputs (tolerance: median relative error <= {report.tolerance_median_rel:.2g})")
-    print(f"  at export: layer-wise check {'PASS' if target['parity']['passed'] else 'FAIL'}, end-to-end worst median "
-          f"{max(t['median_reldiff'] for t in target['parity']['end_to_end']['timesteps']):.2e}")
+    print(f"  at export: layer-wise check {'PASS' if target.parity['passed'] else 'FAIL'}, end-to-end worst median "
+          f"{max(t['median_reldiff'] for t in target.parity['end_to_end']['timesteps']):.2e}")
     print(f"  {'timestep':>8}  {'median rel':>10}  {'p' + str(round(100 * report.error_quantile)) + ' rel':>10}  {'max abs':>10}")
     for t in report.timesteps:
         print(f"  {t.timestep:8.0f}  {t.median_reldiff:10.2e}  {t.quantile_reldiff:10.2e}  {t.max_absdiff:10.2e}  "
@@ -76,16 +79,17 @@ def build_engine_command(
     other dimensions' ranges are the ones declared at export (the graph accepts no others). The manifest
     changes, so a signature is dropped unless --sign-key signs the new one."""
     loaded = load_bundle(bundle, trust_key)
-    profile = loaded.shape_profile
+    manifest = loaded.manifest
+    profile = ShapeProfile.from_dict(manifest.shape_profile)
     if batch_range:
         profile = replace(profile, batch=DimRange.parse(batch_range))
     version = tensorrt_version()  # a clear error before anything is staged
 
-    graphs = [group["graph"] for group in loaded.target("tensorrt")["timestep_groups"]]
-    shapes = profile.input_shapes(loaded.sample_shape[0], loaded.conditions)
-    engine = {**loaded.manifest.get("engine", {}), "plans": [plan_file(g) for g in graphs],
-              "input_shapes": shapes, "tensorrt_version": version}
-    extended = extend_bundle(loaded, lambda staging: build_engines(staging, graphs, shapes), {"engine": engine}, sign_key)
+    graphs = loaded.target("tensorrt").graphs
+    shapes = profile.input_shapes(manifest.sample_shape[0], manifest.conditions)
+    engine = {**manifest.engine, "plans": [plan_file(g) for g in graphs], "input_shapes": shapes, "tensorrt_version": version}
+    extended = extend_bundle(loaded, lambda staging: build_engines(staging, graphs, shapes), replace(manifest, engine=engine),
+                             sign_key)
     print(f"built {', '.join(engine['plans'])} in {extended.path} with TensorRT {version}"
           + ("; manifest signed again" if sign_key else "; the bundle is now unsigned (pass --sign-key to sign it)"
              if (loaded.path / SIGNATURE).exists() or trust_key else ""))

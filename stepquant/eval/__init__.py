@@ -1,21 +1,19 @@
 """Quality and speed measurement: paired metrics against FP samples from the same noise, Fréchet
-distance in the project's digit-classifier features, error per step, latency, and image grids."""
+distance in the project's digit-classifier features, error per step, latency, and image grids.
 
-from stepquant.eval.evaluate import Evaluation, evaluate, plot_errors
-from stepquant.eval.images import save_comparison_grid, save_grid
-from stepquant.eval.latency import Latency, measure_latency
-from stepquant.eval.metrics import PSNR_CAP_DB, frechet_distance, psnr, rms
+Names are imported on first use: `stepquant sample` writes grids (numpy and Pillow) without torch."""
 
-__all__ = [
-    "PSNR_CAP_DB",
-    "Evaluation",
-    "Latency",
-    "evaluate",
-    "frechet_distance",
-    "measure_latency",
-    "plot_errors",
-    "psnr",
-    "rms",
-    "save_comparison_grid",
-    "save_grid",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {"Evaluation": "evaluate", "evaluate": "evaluate", "plot_errors": "evaluate", "save_comparison_grid": "images",
+            "save_grid": "images", "Latency": "latency", "measure_latency": "latency", "PSNR_CAP_DB": "metrics",
+            "frechet_distance": "metrics", "psnr": "metrics", "rms": "metrics"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'stepquant.eval' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"stepquant.eval.{_EXPORTS[name]}"), name)

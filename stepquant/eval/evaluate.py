@@ -19,9 +19,10 @@ from tqdm import tqdm
 from stepquant.data.digits import load_digits_16
 from stepquant.eval.classifier import DigitClassifier, load_classifier
 from stepquant.eval.metrics import frechet_distance, psnr, rms
+from stepquant.models.schedulers import capture_table
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.corrections import Corrections
-from stepquant.runtime.sampler import SamplerConfig, make_scheduler, sample
+from stepquant.runtime.sampler import SamplerConfig, sample
 
 RECOGNISABLE_CONFIDENCE = 0.9
 
@@ -55,7 +56,7 @@ class _StepErrorMeter:
         self.sums = np.zeros(steps)
         self.step = 0
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
         eps = self.fp(sample, timestep)
         self.sums[self.step % len(self.sums)] += float(rms(self.quantized(sample, timestep), eps).sum())
         self.step += 1
@@ -65,9 +66,9 @@ class _StepErrorMeter:
 def _states(backend: Backend, schedule: dict, seeds: Sequence[int], shape, config: SamplerConfig,
             corrections: Corrections | None = None):
     """Final samples and the x_t after every step (the inputs of steps 1.. plus the final sample)."""
-    inputs: list[torch.Tensor] = []
-    final = sample(backend, schedule, seeds, shape, config, batch_size=len(seeds), progress=False,
-                   on_step=lambda index, t, x: inputs.append(x.clone()), corrections=corrections).samples
+    inputs: list[np.ndarray] = []
+    final = sample(backend, capture_table(config, schedule), seeds, shape, config, batch_size=len(seeds), progress=False,
+                   on_step=lambda index, t, x: inputs.append(x.copy()), corrections=corrections).samples
     return final, inputs[1:]
 
 
@@ -103,7 +104,7 @@ def evaluate(
             accumulated[index] += float(rms(a, b).sum())
         fp_final.append(fp_samples)
         q_final.append(q_samples)
-    fp_all, q_all = torch.cat(fp_final), torch.cat(q_final)
+    fp_all, q_all = torch.from_numpy(np.concatenate(fp_final)), torch.from_numpy(np.concatenate(q_final))
     classifier = load_classifier()
     data_features, _ = _classify(classifier, load_digits_16()[0])
     fp_features, fp_probs = _classify(classifier, fp_all)
@@ -122,7 +123,7 @@ def evaluate(
         fp_confidence=float(fp_probs.max(1).values.mean()),
         recognisable=float((q_probs.max(1).values >= RECOGNISABLE_CONFIDENCE).float().mean()),
         fp_recognisable=float((fp_probs.max(1).values >= RECOGNISABLE_CONFIDENCE).float().mean()),
-        timesteps=[int(t) for t in make_scheduler(config, noise_schedule).timesteps],
+        timesteps=[int(t) for t in capture_table(config, noise_schedule).timesteps],
         step_error=(meter.sums / n).tolist(),
         accumulated_error=(accumulated / n).tolist(),
     )
@@ -157,16 +158,16 @@ def plot_corrections(corrections: Corrections, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = corrections.timesteps.numpy()
+    steps = corrections.timesteps
     figure, axes = plt.subplots(1, 3, figsize=(11, 3.2), dpi=110)
-    axes[0].plot(steps, corrections.gain.mean(dim=1).numpy(), marker="o", markersize=3)
+    axes[0].plot(steps, corrections.gain.mean(axis=1), marker="o", markersize=3)
     axes[0].set_title("gain (channel mean)")
-    axes[1].plot(steps, corrections.bias.mean(dim=1).numpy(), marker="o", markersize=3, label="estimate bias")
-    axes[1].plot(steps, corrections.input_bias.mean(dim=1).numpy(), marker="s", markersize=3, label="input bias")
+    axes[1].plot(steps, corrections.bias.mean(axis=1), marker="o", markersize=3, label="estimate bias")
+    axes[1].plot(steps, corrections.input_bias.mean(axis=1), marker="s", markersize=3, label="input bias")
     axes[1].set_title("bias (channel mean)")
     axes[1].legend()
-    axes[2].plot(steps, corrections.noise_std.numpy(), marker="o", markersize=3, label="added noise std")
-    axes[2].plot(steps, corrections.residual_var.numpy(), marker="s", markersize=3, label="removed variance")
+    axes[2].plot(steps, corrections.noise_std, marker="o", markersize=3, label="added noise std")
+    axes[2].plot(steps, corrections.residual_var, marker="s", markersize=3, label="removed variance")
     axes[2].set_title("variance terms")
     axes[2].legend()
     for axis in axes:

@@ -7,9 +7,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
-from stepquant.models.denoisers import ConditionInput
+from stepquant.bundle.manifest import ConditionInput
 from stepquant.runtime.backend import Backend
 
 
@@ -38,10 +38,10 @@ def measure_latency(
 ) -> Latency:
     """Time `backend` on a fixed random input (with random `conditions`, text ones `sequence` tokens long)
     until both `min_runs` and `min_seconds` are reached."""
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randn((batch, *sample_shape), generator=generator)
-    timestep = torch.full((batch,), 500.0)
-    extra = {c.name: torch.randn(c.concrete_shape(batch, sequence or 0), generator=generator) for c in conditions}
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((batch, *sample_shape), dtype=np.float32)
+    timestep = np.full((batch,), 500.0, dtype=np.float32)
+    extra = {c.name: rng.standard_normal(c.concrete_shape(batch, sequence or 0), dtype=np.float32) for c in conditions}
     for _ in range(warmup):
         backend(sample, timestep, **extra)
     times: list[float] = []
@@ -60,7 +60,7 @@ class TimedBackend:
     def __init__(self, backend: Backend) -> None:
         self.backend, self.seconds, self.calls = backend, 0.0, 0
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditions: np.ndarray) -> np.ndarray:
         begin = time.perf_counter()
         eps = self.backend(sample, timestep, **conditions)
         self.seconds += time.perf_counter() - begin

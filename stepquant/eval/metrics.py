@@ -8,8 +8,9 @@ import torch
 PSNR_CAP_DB = 100.0  # identical samples would be infinite; a cap keeps means finite and comparable
 
 
-def psnr(samples: torch.Tensor, reference: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
-    """Per-sample PSNR in dB of `samples` against `reference` (both [N,...] in [-1, 1]), capped."""
+def psnr(samples, reference, data_range: float = 2.0) -> torch.Tensor:
+    """Per-sample PSNR in dB of `samples` against `reference` (both [N,...] in [-1, 1]; numpy or torch), capped."""
+    samples, reference = torch.as_tensor(samples), torch.as_tensor(reference)
     if samples.shape != reference.shape:
         raise ValueError(f"shape mismatch: {tuple(samples.shape)} against {tuple(reference.shape)}")
     mse = (samples.double() - reference.double()).square().flatten(1).mean(dim=1)
@@ -30,6 +31,7 @@ def frechet_distance(features: torch.Tensor, reference: torch.Tensor) -> float:
     return float(max(distance, 0.0))
 
 
-def rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample root-mean-square difference of two batches."""
+def rms(a, b) -> torch.Tensor:
+    """Per-sample root-mean-square difference of two batches (numpy or torch)."""
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
     return (a.double() - b.double()).square().flatten(1).mean(dim=1).sqrt()

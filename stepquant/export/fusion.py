@@ -12,13 +12,14 @@ import onnx
 import onnxruntime as ort
 from torch import nn
 
+from stepquant.errors import StepquantError
 from stepquant.quant.quantize import quantized_layers
 from stepquant.runtime.onnxruntime_backend import OPTIMIZATION_LEVELS
 
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger", "QLinearAdd")
 
 
-class FusionError(RuntimeError):
+class FusionError(StepquantError, RuntimeError):
     """onnxruntime left quantized layers in float: the graph would be no faster than FP32."""
 
 

@@ -22,6 +22,7 @@ import onnx
 import torch
 from torch import nn
 
+from stepquant.errors import StepquantError
 from stepquant.export.shapes import ShapeProfile
 from stepquant.quant.functional import QUANTIZER_ATTRIBUTE
 from stepquant.quant.layers import ActivationQuantizer, WeightQuantizer
@@ -32,7 +33,7 @@ DEFAULT_OPSET = 17
 QUANTIZER_MAP = "stepquant.quantizers"  # metadata key: JSON {Q/DQ node name: quantizer module name}
 
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(StepquantError, RuntimeError):
     """The model could not be exported, or the exported graph is not valid ONNX."""
 
 

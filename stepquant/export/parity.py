@@ -21,8 +21,9 @@ from polygraphy.json import load_json
 from polygraphy.logger import G_LOGGER
 from torch import nn
 
-from stepquant.export.bundle import Bundle, BundleError
+from stepquant.bundle import Bundle, BundleError
 from stepquant.export.onnx_export import INPUT_NAMES, OUTPUT_NAME
+from stepquant.export.shapes import ShapeProfile
 from stepquant.runtime.onnxruntime_backend import OPTIMIZATION_LEVELS
 
 ERROR_QUANTILE = 0.99
@@ -196,9 +197,9 @@ def compare_to_reference(runner: BaseRunner, feeds: list[OrderedDict], reference
 def check_feeds(feeds: object, bundle: Bundle) -> list[OrderedDict]:
     """Refuse parity inputs that the bundle's graphs cannot take: not a list of feed dicts, other input
     names, or shapes outside the declared ranges."""
-    channels = bundle.sample_shape[0]
-    profile = bundle.shape_profile
-    names = [*INPUT_NAMES, *(c.name for c in bundle.conditions)]
+    channels = bundle.manifest.sample_shape[0]
+    profile = ShapeProfile.from_dict(bundle.manifest.shape_profile)
+    names = [*INPUT_NAMES, *(c.name for c in bundle.manifest.conditions)]
     if not isinstance(feeds, list) or not feeds or not all(isinstance(f, dict) for f in feeds):
         raise BundleError("parity inputs are not a list of feed dicts (Polygraphy's --save-inputs format)")
     for i, feed in enumerate(feeds):
@@ -212,7 +213,7 @@ def check_feeds(feeds: object, bundle: Bundle) -> list[OrderedDict]:
             raise BundleError(f"parity input {i}: sample of shape {list(shape)} is outside the graph's inputs "
                               f"(batch {profile.batch.min}-{profile.batch.max}, {channels} channels, height "
                               f"{profile.height.min}-{profile.height.max}, width {profile.width.min}-{profile.width.max})")
-        for condition in bundle.conditions:
+        for condition in bundle.manifest.conditions:
             tensor_shape = np.shape(feed[condition.name])
             if len(tensor_shape) != 1 + len(condition.shape) or tensor_shape[0] != batch or any(
                     d != s for d, s in zip(condition.shape, tensor_shape[1:]) if isinstance(d, int)):
@@ -234,10 +235,10 @@ def replay_parity(bundle: Bundle, backend: str = "onnxruntime", tolerance: float
     if backend not in ("onnxruntime", "tensorrt"):
         raise ValueError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
     section = bundle.target(target or bundle.target_for(backend))
-    tolerance = section["parity"]["end_to_end"]["tolerance_median_rel"] if tolerance is None else tolerance
+    tolerance = section.replay_tolerance if tolerance is None else tolerance
     report = ParityReport(tolerance, ERROR_QUANTILE, [])
-    for group in section["timestep_groups"]:
-        directory = group["parity"]
+    for group in section.timestep_groups:
+        directory = group.parity
         with quiet_polygraphy():
             try:
                 feeds = load_json(bundle.file(f"{directory}/inputs.json"), description="parity inputs")
@@ -246,12 +247,13 @@ def replay_parity(bundle: Bundle, backend: str = "onnxruntime", tolerance: float
                 raise BundleError(f"{bundle.path}: unreadable parity data in {directory}: {' '.join(str(err).split())[:200]}") from err
         check_feeds(feeds, bundle)
         if backend == "onnxruntime":
-            runner = onnxruntime_runner(bundle.file(group["graph"]), section["parity_optimization_level"])
+            runner = onnxruntime_runner(bundle.file(group.graph), section.parity_optimization_level)
         else:
-            from stepquant.export.tensorrt import engine_path, tensorrt_version
+            from stepquant.runtime.bundle_backends import engine_path
+            from stepquant.runtime.tensorrt_backend import tensorrt_version
 
             tensorrt_version()
-            plan = engine_path(bundle, group["graph"], engine)
+            plan = engine_path(bundle, group.graph, engine)
             from polygraphy.backend.common import BytesFromPath
             from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 

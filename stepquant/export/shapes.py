@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from stepquant.models.denoisers import SEQUENCE, ConditionInput
+from stepquant.bundle.manifest import SEQUENCE, ConditionInput
 
 CORNERS = ("min", "max")
 

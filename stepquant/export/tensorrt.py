@@ -8,6 +8,9 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
+from stepquant.runtime.bundle_backends import plan_file
+from stepquant.runtime.tensorrt_backend import tensorrt_version
+
 TIMING_CACHE_FILE = "timing.cache"
 BUILDER_OPTIMIZATION_LEVEL = 4  # what modelopt and demoDiffusion use for quantized builds
 
@@ -23,21 +26,12 @@ TRTEXEC_FLAGS: dict[int, frozenset[str]] = {
 REMOVED_IN_11 = frozenset({"--int8", "--fp16", "--best", "--calib"})
 
 
-class TensorRTUnavailable(RuntimeError):
-    """The `tensorrt` package is not importable on this machine."""
-
-
 # {input name: {min|opt|max: shape}}, from ShapeProfile.input_shapes
 InputShapes = dict[str, dict[str, tuple[int, ...]]]
 
 
 def _shape_flag(shapes: InputShapes, which: str) -> str:
     return ",".join(f"{name}:{'x'.join(map(str, bounds[which]))}" for name, bounds in shapes.items())
-
-
-def plan_file(onnx_file: str) -> str:
-    """The engine built from `onnx_file` sits beside it with the same stem: model_g1.onnx -> model_g1.plan."""
-    return Path(onnx_file).with_suffix(".plan").name
 
 
 def trtexec_command(major: int, onnx_file: str, shapes: InputShapes) -> list[str]:
@@ -84,36 +78,6 @@ case "$major" in
 esac
 echo "built {plans} with TensorRT $major.x"
 """
-
-
-def engine_path(bundle, graph: str, engine: Path | None = None) -> Path:
-    """The engine to run for one of `bundle`'s graphs: `engine` if given (single-graph bundles only), else
-    the plan `stepquant build-engine` added to the bundle (listed and hashed in its manifest). A plan that
-    build_engine.sh wrote beside the graph is no part of the bundle: name it with --engine."""
-    from stepquant.export.bundle import BundleError
-
-    if engine and len(bundle.target("tensorrt")["timestep_groups"]) > 1:
-        raise BundleError("--engine names one plan, but this bundle has one graph per timestep group; "
-                          "build its plans with `stepquant build-engine`")
-    if engine:
-        if not Path(engine).is_file():
-            raise BundleError(f"no TensorRT engine at {engine}")
-        return Path(engine)
-    plan = plan_file(graph)
-    if plan not in bundle.manifest["files"]:
-        raise BundleError(f"bundle {bundle.path} holds no TensorRT engine {plan}: run `stepquant build-engine --bundle "
-                          f"{bundle.path}`, or pass --engine for a plan built by build_engine.sh")
-    return bundle.file(plan)
-
-
-def tensorrt_version() -> str:
-    try:
-        import tensorrt
-    except ImportError as err:
-        raise TensorRTUnavailable(
-            "TensorRT is not installed (pip install tensorrt on x86-64 with an NVIDIA GPU; on Jetson it ships "
-            "with JetPack); alternatively run the bundle's build_engine.sh where trtexec is available") from err
-    return tensorrt.__version__
 
 
 def build_engine(onnx_path: Path, engine_path: Path, shapes: InputShapes, timing_cache: Path) -> str:

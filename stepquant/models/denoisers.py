@@ -16,20 +16,7 @@ import torch
 from diffusers import PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
-SEQUENCE = "sequence"  # the symbolic text-length axis of a condition input
-MAX_SAMPLE_ELEMENTS = 2**24  # one sample's values (channels x height x width): 4x2048x2048 latents, 3x2048x2048 pixels
-
-
-@dataclass(frozen=True)
-class ConditionInput:
-    """One extra network input: its name and its shape after the batch axis (ints, or `SEQUENCE`)."""
-
-    name: str
-    shape: tuple[int | str, ...]
-
-    def concrete_shape(self, batch: int, sequence: int) -> tuple[int, ...]:
-        return (batch, *(sequence if d == SEQUENCE else d for d in self.shape))
-
+from stepquant.bundle.manifest import MAX_SAMPLE_ELEMENTS, SEQUENCE, ConditionInput
 
 Call = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 

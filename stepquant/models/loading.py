@@ -73,7 +73,8 @@ def _component_dirs(root: Path) -> tuple[Path, Path]:
 
 def _check_schedule(config: dict, source: Path) -> None:
     """Refuse, before any work, a noise schedule the samplers cannot build (an unknown beta_schedule...)."""
-    from stepquant.runtime.sampler import SamplerConfig, make_scheduler
+    from stepquant.models.schedulers import make_scheduler
+    from stepquant.runtime.sampler import SamplerConfig
 
     try:
         make_scheduler(SamplerConfig(steps=1), config)

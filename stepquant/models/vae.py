@@ -13,6 +13,7 @@ def decode_latents(pipeline_dir: Path, latents: torch.Tensor, batch_size: int = 
     diffusers' pipelines do)."""
     from diffusers import AutoencoderKL
 
+    latents = torch.as_tensor(latents)
     vae_dir = Path(pipeline_dir) / "vae"
     if not (vae_dir / "config.json").is_file():
         raise ValueError(f"{pipeline_dir} has no vae/ to decode latents with")

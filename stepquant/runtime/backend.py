@@ -1,4 +1,4 @@
-"""The backend contract: a callable from (sample, timestep, **conditions) to the noise estimate, on CPU tensors."""
+"""The backend contract: a callable from (sample, timestep, **conditions) to the network output, on numpy arrays."""
 
 from __future__ import annotations
 
@@ -6,25 +6,24 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
-import torch
 
 
 class Backend(Protocol):
-    """`eps = backend(sample, timestep, **conditions)` with sample [B,C,H,W] float32, timestep [B] float32
+    """`out = backend(sample, timestep, **conditions)` with sample [B,C,H,W] float32, timestep [B] float32
     and, for conditional models, their named condition inputs (text embeddings...), batch first.
 
-    Torch, onnxruntime and TensorRT backends are interchangeable behind this call, so the sampler
-    and its host-side corrections run the same whatever executes the network.
+    onnxruntime, TensorRT and (on the export side) torch backends are interchangeable behind this call, so
+    the sampler and its host-side corrections run the same whatever executes the network.
     """
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditions: np.ndarray) -> np.ndarray: ...
 
 
-def graph_feed(names: Sequence[str], sample: torch.Tensor, timestep: torch.Tensor,
-               conditions: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+def graph_feed(names: Sequence[str], sample: np.ndarray, timestep: np.ndarray,
+               conditions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The feed dict of a graph with inputs `names` (sample, timestep, then the conditions), float32."""
-    tensors = {"sample": sample, "timestep": timestep, **conditions}
-    missing = [name for name in names if name not in tensors]
+    arrays = {"sample": sample, "timestep": timestep, **conditions}
+    missing = [name for name in names if name not in arrays]
     if missing:
         raise ValueError(f"the graph needs the inputs {', '.join(missing)}: pass the model's conditioning")
-    return {name: np.ascontiguousarray(tensors[name].detach().cpu().numpy(), dtype=np.float32) for name in names}
+    return {name: np.ascontiguousarray(arrays[name], dtype=np.float32) for name in names}

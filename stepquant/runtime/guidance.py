@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
-from stepquant.models.denoisers import SEQUENCE, ConditionInput
+from stepquant.bundle.manifest import SEQUENCE, ConditionInput
 from stepquant.runtime.backend import Backend
 
 UNCOND_PREFIX = "uncond."
@@ -31,10 +32,12 @@ class ConditioningError(ValueError):
 
 @dataclass
 class Conditioning:
-    cond: dict[str, torch.Tensor]  # name -> [P, ...]
-    uncond: dict[str, torch.Tensor]  # name -> [1 or P, ...]
+    cond: dict[str, np.ndarray]  # name -> [P, ...] float32
+    uncond: dict[str, np.ndarray]  # name -> [1 or P, ...]
 
     def __post_init__(self) -> None:
+        self.cond = {k: np.asarray(v, dtype=np.float32) for k, v in self.cond.items()}
+        self.uncond = {k: np.asarray(v, dtype=np.float32) for k, v in self.uncond.items()}
         if not self.cond:
             raise ConditioningError("conditioning holds no inputs")
         if set(self.cond) != set(self.uncond):
@@ -47,16 +50,16 @@ class Conditioning:
             if len(rows) not in (1, len(self)) or rows.shape[1:] != self.cond[name].shape[1:]:
                 raise ConditioningError(f"unconditional {name} has shape {tuple(rows.shape)}; expected 1 or "
                                         f"{len(self)} rows of {tuple(self.cond[name].shape[1:])}")
-            if not (torch.isfinite(rows).all() and torch.isfinite(self.cond[name]).all()):
+            if not (np.isfinite(rows).all() and np.isfinite(self.cond[name]).all()):
                 raise ConditioningError(f"condition input {name} holds NaN or infinite values")
 
     def __len__(self) -> int:
         return len(next(iter(self.cond.values())))
 
-    def rows(self, indices: Sequence[int], unconditional: bool = False) -> dict[str, torch.Tensor]:
+    def rows(self, indices: Sequence[int], unconditional: bool = False) -> dict[str, np.ndarray]:
         """The rows for sample positions `indices` (prompt i mod P)."""
         source = self.uncond if unconditional else self.cond
-        return {name: t[torch.tensor([i % len(t) for i in indices])] for name, t in source.items()}
+        return {name: t[np.array([i % len(t) for i in indices], dtype=np.int64)] for name, t in source.items()}
 
     def for_inputs(self, inputs: Sequence[ConditionInput]) -> Conditioning:
         """This conditioning in the model's input order; refused unless it holds exactly those inputs, each
@@ -66,7 +69,7 @@ class Conditioning:
             raise ConditioningError(f"the model takes condition inputs {names}, the conditioning holds {sorted(self.cond)}")
         for condition in inputs:
             rows = self.cond[condition.name]
-            if rows.dim() != 1 + len(condition.shape) or any(
+            if rows.ndim != 1 + len(condition.shape) or any(
                     d != SEQUENCE and d != found for d, found in zip(condition.shape, rows.shape[1:])):
                 raise ConditioningError(f"condition {condition.name} has shape {tuple(rows.shape)}; the model takes "
                                         f"[prompts, {', '.join(map(str, condition.shape))}]")
@@ -81,21 +84,21 @@ class Conditioning:
 
     def save(self, path: str | Path) -> None:
         tensors = {**self.cond, **{UNCOND_PREFIX + k: v for k, v in self.uncond.items()}}
-        save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(path))
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(path))
 
     @classmethod
     def load(cls, path: str | Path) -> Conditioning:
         try:
             tensors = load_file(str(path))
-        except Exception as err:  # safetensors raises several types for unreadable files
+        except (SafetensorError, OSError, ValueError) as err:
             raise ConditioningError(f"cannot read conditioning {path}: {err}") from err
         cond = {k: v for k, v in tensors.items() if not k.startswith(UNCOND_PREFIX)}
         uncond = {k[len(UNCOND_PREFIX):]: v for k, v in tensors.items() if k.startswith(UNCOND_PREFIX)}
         return cls(cond, uncond)
 
 
-def guided_estimate(backend: Backend, x: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning | None,
-                    indices: Sequence[int], guidance_scale: float) -> torch.Tensor:
+def guided_estimate(backend: Backend, x: np.ndarray, timesteps: np.ndarray, conditioning: Conditioning | None,
+                    indices: Sequence[int], guidance_scale: float) -> np.ndarray:
     """The noise estimate the scheduler steps with: unconditional models get `backend(x, t)`; conditional
     ones their prompts' rows, guided when `guidance_scale` != 1 (both halves in one batch)."""
     if conditioning is None:
@@ -103,6 +106,6 @@ def guided_estimate(backend: Backend, x: torch.Tensor, timesteps: torch.Tensor, 
     if guidance_scale == 1.0:
         return backend(x, timesteps, **conditioning.rows(indices))
     uncond, cond = conditioning.rows(indices, unconditional=True), conditioning.rows(indices)
-    inputs = {name: torch.cat([uncond[name], cond[name]]) for name in cond}
-    eps_uncond, eps_cond = backend(torch.cat([x, x]), torch.cat([timesteps, timesteps]), **inputs).chunk(2)
+    inputs = {name: np.concatenate([uncond[name], cond[name]]) for name in cond}
+    eps_uncond, eps_cond = np.split(backend(np.concatenate([x, x]), np.concatenate([timesteps, timesteps]), **inputs), 2)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)

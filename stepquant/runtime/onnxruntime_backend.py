@@ -14,8 +14,8 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
-import torch
 
 from stepquant.runtime.backend import graph_feed
 
@@ -64,5 +64,5 @@ class OnnxRuntimeBackend:
             writing.replace(cached)  # complete only once onnxruntime has written it all
         self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, graph_feed(self.input_names, sample, timestep, conditions))[0])
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditions: np.ndarray) -> np.ndarray:
+        return self.session.run(None, graph_feed(self.input_names, sample, timestep, conditions))[0]

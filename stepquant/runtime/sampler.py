@@ -1,8 +1,9 @@
-"""The sampler host loop: a diffusers scheduler drives any backend from seeded noise.
+"""The sampler host loop: a scheduler table drives any backend from seeded noise, in numpy.
 
-Every sample owns a generator seeded with its own seed, used for its initial noise and then for
-its per-step noise, so sample i is the same whatever the batch size or backend. That is what makes
-FP and quantized runs comparable sample by sample.
+Every sample owns a generator seeded with its own seed, used for its initial noise and then for its per-step
+noise, so sample i is the same whatever the batch size, backend or install. That is what makes FP and
+quantized runs comparable sample by sample. The update is the scheduler's own, captured as a table
+(stepquant.runtime.scheduler_table), so this loop is the same for every scheduler.
 """
 
 from __future__ import annotations
@@ -10,22 +11,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-import torch
-from diffusers import DDIMScheduler, DDPMScheduler
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+import numpy as np
 from tqdm import tqdm
 
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.corrections import Corrections
 from stepquant.runtime.guidance import Conditioning, guided_estimate
-from stepquant.runtime.seeding import per_sample_noise, seed_generators
+from stepquant.runtime.scheduler_table import SchedulerTable
+from stepquant.runtime.seeding import NoiseStream, per_sample_noise, seed_generators
 
-SCHEDULERS: dict[str, type[SchedulerMixin]] = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+SCHEDULER_NAMES = ("ddim", "ddpm")  # diffusers' DDIMScheduler and DDPMScheduler, captured at export
 
 CORRECTION_NOISE_SEED_OFFSET = 1 << 40
 
 # Called before each network evaluation with (step index, timestep, x_t of the batch).
-StepCallback = Callable[[int, int, torch.Tensor], None]
+StepCallback = Callable[[int, float, np.ndarray], None]
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,8 @@ class SamplerConfig:
     guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+        if self.scheduler not in SCHEDULER_NAMES:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULER_NAMES)}")
         if self.steps < 1:
             raise ValueError(f"--steps must be at least 1, got {self.steps}")
         if not 0.0 <= self.eta <= 1.0:
@@ -51,68 +51,14 @@ class SamplerConfig:
 
 @dataclass
 class SampleOutput:
-    samples: torch.Tensor  # [N, C, H, W] float32 (in [-1, 1] when clipped), in the order of the seeds
-
-
-def make_scheduler(config: SamplerConfig, scheduler_config: dict) -> SchedulerMixin:
-    """The sampler's scheduler built from the model's training noise schedule, timesteps set; a schedule
-    diffusers cannot build (an unknown beta_schedule, a bad value) is refused with one line."""
-    try:
-        scheduler = SCHEDULERS[config.scheduler].from_config(scheduler_config)
-        scheduler.set_timesteps(config.steps)
-    except (NotImplementedError, ValueError, TypeError, KeyError, AttributeError) as err:
-        raise ValueError(f"the noise schedule cannot drive a {config.scheduler.upper()} sampler with {config.steps} steps: "
-                         f"{' '.join(str(err).split())[:200]}") from err
-    return scheduler
-
-
-def ddim_step(scheduler: DDIMScheduler, eps: torch.Tensor, timestep: int, x: torch.Tensor, eta: float,
-              generators: Sequence[torch.Generator], residual_var: float = 0.0) -> torch.Tensor:
-    """One DDIM update (diffusers' formulas, epsilon prediction) with PTQD's variance schedule calibration:
-    sigma'^2 = max(sigma^2 - c_t^2 * residual_var, 0), c_t being the net coefficient of eps in the update,
-    so the sampler's own noise makes room for the noise the quantized estimate already carries."""
-    prev = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    alpha = scheduler.alphas_cumprod[timestep]
-    alpha_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
-    x0 = (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
-    if scheduler.config.clip_sample:
-        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
-    variance = (1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)
-    sigma2 = eta**2 * variance
-    if residual_var > 0:
-        c = (1 - alpha_prev - sigma2).sqrt() - (alpha_prev * (1 - alpha) / alpha).sqrt()
-        sigma2 = torch.clamp(sigma2 - c**2 * residual_var, min=0.0)
-    x_prev = alpha_prev.sqrt() * x0 + (1 - alpha_prev - sigma2).sqrt() * eps
-    return x_prev + sigma2.sqrt() * per_sample_noise(generators, eps.shape[1:]) if eta > 0 else x_prev
-
-
-def ddpm_step(scheduler: DDPMScheduler, eps: torch.Tensor, timestep: int, x: torch.Tensor,
-              generators: Sequence[torch.Generator], residual_var: float = 0.0) -> torch.Tensor:
-    """One DDPM ancestral step (diffusers' formulas, epsilon prediction, fixed_small variance) with the same
-    variance schedule calibration as `ddim_step`: c_t is the net coefficient of eps in the posterior mean."""
-    prev = scheduler.previous_timestep(timestep)
-    alpha = scheduler.alphas_cumprod[timestep]
-    alpha_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.one
-    beta = 1 - alpha / alpha_prev
-    x0 = (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
-    if scheduler.config.clip_sample:
-        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
-    x0_coeff = alpha_prev.sqrt() * beta / (1 - alpha)
-    x_prev = x0_coeff * x0 + (1 - beta).sqrt() * (1 - alpha_prev) / (1 - alpha) * x
-    if timestep <= 0:
-        return x_prev
-    sigma2 = torch.clamp((1 - alpha_prev) / (1 - alpha) * beta, min=1e-20)
-    if residual_var > 0:
-        c = x0_coeff * (1 - alpha).sqrt() / alpha.sqrt()
-        sigma2 = torch.clamp(sigma2 - c**2 * residual_var, min=0.0)
-    return x_prev + sigma2.sqrt() * per_sample_noise(generators, eps.shape[1:])
+    samples: np.ndarray  # [N, C, H, W] float32 (in [-1, 1] when clipped), in the order of the seeds
 
 
 def sample_batches(
     backend: Backend,
-    scheduler_config: dict,
+    table: SchedulerTable,
     seeds: Sequence[int],
-    sample_shape: tuple[int, int, int],
+    sample_shape: tuple[int, ...],
     config: SamplerConfig = SamplerConfig(),
     batch_size: int = 64,
     on_step: StepCallback | None = None,
@@ -121,54 +67,56 @@ def sample_batches(
     corrections: Corrections | None = None,
     conditioning: Conditioning | None = None,
     clip: bool = True,
-) -> Iterator[torch.Tensor]:
-    """Run the reverse process for every seed, `batch_size` seeds at a time, yielding each batch's final
-    samples (clipped to [-1, 1] with `clip`: pixel-space models; latent models leave their latents to the
-    VAE), so memory is bounded by the batch however many seeds there are.
+    noise_streams: Callable[[Sequence[int]], Sequence[NoiseStream]] = seed_generators,
+) -> Iterator[np.ndarray]:
+    """Run the reverse process of `table` for every seed, `batch_size` seeds at a time, yielding each batch's
+    final samples (clipped to [-1, 1] with `clip`: pixel-space models; latent models leave their latents to
+    the VAE), so memory is bounded by the batch however many seeds there are.
 
-    Conditional models need `conditioning` (sample i takes its row i mod P) and are guided with
-    `config.guidance_scale`. With `corrections`, each step corrects the network input and output on the
-    host (see stepquant.runtime.corrections); without, the loop is exactly diffusers' scheduler loop.
+    `config` must name the table's sampler (else one line says which the table is). Conditional models need
+    `conditioning` (sample i takes its row i mod P) and are guided with `config.guidance_scale`. With
+    `corrections`, each step corrects the network input and output on the host (stepquant.runtime.corrections);
+    without, the loop is exactly the scheduler's. `noise_streams` makes each sample's stream from its seed.
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    timesteps = make_scheduler(config, scheduler_config).timesteps  # a schedule it cannot build fails before any bar
+    table.check_sampler(config.scheduler, config.steps, config.eta)
     if corrections is not None:
-        corrections.check_covers(timesteps)
+        corrections.check_covers([int(t) for t in table.timesteps])
     starts = range(0, len(seeds), batch_size)
-    with tqdm(total=len(starts) * config.steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
+    with tqdm(total=len(starts) * table.steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
         for start in starts:
             batch_seeds = list(seeds[start : start + batch_size])
             positions = range(start, start + len(batch_seeds))
-            scheduler = make_scheduler(config, scheduler_config)
-            generators = seed_generators(batch_seeds)
+            streams = noise_streams(batch_seeds)
             # noise the corrections add (D2's stochastic variant) has its own streams, so the sampler's own
             # per-step noise stays aligned with an uncorrected (FP) run from the same seeds
-            correction_generators = seed_generators([CORRECTION_NOISE_SEED_OFFSET + s for s in batch_seeds])
-            x = per_sample_noise(generators, sample_shape)
-            extra = {"eta": config.eta} if config.scheduler == "ddim" else {}
-            for index, t in enumerate(scheduler.timesteps):
+            correction_streams = noise_streams([CORRECTION_NOISE_SEED_OFFSET + s for s in batch_seeds])
+            x = np.float32(table.init_noise_sigma) * per_sample_noise(streams, sample_shape)
+            samples: list[np.ndarray] = []
+            outputs: list[np.ndarray] = []
+            for i, t in enumerate(table.timesteps.tolist()):
                 if on_step is not None:
-                    on_step(index, int(t), x)
-                timesteps = torch.full((len(batch_seeds),), float(t))
-                if corrections is None:
-                    eps = guided_estimate(backend, x, timesteps, conditioning, positions, config.guidance_scale)
-                    x = scheduler.step(eps, t, x, generator=generators, **extra).prev_sample
-                else:
+                    on_step(i, t, x)
+                if corrections is not None:
                     x = corrections.correct_input(x, int(t))
-                    eps = guided_estimate(backend, x, timesteps, conditioning, positions, config.guidance_scale)
-                    eps = corrections.correct_estimate(eps, int(t), correction_generators)
-                    residual_var = corrections.residual_variance(int(t))
-                    if config.scheduler == "ddim":
-                        x = ddim_step(scheduler, eps, int(t), x, config.eta, generators, residual_var)
-                    else:
-                        x = ddpm_step(scheduler, eps, int(t), x, generators, residual_var)
+                timesteps = np.full((len(batch_seeds),), t, dtype=np.float32)
+                model_input = x if table.input_scale[i] == 1.0 else np.float32(table.input_scale[i]) * x
+                out = guided_estimate(backend, model_input, timesteps, conditioning, positions, config.guidance_scale)
+                std = float(table.noise_std[i])
+                if corrections is not None:
+                    out = corrections.correct_estimate(out, int(t), correction_streams)
+                    std = corrections.sampler_noise_std(int(t), std, table.output_coefficient(i))
+                samples = [x, *samples[: table.depth - 1]]
+                outputs = [out, *outputs[: table.depth - 1]]
+                noise = per_sample_noise(streams, sample_shape) if table.noise_std[i] > 0 else None
+                x = np.asarray(table.step(i, samples, outputs, noise, std), dtype=np.float32)
                 bar.update(1)
-            yield x.clamp(-1.0, 1.0) if clip else x
+            yield x.clip(-1.0, 1.0) if clip else x
 
 
-def sample(backend: Backend, scheduler_config: dict, seeds: Sequence[int], sample_shape: tuple[int, int, int],
+def sample(backend: Backend, table: SchedulerTable, seeds: Sequence[int], sample_shape: tuple[int, ...],
            config: SamplerConfig = SamplerConfig(), batch_size: int = 64, **options) -> SampleOutput:
     """Every seed's final sample, in the order of the seeds (`sample_batches`, concatenated)."""
-    return SampleOutput(samples=torch.cat(list(sample_batches(backend, scheduler_config, seeds, sample_shape, config,
-                                                               batch_size, **options))))
+    return SampleOutput(samples=np.concatenate(list(sample_batches(backend, table, seeds, sample_shape, config,
+                                                                    batch_size, **options))))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+import numpy as np
 
 from stepquant.runtime.backend import Backend
 
@@ -24,14 +24,14 @@ class TimestepGroupBackend:
             raise ValueError(f"timestep {timestep:g} belongs to no timestep group of this bundle (its graphs cover "
                              f"{sorted(self.group_of, reverse=True)}); sample with the steps it was exported for") from None
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
-        groups = torch.tensor([self.group(t) for t in timestep.tolist()])
-        if bool((groups == groups[0]).all()):
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditions: np.ndarray) -> np.ndarray:
+        groups = np.array([self.group(t) for t in np.asarray(timestep).tolist()])
+        if (groups == groups[0]).all():
             return self.backends[int(groups[0])](sample, timestep, **conditions)
         out = None
-        for g in groups.unique().tolist():
+        for g in np.unique(groups).tolist():
             rows = groups == g
-            eps = self.backends[g](sample[rows], timestep[rows], **{k: v[rows] for k, v in conditions.items()})
-            out = eps.new_empty((len(sample), *eps.shape[1:])) if out is None else out
-            out[rows] = eps
+            part = self.backends[g](sample[rows], timestep[rows], **{k: v[rows] for k, v in conditions.items()})
+            out = np.empty((len(sample), *part.shape[1:]), dtype=part.dtype) if out is None else out
+            out[rows] = part
         return out

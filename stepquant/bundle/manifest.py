@@ -1,0 +1,196 @@
+"""The bundle's manifest, typed: read and validated once (`Manifest.from_dict`), written by the export
+(`to_dict`), and read by the runtime and the commands as attributes, never by string key.
+
+Sections the runtime does not act on (quantization spec, calibration, quality, versions...) travel as
+plain data in `info` and in each target's `details`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 5  # 2: one section per target; 3: condition inputs and shape ranges; 4: layer-wise parity;
+# 5: the sampler's scheduler table (the device loop needs no diffusers), typed manifest
+READ_BY = {2: "0.1.0", 3: "0.1.0", 4: "0.1.0"}  # older formats, and the stepquant release that reads them
+SEQUENCE = "sequence"  # the symbolic text-length axis of a condition input
+MAX_SAMPLE_ELEMENTS = 2**24  # one sample's values (channels x height x width): 4x2048x2048 latents, 3x2048x2048 pixels
+OPTIMIZATION_LEVEL_NAMES = ("disable", "basic", "extended", "all")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class BundleError(ValueError):
+    """A bundle is missing, incomplete, of another format version, changed after export, or reaches outside
+    itself; or a destination that is not a bundle would be replaced."""
+
+
+def check_format_version(data: Any, where: str) -> None:
+    """Refuse, in one line, a manifest of another format version, naming the stepquant release that reads it."""
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != FORMAT_VERSION:
+        reader = READ_BY.get(version) if isinstance(version, int) else None
+        hint = (f"re-export it with this stepquant, or read it with stepquant {reader}" if reader
+                else "it was not written by a stepquant this one knows")
+        raise BundleError(f"{where}: bundle format version {version!r} is not supported (this stepquant reads "
+                          f"{FORMAT_VERSION}): {hint}")
+
+
+@dataclass(frozen=True)
+class ConditionInput:
+    """One extra network input: its name and its shape after the batch axis (ints, or `SEQUENCE`)."""
+
+    name: str
+    shape: tuple[int | str, ...]
+
+    def concrete_shape(self, batch: int, sequence: int) -> tuple[int, ...]:
+        return (batch, *(sequence if d == SEQUENCE else d for d in self.shape))
+
+
+@dataclass(frozen=True)
+class TimestepGroup:
+    graph: str  # the group's Q/DQ graph
+    timesteps: list[float] | str  # the sampler timesteps it serves, or "all"
+    parity: str  # its parity directory (inputs.json, reference_outputs.json)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"graph": self.graph, "timesteps": self.timesteps, "parity": self.parity}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target profile's graphs and what the export showed for them."""
+
+    timestep_groups: list[TimestepGroup]
+    parity: dict[str, Any]  # gate, passed, layerwise reports, end_to_end (with the replay tolerance)
+    onnxruntime_optimization_level: str
+    parity_optimization_level: str
+    details: dict[str, Any] = field(default_factory=dict)  # quality, lint or integer kernels
+
+    @property
+    def replay_tolerance(self) -> float:
+        return float(self.parity["end_to_end"]["tolerance_median_rel"])
+
+    @property
+    def graphs(self) -> list[str]:
+        return [group.graph for group in self.timestep_groups]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"timestep_groups": [g.to_dict() for g in self.timestep_groups], "parity": self.parity,
+                "onnxruntime_optimization_level": self.onnxruntime_optimization_level,
+                "parity_optimization_level": self.parity_optimization_level, **self.details}
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """The sampler the bundle was calibrated and evaluated with (its table is `Manifest.scheduler_table`)."""
+
+    scheduler: str
+    steps: int
+    eta: float
+    guidance_scale: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler, "steps": self.steps, "eta": self.eta, "guidance_scale": self.guidance_scale}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    source_model: str
+    sample_shape: tuple[int, int, int]
+    conditions: tuple[ConditionInput, ...]
+    shape_profile: dict[str, Any]  # batch / height / width / sequence ranges (stepquant.export.shapes.ShapeProfile)
+    noise_schedule: dict[str, Any]  # the model's scheduler config
+    sampler: Sampler
+    scheduler_table: dict[str, Any]  # stepquant.runtime.scheduler_table.SchedulerTable.to_dict()
+    targets: dict[str, Target]
+    reference_graph: str  # the FP32 graph
+    correction_method: str
+    correction_file: str | None
+    engine: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)  # name -> sha256, every file of the bundle
+    info: dict[str, Any] = field(default_factory=dict)  # the rest: quantization, calibration, versions...
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's JSON body (without format version, file list and self-hash, which the writer adds)."""
+        return {
+            "source_model": self.source_model, "sample_shape": list(self.sample_shape),
+            "inputs": {"conditions": [{"name": c.name, "shape": list(c.shape)} for c in self.conditions],
+                       "shape_profile": self.shape_profile},
+            "noise_schedule": self.noise_schedule, "sampler": self.sampler.to_dict(),
+            "scheduler_table": self.scheduler_table,
+            "targets": {name: target.to_dict() for name, target in self.targets.items()},
+            "reference_graph": self.reference_graph,
+            "correction": {"method": self.correction_method, "file": self.correction_file},
+            "engine": self.engine, **self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "manifest") -> Manifest:
+        """Validate and type a manifest read from JSON; anything missing or mistyped is one BundleError line."""
+        def need(condition: bool, what: str) -> None:
+            if not condition:
+                raise BundleError(f"{where} is not a valid stepquant manifest: {what}")
+
+        check_format_version(data, where)
+        files = data.get("files")
+        need(isinstance(files, dict) and all(isinstance(v, str) and _SHA256.fullmatch(v) for v in files.values()),
+             "'files' must map file names to sha256 digests")
+        listed = set(files)
+        shape = data.get("sample_shape")
+        need(isinstance(shape, list) and len(shape) == 3 and all(type(d) is int and d >= 1 for d in shape),
+             "'sample_shape' must be three positive integers")
+        need(shape[0] * shape[1] * shape[2] <= MAX_SAMPLE_ELEMENTS,
+             f"'sample_shape' {shape} is over {MAX_SAMPLE_ELEMENTS:,} values per sample")
+        inputs = data.get("inputs")
+        need(isinstance(inputs, dict) and isinstance(inputs.get("conditions"), list)
+             and isinstance(inputs.get("shape_profile"), dict), "'inputs' must hold 'conditions' and 'shape_profile'")
+        need(all(isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("shape"), list)
+                 and all(type(d) is int or d == SEQUENCE for d in c["shape"]) for c in inputs["conditions"]),
+             "each of 'inputs.conditions' needs a name and a shape")
+        need(isinstance(data.get("noise_schedule"), dict), "'noise_schedule' must be a scheduler config")
+        sampler = data.get("sampler")
+        need(isinstance(sampler, dict) and isinstance(sampler.get("scheduler"), str) and type(sampler.get("steps")) is int
+             and sampler["steps"] >= 1 and all(isinstance(sampler.get(k), (int, float)) for k in ("eta", "guidance_scale")),
+             "'sampler' must hold 'scheduler', 'steps', 'eta' and 'guidance_scale'")
+        need(isinstance(data.get("scheduler_table"), dict), "'scheduler_table' must be an object")
+        need(data.get("reference_graph") in listed, "'reference_graph' must be a listed file")
+        correction = data.get("correction")
+        need(isinstance(correction, dict) and isinstance(correction.get("method"), str)
+             and (correction.get("file") is None or correction["file"] in listed),
+             "'correction' needs a method, and a file that is null or listed")
+        need(isinstance(data.get("engine", {}), dict), "'engine' must be an object")
+        targets = data.get("targets")
+        need(isinstance(targets, dict) and targets, "'targets' must name at least one target")
+        typed_targets = {}
+        for name, section in targets.items():
+            need(isinstance(section, dict) and isinstance(section.get("timestep_groups"), list) and section["timestep_groups"],
+                 f"target {name!r} needs its 'timestep_groups'")
+            groups = []
+            for group in section["timestep_groups"]:
+                need(isinstance(group, dict) and group.get("graph") in listed, f"target {name!r}: every graph must be a listed file")
+                need(isinstance(group.get("parity"), str) and {f"{group['parity']}/inputs.json",
+                                                               f"{group['parity']}/reference_outputs.json"} <= listed,
+                     f"target {name!r}: every group's parity data must be listed files")
+                need(group.get("timesteps") == "all" or (isinstance(group.get("timesteps"), list)
+                                                         and all(isinstance(t, (int, float)) for t in group["timesteps"])),
+                     f"target {name!r}: a group's 'timesteps' must be 'all' or numbers")
+                groups.append(TimestepGroup(group["graph"], group["timesteps"], group["parity"]))
+            parity = section.get("parity")
+            need(isinstance(parity, dict) and isinstance(parity.get("end_to_end"), dict)
+                 and isinstance(parity["end_to_end"].get("tolerance_median_rel"), (int, float)),
+                 f"target {name!r} needs its parity's end-to-end tolerance")
+            levels = (section.get("onnxruntime_optimization_level"), section.get("parity_optimization_level"))
+            need(all(level in OPTIMIZATION_LEVEL_NAMES for level in levels), f"target {name!r} needs onnxruntime optimisation levels")
+            known = ("timestep_groups", "parity", "onnxruntime_optimization_level", "parity_optimization_level")
+            typed_targets[name] = Target(groups, parity, *levels, {k: v for k, v in section.items() if k not in known})
+        known = ("format_version", "files", "manifest_sha256", "source_model", "sample_shape", "inputs", "noise_schedule",
+                 "sampler", "scheduler_table", "targets", "reference_graph", "correction", "engine")
+        return cls(
+            source_model=str(data.get("source_model", "")), sample_shape=tuple(shape),  # type: ignore[arg-type]
+            conditions=tuple(ConditionInput(c["name"], tuple(c["shape"])) for c in inputs["conditions"]),
+            shape_profile=inputs["shape_profile"], noise_schedule=data["noise_schedule"],
+            sampler=Sampler(sampler["scheduler"], sampler["steps"], float(sampler["eta"]), float(sampler["guidance_scale"])),
+            scheduler_table=data["scheduler_table"], targets=typed_targets, reference_graph=data["reference_graph"],
+            correction_method=correction["method"], correction_file=correction.get("file"), engine=data.get("engine", {}),
+            files=dict(files), info={k: v for k, v in data.items() if k not in known})

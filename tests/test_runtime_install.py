@@ -1,0 +1,119 @@
+"""The device runtime without the export side: `stepquant sample --bundle` in a process where importing
+torch, diffusers, onnx or Polygraphy raises gives the samples the full install gives, for every scheduler
+(with corrections) and for a conditional bundle with guidance; importing the runtime loads nothing else."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+from stepquant.models import EpsilonModel, load_model
+from stepquant.models.tiny import random_conditioning, save_tiny_pipeline
+from stepquant.pipeline import ExportConfig, export_quantized
+from stepquant.runtime import SamplerConfig
+
+EXPORT_SIDE = ("torch", "diffusers", "onnx", "polygraphy", "onnxconverter_common", "transformers", "matplotlib", "sklearn")
+# the interpreter the device would have: the export side's packages cannot be imported
+WITHOUT_EXPORT_SIDE = textwrap.dedent(f"""
+    import importlib.abc, sys
+    class _Refuse(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] in {set(EXPORT_SIDE)!r}:
+                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+    sys.meta_path.insert(0, _Refuse())
+""")
+
+
+def run_without_export_side(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT_EXPORT_SIDE + textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def stepquant_without_export_side(*args) -> subprocess.CompletedProcess:
+    return run_without_export_side(f"""
+        sys.argv = ["stepquant", *{[str(a) for a in args]!r}]
+        from stepquant.cli.main import main
+        main()
+    """)
+
+
+@pytest.mark.parametrize("module", ["stepquant.runtime", "stepquant.bundle", "stepquant.cli.sample"])
+def test_importing_the_runtime_loads_nothing_of_the_export_side(module):
+    result = subprocess.run([sys.executable, "-c", f"import json, sys, {module}; print(json.dumps(sorted(sys.modules)))"],
+                            capture_output=True, text=True, timeout=120, check=True)
+    loaded = json.loads(result.stdout)
+    forbidden = [m for m in loaded if m.split(".")[0] in EXPORT_SIDE
+                 or m.startswith(("stepquant.export", "stepquant.calibrators", "stepquant.models", "stepquant.quant",
+                                  "stepquant.pipeline", "stepquant.eval"))]
+    assert forbidden == []
+    assert module in loaded  # the check saw the import
+
+
+@pytest.fixture(scope="module", params=[("ddim", 0.5, "ptqd"), ("ddpm", 0.0, "d2-stochastic")], ids=["ddim", "ddpm"])
+def corrected_bundle(request, tmp_path_factory):
+    scheduler, eta, correction = request.param
+    out = tmp_path_factory.mktemp("runtime") / f"demo-{scheduler}"
+    export_quantized(ExportConfig(out=out, sampler=SamplerConfig(scheduler, 4, eta), calib_samples=8, eval_samples=4,
+                                  correction=correction, progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def conditional_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime-conditional")
+    pipeline = save_tiny_pipeline("sd", root / "pipeline")
+    conditioning = root / "conditioning.safetensors"
+    random_conditioning(EpsilonModel(load_model(str(pipeline)).denoiser)).save(conditioning)
+    export_quantized(ExportConfig(model=str(pipeline), out=root / "bundle", conditioning=conditioning,
+                                  sampler=SamplerConfig(steps=3, guidance_scale=3.0), calib_samples=2, eval_samples=2,
+                                  progress=False))
+    return root / "bundle", conditioning
+
+
+def _same_samples(bundle, tmp_path, *extra) -> None:
+    args = ("sample", "--bundle", bundle, "--n", "5", "--batch-size", "2", "--no-progress", *extra)
+    full = run_cli("stepquant", *args, "--out", tmp_path / "full.npz")
+    assert full.returncode == 0, full.stderr
+    device = stepquant_without_export_side(*args, "--out", tmp_path / "device.npz")
+    assert device.returncode == 0, device.stderr
+    a, b = (np.load(tmp_path / f"{name}.npz")["samples"] for name in ("full", "device"))
+    assert a.shape[0] == 5 and np.abs(a - b).max() <= 1e-5
+
+
+def test_sampling_a_corrected_bundle_needs_no_export_side(corrected_bundle, tmp_path):
+    _same_samples(corrected_bundle, tmp_path)
+
+
+def test_sampling_a_guided_conditional_bundle_needs_no_export_side(conditional_bundle, tmp_path):
+    bundle, conditioning = conditional_bundle
+    _same_samples(bundle, tmp_path, "--conditioning", conditioning)
+
+
+def test_export_side_commands_say_which_extra_to_install(corrected_bundle, tmp_path):
+    for args in (("eval", "--bundle", corrected_bundle, "--n", "4"),
+                 ("sample", "--model", "demo-digits", "--n", "2", "--out", tmp_path / "fp.npz")):
+        result = stepquant_without_export_side(*args)
+        assert_one_line_error(result, "pip install 'stepquant[export]'")
+    exported = run_without_export_side("""
+        sys.argv = ["export-quantized", "--out", "x"]
+        from stepquant.cli.main import export_quantized_main
+        export_quantized_main()
+    """)
+    assert_one_line_error(exported, "pip install 'stepquant[export]'")
+    listed = stepquant_without_export_side("--help")
+    assert listed.returncode == 0 and "sample" in listed.stdout and "needs the export side" in listed.stdout
+
+
+def test_bad_runtime_requests_are_one_line(corrected_bundle, tmp_path):
+    base = ("sample", "--bundle", corrected_bundle, "--n", "2", "--no-progress", "--out", tmp_path / "x.npz")
+    other_steps = stepquant_without_export_side(*base, "--steps", "7")
+    assert_one_line_error(other_steps, "cannot sample")
+    no_tensorrt = stepquant_without_export_side(*base, "--backend", "tensorrt")
+    assert_one_line_error(no_tensorrt, "TensorRT is not installed")
+    assert not (tmp_path / "x.npz").exists()
