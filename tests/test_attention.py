@@ -14,13 +14,13 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from stepquant.export.fusion import optimized_op_counts
-from stepquant.models.attention import (
+from stepquant.quant import QuantizedLayer, QuantSpec
+from stepquant.quant.attention_processors import (
     ExplicitAttentionProcessor,
     HeadGroupedAttentionProcessor,
     group_attention_heads_,
     heads_per_group,
 )
-from stepquant.quant import QuantizedLayer, QuantSpec
 from stepquant.quant.grid import IntGrid
 from stepquant.quant.layers import ActivationQuantizer
 from tests.conftest import needs_exact_integer_kernels

@@ -43,15 +43,19 @@ def stepquant_without_export_side(*args) -> subprocess.CompletedProcess:
     """)
 
 
-@pytest.mark.parametrize("module", ["stepquant.runtime", "stepquant.bundle", "stepquant.cli.sample"])
-def test_importing_the_runtime_loads_nothing_of_the_export_side(module):
+RUNTIME_FORBIDDEN = ("stepquant.export", "stepquant.calibrators", "stepquant.models", "stepquant.quant", "stepquant.pipeline",
+                     "stepquant.eval")
+
+
+@pytest.mark.parametrize("module, forbidden", [
+    ("stepquant.runtime", RUNTIME_FORBIDDEN), ("stepquant.bundle", RUNTIME_FORBIDDEN), ("stepquant.cli.sample", RUNTIME_FORBIDDEN),
+    # the device's other commands: light modules of the export and eval packages are fine, their libraries are not
+    ("stepquant.cli.bench", ()), ("stepquant.cli.signing", ())])
+def test_importing_the_runtime_loads_nothing_of_the_export_side(module, forbidden):
     result = subprocess.run([sys.executable, "-c", f"import json, sys, {module}; print(json.dumps(sorted(sys.modules)))"],
                             capture_output=True, text=True, timeout=120, check=True)
     loaded = json.loads(result.stdout)
-    forbidden = [m for m in loaded if m.split(".")[0] in EXPORT_SIDE
-                 or m.startswith(("stepquant.export", "stepquant.calibrators", "stepquant.models", "stepquant.quant",
-                                  "stepquant.pipeline", "stepquant.eval"))]
-    assert forbidden == []
+    assert [m for m in loaded if m.split(".")[0] in EXPORT_SIDE or (forbidden and m.startswith(forbidden))] == []
     assert module in loaded  # the check saw the import
 
 
@@ -95,6 +99,14 @@ def test_sampling_a_guided_conditional_bundle_needs_no_export_side(conditional_b
     _same_samples(bundle, tmp_path, "--conditioning", conditioning)
 
 
+def test_bench_and_verify_need_no_export_side(corrected_bundle):
+    timed = stepquant_without_export_side("bench", "--bundle", corrected_bundle, "--batch", "1")
+    assert timed.returncode == 0, timed.stderr
+    assert "tensorrt graph" in timed.stdout and "x vs FP32" in timed.stdout
+    verified = stepquant_without_export_side("verify", "--bundle", corrected_bundle)
+    assert verified.returncode == 0 and "files verified" in verified.stdout
+
+
 def test_export_side_commands_say_which_extra_to_install(corrected_bundle, tmp_path):
     for args in (("eval", "--bundle", corrected_bundle, "--n", "4"),
                  ("sample", "--model", "demo-digits", "--n", "2", "--out", tmp_path / "fp.npz")):
@@ -117,3 +129,48 @@ def test_bad_runtime_requests_are_one_line(corrected_bundle, tmp_path):
     no_tensorrt = stepquant_without_export_side(*base, "--backend", "tensorrt")
     assert_one_line_error(no_tensorrt, "TensorRT is not installed")
     assert not (tmp_path / "x.npz").exists()
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Each stepquant module and the stepquant modules it imports at module level (what runs on import)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "stepquant"
+    graph = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        imports = set()
+        for node in ast.parse(path.read_text()).body:  # top level only: imports inside functions run later
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stepquant"):
+                imports.add(node.module)
+            elif isinstance(node, ast.Import):
+                imports.update(a.name for a in node.names if a.name.startswith("stepquant"))
+        graph[name] = imports
+    return graph
+
+
+def test_no_import_cycles_between_stepquant_packages():
+    """A cycle works or fails by import order; none may exist between the sub-packages (runtime -> bundle is
+    fine, bundle -> runtime would not be)."""
+    def package(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    edges: dict[str, set[str]] = {}
+    for module, imports in _module_imports().items():
+        for imported in imports:
+            if package(imported) != package(module):
+                edges.setdefault(package(module), set()).add(package(imported))
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        for nxt in sorted(edges.get(node, ())):
+            if nxt in path:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif len(path) < 12:
+                visit(nxt, path + [nxt])
+
+    for start in sorted(edges):
+        visit(start, [start])
+    assert cycles == []
+    assert not {p for p in edges.get("stepquant.runtime", set())} - {"stepquant.bundle", "stepquant.errors"}

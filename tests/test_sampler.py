@@ -5,11 +5,10 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 from stepquant.export.onnx_export import export_onnx
 from stepquant.models import EpsilonModel, load_model
-from stepquant.models.schedulers import capture_table, check_table, make_scheduler
+from stepquant.models.schedulers import DiffusersNoise, capture_table, check_table, diffusers_samples
 from stepquant.models.torch_backend import TorchBackend
 from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, sample
 from stepquant.runtime.scheduler_table import SchedulerTable, SchedulerTableError
@@ -34,16 +33,6 @@ def test_each_seed_gives_the_same_sample_whatever_the_batch(tiny, config):
     assert np.abs(together).max() <= 1.0
 
 
-class _TorchStream:
-    """A sample's noise drawn as diffusers draws it from a list of generators, one (1, ...) draw per sample."""
-
-    def __init__(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def standard_normal(self, size, dtype=np.float32):
-        return torch.randn((1, *size), generator=self.generator).numpy()[0]
-
-
 @pytest.fixture(scope="module")
 def demo():
     loaded = load_model("demo-digits")
@@ -57,15 +46,8 @@ def test_the_runtime_loop_equals_diffusers_own_loop_from_the_same_noise(demo, co
     backend, schedule = demo
     seeds, shape = [0, 1, 2, 3], (1, 16, 16)
     ours = sample(backend, capture_table(config, schedule), seeds, shape, config, progress=False, clip=False,
-                  noise_streams=lambda s: [_TorchStream(seed) for seed in s]).samples
-    scheduler = make_scheduler(config, schedule)
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    x = torch.cat([torch.randn((1, *shape), generator=g) for g in generators]) * scheduler.init_noise_sigma
-    extra = {"eta": config.eta} if config.scheduler == "ddim" else {}
-    for t in scheduler.timesteps:
-        eps = torch.from_numpy(backend(x.numpy(), np.full(len(seeds), float(t), dtype=np.float32)))
-        x = scheduler.step(eps, t, x, generator=generators, **extra).prev_sample
-    assert np.abs(ours - x.numpy()).max() <= 1e-5
+                  noise_streams=lambda s: [DiffusersNoise(seed) for seed in s]).samples
+    assert np.abs(ours - diffusers_samples(backend, config, schedule, seeds, shape)).max() <= 1e-5
 
 
 def test_a_table_that_departs_from_its_scheduler_is_refused(tiny):

@@ -25,7 +25,7 @@ import torch
 from benchdoc import header, write_section
 from diffusers.models.attention_processor import Attention
 
-from stepquant.models.attention import SCORE_BLOCK_BYTES, HeadGroupedAttentionProcessor, heads_per_group
+from stepquant.quant.attention_processors import SCORE_BLOCK_BYTES, HeadGroupedAttentionProcessor, heads_per_group
 
 CHANNELS, HEADS, SIZE, TUNED_BATCH = 256, 32, 16, 8
 BLOCKS_MIB = (1024, 16, 8, 4, 2)  # 1024: one group (plain attention); 2: one head per group at batch 8

@@ -24,13 +24,15 @@ import torch
 from bench_quality import Context, modelopt_method
 from benchdoc import DOC, header, write_section
 
+from stepquant.bundle import load_bundle
 from stepquant.calibrators import collect_calibration_set
 from stepquant.calibrators.calibrate import CALIBRATORS
 from stepquant.eval.evaluate import evaluate, plot_errors
-from stepquant.export import export_onnx, load_bundle
+from stepquant.export.onnx_export import export_onnx
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
+from stepquant.models.torch_backend import TorchBackend
 from stepquant.pipeline import CALIBRATION_SEED_OFFSET
-from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, TorchBackend
+from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig
 from stepquant.runtime.bundle_backends import quantized_backend
 
 SETTINGS = {"W4A8": (4, 8), "W4A4": (4, 4)}
@@ -43,8 +45,8 @@ def memory_child(steps: int, unrolled: bool, batch: int, iters: int) -> None:
 
     from stepquant.calibrators.multistep import multistep_objective
     from stepquant.calibrators.ranges import calibrate_ranges
+    from stepquant.models.schedulers import make_scheduler
     from stepquant.quant import QuantSpec, quantize_
-    from stepquant.runtime import make_scheduler
 
     torch.set_num_threads(2)
     loaded = load_model(DEMO_MODEL_NAME)
@@ -145,8 +147,8 @@ def main() -> None:
                 result = evaluate(fp_backend, quantized_backend(bundle, threads=2), loaded.scheduler_config, range(args.n), shape,
                                   sampler, progress=False)
                 evaluations[(bits, calibrator)] = result
-                calibration = bundle.manifest["calibration"]
-                parity = bundle.target("tensorrt")["parity"]
+                calibration = bundle.manifest.info["calibration"]
+                parity = bundle.target("tensorrt").parity
                 row(bits, f"stepquant {calibrator}", result, calibration["seconds"], f"{calibration['peak_rss_mib']:.0f}",
                     f"{'pass' if parity['passed'] else 'FAIL'} ({max(t['median_reldiff'] for t in parity['end_to_end']['timesteps']):.1e})")
     text = "\n".join(lines)

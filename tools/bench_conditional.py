@@ -15,8 +15,8 @@ from pathlib import Path
 
 from benchdoc import header, write_section
 
+from stepquant.bundle import load_bundle
 from stepquant.eval.latency import measure_latency
-from stepquant.export import load_bundle
 from stepquant.export.shapes import DimRange, ShapeProfile
 from stepquant.models import EpsilonModel, load_model
 from stepquant.models.tiny import TEXT_TOKENS, random_conditioning, save_tiny_pipeline
@@ -40,10 +40,10 @@ def rows_for(kind: str, workdir: Path, eval_samples: int) -> list[str]:
     bundle = load_bundle(report.bundle)
     latency = []
     for batch in (2, 8):  # one image with guidance, four images with guidance
-        fp = measure_latency(OnnxRuntimeBackend(bundle.file("model_fp32.onnx"), 2), bundle.sample_shape, batch,
-                             bundle.conditions, TEXT_TOKENS).median_ms
-        qdq = measure_latency(OnnxRuntimeBackend(bundle.file("model.onnx"), 2), bundle.sample_shape, batch,
-                              bundle.conditions, TEXT_TOKENS).median_ms
+        fp = measure_latency(OnnxRuntimeBackend(bundle.file("model_fp32.onnx"), 2), bundle.manifest.sample_shape, batch,
+                             bundle.manifest.conditions, TEXT_TOKENS).median_ms
+        qdq = measure_latency(OnnxRuntimeBackend(bundle.file("model.onnx"), 2), bundle.manifest.sample_shape, batch,
+                              bundle.manifest.conditions, TEXT_TOKENS).median_ms
         latency.append(f"{fp:.1f} / {qdq:.1f}")
     row = (f"| {kind} | {sum(p.numel() for p in load_model(str(pipeline)).denoiser.parameters()) / 1e6:.2f}M | "
            f"{report.fp_parity.worst_median_reldiff:.1e} | {max(t.median_reldiff for t in native):.1e} | "

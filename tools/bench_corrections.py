@@ -17,14 +17,17 @@ import torch
 from bench_quality import Context, Row, modelopt_method, ort_static_method
 from benchdoc import header, write_section
 
+from stepquant.bundle import load_bundle
 from stepquant.calibrators import collect_calibration_set
 from stepquant.eval.evaluate import evaluate
 from stepquant.eval.latency import TimedBackend
-from stepquant.export import export_onnx, load_bundle
+from stepquant.export.onnx_export import export_onnx
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
+from stepquant.models.schedulers import capture_table
+from stepquant.models.torch_backend import TorchBackend
 from stepquant.pipeline import CALIBRATION_SEED_OFFSET, ExportConfig, export_quantized
 from stepquant.quant import QuantSpec
-from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, TorchBackend, sample
+from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, sample
 from stepquant.runtime.bundle_backends import bundle_corrections, quantized_backend
 from stepquant.runtime.corrections import METHODS
 
@@ -45,7 +48,7 @@ def host_overhead(bundle_path: Path, sampler: SamplerConfig, repeats: int = 5) -
         for label, corrections in (("without", None), ("with", terms)):
             backend.seconds = 0.0
             begin = time.perf_counter()
-            sample(backend, bundle.manifest["noise_schedule"], range(8), bundle.sample_shape, sampler, batch_size=8,
+            sample(backend, capture_table(sampler, bundle.manifest.noise_schedule), range(8), bundle.manifest.sample_shape, sampler, batch_size=8,
                    progress=False, corrections=corrections)
             host[label].append((time.perf_counter() - begin - backend.seconds) / sampler.steps)
             network.append(backend.seconds / sampler.steps)

@@ -33,21 +33,24 @@ from benchdoc import header, write_section
 from diffusers import UNet2DModel
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 
+from stepquant.bundle import load_bundle
 from stepquant.calibrators import calibrate_ranges, collect_calibration_set
 from stepquant.calibrators.data import CalibrationSet
 from stepquant.eval.evaluate import evaluate
 from stepquant.eval.latency import TimedBackend, measure_latency
-from stepquant.export import export_onnx, load_bundle
 from stepquant.export.fusion import check_integer_convs
 from stepquant.export.lint import check_conformance
+from stepquant.export.onnx_export import export_onnx
 from stepquant.export.shapes import ShapeProfile
 from stepquant.export.targets import for_target
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
-from stepquant.models.attention import group_attention_heads_
 from stepquant.models.reference_configs import DDPM_CIFAR10_UNET
+from stepquant.models.schedulers import capture_table
+from stepquant.models.torch_backend import TorchBackend
 from stepquant.pipeline import CALIBRATION_SEED_OFFSET
 from stepquant.quant import QuantSpec, quantize_
-from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, TorchBackend, sample
+from stepquant.quant.attention_processors import group_attention_heads_
+from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, sample
 from stepquant.runtime.bundle_backends import quantized_backend
 
 # Interleaved rounds per batch size, each a short block per backend: this machine has slow spells of
@@ -220,7 +223,7 @@ def calibration_cost(workdir: Path) -> str:
     subprocess.run(command, check=True, capture_output=True)
     wall = time.perf_counter() - begin
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    calibration = load_bundle(out).manifest["calibration"]
+    calibration = load_bundle(out).manifest.info["calibration"]
     return (f"`export-quantized --eval-samples 8` on the demo model (defaults: {calibration['trajectories']} trajectories, "
             f"{calibration['inputs']} calibration inputs, max observer): wall {wall:.1f} s, of which model load + "
             f"FP trajectories + range calibration {calibration['seconds']:.1f} s; peak RSS {peak_mib:.0f} MiB.")
@@ -233,7 +236,8 @@ def host_loop_cost(workdir: Path, threads: int) -> str:
         backend = TimedBackend(quantized_backend(bundle, threads))
         config = SamplerConfig("ddim", 25, 1.0)
         begin = time.perf_counter()
-        sample(backend, bundle.manifest["noise_schedule"], range(batch), bundle.sample_shape, config, batch_size=batch, progress=False)
+        sample(backend, capture_table(config, bundle.manifest.noise_schedule), range(batch), bundle.manifest.sample_shape, config,
+               batch_size=batch, progress=False)
         total = time.perf_counter() - begin
         host_ms = 1000 * (total - backend.seconds) / backend.calls
         network_ms = 1000 * backend.seconds / backend.calls

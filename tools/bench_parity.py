@@ -45,10 +45,11 @@ from stepquant.models.demo_config import SCHEDULER_CONFIG
 from stepquant.models.denoisers import sample_shape
 from stepquant.models.reference_configs import DDPM_CIFAR10_UNET
 from stepquant.models.tiny import TINY_MODELS, random_conditioning, save_tiny_pipeline
+from stepquant.models.torch_backend import TorchBackend
 from stepquant.pipeline import ExportConfig, export_quantized
 from stepquant.quant import QuantSpec, quantize_
 from stepquant.quant.quantize import round_scales_
-from stepquant.runtime import SamplerConfig, TorchBackend
+from stepquant.runtime import SamplerConfig
 
 FORMER_TOLERANCE = {"int8": 1e-3, "cpu": 3e-3, "fp8": 1e-2, "fp16": 0.2}  # the end-to-end gate before issue 17
 GUIDED = SamplerConfig(steps=10, guidance_scale=3.0)

@@ -24,14 +24,16 @@ from pathlib import Path
 import torch
 from benchdoc import header, write_section
 
+from stepquant.bundle import load_bundle
 from stepquant.calibrators import collect_calibration_set
 from stepquant.calibrators.data import CalibrationSet
 from stepquant.eval.evaluate import Evaluation, evaluate
-from stepquant.export import export_onnx, load_bundle
+from stepquant.export.onnx_export import export_onnx
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
+from stepquant.models.torch_backend import TorchBackend
 from stepquant.pipeline import CALIBRATION_SEED_OFFSET, ExportConfig, export_quantized
 from stepquant.quant import DEFAULT_EXCLUDE, QuantSpec
-from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, TorchBackend
+from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.bundle_backends import quantized_backend
 

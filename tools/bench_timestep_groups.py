@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from benchdoc import header, write_section
 
+from stepquant.bundle import load_bundle
 from stepquant.eval.evaluate import evaluate
-from stepquant.export import load_bundle
 from stepquant.runtime import SamplerConfig
 from stepquant.runtime.bundle_backends import quantized_backend, reference_backend
 
@@ -56,11 +56,11 @@ def main() -> None:
                 subprocess.run(["export-quantized", "--out", str(out), "--weight-bits", weight_bits, "--act-bits", act_bits,
                                 "--eval-samples", "2", "--allow-parity-failure", "--no-progress", *extra], check=True, capture_output=True)
                 bundle = load_bundle(out)
-                groups = bundle.target("tensorrt")["timestep_groups"]
+                groups = bundle.target("tensorrt").timestep_groups
                 result = evaluate(reference_backend(bundle, threads=2), quantized_backend(bundle, threads=2),
-                                  bundle.manifest["noise_schedule"], range(args.n), bundle.sample_shape, sampler, progress=False)
-                size = sum((out / g["graph"]).stat().st_size for g in groups) / 1e6
-                spans = ", ".join(f"{g['timesteps'][0]:.0f}-{g['timesteps'][-1]:.0f}" for g in groups) if len(groups) > 1 else "all"
+                                  bundle.manifest.noise_schedule, range(args.n), bundle.manifest.sample_shape, sampler, progress=False)
+                size = sum((out / g.graph).stat().st_size for g in groups) / 1e6
+                spans = ", ".join(f"{g.timesteps[0]:.0f}-{g.timesteps[-1]:.0f}" for g in groups) if len(groups) > 1 else "all"
                 lines.append(f"| {bits} | {label} | {result.psnr_to_fp_db:.2f} | {result.fd_to_fp:.3f} | {result.label_agreement:.3f} | "
                              f"{size:.2f} | {1000 * load_seconds(bundle):.0f} | {spans} |")
                 print(lines[-1], f"({time.perf_counter() - start:.0f} s)", flush=True)

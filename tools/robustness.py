@@ -26,9 +26,9 @@ import torch
 from benchdoc import header, write_section
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from stepquant.bundle.signing import generate_keypair
 from stepquant.cli.main import invoke
 from stepquant.export.faults import forge_bundle
-from stepquant.export.signing import generate_keypair
 from stepquant.models.demo_config import SCHEDULER_CONFIG
 
 OPENED: list[str] = []

@@ -158,7 +158,7 @@ class Manifest:
         correction = data.get("correction")
         need(isinstance(correction, dict) and isinstance(correction.get("method"), str)
              and (correction.get("file") is None or correction["file"] in listed),
-             "'correction' needs a method, and a file that is null or listed")
+             "'correction' needs a method, and 'correction.file' must be null or a listed file")
         need(isinstance(data.get("engine", {}), dict), "'engine' must be an object")
         targets = data.get("targets")
         need(isinstance(targets, dict) and targets, "'targets' must name at least one target")

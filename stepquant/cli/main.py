@@ -29,7 +29,7 @@ COMMANDS = {
     "export": ("stepquant.cli.export", "export_command"),
     "sample": ("stepquant.cli.sample", "sample_command"),
     "eval": ("stepquant.cli.evaluate", "eval_command"),
-    "bench": ("stepquant.cli.evaluate", "bench_command"),
+    "bench": ("stepquant.cli.bench", "bench_command"),
     "lint": ("stepquant.cli.tensorrt", "lint_command"),
     "parity": ("stepquant.cli.tensorrt", "parity_command"),
     "build-engine": ("stepquant.cli.tensorrt", "build_engine_command"),
@@ -71,7 +71,7 @@ def _load(name: str):
         def unavailable(ctx: typer.Context) -> None:
             raise problem
 
-        unavailable.__doc__ = f"(needs the export side: {EXPORT_EXTRA})"
+        unavailable.__doc__ = "(needs the export side: pip install 'stepquant\\[export]')"  # \[ : a bracket, not rich markup
         unavailable.context_settings = {"ignore_unknown_options": True, "allow_extra_args": True}  # any options: one line
         return unavailable
 

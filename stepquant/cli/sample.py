@@ -105,5 +105,4 @@ def sample_command(
         write_npz_batches(out, "samples", (n, *first.shape[1:]), itertools.chain([first], batches))
     guided = f", guidance {config.guidance_scale:g}" if names else ""
     kind = "images" if decode_with else "latents" if names else "samples"
-    print(f"wrote {n} {kind} ({config.steps} {config.scheduler.upper()} steps, "
-          f"eta {config.eta:g}{guided}) to {out}")
+    print(f"wrote {n} {kind} ({config.describe()}{guided}) to {out}")

@@ -24,7 +24,7 @@ import dataclasses
 from torch import nn
 
 from stepquant.export.shapes import ShapeProfile
-from stepquant.models.attention import group_attention_heads_, is_spatial_self_attention
+from stepquant.quant.attention_processors import group_attention_heads_, is_spatial_self_attention
 from stepquant.quant.grid import IntGrid
 from stepquant.quant.layers import ActivationQuantizer
 from stepquant.quant.quantize import ResidualQuantizer, activation_quantizers, quantized_layers

@@ -160,6 +160,30 @@ def check_table(table: SchedulerTable, config: SamplerConfig, scheduler_config: 
         samples.insert(0, expected)
 
 
+class DiffusersNoise:
+    """A sample's noise as diffusers' pipelines draw it from a list of torch generators, one (1, ...) draw per
+    sample and call: given to the runtime's sampler as its noise stream, it sees the noise `diffusers_samples` sees."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def standard_normal(self, size, dtype=np.float32) -> np.ndarray:
+        return torch.randn((1, *size), generator=self.generator).numpy()[0].astype(dtype, copy=False)
+
+
+def diffusers_samples(backend, config: SamplerConfig, scheduler_config: dict, seeds, shape) -> np.ndarray:
+    """The reference the runtime loop is held to: diffusers' own scheduler loop (no clipping of the result), on
+    any backend of the runtime's contract, with each seed's noise from `DiffusersNoise`."""
+    scheduler = make_scheduler(config, scheduler_config)
+    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    x = torch.cat([torch.randn((1, *shape), generator=g) for g in generators]) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(x, t)
+        out = torch.from_numpy(backend(model_input.numpy(), np.full(len(generators), float(t), dtype=np.float32)))
+        x = _step(scheduler, config, out, t, x, generators).prev_sample
+    return x.numpy()
+
+
 @lru_cache(maxsize=32)
 def _cached(config: SamplerConfig, schedule_json: str) -> SchedulerTable:
     schedule = json.loads(schedule_json)

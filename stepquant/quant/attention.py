@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stepquant.models.attention import ExplicitAttentionProcessor
+from stepquant.quant.attention_processors import ExplicitAttentionProcessor
 from stepquant.quant.grid import Grid
 from stepquant.quant.layers import ActivationQuantizer
 

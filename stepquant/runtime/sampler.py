@@ -48,6 +48,9 @@ class SamplerConfig:
         if not 0.0 <= self.guidance_scale < float("inf"):
             raise ValueError(f"--guidance-scale must be a finite number of at least 0, got {self.guidance_scale}")
 
+    def describe(self) -> str:
+        return f"{self.steps} {self.scheduler.upper()} steps" + (f", eta {self.eta:g}" if self.scheduler == "ddim" else "")
+
 
 @dataclass
 class SampleOutput:

@@ -1,0 +1,122 @@
+"""What a device needs to run a bundle: installed size of a runtime-only virtual environment
+(`pip install stepquant`) against the full one (`pip install 'stepquant[export]'`, torch's CPU build), and the
+cold start of `stepquant sample --bundle` in each, against the same command before the runtime went numpy
+(commit 84e6281, run from a git worktree in the full environment).
+
+Cold start is a fresh process's wall time for `stepquant sample --bundle B --n 1` on the demo bundle:
+interpreter start, imports, bundle verification, the onnxruntime session and the sampler's steps (25 steps
+of batch 1 take about 0.05 s of it); "import" is the time to import the sample command's module alone.
+Medians of several runs after one warm-up run (the file cache is warm, as on a device sampling repeatedly).
+
+    python tools/bench_install.py [--runs 5] [--keep DIR] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchdoc import header, write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+BEFORE = "84e6281"  # the last commit whose runtime ran on torch and diffusers
+TORCH = "torch==2.13.0"  # the CPU build (see the Makefile)
+
+
+def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command, check=True, capture_output=True, text=True, **kwargs)
+
+
+def venv(path: Path, packages: list[str]) -> Path:
+    """A fresh virtual environment with `packages` installed (non-editable); its python."""
+    run([sys.executable, "-m", "venv", str(path)])
+    python = path / "bin" / "python"
+    run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *packages], timeout=3600)
+    return python
+
+
+def size_mib(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink()) / 2**20
+
+
+def timed(command: list[str], runs: int, **kwargs) -> float:
+    run(command, **kwargs)  # warm-up: the file cache, as on a device that samples repeatedly
+    times = []
+    for _ in range(runs):
+        begin = time.perf_counter()
+        run(command, **kwargs)
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--keep", type=Path, help="build the environments here and keep them (default: a temporary directory)")
+    parser.add_argument("--no-write", action="store_true", help="print the table without updating docs/BENCHMARKS.md")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        runtime = venv(work / "runtime", [str(ROOT)])
+        full = venv(work / "full", [TORCH, f"{ROOT}[export]"])
+        sizes = {name: size_mib(work / name) for name in ("runtime", "full")}
+        packages = {name: len(run([str(py), "-m", "pip", "list", "--format=freeze"]).stdout.splitlines())
+                    for name, py in (("runtime", runtime), ("full", full))}
+
+        bundle = work / "bundle"
+        if not bundle.exists():
+            run([str(full.parent / "export-quantized"), "--out", str(bundle), "--no-progress"], timeout=3600)
+        old = work / "before"
+        if not old.exists():
+            run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), BEFORE])
+        old_bundle = work / "bundle-before"
+        before = {"cwd": old, "env": {**os.environ, "PYTHONPATH": str(old)}}  # BEFORE's code in the full environment
+        if not old_bundle.exists():  # the same export with the code of BEFORE (its own bundle format)
+            run([str(full), "-c", "import sys; sys.argv = ['export-quantized', *sys.argv[1:]]; "
+                 "from stepquant.cli.entry import export_quantized; export_quantized()", "--out", str(old_bundle),
+                 "--no-progress"], timeout=3600, **before)
+        out = work / "s.npz"
+        sample = ["sample", "--n", "1", "--no-progress", "--out", str(out)]
+        start = {
+            "runtime only (this version)": timed([str(runtime.parent / "stepquant"), *sample, "--bundle", str(bundle)], args.runs),
+            "full install (this version)": timed([str(full.parent / "stepquant"), *sample, "--bundle", str(bundle)], args.runs),
+            f"full install ({BEFORE}, before)": timed(
+                [str(full), "-c", "import sys; sys.argv=['stepquant', *sys.argv[1:]]; "
+                 "from stepquant.cli.entry import stepquant; stepquant()", *sample, "--bundle", str(old_bundle)],
+                args.runs, **before),
+        }
+        probe = "import time; t = time.perf_counter(); import stepquant.cli.sample; print(time.perf_counter() - t)"
+
+        def import_seconds(python: Path, **kwargs) -> float:
+            run([str(python), "-c", probe], **kwargs)
+            return statistics.median(float(run([str(python), "-c", probe], **kwargs).stdout) for _ in range(args.runs))
+
+        imports = {"runtime only (this version)": import_seconds(runtime), "full install (this version)": import_seconds(full),
+                   f"full install ({BEFORE}, before)": import_seconds(full, **before)}
+        if not args.keep:
+            run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)])
+    ratio = sizes["runtime"] / sizes["full"]
+    lines = [header(), "",
+             "| virtual environment | installed size | packages |", "|---|---|---|",
+             f"| `pip install stepquant` (runtime only) | {sizes['runtime']:.0f} MiB | {packages['runtime']} |",
+             f"| `pip install 'stepquant[export]'` with `{TORCH}` (CPU build) | {sizes['full']:.0f} MiB | {packages['full']} |",
+             "", f"Runtime-only is {100 * ratio:.1f}% of the full environment (target: at most 25%).", "",
+             f"Cold start of `stepquant sample --bundle <demo bundle> --n 1` (25 DDIM steps, batch 1), median of {args.runs} runs:",
+             "", "| install | whole command | import of the sample command |", "|---|---|---|"]
+    for label in start:
+        lines.append(f"| {label} | {start[label]:.2f} s | {imports[label]:.2f} s |")
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        write_section("install", text)
+
+
+if __name__ == "__main__":
+    main()
