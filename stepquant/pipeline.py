@@ -361,6 +361,11 @@ def prepare(config: ExportConfig) -> Prepared:
     if conditioning is not None and config.correction != "none":
         raise ValueError("correction terms are estimated along unguided trajectories: use --correction none for "
                          "conditional models")
+    prediction = loaded.scheduler_config.get("prediction_type", "epsilon")
+    if prediction != "epsilon" and (config.correction != "none" or config.calibrator == "mixed-order"):
+        what = f"--correction {config.correction}" if config.correction != "none" else "--calibrator mixed-order"
+        raise ValueError(f"{what} works on noise estimates, and this model predicts {prediction!r}: use it with an "
+                         "epsilon-prediction model (the samplers themselves handle every prediction type)")
     shapes = config.shapes.resolved(shape, None if conditioning is None else conditioning.sequence_length(fp_model.conditions))
     return Prepared(loaded, fp_model, shape, conditioning, shapes, bool(fp_model.conditions), protected)
 
@@ -503,7 +508,8 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
     write_manifest(staging, Manifest(
         source_model=prepared.loaded.source, sample_shape=prepared.shape, conditions=fp_model.conditions,
         shape_profile=prepared.shapes.to_dict(), noise_schedule=prepared.loaded.scheduler_config,
-        sampler=Sampler(config.sampler.scheduler, config.sampler.steps, config.sampler.eta, config.sampler.guidance_scale),
+        sampler=Sampler(config.sampler.scheduler, config.sampler.steps, config.sampler.eta, config.sampler.guidance_scale,
+                        config.sampler.karras_sigmas),
         scheduler_table=measured.table.to_dict(),
         targets={target: _target_section(config, target, report, [group for group, _ in exported.graphs[target]],
                                          prepared.latent, measured.data_range)

@@ -4,6 +4,7 @@ torch, diffusers, onnx or Polygraphy raises gives the samples the full install g
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -59,12 +60,19 @@ def test_importing_the_runtime_loads_nothing_of_the_export_side(module, forbidde
     assert module in loaded  # the check saw the import
 
 
-@pytest.fixture(scope="module", params=[("ddim", 0.5, "ptqd"), ("ddpm", 0.0, "d2-stochastic")], ids=["ddim", "ddpm"])
+SAMPLERS = {  # every scheduler the project supports, each with a correction
+    "ddim": (SamplerConfig("ddim", 4, 0.5), "ptqd"), "ddpm": (SamplerConfig("ddpm", 4), "d2-stochastic"),
+    "dpm-solver++": (SamplerConfig("dpm-solver++", 4, karras_sigmas=True), "d2-deterministic"),
+    "euler": (SamplerConfig("euler", 4), "tac"), "euler-ancestral": (SamplerConfig("euler-ancestral", 4), "ptqd"),
+    "unipc": (SamplerConfig("unipc", 4), "ptqd")}
+
+
+@pytest.fixture(scope="module", params=list(SAMPLERS))
 def corrected_bundle(request, tmp_path_factory):
-    scheduler, eta, correction = request.param
-    out = tmp_path_factory.mktemp("runtime") / f"demo-{scheduler}"
-    export_quantized(ExportConfig(out=out, sampler=SamplerConfig(scheduler, 4, eta), calib_samples=8, eval_samples=4,
-                                  correction=correction, progress=False))
+    sampler, correction = SAMPLERS[request.param]
+    out = tmp_path_factory.mktemp("runtime") / f"demo-{request.param}"
+    export_quantized(ExportConfig(out=out, sampler=sampler, calib_samples=8, eval_samples=4, correction=correction,
+                                  progress=False))
     return out
 
 
@@ -99,16 +107,16 @@ def test_sampling_a_guided_conditional_bundle_needs_no_export_side(conditional_b
     _same_samples(bundle, tmp_path, "--conditioning", conditioning)
 
 
-def test_bench_and_verify_need_no_export_side(corrected_bundle):
-    timed = stepquant_without_export_side("bench", "--bundle", corrected_bundle, "--batch", "1")
+def test_bench_and_verify_need_no_export_side(demo_bundle):
+    timed = stepquant_without_export_side("bench", "--bundle", demo_bundle[0], "--batch", "1")
     assert timed.returncode == 0, timed.stderr
     assert "tensorrt graph" in timed.stdout and "x vs FP32" in timed.stdout
-    verified = stepquant_without_export_side("verify", "--bundle", corrected_bundle)
+    verified = stepquant_without_export_side("verify", "--bundle", demo_bundle[0])
     assert verified.returncode == 0 and "files verified" in verified.stdout
 
 
-def test_export_side_commands_say_which_extra_to_install(corrected_bundle, tmp_path):
-    for args in (("eval", "--bundle", corrected_bundle, "--n", "4"),
+def test_export_side_commands_say_which_extra_to_install(demo_bundle, tmp_path):
+    for args in (("eval", "--bundle", demo_bundle[0], "--n", "4"),
                  ("sample", "--model", "demo-digits", "--n", "2", "--out", tmp_path / "fp.npz")):
         result = stepquant_without_export_side(*args)
         assert_one_line_error(result, "pip install 'stepquant[export]'")
@@ -122,12 +130,15 @@ def test_export_side_commands_say_which_extra_to_install(corrected_bundle, tmp_p
     assert listed.returncode == 0 and "sample" in listed.stdout and "needs the export side" in listed.stdout
 
 
-def test_bad_runtime_requests_are_one_line(corrected_bundle, tmp_path):
-    base = ("sample", "--bundle", corrected_bundle, "--n", "2", "--no-progress", "--out", tmp_path / "x.npz")
+def test_bad_runtime_requests_are_one_line(demo_bundle, tmp_path):
+    base = ("sample", "--bundle", demo_bundle[0], "--n", "2", "--no-progress", "--out", tmp_path / "x.npz")
     other_steps = stepquant_without_export_side(*base, "--steps", "7")
     assert_one_line_error(other_steps, "cannot sample")
-    no_tensorrt = stepquant_without_export_side(*base, "--backend", "tensorrt")
-    assert_one_line_error(no_tensorrt, "TensorRT is not installed")
+    other_sampler = stepquant_without_export_side(*base, "--scheduler", "euler")
+    assert_one_line_error(other_sampler, "the bundle's sampler is DDIM, 4 steps, eta 0; it cannot sample EULER with 4 steps")
+    if importlib.util.find_spec("tensorrt") is None:
+        no_tensorrt = stepquant_without_export_side(*base, "--backend", "tensorrt")
+        assert_one_line_error(no_tensorrt, "TensorRT is not installed")
     assert not (tmp_path / "x.npz").exists()
 
 

@@ -1,4 +1,4 @@
-"""The device loop against diffusers' own: for each sampler the project supports, the demo model's samples
+"""The device loop against diffusers' own: for each sampler the project supports (Karras sigmas too), the demo model's samples
 from the runtime (the scheduler table, numpy, float32) and from diffusers' scheduler loop (torch), both from
 the same initial and per-step noise, corrections off. Max absolute difference over the samples.
 
@@ -19,7 +19,9 @@ from stepquant.models.torch_backend import TorchBackend
 from stepquant.runtime import SamplerConfig, sample
 
 SAMPLERS = [SamplerConfig("ddim", 25, 0.0), SamplerConfig("ddim", 25, 1.0), SamplerConfig("ddim", 50, 0.5),
-            SamplerConfig("ddpm", 25), SamplerConfig("ddpm", 100)]
+            SamplerConfig("ddpm", 25), SamplerConfig("ddpm", 100), SamplerConfig("dpm-solver++", 20),
+            SamplerConfig("dpm-solver++", 20, karras_sigmas=True), SamplerConfig("euler", 25), SamplerConfig("euler", 25, karras_sigmas=True),
+            SamplerConfig("euler-ancestral", 25), SamplerConfig("unipc", 20)]
 
 
 def main() -> None:
@@ -36,8 +38,7 @@ def main() -> None:
         ours = sample(backend, capture_table(config, schedule), seeds, shape, config, progress=False, clip=False,
                       noise_streams=lambda s: [DiffusersNoise(seed) for seed in s]).samples
         theirs = diffusers_samples(backend, config, schedule, seeds, shape)
-        label = f"{config.scheduler.upper()} {config.steps} steps" + (f", eta {config.eta:g}" if config.scheduler == "ddim" else "")
-        lines.append(f"| {label} | {np.abs(ours - theirs).max():.2e} | [{theirs.min():.2f}, {theirs.max():.2f}] |")
+        lines.append(f"| {config.describe()} | {np.abs(ours - theirs).max():.2e} | [{theirs.min():.2f}, {theirs.max():.2f}] |")
     text = "\n".join(lines)
     print(text)
     if not args.no_write:

@@ -89,9 +89,11 @@ class Sampler:
     steps: int
     eta: float
     guidance_scale: float
+    karras_sigmas: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler, "steps": self.steps, "eta": self.eta, "guidance_scale": self.guidance_scale}
+        return {"scheduler": self.scheduler, "steps": self.steps, "eta": self.eta, "guidance_scale": self.guidance_scale,
+                "karras_sigmas": self.karras_sigmas}
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,8 @@ class Manifest:
             source_model=str(data.get("source_model", "")), sample_shape=tuple(shape),  # type: ignore[arg-type]
             conditions=tuple(ConditionInput(c["name"], tuple(c["shape"])) for c in inputs["conditions"]),
             shape_profile=inputs["shape_profile"], noise_schedule=data["noise_schedule"],
-            sampler=Sampler(sampler["scheduler"], sampler["steps"], float(sampler["eta"]), float(sampler["guidance_scale"])),
+            sampler=Sampler(sampler["scheduler"], sampler["steps"], float(sampler["eta"]), float(sampler["guidance_scale"]),
+                            bool(sampler.get("karras_sigmas", False))),
             scheduler_table=data["scheduler_table"], targets=typed_targets, reference_graph=data["reference_graph"],
             correction_method=correction["method"], correction_file=correction.get("file"), engine=data.get("engine", {}),
             files=dict(files), info={k: v for k, v in data.items() if k not in known})

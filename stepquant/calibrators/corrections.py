@@ -139,8 +139,9 @@ def fit_tac(fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequen
         input_bias = (x_q - x_fp).mean(axis=(0, 2, 3))
         x_q = x_q - input_bias.reshape(1, -1, 1, 1)  # the drift is removed from the state, as at run time
         ts = np.full((len(seeds),), float(t), dtype=np.float32)
-        eps = fp(x_fp, ts)
-        estimate = quantized(x_q, ts)
+        scale = np.float32(table.input_scale[i])  # what the network sees (Euler scales its input)
+        eps = fp(scale * x_fp, ts)
+        estimate = quantized(scale * x_q, ts)
         stats = ErrorStatistics([t], channels)
         stats.update(t, eps, estimate)
         gain = tac_gain(stats, shrinkage)[0].numpy()

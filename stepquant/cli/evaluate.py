@@ -43,7 +43,7 @@ def eval_command(
                          "a conditional latent model: its manifest holds latent PSNR to FP, and `stepquant sample` runs it")
     exported = loaded.manifest.sampler
     config = SamplerConfig(scheduler.value if scheduler else exported.scheduler, steps or exported.steps,
-                           exported.eta if eta is None else eta)
+                           exported.eta if eta is None else eta, karras_sigmas=exported.karras_sigmas)
     terms = bundle_corrections(loaded) if corrections else None
     result = evaluate(reference_backend(loaded, threads), quantized_backend(loaded, threads, backend.value, engine),
                       loaded.manifest.noise_schedule, range(n), loaded.manifest.sample_shape, config, progress=progress,

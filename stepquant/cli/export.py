@@ -35,8 +35,7 @@ def _print_report(report: ExportReport, config: ExportConfig) -> None:
         print(f"  end to end: worst median relative error {end_to_end.worst_median_reldiff:.2e} over "
               f"{len(end_to_end.timesteps)} inputs (information; `stepquant parity` replays at {end_to_end.tolerance_median_rel:.2g})")
         print(f"  quality: PSNR to FP {result.psnr_mean_db:.2f} dB mean, {result.psnr_min_db:.2f} dB min, over "
-              f"{report.eval_samples} seeds, {config.sampler.steps} {config.sampler.scheduler.upper()} steps "
-              f"(eta {config.sampler.eta:g}), executed by onnxruntime")
+              f"{report.eval_samples} seeds, {config.sampler.describe()}, executed by onnxruntime")
         if result.integer_kernels is None:
             print("  lint:    TensorRT Q/DQ conformance: no findings")
         else:
@@ -66,6 +65,7 @@ def export_command(
     steps: Annotated[int, typer.Option(help="Sampler steps for calibration trajectories and evaluation.")] = 25,
     scheduler: Annotated[Scheduler, typer.Option(help="Sampler for trajectories and evaluation.")] = Scheduler.ddim,
     eta: Annotated[float, typer.Option(help="DDIM eta (0: deterministic).")] = 0.0,
+    karras_sigmas: Annotated[bool, typer.Option(help="Karras sigmas (dpm-solver++, euler, unipc).")] = False,
     prompts_file: Annotated[Optional[Path], typer.Option(
         help="Conditional models: calibration prompts, one per line, encoded by the pipeline's own text encoder(s).")] = None,
     conditioning: Annotated[Optional[Path], typer.Option(
@@ -108,7 +108,7 @@ def export_command(
     config = ExportConfig(
         model=model, out=out, quant=QuantSpec(weight_bits, act_bits, patterns, format.value, residual_qdq, split, fp8_attention),
         precision=precision.value, correction=correction.value, targets=tuple(t.value for t in target or [Target.tensorrt]),
-        sampler=SamplerConfig(scheduler.value, steps, eta, guidance_scale), calibrator=calibrator.value, percentile=percentile,
+        sampler=SamplerConfig(scheduler.value, steps, eta, guidance_scale, karras_sigmas), calibrator=calibrator.value, percentile=percentile,
         prompts_file=prompts_file, conditioning=conditioning,
         shapes=ShapeProfile(*(DimRange.parse(r) if r else None for r in (batch_range, height_range, width_range, sequence_range))),
         reconstruction=ReconstructionConfig(iters=recon_iters, scale_lr=recon_scale_lr, multistep_steps=multistep_steps),

@@ -39,6 +39,7 @@ def sample_command(
     steps: Annotated[Optional[int], typer.Option(min=1, help="Sampler steps (default: the bundle's, else 25).")] = None,
     eta: Annotated[Optional[float], typer.Option(help="DDIM eta (default: the bundle's, else 0: deterministic).")] = None,
     scheduler: Annotated[Optional[Scheduler], typer.Option(help="Sampler (default: the bundle's, else ddim).")] = None,
+    karras_sigmas: Annotated[Optional[bool], typer.Option(help="Karras sigmas (default: the bundle's, else off).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per network call.")] = 64,
     threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime intra-op threads (default: all cores).")] = None,
     backend: Annotated[RuntimeBackend, typer.Option(help="What runs a bundle's graph.")] = RuntimeBackend.onnxruntime,
@@ -66,9 +67,10 @@ def sample_command(
         exported = loaded.manifest.sampler
         config = SamplerConfig(scheduler.value if scheduler else exported.scheduler, steps or exported.steps,
                                exported.eta if eta is None else eta,
-                               exported.guidance_scale if guidance_scale is None else guidance_scale)
+                               exported.guidance_scale if guidance_scale is None else guidance_scale,
+                               exported.karras_sigmas if karras_sigmas is None else karras_sigmas)
         table = bundle_table(loaded)
-        table.check_sampler(config.scheduler, config.steps, config.eta)  # before any graph is loaded
+        table.check_sampler(config.scheduler, config.steps, config.eta, config.karras_sigmas)  # before any graph is loaded
         runner = quantized_backend(loaded, threads, backend.value, engine)
         terms = bundle_corrections(loaded) if corrections else None
         shape, inputs = loaded.manifest.sample_shape, loaded.manifest.conditions
@@ -80,7 +82,7 @@ def sample_command(
 
         fp = load_model(model)
         config = SamplerConfig(scheduler.value if scheduler else "ddim", steps or 25, eta or 0.0,
-                               1.0 if guidance_scale is None else guidance_scale)
+                               1.0 if guidance_scale is None else guidance_scale, bool(karras_sigmas))
         runner, terms = TorchBackend(EpsilonModel(fp.denoiser)), None
         table = capture_table(config, fp.scheduler_config)
         shape, inputs = sample_shape(fp.denoiser), runner.model.conditions

@@ -18,14 +18,30 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from stepquant.runtime.sampler import SCHEDULER_NAMES, SamplerConfig
 from stepquant.runtime.scheduler_table import SchedulerTable, SchedulerTableError
 
-SCHEDULERS: dict[str, type[SchedulerMixin]] = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+# stepquant's name -> diffusers' class and the options that make it that sampler (the rest of the config is the
+# model's training noise schedule)
+SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
+    "ddim": (DDIMScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+    "dpm-solver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-ancestral": (EulerAncestralDiscreteScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
 assert tuple(SCHEDULERS) == SCHEDULER_NAMES
 MAX_HISTORY = 3  # past samples and outputs a step may read (third-order multistep solvers)
 _SPARE = 8  # extra probe coordinates, so drawn noise is never in the span of the structured columns
@@ -37,8 +53,14 @@ _CHECK_TOLERANCE = 1e-5
 def make_scheduler(config: SamplerConfig, scheduler_config: dict) -> SchedulerMixin:
     """The sampler's scheduler built from the model's training noise schedule, timesteps set; a schedule
     diffusers cannot build (an unknown beta_schedule, a bad value) is refused with one line."""
+    cls, options = SCHEDULERS[config.scheduler]
+    if config.karras_sigmas:
+        if "use_karras_sigmas" not in inspect.signature(cls.__init__).parameters:
+            raise ValueError(f"--karras-sigmas: diffusers' {cls.__name__} ({config.scheduler}) has no Karras sigmas; "
+                             f"choose from {', '.join(n for n, (c, _) in SCHEDULERS.items() if _has_karras(c))}")
+        options = {**options, "use_karras_sigmas": True}
     try:
-        scheduler = SCHEDULERS[config.scheduler].from_config(scheduler_config)
+        scheduler = cls.from_config({**scheduler_config, **options})
         scheduler.set_timesteps(config.steps)
     except (NotImplementedError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise ValueError(f"the noise schedule cannot drive a {config.scheduler.upper()} sampler with {config.steps} steps: "
@@ -46,9 +68,16 @@ def make_scheduler(config: SamplerConfig, scheduler_config: dict) -> SchedulerMi
     return scheduler
 
 
+def _has_karras(cls: type) -> bool:
+    return "use_karras_sigmas" in inspect.signature(cls.__init__).parameters
+
+
 def _step(scheduler: SchedulerMixin, config: SamplerConfig, output, t, sample, generator):
     extra = {"eta": config.eta} if config.scheduler == "ddim" else {}
-    return scheduler.step(output, t, sample, generator=generator, **extra)
+    if "generator" in inspect.signature(scheduler.step).parameters:  # deterministic solvers (UniPC) take none
+        extra["generator"] = generator
+    scheduler.scale_model_input(sample, t)  # as a pipeline does before each step (Euler checks it was called)
+    return scheduler.step(output, t, sample, **extra)
 
 
 def _fit(columns: list[torch.Tensor], target: torch.Tensor, what: str, required: bool = True) -> np.ndarray | None:
@@ -130,6 +159,7 @@ def _capture(config: SamplerConfig, scheduler_config: dict) -> SchedulerTable:
                       default=1))
     return SchedulerTable(
         scheduler=config.scheduler, steps=steps, eta=config.eta if config.scheduler == "ddim" else 0.0,
+        karras_sigmas=config.karras_sigmas,
         prediction_type=str(linear.config.get("prediction_type", "epsilon")), init_noise_sigma=float(linear.init_noise_sigma),
         clip=clip, timesteps=linear.timesteps.double().numpy(), **{k: np.asarray(v) for k, v in rows.items()},
         **{k: np.stack(v)[:, :used] for k, v in history.items()},
@@ -179,7 +209,7 @@ def diffusers_samples(backend, config: SamplerConfig, scheduler_config: dict, se
     x = torch.cat([torch.randn((1, *shape), generator=g) for g in generators]) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(x, t)
-        out = torch.from_numpy(backend(model_input.numpy(), np.full(len(generators), float(t), dtype=np.float32)))
+        out = torch.from_numpy(backend(np.ascontiguousarray(model_input.numpy()), np.full(len(generators), float(t), dtype=np.float32)))
         x = _step(scheduler, config, out, t, x, generators).prev_sample
     return x.numpy()
 
@@ -195,5 +225,6 @@ def _cached(config: SamplerConfig, schedule_json: str) -> SchedulerTable:
 def capture_table(config: SamplerConfig, scheduler_config: dict) -> SchedulerTable:
     """The scheduler table of sampler `config` on the model's noise schedule, captured from diffusers' own
     scheduler and checked against it (cached: export, calibration and evaluation ask for the same one)."""
-    return _cached(SamplerConfig(config.scheduler, config.steps, config.eta if config.scheduler == "ddim" else 0.0),
+    return _cached(SamplerConfig(config.scheduler, config.steps, config.eta if config.scheduler == "ddim" else 0.0,
+                                 karras_sigmas=config.karras_sigmas),
                    json.dumps(scheduler_config, sort_keys=True))

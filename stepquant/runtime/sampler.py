@@ -20,7 +20,8 @@ from stepquant.runtime.guidance import Conditioning, guided_estimate
 from stepquant.runtime.scheduler_table import SchedulerTable
 from stepquant.runtime.seeding import NoiseStream, per_sample_noise, seed_generators
 
-SCHEDULER_NAMES = ("ddim", "ddpm")  # diffusers' DDIMScheduler and DDPMScheduler, captured at export
+# diffusers' DDIM, DDPM, DPM-Solver++ (multistep), Euler, Euler ancestral and UniPC schedulers, captured at export
+SCHEDULER_NAMES = ("ddim", "ddpm", "dpm-solver++", "euler", "euler-ancestral", "unipc")
 
 CORRECTION_NOISE_SEED_OFFSET = 1 << 40
 
@@ -30,13 +31,16 @@ StepCallback = Callable[[int, float, np.ndarray], None]
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """`eta` is DDIM's stochasticity (0: deterministic); DDPM is always stochastic and ignores it.
-    `guidance_scale` is classifier-free guidance's weight for conditional models (1: no guidance)."""
+    """`eta` is DDIM's stochasticity (0: deterministic); DDPM and Euler ancestral are always stochastic, the
+    others deterministic, and ignore it. `karras_sigmas` spaces the steps by Karras et al.'s sigmas (the
+    schedulers that have the option). `guidance_scale` is classifier-free guidance's weight for conditional
+    models (1: no guidance)."""
 
     scheduler: str = "ddim"
     steps: int = 25
     eta: float = 0.0
     guidance_scale: float = 1.0
+    karras_sigmas: bool = False
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULER_NAMES:
@@ -49,7 +53,8 @@ class SamplerConfig:
             raise ValueError(f"--guidance-scale must be a finite number of at least 0, got {self.guidance_scale}")
 
     def describe(self) -> str:
-        return f"{self.steps} {self.scheduler.upper()} steps" + (f", eta {self.eta:g}" if self.scheduler == "ddim" else "")
+        return (f"{self.steps} {self.scheduler.upper()} steps" + (f", eta {self.eta:g}" if self.scheduler == "ddim" else "")
+                + (", Karras sigmas" if self.karras_sigmas else ""))
 
 
 @dataclass
@@ -83,7 +88,7 @@ def sample_batches(
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    table.check_sampler(config.scheduler, config.steps, config.eta)
+    table.check_sampler(config.scheduler, config.steps, config.eta, config.karras_sigmas)
     if corrections is not None:
         corrections.check_covers([int(t) for t in table.timesteps])
     starts = range(0, len(seeds), batch_size)

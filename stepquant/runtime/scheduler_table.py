@@ -37,6 +37,7 @@ class SchedulerTable:
     scheduler: str  # stepquant's name of it: ddim, ddpm, ...
     steps: int
     eta: float
+    karras_sigmas: bool
     prediction_type: str  # what the network outputs: epsilon (v_prediction and sample are converted by the coefficients)
     init_noise_sigma: float
     clip: float | None  # range of the predicted-x0 clip, None without clipping
@@ -77,7 +78,8 @@ class SchedulerTable:
         return bool((self.noise_std > 0).any())
 
     def describe(self) -> str:
-        return f"{self.scheduler.upper()}, {self.steps} steps" + (f", eta {self.eta:g}" if self.scheduler == "ddim" else "")
+        return (f"{self.scheduler.upper()}, {self.steps} steps" + (f", eta {self.eta:g}" if self.scheduler == "ddim" else "")
+                + (", Karras sigmas" if self.karras_sigmas else ""))
 
     def output_coefficient(self, i: int) -> float:
         """The net weight of the current network output in step i's update (through x0 and directly): PTQD's
@@ -108,15 +110,18 @@ class SchedulerTable:
             nxt = nxt + std * noise
         return nxt
 
-    def check_sampler(self, scheduler: str, steps: int, eta: float) -> None:
+    def check_sampler(self, scheduler: str, steps: int, eta: float, karras_sigmas: bool = False) -> None:
         """Refuse, in one line, a request this table does not describe."""
-        if (scheduler, steps) != (self.scheduler, self.steps) or (scheduler == "ddim" and eta != self.eta):
+        if ((scheduler, steps, karras_sigmas) != (self.scheduler, self.steps, self.karras_sigmas)
+                or (scheduler == "ddim" and eta != self.eta)):
             raise SchedulerTableError(
                 f"the bundle's sampler is {self.describe()}; it cannot sample {scheduler.upper()} with {steps} steps"
-                + (f", eta {eta:g}" if scheduler == "ddim" else "") + ": use the bundle's sampler, or re-export with that one")
+                + (f", eta {eta:g}" if scheduler == "ddim" else "") + (", Karras sigmas" if karras_sigmas else "")
+                + ": use the bundle's sampler, or re-export with that one")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler, "steps": self.steps, "eta": self.eta, "prediction_type": self.prediction_type,
+        return {"scheduler": self.scheduler, "steps": self.steps, "eta": self.eta, "karras_sigmas": self.karras_sigmas,
+                "prediction_type": self.prediction_type,
                 "init_noise_sigma": self.init_noise_sigma, "clip": self.clip,
                 **{name: getattr(self, name).tolist() for name in (*_ROWS, *_HISTORY)}, "source": self.source}
 
@@ -124,6 +129,7 @@ class SchedulerTable:
     def from_dict(cls, data: dict[str, Any]) -> SchedulerTable:
         try:
             scalars = {"scheduler": str(data["scheduler"]), "steps": int(data["steps"]), "eta": float(data["eta"]),
+                       "karras_sigmas": bool(data.get("karras_sigmas", False)),
                        "prediction_type": str(data["prediction_type"]), "init_noise_sigma": float(data["init_noise_sigma"]),
                        "clip": None if data["clip"] is None else float(data["clip"]), "source": dict(data.get("source", {}))}
             arrays = {name: np.asarray(data[name], dtype=np.float64) for name in (*_ROWS, *_HISTORY)}
