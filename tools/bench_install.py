@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchdoc import header, write_section
+from benchdoc import header, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "84e6281"  # the last commit whose runtime ran on torch and diffusers
@@ -112,10 +112,7 @@ def main() -> None:
              "", "| install | whole command | import of the sample command |", "|---|---|---|"]
     for label in start:
         lines.append(f"| {label} | {start[label]:.2f} s | {imports[label]:.2f} s |")
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section("install", text)
+    publish("install", lines, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from benchdoc import header, write_section
+from benchdoc import header, publish
 
 from stepquant.models import EpsilonModel, load_model
 from stepquant.models.denoisers import sample_shape
@@ -39,10 +39,7 @@ def main() -> None:
                       noise_streams=lambda s: [DiffusersNoise(seed) for seed in s]).samples
         theirs = diffusers_samples(backend, config, schedule, seeds, shape)
         lines.append(f"| {config.describe()} | {np.abs(ours - theirs).max():.2e} | [{theirs.min():.2f}, {theirs.max():.2f}] |")
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section("scheduler_tables", text)
+    publish("scheduler_tables", lines, write=not args.no_write)
 
 
 if __name__ == "__main__":

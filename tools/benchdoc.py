@@ -40,3 +40,11 @@ def write_section(name: str, body: str, doc: Path = DOC) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     doc.write_text(text)
     print(f"updated section '{name}' of {doc}")
+
+
+def publish(name: str, lines: list[str], write: bool) -> None:
+    """Print a benchmark's section and, unless told not to (--no-write), put it into docs/BENCHMARKS.md."""
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        write_section(name, text)
