@@ -27,7 +27,7 @@ from polygraphy.json import save_json
 from stepquant.bundle.manifest import Manifest, Sampler, Target, TimestepGroup
 from stepquant.bundle.signing import sign
 from stepquant.calibrators import collect_calibration_set
-from stepquant.calibrators.calibrate import CALIBRATORS, calibrate_
+from stepquant.calibrators.calibrate import CALIBRATORS, TRAJECTORY_CALIBRATORS, calibrate_
 from stepquant.calibrators.corrections import estimate_corrections
 from stepquant.calibrators.data import CalibrationSet
 from stepquant.calibrators.ranges import calibrate_ranges
@@ -145,6 +145,9 @@ class ExportConfig:
             value = getattr(self, name)
             if value is not None and not 1 <= value <= self.sampler.steps:
                 raise ValueError(f"--{name.replace('_', '-')} must be between 1 and the {self.sampler.steps} sampler steps, got {value}")
+        if self.calibrator in TRAJECTORY_CALIBRATORS and self.sampler.scheduler not in ("ddim", "ddpm"):
+            raise ValueError(f"--calibrator {self.calibrator} unrolls DDIM steps from the calibration states, which only "
+                             f"DDIM and DDPM trajectories provide: use --scheduler ddim or ddpm with it (not {self.sampler.scheduler})")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
 

@@ -147,4 +147,8 @@ def test_methods_that_need_epsilon_refuse_other_predictions(tiny_model_dir, tmp_
     for option in (["--correction", "ptqd"], ["--calibrator", "mixed-order"]):
         result = run_cli("export-quantized", "--model", model, "--out", tmp_path / "b", "--no-progress", *option)
         assert_one_line_error(result, "this model predicts 'v_prediction'")
+    for calibrator in ("multistep", "mixed-order"):  # they unroll DDIM steps, from DDIM or DDPM states only
+        result = run_cli("export-quantized", "--model", tiny_model_dir, "--out", tmp_path / "b", "--scheduler", "euler",
+                         "--calibrator", calibrator)
+        assert_one_line_error(result, f"--calibrator {calibrator} unrolls DDIM steps")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v-model"]
