@@ -129,11 +129,10 @@ def fit_tac(fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequen
     x_fp = np.float32(table.init_noise_sigma) * per_sample_noise(fp_gen, sample_shape)
     x_q = np.float32(table.init_noise_sigma) * per_sample_noise(q_gen, sample_shape)
     gains, input_biases = [], []
-    history: dict[str, list[np.ndarray]] = {"x_fp": [], "eps": [], "x_q": [], "q": []}
-
-    def remember(name: str, value: np.ndarray) -> list[np.ndarray]:
-        history[name] = [value, *history[name][: table.depth - 1]]
-        return history[name]
+    fp_samples: list[np.ndarray] = []
+    fp_outputs: list[np.ndarray] = []
+    q_samples: list[np.ndarray] = []
+    q_outputs: list[np.ndarray] = []
 
     for i, t in enumerate(timesteps):
         input_bias = (x_q - x_fp).mean(axis=(0, 2, 3))
@@ -146,9 +145,10 @@ def fit_tac(fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequen
         stats.update(t, eps, estimate)
         gain = tac_gain(stats, shrinkage)[0].numpy()
         noise = table.noise_std[i] > 0  # the same noise for both trajectories
-        x_fp = table.step(i, remember("x_fp", x_fp), remember("eps", eps), per_sample_noise(fp_gen, sample_shape) if noise else None)
-        x_q = table.step(i, remember("x_q", x_q), remember("q", gain.reshape(1, -1, 1, 1) * estimate),
-                         per_sample_noise(q_gen, sample_shape) if noise else None)
+        fp_samples, fp_outputs = table.remember(fp_samples, x_fp), table.remember(fp_outputs, eps)
+        q_samples, q_outputs = table.remember(q_samples, x_q), table.remember(q_outputs, gain.reshape(1, -1, 1, 1) * estimate)
+        x_fp = table.step(i, fp_samples, fp_outputs, per_sample_noise(fp_gen, sample_shape) if noise else None)
+        x_q = table.step(i, q_samples, q_outputs, per_sample_noise(q_gen, sample_shape) if noise else None)
         gains.append(gain)
         input_biases.append(input_bias)
     steps = len(timesteps)

@@ -14,8 +14,7 @@ from stepquant.bundle import load_bundle
 from stepquant.cli.choices import RuntimeBackend, Scheduler
 from stepquant.cli.options import TrustKey
 from stepquant.eval.evaluate import evaluate, plot_corrections, plot_errors
-from stepquant.runtime import SamplerConfig
-from stepquant.runtime.bundle_backends import bundle_corrections, quantized_backend, reference_backend
+from stepquant.runtime.bundle_backends import bundle_corrections, bundle_sampler, quantized_backend, reference_backend
 
 MAX_EVAL_SAMPLES = 16384  # the metrics hold every sample and its features at once
 
@@ -41,9 +40,7 @@ def eval_command(
     if loaded.manifest.conditions:
         raise ValueError("stepquant eval scores digit samples (the demo's classifier and pixel-space metrics); this bundle is "
                          "a conditional latent model: its manifest holds latent PSNR to FP, and `stepquant sample` runs it")
-    exported = loaded.manifest.sampler
-    config = SamplerConfig(scheduler.value if scheduler else exported.scheduler, steps or exported.steps,
-                           exported.eta if eta is None else eta, karras_sigmas=exported.karras_sigmas)
+    config = bundle_sampler(loaded).overridden(scheduler=scheduler and scheduler.value, steps=steps, eta=eta)
     terms = bundle_corrections(loaded) if corrections else None
     result = evaluate(reference_backend(loaded, threads), quantized_backend(loaded, threads, backend.value, engine),
                       loaded.manifest.noise_schedule, range(n), loaded.manifest.sample_shape, config, progress=progress,

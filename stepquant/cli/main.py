@@ -20,7 +20,7 @@ from stepquant.errors import StepquantError
 EXPECTED_ERRORS = (StepquantError, ValueError, OSError)
 # What `pip install 'stepquant[export]'` adds; a command that needs one of them says so in one line.
 EXPORT_MODULES = frozenset({"torch", "diffusers", "onnx", "onnxconverter_common", "polygraphy", "matplotlib", "transformers",
-                            "sklearn", "PIL"})
+                            "sklearn"})
 EXPORT_EXTRA = "pip install 'stepquant[export]'"
 
 # name -> (module, function): imported only when that command runs (or --help lists it), so running a
@@ -58,13 +58,14 @@ def _command(name: str, function) -> typer.Typer:
     return single
 
 
-def _load(name: str):
-    """A command's function, or, where its module needs a missing extra, one that says which to install."""
+def _load(name: str, label: str | None = None):
+    """A command's function, or, where its module needs a missing extra, one that says which to install
+    (naming the command as `label`, default `stepquant NAME`)."""
     module, function = COMMANDS[name]
     try:
         return getattr(importlib.import_module(module), function)
     except ModuleNotFoundError as err:
-        problem = missing_extra(err, f"stepquant {name}")
+        problem = missing_extra(err, label or f"stepquant {name}")
         if problem is None:
             raise
 
@@ -145,11 +146,4 @@ def main() -> None:
 
 def export_quantized_main() -> None:
     """Entry point of `export-quantized` (the same command as `stepquant export`)."""
-    try:
-        from stepquant.cli.export import export_command
-    except ModuleNotFoundError as err:
-        problem = missing_extra(err, "export-quantized")
-        if problem is None:
-            raise
-        _fail("export-quantized", str(problem), 1)
-    _run(_command("export-quantized", export_command), "export-quantized", sys.argv[1:])
+    _run(_command("export-quantized", _load("export", "export-quantized")), "export-quantized", sys.argv[1:])

@@ -14,7 +14,7 @@ from stepquant.cli.choices import RuntimeBackend, Scheduler
 from stepquant.cli.files import check_writable, write_atomically, write_npz_batches
 from stepquant.cli.options import TrustKey
 from stepquant.runtime import SamplerConfig
-from stepquant.runtime.bundle_backends import bundle_corrections, bundle_table, quantized_backend
+from stepquant.runtime.bundle_backends import bundle_corrections, bundle_sampler, bundle_table, quantized_backend
 from stepquant.runtime.guidance import Conditioning, ConditioningError
 from stepquant.runtime.sampler import sample_batches
 from stepquant.runtime.seeding import MAX_SEED
@@ -62,13 +62,11 @@ def sample_command(
     if seed + n - 1 > MAX_SEED:
         raise typer.BadParameter(f"seed + n - 1 must stay at most {MAX_SEED}", param_hint="--seed")
     _check_out(out, n)
+    requested = {"scheduler": scheduler and scheduler.value, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
+                 "karras_sigmas": karras_sigmas}
     if bundle is not None:
         loaded = load_bundle(bundle, trust_key)
-        exported = loaded.manifest.sampler
-        config = SamplerConfig(scheduler.value if scheduler else exported.scheduler, steps or exported.steps,
-                               exported.eta if eta is None else eta,
-                               exported.guidance_scale if guidance_scale is None else guidance_scale,
-                               exported.karras_sigmas if karras_sigmas is None else karras_sigmas)
+        config = bundle_sampler(loaded).overridden(**requested)
         table = bundle_table(loaded)
         table.check_sampler(config.scheduler, config.steps, config.eta, config.karras_sigmas)  # before any graph is loaded
         runner = quantized_backend(loaded, threads, backend.value, engine)
@@ -81,8 +79,7 @@ def sample_command(
         from stepquant.models.torch_backend import TorchBackend
 
         fp = load_model(model)
-        config = SamplerConfig(scheduler.value if scheduler else "ddim", steps or 25, eta or 0.0,
-                               1.0 if guidance_scale is None else guidance_scale, bool(karras_sigmas))
+        config = SamplerConfig().overridden(**requested)
         runner, terms = TorchBackend(EpsilonModel(fp.denoiser)), None
         table = capture_table(config, fp.scheduler_config)
         shape, inputs = sample_shape(fp.denoiser), runner.model.conditions

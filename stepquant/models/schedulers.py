@@ -55,9 +55,9 @@ def make_scheduler(config: SamplerConfig, scheduler_config: dict) -> SchedulerMi
     diffusers cannot build (an unknown beta_schedule, a bad value) is refused with one line."""
     cls, options = SCHEDULERS[config.scheduler]
     if config.karras_sigmas:
-        if "use_karras_sigmas" not in inspect.signature(cls.__init__).parameters:
+        if not _takes(cls, "use_karras_sigmas"):
             raise ValueError(f"--karras-sigmas: diffusers' {cls.__name__} ({config.scheduler}) has no Karras sigmas; "
-                             f"choose from {', '.join(n for n, (c, _) in SCHEDULERS.items() if _has_karras(c))}")
+                             f"choose from {', '.join(n for n, (c, _) in SCHEDULERS.items() if _takes(c, 'use_karras_sigmas'))}")
         options = {**options, "use_karras_sigmas": True}
     try:
         scheduler = cls.from_config({**scheduler_config, **options})
@@ -68,8 +68,9 @@ def make_scheduler(config: SamplerConfig, scheduler_config: dict) -> SchedulerMi
     return scheduler
 
 
-def _has_karras(cls: type) -> bool:
-    return "use_karras_sigmas" in inspect.signature(cls.__init__).parameters
+def _takes(cls: type, option: str) -> bool:
+    """Whether diffusers' scheduler class has the config option (a DDPM config carries options others ignore)."""
+    return option in inspect.signature(cls.__init__).parameters
 
 
 def _step(scheduler: SchedulerMixin, config: SamplerConfig, output, t, sample, generator):
@@ -107,12 +108,13 @@ def _clip_weight(linear: SchedulerMixin, clipped: SchedulerMixin, config: Sample
 
 
 def _capture(config: SamplerConfig, scheduler_config: dict) -> SchedulerTable:
+    """The table of `config` (eta already 0 for samplers other than DDIM: `capture_table`)."""
     if scheduler_config.get("thresholding"):
         raise SchedulerTableError("dynamic thresholding clips each sample by its own quantile, which no per-step table "
                                   "describes: export with thresholding off")
     clipped = make_scheduler(config, scheduler_config)
-    takes_clip = "clip_sample" in inspect.signature(type(clipped).__init__).parameters  # a DDPM config may carry it to others
-    clip = float(clipped.config.get("clip_sample_range", 1.0)) if takes_clip and clipped.config.get("clip_sample") else None
+    clipping = _takes(type(clipped), "clip_sample") and clipped.config.get("clip_sample")
+    clip = float(clipped.config.get("clip_sample_range", 1.0)) if clipping else None
     linear = make_scheduler(config, {**scheduler_config, "clip_sample": False})
     steps = len(linear.timesteps)
     size = 1 + steps + _SPARE
@@ -155,11 +157,10 @@ def _capture(config: SamplerConfig, scheduler_config: dict) -> SchedulerTable:
         history["from_sample"].append(a)
         history["from_output"].append(b)
         samples.append(result.prev_sample[0])
-    used = max(1, max((k + 1 for row in history["from_sample"] + history["from_output"] for k in range(MAX_HISTORY) if row[k]),
-                      default=1))
+    used = max((k + 1 for row in history["from_sample"] + history["from_output"] for k in range(MAX_HISTORY) if row[k]),
+               default=1)
     return SchedulerTable(
-        scheduler=config.scheduler, steps=steps, eta=config.eta if config.scheduler == "ddim" else 0.0,
-        karras_sigmas=config.karras_sigmas,
+        scheduler=config.scheduler, steps=steps, eta=config.eta, karras_sigmas=config.karras_sigmas,
         prediction_type=str(linear.config.get("prediction_type", "epsilon")), init_noise_sigma=float(linear.init_noise_sigma),
         clip=clip, timesteps=linear.timesteps.double().numpy(), **{k: np.asarray(v) for k, v in rows.items()},
         **{k: np.stack(v)[:, :used] for k, v in history.items()},

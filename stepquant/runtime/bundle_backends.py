@@ -9,6 +9,7 @@ from stepquant.bundle import Bundle, BundleError, TimestepGroup
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.corrections import CorrectionError, Corrections
 from stepquant.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from stepquant.runtime.sampler import SamplerConfig
 from stepquant.runtime.scheduler_table import SchedulerTable
 from stepquant.runtime.tensorrt_backend import TensorRTBackend, tensorrt_version
 from stepquant.runtime.timestep_groups import TimestepGroupBackend
@@ -67,6 +68,12 @@ def quantized_backend(bundle: Bundle, threads: int | None = None, backend: str =
 def reference_backend(bundle: Bundle, threads: int | None = None) -> OnnxRuntimeBackend:
     """The FP32 graph, parity-checked against the FP torch model at export."""
     return OnnxRuntimeBackend(bundle.file(bundle.manifest.reference_graph), threads)
+
+
+def bundle_sampler(bundle: Bundle) -> SamplerConfig:
+    """The sampler the bundle was exported with (its table is `bundle_table`)."""
+    sampler = bundle.manifest.sampler
+    return SamplerConfig(sampler.scheduler, sampler.steps, sampler.eta, sampler.guidance_scale, sampler.karras_sigmas)
 
 
 def bundle_table(bundle: Bundle) -> SchedulerTable:

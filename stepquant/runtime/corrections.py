@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from stepquant.runtime.seeding import NoiseStream, per_sample_noise
@@ -128,8 +128,6 @@ class Corrections:
 
     @classmethod
     def load(cls, path: Path) -> Corrections:
-        from safetensors import safe_open
-
         try:
             tensors = load_file(str(path))
             with safe_open(str(path), "np") as handle:

@@ -9,7 +9,7 @@ quantized runs comparable sample by sample. The update is the scheduler's own, c
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tqdm import tqdm
@@ -51,6 +51,10 @@ class SamplerConfig:
             raise ValueError(f"--eta must be in [0, 1], got {self.eta}")
         if not 0.0 <= self.guidance_scale < float("inf"):
             raise ValueError(f"--guidance-scale must be a finite number of at least 0, got {self.guidance_scale}")
+
+    def overridden(self, **options) -> SamplerConfig:
+        """This sampler with the options a command was given (None: not given, keep this one's)."""
+        return replace(self, **{name: value for name, value in options.items() if value is not None})
 
     def describe(self) -> str:
         return (f"{self.steps} {self.scheduler.upper()} steps" + (f", eta {self.eta:g}" if self.scheduler == "ddim" else "")
@@ -115,8 +119,7 @@ def sample_batches(
                 if corrections is not None:
                     out = corrections.correct_estimate(out, int(t), correction_streams)
                     std = corrections.sampler_noise_std(int(t), std, table.output_coefficient(i))
-                samples = [x, *samples[: table.depth - 1]]
-                outputs = [out, *outputs[: table.depth - 1]]
+                samples, outputs = table.remember(samples, x), table.remember(outputs, out)
                 noise = per_sample_noise(streams, sample_shape) if table.noise_std[i] > 0 else None
                 x = np.asarray(table.step(i, samples, outputs, noise, std), dtype=np.float32)
                 bar.update(1)

@@ -81,6 +81,10 @@ class SchedulerTable:
         return (f"{self.scheduler.upper()}, {self.steps} steps" + (f", eta {self.eta:g}" if self.scheduler == "ddim" else "")
                 + (", Karras sigmas" if self.karras_sigmas else ""))
 
+    def remember(self, history: list, value) -> list:
+        """`history` (newest first) with `value` in front, as long as a step reads: the window `step` takes."""
+        return [value, *history[: self.depth - 1]]
+
     def output_coefficient(self, i: int) -> float:
         """The net weight of the current network output in step i's update (through x0 and directly): PTQD's
         c_t, by which quantization noise in the output reaches the sample."""
