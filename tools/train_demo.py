@@ -1,5 +1,6 @@
 """Train the bundled `demo-digits` DDPM on scikit-learn's digits (16x16 grey) and save it as a
-diffusers DDPMPipeline directory inside the package.
+diffusers DDPMPipeline directory inside the package. `tools/train_demo_cond.py` trains the class-conditional
+`demo-digits-cond` with the same loop.
 
 Deterministic (fixed seeds, deterministic algorithms, 2 threads); about 16 minutes on 2 CPU cores.
 
@@ -9,7 +10,6 @@ Deterministic (fixed seeds, deterministic algorithms, 2 threads); about 16 minut
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import time
 from pathlib import Path
@@ -24,48 +24,69 @@ from stepquant.models.demo_config import SCHEDULER_CONFIG, UNET_CONFIG
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "stepquant" / "models" / "demo_digits"
 
 
-def train(iters: int, batch_size: int, lr: float, ema_decay: float, seed: int) -> UNet2DModel:
+def train(unet: torch.nn.Module, iters: int, batch_size: int, lr: float, ema_decay: float, seed: int,
+          class_table: torch.nn.Parameter | None = None, label_dropout: float = 0.0,
+          desc: str = "train demo-digits") -> tuple[torch.nn.Module, torch.Tensor | None]:
+    """Epsilon-prediction training with EMA weights; returns (EMA model, EMA class table). With a
+    `class_table` [classes + 1, tokens, dim] the model is conditioned on its row for the digit's label
+    through cross-attention, and on the last (null) row with probability `label_dropout`, so one model
+    gives both halves of classifier-free guidance."""
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
-    images, _ = load_digits_16()
-    unet = UNet2DModel(**UNET_CONFIG)
-    ema = copy.deepcopy(unet).requires_grad_(False)
+    images, labels = load_digits_16()
+    parameters = list(unet.parameters()) + ([class_table] if class_table is not None else [])
+    ema = [p.detach().clone() for p in parameters]
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     warmup = max(1, iters // 20)
     lr_at = lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * i / iters))  # noqa: E731
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     gen = torch.Generator().manual_seed(seed)
-    progress = tqdm(range(iters), desc="train demo-digits", unit="it")
+    progress = tqdm(range(iters), desc=desc, unit="it")
     for _ in progress:
-        x0 = images[torch.randint(0, len(images), (batch_size,), generator=gen)]
+        index = torch.randint(0, len(images), (batch_size,), generator=gen)
+        x0 = images[index]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
-        loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
+        x_t = scheduler.add_noise(x0, noise, t)
+        if class_table is None:
+            prediction = unet(x_t, t).sample
+        else:
+            null = len(class_table) - 1
+            rows = torch.where(torch.rand(batch_size, generator=gen) < label_dropout, null, labels[index])
+            prediction = unet(x_t, t, encoder_hidden_states=class_table[rows]).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
         with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), unet.parameters()):
+            for p_ema, p in zip(ema, parameters):
                 p_ema.lerp_(p, 1.0 - ema_decay)
         progress.set_postfix(loss=f"{loss.item():.4f}")
-    return ema
+    with torch.no_grad():
+        for p, p_ema in zip(parameters, ema):
+            p.copy_(p_ema)
+    return unet, None if class_table is None else class_table.detach()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iters", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=128)
+def arguments(doc: str, out: Path, iters: int, batch_size: int) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=iters)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ema-decay", type=float, default=0.995)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=out)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = arguments(__doc__, DEFAULT_OUT, 2000, 128)
     torch.set_num_threads(2)
     start = time.perf_counter()
-    unet = train(args.iters, args.batch_size, args.lr, args.ema_decay, args.seed)
+    unet, _ = train(UNet2DModel(**UNET_CONFIG), args.iters, args.batch_size, args.lr, args.ema_decay, args.seed)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**SCHEDULER_CONFIG)).save_pretrained(args.out)
     print(f"saved {args.out} ({sum(p.numel() for p in unet.parameters()):,} parameters) "
           f"in {time.perf_counter() - start:.0f} s")
