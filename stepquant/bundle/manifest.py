@@ -11,10 +11,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 5  # 2: one section per target; 3: condition inputs and shape ranges; 4: layer-wise parity;
-# 5: the sampler's scheduler table (the device loop needs no diffusers), typed manifest
-READ_BY = {2: "0.1.0", 3: "0.1.0", 4: "0.1.0"}  # older formats, and the stepquant release that reads them
+FORMAT_VERSION = 6  # 2: one section per target; 3: condition inputs and shape ranges; 4: layer-wise parity;
+# 5: the sampler's scheduler table (the device loop needs no diffusers), typed manifest; 6: sample space, class table
+READ_BY = {2: "0.1.0", 3: "0.1.0", 4: "0.1.0", 5: "0.2.0"}  # older formats, and the stepquant release that reads them
 SEQUENCE = "sequence"  # the symbolic text-length axis of a condition input
+SAMPLE_SPACES = ("pixel", "latent")  # pixels in [-1, 1] (clipped by the sampler), or latents for a VAE
 MAX_SAMPLE_ELEMENTS = 2**24  # one sample's values (channels x height x width): 4x2048x2048 latents, 3x2048x2048 pixels
 OPTIMIZATION_LEVEL_NAMES = ("disable", "basic", "extended", "all")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -110,15 +111,17 @@ class Manifest:
     correction_method: str
     correction_file: str | None
     engine: dict[str, Any]
+    sample_space: str = "pixel"
+    class_table: str | None = None  # class-conditional models: the class table `sample --classes` picks rows of
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256, every file of the bundle
     info: dict[str, Any] = field(default_factory=dict)  # the rest: quantization, calibration, versions...
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest's JSON body (without format version, file list and self-hash, which the writer adds)."""
         return {
-            "source_model": self.source_model, "sample_shape": list(self.sample_shape),
+            "source_model": self.source_model, "sample_shape": list(self.sample_shape), "sample_space": self.sample_space,
             "inputs": {"conditions": [{"name": c.name, "shape": list(c.shape)} for c in self.conditions],
-                       "shape_profile": self.shape_profile},
+                       "shape_profile": self.shape_profile, "class_table": self.class_table},
             "noise_schedule": self.noise_schedule, "sampler": self.sampler.to_dict(),
             "scheduler_table": self.scheduler_table,
             "targets": {name: target.to_dict() for name, target in self.targets.items()},
@@ -150,6 +153,9 @@ class Manifest:
         need(all(isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("shape"), list)
                  and all(type(d) is int or d == SEQUENCE for d in c["shape"]) for c in inputs["conditions"]),
              "each of 'inputs.conditions' needs a name and a shape")
+        need(inputs.get("class_table") is None or (inputs["class_table"] in listed and inputs["conditions"]),
+             "'inputs.class_table' must be null or a listed file of a conditional model")
+        need(data.get("sample_space") in SAMPLE_SPACES, f"'sample_space' must be one of {', '.join(SAMPLE_SPACES)}")
         need(isinstance(data.get("noise_schedule"), dict), "'noise_schedule' must be a scheduler config")
         sampler = data.get("sampler")
         need(isinstance(sampler, dict) and isinstance(sampler.get("scheduler"), str) and type(sampler.get("steps")) is int
@@ -186,7 +192,7 @@ class Manifest:
             need(all(level in OPTIMIZATION_LEVEL_NAMES for level in levels), f"target {name!r} needs onnxruntime optimisation levels")
             known = ("timestep_groups", "parity", "onnxruntime_optimization_level", "parity_optimization_level")
             typed_targets[name] = Target(groups, parity, *levels, {k: v for k, v in section.items() if k not in known})
-        known = ("format_version", "files", "manifest_sha256", "source_model", "sample_shape", "inputs", "noise_schedule",
+        known = ("format_version", "files", "manifest_sha256", "source_model", "sample_shape", "sample_space", "inputs", "noise_schedule",
                  "sampler", "scheduler_table", "targets", "reference_graph", "correction", "engine")
         return cls(
             source_model=str(data.get("source_model", "")), sample_shape=tuple(shape),  # type: ignore[arg-type]
@@ -196,4 +202,4 @@ class Manifest:
                             bool(sampler.get("karras_sigmas", False))),
             scheduler_table=data["scheduler_table"], targets=typed_targets, reference_graph=data["reference_graph"],
             correction_method=correction["method"], correction_file=correction.get("file"), engine=data.get("engine", {}),
-            files=dict(files), info={k: v for k, v in data.items() if k not in known})
+            sample_space=data["sample_space"], class_table=inputs.get("class_table"), files=dict(files), info={k: v for k, v in data.items() if k not in known})

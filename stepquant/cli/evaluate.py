@@ -12,10 +12,12 @@ import typer
 
 from stepquant.bundle import load_bundle
 from stepquant.cli.choices import RuntimeBackend, Scheduler
-from stepquant.cli.options import TrustKey
+from stepquant.cli.options import Classes, TrustKey, parse_classes
 from stepquant.eval.evaluate import evaluate, plot_corrections, plot_errors
 from stepquant.runtime.bundle_backends import bundle_corrections, bundle_sampler, quantized_backend, reference_backend
+from stepquant.runtime.guidance import choose_conditioning
 
+DIGIT_SHAPE = (1, 16, 16)
 MAX_EVAL_SAMPLES = 16384  # the metrics hold every sample and its features at once
 
 
@@ -32,19 +34,31 @@ def eval_command(
     backend: Annotated[RuntimeBackend, typer.Option(help="What runs the bundle's Q/DQ graph.")] = RuntimeBackend.onnxruntime,
     engine: Annotated[Optional[Path], typer.Option(help="TensorRT engine for --backend tensorrt (default: the bundle's).")] = None,
     corrections: Annotated[bool, typer.Option(help="Apply the bundle's per-timestep correction terms, if it has them.")] = True,
+    classes: Classes = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     trust_key: TrustKey = None,
 ) -> None:
-    """Quality of a bundle against FP from the same noise: PSNR, Fréchet distances, classifier, error per step."""
+    """Quality of a bundle against FP from the same noise: PSNR, Fréchet distances, classifier (and, for
+    class-conditional digits, accuracy against the requested class), error per step."""
     loaded = load_bundle(bundle, trust_key)
-    if loaded.manifest.conditions:
+    manifest = loaded.manifest
+    if manifest.sample_space == "latent" or (manifest.conditions and manifest.class_table is None):
         raise ValueError("stepquant eval scores digit samples (the demo's classifier and pixel-space metrics); this bundle is "
                          "a conditional latent model: its manifest holds latent PSNR to FP, and `stepquant sample` runs it")
+    if tuple(manifest.sample_shape) != DIGIT_SHAPE:
+        raise ValueError(f"stepquant eval scores 16x16 grey digits (the demo's classifier); this bundle samples "
+                         f"{'x'.join(map(str, manifest.sample_shape))}: `stepquant sample` runs it")
+    requested = parse_classes(classes)
+    rows = choose_conditioning(manifest.conditions, f"bundle {bundle}", classes=requested,
+                               class_table=loaded.file(manifest.class_table) if manifest.class_table else None)
+    if rows is not None and requested is None:
+        requested = tuple(range(len(rows)))
     config = bundle_sampler(loaded).overridden(scheduler=scheduler and scheduler.value, steps=steps, eta=eta)
     terms = bundle_corrections(loaded) if corrections else None
     result = evaluate(reference_backend(loaded, threads), quantized_backend(loaded, threads, backend.value, engine),
-                      loaded.manifest.noise_schedule, range(n), loaded.manifest.sample_shape, config, progress=progress,
-                      corrections=terms)
+                      manifest.noise_schedule, range(n), manifest.sample_shape, config, progress=progress,
+                      corrections=terms, conditioning=rows,
+                      requested=None if rows is None else [requested[i % len(requested)] for i in range(n)])
     out = out or bundle.with_name(bundle.name + "-eval")
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({"bundle": str(bundle), "sampler": asdict(config), **result.to_dict()}, indent=2))
@@ -55,6 +69,8 @@ def eval_command(
             ("label agreement with FP", f"{result.label_agreement:.3f}"),
             ("confidence (quantized / FP)", f"{result.confidence:.3f} / {result.fp_confidence:.3f}"),
             ("recognisable (quantized / FP)", f"{result.recognisable:.3f} / {result.fp_recognisable:.3f}"),
+            *([("requested class (quantized / FP)", f"{result.class_accuracy:.3f} / {result.fp_class_accuracy:.3f}")]
+              if result.class_accuracy is not None else []),
             ("final accumulated / mean per-step error", f"{result.accumulated_error[-1]:.4f} / {np.mean(result.step_error):.4f}")]
     width = max(len(label) for label, _ in rows)
     print(f"{bundle} on {backend.value}, corrections {terms.method if terms else 'none'}: {n} samples, {config.describe()}")

@@ -11,7 +11,7 @@ from stepquant.calibrators.calibrate import RECONSTRUCTION_CALIBRATORS
 from stepquant.calibrators.reconstruction import ReconstructionConfig
 from stepquant.cli.choices import Correction, Scheduler
 from stepquant.cli.export_choices import Calibrator, Format, Precision, Target
-from stepquant.cli.options import SignKey
+from stepquant.cli.options import Classes, SignKey, parse_classes
 from stepquant.export.shapes import DimRange, ShapeProfile
 from stepquant.models import DEMO_MODEL_NAME
 from stepquant.pipeline import ExportConfig, ExportReport, export_quantized
@@ -70,6 +70,7 @@ def export_command(
         help="Conditional models: calibration prompts, one per line, encoded by the pipeline's own text encoder(s).")] = None,
     conditioning: Annotated[Optional[Path], typer.Option(
         help="Conditional models: precomputed conditioning (.safetensors from `stepquant encode-prompts`).")] = None,
+    classes: Classes = None,
     guidance_scale: Annotated[float, typer.Option(
         help="Classifier-free guidance of the calibration and evaluation sampling (Stable Diffusion: 7.5; 1: none).")] = 1.0,
     batch_range: Annotated[str, typer.Option(help="Network batch range min:opt:max (with guidance, twice the images).")] = "1:8:64",
@@ -109,7 +110,7 @@ def export_command(
         model=model, out=out, quant=QuantSpec(weight_bits, act_bits, patterns, format.value, residual_qdq, split, fp8_attention),
         precision=precision.value, correction=correction.value, targets=tuple(t.value for t in target or [Target.tensorrt]),
         sampler=SamplerConfig(scheduler.value, steps, eta, guidance_scale, karras_sigmas), calibrator=calibrator.value, percentile=percentile,
-        prompts_file=prompts_file, conditioning=conditioning,
+        prompts_file=prompts_file, conditioning=conditioning, classes=parse_classes(classes),
         shapes=ShapeProfile(*(DimRange.parse(r) if r else None for r in (batch_range, height_range, width_range, sequence_range))),
         reconstruction=ReconstructionConfig(iters=recon_iters, scale_lr=recon_scale_lr, multistep_steps=multistep_steps),
         timestep_groups=timestep_groups, steps_per_group=steps_per_group,

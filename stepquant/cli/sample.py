@@ -12,10 +12,10 @@ import typer
 from stepquant.bundle import load_bundle
 from stepquant.cli.choices import RuntimeBackend, Scheduler
 from stepquant.cli.files import check_writable, write_atomically, write_npz_batches
-from stepquant.cli.options import TrustKey
+from stepquant.cli.options import Classes, TrustKey, parse_classes
 from stepquant.runtime import SamplerConfig
 from stepquant.runtime.bundle_backends import bundle_corrections, bundle_sampler, bundle_table, quantized_backend
-from stepquant.runtime.guidance import Conditioning, ConditioningError
+from stepquant.runtime.guidance import choose_conditioning
 from stepquant.runtime.sampler import sample_batches
 from stepquant.runtime.seeding import MAX_SEED
 
@@ -47,6 +47,7 @@ def sample_command(
     corrections: Annotated[bool, typer.Option(help="Apply the bundle's per-timestep correction terms, if it has them.")] = True,
     conditioning: Annotated[Optional[Path], typer.Option(
         help="Conditional models: prompts' conditioning (.safetensors from `stepquant encode-prompts`); sample i takes row i mod P.")] = None,
+    classes: Classes = None,
     guidance_scale: Annotated[Optional[float], typer.Option(
         help="Classifier-free guidance scale (default: the bundle's calibration scale, else 1).")] = None,
     decode_with: Annotated[Optional[Path], typer.Option(
@@ -69,11 +70,15 @@ def sample_command(
         config = bundle_sampler(loaded).overridden(**requested)
         table = bundle_table(loaded)
         table.check_sampler(config.scheduler, config.steps, config.eta, config.karras_sigmas)  # before any graph is loaded
+        manifest = loaded.manifest
+        shape, latent = manifest.sample_shape, manifest.sample_space == "latent"
+        rows = choose_conditioning(manifest.conditions, f"bundle {bundle}", conditioning, parse_classes(classes),
+                                   loaded.file(manifest.class_table) if manifest.class_table else None)
         runner = quantized_backend(loaded, threads, backend.value, engine)
         terms = bundle_corrections(loaded) if corrections else None
-        shape, inputs = loaded.manifest.sample_shape, loaded.manifest.conditions
     else:  # the FP model in torch: the export side
         from stepquant.models import EpsilonModel, load_model
+        from stepquant.models.conditioning import load_conditioning
         from stepquant.models.denoisers import sample_shape
         from stepquant.models.schedulers import capture_table
         from stepquant.models.torch_backend import TorchBackend
@@ -82,14 +87,13 @@ def sample_command(
         config = SamplerConfig().overridden(**requested)
         runner, terms = TorchBackend(EpsilonModel(fp.denoiser)), None
         table = capture_table(config, fp.scheduler_config)
-        shape, inputs = sample_shape(fp.denoiser), runner.model.conditions
+        shape, latent = sample_shape(fp.denoiser), fp.latent
+        rows = load_conditioning(runner.model, fp, None, conditioning, shape, parse_classes(classes))
     _check_out(out, n, shape)
-    names = [c.name for c in inputs]
-    rows = Conditioning.load(conditioning).for_inputs(inputs) if conditioning else None
-    if names and rows is None:
-        raise ConditioningError(f"this model is conditioned on {', '.join(names)}: pass --conditioning")
+    if decode_with and not latent:
+        raise typer.BadParameter("this model samples pixels, not latents: drop --decode-with", param_hint="--decode-with")
     batches = sample_batches(runner, table, range(seed, seed + n), shape, config, batch_size, progress=progress,
-                             corrections=terms, conditioning=rows, clip=not names)
+                             corrections=terms, conditioning=rows, clip=not latent)
     if decode_with:
         from stepquant.models.vae import decode_latents  # the pipeline's VAE, in torch: the export side
 
@@ -102,6 +106,6 @@ def sample_command(
     else:
         first = next(batches)  # decoded images have the VAE's shape, not the latents'
         write_npz_batches(out, "samples", (n, *first.shape[1:]), itertools.chain([first], batches))
-    guided = f", guidance {config.guidance_scale:g}" if names else ""
-    kind = "images" if decode_with else "latents" if names else "samples"
+    guided = f", guidance {config.guidance_scale:g}" if rows is not None else ""
+    kind = "images" if decode_with else "latents" if latent else "samples"
     print(f"wrote {n} {kind} ({config.describe()}{guided}) to {out}")

@@ -22,6 +22,7 @@ from stepquant.eval.metrics import frechet_distance, psnr, rms
 from stepquant.models.schedulers import capture_table
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.corrections import Corrections
+from stepquant.runtime.guidance import Conditioning, combine_guided
 from stepquant.runtime.sampler import SamplerConfig, sample
 
 RECOGNISABLE_CONFIDENCE = 0.9
@@ -40,6 +41,8 @@ class Evaluation:
     fp_confidence: float
     recognisable: float  # fraction classified with confidence >= RECOGNISABLE_CONFIDENCE
     fp_recognisable: float
+    class_accuracy: float | None = None  # class-conditional: fraction classified as the requested digit
+    fp_class_accuracy: float | None = None
     timesteps: list[int] = field(default_factory=list)
     step_error: list[float] = field(default_factory=list)
     accumulated_error: list[float] = field(default_factory=list)
@@ -49,26 +52,32 @@ class Evaluation:
 
 
 class _StepErrorMeter:
-    """Wraps the FP backend: also runs the quantized backend on the same inputs and sums the RMS error."""
+    """Wraps the FP backend: also runs the quantized backend on the same inputs and sums the RMS error of the
+    estimate the sampler steps with (with guidance: of the guided combination of the two halves)."""
 
-    def __init__(self, fp: Backend, quantized: Backend, steps: int) -> None:
-        self.fp, self.quantized = fp, quantized
+    def __init__(self, fp: Backend, quantized: Backend, steps: int, guidance_scale: float | None) -> None:
+        self.fp, self.quantized, self.guidance_scale = fp, quantized, guidance_scale
         self.sums = np.zeros(steps)
         self.step = 0
 
-    def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
-        eps = self.fp(sample, timestep)
-        self.sums[self.step % len(self.sums)] += float(rms(self.quantized(sample, timestep), eps).sum())
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditions: np.ndarray) -> np.ndarray:
+        eps = self.fp(sample, timestep, **conditions)
+        estimate = self.quantized(sample, timestep, **conditions)
+        pair = (eps, estimate)
+        if self.guidance_scale is not None:
+            pair = tuple(combine_guided(*np.split(e, 2), self.guidance_scale) for e in pair)
+        self.sums[self.step % len(self.sums)] += float(rms(pair[1], pair[0]).sum())
         self.step += 1
         return eps
 
 
 def _states(backend: Backend, schedule: dict, seeds: Sequence[int], shape, config: SamplerConfig,
-            corrections: Corrections | None = None):
+            corrections: Corrections | None = None, conditioning: Conditioning | None = None):
     """Final samples and the x_t after every step (the inputs of steps 1.. plus the final sample)."""
     inputs: list[np.ndarray] = []
     final = sample(backend, capture_table(config, schedule), seeds, shape, config, batch_size=len(seeds), progress=False,
-                   on_step=lambda index, t, x: inputs.append(x.copy()), corrections=corrections).samples
+                   on_step=lambda index, t, x: inputs.append(x.copy()), corrections=corrections,
+                   conditioning=conditioning).samples
     return final, inputs[1:]
 
 
@@ -88,17 +97,23 @@ def evaluate(
     batch_size: int = 128,
     progress: bool = True,
     corrections: Corrections | None = None,
+    conditioning: Conditioning | None = None,
+    requested: Sequence[int] | None = None,
 ) -> Evaluation:
     """Compare `quantized` (with its host-side `corrections`, if any) to `fp` from the same seeds. The
-    per-step error is the raw network error on FP inputs; corrections act on the trajectories."""
+    per-step error is the raw network error on FP inputs; corrections act on the trajectories. Conditional
+    models take `conditioning` (sample i its row i mod P, guided by `config`); with `requested`, the digit
+    each sample asks for, the class accuracy of both is reported too."""
     seeds = list(seeds)
-    meter = _StepErrorMeter(fp, quantized, config.steps)
+    guided = conditioning is not None and config.guidance_scale != 1.0
+    meter = _StepErrorMeter(fp, quantized, config.steps, config.guidance_scale if guided else None)
     accumulated = np.zeros(config.steps)
     fp_final, q_final = [], []
     for start in tqdm(range(0, len(seeds), batch_size), desc="evaluating", unit="batch", disable=not progress, leave=False):
         batch = seeds[start : start + batch_size]
-        fp_samples, fp_states = _states(meter, noise_schedule, batch, sample_shape, config)
-        q_samples, q_states = _states(quantized, noise_schedule, batch, sample_shape, config, corrections)
+        rows = None if conditioning is None else conditioning.at(range(start, start + len(batch)))
+        fp_samples, fp_states = _states(meter, noise_schedule, batch, sample_shape, config, conditioning=rows)
+        q_samples, q_states = _states(quantized, noise_schedule, batch, sample_shape, config, corrections, rows)
         # after the last step the returned (clipped) samples are compared
         for index, (a, b) in enumerate(zip(q_states + [q_samples], fp_states + [fp_samples])):
             accumulated[index] += float(rms(a, b).sum())
@@ -111,6 +126,11 @@ def evaluate(
     q_features, q_probs = _classify(classifier, q_all)
     scores = psnr(q_all, fp_all)
     n = len(seeds)
+    accuracy = {}
+    if requested is not None:
+        labels = torch.as_tensor(list(requested))
+        accuracy = {"class_accuracy": float((q_probs.argmax(1) == labels).float().mean()),
+                    "fp_class_accuracy": float((fp_probs.argmax(1) == labels).float().mean())}
     return Evaluation(
         samples=n,
         psnr_to_fp_db=float(scores.mean()),
@@ -126,6 +146,7 @@ def evaluate(
         timesteps=[int(t) for t in capture_table(config, noise_schedule).timesteps],
         step_error=(meter.sums / n).tolist(),
         accumulated_error=(accumulated / n).tolist(),
+        **accuracy,
     )
 
 

@@ -1,11 +1,13 @@
-"""Where a conditional model's conditioning comes from: a conditioning file, or prompts encoded with the
-pipeline's own text encoder(s) through its `encode_prompt` (so CLIP skip, SDXL's two encoders and PixArt's
-T5 attention mask are exactly what diffusers does; needs `transformers`: `pip install 'stepquant[text]'`).
-The unconditional rows are the empty prompt's."""
+"""Where a conditional model's conditioning comes from: a conditioning file, a class-conditional pipeline's
+class table (`--classes`; its null row is the unconditional input), or prompts encoded with the pipeline's
+own text encoder(s) through its `encode_prompt` (so CLIP skip, SDXL's two encoders and PixArt's T5 attention
+mask are exactly what diffusers does; needs `transformers`: `pip install 'stepquant[text]'`). The
+unconditional rows of prompts are the empty prompt's."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -13,7 +15,7 @@ import torch
 from stepquant.models.denoisers import ConditionInput
 from stepquant.models.epsilon import EpsilonModel
 from stepquant.models.loading import LoadedModel
-from stepquant.runtime.guidance import Conditioning, ConditioningError
+from stepquant.runtime.guidance import Conditioning, ConditioningError, choose_conditioning
 
 VAE_SCALE = 8  # latent pixel -> image pixels for SD 1.x/2.x/XL and PixArt's VAEs
 
@@ -82,23 +84,17 @@ def encode_prompts(pipeline_dir: Path, prompts: list[str], conditions: tuple[Con
 
 
 def load_conditioning(model: EpsilonModel, loaded: LoadedModel, prompts_file: Path | None,
-                        conditioning_file: Path | None, sample_shape: tuple[int, int, int]) -> Conditioning | None:
-    """The conditioning of a file or of prompts (None for an unconditional model), in the model's input
-    order, for export and encode-prompts alike; a clear error when it is missing, superfluous or does not
-    fit the model."""
-    name = type(loaded.denoiser).__name__
-    if not model.conditions:
-        if prompts_file or conditioning_file:
-            raise ConditioningError(f"{name} is unconditional: drop --prompts-file/--conditioning")
-        return None
-    if conditioning_file is not None:
-        conditioning = Conditioning.load(conditioning_file)
-    elif prompts_file is not None:
+                      conditioning_file: Path | None, sample_shape: tuple[int, int, int],
+                      classes: Sequence[int] | None = None) -> Conditioning | None:
+    """The conditioning of a file, of prompts or of classes (None for an unconditional model), in the model's
+    input order, for export, sample and encode-prompts alike (stepquant.runtime.guidance.choose_conditioning)."""
+
+    def prompts() -> Conditioning:
         if loaded.pipeline is None:
             raise ConditioningError("--prompts-file needs --model to be a pipeline directory (its text encoder "
                                     "encodes the prompts); or pass --conditioning")
-        conditioning = encode_prompts(loaded.pipeline, read_prompts(prompts_file), model.conditions, sample_shape)
-    else:
-        raise ConditioningError(f"{name} is conditioned on {', '.join(model.condition_names)}: pass --prompts-file "
-                                "(encoded by the pipeline's text encoder) or --conditioning")
-    return conditioning.for_inputs(model.conditions)
+        return encode_prompts(loaded.pipeline, read_prompts(prompts_file), model.conditions, sample_shape)
+
+    return choose_conditioning(model.conditions, f"{loaded.source} ({type(loaded.denoiser).__name__})", conditioning_file,
+                               classes, loaded.class_table, prompts if prompts_file is not None else None,
+                               missing="pass --prompts-file (encoded by the pipeline's text encoder) or --conditioning")

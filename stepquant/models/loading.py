@@ -13,7 +13,11 @@ from stepquant.models.denoisers import ARCHITECTURES
 from stepquant.models.patch_embed import follow_input_shape_
 
 DEMO_MODEL_NAME = "demo-digits"
-_BUNDLED = {DEMO_MODEL_NAME: Path(__file__).resolve().parent / "demo_digits"}
+CONDITIONAL_DEMO_NAME = "demo-digits-cond"
+_BUNDLED = {DEMO_MODEL_NAME: Path(__file__).resolve().parent / "demo_digits",
+            CONDITIONAL_DEMO_NAME: Path(__file__).resolve().parent / "demo_digits_cond"}
+# a class-conditional pipeline's class table: a conditioning file whose row k is class k
+CLASS_TABLE_FILE = "class_embeddings/class_embeddings.safetensors"
 
 
 class ModelLoadError(ValueError):
@@ -23,12 +27,16 @@ class ModelLoadError(ValueError):
 @dataclass
 class LoadedModel:
     """A denoiser in eval mode, the training scheduler's config, and where both came from (`pipeline`: the
-    pipeline directory, whose text encoder turns prompts into conditioning; None for a bare model)."""
+    pipeline directory, whose text encoder turns prompts into conditioning; None for a bare model).
+    `class_table`: a class-conditional pipeline's table (CLASS_TABLE_FILE), whose rows `--classes` picks.
+    `latent`: its samples are latents for a VAE (text-conditioned models here), not pixels in [-1, 1]."""
 
     denoiser: torch.nn.Module
     scheduler_config: dict
     source: str
     pipeline: Path | None = None
+    class_table: Path | None = None
+    latent: bool = False
 
 
 def _read_json(path: Path) -> dict:
@@ -102,7 +110,11 @@ def _load_local(root: Path) -> LoadedModel:
         raise ModelLoadError(f"cannot load the {class_name} weights in {model_dir}: {err}") from err
     follow_input_shape_(denoiser)
     pipeline = root if (root / "model_index.json").is_file() else None
-    return LoadedModel(denoiser.eval().requires_grad_(False), scheduler_config, str(root), pipeline)
+    class_table = root / CLASS_TABLE_FILE if pipeline and (root / CLASS_TABLE_FILE).is_file() else None
+    has_vae = pipeline is not None and "vae" in _read_json(root / "model_index.json")
+    conditional = bool(ARCHITECTURES[class_name].conditions(dict(denoiser.config)))
+    latent = has_vae or (conditional and class_table is None)
+    return LoadedModel(denoiser.eval().requires_grad_(False), scheduler_config, str(root), pipeline, class_table, latent)
 
 
 # configs, tokenizer vocabularies, and the FP32 safetensors weights of the denoiser and text encoders
@@ -121,7 +133,7 @@ def _load_hub(repo_id: str) -> LoadedModel:
 
 
 def load_model(name_or_path: str) -> LoadedModel:
-    """Load `demo-digits`, a local diffusers directory (pipeline or model), or a hub id."""
+    """Load a bundled demo (`demo-digits`, `demo-digits-cond`), a local diffusers directory (pipeline or model), or a hub id."""
     if name_or_path in _BUNDLED:
         loaded = _load_local(_BUNDLED[name_or_path])
         loaded.source = name_or_path
@@ -129,7 +141,8 @@ def load_model(name_or_path: str) -> LoadedModel:
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"{path} is a file; --model takes a diffusers model directory or '{DEMO_MODEL_NAME}'")
+            raise ModelLoadError(f"{path} is a file; --model takes a diffusers model directory or one of "
+                                 f"{', '.join(_BUNDLED)}")
         return _load_local(path)
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
         return _load_hub(name_or_path)

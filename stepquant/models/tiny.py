@@ -12,6 +12,7 @@ from diffusers import DDIMScheduler, PixArtTransformer2DModel, UNet2DConditionMo
 
 from stepquant.models.demo_config import SCHEDULER_CONFIG
 from stepquant.models.epsilon import EpsilonModel
+from stepquant.models.loading import CLASS_TABLE_FILE
 from stepquant.runtime.guidance import Conditioning
 
 TEXT_TOKENS = 6
@@ -32,12 +33,17 @@ TINY_MODELS: dict[str, tuple[type, str, dict]] = {
 }
 
 
-def save_tiny_pipeline(kind: str, root: Path, seed: int = 0, **overrides) -> Path:
+def save_tiny_pipeline(kind: str, root: Path, seed: int = 0, classes: int | None = None, **overrides) -> Path:
     """A diffusers pipeline directory holding the tiny denoiser `kind` (config `overrides` applied) and a
-    DDIM scheduler."""
+    DDIM scheduler; with `classes`, a random class table of that many classes (a class-conditional pipeline,
+    like demo-digits-cond)."""
     cls, folder, config = TINY_MODELS[kind]
     torch.manual_seed(seed)
-    cls(**{**config, **overrides}).save_pretrained(root / folder)
+    model = cls(**{**config, **overrides})
+    model.save_pretrained(root / folder)
+    if classes is not None:
+        (root / CLASS_TABLE_FILE).parent.mkdir(parents=True, exist_ok=True)
+        random_conditioning(EpsilonModel(model), classes, seed).save(root / CLASS_TABLE_FILE)
     DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
                                                        folder: ["diffusers", cls.__name__],

@@ -1,6 +1,7 @@
 """Conditioning for conditional denoisers and classifier-free guidance in the host loop.
 
-A `Conditioning` holds one row per prompt (or class) for every condition input of the model, and the
+A `Conditioning` holds one row per prompt (or class: a class-conditional model's class table is a
+conditioning file whose row k is class k) for every condition input of the model, and the
 unconditional ("null") rows the guidance contrasts them with. Sample i of a run uses prompt i mod P, so
 FP and quantized runs from the same seeds see the same prompts. With a guidance scale g != 1 the network
 runs once per step on [unconditional half; conditional half] and the host combines
@@ -12,7 +13,7 @@ one per prompt); `stepquant encode-prompts` writes them from a pipeline's own te
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,21 @@ class Conditioning:
         source = self.uncond if unconditional else self.cond
         return {name: t[np.array([i % len(t) for i in indices], dtype=np.int64)] for name, t in source.items()}
 
+    def at(self, indices: Sequence[int]) -> Conditioning:
+        """The rows of sample positions `indices`, as positions 0.. of a new conditioning (for one batch of a run)."""
+        return Conditioning(self.rows(indices), self.rows(indices, unconditional=True))
+
+    def select(self, classes: Sequence[int]) -> Conditioning:
+        """A class table's rows for `classes` (row k is class k; the null rows stay the unconditional input)."""
+        if not classes:
+            raise ConditioningError("--classes names no class")
+        bad = [c for c in classes if not 0 <= c < len(self)]
+        if bad:
+            raise ConditioningError(f"class {bad[0]} is out of range: the model's class table has {len(self)} classes "
+                                    f"(0-{len(self) - 1})")
+        index = np.asarray(classes, dtype=np.int64)
+        return Conditioning({k: v[index] for k, v in self.cond.items()}, dict(self.uncond))
+
     def for_inputs(self, inputs: Sequence[ConditionInput]) -> Conditioning:
         """This conditioning in the model's input order; refused unless it holds exactly those inputs, each
         with the model's shape (any length on a text axis)."""
@@ -97,6 +113,37 @@ class Conditioning:
         return cls(cond, uncond)
 
 
+def choose_conditioning(inputs: Sequence[ConditionInput], where: str, conditioning_file: Path | None = None,
+                        classes: Sequence[int] | None = None, class_table: Path | None = None,
+                        prompts: Callable[[], Conditioning] | None = None,
+                        missing: str = "pass --conditioning") -> Conditioning | None:
+    """The conditioning a command was given for the model `where` taking `inputs`, in their order: a file, a
+    class table's rows (`classes`; every class in turn when the model has a table and nothing else is given)
+    or encoded prompts; None for an unconditional model. One line when it is missing, superfluous, doubled or
+    does not fit."""
+    given = [flag for flag, value in (("--prompts-file", prompts), ("--conditioning", conditioning_file),
+                                      ("--classes", classes)) if value is not None]
+    if len(given) > 1:
+        raise ConditioningError(f"give one of --prompts-file, --conditioning and --classes, not {' and '.join(given)}")
+    if not inputs:
+        if given:
+            raise ConditioningError(f"{where} is unconditional: drop {given[0]}")
+        return None
+    if conditioning_file is not None:
+        conditioning = Conditioning.load(conditioning_file)
+    elif prompts is not None:
+        conditioning = prompts()
+    elif class_table is not None:
+        table = Conditioning.load(class_table)
+        conditioning = table.select(list(range(len(table))) if classes is None else classes)
+    elif classes is not None:
+        raise ConditioningError(f"{where} has no class table: --classes is for class-conditional models "
+                                "(demo-digits-cond); condition this one with --conditioning or --prompts-file")
+    else:
+        raise ConditioningError(f"{where} is conditioned on {', '.join(c.name for c in inputs)}: {missing}")
+    return conditioning.for_inputs(inputs)
+
+
 def guided_estimate(backend: Backend, x: np.ndarray, timesteps: np.ndarray, conditioning: Conditioning | None,
                     indices: Sequence[int], guidance_scale: float) -> np.ndarray:
     """The noise estimate the scheduler steps with: unconditional models get `backend(x, t)`; conditional
@@ -108,4 +155,9 @@ def guided_estimate(backend: Backend, x: np.ndarray, timesteps: np.ndarray, cond
     uncond, cond = conditioning.rows(indices, unconditional=True), conditioning.rows(indices)
     inputs = {name: np.concatenate([uncond[name], cond[name]]) for name in cond}
     eps_uncond, eps_cond = np.split(backend(np.concatenate([x, x]), np.concatenate([timesteps, timesteps]), **inputs), 2)
+    return combine_guided(eps_uncond, eps_cond, guidance_scale)
+
+
+def combine_guided(eps_uncond, eps_cond, guidance_scale: float):
+    """Classifier-free guidance: eps_u + g (eps_c - eps_u) (numpy arrays or torch tensors)."""
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
