@@ -1,7 +1,7 @@
 """`export_quantized(config)`: the whole job behind the `export-quantized` command, in five stages that
 each return a small result object:
 
-- `prepare`: load the model (and, for conditional models, the conditioning: prompts through the pipeline's
+- `prepare`: load the model (and, for conditional models, the conditioning: a class table's rows, prompts through the pipeline's
   text encoder, or a conditioning file); refuse the destination, key or missing TensorRT before any work;
 - `calibrate_model`: FP sampling trajectories (guided) -> quantize_ + calibration;
 - `export_graphs`: per target profile (tensorrt, onnxruntime-cpu) and timestep group, the Q/DQ ONNX and its
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
@@ -79,7 +80,7 @@ FP_TOLERANCE = 1e-5  # median relative error, FP torch vs FP ONNX (no quantizer,
 # graph showed at export, and at least the policy's floor (docs/BENCHMARKS.md, "Parity").
 REPLAY_MARGIN = 4.0
 MODEL_FILE, FP_MODEL_FILE, PREVIEW_FILE, BUILD_SCRIPT = "model.onnx", "model_fp32.onnx", "preview.png", "build_engine.sh"
-CORRECTIONS_FILE = "corrections.safetensors"
+CORRECTIONS_FILE, CLASS_TABLE_FILE = "corrections.safetensors", "class_table.safetensors"
 
 
 class ParityError(StepquantError, RuntimeError):
@@ -112,6 +113,7 @@ class ExportConfig:
     # conditional models: prompts (one per line, encoded by the pipeline's text encoder) or a conditioning file
     prompts_file: Path | None = None
     conditioning: Path | None = None
+    classes: tuple[int, ...] | None = None  # class-conditional models: class table rows (default: every class)
     shapes: ShapeProfile = field(default_factory=ShapeProfile)  # batch/height/width/sequence ranges of the graphs
     overwrite: bool = False
     progress: bool = True
@@ -133,8 +135,6 @@ class ExportConfig:
             raise ValueError(f"targets must be distinct values from {', '.join(TARGETS)}, got {list(self.targets)}")
         if "onnxruntime-cpu" in self.targets and (self.precision != "fp32" or self.quant.format != "int8"):
             raise ValueError("the onnxruntime-cpu target is INT8 with FP32 compute: drop --format fp8 / --precision fp16 for it")
-        if self.prompts_file is not None and self.conditioning is not None:
-            raise ValueError("give either --prompts-file or --conditioning, not both")
         for name in ("calib_samples", "eval_samples", "parity_timesteps", "parity_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -312,7 +312,7 @@ class Prepared:
     shape: tuple[int, int, int]
     conditioning: Conditioning | None
     shapes: ShapeProfile
-    latent: bool  # every conditional architecture here samples latents for a VAE
+    latent: bool  # samples latents for a VAE (LoadedModel.latent)
     protected: tuple[Path, ...]  # the model's own directory, never to be replaced
 
 
@@ -360,17 +360,14 @@ def prepare(config: ExportConfig) -> Prepared:
         tensorrt_version()  # fail before any work when the engine cannot be built here
     if config.sign_key is not None:
         sign(b"", config.sign_key)  # an unreadable key fails now, not after calibration
-    conditioning = load_conditioning(fp_model, loaded, config.prompts_file, config.conditioning, shape)
-    if conditioning is not None and config.correction != "none":
-        raise ValueError("correction terms are estimated along unguided trajectories: use --correction none for "
-                         "conditional models")
+    conditioning = load_conditioning(fp_model, loaded, config.prompts_file, config.conditioning, shape, config.classes)
     prediction = loaded.scheduler_config.get("prediction_type", "epsilon")
     if prediction != "epsilon" and (config.correction != "none" or config.calibrator == "mixed-order"):
         what = f"--correction {config.correction}" if config.correction != "none" else "--calibrator mixed-order"
         raise ValueError(f"{what} works on noise estimates, and this model predicts {prediction!r}: use it with an "
                          "epsilon-prediction model (the samplers themselves handle every prediction type)")
     shapes = config.shapes.resolved(shape, None if conditioning is None else conditioning.sequence_length(fp_model.conditions))
-    return Prepared(loaded, fp_model, shape, conditioning, shapes, bool(fp_model.conditions), protected)
+    return Prepared(loaded, fp_model, shape, conditioning, shapes, loaded.latent, protected)
 
 
 def calibrate_model(config: ExportConfig, prepared: Prepared, start: float) -> Calibrated:
@@ -446,7 +443,7 @@ def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibr
     if config.correction != "none":  # estimated on the first target's graph, along calibration trajectories
         corrections = estimate_corrections(
             config.correction, TorchBackend(fp_model), deployed[config.targets[0]],
-            loaded.scheduler_config, calibrated.calib_seeds, shape, config.sampler, config.progress)
+            loaded.scheduler_config, calibrated.calib_seeds, shape, config.sampler, config.progress, prepared.conditioning)
         corrections.save(staging / CORRECTIONS_FILE)
     eval_seeds = range(config.seed, config.seed + config.eval_samples)
     table = capture_table(config.sampler, loaded.scheduler_config)
@@ -508,6 +505,13 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
         if config.engine:
             engine.update(build_engines(staging, trt_graphs, input_shapes))
     corrections = measured.corrections
+    # class-conditional models travel with their class table, so `sample --bundle --classes` needs no model
+    class_table = prepared.loaded.class_table if conditioning is not None and config.prompts_file is None \
+        and config.conditioning is None else None
+    if class_table is not None:
+        shutil.copyfile(class_table, staging / CLASS_TABLE_FILE)
+    source = (f"classes {', '.join(map(str, config.classes))}" if config.classes else "every class") if class_table \
+        else str(config.prompts_file or config.conditioning)
     write_manifest(staging, Manifest(
         source_model=prepared.loaded.source, sample_shape=prepared.shape, conditions=fp_model.conditions,
         shape_profile=prepared.shapes.to_dict(), noise_schedule=prepared.loaded.scheduler_config,
@@ -519,9 +523,10 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
                  for target, report in measured.reports.items()},
         reference_graph=FP_MODEL_FILE, correction_method=config.correction,
         correction_file=CORRECTIONS_FILE if corrections else None, engine=engine,
+        sample_space="latent" if prepared.latent else "pixel", class_table=CLASS_TABLE_FILE if class_table else None,
         info={
             "conditioning": None if conditioning is None else {
-                "source": str(config.prompts_file or config.conditioning), "prompts": len(conditioning),
+                "source": source, "prompts": len(conditioning),
                 "calibration_copies": "unconditional and conditional" if config.sampler.guidance_scale != 1.0 else "conditional"},
             "quantization": {**config.quant.to_dict(), "targets": list(config.targets), "precision": config.precision,
                              "layers": calibrated.layer_names},

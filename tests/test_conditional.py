@@ -174,9 +174,9 @@ def test_conditioning_errors_are_clear(tmp_path, tiny_model_dir):
                                       sampler=FEW_GUIDED_STEPS, progress=False))
     good = tmp_path / "good.safetensors"
     random_conditioning(EpsilonModel(load_model(str(pipeline)).denoiser)).save(good)
-    with pytest.raises(ValueError, match="unconditional models only"):
-        export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "c", conditioning=good, calibrator="multistep",
-                                      sampler=FEW_GUIDED_STEPS, calib_samples=1, progress=False))
+    with pytest.raises(ConditioningError, match="has no class table"):
+        export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "c", classes=(1,), sampler=FEW_GUIDED_STEPS,
+                                      progress=False))
     with pytest.raises(ConditioningError, match="is unconditional"):
         export_quantized(ExportConfig(model=str(tiny_model_dir), out=tmp_path / "d", conditioning=good, progress=False))
     (tmp_path / "corrupt.safetensors").write_bytes(b"not a safetensors file")

@@ -45,7 +45,7 @@ def memory_child(steps: int, unrolled: bool, batch: int, iters: int) -> None:
 
     from stepquant.calibrators.multistep import multistep_objective
     from stepquant.calibrators.ranges import calibrate_ranges
-    from stepquant.models.schedulers import make_scheduler
+    from stepquant.models.schedulers import capture_table
     from stepquant.quant import QuantSpec, quantize_
 
     torch.set_num_threads(2)
@@ -60,7 +60,7 @@ def memory_child(steps: int, unrolled: bool, batch: int, iters: int) -> None:
     for layer in q.modules():
         if hasattr(layer, "weight_quantizer"):
             layer.weight_quantizer.learn_rounding(layer.layer.weight)
-    objective = multistep_objective(fp, q, calib, make_scheduler(sampler, loaded.scheduler_config), steps, batch,
+    objective = multistep_objective(fp, q, calib, capture_table(sampler, loaded.scheduler_config), steps, batch,
                                     torch.Generator().manual_seed(0), unrolled)
     objective(0)  # allocator warm-up at the same shapes
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -40,9 +40,6 @@ def calibrate_(
     """Calibrate the fake-quant `q_model` in place against `fp_model`; return a summary for the manifest."""
     if calibrator not in CALIBRATORS:
         raise ValueError(f"unknown calibrator {calibrator!r}; choose from {', '.join(CALIBRATORS)}")
-    if calibrator in TRAJECTORY_CALIBRATORS and data.conditions:
-        raise ValueError(f"the {calibrator} calibrator follows unguided sampler steps and supports unconditional "
-                         "models only; use reconstruct, minmax, percentile or mse for conditional ones")
     calibrate_ranges(q_model, data, OBSERVER_CALIBRATORS.get(calibrator, "max"), percentile, progress=progress)
     summary: dict = {"calibrator": calibrator}
     if calibrator in OBSERVER_CALIBRATORS:

@@ -1,6 +1,10 @@
 """Estimators of per-timestep correction terms (PTQD, D2-DPM, TAC-Diffusion) from FP and quantized
 noise estimates on the same inputs. Statistics are streamed as per-timestep, per-channel sums, so memory
-does not grow with the number of calibration samples. Formulas: shared/research/anchors-academic.md."""
+does not grow with the number of calibration samples. Formulas: shared/research/anchors-academic.md.
+
+Conditional models are corrected where the sampler uses the estimate: on the guided estimate
+eps_u + g (eps_c - eps_u) of each network (`per_branch=False`, the default), or, to compare, with terms fitted
+to the unconditional and conditional outputs apart and pooled (`per_branch=True`; README, "Guidance")."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import torch
 from stepquant.models.schedulers import capture_table
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.corrections import Corrections
+from stepquant.runtime.guidance import Conditioning, combine_guided, guided_estimate
 from stepquant.runtime.sampler import SamplerConfig, sample
 from stepquant.runtime.seeding import per_sample_noise, seed_generators
 
@@ -96,32 +101,56 @@ def tac_gain(stats: ErrorStatistics, shrinkage: float = 0.1) -> torch.Tensor:
 
 
 class _PairedBackend:
-    """Runs the FP backend (which drives the trajectory) and the quantized one on the same inputs."""
+    """Runs the FP backend (which drives the trajectory) and the quantized one on the same inputs. Under
+    guidance (`guidance_scale` not None) each call holds both halves: the statistics are of the guided
+    estimates, or of each half (`per_branch`)."""
 
-    def __init__(self, fp: Backend, quantized: Backend, stats: ErrorStatistics) -> None:
+    def __init__(self, fp: Backend, quantized: Backend, stats: ErrorStatistics, guidance_scale: float | None,
+                 per_branch: bool) -> None:
         self.fp, self.quantized, self.stats = fp, quantized, stats
+        self.guidance_scale, self.per_branch = guidance_scale, per_branch
 
-    def __call__(self, sample_: np.ndarray, timestep: np.ndarray) -> np.ndarray:
-        eps = self.fp(sample_, timestep)
-        self.stats.update(int(timestep[0]), eps, self.quantized(sample_, timestep))
+    def __call__(self, sample_: np.ndarray, timestep: np.ndarray, **conditions: np.ndarray) -> np.ndarray:
+        eps = self.fp(sample_, timestep, **conditions)
+        estimate = self.quantized(sample_, timestep, **conditions)
+        if self.guidance_scale is None or self.per_branch:
+            self.stats.update(int(timestep[0]), eps, estimate)
+        else:
+            self.stats.update(int(timestep[0]), combine_guided(*np.split(eps, 2), self.guidance_scale),
+                              combine_guided(*np.split(estimate, 2), self.guidance_scale))
         return eps
 
 
 def collect_statistics(fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequence[int],
-                       sample_shape: tuple[int, int, int], config: SamplerConfig, progress: bool = True) -> ErrorStatistics:
-    """Error statistics along the FP model's own trajectories (PTQD's and D2's collection)."""
+                       sample_shape: tuple[int, int, int], config: SamplerConfig, progress: bool = True,
+                       conditioning: Conditioning | None = None, per_branch: bool = False) -> ErrorStatistics:
+    """Error statistics along the FP model's own (guided) trajectories (PTQD's and D2's collection)."""
     table = capture_table(config, noise_schedule)
     stats = ErrorStatistics([int(t) for t in table.timesteps], sample_shape[0])
-    sample(_PairedBackend(fp, quantized, stats), table, seeds, sample_shape, config, progress=progress,
-           desc="correction statistics")
+    guided = conditioning is not None and config.guidance_scale != 1.0
+    sample(_PairedBackend(fp, quantized, stats, config.guidance_scale if guided else None, per_branch), table, seeds,
+           sample_shape, config, progress=progress, desc="correction statistics", conditioning=conditioning)
     return stats
 
 
+class _LastOutput:
+    """A backend that keeps its last output (both halves of a guided call)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend, self.last = backend, None
+
+    def __call__(self, sample_: np.ndarray, timestep: np.ndarray, **conditions: np.ndarray) -> np.ndarray:
+        self.last = self.backend(sample_, timestep, **conditions)
+        return self.last
+
+
 def fit_tac(fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequence[int],
-            sample_shape: tuple[int, int, int], config: SamplerConfig, shrinkage: float = 0.1) -> Corrections:
+            sample_shape: tuple[int, int, int], config: SamplerConfig, shrinkage: float = 0.1,
+            conditioning: Conditioning | None = None, per_branch: bool = False) -> Corrections:
     """TAC-Diffusion, fitted step by step along the *corrected* quantized trajectory: at each step the
     input bias (mean of x_q - x_fp per channel) is removed from the quantized state, then the per-channel
-    gain K is fitted and applied before both trajectories take their step with the same noise."""
+    gain K is fitted (on the guided estimates, or on both halves with `per_branch`) and applied before both
+    trajectories take their step with the same noise."""
     table = capture_table(config, noise_schedule)
     timesteps = [int(t) for t in table.timesteps]
     channels = sample_shape[0]
@@ -134,15 +163,17 @@ def fit_tac(fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequen
     q_samples: list[np.ndarray] = []
     q_outputs: list[np.ndarray] = []
 
+    positions = range(len(seeds))
     for i, t in enumerate(timesteps):
         input_bias = (x_q - x_fp).mean(axis=(0, 2, 3))
         x_q = x_q - input_bias.reshape(1, -1, 1, 1)  # the drift is removed from the state, as at run time
         ts = np.full((len(seeds),), float(t), dtype=np.float32)
         scale = np.float32(table.input_scale[i])  # what the network sees (Euler scales its input)
-        eps = fp(scale * x_fp, ts)
-        estimate = quantized(scale * x_q, ts)
+        fp_out, q_out = _LastOutput(fp), _LastOutput(quantized)
+        eps = guided_estimate(fp_out, scale * x_fp, ts, conditioning, positions, config.guidance_scale)
+        estimate = guided_estimate(q_out, scale * x_q, ts, conditioning, positions, config.guidance_scale)
         stats = ErrorStatistics([t], channels)
-        stats.update(t, eps, estimate)
+        stats.update(t, *((fp_out.last, q_out.last) if per_branch else (eps, estimate)))
         gain = tac_gain(stats, shrinkage)[0].numpy()
         noise = table.noise_std[i] > 0  # the same noise for both trajectories
         fp_samples, fp_outputs = table.remember(fp_samples, x_fp), table.remember(fp_outputs, eps)
@@ -157,13 +188,17 @@ def fit_tac(fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequen
 
 
 def estimate_corrections(method: str, fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequence[int],
-                         sample_shape: tuple[int, int, int], config: SamplerConfig, progress: bool = True) -> Corrections:
-    """The correction terms of `method` for the sampler `config` (its timesteps key the terms)."""
+                         sample_shape: tuple[int, int, int], config: SamplerConfig, progress: bool = True,
+                         conditioning: Conditioning | None = None, per_branch: bool = False) -> Corrections:
+    """The correction terms of `method` for the sampler `config` (its timesteps key the terms); conditional
+    models sample with `conditioning`, guided by `config.guidance_scale`."""
     if method == "none":
         return Corrections.identity([int(t) for t in capture_table(config, noise_schedule).timesteps], sample_shape[0])
+    per_branch = per_branch and conditioning is not None and config.guidance_scale != 1.0
     if method == "tac":
-        return fit_tac(fp, quantized, noise_schedule, seeds, sample_shape, config)
-    stats = collect_statistics(fp, quantized, noise_schedule, seeds, sample_shape, config, progress)
+        return fit_tac(fp, quantized, noise_schedule, seeds, sample_shape, config, conditioning=conditioning,
+                       per_branch=per_branch)
+    stats = collect_statistics(fp, quantized, noise_schedule, seeds, sample_shape, config, progress, conditioning, per_branch)
     if method == "ptqd":
         return ptqd(stats)
     if method in ("d2-deterministic", "d2-stochastic"):

@@ -1,7 +1,8 @@
 """Timestep-aware calibration data (the Q-Diffusion recipe): run the FP model's own sampler from
 seeded noise and keep the network's inputs at uniformly spaced sampler steps. With classifier-free
 guidance the network sees each x_t twice, with the unconditional and the conditional inputs: both
-copies are kept, as Q-Diffusion does for Stable Diffusion."""
+copies are kept, as Q-Diffusion does for Stable Diffusion, and paired, so the trajectory calibrators can
+rebuild the guided estimate the sampler steps with (`SamplerStates`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from stepquant.models.schedulers import capture_table
 from stepquant.runtime.backend import Backend
-from stepquant.runtime.guidance import Conditioning
+from stepquant.runtime.guidance import Conditioning, combine_guided
 from stepquant.runtime.sampler import SamplerConfig, sample
 
 
@@ -25,6 +26,9 @@ class CalibrationSet:
     samples: torch.Tensor
     timesteps: torch.Tensor
     conditions: dict[str, torch.Tensor] = field(default_factory=dict)
+    # guided sampling: rows (unconditional, conditional) of each x_t the sampler stepped from, and the scale
+    pairs: torch.Tensor | None = None
+    guidance_scale: float = 1.0
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -48,6 +52,44 @@ class CalibrationSet:
     def unique_timesteps(self) -> list[float]:
         return sorted({float(t) for t in self.timesteps}, reverse=True)
 
+    def sampler_states(self) -> SamplerStates:
+        """The states the sampler stepped from, each once, with the conditioning its estimate was made with."""
+        if self.pairs is None:
+            return SamplerStates(self.samples, self.timesteps, self.conditions)
+        uncond, cond = self.pairs[:, 0], self.pairs[:, 1]
+        return SamplerStates(self.samples[cond], self.timesteps[cond], {k: v[cond] for k, v in self.conditions.items()},
+                             {k: v[uncond] for k, v in self.conditions.items()}, self.guidance_scale)
+
+
+@dataclass
+class SamplerStates:
+    """x_t [M, C, H, W] at timesteps [M] with the conditional rows (and, under guidance, the unconditional
+    rows and the scale) of the estimate the sampler took there: what multi-step and mixed-order calibration
+    unroll, so they follow the guided update the sampler really takes."""
+
+    samples: torch.Tensor
+    timesteps: torch.Tensor
+    conditions: dict[str, torch.Tensor] = field(default_factory=dict)
+    unconditional: dict[str, torch.Tensor] = field(default_factory=dict)
+    guidance_scale: float = 1.0
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def at_timestep(self, timestep: float) -> torch.Tensor:
+        """Indices of the states recorded at `timestep`."""
+        return torch.nonzero(self.timesteps == timestep).flatten()
+
+    def estimate(self, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The model's estimate at x (the states `index` moved along) with those states' conditioning, guided
+        (one batch of both halves, as the runtime runs it) when the states were."""
+        cond = [v[index] for v in self.conditions.values()]
+        if not self.unconditional:
+            return model(x, t, *cond)
+        uncond = [v[index] for v in self.unconditional.values()]
+        both = model(torch.cat([x, x]), torch.cat([t, t]), *(torch.cat([u, c]) for u, c in zip(uncond, cond)))
+        return combine_guided(*both.chunk(2), self.guidance_scale)
+
 
 def calibration_step_indices(steps: int, calib_steps: int) -> list[int]:
     """`calib_steps` sampler-step indices spread uniformly over [0, steps - 1]."""
@@ -56,10 +98,11 @@ def calibration_step_indices(steps: int, calib_steps: int) -> list[int]:
 
 
 class _Recorder:
-    """A backend that passes calls through and keeps the inputs it sees at the chosen timesteps."""
+    """A backend that passes calls through and keeps the inputs it sees at the chosen timesteps (`guided`:
+    every call holds the unconditional half, then the conditional half, of one batch of states)."""
 
-    def __init__(self, backend: Backend, timesteps: set[float]) -> None:
-        self.backend, self.timesteps, self.calls = backend, timesteps, []
+    def __init__(self, backend: Backend, timesteps: set[float], guided: bool) -> None:
+        self.backend, self.timesteps, self.guided, self.calls = backend, timesteps, guided, []
 
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditions: np.ndarray) -> np.ndarray:
         if float(timestep[0]) in self.timesteps:
@@ -79,9 +122,17 @@ def collect_calibration_set(
 ) -> CalibrationSet:
     """Sample with the FP `backend` and record the inputs it sees at the chosen steps."""
     table = capture_table(sampler, scheduler_config)
-    recorder = _Recorder(backend, {float(table.timesteps[i]) for i in calibration_step_indices(sampler.steps, calib_steps)})
+    guided = conditioning is not None and sampler.guidance_scale != 1.0
+    recorder = _Recorder(backend, {float(table.timesteps[i]) for i in calibration_step_indices(sampler.steps, calib_steps)},
+                         guided)
     sample(recorder, table, seeds, sample_shape, sampler, progress=progress, desc="calibration trajectories",
            conditioning=conditioning)
     names = recorder.calls[0][2].keys()
+    pairs = None
+    if guided:
+        offsets = np.cumsum([0] + [len(c[0]) for c in recorder.calls[:-1]])
+        pairs = torch.cat([torch.stack([o + torch.arange(len(c[0]) // 2), o + len(c[0]) // 2 + torch.arange(len(c[0]) // 2)], 1)
+                           for o, c in zip(offsets.tolist(), recorder.calls)])
     return CalibrationSet(samples=torch.cat([c[0] for c in recorder.calls]), timesteps=torch.cat([c[1] for c in recorder.calls]),
-                          conditions={name: torch.cat([c[2][name] for c in recorder.calls]) for name in names})
+                          conditions={name: torch.cat([c[2][name] for c in recorder.calls]) for name in names},
+                          pairs=pairs, guidance_scale=sampler.guidance_scale)

@@ -4,7 +4,8 @@ the FP model's second-order one along the same trajectory.
 DPM-Solver-2 (single-step, midpoint in log-SNR) is a DDIM step whose noise estimate is taken at the
 midpoint node r reached by a first-order step: eps_FP(x_r, r). Training the quantized model so that
 eps_Q(x_t, t) matches that estimate makes its DDIM steps follow the FP second-order solver, so the
-quantization error and part of the discretisation error are fitted together.
+quantization error and part of the discretisation error are fitted together. Under guidance both sides
+are the guided estimates the sampler steps with (the midpoint node reached by the guided first-order step).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stepquant.calibrators.data import CalibrationSet
+from stepquant.calibrators.data import CalibrationSet, SamplerStates
 from stepquant.calibrators.multistep import Objective
 
 
@@ -35,13 +36,15 @@ def _alpha_at(scheduler, timestep: float) -> float:
 
 
 @torch.no_grad()
-def second_order_targets(fp_model: nn.Module, data: CalibrationSet, scheduler, batch_size: int = 64) -> torch.Tensor:
-    """eps_FP at the DPM-Solver-2 midpoint node for every calibration input (the FP first-order estimate
+def second_order_targets(fp_model: nn.Module, states: SamplerStates, scheduler, batch_size: int = 64) -> torch.Tensor:
+    """eps_FP at the DPM-Solver-2 midpoint node for every sampler state (the FP first-order estimate
     itself at the last step, which has no next timestep to take a midpoint with)."""
     step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     targets = []
-    for samples, timesteps in data.batches(batch_size):
-        eps = fp_model(samples, timesteps)
+    for start in range(0, len(states), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(states)))
+        samples, timesteps = states.samples[index], states.timesteps[index]
+        eps = states.estimate(fp_model, samples, timesteps, index)
         out = eps.clone()
         for t in timesteps.unique().tolist():
             rows = timesteps == t
@@ -52,7 +55,7 @@ def second_order_targets(fp_model: nn.Module, data: CalibrationSet, scheduler, b
             alpha_t, alpha_r = float(scheduler.alphas_cumprod[int(t)]), _alpha_at(scheduler, r)
             x0 = (samples[rows] - (1 - alpha_t) ** 0.5 * eps[rows]) / alpha_t**0.5
             x_r = alpha_r**0.5 * x0 + (1 - alpha_r) ** 0.5 * eps[rows]
-            out[rows] = fp_model(x_r, torch.full((int(rows.sum()),), r))
+            out[rows] = states.estimate(fp_model, x_r, torch.full((int(rows.sum()),), r), index[rows])
         targets.append(out)
     return torch.cat(targets)
 
@@ -60,11 +63,12 @@ def second_order_targets(fp_model: nn.Module, data: CalibrationSet, scheduler, b
 def mixed_order_objective(fp_model: nn.Module, q_model: nn.Module, data: CalibrationSet, scheduler,
                           batch_size: int, generator: torch.Generator) -> Objective:
     """An objective for `train_quantizers`: squared distance of eps_Q(x_t, t) to the FP midpoint estimate."""
-    targets = second_order_targets(fp_model, data, scheduler)
+    states = data.sampler_states()
+    targets = second_order_targets(fp_model, states, scheduler)
 
     def objective(_it: int) -> float:
-        index = torch.randint(len(data), (batch_size,), generator=generator)
-        eps = q_model(data.samples[index], data.timesteps[index])
+        index = torch.randint(len(states), (batch_size,), generator=generator)
+        eps = states.estimate(q_model, states.samples[index], states.timesteps[index], index)
         loss = (eps - targets[index]).pow(2).flatten(1).sum(1).mean()
         loss.backward()
         return loss.item()

@@ -1,5 +1,6 @@
 """Multi-step calibration (AccuQuant): start the FP and the quantized model from the same x_t, run n
-consecutive DDIM steps with each, and minimise the distance of the two results.
+consecutive DDIM steps with each, and minimise the distance of the two results. Conditional models keep
+each state's conditioning along the chain, guided as the sampler guides them.
 
 Memory stays constant in n: the unrolled n-step graph is never kept. A no-grad pass stores only the n
 input states (B x C x H x W each); the backward pass then walks the chain in reverse, rebuilding one
@@ -15,20 +16,23 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from stepquant.calibrators.data import CalibrationSet
+from stepquant.calibrators.data import CalibrationSet, SamplerStates
 from stepquant.runtime.scheduler_table import SchedulerTable
 
 Objective = Callable[[int], float]
 
 
-def _step(model: nn.Module, table: SchedulerTable, x: torch.Tensor, i: int) -> torch.Tensor:
-    """Step i of the deterministic sampler the table describes, differentiable (the table's step is plain arithmetic)."""
-    return table.step(i, [x], [model(x, torch.full((len(x),), float(table.timesteps[i])))])
+def _step(model: nn.Module, table: SchedulerTable, states: SamplerStates, index: torch.Tensor, x: torch.Tensor,
+          i: int) -> torch.Tensor:
+    """Step i of the deterministic sampler the table describes from x, which the states `index` moved to,
+    differentiable (the table's step is plain arithmetic)."""
+    return table.step(i, [x], [states.estimate(model, x, torch.full((len(x),), float(table.timesteps[i])), index)])
 
 
-def _run(model: nn.Module, table: SchedulerTable, x: torch.Tensor, chain: range) -> torch.Tensor:
+def _run(model: nn.Module, table: SchedulerTable, states: SamplerStates, index: torch.Tensor, x: torch.Tensor,
+         chain: range) -> torch.Tensor:
     for i in chain:
-        x = _step(model, table, x, i)
+        x = _step(model, table, states, index, x, i)
     return x
 
 
@@ -44,31 +48,33 @@ def multistep_objective(fp_model: nn.Module, q_model: nn.Module, data: Calibrati
     if table.stochastic or table.depth != 1:
         raise ValueError("multi-step calibration unrolls a deterministic one-step sampler (DDIM, eta 0)")
     timesteps = [int(t) for t in table.timesteps]
-    starts = [k for k, t in enumerate(timesteps) if (data.timesteps == float(t)).any()]
+    states = data.sampler_states()
+    starts = [k for k, t in enumerate(timesteps) if len(states.at_timestep(float(t)))]
     if not starts:
         raise ValueError("the calibration set holds no state at any of the sampler's timesteps")
 
     def objective(_it: int) -> float:
         k = starts[int(torch.randint(len(starts), (1,), generator=generator))]
         chain = range(k, min(k + steps, len(timesteps)))
-        pool = data.at_timestep(float(timesteps[k]), len(data)).samples
-        x = pool[torch.randint(len(pool), (batch_size,), generator=generator)]
+        pool = states.at_timestep(float(timesteps[k]))
+        index = pool[torch.randint(len(pool), (batch_size,), generator=generator)]
+        x = states.samples[index]
         with torch.no_grad():
-            target = _run(fp_model, table, x, chain)
+            target = _run(fp_model, table, states, index, x, chain)
         if unrolled:
-            loss = _trajectory_loss(_run(q_model, table, x, chain), target)
+            loss = _trajectory_loss(_run(q_model, table, states, index, x, chain), target)
             loss.backward()
             return loss.item()
-        states = []
+        inputs = []
         with torch.no_grad():
             for i in chain:
-                states.append(x)
-                x = _step(q_model, table, x, i)
+                inputs.append(x)
+                x = _step(q_model, table, states, index, x, i)
             loss = _trajectory_loss(x, target)
         grad_state = 2 * (x - target) / len(x)  # d loss / d final state
-        for state, i in zip(reversed(states), reversed(chain)):
+        for state, i in zip(reversed(inputs), reversed(chain)):
             state = state.clone().requires_grad_(True)
-            _step(q_model, table, state, i).backward(grad_state)
+            _step(q_model, table, states, index, state, i).backward(grad_state)
             grad_state = state.grad
         return loss.item()
 
