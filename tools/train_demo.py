@@ -71,8 +71,11 @@ def train(unet: torch.nn.Module, iters: int, batch_size: int, lr: float, ema_dec
     return unet, None if class_table is None else class_table.detach()
 
 
-def arguments(doc: str, out: Path, iters: int, batch_size: int) -> argparse.Namespace:
+def arguments(doc: str, out: Path, iters: int, batch_size: int, extra=None) -> argparse.Namespace:
+    """The training options both demos take (`extra` adds a script's own)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if extra is not None:
+        extra(parser)
     parser.add_argument("--iters", type=int, default=iters)
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--lr", type=float, default=2e-3)

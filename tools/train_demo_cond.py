@@ -8,6 +8,7 @@ Deterministic (fixed seeds, deterministic algorithms, 2 threads); under 30 minut
 sampling guided FP digits and printing how often the project's classifier reads the requested digit.
 
     python tools/train_demo_cond.py [--iters 3000] [--out stepquant/models/demo_digits_cond]
+    python tools/train_demo_cond.py --check 0,1,1.5,2,3,6      (the shipped model's accuracy by guidance)
 """
 
 from __future__ import annotations
@@ -49,21 +50,37 @@ def save(out: Path, unet: UNet2DConditionModel, table: torch.Tensor) -> Conditio
     return classes
 
 
-def guided_accuracy(unet: UNet2DConditionModel, classes: Conditioning, count: int = 200, guidance: float = 3.0) -> float:
-    """Share of guided FP samples (25 DDIM steps) the digit classifier reads as the requested digit."""
+def guided_accuracy(unet: UNet2DConditionModel, classes: Conditioning, count: int = 200, guidance: float = 3.0,
+                    schedule: dict = COND_SCHEDULER_CONFIG) -> float:
+    """Share of guided FP samples (25 DDIM steps, seed i asking for digit i mod 10) the digit classifier reads
+    as the requested digit."""
     config = SamplerConfig("ddim", 25, 0.0, guidance)
     seeds = range(count)
     rows = classes.select([s % DIGITS for s in seeds])
-    samples = sample(TorchBackend(EpsilonModel(unet.eval())), capture_table(config, COND_SCHEDULER_CONFIG), seeds,
+    samples = sample(TorchBackend(EpsilonModel(unet.eval())), capture_table(config, schedule), seeds,
                      (1, 16, 16), config, conditioning=rows, progress=False).samples
     with torch.no_grad():
         predicted = load_classifier()(torch.from_numpy(samples)).argmax(1).numpy()
     return float((predicted == np.arange(count) % DIGITS).mean())
 
 
+def check(out: Path, guidances: list[float], count: int) -> None:
+    """The saved model's guided accuracy per guidance scale, with its scheduler and with x0 clipping."""
+    unet = UNet2DConditionModel.from_pretrained(out / "unet").requires_grad_(False)
+    classes = Conditioning.load(out / CLASS_TABLE_FILE)
+    for clip in (False, True):
+        schedule = {**COND_SCHEDULER_CONFIG, "clip_sample": clip}
+        scores = ", ".join(f"{g:g}: {guided_accuracy(unet, classes, count, g, schedule):.2f}" for g in guidances)
+        print(f"clip_sample {clip}, {count} seeds, accuracy by guidance scale: {scores}")
+
+
 def main() -> None:
-    args = arguments(__doc__, DEFAULT_OUT, 3000, 64)
+    args = arguments(__doc__, DEFAULT_OUT, 3000, 64, extra=lambda parser: parser.add_argument(
+        "--check", help="only measure the saved model's guided accuracy at these guidance scales, e.g. 0,1,3"))
     torch.set_num_threads(2)
+    if args.check:
+        check(args.out, [float(g) for g in args.check.split(",")], 100)
+        return
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     unet = UNet2DConditionModel(**COND_UNET_CONFIG)
