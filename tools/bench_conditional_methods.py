@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--bits", default=",".join(BITS))
     parser.add_argument("--schedulers", default=",".join(SAMPLERS))
     parser.add_argument("--calibrators", default=",".join(CALIBRATORS))
+    parser.add_argument("--correction", help="skip the comparison of corrections and use this one, e.g. d2-deterministic "
+                                             "or tac:per-branch")
+    parser.add_argument("--section", default="", help="suffix of the BENCHMARKS section (runs of other subsets)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -130,12 +133,17 @@ def main() -> None:
                             corrections=corrections, conditioning=rows, requested=requested)
 
         first = args.schedulers.split(",")[0]
-        reference = load_bundle(bundle_for(first, "W4A8", "reconstruct"))
+        reference = load_bundle(bundle_for(first, "W4A8" if args.correction is None else args.bits.split(",")[0],
+                                           "reconstruct" if args.correction is None else args.calibrators.split(",")[0]))
         fp = reference_backend(reference, threads=2)
         deployed = quantized_backend(reference, threads=2)
-        best, best_psnr = ("none", False), run(first, deployed).psnr_to_fp_db
-        choice.append(f"| none | - | {best_psnr:.2f} | - | - |")
-        for method in CORRECTIONS:
+        if args.correction is not None:
+            method, _, where = args.correction.partition(":")
+            best, best_psnr = (method, where == "per-branch"), float("inf")
+        else:
+            best, best_psnr = ("none", False), run(first, deployed).psnr_to_fp_db
+            choice.append(f"| none | - | {best_psnr:.2f} | - | - |")
+        for method in CORRECTIONS if args.correction is None else []:
             for per_branch in (False, True):
                 terms = estimate_corrections(method, TorchBackend(fp_model), deployed, schedule, calib_seeds, shape,
                                              SAMPLERS[first], progress=False, conditioning=rows, per_branch=per_branch)
@@ -165,11 +173,14 @@ def main() -> None:
                                                      SAMPLERS[sampler_name], progress=False, conditioning=rows,
                                                      per_branch=best[1])
                         row(sampler_name, bits, name, best_label, run(sampler_name, deployed, terms), seconds)
-    lines += [f"Corrections at W4A8 after reconstruct, {SAMPLERS[first].describe()}: on the guided estimate against per "
-              "branch (terms fitted to both halves' outputs, applied alike to each).", "", *choice, "",
-              f"Every method; 'best' is {best_label}.", "", *table, "",
+    if args.correction is None:
+        lines += [f"Corrections at W4A8 after reconstruct, {SAMPLERS[first].describe()}: on the guided estimate against per "
+                  "branch (terms fitted to both halves' outputs, applied alike to each).", "", *choice, ""]
+    lines += [f"Every method; 'best' is {best_label}" + (" (given by --correction)." if args.correction else "."), "",
+              *table, "",
               f"Total wall time {time.perf_counter() - start:.0f} s."]
-    publish(f"bench_conditional_methods_{args.schedulers.replace(',', '_')}", [header(), *lines], not args.no_write)
+    section = f"bench_conditional_methods_{args.schedulers.replace(',', '_')}{'_' + args.section if args.section else ''}"
+    publish(section, [header(), *lines], not args.no_write)
 
 
 if __name__ == "__main__":
