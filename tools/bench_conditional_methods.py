@@ -16,13 +16,12 @@ the same guidance and evaluated under each sampler. Seeds 0..n-1; seed i asks fo
 from __future__ import annotations
 
 import argparse
-import copy
-import re
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_quality import BITS, modelopt_max
 from benchdoc import header, publish
 
 from stepquant.bundle import load_bundle
@@ -38,38 +37,15 @@ from stepquant.models.loading import CONDITIONAL_DEMO_NAME
 from stepquant.models.torch_backend import TorchBackend
 from stepquant.pipeline import CALIBRATION_SEED_OFFSET, ExportConfig, export_quantized
 from stepquant.quant import QuantSpec
-from stepquant.quant.spec import DEFAULT_EXCLUDE
 from stepquant.runtime import SamplerConfig
 from stepquant.runtime.bundle_backends import quantized_backend, reference_backend
 from stepquant.runtime.corrections import METHODS
 
-BITS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
 GUIDANCE = 3.0
 SAMPLERS = {"ddim": SamplerConfig("ddim", 25, 0.0, GUIDANCE), "dpm-solver++": SamplerConfig("dpm-solver++", 20, 0.0, GUIDANCE)}
 CORRECTIONS = [m for m in METHODS if m != "none"]
 HEADER = ("| sampler | bits | method | correction | PSNR to FP (dB) | FD to FP | class accuracy (FP) | recognisable (FP) | calibration (s) |",
           "|---|---|---|---|---|---|---|---|---|")
-
-
-def modelopt_backend(fp_model: EpsilonModel, calib, bits: str) -> tuple[TorchBackend, float]:
-    """modelopt's INT8_DEFAULT_CFG at these bits (max calibration), its forward loop fed every calibration input
-    (both guidance halves), the stepquant default exclusions disabled after calibration as in its diffusers example."""
-    import modelopt.torch.quantization as mtq
-
-    weight_bits, act_bits = BITS[bits]
-    config = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
-    for entry in config["quant_cfg"]:
-        if entry.get("quantizer_name") == "*weight_quantizer":
-            entry["cfg"] = {"num_bits": weight_bits, "axis": 0}
-        if entry.get("quantizer_name") == "*input_quantizer":
-            entry["cfg"] = {"num_bits": act_bits, "axis": None}
-    start = time.perf_counter()
-    model = copy.deepcopy(fp_model)
-    with torch.no_grad():
-        model = mtq.quantize(model, config, lambda m: [m(*inputs) for inputs in calib.batches(64)])
-    pattern = re.compile("|".join(DEFAULT_EXCLUDE))
-    mtq.disable_quantizer(model, lambda name: bool(pattern.search(name)))
-    return TorchBackend(model), time.perf_counter() - start
 
 
 def cells(result: Evaluation) -> str:
@@ -159,7 +135,7 @@ def main() -> None:
             calib = collect_calibration_set(TorchBackend(fp_model), schedule, calib_seeds, shape, SAMPLERS[sampler_name],
                                             SAMPLERS[sampler_name].steps, progress=False, conditioning=rows)
             for bits in args.bits.split(","):
-                backend, seconds = modelopt_backend(fp_model, calib, bits)
+                backend, seconds = modelopt_max(fp_model, calib, bits)
                 row(sampler_name, bits, "modelopt max", "none", run(sampler_name, backend), seconds)
                 for calibrator in args.calibrators.split(","):
                     bundle = load_bundle(bundle_for(sampler_name, bits, calibrator))

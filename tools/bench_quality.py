@@ -74,30 +74,36 @@ def stepquant_method(bits: str, residuals: bool = True) -> Callable[[Context], t
     return run
 
 
+def modelopt_max(fp_model: EpsilonModel, calib: CalibrationSet, bits: str) -> tuple[TorchBackend, float]:
+    """modelopt's INT8_DEFAULT_CFG at these bits (max calibration), its forward loop fed every calibration input
+    (with their condition inputs: both halves of guided calls); returns the fake-quant model and its seconds."""
+    import modelopt.torch.quantization as mtq
+
+    weight_bits, act_bits = BITS[bits]
+    config = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+    for entry in config["quant_cfg"]:
+        if entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"] = {"num_bits": weight_bits, "axis": 0}
+        if entry.get("quantizer_name") == "*input_quantizer":
+            entry["cfg"] = {"num_bits": act_bits, "axis": None}
+    start = time.perf_counter()
+    model = copy.deepcopy(fp_model)
+
+    def forward_loop(m):
+        for inputs in calib.batches(64):
+            m(*inputs)
+
+    with torch.no_grad():
+        model = mtq.quantize(model, config, forward_loop)
+    # modelopt's diffusers example disables the same layers after calibration (filter_func_default)
+    pattern = re.compile("|".join(DEFAULT_EXCLUDE))
+    mtq.disable_quantizer(model, lambda name: bool(pattern.search(name)))
+    return TorchBackend(model), time.perf_counter() - start
+
+
 def modelopt_method(bits: str) -> Callable[[Context], tuple[Backend, float, str]]:
     def run(ctx: Context):
-        import modelopt.torch.quantization as mtq
-
-        weight_bits, act_bits = BITS[bits]
-        config = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
-        for entry in config["quant_cfg"]:
-            if entry.get("quantizer_name") == "*weight_quantizer":
-                entry["cfg"] = {"num_bits": weight_bits, "axis": 0}
-            if entry.get("quantizer_name") == "*input_quantizer":
-                entry["cfg"] = {"num_bits": act_bits, "axis": None}
-        start = time.perf_counter()
-        model = copy.deepcopy(ctx.fp_model)
-
-        def forward_loop(m):
-            for samples, timesteps in ctx.calib.batches(64):
-                m(samples, timesteps)
-
-        with torch.no_grad():
-            model = mtq.quantize(model, config, forward_loop)
-        # modelopt's diffusers example disables the same layers after calibration (filter_func_default)
-        pattern = re.compile("|".join(DEFAULT_EXCLUDE))
-        mtq.disable_quantizer(model, lambda name: bool(pattern.search(name)))
-        return TorchBackend(model), time.perf_counter() - start, "torch (modelopt fake-quant)"
+        return *modelopt_max(ctx.fp_model, ctx.calib, bits), "torch (modelopt fake-quant)"
     return run
 
 

@@ -103,9 +103,15 @@ class _Recorder:
 
     def __init__(self, backend: Backend, timesteps: set[float], guided: bool) -> None:
         self.backend, self.timesteps, self.guided, self.calls = backend, timesteps, guided, []
+        self.rows = 0
+        self.pairs: list[torch.Tensor] = []  # guided: (unconditional row, conditional row) of each recorded state
 
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditions: np.ndarray) -> np.ndarray:
         if float(timestep[0]) in self.timesteps:
+            if self.guided:
+                half = torch.arange(len(sample) // 2)
+                self.pairs.append(torch.stack([self.rows + half, self.rows + len(half) + half], 1))
+            self.rows += len(sample)
             self.calls.append((torch.tensor(sample), torch.tensor(timestep), {k: torch.tensor(v) for k, v in conditions.items()}))
         return self.backend(sample, timestep, **conditions)
 
@@ -128,11 +134,7 @@ def collect_calibration_set(
     sample(recorder, table, seeds, sample_shape, sampler, progress=progress, desc="calibration trajectories",
            conditioning=conditioning)
     names = recorder.calls[0][2].keys()
-    pairs = None
-    if guided:
-        offsets = np.cumsum([0] + [len(c[0]) for c in recorder.calls[:-1]])
-        pairs = torch.cat([torch.stack([o + torch.arange(len(c[0]) // 2), o + len(c[0]) // 2 + torch.arange(len(c[0]) // 2)], 1)
-                           for o, c in zip(offsets.tolist(), recorder.calls)])
+    pairs = torch.cat(recorder.pairs) if guided else None
     return CalibrationSet(samples=torch.cat([c[0] for c in recorder.calls]), timesteps=torch.cat([c[1] for c in recorder.calls]),
                           conditions={name: torch.cat([c[2][name] for c in recorder.calls]) for name in names},
                           pairs=pairs, guidance_scale=sampler.guidance_scale)
