@@ -42,6 +42,7 @@ from stepquant.export.fusion import check_integer_convs
 from stepquant.export.layerwise import LayerwiseReport, check_layerwise
 from stepquant.export.lint import check_conformance
 from stepquant.export.onnx_export import OUTPUT_NAME, export_onnx
+from stepquant.export.onnx_files import check_external_data
 from stepquant.export.parity import (
     ParityReport,
     check_parity,
@@ -504,6 +505,8 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
         engine = {"build_script": BUILD_SCRIPT, "input_shapes": input_shapes}
         if config.engine:
             engine.update(build_engines(staging, trt_graphs, input_shapes))
+    for graph in [FP_MODEL_FILE, *(group.graph for graphs in exported.graphs.values() for group, _ in graphs)]:
+        check_external_data(staging / graph)  # a large graph's data file sits beside it, and is listed below
     corrections = measured.corrections
     # class-conditional models travel with their class table, so `sample --bundle --classes` needs no model
     class_table = prepared.loaded.class_table if conditioning is not None and config.prompts_file is None \

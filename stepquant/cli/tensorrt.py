@@ -14,6 +14,7 @@ from stepquant.cli.choices import RuntimeBackend
 from stepquant.cli.options import SignKey, TrustKey
 from stepquant.export.bundle import extend_bundle
 from stepquant.export.lint import lint
+from stepquant.export.onnx_files import bundle_graph
 from stepquant.export.parity import replay_parity
 from stepquant.export.shapes import DimRange, ShapeProfile
 from stepquant.export.tensorrt import build_engines
@@ -26,7 +27,7 @@ def lint_command(model: Annotated[Path, typer.Argument(help="A Q/DQ ONNX model, 
     """Check Q/DQ ONNX graphs against TensorRT's explicit-quantization rules; exit 1 on any finding."""
     if model.is_dir():
         loaded = load_bundle(model, trust_key)
-        paths = [loaded.file(graph) for graph in loaded.target("tensorrt").graphs]
+        paths = [bundle_graph(loaded, graph) for graph in loaded.target("tensorrt").graphs]
     elif model.is_file():
         paths = [model]
     else:

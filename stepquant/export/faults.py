@@ -17,6 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from stepquant.export.onnx_export import quantizer_map
+from stepquant.export.onnx_files import save_onnx
 
 FACTOR = 1.02
 
@@ -108,7 +109,7 @@ def seed_fault(source: Path, destination: Path, fault: str, quantizer: str | Non
                       and "conv" in names[n.name]]
         quantizer = candidates[len(candidates) // 2]
     seed(model.graph, names, quantizer)
-    onnx.save(model, str(destination))
+    save_onnx(model, str(destination))
     return quantizer
 
 

@@ -25,9 +25,11 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 from torch import nn
 
 from stepquant.export.onnx_export import QUANTIZER_MAP, quantizer_map
+from stepquant.export.onnx_files import graph_beside
 from stepquant.export.parity_policy import ParityPolicy
 from stepquant.quant.grid import Fp8Grid
 from stepquant.quant.layers import ActivationQuantizer, WeightQuantizer
@@ -133,8 +135,19 @@ class _GraphQuantizer:
     dequantize: onnx.NodeProto | None  # an activation Q's DequantizeLinear
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, TensorProto]:
-    constants = {init.name: init for init in graph.initializer}
+def _constants(graph: onnx.GraphProto, base_dir: Path) -> dict[str, TensorProto]:
+    """Initializers and Constant values by name; external ones read from `base_dir` into copies (the graph
+    itself keeps its references, so a marked copy of it stays small)."""
+    constants = {}
+    for init in graph.initializer:
+        if uses_external_data(init):
+            loaded = TensorProto()
+            loaded.CopyFrom(init)
+            load_external_data_for_tensor(loaded, str(base_dir))
+            loaded.data_location = TensorProto.DEFAULT
+            del loaded.external_data[:]
+            init = loaded
+        constants[init.name] = init
     for node in graph.node:
         if node.op_type == "Constant":
             value = next((a.t for a in node.attribute if a.name == "value"), None)
@@ -233,14 +246,16 @@ def _grid_values(graph_codes: np.ndarray, quantizer: ActivationQuantizer) -> tor
 
 
 def _marked_session(model: onnx.ModelProto, path: Path, outputs: list[str], optimization_level: str):
-    """An onnxruntime session of a copy of `model` (read from `path`) whose outputs are `outputs`."""
-    from polygraphy.backend.onnx import BytesFromOnnx, ModifyOutputs
+    """An onnxruntime session of a copy of `model` (read from `path` without its external data) whose outputs
+    are `outputs`; opened from a file beside `path`, so external data resolves at any size."""
+    from polygraphy.backend.onnx import ModifyOutputs
 
     from stepquant.export.parity import onnxruntime_session, quiet_polygraphy
 
     with quiet_polygraphy():
-        model_bytes = BytesFromOnnx(ModifyOutputs(model, outputs=outputs, copy=True))()
-    return onnxruntime_session(model_bytes, optimization_level, path.name)
+        marked = ModifyOutputs(model, outputs=outputs, copy=True)()
+    with graph_beside(marked, path) as copy:
+        return onnxruntime_session(copy, optimization_level, path.name)
 
 
 def _check_feeds(session, feeds: Sequence[dict[str, np.ndarray]], path: Path) -> None:
@@ -264,7 +279,7 @@ def check_layerwise(model: nn.Module, path: Path, feeds: Sequence[dict[str, np.n
     quantizer, on `feeds` (Polygraphy feed dicts); return the report and the graph's outputs per feed."""
     path = Path(path)
     graph = onnx.load(str(path), load_external_data=False)
-    constants = _constants(graph.graph)
+    constants = _constants(graph.graph, path.parent)
     activations, weights = _graph_quantizers(graph, constants, path)
     code_names = [q.node.output[0] for found in activations.values() for q in found]
     output = next(iter(graph.graph.output)).name

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from stepquant.errors import StepquantError
+from stepquant.export.onnx_files import save_onnx
 from stepquant.export.shapes import ShapeProfile
 from stepquant.quant.functional import QUANTIZER_ATTRIBUTE
 from stepquant.quant.layers import ActivationQuantizer, WeightQuantizer
@@ -102,18 +105,22 @@ def export_onnx(model: nn.Module, path: Path, sample_shape: tuple[int, int, int]
 
     `profile` (resolved) says which axes are dynamic; by default only the batch, which suits unconditional
     models; conditional ones need their sequence range."""
+    path = Path(path)
     profile = profile or ShapeProfile().resolved(sample_shape, None)
     if model.conditions and profile.sequence is None:
         raise ValueError("a conditional model's export needs a shape profile with its sequence range")
     example = example_inputs(model, sample_shape, profile)
     dynamic = profile.dynamic_axes(model.conditions)
+    # the exporter writes a graph over 2 GB as one file per tensor: it writes into a directory of its own, and
+    # the graph is saved from there to `path` (external data beside it, when large)
+    traced = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".export", dir=path.parent))
     try:
         with warnings.catch_warnings(), torch.no_grad(), _named_quantizers(model):
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer chatter
             torch.onnx.export(
                 model.eval(),
                 example,
-                str(path),
+                str(traced / path.name),
                 dynamo=False,
                 opset_version=opset,
                 input_names=[*INPUT_NAMES, *model.condition_names],
@@ -121,10 +128,14 @@ def export_onnx(model: nn.Module, path: Path, sample_shape: tuple[int, int, int]
                 dynamic_axes=dynamic,
                 do_constant_folding=True,
             )
-        model_proto = onnx.load(str(path))
+        model_proto = onnx.load(str(traced / path.name))
+        shutil.rmtree(traced)
         _move_quantizer_tags(model_proto)
         _inline_identity_constants(model_proto.graph)
-        onnx.save(model_proto, str(path))
+        save_onnx(model_proto, path)
+        del model_proto
         onnx.checker.check_model(str(path), full_check=True)
     except (RuntimeError, onnx.checker.ValidationError, torch.onnx.errors.OnnxExporterError) as err:
         raise OnnxExportError(f"ONNX export to {path} failed: {err}") from err
+    finally:
+        shutil.rmtree(traced, ignore_errors=True)

@@ -10,6 +10,7 @@ from onnx import TensorProto
 from torch import nn
 
 from stepquant.export.onnx_export import export_onnx
+from stepquant.export.onnx_files import save_onnx
 from stepquant.export.shapes import ShapeProfile
 
 PRECISIONS = ("fp32", "fp16")
@@ -69,7 +70,7 @@ def convert_to_fp16(path: Path) -> None:
                 if attribute.name == "to":
                     attribute.i = TensorProto.FLOAT16
     del model.graph.value_info[:]
-    onnx.save(_without_identity_casts(onnx.shape_inference.infer_shapes(model), own_casts), str(path))
+    save_onnx(_without_identity_casts(onnx.shape_inference.infer_shapes(model), own_casts), str(path))
 
 
 def _without_identity_casts(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:

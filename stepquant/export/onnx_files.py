@@ -1,0 +1,102 @@
+"""ONNX files of any size. Protobuf cannot serialise a message over 2 GB (an FP32 graph of SD 1.5's UNet is
+3.4 GB), so a graph whose tensors pass `EXTERNAL_DATA_BYTES` is saved with ONNX external data: one data file
+beside it, `<graph>.data`, which the bundle lists with its sha256 like any other file. Every reader here
+(onnx, onnxruntime, TensorRT's parser, trtexec) opens such a graph by its path and finds the data beside it;
+onnxruntime itself refuses a location outside the graph's directory, and `check_external_data` refuses one
+that is not a file of the bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+from stepquant.bundle.reader import Bundle
+from stepquant.errors import StepquantError
+
+# Tensors above this total go to an external data file: protobuf's limit is 2 GiB for the whole message,
+# and the graph's nodes and metadata need room too.
+EXTERNAL_DATA_BYTES = int(1.75 * 2**30)
+EXTERNAL_TENSOR_MIN_BYTES = 1024  # smaller tensors (scales, zero points, shapes) stay in the graph
+
+
+class ExternalDataError(StepquantError, ValueError):
+    """A graph's external data is missing, outside its bundle, or not listed in it."""
+
+
+def data_file(path: Path) -> Path:
+    """The external data file of the graph at `path`: model.onnx -> model.onnx.data."""
+    return path.with_name(path.name + ".data")
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of every initializer held in the message (external ones count nothing)."""
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    """Write `model` to `path`; with its tensors over `EXTERNAL_DATA_BYTES`, its larger tensors to
+    `data_file(path)` (replaced, never appended to). A graph saved small removes a data file of its own."""
+    path = Path(path)
+    external = data_file(path)
+    external.unlink(missing_ok=True)  # onnx appends to an existing data file; ours is written afresh
+    if tensor_bytes(model) > EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external.name, size_threshold=EXTERNAL_TENSOR_MIN_BYTES)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def external_data_locations(path: Path) -> list[str]:
+    """The external data files the graph at `path` names (its tensors are not read)."""
+    model = onnx.load(str(path), load_external_data=False)
+    tensors = [*model.graph.initializer,
+               *(a.t for node in model.graph.node for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)]
+    return sorted({ExternalDataInfo(t).location for t in tensors if uses_external_data(t)})
+
+
+def check_external_data(path: Path, listed: set[str] | None = None) -> list[str]:
+    """The external data files of the graph at `path`, as names relative to its directory; ExternalDataError
+    unless each is a plain file name beside the graph (no directory, no '..', no absolute path), exists, and
+    (given `listed`, the names of the graph's directory a bundle lists) is one of them."""
+    path = Path(path)
+    locations = external_data_locations(path)
+    for location in locations:
+        if not location or os.path.basename(location) != location or location in (".", ".."):
+            raise ExternalDataError(f"{path.name} reads its tensors from {location!r}: external data must be a file "
+                                    "beside the graph, in the same directory")
+        if listed is not None and location not in listed:
+            raise ExternalDataError(f"{path.name} reads its tensors from {location}, which the bundle does not list")
+        if not (path.parent / location).is_file():
+            raise ExternalDataError(f"{path.name} reads its tensors from {location}, which is missing")
+    return locations
+
+
+@contextlib.contextmanager
+def graph_beside(model: onnx.ModelProto, path: Path) -> Iterator[Path]:
+    """A temporary file holding `model` (read from `path` without its external data) in `path`'s directory,
+    so its external data locations still resolve; removed on exit. For graphs edited before a session opens
+    them (marked outputs), whatever their size."""
+    handle, name = tempfile.mkstemp(prefix=f".{Path(path).stem}.", suffix=".onnx", dir=Path(path).parent)
+    os.close(handle)
+    try:
+        onnx.save_model(model, name)
+        yield Path(name)
+    finally:
+        os.unlink(name)
+
+
+def bundle_graph(bundle: Bundle, name: str) -> Path:
+    """The path of the bundle's graph `name`, once its external data files (if any) are checked to be files
+    the manifest lists beside it (so hashed at load)."""
+    path = bundle.file(name)
+    folder = Path(name).parent.as_posix()
+    beside = {Path(f).name for f in bundle.manifest.files if Path(f).parent.as_posix() == folder}
+    check_external_data(path, beside)
+    return path

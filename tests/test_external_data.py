@@ -1,0 +1,83 @@
+"""Graphs over protobuf's 2 GB limit are saved with ONNX external data. The threshold is lowered here so the
+demo's graphs take that path: exported, checked, linted, replayed and sampled like any other, with their data
+files listed in the manifest; a graph whose data lies outside the bundle, or is not listed, is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from stepquant.bundle import BundleError, load_bundle
+from stepquant.export import onnx_files
+from stepquant.export.faults import forge_bundle
+from stepquant.export.lint import lint
+from stepquant.export.onnx_files import ExternalDataError, bundle_graph, check_external_data, external_data_locations
+from stepquant.export.parity import replay_parity
+from stepquant.pipeline import ExportConfig, export_quantized
+from stepquant.runtime import SamplerConfig
+from stepquant.runtime.bundle_backends import quantized_backend
+
+
+@pytest.fixture(scope="module")
+def external_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("external") / "bundle"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onnx_files, "EXTERNAL_DATA_BYTES", 0)  # every graph takes the large-graph path
+        export_quantized(ExportConfig(out=out, sampler=SamplerConfig(steps=4), calib_samples=4, eval_samples=4,
+                                      targets=("tensorrt", "onnxruntime-cpu"), progress=False))
+    return out
+
+
+def test_large_graphs_keep_their_tensors_beside_them_listed_in_the_manifest(external_bundle):
+    bundle = load_bundle(external_bundle)
+    graphs = ["model_fp32.onnx", *bundle.graphs()]
+    for graph in graphs:
+        assert external_data_locations(external_bundle / graph) == [graph + ".data"]
+        assert graph + ".data" in bundle.manifest.files
+        proto = onnx.load(str(external_bundle / graph), load_external_data=False)
+        assert sum(len(t.raw_data) for t in proto.graph.initializer) < (external_bundle / (graph + ".data")).stat().st_size
+    assert not [p for p in external_bundle.rglob("*") if p.name.endswith(".export")]  # no exporter leftovers
+    assert not lint(bundle_graph(bundle, "model.onnx"))
+    assert replay_parity(bundle).passed
+    samples = quantized_backend(bundle, threads=1)
+    assert np.isfinite(samples(np.zeros((1, 1, 16, 16), np.float32), np.array([500.0], np.float32))).all()
+
+
+def test_changed_external_data_is_refused_by_its_hash(external_bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(external_bundle, copy)
+    data = copy / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 1
+    data.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="model.onnx.data"):
+        load_bundle(copy)
+
+
+def _relocate(graph, location):
+    proto = onnx.load(str(graph), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(proto, str(graph))
+
+
+def test_a_graph_reading_data_outside_the_bundle_or_unlisted_is_refused(external_bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(external_bundle, copy)
+    shutil.copy(copy / "model.onnx.data", tmp_path / "outside.data")
+    _relocate(copy / "model.onnx", "../outside.data")
+    with pytest.raises(ExternalDataError, match="beside the graph"):
+        check_external_data(copy / "model.onnx")
+    shutil.copy(copy / "model.onnx.data", copy / "extra.data")  # inside, but no file of the bundle
+    _relocate(copy / "model.onnx", "extra.data")
+    forge_bundle(copy)  # hashes recomputed, as an attacker would: the manifest still does not list extra.data
+    with pytest.raises(ExternalDataError, match="does not list"):
+        bundle_graph(load_bundle(copy), "model.onnx")
+    listed = json.loads((copy / "manifest.json").read_text())["files"]
+    assert "extra.data" not in listed
