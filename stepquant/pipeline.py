@@ -61,6 +61,7 @@ from stepquant.export.tensorrt import build_engines, build_script, tensorrt_vers
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, LoadedModel, load_model
 from stepquant.models.conditioning import load_conditioning
 from stepquant.models.denoisers import sample_shape
+from stepquant.models.device import Placement, place, resolve_placement
 from stepquant.models.schedulers import capture_table
 from stepquant.models.torch_backend import TorchBackend
 from stepquant.quant import QuantSpec, quantize_
@@ -116,6 +117,8 @@ class ExportConfig:
     conditioning: Path | None = None
     classes: tuple[int, ...] | None = None  # class-conditional models: class table rows (default: every class)
     shapes: ShapeProfile = field(default_factory=ShapeProfile)  # batch/height/width/sequence ranges of the graphs
+    device: str = "auto"  # where torch runs: auto, cpu, cuda, cuda:N (graphs are exported and checked on the CPU)
+    dtype: str = "float32"  # float type of the FP reference on that device (quantizers compute in float32)
     overwrite: bool = False
     progress: bool = True
 
@@ -309,7 +312,9 @@ class Prepared:
     """Stage 1, before any work is staged: the model, its conditioning and the graphs' shape ranges."""
 
     loaded: LoadedModel
-    fp_model: EpsilonModel
+    fp_model: EpsilonModel  # CPU float32: exported, and the FP graph's parity reference
+    fp_reference: EpsilonModel  # the same on --device in --dtype: trajectories, calibration targets, FP samples
+    placement: Placement
     shape: tuple[int, int, int]
     conditioning: Conditioning | None
     shapes: ShapeProfile
@@ -354,9 +359,12 @@ def prepare(config: ExportConfig) -> Prepared:
     model_path = Path(config.model).expanduser()
     protected = (model_path,) if model_path.exists() else ()
     check_destination(config.out, config.overwrite, protected)  # before any work
+    placement = resolve_placement(config.device, config.dtype)
     loaded = load_model(config.model)
     shape = sample_shape(loaded.denoiser)
     fp_model = EpsilonModel(loaded.denoiser)
+    fp_reference = fp_model if placement.is_default else EpsilonModel(
+        place(copy.deepcopy(loaded.denoiser), placement.device, placement.dtype))
     if config.engine:
         tensorrt_version()  # fail before any work when the engine cannot be built here
     if config.sign_key is not None:
@@ -368,7 +376,7 @@ def prepare(config: ExportConfig) -> Prepared:
         raise ValueError(f"{what} works on noise estimates, and this model predicts {prediction!r}: use it with an "
                          "epsilon-prediction model (the samplers themselves handle every prediction type)")
     shapes = config.shapes.resolved(shape, None if conditioning is None else conditioning.sequence_length(fp_model.conditions))
-    return Prepared(loaded, fp_model, shape, conditioning, shapes, loaded.latent, protected)
+    return Prepared(loaded, fp_model, fp_reference, placement, shape, conditioning, shapes, loaded.latent, protected)
 
 
 def calibrate_model(config: ExportConfig, prepared: Prepared, start: float) -> Calibrated:
@@ -378,20 +386,22 @@ def calibrate_model(config: ExportConfig, prepared: Prepared, start: float) -> C
     layer_names = quantize_(q_model, config.quant)
     for target in config.targets:
         check_target(q_model, target)
+    place(q_model, prepared.placement.device)  # float32 whatever the reference's --dtype
     calib_seeds = range(CALIBRATION_SEED_OFFSET + config.seed, CALIBRATION_SEED_OFFSET + config.seed + config.calib_samples)
-    calib = collect_calibration_set(TorchBackend(prepared.fp_model), loaded.scheduler_config, calib_seeds, prepared.shape,
+    calib = collect_calibration_set(TorchBackend(prepared.fp_reference), loaded.scheduler_config, calib_seeds, prepared.shape,
                                     config.sampler, config.calib_steps or config.sampler.steps, config.progress,
                                     prepared.conditioning)
-    summary = calibrate_(prepared.fp_model, q_model, calib, config.calibrator, loaded.scheduler_config, config.sampler,
+    summary = calibrate_(prepared.fp_reference, q_model, calib, config.calibrator, loaded.scheduler_config, config.sampler,
                          config.percentile, config.reconstruction, config.progress)
     graphs, scales = _graphs(config, calib, q_model, loaded.scheduler_config)
+    place(q_model, torch.device("cpu"))  # graphs are traced and checked on the CPU
     seconds = time.perf_counter() - start
     # the process's peak resident memory so far: in a fresh process, the peak of loading and calibrating
     summary["peak_rss_mib"] = round(peak_rss_mib(), 1)
     summary.update(percentile=config.percentile,
                    reconstruction=asdict(config.reconstruction) if summary.get("blocks") else None,
                    trajectories=config.calib_samples, inputs=len(calib), timesteps=calib.unique_timesteps(),
-                   seed=config.seed, seconds=round(seconds, 2))
+                   seed=config.seed, seconds=round(seconds, 2), **prepared.placement.describe())
     return Calibrated(q_model, layer_names, calib, calib_seeds, summary, graphs, scales, seconds)
 
 
@@ -443,12 +453,12 @@ def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibr
     corrections = None
     if config.correction != "none":  # estimated on the first target's graph, along calibration trajectories
         corrections = estimate_corrections(
-            config.correction, TorchBackend(fp_model), deployed[config.targets[0]],
+            config.correction, TorchBackend(prepared.fp_reference), deployed[config.targets[0]],
             loaded.scheduler_config, calibrated.calib_seeds, shape, config.sampler, config.progress, prepared.conditioning)
         corrections.save(staging / CORRECTIONS_FILE)
     eval_seeds = range(config.seed, config.seed + config.eval_samples)
     table = capture_table(config.sampler, loaded.scheduler_config)
-    fp_samples = sample(TorchBackend(fp_model), table, eval_seeds, shape, config.sampler, progress=config.progress,
+    fp_samples = sample(TorchBackend(prepared.fp_reference), table, eval_seeds, shape, config.sampler, progress=config.progress,
                         desc="FP samples", conditioning=prepared.conditioning, clip=not latent).samples
     # latents are not in [-1, 1]: their PSNR is taken over the FP latents' peak-to-peak range
     data_range = float(fp_samples.max() - fp_samples.min()) if latent else 2.0

@@ -37,7 +37,7 @@ class RangeObserver:
         while self.max > self.width * self.bins:
             self.counts = torch.cat([self.counts.view(-1, 2).sum(dim=1), torch.zeros(self.bins // 2, dtype=torch.float64)])
             self.width *= 2.0
-        self.counts += torch.histc(values, bins=self.bins, min=0.0, max=self.width * self.bins).double()
+        self.counts += torch.histc(values, bins=self.bins, min=0.0, max=self.width * self.bins).double().cpu()
 
     def _centers(self) -> torch.Tensor:
         return (torch.arange(self.bins, dtype=torch.float64) + 0.5) * self.width

@@ -214,7 +214,7 @@ def reconstruct_blocks(
         block = q_model.get_submodule(name)
 
         def objective(_it: int) -> float:
-            index = torch.randint(len(target), (config.batch_size,), generator=generator)
+            index = torch.randint(len(target), (config.batch_size,), generator=generator).to(target.device)
             output = block(*(_select(a, index) for a in args), **{k: _select(v, index) for k, v in kwargs.items()})
             loss = lp_loss(output, target[index], config.p)
             loss.backward()

@@ -10,7 +10,7 @@ import typer
 from stepquant.calibrators.calibrate import RECONSTRUCTION_CALIBRATORS
 from stepquant.calibrators.reconstruction import ReconstructionConfig
 from stepquant.cli.choices import Correction, Scheduler
-from stepquant.cli.export_choices import Calibrator, Format, Precision, Target
+from stepquant.cli.export_choices import Calibrator, Format, FpDtype, Precision, Target
 from stepquant.cli.options import Classes, SignKey, parse_classes
 from stepquant.export.shapes import DimRange, ShapeProfile
 from stepquant.models import DEMO_MODEL_NAME
@@ -98,6 +98,9 @@ def export_command(
     engine: Annotated[bool, typer.Option(help="Also build the TensorRT engine (needs TensorRT here).")] = False,
     allow_parity_failure: Annotated[bool, typer.Option(
         help="Keep a bundle whose layer-wise parity check fails (recorded as failed).")] = False,
+    device: Annotated[str, typer.Option(
+        help="Where torch runs (trajectories, calibration, reconstruction, corrections, FP samples): auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[FpDtype, typer.Option(help="Float type of the FP reference on --device (quantizers stay float32).")] = FpDtype.float32,
     overwrite: Annotated[bool, typer.Option(
         help="Replace an existing bundle at --out (only a stepquant bundle; never the current directory or the model's).")] = False,
     sign_key: SignKey = None,
@@ -115,6 +118,6 @@ def export_command(
         reconstruction=ReconstructionConfig(iters=recon_iters, scale_lr=recon_scale_lr, multistep_steps=multistep_steps),
         timestep_groups=timestep_groups, steps_per_group=steps_per_group,
         calib_samples=calib_samples, calib_steps=calib_steps, seed=seed, eval_samples=eval_samples,
-        engine=engine, require_parity=not allow_parity_failure, overwrite=overwrite, progress=progress, sign_key=sign_key,
+        engine=engine, require_parity=not allow_parity_failure, device=device, dtype=dtype.value, overwrite=overwrite, progress=progress, sign_key=sign_key,
     )
     _print_report(export_quantized(config), config)

@@ -4,9 +4,11 @@ from stepquant.calibrators.calibrate import CALIBRATORS
 from stepquant.cli.choices import choices
 from stepquant.export.precision import PRECISIONS
 from stepquant.export.targets import TARGETS
+from stepquant.models.device import DTYPES
 from stepquant.quant.spec import FORMATS
 
 Calibrator = choices("Calibrator", CALIBRATORS)
 Format = choices("Format", FORMATS)
 Target = choices("Target", TARGETS)
 Precision = choices("Precision", PRECISIONS)
+FpDtype = choices("FpDtype", DTYPES)

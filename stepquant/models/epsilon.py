@@ -1,6 +1,8 @@
 """The one signature every backend and every exported graph share:
 eps = model(sample, timestep, *conditions), conditions in `condition_names` order (none for an
-unconditional UNet; text embeddings and the like for Stable Diffusion-style UNets and DiTs)."""
+unconditional UNet; text embeddings and the like for Stable Diffusion-style UNets and DiTs). Callers hand
+it float32 tensors wherever they keep them; it runs on its own device and float type, and answers in
+float32 on the caller's device."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import torch
 from torch import nn
 
 from stepquant.models.denoisers import architecture_of
+from stepquant.models.device import missing_kernel, module_placement
 
 
 class EpsilonModel(nn.Module):
@@ -25,4 +28,13 @@ class EpsilonModel(nn.Module):
         if len(conditions) != len(self.condition_names):
             raise TypeError(f"{type(self.unet).__name__} takes {len(self.condition_names)} condition inputs "
                             f"({', '.join(self.condition_names) or 'none'}), got {len(conditions)}")
-        return self._architecture.call(self.unet, sample, timestep, dict(zip(self.condition_names, conditions)))
+        device, dtype = module_placement(self.unet)
+        home = sample.device
+        if home != device or sample.dtype != dtype:  # a no-op (nothing traced) for CPU float32 models
+            sample, conditions = sample.to(device, dtype), tuple(c.to(device, dtype) for c in conditions)
+            timestep = timestep.to(device)
+        try:
+            eps = self._architecture.call(self.unet, sample, timestep, dict(zip(self.condition_names, conditions)))
+        except RuntimeError as err:
+            raise missing_kernel(err, dtype, device) or err
+        return eps if eps.device == home and eps.dtype == torch.float32 else eps.to(home, torch.float32)

@@ -34,7 +34,7 @@ class ActivationQuantizer(nn.Module):
         return bool(torch.isfinite(self.scale))
 
     def set_amax(self, amax: torch.Tensor | float) -> None:
-        self.scale = self.grid.scale_for(torch.as_tensor(amax, dtype=torch.float32)).reshape(())
+        self.scale = self.grid.scale_for(torch.as_tensor(amax, dtype=torch.float32)).reshape(()).to(self.scale.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
