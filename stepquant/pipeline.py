@@ -17,7 +17,7 @@ import copy
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from polygraphy.json import save_json
 
 from stepquant.bundle.manifest import Manifest, Sampler, Target, TimestepGroup
 from stepquant.bundle.signing import sign
-from stepquant.calibrators import collect_calibration_set
+from stepquant.calibrators import collect_calibration_set, distributed
 from stepquant.calibrators.calibrate import CALIBRATORS, TRAJECTORY_CALIBRATORS, calibrate_
 from stepquant.calibrators.corrections import estimate_corrections
 from stepquant.calibrators.data import CalibrationSet
@@ -101,6 +101,7 @@ class ExportConfig:
     timestep_groups: int = 1  # graphs with their own activation scales, split where ranges change most
     steps_per_group: int | None = None  # instead: a new group every N sampler steps
     calib_samples: int = 64
+    calib_batch: int = 8  # seeds per trajectory batch: the unit torchrun's processes share out
     calib_steps: int | None = None  # sampler steps kept for calibration; None keeps every step
     seed: int = 0
     eval_samples: int = 256
@@ -139,7 +140,7 @@ class ExportConfig:
             raise ValueError(f"targets must be distinct values from {', '.join(TARGETS)}, got {list(self.targets)}")
         if "onnxruntime-cpu" in self.targets and (self.precision != "fp32" or self.quant.format != "int8"):
             raise ValueError("the onnxruntime-cpu target is INT8 with FP32 compute: drop --format fp8 / --precision fp16 for it")
-        for name in ("calib_samples", "eval_samples", "parity_timesteps", "parity_batch"):
+        for name in ("calib_samples", "calib_batch", "eval_samples", "parity_timesteps", "parity_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not PERCENTILE_RANGE[0] < self.percentile <= PERCENTILE_RANGE[1]:
@@ -327,9 +328,11 @@ class Calibrated:
     """Stage 2: the fake-quant model with its calibrated scales, the data they came from, and the graphs to export."""
 
     q_model: EpsilonModel
+    models: dict[str, EpsilonModel]  # per target: q_model itself (tensorrt) or its retargeted copy
     layer_names: list[str]
     calib: CalibrationSet
-    calib_seeds: range
+    calib_seeds: list[int]  # this process's (every seed without torchrun)
+    calib_conditioning: Conditioning | None  # the rows of this process's seeds (their positions among all seeds)
     summary: dict  # the manifest's calibration section
     graphs: list[_Graph]
     scales: list | None  # per timestep group, when there are groups
@@ -360,6 +363,11 @@ def prepare(config: ExportConfig) -> Prepared:
     protected = (model_path,) if model_path.exists() else ()
     check_destination(config.out, config.overwrite, protected)  # before any work
     placement = resolve_placement(config.device, config.dtype)
+    if distributed.init_from_env(placement.device) > 1:
+        if config.timestep_groups > 1 or config.steps_per_group is not None:
+            raise ValueError("--timestep-groups / --steps-per-group profile ranges per timestep in one process: run them "
+                             "without torchrun")
+        placement = Placement(distributed.rank_device(placement.device), placement.dtype)
     loaded = load_model(config.model)
     shape = sample_shape(loaded.denoiser)
     fp_model = EpsilonModel(loaded.denoiser)
@@ -387,22 +395,30 @@ def calibrate_model(config: ExportConfig, prepared: Prepared, start: float) -> C
     for target in config.targets:
         check_target(q_model, target)
     place(q_model, prepared.placement.device)  # float32 whatever the reference's --dtype
-    calib_seeds = range(CALIBRATION_SEED_OFFSET + config.seed, CALIBRATION_SEED_OFFSET + config.seed + config.calib_samples)
+    positions = distributed.shard(config.calib_samples, config.calib_batch)
+    calib_seeds = [CALIBRATION_SEED_OFFSET + config.seed + position for position in positions]
+    conditioning = None if prepared.conditioning is None else prepared.conditioning.at(positions)
     calib = collect_calibration_set(TorchBackend(prepared.fp_reference), loaded.scheduler_config, calib_seeds, prepared.shape,
                                     config.sampler, config.calib_steps or config.sampler.steps, config.progress,
-                                    prepared.conditioning)
+                                    conditioning, config.calib_batch)
     summary = calibrate_(prepared.fp_reference, q_model, calib, config.calibrator, loaded.scheduler_config, config.sampler,
                          config.percentile, config.reconstruction, config.progress)
     graphs, scales = _graphs(config, calib, q_model, loaded.scheduler_config)
     place(q_model, torch.device("cpu"))  # graphs are traced and checked on the CPU
+    models = {target: for_target(q_model, target, prepared.shapes.batch.opt) for target in config.targets}
+    for model in models.values():  # same scales; a profile's extra output quantizers get their ranges here
+        calibrate_ranges(model, calib, progress=False, only_uncalibrated=True)
     seconds = time.perf_counter() - start
     # the process's peak resident memory so far: in a fresh process, the peak of loading and calibrating
     summary["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    if prepared.placement.device.type == "cuda":
+        summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(prepared.placement.device) / 2**30, 2)
     summary.update(percentile=config.percentile,
                    reconstruction=asdict(config.reconstruction) if summary.get("blocks") else None,
-                   trajectories=config.calib_samples, inputs=len(calib), timesteps=calib.unique_timesteps(),
+                   trajectories=config.calib_samples, inputs=int(distributed.reduce_sum(torch.tensor(len(calib)))),
+                   timesteps=calib.unique_timesteps(), processes=distributed.world_size(),
                    seed=config.seed, seconds=round(seconds, 2), **prepared.placement.describe())
-    return Calibrated(q_model, layer_names, calib, calib_seeds, summary, graphs, scales, seconds)
+    return Calibrated(q_model, models, layer_names, calib, calib_seeds, conditioning, summary, graphs, scales, seconds)
 
 
 def export_graphs(config: ExportConfig, prepared: Prepared, calibrated: Calibrated, staging: Path) -> Exported:
@@ -417,9 +433,7 @@ def export_graphs(config: ExportConfig, prepared: Prepared, calibrated: Calibrat
     if not fp_parity.passed:  # the FP graph must match: nothing quantized can explain a difference
         raise ParityError(f"parity failed for FP torch vs FP ONNX: worst median relative error "
                           f"{fp_parity.worst_median_reldiff:.3g} > {fp_parity.tolerance_median_rel:g}")
-    models = {target: for_target(q_model, target, shapes.batch.opt) for target in config.targets}
-    for model in models.values():  # same scales; a profile's extra output quantizers get their ranges here
-        calibrate_ranges(model, calib, progress=False, only_uncalibrated=True)
+    models = calibrated.models
     exported: dict[str, list[tuple[TimestepGroup, GraphParity]]] = {target: [] for target in config.targets}
     for g, graph in enumerate(calibrated.graphs):
         if scales is not None:
@@ -442,6 +456,17 @@ def export_graphs(config: ExportConfig, prepared: Prepared, calibrated: Calibrat
     return Exported(fp_parity, exported)
 
 
+def estimate_rank_corrections(config: ExportConfig, prepared: Prepared, calibrated: Calibrated,
+                              graphs: list[tuple[Path, TimestepGroup]]) -> Corrections:
+    """The correction terms of the deployed `graphs` (paths in rank 0's staging directory, read by every rank),
+    each process along its own calibration trajectories, their statistics summed over the processes."""
+    deployed = graph_backend([path for path, _ in graphs], [group for _, group in graphs],
+                             optimization_level=RUNTIME_OPTIMIZATION_LEVEL[config.targets[0]])
+    return estimate_corrections(config.correction, TorchBackend(prepared.fp_reference), deployed,
+                                prepared.loaded.scheduler_config, calibrated.calib_seeds, prepared.shape, config.sampler,
+                                config.progress, calibrated.calib_conditioning)
+
+
 def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibrated, exported: Exported,
                     staging: Path) -> Measured:
     """Correction terms (on the first target's graphs), then every target's samples against FP torch's from the
@@ -451,10 +476,9 @@ def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibr
                                       optimization_level=RUNTIME_OPTIMIZATION_LEVEL[target])
                 for target, graphs in exported.graphs.items()}
     corrections = None
-    if config.correction != "none":  # estimated on the first target's graph, along calibration trajectories
-        corrections = estimate_corrections(
-            config.correction, TorchBackend(prepared.fp_reference), deployed[config.targets[0]],
-            loaded.scheduler_config, calibrated.calib_seeds, shape, config.sampler, config.progress, prepared.conditioning)
+    if config.correction != "none":  # estimated on the first target's graphs, along calibration trajectories
+        first = [(staging / group.graph, group) for group, _ in exported.graphs[config.targets[0]]]
+        corrections = estimate_rank_corrections(config, prepared, calibrated, distributed.broadcast(first))
         corrections.save(staging / CORRECTIONS_FILE)
     eval_seeds = range(config.seed, config.seed + config.eval_samples)
     table = capture_table(config.sampler, loaded.scheduler_config)
@@ -552,11 +576,18 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
         sign_manifest(staging, config.sign_key)
 
 
-def export_quantized(config: ExportConfig) -> ExportReport:
+def export_quantized(config: ExportConfig) -> ExportReport | None:
     """prepare -> calibrate_model -> export_graphs -> measure_quality -> write_bundle, staged beside --out and
-    renamed there only when every stage succeeded."""
+    renamed there only when every stage succeeded. Under torchrun every process calibrates its share of the
+    seeds; rank 0 alone exports and writes, the others return None once their part is reduced."""
     start = time.perf_counter()
     prepared = prepare(config)
+    if not distributed.is_main():
+        config = replace(config, progress=False)
+        calibrated = calibrate_model(config, prepared, start)
+        if config.correction != "none":
+            estimate_rank_corrections(config, prepared, calibrated, distributed.broadcast(None))
+        return None
     with staged_directory(config.out, config.overwrite, prepared.protected) as staging:
         calibrated = calibrate_model(config, prepared, start)
         exported = export_graphs(config, prepared, calibrated, staging)

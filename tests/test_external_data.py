@@ -38,6 +38,7 @@ def test_large_graphs_keep_their_tensors_beside_them_listed_in_the_manifest(exte
     for graph in graphs:
         assert external_data_locations(external_bundle / graph) == [graph + ".data"]
         assert graph + ".data" in bundle.manifest.files
+        assert (external_bundle / (graph + ".data")).stat().st_mode & 0o777 == (external_bundle / graph).stat().st_mode & 0o777
         proto = onnx.load(str(external_bundle / graph), load_external_data=False)
         assert sum(len(t.raw_data) for t in proto.graph.initializer) < (external_bundle / (graph + ".data")).stat().st_size
     assert not [p for p in external_bundle.rglob("*") if p.name.endswith(".export")]  # no exporter leftovers

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from stepquant.calibrators import distributed
 from stepquant.calibrators.data import CalibrationSet
 from stepquant.calibrators.mixed_order import mixed_order_objective
 from stepquant.calibrators.multistep import multistep_objective
@@ -51,7 +52,7 @@ def calibrate_(
     if calibrator != "reconstruct":
         # the trajectory stage follows the deterministic DDIM steps the calibration states came from
         ddim = SamplerConfig("ddim", sampler.steps, 0.0)
-        generator = torch.Generator().manual_seed(reconstruction.seed)
+        generator = torch.Generator().manual_seed(reconstruction.seed + distributed.rank())
         if calibrator == "multistep":
             objective = multistep_objective(fp_model, q_model, data, capture_table(ddim, scheduler_config), reconstruction.multistep_steps,
                                             reconstruction.trajectory_batch, generator, reconstruction.unrolled)

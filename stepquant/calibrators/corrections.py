@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from stepquant.calibrators import distributed
 from stepquant.models.schedulers import capture_table
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.corrections import Corrections
@@ -42,6 +43,11 @@ class ErrorStatistics:
                   "ed": e * d, "qd": q * d, "qe": q * e}
         for name, value in values.items():
             self.sums[name][i] += value.sum(dim=1)
+
+    def summed_over_processes(self) -> ErrorStatistics:
+        """Every process's sums added (under torchrun; unchanged in one process)."""
+        self.sums = {name: distributed.reduce_sum(value) for name, value in self.sums.items()}
+        return self
 
     def moments(self, per_channel: bool) -> dict[str, torch.Tensor]:
         """Means and (co)variances per timestep (and channel when `per_channel`)."""
@@ -130,7 +136,7 @@ def collect_statistics(fp: Backend, quantized: Backend, noise_schedule: dict, se
     guided = conditioning is not None and config.guidance_scale != 1.0
     sample(_PairedBackend(fp, quantized, stats, config.guidance_scale if guided else None, per_branch), table, seeds,
            sample_shape, config, progress=progress, desc="correction statistics", conditioning=conditioning)
-    return stats
+    return stats.summed_over_processes()
 
 
 class _LastOutput:
@@ -165,7 +171,10 @@ def fit_tac(fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequen
 
     positions = range(len(seeds))
     for i, t in enumerate(timesteps):
-        input_bias = (x_q - x_fp).mean(axis=(0, 2, 3))
+        # the mean over every process's trajectories (per channel: sum and count, summed)
+        drift = distributed.reduce_sum(torch.from_numpy((x_q - x_fp).astype(np.float64).sum(axis=(0, 2, 3))))
+        count = distributed.reduce_sum(torch.tensor(float(x_q.size // channels), dtype=torch.float64))
+        input_bias = (drift / count).numpy().astype(x_q.dtype)
         x_q = x_q - input_bias.reshape(1, -1, 1, 1)  # the drift is removed from the state, as at run time
         ts = np.full((len(seeds),), float(t), dtype=np.float32)
         scale = np.float32(table.input_scale[i])  # what the network sees (Euler scales its input)
@@ -174,7 +183,7 @@ def fit_tac(fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequen
         estimate = guided_estimate(q_out, scale * x_q, ts, conditioning, positions, config.guidance_scale)
         stats = ErrorStatistics([t], channels)
         stats.update(t, *((fp_out.last, q_out.last) if per_branch else (eps, estimate)))
-        gain = tac_gain(stats, shrinkage)[0].numpy()
+        gain = tac_gain(stats.summed_over_processes(), shrinkage)[0].numpy()
         noise = table.noise_std[i] > 0  # the same noise for both trajectories
         fp_samples, fp_outputs = table.remember(fp_samples, x_fp), table.remember(fp_outputs, eps)
         q_samples, q_outputs = table.remember(q_samples, x_q), table.remember(q_outputs, gain.reshape(1, -1, 1, 1) * estimate)

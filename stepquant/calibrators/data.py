@@ -29,6 +29,9 @@ class CalibrationSet:
     # guided sampling: rows (unconditional, conditional) of each x_t the sampler stepped from, and the scale
     pairs: torch.Tensor | None = None
     guidance_scale: float = 1.0
+    # rows of each recorded network call, in order: batches never span two, so a process that recorded some of
+    # the calls runs each of them as one process recording all would (same shapes, same float rounding)
+    segments: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -42,8 +45,11 @@ class CalibrationSet:
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
         """Model inputs (samples, timesteps, *conditions), `batch_size` rows at a time."""
-        for start in range(0, len(self), batch_size):
-            yield self.subset(slice(start, start + batch_size)).inputs()
+        offset = 0
+        for rows in self.segments or [len(self)]:
+            for start in range(offset, offset + rows, batch_size):
+                yield self.subset(slice(start, min(start + batch_size, offset + rows))).inputs()
+            offset += rows
 
     def at_timestep(self, timestep: float, count: int) -> CalibrationSet:
         """The first `count` inputs recorded at `timestep`."""
@@ -125,16 +131,17 @@ def collect_calibration_set(
     calib_steps: int,
     progress: bool = True,
     conditioning: Conditioning | None = None,
+    batch_size: int = 64,
 ) -> CalibrationSet:
-    """Sample with the FP `backend` and record the inputs it sees at the chosen steps."""
+    """Sample with the FP `backend`, `batch_size` seeds at a time, and record the inputs it sees at the chosen steps."""
     table = capture_table(sampler, scheduler_config)
     guided = conditioning is not None and sampler.guidance_scale != 1.0
     recorder = _Recorder(backend, {float(table.timesteps[i]) for i in calibration_step_indices(sampler.steps, calib_steps)},
                          guided)
-    sample(recorder, table, seeds, sample_shape, sampler, progress=progress, desc="calibration trajectories",
+    sample(recorder, table, seeds, sample_shape, sampler, batch_size, progress=progress, desc="calibration trajectories",
            conditioning=conditioning)
     names = recorder.calls[0][2].keys()
     pairs = torch.cat(recorder.pairs) if guided else None
     return CalibrationSet(samples=torch.cat([c[0] for c in recorder.calls]), timesteps=torch.cat([c[1] for c in recorder.calls]),
                           conditions={name: torch.cat([c[2][name] for c in recorder.calls]) for name in names},
-                          pairs=pairs, guidance_scale=sampler.guidance_scale)
+                          pairs=pairs, guidance_scale=sampler.guidance_scale, segments=[len(c[1]) for c in recorder.calls])

@@ -16,12 +16,14 @@ class RangeObserver:
     """Streams |x| into `bins` equal bins whose width doubles whenever a larger value arrives, so
     memory is constant in the amount of calibration data and the exact maximum is kept."""
 
-    def __init__(self, name: str, bins: int = 2048) -> None:
+    def __init__(self, name: str, bins: int = 2048, span: float = 0.0) -> None:
+        """`span`, when known beforehand (the maximum over every rank), fixes the grid at span / bins, so the
+        histograms of several processes add up bin by bin."""
         self.name = name
         self.bins = bins
         self.counts = torch.zeros(bins, dtype=torch.float64)
-        self.width = 0.0
-        self.max = 0.0
+        self.width = span / bins
+        self.max = span
 
     def update(self, x: torch.Tensor) -> None:
         values = x.detach().abs().flatten().float()

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from stepquant.calibrators import distributed
 from stepquant.calibrators.data import CalibrationSet
 from stepquant.calibrators.observers import OBSERVER_METHODS, RangeObserver
 from stepquant.errors import StepquantError
@@ -42,6 +43,22 @@ def observing_fp(model: nn.Module) -> Iterator[list[tuple[str, ActivationQuantiz
             layer.set_enabled(True)
 
 
+def _observe(model: nn.Module, quantizers: list[tuple[str, ActivationQuantizer]], data: CalibrationSet, batch_size: int,
+             progress: bool, spans: list[float] | None = None) -> dict[str, RangeObserver]:
+    """One pass of the calibration set with an observer on each quantizer (on a fixed grid, given `spans`)."""
+    observers = {name: RangeObserver(name, span=spans[i] if spans else 0.0) for i, (name, _) in enumerate(quantizers)}
+    for name, quantizer in quantizers:
+        quantizer.observer = observers[name]
+    try:
+        with torch.inference_mode():
+            for inputs in tqdm(list(data.batches(batch_size)), desc="observing ranges", unit="batch",
+                               disable=not progress, leave=False):
+                model(*inputs)
+    except FloatingPointError as err:
+        raise CalibrationError(str(err)) from err
+    return observers
+
+
 def calibrate_ranges(
     model: nn.Module,
     data: CalibrationSet,
@@ -63,16 +80,16 @@ def calibrate_ranges(
         quantizers = [(name, q) for name, q in quantizers if not (only_uncalibrated and q.calibrated)]
         if not quantizers:
             return {}
-        observers = {name: RangeObserver(name) for name, _ in quantizers}
-        for name, quantizer in quantizers:
-            quantizer.observer = observers[name]
-        try:
-            with torch.inference_mode():
-                for inputs in tqdm(list(data.batches(batch_size)), desc="observing ranges", unit="batch",
-                                   disable=not progress, leave=False):
-                    model(*inputs)
-        except FloatingPointError as err:
-            raise CalibrationError(str(err)) from err
+        observers = _observe(model, quantizers, data, batch_size, progress)
+        if distributed.world_size() > 1:  # every rank's maxima, then histograms on one grid, summed
+            spans = distributed.reduce_max(torch.tensor([o.max for o in observers.values()], dtype=torch.float64))
+            if method != "max":
+                observers = _observe(model, quantizers, data, batch_size, progress, spans.tolist())
+                counts = distributed.reduce_sum(torch.stack([o.counts for o in observers.values()]))
+                for observer, row in zip(observers.values(), counts):
+                    observer.counts = row
+            for observer, span in zip(observers.values(), spans.tolist()):
+                observer.max = span
     amax: dict[str, float] = {}
     for name, quantizer in quantizers:
         amax[name] = observers[name].amax(method, quantizer.grid, percentile)

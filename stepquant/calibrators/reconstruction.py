@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from stepquant.calibrators import distributed
 from stepquant.calibrators.data import CalibrationSet
 from stepquant.quant.grid import IntGrid
 from stepquant.quant.layers import ActivationQuantizer, QuantizedLayer, SplitQuantizedLayer
@@ -178,6 +179,7 @@ def train_quantizers(
                 progress_frac = (it - warmup) / max(1, iters - warmup)
                 beta = config.beta_end + (beta_start - config.beta_end) * (1 - progress_frac)
                 (config.rounding_weight * sum(r.regulariser(beta) for r in roundings)).backward()
+            distributed.average_gradients(p for group in groups for p in group["params"])  # data-parallel ranks
             optimiser.step()
             with torch.no_grad():
                 for quantizer in quantizers:
@@ -205,7 +207,7 @@ def reconstruct_blocks(
     """Reconstruct every block of `q_model` (activation ranges already calibrated) against `fp_model`;
     return the final loss per block. Inputs come from the quantized network ("asym"), so each block
     learns to undo the error of the blocks before it."""
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed + distributed.rank())  # each rank its own batches
     losses: dict[str, float] = {}
     units = reconstruction_units(q_model, data)
     for name in tqdm(units, desc="reconstructing blocks", unit="block", disable=not progress, leave=False):

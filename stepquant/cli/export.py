@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from stepquant.calibrators import distributed
 from stepquant.calibrators.calibrate import RECONSTRUCTION_CALIBRATORS
 from stepquant.calibrators.reconstruction import ReconstructionConfig
 from stepquant.cli.choices import Correction, Scheduler
@@ -78,6 +79,8 @@ def export_command(
     width_range: Annotated[Optional[str], typer.Option(help="Latent width range min:opt:max (default: the model's size only).")] = None,
     sequence_range: Annotated[Optional[str], typer.Option(help="Text token range min:opt:max (default: the conditioning's length).")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration trajectories (seeded noise samples).")] = 64,
+    calib_batch: Annotated[int, typer.Option(
+        help="Seeds per calibration trajectory batch; under torchrun each process takes whole batches.")] = ExportConfig.calib_batch,
     calib_steps: Annotated[Optional[int], typer.Option(help="Sampler steps kept per trajectory (default: all).")] = None,
     calibrator: Annotated[Calibrator, typer.Option(
         help="minmax/percentile/mse: activation ranges only; reconstruct: + learned rounding and step sizes per block; "
@@ -117,7 +120,12 @@ def export_command(
         shapes=ShapeProfile(*(DimRange.parse(r) if r else None for r in (batch_range, height_range, width_range, sequence_range))),
         reconstruction=ReconstructionConfig(iters=recon_iters, scale_lr=recon_scale_lr, multistep_steps=multistep_steps),
         timestep_groups=timestep_groups, steps_per_group=steps_per_group,
-        calib_samples=calib_samples, calib_steps=calib_steps, seed=seed, eval_samples=eval_samples,
+        calib_samples=calib_samples, calib_batch=calib_batch, calib_steps=calib_steps, seed=seed, eval_samples=eval_samples,
         engine=engine, require_parity=not allow_parity_failure, device=device, dtype=dtype.value, overwrite=overwrite, progress=progress, sign_key=sign_key,
     )
-    _print_report(export_quantized(config), config)
+    try:
+        report = export_quantized(config)
+    finally:
+        distributed.shutdown()
+    if report is not None:  # rank 0 (or the only process) reports; other torchrun ranks write nothing
+        _print_report(report, config)

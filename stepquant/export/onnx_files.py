@@ -49,6 +49,9 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     if tensor_bytes(model) > EXTERNAL_DATA_BYTES:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=external.name, size_threshold=EXTERNAL_TENSOR_MIN_BYTES)
+        umask = os.umask(0)
+        os.umask(umask)
+        external.chmod(0o666 & ~umask)  # onnx creates it private; it is a bundle file like the graph beside it
     else:
         onnx.save_model(model, str(path))
 
