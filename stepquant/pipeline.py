@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import platform
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
@@ -83,6 +84,7 @@ FP_TOLERANCE = 1e-5  # median relative error, FP torch vs FP ONNX (no quantizer,
 REPLAY_MARGIN = 4.0
 MODEL_FILE, FP_MODEL_FILE, PREVIEW_FILE, BUILD_SCRIPT = "model.onnx", "model_fp32.onnx", "preview.png", "build_engine.sh"
 CORRECTIONS_FILE, CLASS_TABLE_FILE = "corrections.safetensors", "class_table.safetensors"
+CALIBRATION_SHARDS = ".calibration"  # inside the staging directory, removed before the manifest lists its files
 
 
 class ParityError(StepquantError, RuntimeError):
@@ -237,7 +239,7 @@ def _parity_subset(calib: CalibrationSet, count: int, batch: int, timesteps: lis
     picks = [timesteps[round(i * (len(timesteps) - 1) / max(1, count - 1))] for i in range(count)]
     parts = [calib.at_timestep(t, batch) for t in dict.fromkeys(picks)]
     feeds = parity_feeds(torch.cat([p.samples for p in parts]), torch.cat([p.timesteps for p in parts]),
-                         {k: torch.cat([p.conditions[k] for p in parts]) for k in calib.conditions})
+                         {k: torch.cat([p.conditions[k] for p in parts]) for k in parts[0].conditions})
     if shapes is None or not shapes.dynamic_sizes:
         return feeds
     recorded = {t: calib.at_timestep(t, len(calib)) for t in (timesteps[0], timesteps[len(timesteps) // 2])}
@@ -387,8 +389,9 @@ def prepare(config: ExportConfig) -> Prepared:
     return Prepared(loaded, fp_model, fp_reference, placement, shape, conditioning, shapes, loaded.latent, protected)
 
 
-def calibrate_model(config: ExportConfig, prepared: Prepared, start: float) -> Calibrated:
-    """Quantize a copy of the model and calibrate it on the FP model's own sampling trajectories."""
+def calibrate_model(config: ExportConfig, prepared: Prepared, start: float, shards: Path) -> Calibrated:
+    """Quantize a copy of the model and calibrate it on the FP model's own sampling trajectories, whose inputs
+    are kept on disk in `shards` (a directory the caller removes)."""
     loaded = prepared.loaded
     q_model = EpsilonModel(copy.deepcopy(loaded.denoiser))
     layer_names = quantize_(q_model, config.quant)
@@ -400,7 +403,7 @@ def calibrate_model(config: ExportConfig, prepared: Prepared, start: float) -> C
     conditioning = None if prepared.conditioning is None else prepared.conditioning.at(positions)
     calib = collect_calibration_set(TorchBackend(prepared.fp_reference), loaded.scheduler_config, calib_seeds, prepared.shape,
                                     config.sampler, config.calib_steps or config.sampler.steps, config.progress,
-                                    conditioning, config.calib_batch)
+                                    conditioning, config.calib_batch, shards)
     summary = calibrate_(prepared.fp_reference, q_model, calib, config.calibrator, loaded.scheduler_config, config.sampler,
                          config.percentile, config.reconstruction, config.progress)
     graphs, scales = _graphs(config, calib, q_model, loaded.scheduler_config)
@@ -582,15 +585,17 @@ def export_quantized(config: ExportConfig) -> ExportReport | None:
     seeds; rank 0 alone exports and writes, the others return None once their part is reduced."""
     start = time.perf_counter()
     prepared = prepare(config)
-    if not distributed.is_main():
+    if not distributed.is_main():  # its calibration inputs in a temporary directory of its own, removed at the end
         config = replace(config, progress=False)
-        calibrated = calibrate_model(config, prepared, start)
-        if config.correction != "none":
-            estimate_rank_corrections(config, prepared, calibrated, distributed.broadcast(None))
+        with tempfile.TemporaryDirectory(prefix="stepquant-calibration-") as shards:
+            calibrated = calibrate_model(config, prepared, start, Path(shards))
+            if config.correction != "none":
+                estimate_rank_corrections(config, prepared, calibrated, distributed.broadcast(None))
         return None
     with staged_directory(config.out, config.overwrite, prepared.protected) as staging:
-        calibrated = calibrate_model(config, prepared, start)
+        calibrated = calibrate_model(config, prepared, start, staging / CALIBRATION_SHARDS)
         exported = export_graphs(config, prepared, calibrated, staging)
+        shutil.rmtree(staging / CALIBRATION_SHARDS)  # no part of the bundle
         measured = measure_quality(config, prepared, calibrated, exported, staging)
         write_bundle(config, prepared, calibrated, exported, measured, staging)
     return ExportReport(

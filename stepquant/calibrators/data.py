@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from stepquant.calibrators.shards import CallShards
 from stepquant.models.schedulers import capture_table
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.guidance import Conditioning, combine_guided
@@ -21,9 +23,11 @@ from stepquant.runtime.sampler import SamplerConfig, sample
 @dataclass
 class CalibrationSet:
     """Network inputs from sampling trajectories: samples [N,C,H,W], timesteps [N] (float32) and, for
-    conditional models, each condition input [N, ...] in the model's input order."""
+    conditional models, each condition input [N, ...] in the model's input order. Recorded with a shard
+    directory, samples and conditions stay on disk (`store`, one file per call; `samples` is None) and are read
+    a call at a time; what needs them all at once (`sampler_states`) reads them then."""
 
-    samples: torch.Tensor
+    samples: torch.Tensor | None
     timesteps: torch.Tensor
     conditions: dict[str, torch.Tensor] = field(default_factory=dict)
     # guided sampling: rows (unconditional, conditional) of each x_t the sampler stepped from, and the scale
@@ -32,6 +36,7 @@ class CalibrationSet:
     # rows of each recorded network call, in order: batches never span two, so a process that recorded some of
     # the calls runs each of them as one process recording all would (same shapes, same float rounding)
     segments: list[int] | None = None
+    store: CallShards | None = None
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -41,14 +46,29 @@ class CalibrationSet:
         return (self.samples, self.timesteps, *self.conditions.values())
 
     def subset(self, index: torch.Tensor | slice) -> CalibrationSet:
-        return CalibrationSet(self.samples[index], self.timesteps[index], {k: v[index] for k, v in self.conditions.items()})
+        """The rows `index`, in memory (read from the calls that hold them when the set is on disk)."""
+        if self.store is None:
+            return CalibrationSet(self.samples[index], self.timesteps[index], {k: v[index] for k, v in self.conditions.items()})
+        rows = torch.arange(len(self))[index]
+        sizes = torch.tensor(self.segments)
+        ends = sizes.cumsum(0)
+        calls = torch.bucketize(rows, ends, right=True)
+        pieces = []
+        for call in calls.unique().tolist() or [0]:
+            samples, timesteps, conditions = self.store.load(call)
+            local = rows[calls == call] - (ends[call] - sizes[call])
+            pieces.append(CalibrationSet(samples[local], timesteps[local], {k: v[local] for k, v in conditions.items()}))
+        gathered = CalibrationSet(torch.cat([p.samples for p in pieces]), torch.cat([p.timesteps for p in pieces]),
+                                  {k: torch.cat([p.conditions[k] for p in pieces]) for k in pieces[0].conditions})
+        return gathered.subset(torch.argsort(torch.argsort(calls, stable=True)))  # back to the order asked for
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Model inputs (samples, timesteps, *conditions), `batch_size` rows at a time."""
+        """Model inputs (samples, timesteps, *conditions), `batch_size` rows at a time, never across two calls."""
         offset = 0
-        for rows in self.segments or [len(self)]:
-            for start in range(offset, offset + rows, batch_size):
-                yield self.subset(slice(start, min(start + batch_size, offset + rows))).inputs()
+        for call, rows in enumerate(self.segments or [len(self)]):
+            part, first = (CalibrationSet(*self.store.load(call)), 0) if self.store is not None else (self, offset)
+            for start in range(first, first + rows, batch_size):
+                yield part.subset(slice(start, min(start + batch_size, first + rows))).inputs()
             offset += rows
 
     def at_timestep(self, timestep: float, count: int) -> CalibrationSet:
@@ -60,6 +80,9 @@ class CalibrationSet:
 
     def sampler_states(self) -> SamplerStates:
         """The states the sampler stepped from, each once, with the conditioning its estimate was made with."""
+        if self.store is not None:  # the trajectory calibrators draw from every state: read them all
+            whole = self.subset(slice(None))
+            return CalibrationSet(whole.samples, self.timesteps, whole.conditions, self.pairs, self.guidance_scale).sampler_states()
         if self.pairs is None:
             return SamplerStates(self.samples, self.timesteps, self.conditions)
         uncond, cond = self.pairs[:, 0], self.pairs[:, 1]
@@ -107,9 +130,10 @@ class _Recorder:
     """A backend that passes calls through and keeps the inputs it sees at the chosen timesteps (`guided`:
     every call holds the unconditional half, then the conditional half, of one batch of states)."""
 
-    def __init__(self, backend: Backend, timesteps: set[float], guided: bool) -> None:
-        self.backend, self.timesteps, self.guided, self.calls = backend, timesteps, guided, []
+    def __init__(self, backend: Backend, timesteps: set[float], guided: bool, store: CallShards | None) -> None:
+        self.backend, self.timesteps, self.guided, self.calls, self.store = backend, timesteps, guided, [], store
         self.rows = 0
+        self.segments: list[int] = []
         self.pairs: list[torch.Tensor] = []  # guided: (unconditional row, conditional row) of each recorded state
 
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditions: np.ndarray) -> np.ndarray:
@@ -118,7 +142,13 @@ class _Recorder:
                 half = torch.arange(len(sample) // 2)
                 self.pairs.append(torch.stack([self.rows + half, self.rows + len(half) + half], 1))
             self.rows += len(sample)
-            self.calls.append((torch.tensor(sample), torch.tensor(timestep), {k: torch.tensor(v) for k, v in conditions.items()}))
+            self.segments.append(len(sample))
+            call = (torch.tensor(sample), torch.tensor(timestep), {k: torch.tensor(v) for k, v in conditions.items()})
+            if self.store is None:
+                self.calls.append(call)
+            else:  # on disk; only the timesteps stay here
+                self.store.append(*call)
+                self.calls.append((None, call[1], {}))
         return self.backend(sample, timestep, **conditions)
 
 
@@ -132,16 +162,23 @@ def collect_calibration_set(
     progress: bool = True,
     conditioning: Conditioning | None = None,
     batch_size: int = 64,
+    shard_dir: Path | None = None,
 ) -> CalibrationSet:
-    """Sample with the FP `backend`, `batch_size` seeds at a time, and record the inputs it sees at the chosen steps."""
+    """Sample with the FP `backend`, `batch_size` seeds at a time, and record the inputs it sees at the chosen steps
+    (in memory, or with `shard_dir` on disk there, one file per call)."""
     table = capture_table(sampler, scheduler_config)
     guided = conditioning is not None and sampler.guidance_scale != 1.0
+    store = None if shard_dir is None else CallShards(shard_dir)
     recorder = _Recorder(backend, {float(table.timesteps[i]) for i in calibration_step_indices(sampler.steps, calib_steps)},
-                         guided)
+                         guided, store)
     sample(recorder, table, seeds, sample_shape, sampler, batch_size, progress=progress, desc="calibration trajectories",
            conditioning=conditioning)
     names = recorder.calls[0][2].keys()
     pairs = torch.cat(recorder.pairs) if guided else None
-    return CalibrationSet(samples=torch.cat([c[0] for c in recorder.calls]), timesteps=torch.cat([c[1] for c in recorder.calls]),
+    timesteps = torch.cat([c[1] for c in recorder.calls])
+    if store is not None:
+        return CalibrationSet(None, timesteps, pairs=pairs, guidance_scale=sampler.guidance_scale,
+                              segments=recorder.segments, store=store)
+    return CalibrationSet(samples=torch.cat([c[0] for c in recorder.calls]), timesteps=timesteps,
                           conditions={name: torch.cat([c[2][name] for c in recorder.calls]) for name in names},
-                          pairs=pairs, guidance_scale=sampler.guidance_scale, segments=[len(c[1]) for c in recorder.calls])
+                          pairs=pairs, guidance_scale=sampler.guidance_scale, segments=recorder.segments)
