@@ -23,12 +23,12 @@ from stepquant.runtime.bundle_backends import quantized_backend
 
 
 @pytest.fixture(scope="module")
-def external_bundle(tmp_path_factory):
+def external_bundle(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("external") / "bundle"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(onnx_files, "EXTERNAL_DATA_BYTES", 0)  # every graph takes the large-graph path
-        export_quantized(ExportConfig(out=out, sampler=SamplerConfig(steps=4), calib_samples=4, eval_samples=4,
-                                      targets=("tensorrt", "onnxruntime-cpu"), progress=False))
+        export_quantized(ExportConfig(model=str(tiny_model_dir), out=out, sampler=SamplerConfig(steps=3), calib_samples=4,
+                                      eval_samples=4, targets=("tensorrt", "onnxruntime-cpu"), progress=False))
     return out
 
 
@@ -45,7 +45,7 @@ def test_large_graphs_keep_their_tensors_beside_them_listed_in_the_manifest(exte
     assert not lint(bundle_graph(bundle, "model.onnx"))
     assert replay_parity(bundle).passed
     samples = quantized_backend(bundle, threads=1)
-    assert np.isfinite(samples(np.zeros((1, 1, 16, 16), np.float32), np.array([500.0], np.float32))).all()
+    assert np.isfinite(samples(np.zeros((2, 1, 8, 8), np.float32), np.array([500.0, 20.0], np.float32))).all()
 
 
 def test_changed_external_data_is_refused_by_its_hash(external_bundle, tmp_path):
