@@ -474,7 +474,7 @@ def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibr
                     staging: Path) -> Measured:
     """Correction terms (on the first target's graphs), then every target's samples against FP torch's from the
     same seeds, run by the runtime loop on onnxruntime; the preview grid; each target's report."""
-    loaded, fp_model, shape, latent = prepared.loaded, prepared.fp_model, prepared.shape, prepared.latent
+    loaded, shape, latent = prepared.loaded, prepared.shape, prepared.latent
     deployed = {target: graph_backend([staging / group.graph for group, _ in graphs], [group for group, _ in graphs],
                                       optimization_level=RUNTIME_OPTIMIZATION_LEVEL[target])
                 for target, graphs in exported.graphs.items()}

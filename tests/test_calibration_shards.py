@@ -8,8 +8,8 @@ import errno
 
 import pytest
 import torch
-
 from conftest import assert_one_line_error, run_cli
+
 from stepquant.calibrators import collect_calibration_set, shards
 from stepquant.models import EpsilonModel, load_model
 from stepquant.models.tiny import random_conditioning, save_tiny_pipeline

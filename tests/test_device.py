@@ -10,13 +10,12 @@ import json
 
 import pytest
 import torch
+from conftest import FEW_STEPS, TINY_UNET, assert_one_line_error, run_cli
 from diffusers import UNet2DModel
 
-from conftest import FEW_STEPS, TINY_UNET, assert_one_line_error, run_cli
 from stepquant.calibrators import collect_calibration_set
 from stepquant.calibrators.calibrate import calibrate_
-from stepquant.models import EpsilonModel, load_model
-from stepquant.models import denoisers
+from stepquant.models import EpsilonModel, denoisers, load_model
 from stepquant.models.device import DeviceError, place, resolve_device, resolve_placement
 from stepquant.models.torch_backend import TorchBackend
 from stepquant.quant import QuantSpec, quantize_
