@@ -132,16 +132,14 @@ class _Recorder:
 
     def __init__(self, backend: Backend, timesteps: set[float], guided: bool, store: CallShards | None) -> None:
         self.backend, self.timesteps, self.guided, self.calls, self.store = backend, timesteps, guided, [], store
-        self.rows = 0
-        self.segments: list[int] = []
+        self.segments: list[int] = []  # rows of each recorded call
         self.pairs: list[torch.Tensor] = []  # guided: (unconditional row, conditional row) of each recorded state
 
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditions: np.ndarray) -> np.ndarray:
         if float(timestep[0]) in self.timesteps:
             if self.guided:
-                half = torch.arange(len(sample) // 2)
-                self.pairs.append(torch.stack([self.rows + half, self.rows + len(half) + half], 1))
-            self.rows += len(sample)
+                first, half = sum(self.segments), torch.arange(len(sample) // 2)
+                self.pairs.append(torch.stack([first + half, first + len(half) + half], 1))
             self.segments.append(len(sample))
             call = (torch.tensor(sample), torch.tensor(timestep), {k: torch.tensor(v) for k, v in conditions.items()})
             if self.store is None:
