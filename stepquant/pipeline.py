@@ -62,7 +62,7 @@ from stepquant.export.tensorrt import build_engines, build_script, tensorrt_vers
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, LoadedModel, load_model
 from stepquant.models.conditioning import load_conditioning
 from stepquant.models.denoisers import sample_shape
-from stepquant.models.device import Placement, place, resolve_placement
+from stepquant.models.device import Placement, device_copy, ieee_float32, place, placed, resolve_placement
 from stepquant.models.schedulers import capture_table
 from stepquant.models.torch_backend import TorchBackend
 from stepquant.quant import QuantSpec, quantize_
@@ -120,7 +120,7 @@ class ExportConfig:
     conditioning: Path | None = None
     classes: tuple[int, ...] | None = None  # class-conditional models: class table rows (default: every class)
     shapes: ShapeProfile = field(default_factory=ShapeProfile)  # batch/height/width/sequence ranges of the graphs
-    device: str = "auto"  # where torch runs: auto, cpu, cuda, cuda:N (graphs are exported and checked on the CPU)
+    device: str = "auto"  # where torch runs: auto, cpu, cuda, cuda:N (graphs are traced on the CPU)
     dtype: str = "float32"  # float type of the FP reference on that device (quantizers compute in float32)
     overwrite: bool = False
     progress: bool = True
@@ -283,10 +283,16 @@ def _graphs(config: ExportConfig, calib: CalibrationSet, q_model, scheduler_conf
 
 
 def _export_graph(q_model, path: Path, shape, config: ExportConfig, feeds: list, target: str,
-                  shapes: ShapeProfile) -> GraphParity:
-    """Export one Q/DQ graph, check it for its target (TensorRT's Q/DQ rules, or onnxruntime's integer
-    kernels) and against the fake-quant model, layer by layer; stop on a failure unless allowed."""
+                  shapes: ShapeProfile, device: torch.device) -> GraphParity:
+    """Export one Q/DQ graph (traced on the CPU), check it for its target (TensorRT's Q/DQ rules, or
+    onnxruntime's integer kernels) and against the fake-quant model run on `device`, layer by layer; stop on a
+    failure unless allowed."""
     export_at_precision(q_model, path, shape, config.precision, config.quant.opset, shapes)
+    with placed(q_model, device):
+        return _check_graph(q_model, path, config, feeds, target)
+
+
+def _check_graph(q_model, path: Path, config: ExportConfig, feeds: list, target: str) -> GraphParity:
     reference = torch_outputs(q_model, feeds)  # the simulation's outputs: the replay's reference, and the fused graph's
     kernels = None
     if target == "tensorrt":
@@ -315,7 +321,7 @@ class Prepared:
     """Stage 1, before any work is staged: the model, its conditioning and the graphs' shape ranges."""
 
     loaded: LoadedModel
-    fp_model: EpsilonModel  # CPU float32: exported, and the FP graph's parity reference
+    fp_model: EpsilonModel  # CPU float32: exported
     fp_reference: EpsilonModel  # the same on --device in --dtype: trajectories, calibration targets, FP samples
     placement: Placement
     shape: tuple[int, int, int]
@@ -374,7 +380,7 @@ def prepare(config: ExportConfig) -> Prepared:
     shape = sample_shape(loaded.denoiser)
     fp_model = EpsilonModel(loaded.denoiser)
     fp_reference = fp_model if placement.is_default else EpsilonModel(
-        place(copy.deepcopy(loaded.denoiser), placement.device, placement.dtype))
+        device_copy(loaded.denoiser, placement.device, placement.dtype))
     if config.engine:
         tensorrt_version()  # fail before any work when the engine cannot be built here
     if config.sign_key is not None:
@@ -432,7 +438,10 @@ def export_graphs(config: ExportConfig, prepared: Prepared, calibrated: Calibrat
     export_onnx(fp_model, staging / FP_MODEL_FILE, shape, profile=shapes)
     all_feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch, calib.unique_timesteps(),
                                shapes, fp_model.conditions)
-    fp_parity, _ = check_parity(fp_model, staging / FP_MODEL_FILE, all_feeds, FP_TOLERANCE)
+    device = prepared.placement.device  # parity's torch side runs there, in float32
+    fp32 = prepared.fp_reference if prepared.placement.dtype == torch.float32 else fp_model
+    with placed(fp32, device):
+        fp_parity, _ = check_parity(fp32, staging / FP_MODEL_FILE, all_feeds, FP_TOLERANCE)
     if not fp_parity.passed:  # the FP graph must match: nothing quantized can explain a difference
         raise ParityError(f"parity failed for FP torch vs FP ONNX: worst median relative error "
                           f"{fp_parity.worst_median_reldiff:.3g} > {fp_parity.tolerance_median_rel:g}")
@@ -450,7 +459,7 @@ def export_graphs(config: ExportConfig, prepared: Prepared, calibrated: Calibrat
                 model.load_state_dict(q_model.state_dict(), strict=False)  # profile adds or drops quantizers)
             file = graph_file(graph.file, target)
             parity_dir = graph.parity_dir if target == "tensorrt" else f"{graph.parity_dir}/{target}"
-            parity = _export_graph(model, staging / file, shape, config, feeds, target, shapes)
+            parity = _export_graph(model, staging / file, shape, config, feeds, target, shapes, device)
             (staging / parity_dir).mkdir(parents=True)
             with quiet_polygraphy():
                 save_json(feeds, staging / parity_dir / "inputs.json", description="parity inputs")
@@ -579,6 +588,7 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
         sign_manifest(staging, config.sign_key)
 
 
+@ieee_float32()  # float32 on a GPU means float32: calibration and parity without TF32
 def export_quantized(config: ExportConfig) -> ExportReport | None:
     """prepare -> calibrate_model -> export_graphs -> measure_quality -> write_bundle, staged beside --out and
     renamed there only when every stage succeeded. Under torchrun every process calibrates its share of the

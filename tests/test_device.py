@@ -1,7 +1,7 @@
 """`--device` and `--dtype`: resolution and its one-line refusals (a one-GPU machine is simulated where there
 is none), the FP reference in a lower float type on the CPU (the same code path a GPU takes: inputs moved and
 cast by EpsilonModel, float32 answers), and, where CUDA is present, calibration on the GPU giving the CPU's
-minmax scales. The CUDA tests skip cleanly without a GPU."""
+minmax scales and checking parity's torch side there. The CUDA tests skip cleanly without a GPU."""
 
 from __future__ import annotations
 
@@ -16,8 +16,17 @@ from diffusers import UNet2DModel
 from stepquant.calibrators import collect_calibration_set
 from stepquant.calibrators.calibrate import calibrate_
 from stepquant.models import EpsilonModel, denoisers, load_model
-from stepquant.models.device import DeviceError, place, resolve_device, resolve_placement
+from stepquant.models.device import (
+    DeviceError,
+    device_copy,
+    ieee_float32,
+    module_placement,
+    place,
+    resolve_device,
+    resolve_placement,
+)
 from stepquant.models.torch_backend import TorchBackend
+from stepquant.pipeline import ExportConfig, export_quantized
 from stepquant.quant import QuantSpec, quantize_
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
@@ -63,6 +72,40 @@ def test_a_lower_precision_reference_answers_in_float32_close_to_the_float32_one
     assert 0 < (out - reference).abs().max() < 0.1 * reference.abs().max()
 
 
+def test_a_device_copy_casts_a_new_model_and_leaves_the_source_alone():
+    torch.manual_seed(0)
+    unet = UNet2DModel(**TINY_UNET)
+    copied = device_copy(unet, torch.device("cpu"), torch.bfloat16)
+    pairs = list(zip(unet.parameters(), copied.parameters()))
+    assert len(pairs) == len(list(unet.parameters())) > 0
+    for source, copy_ in pairs:
+        assert source.dtype == torch.float32 and copy_.dtype == torch.bfloat16
+        assert copy_.data_ptr() != source.data_ptr() and torch.equal(copy_, source.to(torch.bfloat16))
+
+
+def test_float32_is_ieee_float32_inside_an_export_and_restored_after(monkeypatch, tiny_model_dir, tmp_path):
+    """cuDNN convolutions default to TF32 on a GPU; an export switches them (and matmuls) to IEEE float32 for
+    its whole run, calibration included, and puts the user's setting back."""
+    import stepquant.pipeline as pipeline
+
+    before = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    seen = []
+    real = pipeline.calibrate_
+
+    def calibrate_recording(*args, **kwargs):
+        seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "calibrate_", calibrate_recording)
+    export_quantized(ExportConfig(model=str(tiny_model_dir), out=tmp_path / "b", device="cpu", sampler=FEW_STEPS,
+                                  calib_samples=2, eval_samples=2, progress=False))
+    assert seen == [("ieee", "ieee")]
+    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
+    with ieee_float32():
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert torch.backends.cudnn.conv.fp32_precision == before[0]
+
+
 def test_an_op_without_a_kernel_for_the_dtype_is_one_line(monkeypatch, tiny_model_dir, tmp_path):
     def no_half_kernel(model, sample, timestep, conditions):
         if sample.dtype == torch.float16:
@@ -102,9 +145,32 @@ def test_cuda_calibration_matches_the_cpu(calibrator):
         quantize_(q, QuantSpec(4, 8))
         place(q, torch.device(device))
         reference = fp if device == "cpu" else EpsilonModel(place(copy.deepcopy(loaded.denoiser), torch.device(device)))
-        calibrate_(reference, q, data, calibrator, loaded.scheduler_config, FEW_STEPS,
-                   reconstruction=ReconstructionConfig(iters=5), progress=False)
+        with ieee_float32():  # as in an export: no TF32
+            calibrate_(reference, q, data, calibrator, loaded.scheduler_config, FEW_STEPS,
+                       reconstruction=ReconstructionConfig(iters=5), progress=False)
         scales[device] = {k: v.cpu() for k, v in q.state_dict().items() if k.endswith(".scale")}
     for name, cpu_scale in scales["cpu"].items():
         tolerance = 1e-5 if calibrator == "minmax" else 0.05
         assert torch.allclose(scales["cuda"][name], cpu_scale, rtol=tolerance), name
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_cuda_export_checks_parity_on_the_gpu(monkeypatch, tiny_model_dir, tmp_path, dtype):
+    """Parity's torch side (the FP graph's reference, the fake-quant reference outputs and the layer-wise
+    comparison) runs on the GPU in float32, whatever --dtype the FP reference has, and the gate passes."""
+    import stepquant.pipeline as pipeline
+
+    where = []
+    for name in ("check_parity", "torch_outputs", "check_layerwise"):
+        real = getattr(pipeline, name)
+        monkeypatch.setattr(pipeline, name, lambda model, *a, _real=real, _name=name, **k: (
+            where.append((_name, *module_placement(model))), _real(model, *a, **k))[1])
+    report = export_quantized(ExportConfig(model=str(tiny_model_dir), out=tmp_path / "b", device="cuda", dtype=dtype,
+                                           sampler=FEW_STEPS, calib_samples=4, eval_samples=4, progress=False))
+    assert report.fp_parity.passed and report.parity_passed
+    assert {name for name, _, _ in where} == {"check_parity", "torch_outputs", "check_layerwise"}
+    assert all(device.type == "cuda" and dtype_ == torch.float32 for _, device, dtype_ in where), where
+    calibration = json.loads((tmp_path / "b" / "manifest.json").read_text())["calibration"]
+    assert calibration["device"] == "cuda:0" and calibration["fp_dtype"] == dtype
+    assert calibration["cuda_float32"] == "ieee (no TF32)" and isinstance(calibration["peak_gpu_memory_gib"], float)

@@ -4,6 +4,8 @@
   with conditioning from a file, exported at W8A8 by the `export-quantized` command in a child process, once per
   `--calib-samples` value: wall time, peak RSS (the child's, from wait4), graph sizes. With CUDA, also on
   `--device cuda` (peak GPU memory read from the bundle's manifest).
+- demo-device: the demo's W4A8 `reconstruct` export per device (`--devices`; CUDA where present): wall time,
+  calibration time, PSNR to FP, peak GPU memory.
 - torchrun: the demo exported by one process and by two under torchrun (gloo, every process one thread, as
   torchrun starts them): minmax scales compared bit for bit; `reconstruct` at W4A8 compared by PSNR to FP, against
   the PSNR noise of one process with another reconstruction seed; the time of each run.
@@ -12,6 +14,7 @@
 
     python tools/bench_scale.py                                     (all three: about an hour on 2 cores)
     python tools/bench_scale.py --parts sd15 --calib-samples 2,8
+    python tools/bench_scale.py --parts demo-device,sd15 --devices cuda,cpu --calib-samples 2   (on a GPU machine)
 """
 
 from __future__ import annotations
@@ -81,32 +84,69 @@ def graph_gib(bundle: Path, graph: str) -> str:
     return f"{size / GIB:.2f}" + (" (external data)" if data.exists() else "")
 
 
-def sd15_rows(workdir: Path, args) -> tuple[list[str], float]:
+def devices(args) -> list[str]:
+    """--devices, without CUDA where torch sees none."""
+    return [d for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]
+
+
+def gpu_memory(calibration: dict) -> str:
+    gpu = calibration.get("peak_gpu_memory_gib")
+    return "-" if gpu is None else f"{gpu:.2f} GiB"
+
+
+def quality_psnr(stdout: str) -> float:
+    """The PSNR to FP that export-quantized prints on its quality line."""
+    return float(next(line for line in stdout.splitlines() if "quality:" in line).split("PSNR to FP ")[1].split()[0])
+
+
+def sd15_rows(workdir: Path, args) -> tuple[list[str], float | None]:
+    if not devices(args):
+        return [f"No device of --devices {args.devices} here."], None
     model, conditioning, parameters = save_sd15(workdir / "sd15", args.latent)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = [f"SD-1.5 architecture: {parameters / 1e6:.0f}M parameters, {args.latent}x{args.latent} latents, "
             f"{TOKENS} tokens, guidance 7.5, {args.steps} DDIM steps, W8A8 minmax, every other option at its default.", "",
             "| device | --calib-samples | calibration inputs | wall (s) | peak RSS (GiB) | FP32 graph (GiB) | Q/DQ graph (GiB) | calibration (s) | peak GPU memory |",
             "|---|---|---|---|---|---|---|---|---|"]
     peaks = {}
-    for device in devices:
+    for device in devices(args):
         for samples in map(int, args.calib_samples.split(",")):
             out = workdir / f"sd15-{device}-{samples}"
             _, seconds, peak = run_measured([BIN / "export-quantized", "--model", model, "--conditioning", conditioning,
                                              "--out", out, "--calib-samples", samples, "--steps", args.steps,
                                              "--guidance-scale", 7.5, "--eval-samples", 2, "--device", device, "--no-progress"])
             calibration = json.loads((out / "manifest.json").read_text())["calibration"]
-            gpu = calibration.get("peak_gpu_memory_gib")
             rows.append(f"| {device} | {samples} | {calibration['inputs']} | {seconds:.0f} | {peak:.2f} | "
                         f"{graph_gib(out, 'model_fp32.onnx')} | {graph_gib(out, 'model.onnx')} | {calibration['seconds']:.0f} | "
-                        f"{'-' if gpu is None else f'{gpu:.2f} GiB'} |")
+                        f"{gpu_memory(calibration)} |")
             print(rows[-1], flush=True)
             peaks[(device, samples)] = peak
             shutil.rmtree(out)
-    counts = sorted({s for _, s in peaks})
+    counts = sorted({s for d, s in peaks if d == "cpu"})
+    if len(counts) < 2:
+        return rows, None
     growth = peaks[("cpu", counts[-1])] / peaks[("cpu", counts[0])] - 1
     rows += ["", f"Peak RSS from --calib-samples {counts[0]} to {counts[-1]} on the CPU: {100 * growth:+.1f}% (target: at most +10%)."]
     return rows, peaks[("cpu", counts[0])] / (4 * parameters / GIB)
+
+
+def demo_device_rows(workdir: Path, args) -> list[str]:
+    if not devices(args):
+        return [f"No device of --devices {args.devices} here."]
+    rows = [f"demo-digits, W4A8 reconstruct ({args.recon_iters} iterations per block), 25 DDIM steps, "
+            f"{args.demo_calib_samples} calibration trajectories, PSNR over {args.demo_eval_samples} seeds; "
+            f"torch's CPU threads: {torch.get_num_threads()}.", "",
+            "| device | wall (s) | calibration (s) | PSNR to FP (dB) | peak GPU memory |", "|---|---|---|---|---|"]
+    for device in devices(args):
+        out = workdir / f"demo-{device}"
+        result, seconds, _ = run_measured([BIN / "export-quantized", "--out", out, "--steps", 25, "--calibrator", "reconstruct",
+                                           "--weight-bits", 4, "--recon-iters", args.recon_iters,
+                                           "--calib-samples", args.demo_calib_samples,
+                                           "--eval-samples", args.demo_eval_samples, "--device", device, "--no-progress"])
+        calibration = json.loads((out / "manifest.json").read_text())["calibration"]
+        rows.append(f"| {device} ({calibration['device_name']}) | {seconds:.0f} | {calibration['seconds']:.0f} | "
+                    f"{quality_psnr(result.stdout):.2f} | {gpu_memory(calibration)} |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 def scales(graph: Path) -> dict[str, bytes]:
@@ -136,7 +176,7 @@ def torchrun_rows(workdir: Path, args) -> list[str]:
         for label, (launcher, more) in variants.items():
             out = workdir / f"{name.split()[0]}-{len(variants)}-{label.split()[0]}-{len(more)}"
             result, seconds, _ = run_measured([*launcher, "--out", out, *common, *extra, *more], env)
-            psnr = float(next(line for line in result.stdout.splitlines() if "quality:" in line).split("PSNR to FP ")[1].split()[0])
+            psnr = quality_psnr(result.stdout)
             found = scales(out / "model.onnx")
             reference = reference or found
             equal = sum(found[k] == reference.get(k) for k in found)
@@ -179,6 +219,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="sd15,torchrun,sdxl")
     parser.add_argument("--calib-samples", default="2,8", help="sd15: the --calib-samples values compared")
+    parser.add_argument("--devices", default="cpu,cuda", help="sd15 and demo-device: --device values (cuda where present)")
     parser.add_argument("--steps", type=int, default=2, help="sd15: sampler steps")
     parser.add_argument("--latent", type=int, default=32, help="latent size of sd15 and sdxl")
     parser.add_argument("--demo-calib-samples", type=int, default=32)
@@ -190,6 +231,8 @@ def main() -> None:
     lines = [header()]
     ratio = None
     with tempfile.TemporaryDirectory() as tmp:
+        if "demo-device" in parts:
+            lines += ["### The demo's reconstruct export per device", "", *demo_device_rows(Path(tmp), args), ""]
         if "sd15" in parts:
             rows, ratio = sd15_rows(Path(tmp), args)
             lines += ["### SD-1.5 architecture", "", *rows, ""]

@@ -52,6 +52,14 @@ def check_destination(destination: Path, overwrite: bool = False, protected: tup
     return destination
 
 
+def with_umask(path: Path, mode: int) -> None:
+    """Give `path` the permissions `mode` gets under the process's umask (what an ordinary open or mkdir
+    would have given it), for files that libraries create private."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(mode & ~umask)
+
+
 @contextlib.contextmanager
 def staged_directory(destination: Path, overwrite: bool = False, protected: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Yield an empty staging directory beside `destination`; on success it replaces `destination`,
@@ -64,9 +72,7 @@ def staged_directory(destination: Path, overwrite: bool = False, protected: tupl
         staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=parent))
     except OSError as err:
         raise BundleError(f"cannot write the bundle into {parent}: {err.strerror}") from err
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary directory
+    with_umask(staging, 0o777)  # mkdtemp makes it private; a bundle is an ordinary directory
     try:
         yield staging
         if destination.exists():

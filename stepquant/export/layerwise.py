@@ -218,7 +218,7 @@ def _static_mismatches(node: onnx.NodeProto, constants: dict, scale: torch.Tenso
     found = []
     graph_scale = constants.get(node.input[1])
     if graph_scale is None or not np.array_equal(_array(graph_scale).astype(np.float32).reshape(-1),
-                                                 scale.detach().float().reshape(-1).numpy()):
+                                                 scale.detach().float().reshape(-1).cpu().numpy()):
         found.append(f"{node.op_type} scale")
     graph_zero = constants.get(node.input[2]) if len(node.input) > 2 else None
     expected = _torch_bits(torch.full((1,), zero_point).to(storage))
@@ -235,7 +235,7 @@ def _step_distance(graph_codes: np.ndarray, simulated: torch.Tensor, quantizer: 
             magnitude = (bits & 0x7F).astype(np.int32)
             return np.where(bits & 0x80, -magnitude, magnitude)
         return np.abs(ordinal(graph_codes) - ordinal(_torch_bits(simulated.to(torch.float8_e4m3fn))))
-    return np.abs(graph_codes.astype(np.int32) - quantizer.grid.zero_point - simulated.numpy().astype(np.int32))
+    return np.abs(graph_codes.astype(np.int32) - quantizer.grid.zero_point - simulated.cpu().numpy().astype(np.int32))
 
 
 def _grid_values(graph_codes: np.ndarray, quantizer: ActivationQuantizer) -> torch.Tensor:
@@ -385,4 +385,4 @@ def _compare(module: ActivationQuantizer, x: torch.Tensor, codes: np.ndarray, ou
     result.one_step += int((steps == 1).sum())
     result.multi_step += int((steps >= 2).sum())
     result.max_steps = max(result.max_steps, float(steps.max(initial=0)))
-    return (_grid_values(codes, module) * module.scale).to(output.dtype)
+    return (_grid_values(codes, module).to(output.device) * module.scale).to(output.dtype)

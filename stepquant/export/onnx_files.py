@@ -19,6 +19,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from stepquant.bundle.reader import Bundle
 from stepquant.errors import StepquantError
+from stepquant.export.bundle import with_umask
 
 # Tensors above this total go to an external data file: protobuf's limit is 2 GiB for the whole message,
 # and the graph's nodes and metadata need room too.
@@ -49,9 +50,7 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     if tensor_bytes(model) > EXTERNAL_DATA_BYTES:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=external.name, size_threshold=EXTERNAL_TENSOR_MIN_BYTES)
-        umask = os.umask(0)
-        os.umask(umask)
-        external.chmod(0o666 & ~umask)  # onnx creates it private; it is a bundle file like the graph beside it
+        with_umask(external, 0o666)  # onnx creates it private; it is a bundle file like the graph beside it
     else:
         onnx.save_model(model, str(path))
 

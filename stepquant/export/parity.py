@@ -1,5 +1,5 @@
 """End-to-end parity between a torch model and its exported graph, measured with Polygraphy's Comparator
-(torch on CPU against Polygraphy's onnxruntime runner, or TensorRT's on a GPU box): the FP graph's gate,
+(torch on --device against Polygraphy's onnxruntime runner, or TensorRT's on a GPU box): the FP graph's gate,
 a quantized graph's reported error, and the replay of a bundle's saved inputs on another machine.
 A quantized graph's gate at export is layer-wise (export/layerwise.py)."""
 
@@ -36,8 +36,8 @@ except ImportError:  # older Polygraphy, e.g. the one shipped with JetPack
 
 
 class TorchRunner(BaseRunner):
-    """A Polygraphy runner for a CPU torch module with the (sample, timestep, *conditions) -> eps signature
-    (Polygraphy's own PytRunner moves inputs to CUDA)."""
+    """A Polygraphy runner for a torch module with the (sample, timestep, *conditions) -> eps signature, fed
+    CPU tensors (an `EpsilonModel` runs them on its own device; Polygraphy's own PytRunner moves inputs to CUDA)."""
 
     def __init__(self, model: nn.Module, name: str = "torch") -> None:
         super().__init__(name=name, prefix="torch-cpu-runner")

@@ -5,7 +5,10 @@ quantizers' arithmetic stays float32 on any device."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +36,8 @@ class Placement:
 
     def describe(self) -> dict:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        return {"device": str(self.device), "device_name": name, "fp_dtype": str(self.dtype).removeprefix("torch.")}
+        return {"device": str(self.device), "device_name": name, "fp_dtype": str(self.dtype).removeprefix("torch."),
+                **({"cuda_float32": "ieee (no TF32)"} if self.device.type == "cuda" else {})}
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -70,6 +74,55 @@ def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | No
         return module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
     except (RuntimeError, torch.OutOfMemoryError) as err:
         raise DeviceError(f"cannot place the model on {device}: {' '.join(str(err).split())[:200]}") from err
+
+
+def device_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A deep copy of `module` whose parameters and buffers are made on `device` in `dtype` one by one, so the
+    host never holds a second full copy of a model it is about to move (float buffers only are cast)."""
+    memo: dict[int, object] = {}
+    for parameter in module.parameters():
+        memo[id(parameter)] = torch.nn.Parameter(parameter.detach().to(device, dtype), parameter.requires_grad)
+    for buffer in module.buffers():
+        memo[id(buffer)] = buffer.to(device, dtype if buffer.is_floating_point() else buffer.dtype)
+    try:
+        return copy.deepcopy(module, memo)
+    except (RuntimeError, torch.OutOfMemoryError) as err:
+        raise DeviceError(f"cannot place the model on {device}: {' '.join(str(err).split())[:200]}") from err
+
+
+@contextlib.contextmanager
+def placed(module: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
+    """`module` on `device` for the block, and back where it was after it (a no-op where it already is)."""
+    home, _ = module_placement(module)
+    place(module, device)
+    try:
+        yield module
+    finally:
+        place(module, home)
+
+
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """Float32 convolutions and matrix products on CUDA in IEEE float32 for the block. torch lets cuDNN
+    convolutions use TF32 by default (10-bit mantissa, about 1e-3 relative error): enough to move
+    calibration targets and, in parity, to flip Q/DQ rounding ties the CPU graph does not flip."""
+    settings = [torch.backends.cudnn.conv, torch.backends.cuda.matmul]
+    if not all(hasattr(s, "fp32_precision") for s in settings):  # torch < 2.9: the legacy switches
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        return
+    saved = [s.fp32_precision for s in settings]
+    for setting in settings:
+        setting.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for setting, value in zip(settings, saved):
+            setting.fp32_precision = value
 
 
 def module_placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
