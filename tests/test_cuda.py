@@ -32,3 +32,15 @@ def test_arrays_round_trip_through_device_memory(cuda):
 def test_a_failed_call_is_one_line(cuda):
     with pytest.raises(CudaError, match="cudaMalloc failed: .*CUDA error"):
         cuda.malloc(1 << 62)  # more than any GPU holds
+
+
+def test_a_failed_call_leaves_no_error_behind_for_torch(cuda):
+    """A failed cudaMalloc is also recorded as the process's last CUDA error; left there, torch's next CUDA
+    call in the same process reported it as its own out-of-memory (seen on an H200)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device here")
+    with pytest.raises(CudaError):
+        cuda.malloc(1 << 62)
+    assert cuda.lib.cudaGetLastError() == 0
+    assert float(torch.ones(4, device="cuda").sum()) == 4.0

@@ -113,9 +113,10 @@ def sd15_rows(workdir: Path, args) -> tuple[list[str], float | None]:
             out = workdir / f"sd15-{device}-{samples}"
             _, seconds, peak = run_measured([BIN / "export-quantized", "--model", model, "--conditioning", conditioning,
                                              "--out", out, "--calib-samples", samples, "--steps", args.steps,
-                                             "--guidance-scale", 7.5, "--eval-samples", 2, "--device", device, "--no-progress"])
+                                             "--guidance-scale", 7.5, "--eval-samples", 2, "--device", device,
+                                             "--dtype", args.dtype, "--no-progress"])
             calibration = json.loads((out / "manifest.json").read_text())["calibration"]
-            rows.append(f"| {device} | {samples} | {calibration['inputs']} | {seconds:.0f} | {peak:.2f} | "
+            rows.append(f"| {device} ({calibration['fp_dtype']} reference) | {samples} | {calibration['inputs']} | {seconds:.0f} | {peak:.2f} | "
                         f"{graph_gib(out, 'model_fp32.onnx')} | {graph_gib(out, 'model.onnx')} | {calibration['seconds']:.0f} | "
                         f"{gpu_memory(calibration)} |")
             print(rows[-1], flush=True)
@@ -220,6 +221,7 @@ def main() -> None:
     parser.add_argument("--parts", default="sd15,torchrun,sdxl")
     parser.add_argument("--calib-samples", default="2,8", help="sd15: the --calib-samples values compared")
     parser.add_argument("--devices", default="cpu,cuda", help="sd15 and demo-device: --device values (cuda where present)")
+    parser.add_argument("--dtype", default="float32", help="sd15: --dtype of the FP reference")
     parser.add_argument("--steps", type=int, default=2, help="sd15: sampler steps")
     parser.add_argument("--latent", type=int, default=32, help="latent size of sd15 and sdxl")
     parser.add_argument("--demo-calib-samples", type=int, default=32)

@@ -38,6 +38,9 @@ class Cuda:
 
     def _check(self, status: int, call: str) -> None:
         if status != 0:
+            # the runtime also keeps the error as the process's last one, where the next library to ask for it
+            # (torch's allocator, TensorRT) would take it for its own failure: clear it
+            self.lib.cudaGetLastError()
             self.lib.cudaGetErrorString.restype = ctypes.c_char_p
             raise CudaError(f"{call} failed: {self.lib.cudaGetErrorString(status).decode()} (CUDA error {status})")
 
