@@ -1,20 +1,27 @@
 """Calibration inputs kept on disk, one file per recorded call: the set read back from its shards is the set
 kept in memory (batches, any subset in any order, the guided sampler states), memory holds only the
-timesteps, and a disk that fills while sharding ends the export in one line with nothing left behind."""
+timesteps, reconstruction keeping its block inputs beside them learns exactly what it learns in memory, and a
+disk that fills while sharding ends the export in one line with nothing left behind."""
 
 from __future__ import annotations
 
+import copy
 import errno
 
 import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
-from stepquant.calibrators import collect_calibration_set, shards
+from stepquant.calibrators import collect_calibration_set, reconstruction, shards
+from stepquant.calibrators.calibrate import calibrate_
+from stepquant.calibrators.reconstruction import ReconstructionConfig
 from stepquant.models import EpsilonModel, load_model
 from stepquant.models.tiny import random_conditioning, save_tiny_pipeline
 from stepquant.models.torch_backend import TorchBackend
+from stepquant.quant import QuantSpec, quantize_
 from stepquant.runtime import SamplerConfig
+
+GUIDED = SamplerConfig(steps=3, guidance_scale=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +31,10 @@ def guided_sets(tmp_path_factory):
     loaded = load_model(str(save_tiny_pipeline("sdxl", root / "model")))
     model = EpsilonModel(loaded.denoiser)
     conditioning = random_conditioning(model, prompts=3)
-    args = (TorchBackend(model), loaded.scheduler_config, range(5), (4, 8, 8), SamplerConfig(steps=3, guidance_scale=2.0), 3)
+    args = (TorchBackend(model), loaded.scheduler_config, range(5), (4, 8, 8), GUIDED, 3)
     memory = collect_calibration_set(*args, progress=False, conditioning=conditioning, batch_size=2)
     disk = collect_calibration_set(*args, progress=False, conditioning=conditioning, batch_size=2, shard_dir=root / "calls")
-    return memory, disk
+    return memory, disk, loaded
 
 
 def _equal(a, b) -> bool:
@@ -35,7 +42,7 @@ def _equal(a, b) -> bool:
 
 
 def test_the_set_on_disk_reads_back_as_the_set_in_memory(guided_sets):
-    memory, disk = guided_sets
+    memory, disk, _ = guided_sets
     assert disk.samples is None and len(disk) == len(memory) == 5 * 3 * 2
     assert disk.segments == memory.segments == [4, 4, 4, 4, 4, 4, 2, 2, 2]  # 2 seeds x 2 halves per call, then 1 seed
     assert len(list(disk.store.directory.iterdir())) == len(disk.segments)
@@ -49,6 +56,47 @@ def test_the_set_on_disk_reads_back_as_the_set_in_memory(guided_sets):
     assert all(torch.equal(a.unconditional[k], b.unconditional[k]) and torch.equal(a.conditions[k], b.conditions[k])
                for k in b.conditions)
     assert list(disk.subset(index).conditions) == list(memory.conditions)  # the model's input order
+
+
+def test_rows_come_back_in_the_order_asked_for_from_any_files(tmp_path):
+    store = shards.RowShards(tmp_path / "rows")
+    whole = {"x": torch.randn(13, 3, 2), "t": torch.arange(13.0)}
+    for start, stop in ((0, 5), (5, 6), (6, 13)):  # files of 5, 1 and 7 rows
+        store.append({name: value[start:stop] for name, value in whole.items()})
+    index = torch.tensor([12, 0, 5, 5, 4, 6, 7, 8, 1, 12])  # repeats, runs, every file, out of order
+    rows = store.rows(index)
+    assert all(torch.equal(rows[name], whole[name][index]) for name in whole)
+    empty = store.rows(torch.tensor([], dtype=torch.long))
+    assert sorted(empty) == sorted(whole) and all(empty[name].shape == (0, *whole[name].shape[1:]) for name in whole)
+    store.remove()
+    assert not (tmp_path / "rows").exists()
+
+
+def test_reconstruction_with_its_block_inputs_on_disk_learns_what_it_learns_in_memory(guided_sets, monkeypatch):
+    """Same random batches, same rows, bit for bit; each block's files are removed once it is learned, and the
+    blocks' inputs are really read from disk (the in-memory path is not taken)."""
+    memory, disk, loaded = guided_sets
+    learned = {}
+    written = []
+    save = shards.save_file
+    monkeypatch.setattr(shards, "save_file", lambda tensors, path: (written.append(path), save(tensors, path))[1])
+    units = reconstruction.reconstruction_units
+    # three blocks keep it fast: the first, and a transformer block (keyword arguments: the text states)
+    monkeypatch.setattr(reconstruction, "reconstruction_units", lambda model, data: (lambda found: found[:1] + [
+        u for u in found if u.endswith("transformer_blocks.0")][:2])(units(model, data)))
+    for name, data in (("memory", memory), ("disk", disk)):
+        fp = EpsilonModel(loaded.denoiser)
+        q = EpsilonModel(copy.deepcopy(loaded.denoiser))
+        quantize_(q, QuantSpec(4, 8))
+        calibrate_(fp, q, data, "reconstruct", loaded.scheduler_config, GUIDED,
+                   reconstruction=ReconstructionConfig(iters=4, batch_size=8), progress=False)
+        learned[name] = q.state_dict()
+    assert any("/blocks/inputs/" in path for path in written) and any("/blocks/targets/" in path for path in written)
+    assert len({path.rsplit("/", 1)[0] for path in written}) == 2 and len(written) > 6  # 3 blocks, several batches
+    assert not (disk.store.directory / "blocks").exists()
+    assert learned["memory"].keys() == learned["disk"].keys()
+    assert all(torch.equal(learned["memory"][k], learned["disk"][k]) for k in learned["memory"]), [
+        k for k in learned["memory"] if not torch.equal(learned["memory"][k], learned["disk"][k])][:5]
 
 
 def test_a_full_disk_while_sharding_is_one_line_and_leaves_nothing(monkeypatch, tiny_model_dir, tmp_path):

@@ -49,18 +49,7 @@ class CalibrationSet:
         """The rows `index`, in memory (read from the calls that hold them when the set is on disk)."""
         if self.store is None:
             return CalibrationSet(self.samples[index], self.timesteps[index], {k: v[index] for k, v in self.conditions.items()})
-        rows = torch.arange(len(self))[index]
-        sizes = torch.tensor(self.segments)
-        ends = sizes.cumsum(0)
-        calls = torch.bucketize(rows, ends, right=True)
-        pieces = []
-        for call in calls.unique().tolist() or [0]:
-            samples, timesteps, conditions = self.store.load(call)
-            local = rows[calls == call] - (ends[call] - sizes[call])
-            pieces.append(CalibrationSet(samples[local], timesteps[local], {k: v[local] for k, v in conditions.items()}))
-        gathered = CalibrationSet(torch.cat([p.samples for p in pieces]), torch.cat([p.timesteps for p in pieces]),
-                                  {k: torch.cat([p.conditions[k] for p in pieces]) for k in pieces[0].conditions})
-        return gathered.subset(torch.argsort(torch.argsort(calls, stable=True)))  # back to the order asked for
+        return CalibrationSet(*self.store.split(self.store.rows(torch.arange(len(self))[index])))
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
         """Model inputs (samples, timesteps, *conditions), `batch_size` rows at a time, never across two calls."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +19,8 @@ from tqdm import tqdm
 
 from stepquant.calibrators import distributed
 from stepquant.calibrators.data import CalibrationSet
+from stepquant.calibrators.shards import RowShards
+from stepquant.models.device import module_placement
 from stepquant.quant.grid import IntGrid
 from stepquant.quant.layers import ActivationQuantizer, QuantizedLayer, SplitQuantizedLayer
 from stepquant.quant.rounding import LearnedRounding
@@ -98,22 +101,64 @@ def reconstruction_units(model: nn.Module, data: CalibrationSet) -> list[str]:
     return order
 
 
-def _capture(model: nn.Module, name: str, data: CalibrationSet, want_output: bool, batch_size: int = 64) -> list:
-    """What block `name` receives ((args, kwargs) per batch) or returns, over the calibration set."""
+class BlockRecords:
+    """What a block receives (its positional and keyword arguments) or returns, over the calibration set, for
+    reconstruction to draw random batches from: in memory, or, given a directory (the calibration set is on
+    disk), one safetensors file per captured batch, read back a batch's rows at a time. Arguments that are not
+    tensors are the same in every batch and kept once."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.shards = None if directory is None else RowShards(directory, prefix="block")
+        self.batches: list[dict[str, torch.Tensor]] = []  # in memory: one dict per captured batch
+        self.constants: dict[str, object] = {}
+        self.layout: tuple[int, list[str]] = (0, [])  # positional count, keyword names
+
+    def append(self, args: tuple, kwargs: dict) -> None:
+        named = {**{f"arg.{i}": a for i, a in enumerate(args)}, **{f"kwarg.{k}": v for k, v in kwargs.items()}}
+        tensors = {name: value.detach().contiguous() for name, value in named.items() if torch.is_tensor(value)}
+        if not self.batches and (self.shards is None or not len(self.shards)):
+            self.layout = (len(args), list(kwargs))
+            self.constants = {name: value for name, value in named.items() if not torch.is_tensor(value)}
+        if self.shards is not None:
+            self.shards.append(tensors)
+        else:
+            self.batches.append(tensors)
+
+    def __len__(self) -> int:
+        return self.shards.rows_total if self.shards is not None else sum(len(next(iter(b.values()))) for b in self.batches)
+
+    def gather(self, index: torch.Tensor, device: torch.device) -> tuple[tuple, dict]:
+        """The arguments at rows `index`, on `device`."""
+        if self.shards is not None:
+            rows = self.shards.rows(index)
+        else:
+            if len(self.batches) > 1:  # joined once, the batches let go
+                self.batches = [{name: torch.cat([b[name] for b in self.batches]) for name in self.batches[0]}]
+            rows = {name: value[index.to(value.device)] for name, value in self.batches[0].items()}
+        values = {**self.constants, **{name: value.to(device) for name, value in rows.items()}}
+        positional, keywords = self.layout
+        return tuple(values[f"arg.{i}"] for i in range(positional)), {k: values[f"kwarg.{k}"] for k in keywords}
+
+    def remove(self) -> None:
+        if self.shards is not None:
+            self.shards.remove()
+
+
+def _capture(model: nn.Module, name: str, data: CalibrationSet, want_output: bool, records: BlockRecords,
+             batch_size: int = 64) -> BlockRecords:
+    """Record what block `name` receives (args, kwargs) or returns, batch by batch over the calibration set."""
     block = model.get_submodule(name)
-    records: list = []
 
     def on_input(_module, args, kwargs):
-        # contiguous: attention outputs arrive with channels-last strides, whose GroupNorm backward
-        # crashes torch 2.13's CPU kernel at some shapes
-        records.append((tuple(a.detach().contiguous() if torch.is_tensor(a) else a for a in args),
-                        {k: v.detach().contiguous() if torch.is_tensor(v) else v for k, v in kwargs.items()}))
+        # contiguous (BlockRecords): attention outputs arrive with channels-last strides, whose GroupNorm
+        # backward crashes torch 2.13's CPU kernel at some shapes
+        records.append(args, kwargs)
         raise _Stop
 
     def on_output(_module, _args, output):
         if not torch.is_tensor(output):
             raise TypeError(f"block {name} returns {type(output).__name__}; reconstruction needs a tensor output")
-        records.append(output.detach())
+        records.append((output,), {})
         raise _Stop
 
     hook = (block.register_forward_hook(on_output) if want_output
@@ -128,19 +173,6 @@ def _capture(model: nn.Module, name: str, data: CalibrationSet, want_output: boo
     finally:
         hook.remove()
     return records
-
-
-def _concat_inputs(records: list) -> tuple[tuple, dict]:
-    """One (args, kwargs) whose tensors hold every batch; non-tensor values are the same in every batch."""
-    def merge(values):
-        return torch.cat(values) if torch.is_tensor(values[0]) else values[0]
-    args = tuple(merge([r[0][i] for r in records]) for i in range(len(records[0][0])))
-    kwargs = {k: merge([r[1][k] for r in records]) for k in records[0][1]}
-    return args, kwargs
-
-
-def _select(value, index: torch.Tensor):
-    return value[index] if torch.is_tensor(value) else value
 
 
 def train_quantizers(
@@ -206,21 +238,41 @@ def reconstruct_blocks(
 ) -> dict[str, float]:
     """Reconstruct every block of `q_model` (activation ranges already calibrated) against `fp_model`;
     return the final loss per block. Inputs come from the quantized network ("asym"), so each block
-    learns to undo the error of the blocks before it."""
+    learns to undo the error of the blocks before it. When the calibration set is on disk, each block's
+    inputs and targets are kept beside it (and removed after the block), so memory does not grow with it."""
     generator = torch.Generator().manual_seed(config.seed + distributed.rank())  # each rank its own batches
     losses: dict[str, float] = {}
     units = reconstruction_units(q_model, data)
-    for name in tqdm(units, desc="reconstructing blocks", unit="block", disable=not progress, leave=False):
-        args, kwargs = _concat_inputs(_capture(q_model, name, data, want_output=False))
-        target = torch.cat(_capture(fp_model, name, data, want_output=True))
-        block = q_model.get_submodule(name)
+    where = None if data.store is None else data.store.directory / "blocks"
+    try:
+        for name in tqdm(units, desc="reconstructing blocks", unit="block", disable=not progress, leave=False):
+            losses[name] = _reconstruct_block(fp_model, q_model, name, data, config, generator, where, progress)
+    finally:
+        if where is not None and where.exists():
+            where.rmdir()  # each block's records are gone already
+    return losses
+
+
+def _reconstruct_block(fp_model: nn.Module, q_model: nn.Module, name: str, data: CalibrationSet,
+                       config: ReconstructionConfig, generator: torch.Generator, where: Path | None, progress: bool) -> float:
+    """Learn one block on its recorded inputs and FP outputs (in files under `where`, removed after)."""
+    block = q_model.get_submodule(name)
+    device, _ = module_placement(block)
+    inputs = BlockRecords(None if where is None else where / "inputs")
+    targets = BlockRecords(None if where is None else where / "targets")
+    try:
+        _capture(q_model, name, data, False, inputs)
+        _capture(fp_model, name, data, True, targets)
 
         def objective(_it: int) -> float:
-            index = torch.randint(len(target), (config.batch_size,), generator=generator).to(target.device)
-            output = block(*(_select(a, index) for a in args), **{k: _select(v, index) for k, v in kwargs.items()})
-            loss = lp_loss(output, target[index], config.p)
+            index = torch.randint(len(targets), (config.batch_size,), generator=generator)
+            args, kwargs = inputs.gather(index, device)
+            (target,), _ = targets.gather(index, device)
+            loss = lp_loss(block(*args, **kwargs), target, config.p)
             loss.backward()
             return loss.item()
 
-        losses[name] = train_quantizers(block, objective, config, config.iters, config.beta_start, name, progress)
-    return losses
+        return train_quantizers(block, objective, config, config.iters, config.beta_start, name, progress)
+    finally:
+        inputs.remove()
+        targets.remove()
