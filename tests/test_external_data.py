@@ -82,3 +82,34 @@ def test_a_graph_reading_data_outside_the_bundle_or_unlisted_is_refused(external
         bundle_graph(load_bundle(copy), "model.onnx")
     listed = json.loads((copy / "manifest.json").read_text())["files"]
     assert "extra.data" not in listed
+
+
+def test_shape_inference_never_serializes_the_weights(monkeypatch, external_bundle, tmp_path):
+    """onnx's shape inference serializes the model it is given, which fails past protobuf's 2 GiB. Seeded here
+    with a limit below the graph's weights: the FP16 rewrite and the lint's inference still work (they hand
+    onnx the graph without its large tensors' data, and put it back), where handing it the whole graph fails."""
+    import onnx.shape_inference as shape_inference
+
+    from stepquant.export.precision import convert_to_fp16
+
+    graph = tmp_path / "model.onnx"
+    model = onnx.load(str(external_bundle / "model.onnx"))  # the Q/DQ graph, with its data
+    onnx.save(model, str(graph))
+    weights = onnx_files.tensor_bytes(model)
+    limit = model.ByteSize() - weights // 2
+    real = shape_inference.infer_shapes
+
+    def limited(proto, *args, **kwargs):
+        if proto.ByteSize() > limit:
+            raise ValueError("Message onnx.ModelProto exceeds maximum protobuf size of 2GB (seeded)")
+        return real(proto, *args, **kwargs)
+
+    monkeypatch.setattr(shape_inference, "infer_shapes", limited)
+    with pytest.raises(ValueError, match="seeded"):
+        shape_inference.infer_shapes(model)
+    inferred = onnx_files.infer_shapes(model)
+    assert len(inferred.graph.value_info) > 0 and onnx_files.tensor_bytes(inferred) == weights  # data put back
+    convert_to_fp16(graph)
+    converted = onnx.load(str(graph))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in converted.graph.initializer)
+    assert not lint(graph)

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from stepquant.export.onnx_files import infer_shapes
+
 RULES: dict[str, str] = {
     "zero-point-nonzero": "TensorRT supports only symmetric quantization: every zero point must be 0",
     "zero-point-type": "the zero point's type selects the format and must be INT8, FLOAT8E4M3FN or INT4 (UINT8 is read as INT8)",
@@ -54,7 +56,7 @@ class _Graph:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         try:
-            model = onnx.shape_inference.infer_shapes(model)
+            model = infer_shapes(model)
         except Exception:  # shape inference is a help for the type rules, not a requirement
             pass
         self.model = model

@@ -41,6 +41,26 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with onnx's inferred types and shapes in its value_info, at any size: onnx serializes the model
+    to infer (protobuf's 2 GiB limit), so the data of initializers over `EXTERNAL_TENSOR_MIN_BYTES` is taken
+    out for it and put back after (their dims and types are what inference reads; shapes and other small
+    constants it evaluates stay)."""
+    taken = []
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) > EXTERNAL_TENSOR_MIN_BYTES:
+            taken.append((tensor, tensor.raw_data))
+            tensor.ClearField("raw_data")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    finally:
+        for tensor, data in taken:
+            tensor.raw_data = data
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
+
+
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     """Write `model` to `path`; with its tensors over `EXTERNAL_DATA_BYTES`, its larger tensors to
     `data_file(path)` (replaced, never appended to). A graph saved small removes a data file of its own."""

@@ -10,7 +10,7 @@ from onnx import TensorProto
 from torch import nn
 
 from stepquant.export.onnx_export import export_onnx
-from stepquant.export.onnx_files import save_onnx
+from stepquant.export.onnx_files import infer_shapes, save_onnx
 from stepquant.export.shapes import ShapeProfile
 
 PRECISIONS = ("fp32", "fp16")
@@ -62,7 +62,9 @@ def convert_to_fp16(path: Path) -> None:
     keep_fp32 = timestep_encoding_nodes(model.graph)
     own_casts = {n.name for n in model.graph.node if n.name not in keep_fp32 and n.op_type == "Cast"
                  and any(a.name == "to" and a.i == TensorProto.FLOAT for a in n.attribute)}
-    model = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep_fp32)
+    # the converter's own shape inference would serialize the weights (over 2 GiB for SDXL's graphs): ours does not
+    model = convert_float_to_float16(infer_shapes(model), keep_io_types=True, node_block_list=keep_fp32,
+                                     disable_shape_infer=True)
     outputs = {out.name for out in model.graph.output}
     for node in model.graph.node:
         if node.name in own_casts and node.output[0] not in outputs:
@@ -70,7 +72,7 @@ def convert_to_fp16(path: Path) -> None:
                 if attribute.name == "to":
                     attribute.i = TensorProto.FLOAT16
     del model.graph.value_info[:]
-    save_onnx(_without_identity_casts(onnx.shape_inference.infer_shapes(model), own_casts), str(path))
+    save_onnx(_without_identity_casts(infer_shapes(model), own_casts), str(path))
 
 
 def _without_identity_casts(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
