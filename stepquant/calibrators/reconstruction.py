@@ -111,12 +111,12 @@ class BlockRecords:
         self.shards = None if directory is None else RowShards(directory, prefix="block")
         self.batches: list[dict[str, torch.Tensor]] = []  # in memory: one dict per captured batch
         self.constants: dict[str, object] = {}
-        self.layout: tuple[int, list[str]] = (0, [])  # positional count, keyword names
+        self.layout: tuple[int, list[str]] | None = None  # positional count, keyword names (from the first batch)
 
     def append(self, args: tuple, kwargs: dict) -> None:
         named = {**{f"arg.{i}": a for i, a in enumerate(args)}, **{f"kwarg.{k}": v for k, v in kwargs.items()}}
         tensors = {name: value.detach().contiguous() for name, value in named.items() if torch.is_tensor(value)}
-        if not self.batches and (self.shards is None or not len(self.shards)):
+        if self.layout is None:
             self.layout = (len(args), list(kwargs))
             self.constants = {name: value for name, value in named.items() if not torch.is_tensor(value)}
         if self.shards is not None:

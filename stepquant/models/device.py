@@ -73,7 +73,11 @@ def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | No
     try:
         return module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
     except (RuntimeError, torch.OutOfMemoryError) as err:
-        raise DeviceError(f"cannot place the model on {device}: {' '.join(str(err).split())[:200]}") from err
+        raise _cannot_place(device, err) from err
+
+
+def _cannot_place(device: torch.device, err: Exception) -> DeviceError:
+    return DeviceError(f"cannot place the model on {device}: {' '.join(str(err).split())[:200]}")
 
 
 def device_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -87,7 +91,7 @@ def device_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dtyp
     try:
         return copy.deepcopy(module, memo)
     except (RuntimeError, torch.OutOfMemoryError) as err:
-        raise DeviceError(f"cannot place the model on {device}: {' '.join(str(err).split())[:200]}") from err
+        raise _cannot_place(device, err) from err
 
 
 @contextlib.contextmanager
@@ -106,23 +110,17 @@ def ieee_float32() -> Iterator[None]:
     """Float32 convolutions and matrix products on CUDA in IEEE float32 for the block. torch lets cuDNN
     convolutions use TF32 by default (10-bit mantissa, about 1e-3 relative error): enough to move
     calibration targets and, in parity, to flip Q/DQ rounding ties the CPU graph does not flip."""
-    settings = [torch.backends.cudnn.conv, torch.backends.cuda.matmul]
-    if not all(hasattr(s, "fp32_precision") for s in settings):  # torch < 2.9: the legacy switches
-        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-        return
-    saved = [s.fp32_precision for s in settings]
-    for setting in settings:
-        setting.fp32_precision = "ieee"
+    switches = [(torch.backends.cudnn.conv, "fp32_precision", "ieee"), (torch.backends.cuda.matmul, "fp32_precision", "ieee")]
+    if not all(hasattr(owner, name) for owner, name, _ in switches):  # torch < 2.9: the legacy switches
+        switches = [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32", False)]
+    saved = [getattr(owner, name) for owner, name, _ in switches]
+    for owner, name, value in switches:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        for setting, value in zip(settings, saved):
-            setting.fp32_precision = value
+        for (owner, name, _), value in zip(switches, saved):
+            setattr(owner, name, value)
 
 
 def module_placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
