@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import errno
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,7 +61,8 @@ def test_the_set_on_disk_reads_back_as_the_set_in_memory(guided_sets):
 
 def test_rows_come_back_in_the_order_asked_for_from_any_files(tmp_path):
     store = shards.RowShards(tmp_path / "rows")
-    whole = {"x": torch.randn(13, 3, 2), "t": torch.arange(13.0)}
+    whole = {"x": torch.randn(13, 3, 2), "t": torch.arange(13.0), "h": torch.randn(13, 4).to(torch.bfloat16),
+             "i": torch.arange(13), "b": torch.arange(13) % 3 == 0}
     for start, stop in ((0, 5), (5, 6), (6, 13)):  # files of 5, 1 and 7 rows
         store.append({name: value[start:stop] for name, value in whole.items()})
     index = torch.tensor([12, 0, 5, 5, 4, 6, 7, 8, 1, 12])  # repeats, runs, every file, out of order
@@ -68,8 +70,33 @@ def test_rows_come_back_in_the_order_asked_for_from_any_files(tmp_path):
     assert all(torch.equal(rows[name], whole[name][index]) for name in whole)
     empty = store.rows(torch.tensor([], dtype=torch.long))
     assert sorted(empty) == sorted(whole) and all(empty[name].shape == (0, *whole[name].shape[1:]) for name in whole)
+    assert all(torch.equal(store.load(2)[name], whole[name][6:13]) for name in whole)
     store.remove()
     assert not (tmp_path / "rows").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc/self/maps")
+def test_reading_rows_maps_no_file_into_memory(tmp_path):
+    """A memory map's touched pages count in RSS until it closes: reconstruction's random batches brought every
+    block input into RSS that way, growing peak memory with the sample count. Reads must not map the shards."""
+    store = shards.RowShards(tmp_path / "rows")
+    for _ in range(3):
+        store.append({"x": torch.randn(64, 256)})
+    store.rows(torch.randperm(192))
+    store.load(1)
+    assert str(tmp_path / "rows") not in Path("/proc/self/maps").read_text()
+
+
+def test_a_truncated_shard_is_one_line(tmp_path):
+    store = shards.RowShards(tmp_path / "rows")
+    store.append({"x": torch.randn(8, 16)})
+    path = next((tmp_path / "rows").iterdir())
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(shards.ShardError, match="truncated"):
+        store.rows(torch.tensor([7]))
+    path.write_bytes(b"\xff" * 8)
+    with pytest.raises(shards.ShardError, match="cannot read calibration shard"):
+        shards.RowShards(tmp_path / "rows").load(0)
 
 
 def test_reconstruction_with_its_block_inputs_on_disk_learns_what_it_learns_in_memory(guided_sets, monkeypatch):
