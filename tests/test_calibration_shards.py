@@ -53,9 +53,10 @@ def test_the_set_on_disk_reads_back_as_the_set_in_memory(guided_sets):
     assert _equal(disk.subset(index).inputs(), memory.subset(index).inputs())
     assert _equal(disk.at_timestep(memory.unique_timesteps()[1], 3).inputs(), memory.at_timestep(memory.unique_timesteps()[1], 3).inputs())
     a, b = disk.sampler_states(), memory.sampler_states()
-    assert torch.equal(a.samples, b.samples) and a.guidance_scale == b.guidance_scale == 2.0
-    assert all(torch.equal(a.unconditional[k], b.unconditional[k]) and torch.equal(a.conditions[k], b.conditions[k])
-               for k in b.conditions)
+    every = torch.arange(len(b))
+    assert torch.equal(a.samples(every), b.samples(every)) and a.guidance_scale == b.guidance_scale == 2.0
+    (a_cond, a_uncond), (b_cond, b_uncond) = a.branches(every), b.branches(every)
+    assert all(torch.equal(a_uncond[k], b_uncond[k]) and torch.equal(a_cond[k], b_cond[k]) for k in b_cond)
     assert list(disk.subset(index).conditions) == list(memory.conditions)  # the model's input order
 
 
@@ -99,12 +100,17 @@ def test_a_truncated_shard_is_one_line(tmp_path):
         shards.RowShards(tmp_path / "rows").load(0)
 
 
-def test_reconstruction_with_its_block_inputs_on_disk_learns_what_it_learns_in_memory(guided_sets, monkeypatch):
-    """Same random batches, same rows, bit for bit; each block's files are removed once it is learned, and the
-    blocks' inputs are really read from disk (the in-memory path is not taken)."""
+@pytest.mark.parametrize("calibrator", ["reconstruct", "multistep", "mixed-order"])
+def test_learning_from_the_set_on_disk_learns_what_it_learns_in_memory(guided_sets, monkeypatch, calibrator):
+    """Same random batches, same rows, bit for bit; each block's files are removed once it is learned, the
+    blocks' inputs (and mixed-order's targets) are really read from disk (the in-memory path is not taken),
+    and the trajectory calibrators read the sampler states a batch at a time, never the whole set at once."""
     memory, disk, loaded = guided_sets
     learned = {}
     written = []
+    largest_read = []
+    rows = disk.store.rows
+    monkeypatch.setattr(disk.store, "rows", lambda index: (largest_read.append(len(index)), rows(index))[1])
     save = shards.save_file
     monkeypatch.setattr(shards, "save_file", lambda tensors, path: (written.append(path), save(tensors, path))[1])
     units = reconstruction.reconstruction_units
@@ -115,11 +121,14 @@ def test_reconstruction_with_its_block_inputs_on_disk_learns_what_it_learns_in_m
         fp = EpsilonModel(loaded.denoiser)
         q = EpsilonModel(copy.deepcopy(loaded.denoiser))
         quantize_(q, QuantSpec(4, 8))
-        calibrate_(fp, q, data, "reconstruct", loaded.scheduler_config, GUIDED,
-                   reconstruction=ReconstructionConfig(iters=4, batch_size=8), progress=False)
+        calibrate_(fp, q, data, calibrator, loaded.scheduler_config, GUIDED, progress=False,
+                   reconstruction=ReconstructionConfig(iters=4, batch_size=8, trajectory_iters=3, trajectory_batch=4))
         learned[name] = q.state_dict()
     assert any("/blocks/inputs/" in path for path in written) and any("/blocks/targets/" in path for path in written)
-    assert len({path.rsplit("/", 1)[0] for path in written}) == 2 and len(written) > 6  # 3 blocks, several batches
+    folders = {path.rsplit("/", 1)[0] for path in written}
+    assert len(folders) == 2 + (calibrator == "mixed-order") and len(written) > 6  # 3 blocks, several batches
+    assert (calibrator == "mixed-order") == any("/targets-" in folder for folder in folders)
+    assert max(largest_read, default=0) < len(disk)  # the whole set is never read at once
     assert not (disk.store.directory / "blocks").exists()
     assert learned["memory"].keys() == learned["disk"].keys()
     assert all(torch.equal(learned["memory"][k], learned["disk"][k]) for k in learned["memory"]), [

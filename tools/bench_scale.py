@@ -4,8 +4,9 @@
   with conditioning from a file, exported at W8A8 by the `export-quantized` command in a child process, once per
   `--calib-samples` value: wall time, peak RSS (the child's, from wait4), graph sizes. With CUDA, also on
   `--device cuda` (peak GPU memory read from the bundle's manifest).
-- reconstruct-memory: the demo's W4A8 `reconstruct` export at each `--recon-calib-samples` value: peak RSS
-  (reconstruction keeps each block's inputs and targets in files beside the calibration set).
+- reconstruct-memory: the demo's W4A8 export with each learning calibrator (`--recon-calibrators`) at each
+  `--recon-calib-samples` value: peak RSS (reconstruction keeps each block's inputs and targets in files beside
+  the calibration set; multistep and mixed-order read its sampler states a batch at a time).
 - demo-device: the demo's W4A8 `reconstruct` export per device (`--devices`; CUDA where present): wall time,
   calibration time, PSNR to FP, peak GPU memory.
 - torchrun: the demo exported by one process and by two under torchrun (gloo, every process one thread, as
@@ -133,20 +134,22 @@ def sd15_rows(workdir: Path, args) -> tuple[list[str], float | None]:
 
 
 def reconstruct_memory_rows(workdir: Path, args) -> list[str]:
-    rows = [f"demo-digits, W4A8 reconstruct ({args.recon_iters} iterations per block), 25 DDIM steps, --device cpu, "
-            "--eval-samples 8.", "", "| --calib-samples | calibration inputs | wall (s) | peak RSS (GiB) |", "|---|---|---|---|"]
-    peaks = []
-    for samples in map(int, args.recon_calib_samples.split(",")):
-        out = workdir / f"reconstruct-{samples}"
-        _, seconds, peak = run_measured([BIN / "export-quantized", "--out", out, "--steps", 25, "--calibrator", "reconstruct",
-                                         "--weight-bits", 4, "--recon-iters", args.recon_iters, "--calib-samples", samples,
-                                         "--eval-samples", 8, "--device", "cpu", "--no-progress"])
-        calibration = json.loads((out / "manifest.json").read_text())["calibration"]
-        rows.append(f"| {samples} | {calibration['inputs']} | {seconds:.0f} | {peak:.3f} |")
-        print(rows[-1], flush=True)
-        peaks.append(peak)
-        shutil.rmtree(out)
-    rows += ["", f"Peak RSS from the fewest to the most samples: {100 * (peaks[-1] / peaks[0] - 1):+.1f}%."]
+    rows = [f"demo-digits, W4A8 ({args.recon_iters} reconstruction iterations per block), 25 DDIM steps, --device cpu, "
+            "--eval-samples 8.", "", "| calibrator | --calib-samples | calibration inputs | wall (s) | peak RSS (GiB) |",
+            "|---|---|---|---|---|"]
+    for calibrator in args.recon_calibrators.split(","):
+        peaks = []
+        for samples in map(int, args.recon_calib_samples.split(",")):
+            out = workdir / f"{calibrator}-{samples}"
+            _, seconds, peak = run_measured([BIN / "export-quantized", "--out", out, "--steps", 25, "--calibrator", calibrator,
+                                             "--weight-bits", 4, "--recon-iters", args.recon_iters, "--calib-samples", samples,
+                                             "--eval-samples", 8, "--device", "cpu", "--no-progress"])
+            calibration = json.loads((out / "manifest.json").read_text())["calibration"]
+            rows.append(f"| {calibrator} | {samples} | {calibration['inputs']} | {seconds:.0f} | {peak:.3f} |")
+            print(rows[-1], flush=True)
+            peaks.append(peak)
+            shutil.rmtree(out)
+        rows.append(f"| {calibrator} | peak RSS from the fewest to the most samples | | | {100 * (peaks[-1] / peaks[0] - 1):+.1f}% |")
     return rows
 
 
@@ -243,6 +246,8 @@ def main() -> None:
     parser.add_argument("--devices", default="cpu,cuda", help="sd15 and demo-device: --device values (cuda where present)")
     parser.add_argument("--dtype", default="float32", help="sd15: --dtype of the FP reference")
     parser.add_argument("--recon-calib-samples", default="16,128", help="reconstruct-memory: the --calib-samples values")
+    parser.add_argument("--recon-calibrators", default="reconstruct,mixed-order,multistep",
+                        help="reconstruct-memory: the calibrators measured")
     parser.add_argument("--steps", type=int, default=2, help="sd15: sampler steps")
     parser.add_argument("--latent", type=int, default=32, help="latent size of sd15 and sdxl")
     parser.add_argument("--demo-calib-samples", type=int, default=32)
@@ -255,7 +260,7 @@ def main() -> None:
     ratio = None
     with tempfile.TemporaryDirectory() as tmp:
         if "reconstruct-memory" in parts:
-            lines += ["### Reconstruction's memory against the sample count", "", *reconstruct_memory_rows(Path(tmp), args), ""]
+            lines += ["### Learning calibrators' memory against the sample count", "", *reconstruct_memory_rows(Path(tmp), args), ""]
         if "demo-device" in parts:
             lines += ["### The demo's reconstruct export per device", "", *demo_device_rows(Path(tmp), args), ""]
         if "sd15" in parts:

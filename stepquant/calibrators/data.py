@@ -25,7 +25,7 @@ class CalibrationSet:
     """Network inputs from sampling trajectories: samples [N,C,H,W], timesteps [N] (float32) and, for
     conditional models, each condition input [N, ...] in the model's input order. Recorded with a shard
     directory, samples and conditions stay on disk (`store`, one file per call; `samples` is None) and are read
-    a call at a time; what needs them all at once (`sampler_states`) reads them then."""
+    a call, or a batch of rows, at a time."""
 
     samples: torch.Tensor | None
     timesteps: torch.Tensor
@@ -69,43 +69,51 @@ class CalibrationSet:
 
     def sampler_states(self) -> SamplerStates:
         """The states the sampler stepped from, each once, with the conditioning its estimate was made with."""
-        if self.store is not None:  # the trajectory calibrators draw from every state: read them all
-            whole = self.subset(slice(None))
-            return CalibrationSet(whole.samples, self.timesteps, whole.conditions, self.pairs, self.guidance_scale).sampler_states()
         if self.pairs is None:
-            return SamplerStates(self.samples, self.timesteps, self.conditions)
-        uncond, cond = self.pairs[:, 0], self.pairs[:, 1]
-        return SamplerStates(self.samples[cond], self.timesteps[cond], {k: v[cond] for k, v in self.conditions.items()},
-                             {k: v[uncond] for k, v in self.conditions.items()}, self.guidance_scale)
+            return SamplerStates(self, torch.arange(len(self)))
+        return SamplerStates(self, self.pairs[:, 1], self.pairs[:, 0], self.guidance_scale)
 
 
 @dataclass
 class SamplerStates:
-    """x_t [M, C, H, W] at timesteps [M] with the conditional rows (and, under guidance, the unconditional
-    rows and the scale) of the estimate the sampler took there: what multi-step and mixed-order calibration
-    unroll, so they follow the guided update the sampler really takes."""
+    """The sampler states x_t of `data` (its rows `rows`, the conditional half under guidance, whose
+    unconditional twins are `unconditional_rows`) with the estimate the sampler took there: what multi-step
+    and mixed-order calibration unroll, so they follow the guided update the sampler really takes. Read a batch
+    of states at a time, so a set on disk stays there."""
 
-    samples: torch.Tensor
-    timesteps: torch.Tensor
-    conditions: dict[str, torch.Tensor] = field(default_factory=dict)
-    unconditional: dict[str, torch.Tensor] = field(default_factory=dict)
+    data: CalibrationSet
+    rows: torch.Tensor
+    unconditional_rows: torch.Tensor | None = None
     guidance_scale: float = 1.0
 
+    def __post_init__(self) -> None:
+        self.timesteps = self.data.timesteps[self.rows]
+
     def __len__(self) -> int:
-        return len(self.timesteps)
+        return len(self.rows)
 
     def at_timestep(self, timestep: float) -> torch.Tensor:
         """Indices of the states recorded at `timestep`."""
         return torch.nonzero(self.timesteps == timestep).flatten()
 
+    def samples(self, index: torch.Tensor) -> torch.Tensor:
+        """x_t of the states `index`."""
+        return self.data.subset(self.rows[index]).samples
+
+    def branches(self, index: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The condition inputs of the states `index`: (conditional, unconditional; empty when unguided)."""
+        cond = self.data.subset(self.rows[index]).conditions
+        if self.unconditional_rows is None:
+            return cond, {}
+        return cond, self.data.subset(self.unconditional_rows[index]).conditions
+
     def estimate(self, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The model's estimate at x (the states `index` moved along) with those states' conditioning, guided
         (one batch of both halves, as the runtime runs it) when the states were."""
-        cond = [v[index] for v in self.conditions.values()]
-        if not self.unconditional:
-            return model(x, t, *cond)
-        uncond = [v[index] for v in self.unconditional.values()]
-        both = model(torch.cat([x, x]), torch.cat([t, t]), *(torch.cat([u, c]) for u, c in zip(uncond, cond)))
+        cond, uncond = self.branches(index)
+        if self.unconditional_rows is None:
+            return model(x, t, *cond.values())
+        both = model(torch.cat([x, x]), torch.cat([t, t]), *(torch.cat([uncond[k], cond[k]]) for k in cond))
         return combine_guided(*both.chunk(2), self.guidance_scale)
 
 

@@ -10,12 +10,17 @@ are the guided estimates the sampler steps with (the midpoint node reached by th
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
 
 from stepquant.calibrators.data import CalibrationSet, SamplerStates
 from stepquant.calibrators.multistep import Objective
+from stepquant.calibrators.reconstruction import BlockRecords
 
 
 def _log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -36,14 +41,14 @@ def _alpha_at(scheduler, timestep: float) -> float:
 
 
 @torch.no_grad()
-def second_order_targets(fp_model: nn.Module, states: SamplerStates, scheduler, batch_size: int = 64) -> torch.Tensor:
-    """eps_FP at the DPM-Solver-2 midpoint node for every sampler state (the FP first-order estimate
-    itself at the last step, which has no next timestep to take a midpoint with)."""
+def second_order_targets(fp_model: nn.Module, states: SamplerStates, scheduler, batch_size: int = 64) -> Iterator[torch.Tensor]:
+    """eps_FP at the DPM-Solver-2 midpoint node for every sampler state, `batch_size` states at a time in
+    order (the FP first-order estimate itself at the last step, which has no next timestep to take a midpoint
+    with)."""
     step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    targets = []
     for start in range(0, len(states), batch_size):
         index = torch.arange(start, min(start + batch_size, len(states)))
-        samples, timesteps = states.samples[index], states.timesteps[index]
+        samples, timesteps = states.samples(index), states.timesteps[index]
         eps = states.estimate(fp_model, samples, timesteps, index)
         out = eps.clone()
         for t in timesteps.unique().tolist():
@@ -56,20 +61,24 @@ def second_order_targets(fp_model: nn.Module, states: SamplerStates, scheduler, 
             x0 = (samples[rows] - (1 - alpha_t) ** 0.5 * eps[rows]) / alpha_t**0.5
             x_r = alpha_r**0.5 * x0 + (1 - alpha_r) ** 0.5 * eps[rows]
             out[rows] = states.estimate(fp_model, x_r, torch.full((int(rows.sum()),), r), index[rows])
-        targets.append(out)
-    return torch.cat(targets)
+        yield out
 
 
 def mixed_order_objective(fp_model: nn.Module, q_model: nn.Module, data: CalibrationSet, scheduler,
                           batch_size: int, generator: torch.Generator) -> Objective:
-    """An objective for `train_quantizers`: squared distance of eps_Q(x_t, t) to the FP midpoint estimate."""
+    """An objective for `train_quantizers`: squared distance of eps_Q(x_t, t) to the FP midpoint estimate.
+    The targets are kept where the calibration set is: on disk (a `targets-*` folder beside its calls, removed
+    with them) when it is."""
     states = data.sampler_states()
-    targets = second_order_targets(fp_model, states, scheduler)
+    targets = BlockRecords(None if data.store is None else Path(tempfile.mkdtemp(prefix="targets-", dir=data.store.directory)))
+    for batch in second_order_targets(fp_model, states, scheduler):
+        targets.append((batch,), {})
 
     def objective(_it: int) -> float:
         index = torch.randint(len(states), (batch_size,), generator=generator)
-        eps = states.estimate(q_model, states.samples[index], states.timesteps[index], index)
-        loss = (eps - targets[index]).pow(2).flatten(1).sum(1).mean()
+        eps = states.estimate(q_model, states.samples(index), states.timesteps[index], index)
+        (target,), _ = targets.gather(index, eps.device)
+        loss = (eps - target).pow(2).flatten(1).sum(1).mean()
         loss.backward()
         return loss.item()
 

@@ -58,7 +58,7 @@ def multistep_objective(fp_model: nn.Module, q_model: nn.Module, data: Calibrati
         chain = range(k, min(k + steps, len(timesteps)))
         pool = states.at_timestep(float(timesteps[k]))
         index = pool[torch.randint(len(pool), (batch_size,), generator=generator)]
-        x = states.samples[index]
+        x = states.samples(index)
         with torch.no_grad():
             target = _run(fp_model, table, states, index, x, chain)
         if unrolled:

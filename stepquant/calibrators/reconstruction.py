@@ -102,10 +102,10 @@ def reconstruction_units(model: nn.Module, data: CalibrationSet) -> list[str]:
 
 
 class BlockRecords:
-    """What a block receives (its positional and keyword arguments) or returns, over the calibration set, for
-    reconstruction to draw random batches from: in memory, or, given a directory (the calibration set is on
-    disk), one safetensors file per captured batch, read back a batch's rows at a time. Arguments that are not
-    tensors are the same in every batch and kept once."""
+    """What a block receives (its positional and keyword arguments) or returns over the calibration set, or
+    mixed-order's targets, for random batches to be drawn from: in memory, or, given a directory (the
+    calibration set is on disk), one safetensors file per captured batch, read back a batch's rows at a time.
+    Arguments that are not tensors are the same in every batch and kept once."""
 
     def __init__(self, directory: Path | None = None) -> None:
         self.shards = None if directory is None else RowShards(directory, prefix="block")
