@@ -53,10 +53,10 @@ def test_the_set_on_disk_reads_back_as_the_set_in_memory(guided_sets):
     assert _equal(disk.subset(index).inputs(), memory.subset(index).inputs())
     assert _equal(disk.at_timestep(memory.unique_timesteps()[1], 3).inputs(), memory.at_timestep(memory.unique_timesteps()[1], 3).inputs())
     a, b = disk.sampler_states(), memory.sampler_states()
-    every = torch.arange(len(b))
-    assert torch.equal(a.samples(every), b.samples(every)) and a.guidance_scale == b.guidance_scale == 2.0
-    (a_cond, a_uncond), (b_cond, b_uncond) = a.branches(every), b.branches(every)
-    assert all(torch.equal(a_uncond[k], b_uncond[k]) and torch.equal(a_cond[k], b_cond[k]) for k in b_cond)
+    a, b = a.batch(torch.arange(len(b))), b.batch(torch.arange(len(b)))
+    assert torch.equal(a.samples, b.samples) and a.guidance_scale == b.guidance_scale == 2.0
+    assert all(torch.equal(a.unconditional[k], b.unconditional[k]) and torch.equal(a.conditions[k], b.conditions[k])
+               for k in b.conditions)
     assert list(disk.subset(index).conditions) == list(memory.conditions)  # the model's input order
 
 

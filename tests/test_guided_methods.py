@@ -74,8 +74,8 @@ def test_guided_calibration_pairs_the_halves_of_each_state(guided_calibration):
     assert len(guided_calibration) == 2 * len(states) == 2 * 3 * GUIDED.steps
     pairs = guided_calibration.pairs
     torch.testing.assert_close(guided_calibration.samples[pairs[:, 0]], guided_calibration.samples[pairs[:, 1]])
-    cond, uncond = states.branches(torch.arange(len(states)))
-    assert not torch.equal(uncond["encoder_hidden_states"], cond["encoder_hidden_states"])
+    every = states.batch(torch.arange(len(states)))
+    assert not torch.equal(every.unconditional["encoder_hidden_states"], every.conditions["encoder_hidden_states"])
 
 
 def test_multistep_steps_exactly_as_the_guided_sampler(class_model, guided_calibration):
@@ -86,11 +86,12 @@ def test_multistep_steps_exactly_as_the_guided_sampler(class_model, guided_calib
     states = guided_calibration.sampler_states()
     now, after = (states.at_timestep(float(table.timesteps[i])) for i in (0, 1))
     with torch.no_grad():
-        stepped = _step(model, table, states, now, states.samples(now), 0)
-        torch.testing.assert_close(stepped, states.samples(after), rtol=1e-4, atol=1e-5)
-        states.guidance_scale = 1.0
-        unguided = _step(model, table, states, now, states.samples(now), 0)
-    assert not torch.allclose(unguided, states.samples(after), rtol=1e-3, atol=1e-4)
+        start, landed = states.batch(now), states.batch(after).samples
+        stepped = _step(model, table, start, start.samples, 0)
+        torch.testing.assert_close(stepped, landed, rtol=1e-4, atol=1e-5)
+        start.guidance_scale = 1.0
+        unguided = _step(model, table, start, start.samples, 0)
+    assert not torch.allclose(unguided, landed, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("calibrator", CALIBRATORS)

@@ -96,24 +96,34 @@ class SamplerStates:
         """Indices of the states recorded at `timestep`."""
         return torch.nonzero(self.timesteps == timestep).flatten()
 
-    def samples(self, index: torch.Tensor) -> torch.Tensor:
-        """x_t of the states `index`."""
-        return self.data.subset(self.rows[index]).samples
+    def batch(self, index: torch.Tensor) -> StateBatch:
+        """The states `index` with their conditioning, read once (from disk when the set is there)."""
+        cond = self.data.subset(self.rows[index])
+        uncond = {} if self.unconditional_rows is None else self.data.subset(self.unconditional_rows[index]).conditions
+        return StateBatch(cond.samples, cond.conditions, uncond, self.guidance_scale)
 
-    def branches(self, index: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The condition inputs of the states `index`: (conditional, unconditional; empty when unguided)."""
-        cond = self.data.subset(self.rows[index]).conditions
-        if self.unconditional_rows is None:
-            return cond, {}
-        return cond, self.data.subset(self.unconditional_rows[index]).conditions
 
-    def estimate(self, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The model's estimate at x (the states `index` moved along) with those states' conditioning, guided
-        (one batch of both halves, as the runtime runs it) when the states were."""
-        cond, uncond = self.branches(index)
-        if self.unconditional_rows is None:
-            return model(x, t, *cond.values())
-        both = model(torch.cat([x, x]), torch.cat([t, t]), *(torch.cat([uncond[k], cond[k]]) for k in cond))
+@dataclass
+class StateBatch:
+    """Some sampler states: x_t, the condition inputs of their estimate and, under guidance, the unconditional
+    ones and the scale."""
+
+    samples: torch.Tensor
+    conditions: dict[str, torch.Tensor]
+    unconditional: dict[str, torch.Tensor] = field(default_factory=dict)
+    guidance_scale: float = 1.0
+
+    def select(self, rows: torch.Tensor) -> StateBatch:
+        return StateBatch(self.samples[rows], {k: v[rows] for k, v in self.conditions.items()},
+                          {k: v[rows] for k, v in self.unconditional.items()}, self.guidance_scale)
+
+    def estimate(self, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's estimate at x (these states moved along) with their conditioning, guided (one batch of
+        both halves, as the runtime runs it) when the states were."""
+        if not self.unconditional:
+            return model(x, t, *self.conditions.values())
+        both = model(torch.cat([x, x]), torch.cat([t, t]),
+                     *(torch.cat([self.unconditional[k], v]) for k, v in self.conditions.items()))
         return combine_guided(*both.chunk(2), self.guidance_scale)
 
 

@@ -48,8 +48,9 @@ def second_order_targets(fp_model: nn.Module, states: SamplerStates, scheduler, 
     step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     for start in range(0, len(states), batch_size):
         index = torch.arange(start, min(start + batch_size, len(states)))
-        samples, timesteps = states.samples(index), states.timesteps[index]
-        eps = states.estimate(fp_model, samples, timesteps, index)
+        batch, timesteps = states.batch(index), states.timesteps[index]
+        samples = batch.samples
+        eps = batch.estimate(fp_model, samples, timesteps)
         out = eps.clone()
         for t in timesteps.unique().tolist():
             rows = timesteps == t
@@ -60,7 +61,7 @@ def second_order_targets(fp_model: nn.Module, states: SamplerStates, scheduler, 
             alpha_t, alpha_r = float(scheduler.alphas_cumprod[int(t)]), _alpha_at(scheduler, r)
             x0 = (samples[rows] - (1 - alpha_t) ** 0.5 * eps[rows]) / alpha_t**0.5
             x_r = alpha_r**0.5 * x0 + (1 - alpha_r) ** 0.5 * eps[rows]
-            out[rows] = states.estimate(fp_model, x_r, torch.full((int(rows.sum()),), r), index[rows])
+            out[rows] = batch.select(rows).estimate(fp_model, x_r, torch.full((int(rows.sum()),), r))
         yield out
 
 
@@ -76,7 +77,8 @@ def mixed_order_objective(fp_model: nn.Module, q_model: nn.Module, data: Calibra
 
     def objective(_it: int) -> float:
         index = torch.randint(len(states), (batch_size,), generator=generator)
-        eps = states.estimate(q_model, states.samples(index), states.timesteps[index], index)
+        batch = states.batch(index)
+        eps = batch.estimate(q_model, batch.samples, states.timesteps[index])
         (target,), _ = targets.gather(index, eps.device)
         loss = (eps - target).pow(2).flatten(1).sum(1).mean()
         loss.backward()

@@ -16,23 +16,21 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from stepquant.calibrators.data import CalibrationSet, SamplerStates
+from stepquant.calibrators.data import CalibrationSet, StateBatch
 from stepquant.runtime.scheduler_table import SchedulerTable
 
 Objective = Callable[[int], float]
 
 
-def _step(model: nn.Module, table: SchedulerTable, states: SamplerStates, index: torch.Tensor, x: torch.Tensor,
-          i: int) -> torch.Tensor:
-    """Step i of the deterministic sampler the table describes from x, which the states `index` moved to,
+def _step(model: nn.Module, table: SchedulerTable, states: StateBatch, x: torch.Tensor, i: int) -> torch.Tensor:
+    """Step i of the deterministic sampler the table describes from x, which `states` moved to,
     differentiable (the table's step is plain arithmetic)."""
-    return table.step(i, [x], [states.estimate(model, x, torch.full((len(x),), float(table.timesteps[i])), index)])
+    return table.step(i, [x], [states.estimate(model, x, torch.full((len(x),), float(table.timesteps[i])))])
 
 
-def _run(model: nn.Module, table: SchedulerTable, states: SamplerStates, index: torch.Tensor, x: torch.Tensor,
-         chain: range) -> torch.Tensor:
+def _run(model: nn.Module, table: SchedulerTable, states: StateBatch, x: torch.Tensor, chain: range) -> torch.Tensor:
     for i in chain:
-        x = _step(model, table, states, index, x, i)
+        x = _step(model, table, states, x, i)
     return x
 
 
@@ -57,24 +55,24 @@ def multistep_objective(fp_model: nn.Module, q_model: nn.Module, data: Calibrati
         k = starts[int(torch.randint(len(starts), (1,), generator=generator))]
         chain = range(k, min(k + steps, len(timesteps)))
         pool = states.at_timestep(float(timesteps[k]))
-        index = pool[torch.randint(len(pool), (batch_size,), generator=generator)]
-        x = states.samples(index)
+        batch = states.batch(pool[torch.randint(len(pool), (batch_size,), generator=generator)])
+        x = batch.samples
         with torch.no_grad():
-            target = _run(fp_model, table, states, index, x, chain)
+            target = _run(fp_model, table, batch, x, chain)
         if unrolled:
-            loss = _trajectory_loss(_run(q_model, table, states, index, x, chain), target)
+            loss = _trajectory_loss(_run(q_model, table, batch, x, chain), target)
             loss.backward()
             return loss.item()
         inputs = []
         with torch.no_grad():
             for i in chain:
                 inputs.append(x)
-                x = _step(q_model, table, states, index, x, i)
+                x = _step(q_model, table, batch, x, i)
             loss = _trajectory_loss(x, target)
         grad_state = 2 * (x - target) / len(x)  # d loss / d final state
         for state, i in zip(reversed(inputs), reversed(chain)):
             state = state.clone().requires_grad_(True)
-            _step(q_model, table, states, index, state, i).backward(grad_state)
+            _step(q_model, table, batch, state, i).backward(grad_state)
             grad_state = state.grad
         return loss.item()
 
