@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--calibrators", default=",".join(CALIBRATORS))
     parser.add_argument("--correction", help="skip the comparison of corrections and use this one, e.g. d2-deterministic "
                                              "or tac:per-branch")
+    parser.add_argument("--no-modelopt", action="store_true", help="leave out modelopt max (when another section already "
+                                                                       "has this sampler and width's row)")
     parser.add_argument("--section", default="", help="suffix of the BENCHMARKS section (runs of other subsets)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -132,11 +134,13 @@ def main() -> None:
         best_label = f"{best[0]} ({'per branch' if best[1] else 'guided'})"
 
         for sampler_name in args.schedulers.split(","):
-            calib = collect_calibration_set(TorchBackend(fp_model), schedule, calib_seeds, shape, SAMPLERS[sampler_name],
-                                            SAMPLERS[sampler_name].steps, progress=False, conditioning=rows)
+            if not args.no_modelopt:
+                calib = collect_calibration_set(TorchBackend(fp_model), schedule, calib_seeds, shape, SAMPLERS[sampler_name],
+                                                SAMPLERS[sampler_name].steps, progress=False, conditioning=rows)
             for bits in args.bits.split(","):
-                backend, seconds = modelopt_max(fp_model, calib, bits)
-                row(sampler_name, bits, "modelopt max", "none", run(sampler_name, backend), seconds)
+                if not args.no_modelopt:
+                    backend, seconds = modelopt_max(fp_model, calib, bits)
+                    row(sampler_name, bits, "modelopt max", "none", run(sampler_name, backend), seconds)
                 for calibrator in args.calibrators.split(","):
                     bundle = load_bundle(bundle_for(sampler_name, bits, calibrator))
                     seconds = bundle.manifest.info["calibration"]["seconds"]
