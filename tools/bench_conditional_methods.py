@@ -11,6 +11,8 @@ the same guidance and evaluated under each sampler. Seeds 0..n-1; seed i asks fo
 
     python tools/bench_conditional_methods.py                       (the whole table: hours on 2 cores)
     python tools/bench_conditional_methods.py --bits W4A8,W4A4 --schedulers ddim --calibrators minmax,reconstruct
+    python tools/bench_conditional_methods.py --bits W4A8 --schedulers dpm-solver++ --calibrators reconstruct \
+        --calibrate-on ddim --correction d2-deterministic   (a DDIM-calibrated bundle sampled with DPM-Solver++)
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def main() -> None:
     parser.add_argument("--calibrators", default=",".join(CALIBRATORS))
     parser.add_argument("--correction", help="skip the comparison of corrections and use this one, e.g. d2-deterministic "
                                              "or tac:per-branch")
+    parser.add_argument("--calibrate-on", choices=list(SAMPLERS), help="calibrate every bundle on this sampler's "
+                        "trajectories (default: the evaluated one's; multistep and mixed-order always take DDIM's)")
     parser.add_argument("--no-modelopt", action="store_true", help="leave out modelopt max (when another section already "
                                                                        "has this sampler and width's row)")
     parser.add_argument("--section", default="", help="suffix of the BENCHMARKS section (runs of other subsets)")
@@ -91,9 +95,12 @@ def main() -> None:
         workdir = Path(tmp)
         bundles: dict[tuple[str, str, str], Path] = {}
 
+        def calibration_sampler(sampler_name: str, calibrator: str) -> str:
+            return "ddim" if calibrator in TRAJECTORY_CALIBRATORS else args.calibrate_on or sampler_name
+
         def bundle_for(sampler_name: str, bits: str, calibrator: str) -> Path:
             """Export (once) the bundle of a calibrator; DDIM-unrolling calibrators calibrate on DDIM trajectories."""
-            sampler = SAMPLERS["ddim" if calibrator in TRAJECTORY_CALIBRATORS else sampler_name]
+            sampler = SAMPLERS[calibration_sampler(sampler_name, calibrator)]
             key = (sampler.scheduler, bits, calibrator)
             if key not in bundles:
                 weight_bits, act_bits = BITS[bits]
@@ -145,8 +152,9 @@ def main() -> None:
                     bundle = load_bundle(bundle_for(sampler_name, bits, calibrator))
                     seconds = bundle.manifest.info["calibration"]["seconds"]
                     deployed = quantized_backend(bundle, threads=2)
-                    name = f"stepquant {calibrator}" + (" (DDIM-calibrated)" if calibrator in TRAJECTORY_CALIBRATORS
-                                                         and sampler_name != "ddim" else "")
+                    calibrated_on = calibration_sampler(sampler_name, calibrator)
+                    name = f"stepquant {calibrator}" + (f" ({calibrated_on.upper()}-calibrated)"
+                                                         if calibrated_on != sampler_name else "")
                     row(sampler_name, bits, name, "none", run(sampler_name, deployed), seconds)
                     if best[0] != "none":
                         terms = estimate_corrections(best[0], TorchBackend(fp_model), deployed, schedule, calib_seeds, shape,
