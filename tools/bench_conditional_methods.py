@@ -96,10 +96,12 @@ def main() -> None:
         bundles: dict[tuple[str, str, str], Path] = {}
 
         def calibration_sampler(sampler_name: str, calibrator: str) -> str:
+            """The sampler whose trajectories calibrate a bundle evaluated under `sampler_name`: DDIM for the
+            DDIM-unrolling calibrators, else --calibrate-on, else the evaluated sampler itself."""
             return "ddim" if calibrator in TRAJECTORY_CALIBRATORS else args.calibrate_on or sampler_name
 
         def bundle_for(sampler_name: str, bits: str, calibrator: str) -> Path:
-            """Export (once) the bundle of a calibrator; DDIM-unrolling calibrators calibrate on DDIM trajectories."""
+            """Export (once) the bundle of a calibrator, calibrated on `calibration_sampler`'s trajectories."""
             sampler = SAMPLERS[calibration_sampler(sampler_name, calibrator)]
             key = (sampler.scheduler, bits, calibrator)
             if key not in bundles:
