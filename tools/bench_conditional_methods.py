@@ -2,10 +2,10 @@
 (`demo-digits-cond`) sampled with classifier-free guidance, against modelopt's max calibration of the same
 model fed the same guided calibration loop (both halves of every guided call).
 
-First the corrections are compared at W4A8 after `reconstruct` (the first sampler asked for), each estimated
-on the guided estimate and per branch (both halves pooled); the best of them is "the best correction" of the
-table. Then per sampler (25 DDIM steps, 20 DPM-Solver++ steps) and bit width, modelopt and every calibrator.
-Each stepquant bundle is exported in-process and its Q/DQ graph run on onnxruntime; FP is the bundle's FP32
+First the corrections are compared after `reconstruct` (at W4A8 unless `--compare-at`; under the first sampler asked
+for), each estimated on the guided estimate and per branch (both halves pooled); the best of them is "the best
+correction" of the table. Then per sampler (25 DDIM steps, 20 DPM-Solver++ steps) and bit width, modelopt and
+every calibrator. Each stepquant bundle is exported in-process and its Q/DQ graph run on onnxruntime; FP is the bundle's FP32
 graph. The calibrators that unroll DDIM steps (multistep, mixed-order) are calibrated on DDIM trajectories of
 the same guidance and evaluated under each sampler. Seeds 0..n-1; seed i asks for digit i mod 10.
 
@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--calibrators", default=",".join(CALIBRATORS))
     parser.add_argument("--correction", help="skip the comparison of corrections and use this one, e.g. d2-deterministic "
                                              "or tac:per-branch")
+    parser.add_argument("--compare-at", default="W4A8", choices=list(BITS), help="bit width of the `reconstruct` bundle "
+                        "on which the corrections are compared (without --correction)")
     parser.add_argument("--calibrate-on", choices=list(SAMPLERS), help="calibrate every bundle on this sampler's "
                         "trajectories (default: the evaluated one's; multistep and mixed-order always take DDIM's)")
     parser.add_argument("--no-modelopt", action="store_true", help="leave out modelopt max (when another section already "
@@ -120,7 +122,7 @@ def main() -> None:
                             corrections=corrections, conditioning=rows, requested=requested)
 
         first = args.schedulers.split(",")[0]
-        reference = load_bundle(bundle_for(first, "W4A8" if args.correction is None else args.bits.split(",")[0],
+        reference = load_bundle(bundle_for(first, args.compare_at if args.correction is None else args.bits.split(",")[0],
                                            "reconstruct" if args.correction is None else args.calibrators.split(",")[0]))
         fp = reference_backend(reference, threads=2)
         deployed = quantized_backend(reference, threads=2)
@@ -164,7 +166,7 @@ def main() -> None:
                                                      per_branch=best[1])
                         row(sampler_name, bits, name, best_label, run(sampler_name, deployed, terms), seconds)
     if args.correction is None:
-        lines += [f"Corrections at W4A8 after reconstruct, {SAMPLERS[first].describe()}: on the guided estimate against per "
+        lines += [f"Corrections at {args.compare_at} after reconstruct, {SAMPLERS[first].describe()}: on the guided estimate against per "
                   "branch (terms fitted to both halves' outputs, applied alike to each).", "", *choice, ""]
     lines += [f"Every method; 'best' is {best_label}" + (" (given by --correction)." if args.correction else "."), "",
               *table, "",
