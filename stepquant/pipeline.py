@@ -112,6 +112,7 @@ class ExportConfig:
     precision: str = "fp32"  # float compute and Q/DQ scales of the quantized graph: fp32 or fp16
     targets: tuple[str, ...] = ("tensorrt",)  # placement profiles, one graph each from one calibration
     correction: str = "none"  # per-timestep correction terms estimated on the deployed graph (see runtime.corrections)
+    correction_per_branch: bool = False  # guided: fit the terms to both branches' outputs, not the guided estimate
     engine: bool = False  # also build the TensorRT engine (needs tensorrt on this machine)
     require_parity: bool = True  # stop when the layer-wise parity check fails (else keep the bundle, recorded as failed)
     sign_key: Path | None = None  # Ed25519 private key that signs the bundle's manifest
@@ -134,6 +135,9 @@ class ExportConfig:
             raise ValueError(f"--timestep-groups must be between 1 and the {self.sampler.steps} sampler steps, got {self.timestep_groups}")
         if self.correction not in CORRECTION_METHODS:
             raise ValueError(f"unknown correction {self.correction!r}; choose from {', '.join(CORRECTION_METHODS)}")
+        if self.correction_per_branch and (self.correction == "none" or self.sampler.guidance_scale == 1.0):
+            raise ValueError("--correction-per-branch fits a --correction's terms to the two branches of guided sampling: "
+                             "give --correction and a --guidance-scale other than 1")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         if self.precision == "fp16" and self.quant.format == "fp8":
@@ -476,7 +480,7 @@ def estimate_rank_corrections(config: ExportConfig, prepared: Prepared, calibrat
                              optimization_level=RUNTIME_OPTIMIZATION_LEVEL[config.targets[0]])
     return estimate_corrections(config.correction, TorchBackend(prepared.fp_reference), deployed,
                                 prepared.loaded.scheduler_config, calibrated.calib_seeds, prepared.shape, config.sampler,
-                                config.progress, calibrated.calib_conditioning)
+                                config.progress, calibrated.calib_conditioning, per_branch=config.correction_per_branch)
 
 
 def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibrated, exported: Exported,
@@ -581,6 +585,7 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
                              "layers": calibrated.layer_names},
             "calibration": calibrated.summary,
             "correction_timesteps": corrections.timesteps.tolist() if corrections else None,
+            "correction_fit": ("per branch" if config.correction_per_branch else "guided estimate") if corrections else None,
             "parity": {"fp": exported.fp_parity.to_dict()},
             "versions": _versions(),
         }))

@@ -25,6 +25,7 @@ from stepquant.models.torch_backend import TorchBackend
 from stepquant.quant import QuantSpec, quantize_
 from stepquant.quant.layers import ActivationQuantizer
 from stepquant.runtime import SamplerConfig, sample
+from stepquant.runtime.bundle_backends import bundle_corrections
 from stepquant.runtime.guidance import ConditioningError
 
 GUIDED = SamplerConfig(steps=4, guidance_scale=3.0)
@@ -160,6 +161,15 @@ def test_class_bundle_export_sample_and_bad_input(class_model, tmp_path):
     manifest = load_bundle(out).manifest
     assert manifest.sample_space == "pixel" and manifest.class_table in manifest.files
     assert manifest.info["conditioning"]["source"] == "classes 1, 3"
+    assert manifest.info["correction_fit"] == "guided estimate"
+    per_branch = tmp_path / "per-branch"
+    result = run_cli("export-quantized", "--model", root, "--out", per_branch, "--classes", "1,3", "--guidance-scale", "2",
+                     "--steps", "3", "--calib-samples", "2", "--eval-samples", "2", "--correction", "ptqd",
+                     "--correction-per-branch", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert load_bundle(per_branch).manifest.info["correction_fit"] == "per branch"
+    guided_terms, branch_terms = (bundle_corrections(load_bundle(b)) for b in (out, per_branch))
+    assert not np.allclose(guided_terms.bias, branch_terms.bias)  # fitted to other statistics
     samples = tmp_path / "s.npz"
     result = run_cli("stepquant", "sample", "--bundle", out, "--classes", "2,0", "--n", "3", "--out", samples, "--no-progress")
     assert result.returncode == 0, result.stderr
@@ -176,7 +186,10 @@ def test_class_bundle_export_sample_and_bad_input(class_model, tmp_path):
     assert_one_line_error(run_cli("export-quantized", "--out", tmp_path / "d", "--classes", "1"), "is unconditional: drop --classes")
     assert_one_line_error(run_cli("export-quantized", "--model", root, "--out", tmp_path / "e", "--classes", "1",
                                   "--prompts-file", tmp_path / "p.txt"), "give one of")
-    assert not (tmp_path / "x.npz").exists() and not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
+    for args in (("--correction-per-branch",), ("--correction", "ptqd", "--correction-per-branch", "--guidance-scale", "1")):
+        assert_one_line_error(run_cli("export-quantized", "--model", root, "--out", tmp_path / "f", *args),
+                              "--correction-per-branch fits")
+    assert not any((tmp_path / name).exists() for name in ("x.npz", "d", "e", "f"))
 
 
 def test_bundled_conditional_demo_draws_the_requested_digit(tmp_path):

@@ -60,6 +60,8 @@ def export_command(
              "onnxruntime-cpu (U8S8 integer kernels on onnxruntime's CPU provider).")] = None,
     precision: Annotated[Precision, typer.Option(help="Float compute and Q/DQ scales: fp32, or fp16 for FP16 engines.")] = Precision.fp32,
     correction: Annotated[Correction, typer.Option(help="Per-timestep correction terms applied by the sampler's host loop.")] = Correction.none,
+    correction_per_branch: Annotated[bool, typer.Option(
+        help="Guided sampling: fit the correction terms to both branches' outputs instead of the guided estimate.")] = False,
     fp8_attention: Annotated[bool, typer.Option(
         help="With --format fp8: Q/DQ on the attention matmuls too (TensorRT's FP8 fused MHA; head_dim % 16 == 0).")] = False,
     residual_qdq: Annotated[bool, typer.Option(help="Q/DQ on the skip input of ResNet residual Adds (TensorRT fuses Conv+Add).")] = True,
@@ -114,7 +116,7 @@ def export_command(
     split = calibrator.value in RECONSTRUCTION_CALIBRATORS if split_skip_concat is None else split_skip_concat
     config = ExportConfig(
         model=model, out=out, quant=QuantSpec(weight_bits, act_bits, patterns, format.value, residual_qdq, split, fp8_attention),
-        precision=precision.value, correction=correction.value, targets=tuple(t.value for t in target or [Target.tensorrt]),
+        precision=precision.value, correction=correction.value, correction_per_branch=correction_per_branch, targets=tuple(t.value for t in target or [Target.tensorrt]),
         sampler=SamplerConfig(scheduler.value, steps, eta, guidance_scale, karras_sigmas), calibrator=calibrator.value, percentile=percentile,
         prompts_file=prompts_file, conditioning=conditioning, classes=parse_classes(classes),
         shapes=ShapeProfile(*(DimRange.parse(r) if r else None for r in (batch_range, height_range, width_range, sequence_range))),
