@@ -395,6 +395,9 @@ def prepare(config: ExportConfig) -> Prepared:
         what = f"--correction {config.correction}" if config.correction != "none" else "--calibrator mixed-order"
         raise ValueError(f"{what} works on noise estimates, and this model predicts {prediction!r}: use it with an "
                          "epsilon-prediction model (the samplers themselves handle every prediction type)")
+    if config.correction_per_branch and conditioning is None:
+        raise ValueError(f"--correction-per-branch fits terms to the two branches of guided sampling, and {loaded.source} "
+                         "is unconditional: drop --correction-per-branch")
     shapes = config.shapes.resolved(shape, None if conditioning is None else conditioning.sequence_length(fp_model.conditions))
     return Prepared(loaded, fp_model, fp_reference, placement, shape, conditioning, shapes, loaded.latent, protected)
 

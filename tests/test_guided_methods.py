@@ -184,6 +184,8 @@ def test_class_bundle_export_sample_and_bad_input(class_model, tmp_path):
     for args, fragment in bad.items():
         assert_one_line_error(run_cli("stepquant", "sample", "--bundle", out, "--n", "2", "--out", tmp_path / "x.npz", *args), fragment)
     assert_one_line_error(run_cli("export-quantized", "--out", tmp_path / "d", "--classes", "1"), "is unconditional: drop --classes")
+    assert_one_line_error(run_cli("export-quantized", "--out", tmp_path / "d", "--correction", "ptqd", "--guidance-scale", "2",
+                                  "--correction-per-branch"), "is unconditional: drop --correction-per-branch")
     assert_one_line_error(run_cli("export-quantized", "--model", root, "--out", tmp_path / "e", "--classes", "1",
                                   "--prompts-file", tmp_path / "p.txt"), "give one of")
     for args in (("--correction-per-branch",), ("--correction", "ptqd", "--correction-per-branch", "--guidance-scale", "1")):
