@@ -161,7 +161,9 @@ def test_export_signs_with_a_key_and_refuses_an_unreadable_one_first(tiny_model_
 def test_an_interrupted_export_leaves_nothing(tiny_model_dir, tmp_path, signum, message, code):
     process = subprocess.Popen([str(BIN / "export-quantized"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "b"),
                                 "--steps", "25", "--calib-samples", "64", "--no-progress"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # the CLI keeps a SIGINT its parent ignored (as `cmd &` in a script does): start it heeded
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".b.*.partial")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.1)
