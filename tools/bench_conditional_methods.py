@@ -2,12 +2,12 @@
 (`demo-digits-cond`) sampled with classifier-free guidance, against modelopt's max calibration of the same
 model fed the same guided calibration loop (both halves of every guided call).
 
-First the corrections are compared after `reconstruct` (at W4A8 unless `--compare-at`; under the first sampler asked
-for), each estimated on the guided estimate and per branch (both halves pooled); the best of them is "the best
-correction" of the table. Then per sampler (25 DDIM steps, 20 DPM-Solver++ steps) and bit width, modelopt and
-every calibrator. Each stepquant bundle is exported in-process and its Q/DQ graph run on onnxruntime; FP is the bundle's FP32
-graph. The calibrators that unroll DDIM steps (multistep, mixed-order) are calibrated on DDIM trajectories of
-the same guidance and evaluated under each sampler. Seeds 0..n-1; seed i asks for digit i mod 10.
+First the corrections are compared after `reconstruct` (at W4A8 unless `--compare-at`; under the first sampler
+asked for), each estimated on the guided estimate and per branch (both halves pooled); the best of them is "the
+best correction" of the table. Then per sampler (25 DDIM steps, 20 DPM-Solver++ steps) and bit width, modelopt
+and every calibrator. Each stepquant bundle is exported in-process and its Q/DQ graph run on onnxruntime; FP is
+the bundle's FP32 graph. The calibrators that unroll DDIM steps (multistep, mixed-order) are calibrated on DDIM
+trajectories of the same guidance and evaluated under each sampler. Seeds 0..n-1; seed i asks for digit i mod 10.
 
     python tools/bench_conditional_methods.py                       (the whole table: hours on 2 cores)
     python tools/bench_conditional_methods.py --bits W4A8,W4A4 --schedulers ddim --calibrators minmax,reconstruct
