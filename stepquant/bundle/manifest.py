@@ -150,6 +150,9 @@ class Manifest:
         inputs = data.get("inputs")
         need(isinstance(inputs, dict) and isinstance(inputs.get("conditions"), list)
              and isinstance(inputs.get("shape_profile"), dict), "'inputs' must hold 'conditions' and 'shape_profile'")
+        need(all(isinstance(r, dict) and all(type(r.get(k)) is int and r[k] >= 1 for k in ("min", "opt", "max"))
+                 and r["min"] <= r["opt"] <= r["max"] for r in inputs["shape_profile"].values()),
+             "each range of 'inputs.shape_profile' must be positive integers min <= opt <= max")
         need(all(isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("shape"), list)
                  and all(type(d) is int or d == SEQUENCE for d in c["shape"]) for c in inputs["conditions"]),
              "each of 'inputs.conditions' needs a name and a shape")

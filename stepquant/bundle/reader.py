@@ -2,9 +2,12 @@
 
 Every path the manifest names must be a plain relative path inside the bundle, every file a regular file
 reached through no symbolic link and listed with its sha256, and the manifest must be one this stepquant
-reads (`Manifest.from_dict`). Loading refuses anything else with one line, before any other file is read;
-only JSON is read here (ONNX and safetensors by their own libraries, never pickle). With a trusted public
-key, an unsigned bundle or one whose signature does not match is refused too. No heavy import: the export
+reads (`Manifest.from_dict`). Every graph's external-data references must be listed files too, its
+declared inputs must be the ones the manifest describes, and its quantization scales finite and positive
+(read from the graph's own bytes by `graph_facts`, so before onnxruntime opens it). Loading refuses anything
+else with one line; only JSON and protobuf fields are read here (ONNX and safetensors by their own libraries,
+never pickle). With a trusted public key, an unsigned bundle or one whose signature does not match is refused
+too. `strict` (what `verify` asks) also refuses files the manifest does not list. No heavy import: the export
 writes with these names, the device runtime reads with them.
 """
 
@@ -13,16 +16,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
-from stepquant.bundle.manifest import BundleError, Manifest, Target, check_format_version
+import numpy as np
+
+from stepquant.bundle.graph_facts import GraphFacts, GraphFormatError, read_graph_facts
+from stepquant.bundle.manifest import SEQUENCE, BundleError, Manifest, Target, check_format_version
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 SELF_HASH = "manifest_sha256"
 MAX_MANIFEST_BYTES = 64 * 2**20
+MAX_JSON_DEPTH = 64  # a stepquant manifest nests under 10 deep; Python's parser recurses per level
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKETS = re.compile(rb"[\[\]{}]")
 
 
 def sha256_file(path: Path) -> str:
@@ -31,6 +43,23 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def bounded_json(raw: bytes, where: str, max_bytes: int = MAX_MANIFEST_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse JSON from elsewhere once its size and nesting depth are known to be bounded (counted over the
+    text outside strings, before the recursive parser sees it)."""
+    if len(raw) > max_bytes:
+        raise BundleError(f"{where} is over {max_bytes // 2**20} MiB: not a stepquant file")
+    brackets = _JSON_BRACKETS.findall(_JSON_STRING.sub(b'""', raw))
+    if brackets:
+        steps = np.frombuffer(b"".join(brackets), dtype=np.uint8)
+        depth = np.cumsum(np.where((steps == ord("[")) | (steps == ord("{")), 1, -1)).max()
+        if depth > max_depth:
+            raise BundleError(f"{where} nests values {depth} deep (at most {max_depth}): not a stepquant file")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{where} is not valid JSON: {err}") from err
 
 
 def manifest_hash(manifest: dict) -> str:
@@ -102,15 +131,70 @@ def is_bundle(directory: Path) -> bool:
     try:
         if not stat.S_ISREG(os.lstat(manifest).st_mode) or manifest.stat().st_size > MAX_MANIFEST_BYTES:
             return False
-        content = json.loads(manifest.read_text())
+        content = bounded_json(manifest.read_bytes(), str(manifest))
     except (OSError, ValueError):
         return False
     return isinstance(content, dict) and "format_version" in content and isinstance(content.get("files"), dict)
 
 
-def load_bundle(path: str | Path, trust_key: Path | None = None) -> Bundle:
+def _check_inputs(root: Path, name: str, declared: dict[str, tuple], manifest: Manifest) -> None:
+    """The graph's declared inputs are the sample, the timestep and the manifest's condition inputs, with the
+    manifest's fixed sizes wherever the graph fixes them too (a forged shape fails here, not in an engine)."""
+    expected = {"sample": (None, *manifest.sample_shape), "timestep": None,
+                **{c.name: (None, *(None if d == SEQUENCE else d for d in c.shape)) for c in manifest.conditions}}
+    if set(declared) != set(expected):
+        raise BundleError(f"bundle {root}: {name} takes inputs {sorted(declared)}, the manifest describes {sorted(expected)}")
+    for input_name, want in expected.items():
+        dims = declared[input_name]
+        if want is None:
+            continue
+        if len(dims) != len(want) or any(isinstance(g, int) and isinstance(w, int) and g != w for g, w in zip(dims, want)):
+            shown = ["?" if d is None else d for d in want]
+            raise BundleError(f"bundle {root}: {name} declares input {input_name} of shape {list(dims)}, the manifest "
+                              f"says {shown} (batch first)")
+
+
+def _check_graph(root: Path, name: str, manifest: Manifest, runs: bool) -> GraphFacts:
+    """A listed graph: every external-data file it names is a listed file, and a graph the runtime `runs`
+    (the targets' and the reference) has the manifest's inputs and finite, positive scales."""
+    try:
+        facts = read_graph_facts(root / name)
+    except GraphFormatError as err:
+        raise BundleError(f"bundle {root}: {name} is not an ONNX graph ({err})") from None
+    folder = posixpath.dirname(name)
+    for location in sorted(facts.external_data):
+        target = posixpath.normpath(posixpath.join(folder, location)) if location else ""
+        if (not location or "\\" in location or posixpath.isabs(location) or target.startswith("../") or target == ".."
+                or target != posixpath.join(folder, location).removeprefix("./")):
+            raise BundleError(f"bundle {root}: {name} reads tensors from {location!r}, outside the bundle or not a plain "
+                              "file name beside it")
+        if target not in manifest.files:
+            raise BundleError(f"bundle {root}: {name} reads tensors from {target}, which the manifest does not list")
+    if runs:
+        _check_inputs(root, name, facts.inputs, manifest)
+        for tensor, values in sorted(facts.scales.items()):
+            if values is not None and not (np.isfinite(values).all() and (values > 0).all()):
+                raise BundleError(f"bundle {root}: {name} has a quantization scale {tensor} that is not finite and "
+                                  "positive (the graph was edited or its calibration failed)")
+    return facts
+
+
+def _check_tree(root: Path, listed: set[str], strict: bool) -> None:
+    """No symbolic link anywhere in the bundle; with `strict`, no file its manifest does not list."""
+    for directory, folders, names in os.walk(root):
+        for entry in [*folders, *names]:
+            path = Path(directory) / entry
+            relative = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                raise BundleError(f"bundle {root} holds a symbolic link, {relative}, which a bundle may not hold")
+            if strict and entry in names and relative not in listed and relative not in (MANIFEST, SIGNATURE):
+                raise BundleError(f"bundle {root} holds {relative}, which its manifest does not list")
+
+
+def load_bundle(path: str | Path, trust_key: Path | None = None, strict: bool = False) -> Bundle:
     """Open a bundle, verifying its format version, its manifest's structure, that every file it lists is a
-    regular file inside it with the listed sha256, and, given a trusted public key, its signature."""
+    regular file inside it with the listed sha256, that its graphs read only listed files and agree with the
+    manifest, and, given a trusted public key, its signature. `strict`: refuse unlisted files too."""
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"bundle {path} not found (no such directory)")
@@ -121,10 +205,7 @@ def load_bundle(path: str | Path, trust_key: Path | None = None) -> Bundle:
     if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{manifest_path} is over {MAX_MANIFEST_BYTES // 2**20} MiB: not a stepquant manifest")
     raw = manifest_path.read_bytes()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleError(f"{manifest_path} is not valid JSON: {err}") from err
+    data = bounded_json(raw, str(manifest_path))
     check_format_version(data, str(path))
     if data.get(SELF_HASH) != manifest_hash(data):
         raise BundleError(f"{manifest_path} was modified after export (its self-hash does not match)")
@@ -137,7 +218,12 @@ def load_bundle(path: str | Path, trust_key: Path | None = None) -> Bundle:
             raise BundleError(f"bundle {path} is not signed (no {SIGNATURE}), and a trusted key was given")
         verify(raw, confined_file(path, SIGNATURE).read_bytes(), trust_key, f"bundle {path}")
     typed = Manifest.from_dict(data, str(manifest_path))
+    _check_tree(path, set(typed.files), strict)
     for name, expected in typed.files.items():
         if sha256_file(confined_file(path, name)) != expected:
             raise BundleError(f"bundle {path} was modified after export: sha256 of {name} does not match the manifest")
-    return Bundle(path=path, manifest=typed, signed_by=trust_key)
+    bundle = Bundle(path=path, manifest=typed, signed_by=trust_key)
+    runs = {*bundle.graphs(), typed.reference_graph}
+    for name in sorted(n for n in typed.files if n.endswith(".onnx")):
+        _check_graph(path, name, typed, name in runs)
+    return bundle

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stepquant.file_modes import with_umask
+
 
 def write_atomically(out: Path, write: Callable[[Path], None]) -> None:
     """Call `write` on a temporary path in `out`'s directory (same suffix), then rename it to `out`, so an
@@ -22,6 +24,7 @@ def write_atomically(out: Path, write: Callable[[Path], None]) -> None:
     os.close(handle)
     try:
         write(Path(temporary))
+        with_umask(Path(temporary), 0o666)  # mkstemp makes it private; an output is an ordinary file
         os.replace(temporary, out)
     finally:
         if os.path.exists(temporary):
@@ -39,7 +42,14 @@ def check_writable(out: Path, suffixes: tuple[str, ...], size_bytes: int) -> Non
         raise ValueError(f"cannot write {out}: it is a directory")
     free = shutil.disk_usage(out.parent).free
     if size_bytes > free:
-        raise ValueError(f"{out.name} would take {size_bytes / 2**30:.1f} GiB and {out.parent} has {free / 2**30:.1f} GiB free")
+        raise ValueError(f"cannot write {out}: it would take {_amount(size_bytes)} and the directory has {_amount(free)} free")
+
+
+def _amount(size_bytes: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if size_bytes >= size:
+            return f"{size_bytes / size:.1f} {unit}"
+    return f"{size_bytes:,} bytes"
 
 
 def write_npz_batches(out: Path, name: str, shape: tuple[int, ...], batches: Iterable[np.ndarray]) -> None:

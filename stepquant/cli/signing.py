@@ -29,8 +29,9 @@ def sign_command(bundle: Annotated[Path, typer.Option(help="Bundle whose manifes
 
 
 def verify_command(bundle: Annotated[Path, typer.Option(help="Bundle to verify.")], trust_key: TrustKey = None) -> None:
-    """Verify a bundle: format, manifest, every file's sha256, confinement, and, with --trust-key, its signature."""
-    loaded = load_bundle(bundle, trust_key)
+    """Verify a bundle: format, manifest, every file's sha256, confinement (no unlisted file, no symbolic link,
+    no graph reading an unlisted file), and, with --trust-key, its signature."""
+    loaded = load_bundle(bundle, trust_key, strict=True)
     signed = f"signed by the key {trust_key}" if trust_key else (
         f"carries {SIGNATURE} (pass --trust-key to check it)" if (loaded.path / SIGNATURE).exists() else "unsigned")
     print(f"{bundle}: {len(loaded.manifest.files)} files verified; {signed}")

@@ -14,7 +14,6 @@ from stepquant.cli.choices import RuntimeBackend
 from stepquant.cli.options import SignKey, TrustKey
 from stepquant.export.bundle import extend_bundle
 from stepquant.export.lint import lint
-from stepquant.export.onnx_files import bundle_graph
 from stepquant.export.parity import replay_parity
 from stepquant.export.shapes import DimRange, ShapeProfile
 from stepquant.export.tensorrt import build_engines
@@ -27,7 +26,7 @@ def lint_command(model: Annotated[Path, typer.Argument(help="A Q/DQ ONNX model, 
     """Check Q/DQ ONNX graphs against TensorRT's explicit-quantization rules; exit 1 on any finding."""
     if model.is_dir():
         loaded = load_bundle(model, trust_key)
-        paths = [bundle_graph(loaded, graph) for graph in loaded.target("tensorrt").graphs]
+        paths = [loaded.file(graph) for graph in loaded.target("tensorrt").graphs]
     elif model.is_file():
         paths = [model]
     else:
@@ -46,13 +45,16 @@ def lint_command(model: Annotated[Path, typer.Argument(help="A Q/DQ ONNX model, 
 def parity_command(
     bundle: Annotated[Path, typer.Option(help="Bundle whose saved parity inputs to replay.")],
     backend: Annotated[RuntimeBackend, typer.Option(help="Runtime to check against the saved reference outputs.")] = RuntimeBackend.onnxruntime,
-    rtol: Annotated[Optional[float], typer.Option(min=0.0,
-        help="Tolerance on the median relative error of 'eps' at each input (default: the replay tolerance recorded at export).")] = None,
+    rtol: Annotated[Optional[float], typer.Option(
+        help="Tolerance on the median relative error of 'eps' at each input, in [0, 1) (default: the replay tolerance "
+             "recorded at export).")] = None,
     engine: Annotated[Optional[Path], typer.Option(help="TensorRT engine (default: the bundle's model.plan).")] = None,
     trust_key: TrustKey = None,
 ) -> None:
     """Replay the bundle's parity inputs (Polygraphy JSON) end to end and compare with its reference outputs;
     exit 1 on failure. The export's own gate was layer-wise; an engine cannot expose every quantizer's codes."""
+    if rtol is not None and not 0.0 <= rtol < 1.0:  # also refuses nan: at 1 or more a median error passes anything
+        raise typer.BadParameter(f"must be a median relative error in [0, 1), got {rtol}", param_hint="'--rtol'")
     loaded = load_bundle(bundle, trust_key)
     report = replay_parity(loaded, backend.value, rtol, engine)
     target = loaded.target(loaded.target_for(backend.value))

@@ -2,8 +2,8 @@
 3.4 GB), so a graph whose tensors pass `EXTERNAL_DATA_BYTES` is saved with ONNX external data: one data file
 beside it, `<graph>.data`, which the bundle lists with its sha256 like any other file. Every reader here
 (onnx, onnxruntime, TensorRT's parser, trtexec) opens such a graph by its path and finds the data beside it;
-onnxruntime itself refuses a location outside the graph's directory, and `check_external_data` refuses one
-that is not a file of the bundle.
+`check_external_data` refuses, at export, a location that is not a file beside the graph; a bundle's reader
+(stepquant.bundle) refuses, on any machine, one that its manifest does not list.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ from pathlib import Path
 import onnx
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from stepquant.bundle.reader import Bundle
 from stepquant.errors import StepquantError
-from stepquant.export.bundle import with_umask
 
 # Tensors above this total go to an external data file: protobuf's limit is 2 GiB for the whole message,
 # and the graph's nodes and metadata need room too.
@@ -70,7 +68,6 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     if tensor_bytes(model) > EXTERNAL_DATA_BYTES:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=external.name, size_threshold=EXTERNAL_TENSOR_MIN_BYTES)
-        with_umask(external, 0o666)  # onnx creates it private; it is a bundle file like the graph beside it
     else:
         onnx.save_model(model, str(path))
 
@@ -83,18 +80,15 @@ def external_data_locations(path: Path) -> list[str]:
     return sorted({ExternalDataInfo(t).location for t in tensors if uses_external_data(t)})
 
 
-def check_external_data(path: Path, listed: set[str] | None = None) -> list[str]:
+def check_external_data(path: Path) -> list[str]:
     """The external data files of the graph at `path`, as names relative to its directory; ExternalDataError
-    unless each is a plain file name beside the graph (no directory, no '..', no absolute path), exists, and
-    (given `listed`, the names of the graph's directory a bundle lists) is one of them."""
+    unless each is a plain file name beside the graph (no directory, no '..', no absolute path) and exists."""
     path = Path(path)
     locations = external_data_locations(path)
     for location in locations:
         if not location or os.path.basename(location) != location or location in (".", ".."):
             raise ExternalDataError(f"{path.name} reads its tensors from {location!r}: external data must be a file "
                                     "beside the graph, in the same directory")
-        if listed is not None and location not in listed:
-            raise ExternalDataError(f"{path.name} reads its tensors from {location}, which the bundle does not list")
         if not (path.parent / location).is_file():
             raise ExternalDataError(f"{path.name} reads its tensors from {location}, which is missing")
     return locations
@@ -113,12 +107,3 @@ def graph_beside(model: onnx.ModelProto, path: Path) -> Iterator[Path]:
     finally:
         os.unlink(name)
 
-
-def bundle_graph(bundle: Bundle, name: str) -> Path:
-    """The path of the bundle's graph `name`, once its external data files (if any) are checked to be files
-    the manifest lists beside it (so hashed at load)."""
-    path = bundle.file(name)
-    folder = Path(name).parent.as_posix()
-    beside = {Path(f).name for f in bundle.manifest.files if Path(f).parent.as_posix() == folder}
-    check_external_data(path, beside)
-    return path

@@ -23,7 +23,6 @@ from torch import nn
 
 from stepquant.bundle import Bundle, BundleError
 from stepquant.export.onnx_export import INPUT_NAMES, OUTPUT_NAME
-from stepquant.export.onnx_files import bundle_graph
 from stepquant.export.shapes import ShapeProfile
 from stepquant.runtime.onnxruntime_backend import OPTIMIZATION_LEVELS
 
@@ -248,7 +247,7 @@ def replay_parity(bundle: Bundle, backend: str = "onnxruntime", tolerance: float
                 raise BundleError(f"{bundle.path}: unreadable parity data in {directory}: {' '.join(str(err).split())[:200]}") from err
         check_feeds(feeds, bundle)
         if backend == "onnxruntime":
-            runner = onnxruntime_runner(bundle_graph(bundle, group.graph), section.parity_optimization_level)
+            runner = onnxruntime_runner(bundle.file(group.graph), section.parity_optimization_level)
         else:
             from stepquant.runtime.bundle_backends import engine_path
             from stepquant.runtime.tensorrt_backend import tensorrt_version
