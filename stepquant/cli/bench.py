@@ -26,6 +26,13 @@ def bench_command(
     """Per-forward latency of each of the bundle's quantized graphs (one per target profile) against its FP32 graph on onnxruntime."""
     loaded = load_bundle(bundle, trust_key)
     manifest = loaded.manifest
+    sizes = batch or [1, 8]
+    limits = manifest.shape_profile.get("batch", {})
+    low, high = limits.get("min", 1), limits.get("max")
+    for size in sizes:
+        if size < low or (high is not None and size > high):
+            raise typer.BadParameter(f"batch {size} is outside the bundle's batch range {low}..{high} (its graphs' shape "
+                                     "profile)", param_hint="--batch")
     graphs = {"onnxruntime FP32": OnnxRuntimeBackend(loaded.file(manifest.reference_graph), threads,
                                                      optimization_level=optimization_level.value, cache_dir=cache_dir)}
     for name, target in manifest.targets.items():
@@ -33,9 +40,7 @@ def bench_command(
                                                      optimization_level=optimization_level.value, cache_dir=cache_dir)
     print(f"{bundle}: {threads} intra-op threads, optimisation level {optimization_level.value}, median of at least 10 calls after 3 warm-up calls"
           + (" (first graph of each target's timestep groups)" if any(len(t.graphs) > 1 for t in manifest.targets.values()) else ""))
-    for size in batch or [1, 8]:
-        if size < 1:
-            raise typer.BadParameter("must be at least 1", param_hint="--batch")
+    for size in sizes:
         sequence = manifest.shape_profile.get("sequence")
         results = {label: measure_latency(backend, manifest.sample_shape, size, manifest.conditions, sequence and sequence["opt"])
                    for label, backend in graphs.items()}

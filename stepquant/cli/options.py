@@ -21,7 +21,7 @@ def parse_classes(value: str | None) -> tuple[int, ...] | None:
     if value is None:
         return None
     parts = [part.strip() for part in value.split(",")]
-    bad = next((part for part in parts if not part.isdigit()), None)
+    bad = next((part for part in parts if not (part.isascii() and part.isdigit())), None)
     if bad is not None:
         raise typer.BadParameter(f"{bad!r} is not a class index (non-negative integers, comma-separated)",
                                  param_hint="--classes")

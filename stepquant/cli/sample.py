@@ -24,8 +24,10 @@ MAX_GRID_SAMPLES = 4096  # a PNG grid is built in memory whole; more samples go 
 
 def _check_out(out: Path, n: int, shape: tuple[int, ...] | None = None) -> None:
     """Refuse an output that cannot be written before any work (it would be thrown away): its type and
-    directory at once, its size once the sample `shape` is known."""
-    check_writable(out, (".png", ".npz"), n * int(np.prod(shape)) * 4 if shape and out.suffix == ".npz" else 0)
+    directory at once, its size once the sample `shape` is known (float32 values in an .npz; at most a byte
+    per value, uncompressed, in a PNG)."""
+    values = n * int(np.prod(shape)) if shape else 0
+    check_writable(out, (".png", ".npz"), values * (4 if out.suffix == ".npz" else 1))
     if out.suffix == ".png" and n > MAX_GRID_SAMPLES:
         raise ValueError(f"a PNG grid holds at most {MAX_GRID_SAMPLES} samples, got --n {n}: write an .npz for more")
 

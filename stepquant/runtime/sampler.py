@@ -22,6 +22,7 @@ from stepquant.runtime.seeding import NoiseStream, per_sample_noise, seed_genera
 
 # diffusers' DDIM, DDPM, DPM-Solver++ (multistep), Euler, Euler ancestral and UniPC schedulers, captured at export
 SCHEDULER_NAMES = ("ddim", "ddpm", "dpm-solver++", "euler", "euler-ancestral", "unipc")
+ETA_SCHEDULERS = ("ddim",)  # the schedulers whose step takes an eta
 
 CORRECTION_NOISE_SEED_OFFSET = 1 << 40
 
@@ -32,7 +33,7 @@ StepCallback = Callable[[int, float, np.ndarray], None]
 @dataclass(frozen=True)
 class SamplerConfig:
     """`eta` is DDIM's stochasticity (0: deterministic); DDPM and Euler ancestral are always stochastic, the
-    others deterministic, and ignore it. `karras_sigmas` spaces the steps by Karras et al.'s sigmas (the
+    others deterministic, and have none (a non-zero eta for them is refused, not ignored). `karras_sigmas` spaces the steps by Karras et al.'s sigmas (the
     schedulers that have the option). `guidance_scale` is classifier-free guidance's weight for conditional
     models (1: no guidance)."""
 
@@ -49,6 +50,9 @@ class SamplerConfig:
             raise ValueError(f"--steps must be at least 1, got {self.steps}")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"--eta must be in [0, 1], got {self.eta}")
+        if self.eta and self.scheduler not in ETA_SCHEDULERS:
+            raise ValueError(f"--eta {self.eta:g}: the {self.scheduler} scheduler has no eta (only {', '.join(ETA_SCHEDULERS)} "
+                             "does): drop --eta")
         if not 0.0 <= self.guidance_scale < float("inf"):
             raise ValueError(f"--guidance-scale must be a finite number of at least 0, got {self.guidance_scale}")
 
