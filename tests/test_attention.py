@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import needs_exact_integer_kernels
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from stepquant.export.fusion import optimized_op_counts
@@ -23,7 +24,6 @@ from stepquant.quant.attention_processors import (
 )
 from stepquant.quant.grid import IntGrid
 from stepquant.quant.layers import ActivationQuantizer
-from tests.conftest import needs_exact_integer_kernels
 
 
 def test_heads_per_group_fits_the_score_block():

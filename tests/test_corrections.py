@@ -144,9 +144,10 @@ def test_bad_correction_files_are_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def corrected_bundle(tmp_path_factory):
+    from conftest import FEW_STEPS
+
     from stepquant.pipeline import ExportConfig, export_quantized
     from stepquant.quant import QuantSpec
-    from tests.conftest import FEW_STEPS
 
     out = tmp_path_factory.mktemp("corrected") / "bundle"
     export_quantized(ExportConfig(out=out, quant=QuantSpec(4, 8), sampler=FEW_STEPS, calib_samples=8, eval_samples=4,

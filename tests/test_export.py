@@ -4,6 +4,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import FEW_STEPS
 from onnx import numpy_helper
 
 from stepquant.calibrators import calibrate_ranges, collect_calibration_set
@@ -14,7 +15,6 @@ from stepquant.models import EpsilonModel, load_model
 from stepquant.models.torch_backend import TorchBackend
 from stepquant.quant import QuantSpec, quantize_, quantized_layers
 from stepquant.quant.quantize import ResidualQuantizer
-from tests.conftest import FEW_STEPS
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from stepquant.bundle import BundleError, load_bundle
 from stepquant.export import onnx_files
 from stepquant.export.faults import forge_bundle
 from stepquant.export.lint import lint
-from stepquant.export.onnx_files import ExternalDataError, bundle_graph, check_external_data, external_data_locations
+from stepquant.export.onnx_files import ExternalDataError, check_external_data, external_data_locations
 from stepquant.export.parity import replay_parity
 from stepquant.pipeline import ExportConfig, export_quantized
 from stepquant.runtime import SamplerConfig
@@ -42,7 +42,7 @@ def test_large_graphs_keep_their_tensors_beside_them_listed_in_the_manifest(exte
         proto = onnx.load(str(external_bundle / graph), load_external_data=False)
         assert sum(len(t.raw_data) for t in proto.graph.initializer) < (external_bundle / (graph + ".data")).stat().st_size
     assert not [p for p in external_bundle.rglob("*") if p.name.endswith(".export")]  # no exporter leftovers
-    assert not lint(bundle_graph(bundle, "model.onnx"))
+    assert not lint(bundle.file("model.onnx"))
     assert replay_parity(bundle).passed
     samples = quantized_backend(bundle, threads=1)
     assert np.isfinite(samples(np.zeros((2, 1, 8, 8), np.float32), np.array([500.0, 20.0], np.float32))).all()
@@ -75,11 +75,14 @@ def test_a_graph_reading_data_outside_the_bundle_or_unlisted_is_refused(external
     _relocate(copy / "model.onnx", "../outside.data")
     with pytest.raises(ExternalDataError, match="beside the graph"):
         check_external_data(copy / "model.onnx")
+    forge_bundle(copy)  # hashes recomputed, as an attacker would
+    with pytest.raises(BundleError, match="outside the bundle"):
+        load_bundle(copy)
     shutil.copy(copy / "model.onnx.data", copy / "extra.data")  # inside, but no file of the bundle
     _relocate(copy / "model.onnx", "extra.data")
-    forge_bundle(copy)  # hashes recomputed, as an attacker would: the manifest still does not list extra.data
-    with pytest.raises(ExternalDataError, match="does not list"):
-        bundle_graph(load_bundle(copy), "model.onnx")
+    forge_bundle(copy)  # the manifest still does not list extra.data
+    with pytest.raises(BundleError, match="reads tensors from extra.data, which the manifest does not list"):
+        load_bundle(copy)
     listed = json.loads((copy / "manifest.json").read_text())["files"]
     assert "extra.data" not in listed
 

@@ -4,6 +4,7 @@ FP32 inputs and outputs, the timestep encoding kept in FP32, lint-clean, and in 
 import numpy as np
 import onnx
 import pytest
+from conftest import FEW_STEPS
 from onnx import TensorProto, numpy_helper
 
 from stepquant.export.lint import lint
@@ -11,7 +12,6 @@ from stepquant.export.parity_policy import parity_policy
 from stepquant.export.precision import timestep_encoding_nodes
 from stepquant.pipeline import ExportConfig, export_quantized
 from stepquant.quant import QuantSpec
-from tests.conftest import FEW_STEPS
 
 
 @pytest.fixture(scope="module")

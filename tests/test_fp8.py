@@ -4,6 +4,7 @@ simulation quantizer by quantizer (the graph as written on onnxruntime); the sam
 import numpy as np
 import onnx
 import pytest
+from conftest import FEW_STEPS
 from onnx import TensorProto
 
 from stepquant.bundle import load_bundle
@@ -13,7 +14,6 @@ from stepquant.export.parity_policy import parity_policy
 from stepquant.pipeline import ExportConfig, export_quantized
 from stepquant.quant import QuantSpec
 from stepquant.runtime.bundle_backends import quantized_backend
-from tests.conftest import FEW_STEPS
 
 
 @pytest.fixture(scope="module")

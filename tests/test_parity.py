@@ -113,10 +113,11 @@ def test_the_parity_command_says_which_check_it_runs(demo_bundle):
 
 def test_a_wrong_graph_stops_the_export_unless_allowed(tiny_model_dir, tmp_path, monkeypatch):
     """An export that wrote a wrong scale (seeded after the real export) is refused, and nothing is left."""
+    from conftest import FEW_STEPS
+
     import stepquant.pipeline as pipeline
     from stepquant.export.faults import seed_fault
     from stepquant.pipeline import ExportConfig, ParityError, export_quantized
-    from tests.conftest import FEW_STEPS
 
     export = pipeline.export_at_precision
 

@@ -69,9 +69,8 @@ def test_quantized_layer_matches_float_layer_on_grid_values():
 
 
 def test_quantize_applies_default_exclusions():
+    from conftest import TINY_UNET
     from diffusers import UNet2DModel
-
-    from tests.conftest import TINY_UNET
 
     unet = UNet2DModel(**TINY_UNET)
     names = quantize_(unet, QuantSpec())

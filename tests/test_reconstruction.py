@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import FEW_STEPS, TINY_UNET
 from diffusers import UNet2DModel
 
 from stepquant.bundle import load_bundle
@@ -29,7 +30,6 @@ from stepquant.quant.layers import ActivationQuantizer, QuantizedLayer, SplitQua
 from stepquant.quant.quantize import bake_rounding_, skip_concat_splits
 from stepquant.runtime.bundle_backends import quantized_backend
 from stepquant.runtime.timestep_groups import TimestepGroupBackend
-from tests.conftest import FEW_STEPS, TINY_UNET
 
 FAST = ReconstructionConfig(iters=30, batch_size=8, trajectory_iters=4, trajectory_batch=4)
 

@@ -78,6 +78,68 @@ def test_overwrite_replaces_a_bundle_but_not_another_directory(tmp_path, bundle)
     assert [p.name for p in bundle.iterdir()] == ["new.txt"]
 
 
+def test_a_directory_appearing_at_out_during_the_export_is_kept(tmp_path):
+    destination = tmp_path / "b"
+    with pytest.raises(BundleError, match="appeared while this export ran"):
+        with staged_directory(destination) as staging:
+            (staging / "manifest.json").write_text("{}")
+            destination.mkdir()  # the user's folder, made while the export runs
+            (destination / "thesis.tex").write_text("valuable")
+    assert (destination / "thesis.tex").read_text() == "valuable" and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_a_bundle_replaced_during_an_overwrite_is_kept(tmp_path, bundle):
+    with pytest.raises(BundleError, match="changed while this export ran"):
+        with staged_directory(bundle, overwrite=True) as staging:
+            (staging / "new.txt").write_text("new")
+            shutil.rmtree(bundle)  # another export replaced it meanwhile
+            bundle.mkdir()
+            (bundle / "theirs.txt").write_text("another export's")
+    assert [p.name for p in bundle.iterdir()] == ["theirs.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def _stage_and_finish(destination: str, barrier, results) -> None:
+    try:
+        with staged_directory(Path(destination)) as staging:
+            (staging / "who.txt").write_text(str(os.getpid()))
+            barrier.wait(timeout=30)  # both staged: now both rename at once
+        results.put(("ok", os.getpid()))
+    except BundleError as err:
+        results.put(("refused", str(err)))
+
+
+def test_two_exports_into_one_new_out_never_both_succeed(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for round_ in range(20):
+        destination = tmp_path / f"b{round_}"
+        barrier, results = context.Barrier(2), context.Queue()
+        workers = [context.Process(target=_stage_and_finish, args=(str(destination), barrier, results)) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=60)
+        outcomes = sorted(results.get(timeout=5) for _ in workers)
+        assert [kind for kind, _ in outcomes] == ["ok", "refused"], outcomes
+        assert "appeared while this export ran" in outcomes[1][1]
+        assert (destination / "who.txt").read_text() == str(outcomes[0][1])  # the winner's bundle, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"b{i}" for i in range(20))  # no staging left
+
+
+def test_two_export_commands_into_one_out_leave_one_whole_bundle(tiny_model_dir, tmp_path):
+    out = tmp_path / "b"
+    command = [str(BIN / "export-quantized"), "--model", str(tiny_model_dir), "--out", str(out), "--steps", "2",
+               "--calib-samples", "2", "--eval-samples", "2", "--no-progress"]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    finished = [(process.wait(timeout=600), process.stderr.read()) for process in processes]
+    codes = sorted(code for code, _ in finished)
+    assert codes[0] == 0 and codes[1] != 0, finished
+    error = next(err for code, err in finished if code)
+    assert "export-quantized: error:" in error and ("appeared while this export ran" in error or "already exists" in error)
+    assert load_bundle(out, strict=True).manifest and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
 # --- a bundle never reaches outside itself ----------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["../secret.txt", "/etc/hostname", "parity/../../secret.txt"])
@@ -118,7 +180,183 @@ def test_a_manifest_missing_a_key_is_one_line(bundle, tmp_path):
 def test_a_corrupt_graph_with_matching_hashes_is_one_line(bundle, tmp_path):
     (bundle / "model.onnx").write_bytes(b"\x08\x07garbage")
     forge_bundle(bundle)
+    assert_one_line_error(cli("sample", "--bundle", bundle, "--n", "1", "--out", tmp_path / "x.npz"), "is not an ONNX graph")
+
+
+def test_a_well_formed_graph_onnxruntime_refuses_is_one_line(bundle, tmp_path):
+    proto = onnx.load(str(bundle / "model.onnx"))
+    next(node for node in proto.graph.node if node.op_type == "Conv").op_type = "NoSuchOperator"
+    onnx.save(proto, str(bundle / "model.onnx"))
+    forge_bundle(bundle)
     assert_one_line_error(cli("sample", "--bundle", bundle, "--n", "1", "--out", tmp_path / "x.npz"), "onnxruntime cannot load")
+
+
+# --- every byte a graph reads is listed and hashed --------------------------------------------------------------
+
+def _graph_edit(bundle: Path, edit) -> None:
+    """Edit the bundle's quantized graph with onnx and recompute every hash, as an attacker would."""
+    proto = onnx.load(str(bundle / "model.onnx"))
+    edit(proto)
+    onnx.save(proto, str(bundle / "model.onnx"))
+    forge_bundle(bundle)
+
+
+def _external_reference(proto, location: str, used: bool = True) -> None:
+    """Point a weight (or, unused, an extra initializer) at external data in `location`."""
+    if used:
+        tensor = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+    else:
+        tensor = proto.graph.initializer.add()
+        tensor.name, tensor.data_type, tensor.dims[:] = "unused", onnx.TensorProto.FLOAT, [4]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    tensor.external_data.add(key="location", value=location)
+    tensor.external_data.add(key="offset", value="0")
+
+
+def test_unlisted_external_data_is_refused_on_both_installs(bundle, tmp_path):
+    from test_runtime_install import stepquant_without_export_side
+
+    proto = onnx.load(str(bundle / "model.onnx"))
+    onnx.save_model(proto, str(bundle / "model.onnx"), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    forge_bundle(bundle)  # model.onnx rehashed; model.onnx.data not listed, so its bytes could be anything
+    fragment = "model.onnx.data, which"  # verify: an unlisted file; sample: a graph reading one
+    for command in ("sample", "verify"):
+        extra = ("--n", "1", "--out", tmp_path / "x.npz") if command == "sample" else ()
+        assert_one_line_error(cli(command, "--bundle", bundle, *extra), fragment)
+    assert_one_line_error(stepquant_without_export_side("sample", "--bundle", bundle, "--n", "1", "--out", tmp_path / "x.npz"),
+                          fragment)
+    assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("used", [True, False])
+def test_external_data_outside_the_bundle_is_refused_unopened(bundle, tmp_path, used):
+    secret = bundle.parent / "secret.bin"
+    secret.write_bytes(bytes(4096))
+    _graph_edit(bundle, lambda proto: _external_reference(proto, "../secret.bin", used))
+    for command in ("sample", "verify", "parity"):
+        OPENED.clear()
+        extra = ("--n", "1", "--out", tmp_path / "x.npz") if command == "sample" else ()
+        assert_one_line_error(cli(command, "--bundle", bundle, *extra), "reads tensors from '../secret.bin', outside the bundle")
+        assert not [p for p in OPENED if "secret" in p]
+
+
+def test_verify_refuses_unlisted_files_and_every_command_symbolic_links(bundle, tmp_path):
+    (bundle / "notes.txt").write_text("not in the manifest")
+    assert_one_line_error(cli("verify", "--bundle", bundle), "holds notes.txt, which its manifest does not list")
+    (bundle / "notes.txt").unlink()
+    (bundle / "elsewhere").symlink_to(tmp_path)  # unlisted and never read: still not the bundle its manifest describes
+    for command in ("verify", "sample"):
+        extra = ("--n", "1", "--out", tmp_path / "x.npz") if command == "sample" else ()
+        assert_one_line_error(cli(command, "--bundle", bundle, *extra), "holds a symbolic link, elsewhere")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -0.1])
+def test_a_forged_scale_is_refused_before_a_session_runs(bundle, tmp_path, value):
+    def poison(proto):
+        scale = next(node.input[1] for node in proto.graph.node if node.op_type == "DequantizeLinear")
+        tensor = next(t for t in proto.graph.initializer if t.name == scale)
+        array = onnx.numpy_helper.to_array(tensor).copy()
+        array.flat[0] = value
+        tensor.CopyFrom(onnx.numpy_helper.from_array(array.astype(np.float32), scale))
+
+    _graph_edit(bundle, poison)
+    assert_one_line_error(cli("sample", "--bundle", bundle, "--n", "1", "--out", tmp_path / "x.npz"),
+                          "that is not finite and positive")
+    assert not (tmp_path / "x.npz").exists()
+
+
+# --- forged manifests: checked against the graphs, bounded before parsing ---------------------------------------
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda m: m.update(sample_shape=[1, 8, 8]), "declares input sample of shape ['batch', 1, 16, 16], the manifest says"),
+    (lambda m: m.update(sample_shape=[3, 16, 16]), "declares input sample of shape"),
+    (lambda m: m["inputs"]["conditions"].append({"name": "encoder_hidden_states", "shape": ["sequence", 8]}),
+     "the manifest describes ['encoder_hidden_states', 'sample', 'timestep']"),
+    (lambda m: m["inputs"]["shape_profile"]["batch"].update(max=0), "min <= opt <= max"),
+])
+def test_manifest_shapes_disagreeing_with_the_graph_are_one_line(bundle, tmp_path, edit, fragment):
+    forge_bundle(bundle, edit)
+    for command in ("sample", "verify"):
+        extra = ("--n", "1", "--out", tmp_path / "x.npz") if command == "sample" else ()
+        assert_one_line_error(cli(command, "--bundle", bundle, *extra), fragment)
+
+
+def test_deeply_nested_json_is_refused_before_parsing(bundle, tmp_path):
+    from test_runtime_install import stepquant_without_export_side
+
+    text = (bundle / "manifest.json").read_text()
+    (bundle / "manifest.json").write_text('{"deep": ' + "[" * 100_000 + "]" * 100_000 + ", " + text[1:])
+    for result in (cli("sample", "--bundle", bundle, "--n", "1", "--out", tmp_path / "x.npz"), cli("verify", "--bundle", bundle),
+                   stepquant_without_export_side("verify", "--bundle", bundle)):
+        assert_one_line_error(result, "nests values 100001 deep (at most 64)")
+    assert_one_line_error(cli("--out", bundle, "--overwrite", prog="export-quantized"), "not a stepquant bundle")
+    assert (bundle / "model.onnx").exists()
+
+
+# --- options that do not apply, out of range, or named wrong ------------------------------------------------------
+
+def test_bench_refuses_a_batch_outside_the_bundles_range(bundle):
+    assert_one_line_error(cli("bench", "--bundle", bundle, "--batch", "1", "--batch", "100000"),
+                          "batch 100000 is outside the bundle's batch range 1..64")
+
+
+@pytest.mark.parametrize("command", ["export", "sample"])
+def test_eta_for_a_scheduler_without_one_is_refused(bundle, tmp_path, command):
+    args = (["--out", tmp_path / "b"] if command == "export" else ["sample", "--bundle", bundle, "--out", tmp_path / "x.npz"])
+    result = cli(*args, "--scheduler", "euler", "--eta", "0.5", prog="export-quantized" if command == "export" else "stepquant")
+    assert_one_line_error(result, "--eta 0.5: the euler scheduler has no eta")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+@pytest.mark.parametrize("rtol", ["5", "1", "inf", "nan", "-1"])
+def test_parity_rtol_is_a_median_relative_error(bundle, rtol):
+    assert_one_line_error(cli("parity", "--bundle", bundle, "--rtol", rtol), "'--rtol': must be a median relative error in [0, 1)")
+
+
+@pytest.mark.parametrize("classes", ["\u0663", "1,\u00b2", "\uff17"])  # Arabic-Indic three, superscript two, fullwidth seven
+def test_a_non_ascii_digit_in_classes_names_the_option(tmp_path, classes):
+    result = cli("sample", "--model", "demo-digits-cond", "--classes", classes, "--n", "1", "--out", tmp_path / "x.npz")
+    assert_one_line_error(result, "--classes")
+    assert "is not a class index" in result.stderr
+
+
+# --- what the tool writes: ordinary modes, any legal name, space checked first -----------------------------------
+
+def test_bundle_files_and_sample_outputs_get_ordinary_modes(tiny_model_dir, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        out = tmp_path / "b"
+        assert cli("--model", tiny_model_dir, "--out", out, "--steps", "2", "--calib-samples", "2", "--eval-samples", "2",
+                   "--correction", "ptqd", "--no-progress", prog="export-quantized").returncode == 0
+        assert (out / "corrections.safetensors").exists()
+        modes = {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in out.rglob("*")}
+        assert set(modes.values()) == {"0o644", "0o755"}, modes
+        for name in ("x.png", "x.npz"):
+            assert cli("sample", "--bundle", out, "--n", "2", "--out", tmp_path / name, "--no-progress").returncode == 0
+            assert oct((tmp_path / name).stat().st_mode & 0o777) == "0o644"
+    finally:
+        os.umask(umask)
+
+
+def test_a_250_character_out_name_is_written(tmp_path):
+    destination = tmp_path / ("b" * 250)
+    with staged_directory(destination) as staging:
+        (staging / "manifest.json").write_text("{}")
+    assert (destination / "manifest.json").exists() and [p.name for p in tmp_path.iterdir()] == [destination.name]
+
+
+def test_a_full_disk_is_found_before_sampling(bundle, tmp_path, monkeypatch):
+    import stepquant.cli.files
+    import stepquant.cli.sample
+
+    free = shutil.disk_usage(tmp_path)._replace(free=1000)
+    monkeypatch.setattr(stepquant.cli.files.shutil, "disk_usage", lambda path: free)
+    monkeypatch.setattr(stepquant.cli.sample, "sample_batches", lambda *a, **k: pytest.fail("sampled before checking space"))
+    for name in ("x.png", "x.npz"):
+        assert_one_line_error(cli("sample", "--bundle", bundle, "--n", "64", "--out", tmp_path / name), "and the directory has 1,000 bytes free")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 
 # --- signed bundles -----------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """Hostile and bad inputs, as a new user (or someone handing over a bundle) would supply them, each run through
 the commands in this process. A case holds when the command exits non-zero with one line naming the problem
 (the expected fragment), prints no traceback, writes or deletes nothing (the whole sandbox is compared before
-and after), and opens no file outside the bundle (Python's audit hook records every open).
+and after; what a case itself makes while the command runs must be left as it made it), and opens no file
+outside the bundle (Python's audit hook records every open).
 
     python tools/robustness.py [--no-write] [--only CATEGORY]
 
-Interruptions (signals) need a process of their own and are tested in tests/test_safety.py.
+Interruptions (signals) and two exports racing for one --out need processes of their own and are tested in
+tests/test_safety.py.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx
 import torch
 from benchdoc import header, write_section
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -52,6 +56,7 @@ class Case:
     prog: str = "stepquant"
     setup: Callable[[Path, Path], None] | None = None  # (sandbox root, this case's directory)
     forbidden: list[str] = field(default_factory=list)  # paths under the root that must never be opened
+    during: Callable[[Path], dict[str, bytes]] | None = None  # run beside the command: the files it made, to be kept
 
 
 def _copy_bundle(root: Path, case: Path, edit: Callable[[dict], None] | None = None, files: Callable[[Path], None] | None = None,
@@ -88,6 +93,63 @@ def _symlink(bundle: Path, name: str) -> None:
     target = bundle.parent / f"moved-{name.replace('/', '-')}"
     shutil.move(bundle / name, target)
     (bundle / name).symlink_to(target)
+
+
+def _graph_edit(edit: Callable[[onnx.ModelProto], None]) -> Callable[[Path], None]:
+    """Edit the bundle's quantized graph with onnx (the hashes are recomputed afterwards, as an attacker would)."""
+    def files(bundle: Path) -> None:
+        proto = onnx.load(str(bundle / "model.onnx"))
+        edit(proto)
+        onnx.save(proto, str(bundle / "model.onnx"))
+    return files
+
+
+def _external(location: str, used: bool = True) -> Callable[[onnx.ModelProto], None]:
+    """Point the largest weight (or, unused, an extra initializer) at external data in `location`."""
+    def edit(proto: onnx.ModelProto) -> None:
+        if used:
+            tensor = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+        else:
+            tensor = proto.graph.initializer.add()
+            tensor.name, tensor.data_type, tensor.dims[:] = "unused", onnx.TensorProto.FLOAT, [4]
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        tensor.external_data.add(key="location", value=location)
+    return edit
+
+
+def _scale(value: float) -> Callable[[onnx.ModelProto], None]:
+    """Set the first element of the first DequantizeLinear's scale to `value`."""
+    def edit(proto: onnx.ModelProto) -> None:
+        name = next(node.input[1] for node in proto.graph.node if node.op_type == "DequantizeLinear")
+        tensor = next(t for t in proto.graph.initializer if t.name == name)
+        array = onnx.numpy_helper.to_array(tensor).astype("float32")
+        array.flat[0] = value
+        tensor.CopyFrom(onnx.numpy_helper.from_array(array, name))
+    return edit
+
+
+def _unlisted_external_data(bundle: Path) -> None:
+    proto = onnx.load(str(bundle / "model.onnx"))
+    onnx.save_model(proto, str(bundle / "model.onnx"), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+
+
+def _deep_manifest(bundle: Path) -> None:
+    text = (bundle / "manifest.json").read_text()
+    (bundle / "manifest.json").write_text('{"deep": ' + "[" * 100_000 + "]" * 100_000 + ", " + text[1:])
+
+
+def _appears_at(name: str) -> Callable[[Path], dict[str, bytes]]:
+    """Once the export is staging beside `case/name`, make `case/name` a user's folder holding a file."""
+    def during(case: Path) -> dict[str, bytes]:
+        deadline = time.monotonic() + 120
+        while not list(case.glob(f".{name}.*.partial")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (case / name).mkdir()
+        (case / name / "thesis.tex").write_bytes(b"valuable")
+        return {f"{name}/thesis.tex": b"valuable"}
+    return during
 
 
 def _group(manifest: dict) -> dict:
@@ -209,6 +271,10 @@ def cases() -> list[Case]:
         ("--model with a corrupt config.json", ["--model", "{case}/model", "--out", "{case}/b"], "cannot read"),
         ("--model of an unsupported class", ["--model", "{case}/model", "--out", "{case}/b"], "supported:"),
         ("--engine without TensorRT", ["--out", "{case}/b", "--engine"], "TensorRT is not installed"),
+        ("--eta for a scheduler without one", ["--out", "{case}/b", "--scheduler", "euler", "--eta", "0.5"], "has no eta"),
+        ("--classes with a non-ASCII digit", ["--model", "demo-digits-cond", "--out", "{case}/b", "--classes", "\u0663"],
+         "--classes"),
+        ("--overwrite onto a deeply nested manifest", ["--out", "{case}/bundle", "--overwrite"], "not a stepquant bundle"),
     ]
     setups = {
         "--out photos, not a bundle": _write("photos/a.jpg", b"\xff\xd8"),
@@ -221,9 +287,13 @@ def cases() -> list[Case]:
         "--model with sample_size 65536": _model(_json_edit("unet/config.json", sample_size=65536)),
         "--model with a corrupt config.json": _model(lambda m: (m / "unet" / "config.json").write_text("{not json")),
         "--model of an unsupported class": _model(_json_edit("unet/config.json", _class_name="VQModel")),
+        "--overwrite onto a deeply nested manifest": lambda root, case: _copy_bundle(root, case, files=_deep_manifest, rehash=False),
     }
     found = [Case("export options and models", name, args, expect, prog="export-quantized", setup=setups.get(name))
              for name, args, expect in export]
+    found += [Case("export options and models", "a folder made at --out while the export runs",
+                   ["--out", "{case}/b", *FAST], "appeared while this export ran", prog="export-quantized",
+                   during=_appears_at("b"))]
 
     sample = [
         ("--out .jpg", ["--out", "{case}/x.jpg"], "--out must end in"),
@@ -246,6 +316,7 @@ def cases() -> list[Case]:
         ("--conditioning for an unconditional bundle", ["--conditioning", "{case}/c.safetensors", "--out", "{case}/x.npz"],
          "unconditional: drop --conditioning"),
         ("--classes for an unconditional bundle", ["--classes", "2", "--out", "{case}/x.npz"], "unconditional: drop --classes"),
+        ("--eta for a scheduler without one", ["--scheduler", "ddpm", "--eta", "0.5", "--out", "{case}/x.npz"], "has no eta"),
     ]
     sample_setups = {"--out a directory": lambda root, case: (case / "dir.npz").mkdir(),
                      "--conditioning for an unconditional bundle": _write("c.safetensors", b"not safetensors")}
@@ -262,6 +333,8 @@ def cases() -> list[Case]:
         Case("sample options", "--bundle missing", ["sample", "--bundle", "{case}/nope", "--out", "{case}/x.npz"], "not found"),
         Case("sample options", "--bundle not a bundle", ["sample", "--bundle", "{case}", "--out", "{case}/x.npz"],
              "not a stepquant bundle"),
+        Case("sample options", "--classes with a non-ASCII digit", ["sample", "--model", "demo-digits-cond", "--classes", "1,\u00b2",
+                                                                    "--out", "{case}/x.npz"], "--classes"),
     ]
 
     secret = {"../secret.txt": "outside the bundle", "/etc/hostname": "outside the bundle",
@@ -301,8 +374,11 @@ def cases() -> list[Case]:
         bundle_case("a changed byte, hash stale", "sha256 of model.onnx", rehash=False,
                     files=lambda b: (b / "model.onnx").write_bytes((b / "model.onnx").read_bytes()[:-1] + b"\0")),
         bundle_case("a listed file missing", "is missing", files=lambda b: (b / "preview.png").unlink(), rehash=False),
-        bundle_case("a corrupt graph, hashes recomputed", "onnxruntime cannot load",
+        bundle_case("a corrupt graph, hashes recomputed", "is not an ONNX graph",
                     files=lambda b: (b / "model.onnx").write_bytes(b"\x08\x07garbage")),
+        bundle_case("a well-formed graph onnxruntime refuses, hashes recomputed", "onnxruntime cannot load",
+                    files=_graph_edit(lambda proto: setattr(next(n for n in proto.graph.node if n.op_type == "Conv"), "op_type",
+                                                            "NoSuchOperator"))),
         bundle_case("manifest not JSON", "not valid JSON", files=lambda b: (b / "manifest.json").write_text("{"), rehash=False),
         bundle_case("manifest a JSON list", "format version", files=lambda b: (b / "manifest.json").write_text("[]"), rehash=False),
         bundle_case("manifest over 64 MiB", "64 MiB", rehash=False,
@@ -315,6 +391,34 @@ def cases() -> list[Case]:
                     files=lambda b: (b / "parity" / "inputs.json").write_text("][")),
         bundle_case("lint a bundle whose graph is outside", "every graph must be a listed file",
                     args=("lint", "{bundle}"), edit=lambda m: _group(m).update(graph="../evil.onnx")),
+    ]
+    verify = ("verify", "--bundle", "{bundle}")
+    for command, args in (("sample", None), ("verify", verify), ("parity", ("parity", "--bundle", "{bundle}"))):
+        extra = {} if args is None else {"args": args}
+        found += [
+            bundle_case(f"{command}: external data not listed", "model.onnx.data, which", files=_unlisted_external_data, **extra),
+            bundle_case(f"{command}: external data outside the bundle", "outside the bundle",
+                        files=_graph_edit(_external("../../../secret.txt")), **extra),
+            bundle_case(f"{command}: an unused external reference outside", "outside the bundle",
+                        files=_graph_edit(_external("../../../secret.txt", used=False)), **extra),
+            bundle_case(f"{command}: external data at an absolute path", "outside the bundle",
+                        files=_graph_edit(_external("/etc/hostname")), **extra),
+            bundle_case(f"{command}: an unlisted symbolic link", "symbolic link",
+                        files=lambda b: (b / "elsewhere").symlink_to(b.parent), **extra),
+            bundle_case(f"{command}: a NaN scale, re-hashed", "not finite and positive", files=_graph_edit(_scale(float("nan"))),
+                        **extra),
+            bundle_case(f"{command}: a sample_shape wrong for the graph", "declares input sample",
+                        edit=lambda m: m.update(sample_shape=[1, 8, 8]), **extra),
+            bundle_case(f"{command}: a deeply nested manifest", "nests values", files=_deep_manifest, rehash=False, **extra),
+        ]
+    found += [
+        bundle_case("a zero scale, re-hashed", "not finite and positive", files=_graph_edit(_scale(0.0))),
+        bundle_case("a condition input the graph lacks", "the manifest describes",
+                    edit=lambda m: m["inputs"]["conditions"].append({"name": "encoder_hidden_states", "shape": ["sequence", 8]})),
+        bundle_case("a shape profile with max 0", "min <= opt <= max",
+                    edit=lambda m: m["inputs"]["shape_profile"]["batch"].update(max=0)),
+        bundle_case("verify: an unlisted file", "which its manifest does not list", args=verify,
+                    files=lambda b: (b / "notes.txt").write_text("not in the manifest")),
     ]
 
     def signed(root: Path, case: Path, forge_after: bool = False, signature: bytes | None = None) -> None:
@@ -370,6 +474,10 @@ def cases() -> list[Case]:
         Case("other commands", "eval --n 1", ["eval", "--bundle", "{root}/bundle", "--n", "1"], "'--n'"),
         Case("other commands", "eval --n 10**6", ["eval", "--bundle", "{root}/bundle", "--n", "1000000"], "'--n'"),
         Case("other commands", "bench --batch 0", ["bench", "--bundle", "{root}/bundle", "--batch", "0"], "--batch"),
+        Case("other commands", "bench --batch far above the bundle's range", ["bench", "--bundle", "{root}/bundle", "--batch",
+                                                                             "1000000"], "outside the bundle's batch range"),
+        *[Case("other commands", f"parity --rtol {rtol}", ["parity", "--bundle", "{root}/bundle", "--rtol", rtol],
+               "must be a median relative error in [0, 1)") for rtol in ("5", "1", "inf", "nan")],
         Case("other commands", "bench --threads 0", ["bench", "--bundle", "{root}/bundle", "--threads", "0"], "'--threads'"),
         Case("other commands", "inspect something that is not a bundle", ["inspect", "--bundle", "{case}"], "not a stepquant bundle"),
         Case("other commands", "build-engine without TensorRT", ["build-engine", "--bundle", "{root}/bundle"], "TensorRT is not installed"),
@@ -410,14 +518,20 @@ def run(case: Case, root: Path, index: int) -> tuple[bool, str]:
     args = [a.format(root=root, case=directory, bundle=directory / "bundle") for a in case.args]
     before = snapshot(root)
     OPENED.clear()
+    made: dict[str, bytes] = {}
+    beside = threading.Thread(target=lambda: made.update(case.during(directory))) if case.during else None
     cwd = os.getcwd()
     os.chdir(root / "work")
     try:
+        if beside:
+            beside.start()
         code, _, err = invoke(case.prog, args)
     except BaseException as escaped:  # an escape is a case not held
         code, err = -1, f"Traceback: {type(escaped).__name__}: {escaped}"
     finally:
         os.chdir(cwd)
+        if beside:
+            beside.join()
     lines = [line for line in err.splitlines() if line.strip()]
     problems = []
     if code == 0:
@@ -427,7 +541,13 @@ def run(case: Case, root: Path, index: int) -> tuple[bool, str]:
     elif case.expect not in lines[0]:
         problems.append(f"message lacks {case.expect!r}")
     after = snapshot(root)
-    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    prefix = directory.relative_to(root)
+    kept = {str(prefix / name) for name, content in made.items() if (directory / name).is_file()
+            and (directory / name).read_bytes() == content}
+    if len(kept) < len(made):
+        problems.append("lost what was made beside it")
+    folders = {str(folder) for k in kept for folder in Path(k).parents if folder.is_relative_to(prefix)}  # their mtimes
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)} - kept - folders
     if changed:
         problems.append(f"changed {sorted(changed)[:3]}")
     opened = [p for p in OPENED for name in case.forbidden if p == str(root / name)]
