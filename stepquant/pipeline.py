@@ -55,12 +55,13 @@ from stepquant.export.parity import (
     torch_outputs,
 )
 from stepquant.export.parity_policy import ParityPolicy, parity_policy
+from stepquant.export.pipeline_parts import carried_parts, export_pipeline_parts
 from stepquant.export.precision import PRECISIONS, export_at_precision
 from stepquant.export.shapes import CORNERS, ShapeProfile, resize_inputs
 from stepquant.export.targets import RUNTIME_OPTIMIZATION_LEVEL, TARGETS, check_target, for_target, graph_file
 from stepquant.export.tensorrt import build_engines, build_script, tensorrt_version
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, LoadedModel, load_model
-from stepquant.models.conditioning import load_conditioning
+from stepquant.models.conditioning import load_conditioning, read_prompts
 from stepquant.models.denoisers import sample_shape
 from stepquant.models.device import Placement, device_copy, ieee_float32, place, placed, resolve_placement
 from stepquant.models.schedulers import capture_table
@@ -333,6 +334,7 @@ class Prepared:
     shapes: ShapeProfile
     latent: bool  # samples latents for a VAE (LoadedModel.latent)
     protected: tuple[Path, ...]  # the model's own directory, never to be replaced
+    text_to_image: bool = False  # a pipeline whose tokenizer, text encoder and VAE decoder the bundle carries
 
 
 @dataclass
@@ -389,6 +391,7 @@ def prepare(config: ExportConfig) -> Prepared:
         tensorrt_version()  # fail before any work when the engine cannot be built here
     if config.sign_key is not None:
         sign(b"", config.sign_key)  # an unreadable key fails now, not after calibration
+    parts = carried_parts(loaded.pipeline, fp_model.condition_names)  # a pipeline missing a part fails here, not at the end
     conditioning = load_conditioning(fp_model, loaded, config.prompts_file, config.conditioning, shape, config.classes)
     prediction = loaded.scheduler_config.get("prediction_type", "epsilon")
     if prediction != "epsilon" and (config.correction != "none" or config.calibrator == "mixed-order"):
@@ -399,7 +402,7 @@ def prepare(config: ExportConfig) -> Prepared:
         raise ValueError(f"--correction-per-branch fits terms to the two branches of guided sampling, and {loaded.source} "
                          "is unconditional: drop --correction-per-branch")
     shapes = config.shapes.resolved(shape, None if conditioning is None else conditioning.sequence_length(fp_model.conditions))
-    return Prepared(loaded, fp_model, fp_reference, placement, shape, conditioning, shapes, loaded.latent, protected)
+    return Prepared(loaded, fp_model, fp_reference, placement, shape, conditioning, shapes, loaded.latent, protected, parts)
 
 
 def calibrate_model(config: ExportConfig, prepared: Prepared, start: float, shards: Path) -> Calibrated:
@@ -568,6 +571,9 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
         shutil.copyfile(class_table, staging / CLASS_TABLE_FILE)
     source = (f"classes {', '.join(map(str, config.classes))}" if config.classes else "every class") if class_table \
         else str(config.prompts_file or config.conditioning)
+    parts = export_pipeline_parts(prepared.loaded.pipeline, staging, prepared.shape,
+                                  read_prompts(config.prompts_file) if config.prompts_file else []) \
+        if prepared.text_to_image else None
     write_manifest(staging, Manifest(
         source_model=prepared.loaded.source, sample_shape=prepared.shape, conditions=fp_model.conditions,
         shape_profile=prepared.shapes.to_dict(), noise_schedule=prepared.loaded.scheduler_config,
@@ -580,7 +586,7 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
         reference_graph=FP_MODEL_FILE, correction_method=config.correction,
         correction_file=CORRECTIONS_FILE if corrections else None, engine=engine,
         sample_space="latent" if prepared.latent else "pixel", class_table=CLASS_TABLE_FILE if class_table else None,
-        info={
+        text_to_image=parts, info={
             "conditioning": None if conditioning is None else {
                 "source": source, "prompts": len(conditioning),
                 "calibration_copies": "unconditional and conditional" if config.sampler.guidance_scale != 1.0 else "conditional"},

@@ -50,6 +50,7 @@ RUNTIME_FORBIDDEN = ("stepquant.export", "stepquant.calibrators", "stepquant.mod
 
 @pytest.mark.parametrize("module, forbidden", [
     ("stepquant.runtime", RUNTIME_FORBIDDEN), ("stepquant.bundle", RUNTIME_FORBIDDEN), ("stepquant.cli.sample", RUNTIME_FORBIDDEN),
+    ("stepquant.cli.generate", RUNTIME_FORBIDDEN), ("stepquant.runtime.text_to_image", RUNTIME_FORBIDDEN),
     # the device's other commands: light modules of the export and eval packages are fine, their libraries are not
     ("stepquant.cli.bench", ()), ("stepquant.cli.signing", ())])
 def test_importing_the_runtime_loads_nothing_of_the_export_side(module, forbidden):

@@ -7,6 +7,7 @@ plain data in `info` and in each target's `details`.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +99,43 @@ class Sampler:
 
 
 @dataclass(frozen=True)
+class TextToImage:
+    """A text-to-image bundle's other parts: the tokenizer (a `tokenizers` file, padded with `pad_id` and
+    truncated to `max_length` by the runtime), the text encoder and VAE decoder graphs, the VAE's latent
+    scaling (decoded = vae(latents / scaling_factor + shift_factor)), and the export's check of each graph."""
+
+    tokenizer: str
+    max_length: int
+    pad_id: int
+    text_encoder: str
+    vae_decoder: str
+    scaling_factor: float
+    shift_factor: float = 0.0
+    checks: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokenizer": {"file": self.tokenizer, "max_length": self.max_length, "pad_id": self.pad_id},
+                "text_encoder": {"graph": self.text_encoder}, "vae_decoder": {"graph": self.vae_decoder,
+                                                                             "scaling_factor": self.scaling_factor,
+                                                                             "shift_factor": self.shift_factor},
+                "checks": self.checks}
+
+    @classmethod
+    def from_dict(cls, data: Any, listed: set[str], need) -> TextToImage:
+        need(isinstance(data, dict) and all(isinstance(data.get(k), dict) for k in ("tokenizer", "text_encoder", "vae_decoder")),
+             "'text_to_image' needs 'tokenizer', 'text_encoder' and 'vae_decoder'")
+        tokenizer, text, vae = data["tokenizer"], data["text_encoder"], data["vae_decoder"]
+        need(tokenizer.get("file") in listed and text.get("graph") in listed and vae.get("graph") in listed,
+             "'text_to_image' must name listed files")
+        need(type(tokenizer.get("max_length")) is int and 2 <= tokenizer["max_length"] <= 4096 and type(tokenizer.get("pad_id")) is int
+             and tokenizer["pad_id"] >= 0, "'text_to_image.tokenizer' needs a max_length (2..4096) and a pad_id")
+        need(all(isinstance(vae.get(k), (int, float)) and math.isfinite(vae[k]) for k in ("scaling_factor", "shift_factor"))
+             and vae["scaling_factor"] > 0, "'text_to_image.vae_decoder' needs a positive scaling_factor and a shift_factor")
+        return cls(tokenizer["file"], tokenizer["max_length"], tokenizer["pad_id"], text["graph"], vae["graph"],
+                   float(vae["scaling_factor"]), float(vae["shift_factor"]), dict(data.get("checks") or {}))
+
+
+@dataclass(frozen=True)
 class Manifest:
     source_model: str
     sample_shape: tuple[int, int, int]
@@ -113,6 +151,7 @@ class Manifest:
     engine: dict[str, Any]
     sample_space: str = "pixel"
     class_table: str | None = None  # class-conditional models: the class table `sample --classes` picks rows of
+    text_to_image: TextToImage | None = None  # a whole pipeline's tokenizer, text encoder and VAE decoder
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256, every file of the bundle
     info: dict[str, Any] = field(default_factory=dict)  # the rest: quantization, calibration, versions...
 
@@ -127,7 +166,8 @@ class Manifest:
             "targets": {name: target.to_dict() for name, target in self.targets.items()},
             "reference_graph": self.reference_graph,
             "correction": {"method": self.correction_method, "file": self.correction_file},
-            "engine": self.engine, **self.info,
+            "engine": self.engine, **({"text_to_image": self.text_to_image.to_dict()} if self.text_to_image else {}),
+            **self.info,
         }
 
     @classmethod
@@ -196,7 +236,9 @@ class Manifest:
             known = ("timestep_groups", "parity", "onnxruntime_optimization_level", "parity_optimization_level")
             typed_targets[name] = Target(groups, parity, *levels, {k: v for k, v in section.items() if k not in known})
         known = ("format_version", "files", "manifest_sha256", "source_model", "sample_shape", "sample_space", "inputs", "noise_schedule",
-                 "sampler", "scheduler_table", "targets", "reference_graph", "correction", "engine")
+                 "sampler", "scheduler_table", "targets", "reference_graph", "correction", "engine", "text_to_image")
+        text_to_image = None if data.get("text_to_image") is None else TextToImage.from_dict(data["text_to_image"], listed, need)
+        need(text_to_image is None or data["sample_space"] == "latent", "'text_to_image' needs latent samples")
         return cls(
             source_model=str(data.get("source_model", "")), sample_shape=tuple(shape),  # type: ignore[arg-type]
             conditions=tuple(ConditionInput(c["name"], tuple(c["shape"])) for c in inputs["conditions"]),
@@ -205,4 +247,4 @@ class Manifest:
                             bool(sampler.get("karras_sigmas", False))),
             scheduler_table=data["scheduler_table"], targets=typed_targets, reference_graph=data["reference_graph"],
             correction_method=correction["method"], correction_file=correction.get("file"), engine=data.get("engine", {}),
-            sample_space=data["sample_space"], class_table=inputs.get("class_table"), files=dict(files), info={k: v for k, v in data.items() if k not in known})
+            sample_space=data["sample_space"], class_table=inputs.get("class_table"), text_to_image=text_to_image, files=dict(files), info={k: v for k, v in data.items() if k not in known})

@@ -224,6 +224,19 @@ def load_bundle(path: str | Path, trust_key: Path | None = None, strict: bool = 
             raise BundleError(f"bundle {path} was modified after export: sha256 of {name} does not match the manifest")
     bundle = Bundle(path=path, manifest=typed, signed_by=trust_key)
     runs = {*bundle.graphs(), typed.reference_graph}
-    for name in sorted(n for n in typed.files if n.endswith(".onnx")):
-        _check_graph(path, name, typed, name in runs)
+    facts = {name: _check_graph(path, name, typed, name in runs) for name in sorted(n for n in typed.files if n.endswith(".onnx"))}
+    if typed.text_to_image is not None:
+        _check_parts(path, typed, facts)
     return bundle
+
+
+def _check_parts(root: Path, manifest: Manifest, facts: dict[str, GraphFacts]) -> None:
+    """A text-to-image bundle's text encoder takes token ids, and its VAE decoder the denoiser's latents."""
+    parts = manifest.text_to_image
+    text, vae = facts[parts.text_encoder].inputs, facts[parts.vae_decoder].inputs
+    if list(text) != ["input_ids"]:
+        raise BundleError(f"bundle {root}: the text encoder {parts.text_encoder} takes {sorted(text)}, not input_ids")
+    dims = vae.get("latent_sample", ())
+    if list(vae) != ["latent_sample"] or len(dims) != 4 or (isinstance(dims[1], int) and dims[1] != manifest.sample_shape[0]):
+        raise BundleError(f"bundle {root}: the VAE decoder {parts.vae_decoder} takes {dict(vae)}, not the denoiser's "
+                          f"{manifest.sample_shape[0]}-channel latents")

@@ -28,6 +28,7 @@ EXPORT_EXTRA = "pip install 'stepquant[export]'"
 COMMANDS = {
     "export": ("stepquant.cli.export", "export_command"),
     "sample": ("stepquant.cli.sample", "sample_command"),
+    "generate": ("stepquant.cli.generate", "generate_command"),
     "eval": ("stepquant.cli.evaluate", "eval_command"),
     "bench": ("stepquant.cli.bench", "bench_command"),
     "lint": ("stepquant.cli.tensorrt", "lint_command"),

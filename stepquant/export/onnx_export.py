@@ -17,7 +17,7 @@ import json
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import onnx
@@ -99,39 +99,25 @@ def example_inputs(model: nn.Module, sample_shape: tuple[int, int, int], profile
     return tuple(torch.ones((2, *shapes[name]["opt"][1:])) for name in (*INPUT_NAMES, *model.condition_names))
 
 
-def export_onnx(model: nn.Module, path: Path, sample_shape: tuple[int, int, int], opset: int = DEFAULT_OPSET,
-                profile: ShapeProfile | None = None) -> None:
-    """Write `model` to `path` and validate it with `onnx.checker` (full check, shape inference).
-
-    `profile` (resolved) says which axes are dynamic; by default only the batch, which suits unconditional
-    models; conditional ones need their sequence range."""
+def trace_to_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
+                  output_names: list[str], dynamic_axes: dict, opset: int = DEFAULT_OPSET,
+                  edit: Callable[[onnx.ModelProto], None] | None = None) -> None:
+    """Trace `module` on `example` to `path` (TorchScript exporter), apply `edit` to the graph, save it (external
+    data beside it, when large) and validate it with `onnx.checker` (full check, shape inference)."""
     path = Path(path)
-    profile = profile or ShapeProfile().resolved(sample_shape, None)
-    if model.conditions and profile.sequence is None:
-        raise ValueError("a conditional model's export needs a shape profile with its sequence range")
-    example = example_inputs(model, sample_shape, profile)
-    dynamic = profile.dynamic_axes(model.conditions)
     # the exporter writes a graph over 2 GB as one file per tensor: it writes into a directory of its own, and
-    # the graph is saved from there to `path` (external data beside it, when large)
-    traced = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".export", dir=path.parent))
+    # the graph is saved from there to `path`
+    traced = Path(tempfile.mkdtemp(prefix=f".{path.name[:64]}.", suffix=".export", dir=path.parent))
     try:
-        with warnings.catch_warnings(), torch.no_grad(), _named_quantizers(model):
+        with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer chatter
-            torch.onnx.export(
-                model.eval(),
-                example,
-                str(traced / path.name),
-                dynamo=False,
-                opset_version=opset,
-                input_names=[*INPUT_NAMES, *model.condition_names],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes=dynamic,
-                do_constant_folding=True,
-            )
+            torch.onnx.export(module.eval(), example, str(traced / path.name), dynamo=False, opset_version=opset,
+                              input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+                              do_constant_folding=True)
         model_proto = onnx.load(str(traced / path.name))
         shutil.rmtree(traced)
-        _move_quantizer_tags(model_proto)
-        _inline_identity_constants(model_proto.graph)
+        if edit is not None:
+            edit(model_proto)
         save_onnx(model_proto, path)
         del model_proto
         onnx.checker.check_model(str(path), full_check=True)
@@ -139,3 +125,22 @@ def export_onnx(model: nn.Module, path: Path, sample_shape: tuple[int, int, int]
         raise OnnxExportError(f"ONNX export to {path} failed: {err}") from err
     finally:
         shutil.rmtree(traced, ignore_errors=True)
+
+
+def export_onnx(model: nn.Module, path: Path, sample_shape: tuple[int, int, int], opset: int = DEFAULT_OPSET,
+                profile: ShapeProfile | None = None) -> None:
+    """Write `model` to `path` and validate it with `onnx.checker` (full check, shape inference).
+
+    `profile` (resolved) says which axes are dynamic; by default only the batch, which suits unconditional
+    models; conditional ones need their sequence range."""
+    profile = profile or ShapeProfile().resolved(sample_shape, None)
+    if model.conditions and profile.sequence is None:
+        raise ValueError("a conditional model's export needs a shape profile with its sequence range")
+
+    def edit(model_proto: onnx.ModelProto) -> None:
+        _move_quantizer_tags(model_proto)
+        _inline_identity_constants(model_proto.graph)
+
+    with _named_quantizers(model):
+        trace_to_onnx(model, example_inputs(model, sample_shape, profile), path, [*INPUT_NAMES, *model.condition_names],
+                      [OUTPUT_NAME], profile.dynamic_axes(model.conditions), opset, edit)

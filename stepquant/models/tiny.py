@@ -51,6 +51,41 @@ def save_tiny_pipeline(kind: str, root: Path, seed: int = 0, classes: int | None
     return root
 
 
+TINY_PROMPTS = ("a red seven on a blue background", "the digit 3 in green, yellow paper", "a white zero on black")
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+_TEXT_ENCODER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=0.5)
+
+
+def save_tiny_text_pipeline(root: Path, seed: int = 0, max_length: int = 16, merges: int = 60, text: dict | None = None,
+                            vae: dict | None = None, **unet) -> Path:
+    """A random-weight Stable Diffusion pipeline directory that `StableDiffusionPipeline.from_pretrained` loads:
+    the tiny "sd" UNet (`unet` overrides applied), a CLIP tokenizer learned from TINY_PROMPTS, a CLIP text
+    encoder (`text` overrides) and an AutoencoderKL with one downsampling (`vae` overrides)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from stepquant.models.clip_tokenizer import save_clip_tokenizer
+
+    root, text = Path(root), {**_TEXT_ENCODER, **(text or {})}
+    save_tiny_pipeline("sd", root, seed, **{"cross_attention_dim": text["hidden_size"], **unet})
+    tokenizer = save_clip_tokenizer(root / "tokenizer", TINY_PROMPTS, merges, max_length)
+    vocab = len(json.loads((tokenizer / "vocab.json").read_text()))
+    torch.manual_seed(seed)
+    CLIPTextModel(CLIPTextConfig(vocab_size=vocab, max_position_embeddings=max_length, bos_token_id=vocab - 2,
+                                 eos_token_id=vocab - 1, pad_token_id=vocab - 1, **text)).save_pretrained(root / "text_encoder")
+    AutoencoderKL(**{**_VAE, **(vae or {})}).save_pretrained(root / "vae")
+    DDIMScheduler(**SD_SCHEDULER).save_pretrained(root / "scheduler")  # Stable Diffusion's, which its pipeline keeps as is
+    index = json.loads((root / "model_index.json").read_text())
+    index.update(tokenizer=["transformers", "CLIPTokenizer"], text_encoder=["transformers", "CLIPTextModel"],
+                 vae=["diffusers", "AutoencoderKL"], safety_checker=[None, None], feature_extractor=[None, None],
+                 image_encoder=[None, None], requires_safety_checker=False)
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
 def random_conditioning(model: EpsilonModel, prompts: int = 3, seed: int = 0, tokens: int = TEXT_TOKENS) -> Conditioning:
     """Random embeddings of the model's condition inputs, in place of a text encoder's: N(0, 1) states,
     an attention mask with its last token padded, SDXL size ids of a 64 px image."""

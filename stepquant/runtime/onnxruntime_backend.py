@@ -66,3 +66,7 @@ class OnnxRuntimeBackend:
 
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditions: np.ndarray) -> np.ndarray:
         return self.session.run(None, graph_feed(self.input_names, sample, timestep, conditions))[0]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Every output for inputs by name: for graphs other than a denoiser (text encoder, VAE decoder)."""
+        return self.session.run(None, feeds)

@@ -1,0 +1,143 @@
+"""A prompt to an image from a whole-pipeline bundle, on numpy and an engine alone (no torch, no transformers).
+
+The stages are diffusers' StableDiffusionPipeline's, ported: the `tokenizers` library pads to the model's
+length with its own pad id and truncates keeping BOS and EOS (as CLIPTokenizer does); the text encoder graph
+gives the prompts' states and the negative prompt's (the empty prompt by default) for guidance; the denoising
+loop is `sample_batches` (image i starts from seed + i's per-sample draw, so a seed gives the same picture on
+every install and backend); the VAE decoder graph turns latents / scaling_factor + shift_factor into images.
+Images come back in [-1, 1]; `to_uint8` rounds them as diffusers' image processor does.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stepquant.bundle import Bundle, BundleError
+from stepquant.runtime.bundle_backends import bundle_corrections, bundle_table, quantized_backend, reference_backend
+from stepquant.runtime.guidance import Conditioning
+from stepquant.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from stepquant.runtime.sampler import SamplerConfig, sample_batches
+
+GRAPHS = ("quantized", "reference")  # what denoises: the deployed Q/DQ graph, or the FP32 reference graph
+
+
+def load_tokenizer(path: Path, max_length: int, pad_id: int):
+    """A `tokenizers` Tokenizer padding and truncating to `max_length` as CLIPTokenizer(padding="max_length",
+    truncation=True) does (its post-processor adds BOS and EOS inside the length)."""
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:  # the library's own error type is not exported
+        raise BundleError(f"cannot read the tokenizer {path}: {' '.join(str(err).split())[:200]}") from err
+    tokenizer.enable_truncation(max_length)
+    tokenizer.enable_padding(length=max_length, pad_id=pad_id, pad_token=tokenizer.id_to_token(pad_id) or "")
+    return tokenizer
+
+
+class PromptEncoder:
+    """Prompts -> the text encoder's states [P, max_length, D], as the denoiser's `encoder_hidden_states`."""
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, warn=None) -> None:
+        parts = bundle.manifest.text_to_image
+        self.tokenizer = load_tokenizer(bundle.file(parts.tokenizer), parts.max_length, parts.pad_id)
+        self.encoder = OnnxRuntimeBackend(bundle.file(parts.text_encoder), threads)
+        self.max_length = parts.max_length
+        self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+
+    def ids(self, prompts: Sequence[str]) -> np.ndarray:
+        encodings = self.tokenizer.encode_batch(list(prompts))
+        cut = [p for p, e in zip(prompts, encodings) if e.overflowing]
+        if cut:
+            self.warn(f"{len(cut)} prompt(s) truncated to the text encoder's {self.max_length} tokens, as diffusers does "
+                      f"(first: {cut[0][:60]!r})")
+        return np.asarray([e.ids for e in encodings], dtype=np.int64)
+
+    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
+        return self.encoder.run({"input_ids": self.ids(prompts)})[0].astype(np.float32)
+
+
+class LatentDecoder:
+    """Latents -> images in [-1, 1] through the bundle's VAE decoder graph."""
+
+    def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
+        parts = bundle.manifest.text_to_image
+        self.vae = OnnxRuntimeBackend(bundle.file(parts.vae_decoder), threads)
+        self.scaling_factor, self.shift_factor = parts.scaling_factor, parts.shift_factor
+
+    def __call__(self, latents: np.ndarray) -> np.ndarray:
+        scaled = (np.asarray(latents, np.float32) / np.float32(self.scaling_factor) + np.float32(self.shift_factor))
+        return np.clip(self.vae.run({"latent_sample": scaled.astype(np.float32)})[0], -1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What `generate` makes: `n` images per prompt (prompt-major, as diffusers' num_images_per_prompt), seeds
+    seed .. seed + len(prompts) * n - 1."""
+
+    prompts: tuple[str, ...]
+    negative_prompt: str = ""
+    n: int = 1
+    seed: int = 0
+    graph: str = "quantized"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ValueError("no prompt given: pass --prompt (repeatable) or --prompts-file")
+        if self.graph not in GRAPHS:
+            raise ValueError(f"--graph must be one of {', '.join(GRAPHS)}, got {self.graph!r}")
+        if self.n < 1 or self.batch_size < 1:
+            raise ValueError("--n and --batch-size must be at least 1")
+
+    @property
+    def count(self) -> int:
+        return len(self.prompts) * self.n
+
+
+def require_text_to_image(bundle: Bundle) -> None:
+    if bundle.manifest.text_to_image is None:
+        how = "--classes" if bundle.manifest.class_table else "--conditioning"
+        raise BundleError(f"bundle {bundle.path} has no tokenizer or text encoder (a denoiser-only bundle): "
+                          f"`stepquant sample --bundle {bundle.path} {how} ...` runs it")
+
+
+def generate(bundle: Bundle, request: GenerateRequest, config: SamplerConfig, threads: int | None = None,
+             backend: str = "onnxruntime", engine: Path | None = None, corrections: bool = True,
+             progress: bool = True, warn=None) -> Iterator[np.ndarray]:
+    """Images [B, 3, H, W] in [-1, 1], batch by batch, for `request` (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    require_text_to_image(bundle)
+    table = bundle_table(bundle)
+    table.check_sampler(config.scheduler, config.steps, config.eta, config.karras_sigmas)
+    encoder = PromptEncoder(bundle, threads, warn)
+    states = encoder(list(request.prompts))
+    negative = encoder([request.negative_prompt])
+    conditioning = Conditioning({"encoder_hidden_states": np.repeat(states, request.n, axis=0)},
+                                {"encoder_hidden_states": negative})
+    if request.graph == "reference":
+        runner, terms = reference_backend(bundle, threads), None
+    else:
+        runner = quantized_backend(bundle, threads, backend, engine)
+        terms = bundle_corrections(bundle) if corrections else None
+    decoder = LatentDecoder(bundle, threads)
+    latents = sample_batches(runner, table, range(request.seed, request.seed + request.count), bundle.manifest.sample_shape,
+                             config, request.batch_size, progress=progress, desc="denoising", corrections=terms,
+                             conditioning=conditioning, clip=False)
+    decoding = tqdm(total=request.count, desc="decoding", unit="image", disable=not progress, leave=False)
+    for batch in latents:
+        images = decoder(batch)
+        decoding.update(len(images))
+        yield images
+    decoding.close()
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] images [N, C, H, W] -> uint8 [N, H, W, C], rounded as diffusers' VaeImageProcessor does."""
+    return (np.clip(np.asarray(images) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)

@@ -1,0 +1,180 @@
+"""Whole text-to-image bundles: a Stable Diffusion pipeline directory (tokenizer, CLIP text encoder, VAE, UNet)
+exports with --prompts-file into a bundle that carries every part, and `stepquant generate` turns prompts into
+PNGs on the runtime alone: the same pixels as the full install, and, on the FP32 reference graph, diffusers'
+own StableDiffusionPipeline's images from the same latents."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+from PIL import Image
+from test_runtime_install import stepquant_without_export_side
+
+from stepquant.bundle import BundleError, load_bundle
+from stepquant.export.faults import forge_bundle
+from stepquant.export.pipeline_parts import _tokenizer
+from stepquant.models.clip_tokenizer import save_clip_tokenizer
+from stepquant.models.tiny import TINY_PROMPTS, save_tiny_text_pipeline
+from stepquant.runtime.bundle_backends import bundle_sampler
+from stepquant.runtime.seeding import per_sample_noise, seed_generators
+from stepquant.runtime.text_to_image import GenerateRequest, generate, load_tokenizer
+
+FAST = ["--steps", "4", "--calib-samples", "4", "--eval-samples", "4", "--no-progress"]
+GOLDEN = ["a red seven on a blue background", "", "THE Digit 7, in RED!!! (blue paper)...", "ünïcödé ✓ 東京 — naïve café",
+          "a " * 40 + "seven", "  spaces\tand\nnewlines  ", "7777777777777777777777", "it's the dog's; we'll see"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text-to-image")
+    save_tiny_text_pipeline(root / "sd")
+    (root / "prompts.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundle(pipeline):
+    result = run_cli("export-quantized", "--model", pipeline / "sd", "--prompts-file", pipeline / "prompts.txt",
+                     "--out", pipeline / "bundle", "--guidance-scale", "3", *FAST)
+    assert result.returncode == 0, result.stderr
+    return pipeline / "bundle"
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_the_bundle_carries_every_part_of_the_pipeline(bundle):
+    loaded = load_bundle(bundle, strict=True)
+    parts = loaded.manifest.text_to_image
+    assert (parts.tokenizer, parts.text_encoder, parts.vae_decoder) == (
+        "tokenizer/tokenizer.json", "text_encoder/model.onnx", "vae_decoder/model.onnx")
+    assert parts.max_length == 16 and parts.scaling_factor == 0.5
+    assert all(check["worst_abs_error_relative_to_max"] <= check["tolerance"] for check in parts.checks.values())
+    assert {parts.tokenizer, parts.text_encoder, parts.vae_decoder} <= set(loaded.manifest.files)
+
+
+@pytest.mark.parametrize("pad", [None, "!"])  # SD 1.x pads with EOS; SD 2.x and SDXL's second tokenizer with "!"
+def test_the_device_tokenizer_gives_clip_tokenizers_ids(tmp_path, pad):
+    from transformers import CLIPTokenizer
+
+    directory = save_clip_tokenizer(tmp_path / "pipe" / "tokenizer", TINY_PROMPTS, merges=60, max_length=16)
+    if pad:
+        CLIPTokenizer.from_pretrained(directory, pad_token=pad).save_pretrained(directory)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    reference, max_length, pad_id = _tokenizer(tmp_path / "pipe", staging, GOLDEN)
+    assert pad_id == (reference.convert_tokens_to_ids(pad) if pad else reference.eos_token_id)
+    device = load_tokenizer(staging / "tokenizer" / "tokenizer.json", max_length, pad_id)
+    for prompt in GOLDEN:
+        expected = reference(prompt, padding="max_length", max_length=max_length, truncation=True).input_ids
+        ids = device.encode(prompt).ids
+        assert ids == expected, prompt
+        assert ids[0] == reference.bos_token_id and reference.eos_token_id in ids  # truncation keeps BOS and EOS
+    assert device.encode("a " * 40).ids[-1] == reference.eos_token_id
+
+
+def test_generate_without_the_export_side_gives_the_same_pixels(bundle, tmp_path):
+    args = ["generate", "--bundle", bundle, "--prompt", TINY_PROMPTS[0], "--prompt", TINY_PROMPTS[1], "--n", "2",
+            "--seed", "5", "--no-progress"]
+    full = run_cli("stepquant", *args, "--out", tmp_path / "full.png")
+    assert full.returncode == 0, full.stderr
+    device = stepquant_without_export_side(*args, "--out", tmp_path / "device.png")
+    assert device.returncode == 0, device.stderr
+    assert "wrote 4 images" in device.stdout and np.array_equal(_pixels(tmp_path / "full.png"), _pixels(tmp_path / "device.png"))
+    folder = stepquant_without_export_side(*args, "--out", tmp_path / "images")
+    assert folder.returncode == 0, folder.stderr
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"image-{i:04d}.png" for i in range(4)]
+
+
+def test_the_reference_graph_reproduces_diffusers_pipeline(pipeline, bundle):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    loaded = load_bundle(bundle)
+    config = bundle_sampler(loaded).overridden(guidance_scale=3.0)
+    prompts = TINY_PROMPTS[:2]
+    request = GenerateRequest(prompts, n=2, seed=11, graph="reference")
+    ours = np.concatenate(list(generate(loaded, request, config, progress=False)))
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline / "sd", safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    latents = per_sample_noise(seed_generators(range(11, 11 + request.count)), loaded.manifest.sample_shape)
+    with torch.no_grad():
+        theirs = pipe(list(prompts), num_images_per_prompt=2, num_inference_steps=config.steps, guidance_scale=3.0,
+                      latents=torch.from_numpy(latents), output_type="np").images
+    theirs = theirs.transpose(0, 3, 1, 2) * 2 - 1
+    print(f"reference graph vs diffusers: max abs {np.abs(ours - theirs).max():.2e}")
+    assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1e-3
+    assert np.abs(ours[0] - ours[2]).max() > 0.05  # the prompts matter: a test of the text path, not of the VAE alone
+    quantized = np.concatenate(list(generate(loaded, GenerateRequest(prompts, n=2, seed=11), config, progress=False)))
+    assert np.abs(quantized - theirs).max() > 1e-3  # the tolerance tells an INT8 denoiser from the FP one
+
+
+def test_generate_refuses_what_it_cannot_run(bundle, demo_bundle, tmp_path):
+    out = ["--out", tmp_path / "x.png", "--no-progress"]
+    assert_one_line_error(run_cli("stepquant", "generate", "--bundle", demo_bundle[0], "--prompt", "a cat", *out),
+                          "has no tokenizer or text encoder (a denoiser-only bundle)")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert_one_line_error(run_cli("stepquant", "generate", "--bundle", bundle, "--prompts-file", tmp_path / "empty.txt", *out),
+                          "holds no prompts")
+    assert_one_line_error(run_cli("stepquant", "generate", "--bundle", bundle, *out), "no prompt given")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.png").write_bytes(b"x")
+    assert_one_line_error(run_cli("stepquant", "generate", "--bundle", bundle, "--prompt", "a", "--out", tmp_path / "taken"),
+                          "is not an empty folder")
+    long = run_cli("stepquant", "generate", "--bundle", bundle, "--prompt", "a red seven " * 20, *out)
+    assert long.returncode == 0 and [line for line in long.stderr.splitlines() if line.strip()] == [
+        line for line in long.stderr.splitlines() if line.startswith("warning: 1 prompt(s) truncated")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "taken", "x.png"]
+    assert (tmp_path / "taken" / "mine.png").read_bytes() == b"x"
+
+
+def test_forged_parts_are_refused(bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    data = (copy / "tokenizer" / "tokenizer.json").read_text()
+    (copy / "tokenizer" / "tokenizer.json").write_text(data.replace('"seven', '"sevem', 1) if '"seven' in data else data + " ")
+    with pytest.raises(BundleError, match="sha256 of tokenizer/tokenizer.json"):
+        load_bundle(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(bundle, copy)
+    proto = onnx.load(str(copy / "vae_decoder" / "model.onnx"))
+    proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 3
+    onnx.save(proto, str(copy / "vae_decoder" / "model.onnx"))
+    forge_bundle(copy)
+    assert_one_line_error(run_cli("stepquant", "generate", "--bundle", copy, "--prompt", "a", "--out", tmp_path / "x.png"),
+                          "not the denoiser's 4-channel latents")
+
+
+def test_a_pipeline_missing_a_part_is_refused_before_any_work(pipeline, tmp_path):
+    broken = tmp_path / "sd"
+    shutil.copytree(pipeline / "sd", broken)
+    shutil.rmtree(broken / "text_encoder")
+    index = json.loads((broken / "model_index.json").read_text())
+    (broken / "model_index.json").write_text(json.dumps(index))
+    result = run_cli("export-quantized", "--model", broken, "--conditioning", tmp_path / "none.safetensors", "--out",
+                     tmp_path / "b", *FAST)
+    assert_one_line_error(result, "but no text_encoder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sd"]
+
+
+def test_a_pipeline_of_other_sizes_exports_and_generates_at_the_defaults(tmp_path):
+    """Other channel counts, VAE layout and tokenizer vocabulary than the fixture's: only --prompts-file is given."""
+    pipe = save_tiny_text_pipeline(tmp_path / "other", seed=3, max_length=24, merges=20, text={"hidden_size": 48},
+                                   vae={"block_out_channels": (16, 16, 16), "down_block_types": ("DownEncoderBlock2D",) * 3,
+                                        "up_block_types": ("UpDecoderBlock2D",) * 3, "scaling_factor": 0.3},
+                                   block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=4)
+    (tmp_path / "prompts.txt").write_text("a blue two\na yellow nine on red\n")
+    exported = run_cli("export-quantized", "--model", pipe, "--prompts-file", tmp_path / "prompts.txt", "--out",
+                       tmp_path / "bundle", "--eval-samples", "16", "--no-progress")  # quality on fewer seeds: a test, not a benchmark
+    assert exported.returncode == 0, exported.stderr
+    result = stepquant_without_export_side("generate", "--bundle", tmp_path / "bundle", "--prompt", "a blue two",
+                                           "--out", tmp_path / "x.png", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert _pixels(tmp_path / "x.png").shape[:2] == (4 * 34, 4 * 34)  # 8x8 latents -> 32x32 images, a 1 px frame, upscaled 4x
