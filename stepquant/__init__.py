@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {"ExportConfig": "stepquant.pipeline", "export_quantized": "stepquant.pipeline",
-            "load_bundle": "stepquant.bundle", "QuantSpec": "stepquant.quant", "quantize_": "stepquant.quant"}
+            "load_bundle": "stepquant.bundle", "generate": "stepquant.runtime.text_to_image", "QuantSpec": "stepquant.quant", "quantize_": "stepquant.quant"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -23,7 +23,7 @@ from stepquant.models.clip_tokenizer import save_clip_tokenizer
 from stepquant.models.tiny import TINY_PROMPTS, save_tiny_text_pipeline
 from stepquant.runtime.bundle_backends import bundle_sampler
 from stepquant.runtime.seeding import per_sample_noise, seed_generators
-from stepquant.runtime.text_to_image import GenerateRequest, generate, load_tokenizer
+from stepquant.runtime.text_to_image import GenerateRequest, generate_batches, load_tokenizer
 
 FAST = ["--steps", "4", "--calib-samples", "4", "--eval-samples", "4", "--no-progress"]
 GOLDEN = ["a red seven on a blue background", "", "THE Digit 7, in RED!!! (blue paper)...", "ünïcödé ✓ 東京 — naïve café",
@@ -88,6 +88,12 @@ def test_generate_without_the_export_side_gives_the_same_pixels(bundle, tmp_path
     device = stepquant_without_export_side(*args, "--out", tmp_path / "device.png")
     assert device.returncode == 0, device.stderr
     assert "wrote 4 images" in device.stdout and np.array_equal(_pixels(tmp_path / "full.png"), _pixels(tmp_path / "device.png"))
+    import stepquant
+
+    api = stepquant.generate(bundle, TINY_PROMPTS[:2], n=2, seed=5)  # the Python API: the same images
+    assert api.shape == (4, 16, 16, 3) and api.dtype == np.uint8
+    first = _pixels(tmp_path / "full.png")[8:8 + 128, 8:8 + 128].astype(int)  # the grid: a 1 px frame, upscaled 8x
+    assert np.abs(first - np.asarray(Image.fromarray(api[0]).resize((128, 128), Image.NEAREST), dtype=int)).max() <= 1
     folder = stepquant_without_export_side(*args, "--out", tmp_path / "images")
     assert folder.returncode == 0, folder.stderr
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"image-{i:04d}.png" for i in range(4)]
@@ -100,7 +106,7 @@ def test_the_reference_graph_reproduces_diffusers_pipeline(pipeline, bundle):
     config = bundle_sampler(loaded).overridden(guidance_scale=3.0)
     prompts = TINY_PROMPTS[:2]
     request = GenerateRequest(prompts, n=2, seed=11, graph="reference")
-    ours = np.concatenate(list(generate(loaded, request, config, progress=False)))
+    ours = np.concatenate(list(generate_batches(loaded, request, config, progress=False)))
     pipe = StableDiffusionPipeline.from_pretrained(pipeline / "sd", safety_checker=None)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -112,7 +118,7 @@ def test_the_reference_graph_reproduces_diffusers_pipeline(pipeline, bundle):
     print(f"reference graph vs diffusers: max abs {np.abs(ours - theirs).max():.2e}")
     assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1e-3
     assert np.abs(ours[0] - ours[2]).max() > 0.05  # the prompts matter: a test of the text path, not of the VAE alone
-    quantized = np.concatenate(list(generate(loaded, GenerateRequest(prompts, n=2, seed=11), config, progress=False)))
+    quantized = np.concatenate(list(generate_batches(loaded, GenerateRequest(prompts, n=2, seed=11), config, progress=False)))
     assert np.abs(quantized - theirs).max() > 1e-3  # the tolerance tells an INT8 denoiser from the FP one
 
 
@@ -160,7 +166,7 @@ def test_a_pipeline_missing_a_part_is_refused_before_any_work(pipeline, tmp_path
     (broken / "model_index.json").write_text(json.dumps(index))
     result = run_cli("export-quantized", "--model", broken, "--conditioning", tmp_path / "none.safetensors", "--out",
                      tmp_path / "b", *FAST)
-    assert_one_line_error(result, "but no text_encoder")
+    assert_one_line_error(result, "has a tokenizer but no text_encoder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sd"]
 
 

@@ -14,7 +14,7 @@ from stepquant.cli.files import check_writable, write_atomically
 from stepquant.cli.options import TrustKey
 from stepquant.runtime.bundle_backends import bundle_sampler
 from stepquant.runtime.seeding import MAX_SEED
-from stepquant.runtime.text_to_image import GRAPHS, GenerateRequest, generate, require_text_to_image, to_uint8
+from stepquant.runtime.text_to_image import GRAPHS, GenerateRequest, generate_batches, require_text_to_image, to_uint8
 
 Graph = choices("Graph", GRAPHS)
 MAX_GRID_IMAGES = 1024
@@ -83,7 +83,7 @@ def generate_command(
                                                guidance_scale=guidance_scale)
     channels, height, width = loaded.manifest.sample_shape
     _check_out(out, request.count, 3 * height * width * 64)  # decoded images: up to 8x8 pixels per latent, RGB bytes
-    images = np.concatenate(list(generate(loaded, request, config, threads, backend.value, engine, corrections, progress)))
+    images = np.concatenate(list(generate_batches(loaded, request, config, threads, backend.value, engine, corrections, progress)))
     _write(out, images)
     print(f"wrote {len(images)} image{'s' if len(images) != 1 else ''} ({config.describe()}, guidance {config.guidance_scale:g}, {request.graph} denoiser) "
           f"to {out}")

@@ -33,15 +33,18 @@ class PipelinePartError(StepquantError, ValueError):
 
 
 def carried_parts(pipeline: Path | None, condition_names: tuple[str, ...]) -> bool:
-    """Whether the model is a pipeline whose tokenizer, text encoder and VAE the bundle carries."""
+    """Whether the model is a pipeline whose tokenizer, text encoder and VAE the bundle carries (a pipeline
+    without a VAE, or without any text part, exports its denoiser alone, as a bare model does); a tokenizer
+    without its text encoder, or the reverse, is refused."""
     if pipeline is None or condition_names != ("encoder_hidden_states",):
         return False
     index = _model_index(pipeline)
     present = [part for part in PARTS if (Path(pipeline) / part).is_dir() and (index.get(part) or [None])[0]]
-    if present and len(present) < len(PARTS):
-        missing = [part for part in PARTS if part not in present]
-        raise PipelinePartError(f"pipeline {pipeline} has {', '.join(present)} but no {', '.join(missing)}: a text-to-image "
-                                "bundle needs all three (or export its unet/ folder alone, with --conditioning)")
+    text = [part for part in PARTS[:2] if part in present]
+    if len(text) == 1:
+        missing = next(part for part in PARTS[:2] if part not in present)
+        raise PipelinePartError(f"pipeline {pipeline} has a {text[0]} but no {missing}: a text-to-image bundle needs both "
+                                "(or export its unet/ folder alone, with --conditioning)")
     return len(present) == len(PARTS)
 
 

@@ -107,7 +107,7 @@ def require_text_to_image(bundle: Bundle) -> None:
                           f"`stepquant sample --bundle {bundle.path} {how} ...` runs it")
 
 
-def generate(bundle: Bundle, request: GenerateRequest, config: SamplerConfig, threads: int | None = None,
+def generate_batches(bundle: Bundle, request: GenerateRequest, config: SamplerConfig, threads: int | None = None,
              backend: str = "onnxruntime", engine: Path | None = None, corrections: bool = True,
              progress: bool = True, warn=None) -> Iterator[np.ndarray]:
     """Images [B, 3, H, W] in [-1, 1], batch by batch, for `request` (see the module docstring)."""
@@ -136,6 +136,21 @@ def generate(bundle: Bundle, request: GenerateRequest, config: SamplerConfig, th
         decoding.update(len(images))
         yield images
     decoding.close()
+
+
+def generate(bundle: Bundle | str | Path, prompts: str | Sequence[str], negative_prompt: str = "", n: int = 1, seed: int = 0,
+             guidance_scale: float | None = None, steps: int | None = None, scheduler: str | None = None,
+             graph: str = "quantized", backend: str = "onnxruntime", threads: int | None = None,
+             progress: bool = False) -> np.ndarray:
+    """The Python API of `stepquant generate`: uint8 images [len(prompts) * n, H, W, 3] (prompt-major), from a
+    whole-pipeline bundle (a path is loaded and verified), with the bundle's sampler unless told otherwise."""
+    from stepquant.bundle import load_bundle
+    from stepquant.runtime.bundle_backends import bundle_sampler
+
+    loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    request = GenerateRequest((prompts,) if isinstance(prompts, str) else tuple(prompts), negative_prompt, n, seed, graph)
+    config = bundle_sampler(loaded).overridden(scheduler=scheduler, steps=steps, guidance_scale=guidance_scale)
+    return to_uint8(np.concatenate(list(generate_batches(loaded, request, config, threads, backend, progress=progress))))
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
