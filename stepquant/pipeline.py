@@ -572,7 +572,7 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
     source = (f"classes {', '.join(map(str, config.classes))}" if config.classes else "every class") if class_table \
         else str(config.prompts_file or config.conditioning)
     parts = export_pipeline_parts(prepared.loaded.pipeline, staging, prepared.shape,
-                                  read_prompts(config.prompts_file) if config.prompts_file else []) \
+                                  read_prompts(config.prompts_file) if config.prompts_file else [], fp_model.condition_names) \
         if prepared.text_to_image else None
     write_manifest(staging, Manifest(
         source_model=prepared.loaded.source, sample_shape=prepared.shape, conditions=fp_model.conditions,

@@ -53,11 +53,12 @@ def _pixels(path):
 def test_the_bundle_carries_every_part_of_the_pipeline(bundle):
     loaded = load_bundle(bundle, strict=True)
     parts = loaded.manifest.text_to_image
-    assert (parts.tokenizer, parts.text_encoder, parts.vae_decoder) == (
+    (encoder,) = parts.encoders
+    assert (encoder.tokenizer, encoder.graph, parts.vae_decoder) == (
         "tokenizer/tokenizer.json", "text_encoder/model.onnx", "vae_decoder/model.onnx")
-    assert parts.max_length == 16 and parts.scaling_factor == 0.5
+    assert encoder.max_length == 16 and not encoder.pooled and parts.scaling_factor == 0.5 and parts.time_ids is None
     assert all(check["worst_abs_error_relative_to_max"] <= check["tolerance"] for check in parts.checks.values())
-    assert {parts.tokenizer, parts.text_encoder, parts.vae_decoder} <= set(loaded.manifest.files)
+    assert {encoder.tokenizer, encoder.graph, parts.vae_decoder} <= set(loaded.manifest.files)
 
 
 @pytest.mark.parametrize("pad", [None, "!"])  # SD 1.x pads with EOS; SD 2.x and SDXL's second tokenizer with "!"
@@ -120,6 +121,46 @@ def test_the_reference_graph_reproduces_diffusers_pipeline(pipeline, bundle):
     assert np.abs(ours[0] - ours[2]).max() > 0.05  # the prompts matter: a test of the text path, not of the VAE alone
     quantized = np.concatenate(list(generate_batches(loaded, GenerateRequest(prompts, n=2, seed=11), config, progress=False)))
     assert np.abs(quantized - theirs).max() > 1e-3  # the tolerance tells an INT8 denoiser from the FP one
+
+
+@pytest.fixture(scope="module")
+def sdxl(pipeline):
+    root = pipeline / "xl"
+    save_tiny_text_pipeline(root / "pipe", kind="sdxl")
+    result = run_cli("export-quantized", "--model", root / "pipe", "--prompts-file", pipeline / "prompts.txt",
+                     "--out", root / "bundle", "--guidance-scale", "3", *FAST)
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def test_sdxl_bundles_carry_both_encoders_and_match_diffusers(sdxl):
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    loaded = load_bundle(sdxl / "bundle", strict=True)
+    parts = loaded.manifest.text_to_image
+    assert [e.graph for e in parts.encoders] == ["text_encoder/model.onnx", "text_encoder_2/model.onnx"]
+    assert [e.pooled for e in parts.encoders] == [False, True] and parts.zero_negative and parts.time_ids == (16, 16, 0, 0, 16, 16)
+    second = CLIPTokenizer.from_pretrained(sdxl / "pipe" / "tokenizer_2")
+    assert parts.encoders[1].pad_id == second.convert_tokens_to_ids("!") != parts.encoders[0].pad_id
+    device = load_tokenizer(loaded.file(parts.encoders[1].tokenizer), parts.encoders[1].max_length, parts.encoders[1].pad_id)
+    for prompt in GOLDEN:
+        assert device.encode(prompt).ids == second(prompt, padding="max_length", max_length=16, truncation=True).input_ids
+    config = bundle_sampler(loaded).overridden(guidance_scale=3.0)
+    prompts = TINY_PROMPTS[:2]
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl / "pipe")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.from_numpy(per_sample_noise(seed_generators(range(3, 7)), loaded.manifest.sample_shape))
+    for negative in (None, "a white zero on black"):  # None: SDXL's zero embeddings (force_zeros_for_empty_prompt)
+        request = GenerateRequest(prompts, negative, n=2, seed=3, graph="reference")
+        ours = np.concatenate(list(generate_batches(loaded, request, config, progress=False)))
+        with torch.no_grad():
+            theirs = pipe(list(prompts), negative_prompt=negative and [negative] * 2, num_images_per_prompt=2,
+                          num_inference_steps=config.steps, guidance_scale=3.0, latents=latents, output_type="np").images
+        theirs = theirs.transpose(0, 3, 1, 2) * 2 - 1
+        print(f"SDXL reference graph vs diffusers (negative {negative!r}): max abs {np.abs(ours - theirs).max():.2e}")
+        assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1e-3
 
 
 def test_generate_refuses_what_it_cannot_run(bundle, demo_bundle, tmp_path):

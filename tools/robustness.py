@@ -34,6 +34,7 @@ from stepquant.bundle.signing import generate_keypair
 from stepquant.cli.main import invoke
 from stepquant.export.faults import forge_bundle
 from stepquant.models.demo_config import SCHEDULER_CONFIG
+from stepquant.models.tiny import TINY_PROMPTS, save_tiny_text_pipeline
 
 OPENED: list[str] = []
 TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
@@ -60,9 +61,9 @@ class Case:
 
 
 def _copy_bundle(root: Path, case: Path, edit: Callable[[dict], None] | None = None, files: Callable[[Path], None] | None = None,
-                 rehash: bool = True, rehash_files: bool = True) -> Path:
+                 rehash: bool = True, rehash_files: bool = True, source: str = "bundle") -> Path:
     bundle = case / "bundle"
-    shutil.copytree(root / "bundle", bundle)
+    shutil.copytree(root / source, bundle)
     if files:
         files(bundle)
     if rehash:
@@ -75,6 +76,19 @@ def bundle_case(name: str, expect: str, edit=None, files=None, rehash=True, reha
                 forbidden=("secret.txt", "evil.onnx")) -> Case:
     return Case("bundle from elsewhere", name, list(args), expect,
                 setup=lambda root, case: _copy_bundle(root, case, edit, files, rehash, rehash_files), forbidden=list(forbidden))
+
+
+def text_case(name: str, expect: str, args: list[str], edit=None, files=None, rehash=True) -> Case:
+    """A `stepquant generate` case on a copy of the sandbox's whole-pipeline bundle (edited as `bundle_case`)."""
+    return Case("text-to-image", name, ["generate", "--bundle", "{bundle}", "--no-progress", *args], expect,
+                setup=lambda root, case: _copy_bundle(root, case, edit, files, rehash, source="t2i"),
+                forbidden=["secret.txt", "evil.onnx"])
+
+
+def _vae_channels(bundle: Path) -> None:
+    proto = onnx.load(str(bundle / "vae_decoder" / "model.onnx"))
+    proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 3
+    onnx.save(proto, str(bundle / "vae_decoder" / "model.onnx"))
 
 
 def _cut_parity_sample(bundle: Path) -> None:
@@ -421,6 +435,36 @@ def cases() -> list[Case]:
                     files=lambda b: (b / "notes.txt").write_text("not in the manifest")),
     ]
 
+    out = ["--out", "{case}/x.png"]
+    found += [
+        Case("text-to-image", "--prompt on a denoiser-only bundle", ["generate", "--bundle", "{root}/bundle", "--prompt", "a cat",
+                                                                     *out], "has no tokenizer or text encoder"),
+        text_case("no prompt", "no prompt given", out),
+        text_case("an empty prompts file", "holds no prompts", ["--prompts-file", "{case}/bundle/../empty.txt", *out],
+                  files=lambda b: (b.parent / "empty.txt").write_text("\n\n")),
+        text_case("--prompt and --prompts-file", "not both", ["--prompt", "a", "--prompts-file", "{case}/p.txt", *out]),
+        text_case("--out a folder holding a file", "is not an empty folder", ["--prompt", "a", "--out", "{case}/photos"],
+                  files=lambda b: ((b.parent / "photos").mkdir(), (b.parent / "photos" / "a.jpg").write_bytes(b"\xff"))),
+        text_case("--out in a missing directory", "not an existing directory", ["--prompt", "a", "--out", "{case}/no/x.png"]),
+        text_case("--n 0", "'--n'", ["--prompt", "a", "--n", "0", *out]),
+        text_case("--graph reference with --backend tensorrt", "drop --backend",
+                  ["--prompt", "a", "--graph", "reference", "--backend", "tensorrt", *out]),
+        text_case("a tokenizer byte changed, hash stale", "sha256 of tokenizer/tokenizer.json", ["--prompt", "a", *out],
+                  files=lambda b: (b / "tokenizer" / "tokenizer.json").write_text((b / "tokenizer" / "tokenizer.json").read_text()
+                                                                                  + " "), rehash=False),
+        text_case("a VAE of 3-channel latents, re-hashed", "4-channel latents", ["--prompt", "a", *out], files=_vae_channels),
+        text_case("a zero scaling factor, re-hashed", "positive scaling_factor", ["--prompt", "a", *out],
+                  edit=lambda m: m["text_to_image"]["vae_decoder"].update(scaling_factor=0)),
+        text_case("a tokenizer outside the bundle", "must name listed files", ["--prompt", "a", *out],
+                  edit=lambda m: m["text_to_image"]["encoders"][0].update(tokenizer="../secret.txt")),
+        text_case("a text encoder taking other inputs", "not input_ids", ["--prompt", "a", *out],
+                  files=lambda b: shutil.copyfile(b / "vae_decoder" / "model.onnx", b / "text_encoder" / "model.onnx")),
+        Case("text-to-image", "export a pipeline with a tokenizer but no text encoder",
+             ["--model", "{case}/pipe", "--conditioning", "{case}/c.safetensors", "--out", "{case}/b", *FAST],
+             "has a tokenizer but no text_encoder", prog="export-quantized",
+             setup=lambda root, case: (shutil.copytree(root / "pipe", case / "pipe"), shutil.rmtree(case / "pipe" / "text_encoder"))),
+    ]
+
     def signed(root: Path, case: Path, forge_after: bool = False, signature: bytes | None = None) -> None:
         bundle = _copy_bundle(root, case)
         invoke("stepquant", ["sign", "--bundle", bundle, "--key", root / "keys" / "signing.key"])
@@ -498,6 +542,12 @@ def prepare(root: Path) -> None:
                                                "--eval-samples", "2", "--no-progress"])
     if code:
         raise SystemExit(f"could not export the sandbox's bundle: {err}")
+    save_tiny_text_pipeline(root / "pipe")
+    (root / "prompts.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
+    code, _, err = invoke("export-quantized", ["--model", root / "pipe", "--prompts-file", root / "prompts.txt", "--out",
+                                               root / "t2i", *FAST])
+    if code:
+        raise SystemExit(f"could not export the sandbox's text-to-image bundle: {err}")
     generate_keypair(root / "keys")
     generate_keypair(root / "other")
     (root / "secret.txt").write_text("not for a bundle to read")

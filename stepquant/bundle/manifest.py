@@ -99,40 +99,68 @@ class Sampler:
 
 
 @dataclass(frozen=True)
-class TextToImage:
-    """A text-to-image bundle's other parts: the tokenizer (a `tokenizers` file, padded with `pad_id` and
-    truncated to `max_length` by the runtime), the text encoder and VAE decoder graphs, the VAE's latent
-    scaling (decoded = vae(latents / scaling_factor + shift_factor)), and the export's check of each graph."""
+class TextEncoderPart:
+    """One tokenizer and text encoder: a `tokenizers` file (padded with `pad_id` and truncated to `max_length`
+    by the runtime) and a graph from token ids to the states the denoiser reads (its first output) and, with
+    `pooled`, a pooled embedding (its second: SDXL's `text_embeds`)."""
 
     tokenizer: str
     max_length: int
     pad_id: int
-    text_encoder: str
+    graph: str
+    pooled: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer, "max_length": self.max_length, "pad_id": self.pad_id, "graph": self.graph,
+                "pooled": self.pooled}
+
+
+@dataclass(frozen=True)
+class TextToImage:
+    """A whole pipeline's other parts: its text encoders (their states concatenated, as SDXL's are), the VAE
+    decoder graph and its latent scaling (decoded = vae(latents / scaling_factor + shift_factor)); SDXL's
+    zeroed negative embeddings when no negative prompt is given and its size/crop ids, computed on the host;
+    and the export's check of each graph."""
+
+    encoders: tuple[TextEncoderPart, ...]
     vae_decoder: str
     scaling_factor: float
     shift_factor: float = 0.0
+    zero_negative: bool = False
+    time_ids: tuple[float, ...] | None = None
     checks: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tokenizer": {"file": self.tokenizer, "max_length": self.max_length, "pad_id": self.pad_id},
-                "text_encoder": {"graph": self.text_encoder}, "vae_decoder": {"graph": self.vae_decoder,
-                                                                             "scaling_factor": self.scaling_factor,
-                                                                             "shift_factor": self.shift_factor},
+        return {"encoders": [e.to_dict() for e in self.encoders],
+                "vae_decoder": {"graph": self.vae_decoder, "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor},
+                "zero_negative": self.zero_negative, "time_ids": None if self.time_ids is None else list(self.time_ids),
                 "checks": self.checks}
 
     @classmethod
     def from_dict(cls, data: Any, listed: set[str], need) -> TextToImage:
-        need(isinstance(data, dict) and all(isinstance(data.get(k), dict) for k in ("tokenizer", "text_encoder", "vae_decoder")),
-             "'text_to_image' needs 'tokenizer', 'text_encoder' and 'vae_decoder'")
-        tokenizer, text, vae = data["tokenizer"], data["text_encoder"], data["vae_decoder"]
-        need(tokenizer.get("file") in listed and text.get("graph") in listed and vae.get("graph") in listed,
-             "'text_to_image' must name listed files")
-        need(type(tokenizer.get("max_length")) is int and 2 <= tokenizer["max_length"] <= 4096 and type(tokenizer.get("pad_id")) is int
-             and tokenizer["pad_id"] >= 0, "'text_to_image.tokenizer' needs a max_length (2..4096) and a pad_id")
+        need(isinstance(data, dict) and isinstance(data.get("encoders"), list) and 1 <= len(data["encoders"]) <= 4
+             and isinstance(data.get("vae_decoder"), dict), "'text_to_image' needs 1 to 4 'encoders' and a 'vae_decoder'")
+        encoders = []
+        for entry in data["encoders"]:
+            need(isinstance(entry, dict) and entry.get("tokenizer") in listed and entry.get("graph") in listed,
+                 "'text_to_image.encoders' must name listed files")
+            need(type(entry.get("max_length")) is int and 2 <= entry["max_length"] <= 4096 and type(entry.get("pad_id")) is int
+                 and entry["pad_id"] >= 0 and isinstance(entry.get("pooled", False), bool),
+                 "each of 'text_to_image.encoders' needs a max_length (2..4096), a pad_id and 'pooled' true or false")
+            encoders.append(TextEncoderPart(entry["tokenizer"], entry["max_length"], entry["pad_id"], entry["graph"],
+                                            entry.get("pooled", False)))
+        vae = data["vae_decoder"]
+        need(vae.get("graph") in listed, "'text_to_image.vae_decoder' must name a listed graph")
         need(all(isinstance(vae.get(k), (int, float)) and math.isfinite(vae[k]) for k in ("scaling_factor", "shift_factor"))
              and vae["scaling_factor"] > 0, "'text_to_image.vae_decoder' needs a positive scaling_factor and a shift_factor")
-        return cls(tokenizer["file"], tokenizer["max_length"], tokenizer["pad_id"], text["graph"], vae["graph"],
-                   float(vae["scaling_factor"]), float(vae["shift_factor"]), dict(data.get("checks") or {}))
+        ids = data.get("time_ids")
+        need(ids is None or (isinstance(ids, list) and len(ids) <= 16 and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                                               for v in ids)),
+             "'text_to_image.time_ids' must be null or a few numbers")
+        need(isinstance(data.get("zero_negative", False), bool), "'text_to_image.zero_negative' must be true or false")
+        return cls(tuple(encoders), vae["graph"], float(vae["scaling_factor"]), float(vae["shift_factor"]),
+                   data.get("zero_negative", False), None if ids is None else tuple(float(v) for v in ids),
+                   dict(data.get("checks") or {}))
 
 
 @dataclass(frozen=True)

@@ -231,11 +231,13 @@ def load_bundle(path: str | Path, trust_key: Path | None = None, strict: bool = 
 
 
 def _check_parts(root: Path, manifest: Manifest, facts: dict[str, GraphFacts]) -> None:
-    """A text-to-image bundle's text encoder takes token ids, and its VAE decoder the denoiser's latents."""
+    """A text-to-image bundle's text encoders take token ids, and its VAE decoder the denoiser's latents."""
     parts = manifest.text_to_image
-    text, vae = facts[parts.text_encoder].inputs, facts[parts.vae_decoder].inputs
-    if list(text) != ["input_ids"]:
-        raise BundleError(f"bundle {root}: the text encoder {parts.text_encoder} takes {sorted(text)}, not input_ids")
+    for encoder in parts.encoders:
+        text = facts[encoder.graph].inputs
+        if list(text) != ["input_ids"]:
+            raise BundleError(f"bundle {root}: the text encoder {encoder.graph} takes {sorted(text)}, not input_ids")
+    vae = facts[parts.vae_decoder].inputs
     dims = vae.get("latent_sample", ())
     if list(vae) != ["latent_sample"] or len(dims) != 4 or (isinstance(dims[1], int) and dims[1] != manifest.sample_shape[0]):
         raise BundleError(f"bundle {root}: the VAE decoder {parts.vae_decoder} takes {dict(vae)}, not the denoiser's "

@@ -54,7 +54,8 @@ def generate_command(
     out: Annotated[Path, typer.Option(help="A .png path: one grid; any other path: a folder of image-NNNN.png.")],
     prompt: Annotated[Optional[list[str]], typer.Option(help="A prompt (repeatable).")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option(help="Prompts, one per line (instead of --prompt).")] = None,
-    negative_prompt: Annotated[str, typer.Option(help="What guidance steers away from (default: the empty prompt).")] = "",
+    negative_prompt: Annotated[Optional[str], typer.Option(
+        help="What guidance steers away from (default: the pipeline's: the empty prompt, or SDXL's zero embeddings).")] = None,
     guidance_scale: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default: the bundle's).")] = None,
     n: Annotated[int, typer.Option(min=1, help="Images per prompt (seeds seed, seed+1, ... prompt by prompt).")] = 1,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="First seed.")] = 0,

@@ -3,8 +3,9 @@ torch on the device: the tokenizer as `tokenizer/tokenizer.json` for the `tokeni
 encoder and the VAE decoder as float ONNX graphs (Optimum's folder names: `text_encoder/model.onnx`,
 `vae_decoder/model.onnx`), each checked end to end against its torch module before it is written down.
 
-Carried for Stable Diffusion 1.x/2.x-style pipelines (one CLIP tokenizer and text encoder, an AutoencoderKL,
-a denoiser taking `encoder_hidden_states`); other pipelines keep a denoiser-only bundle."""
+Carried for Stable Diffusion 1.x/2.x pipelines (one CLIP tokenizer and text encoder) and SDXL (two, the second
+with its pooled projection; `tokenizer_2/`, `text_encoder_2/`), with an AutoencoderKL; other pipelines (PixArt's
+T5) keep a denoiser-only bundle."""
 
 from __future__ import annotations
 
@@ -16,36 +17,57 @@ import numpy as np
 import torch
 from torch import nn
 
-from stepquant.bundle.manifest import TextToImage
+from stepquant.bundle.manifest import TextEncoderPart, TextToImage
 from stepquant.errors import StepquantError
 from stepquant.export.onnx_export import trace_to_onnx
 from stepquant.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
-TOKENIZER_FILE = "tokenizer/tokenizer.json"
-TEXT_ENCODER_GRAPH = "text_encoder/model.onnx"
 VAE_DECODER_GRAPH = "vae_decoder/model.onnx"
 PART_TOLERANCE = 1e-4  # worst absolute error of a float graph, relative to its output's largest magnitude
-PARTS = ("tokenizer", "text_encoder", "vae")
+SD_CONDITIONS = ("encoder_hidden_states",)
+SDXL_CONDITIONS = ("encoder_hidden_states", "text_embeds", "time_ids")
 
 
 class PipelinePartError(StepquantError, ValueError):
     """A pipeline part that cannot be carried: missing, of another kind, or not matching its torch module."""
 
 
+@dataclass(frozen=True)
+class _Encoder:
+    """One tokenizer/text encoder pair of a pipeline, and what diffusers' encode_prompt takes from it."""
+
+    suffix: str  # "" or "_2": the folders tokenizer{suffix}/, text_encoder{suffix}/
+    penultimate: bool  # SDXL reads hidden_states[-2]; SD 1.x/2.x the last hidden state
+    pooled: bool  # SDXL's second encoder also gives the pooled `text_embeds`
+
+
+def _encoders(condition_names: tuple[str, ...]) -> tuple[_Encoder, ...] | None:
+    if condition_names == SD_CONDITIONS:
+        return (_Encoder("", False, False),)
+    if condition_names == SDXL_CONDITIONS:
+        return _Encoder("", True, False), _Encoder("_2", True, True)
+    return None  # PixArt's T5 and others: a denoiser-only bundle
+
+
 def carried_parts(pipeline: Path | None, condition_names: tuple[str, ...]) -> bool:
-    """Whether the model is a pipeline whose tokenizer, text encoder and VAE the bundle carries (a pipeline
-    without a VAE, or without any text part, exports its denoiser alone, as a bare model does); a tokenizer
-    without its text encoder, or the reverse, is refused."""
-    if pipeline is None or condition_names != ("encoder_hidden_states",):
+    """Whether the model is a Stable Diffusion (1.x/2.x or XL) pipeline whose tokenizers, text encoders and VAE
+    the bundle carries. A pipeline without a VAE, or without any text part, exports its denoiser alone, as a
+    bare model does; a tokenizer without its text encoder, or the reverse, is refused."""
+    encoders = _encoders(condition_names)
+    if pipeline is None or encoders is None:
         return False
     index = _model_index(pipeline)
-    present = [part for part in PARTS if (Path(pipeline) / part).is_dir() and (index.get(part) or [None])[0]]
-    text = [part for part in PARTS[:2] if part in present]
-    if len(text) == 1:
-        missing = next(part for part in PARTS[:2] if part not in present)
-        raise PipelinePartError(f"pipeline {pipeline} has a {text[0]} but no {missing}: a text-to-image bundle needs both "
-                                "(or export its unet/ folder alone, with --conditioning)")
-    return len(present) == len(PARTS)
+
+    def present(part: str) -> bool:
+        return (Path(pipeline) / part).is_dir() and bool((index.get(part) or [None])[0])
+
+    parts = [name for e in encoders for name in (f"tokenizer{e.suffix}", f"text_encoder{e.suffix}")]
+    have = [part for part in parts if present(part)]
+    if have and len(have) < len(parts):
+        missing = next(part for part in parts if part not in have)
+        raise PipelinePartError(f"pipeline {pipeline} has a {have[0]} but no {missing}: a text-to-image bundle needs "
+                                f"{', '.join(parts)} (or export its unet/ folder alone, with --conditioning)")
+    return bool(have) and present("vae")
 
 
 def _model_index(pipeline: Path) -> dict:
@@ -55,15 +77,18 @@ def _model_index(pipeline: Path) -> dict:
         return {}
 
 
-class _LastHiddenState(nn.Module):
-    """CLIPTextModel's first output, what diffusers' encode_prompt takes (no CLIP skip)."""
+class _TextStates(nn.Module):
+    """A CLIP text encoder's states as diffusers' encode_prompt takes them (no CLIP skip), and its pooled
+    projection where the pipeline reads one."""
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, part: _Encoder) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.part = encoder, part
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.encoder(input_ids)[0]
+    def forward(self, input_ids: torch.Tensor):
+        out = self.encoder(input_ids, output_hidden_states=self.part.penultimate)
+        states = out.hidden_states[-2] if self.part.penultimate else out.last_hidden_state
+        return (states, out.text_embeds) if self.part.pooled else states
 
 
 class _Decode(nn.Module):
@@ -77,46 +102,38 @@ class _Decode(nn.Module):
         return self.vae.decode(latent_sample).sample
 
 
-@dataclass
-class _Check:
-    graph: str
-    worst_relative_error: float
-
-    def to_dict(self) -> dict:
-        return {"graph": self.graph, "worst_abs_error_relative_to_max": self.worst_relative_error, "tolerance": PART_TOLERANCE}
-
-
-def _check(module: nn.Module, graph: Path, name: str, inputs: dict[str, np.ndarray]) -> _Check:
+def _check(module: nn.Module, graph: Path, name: str, inputs: dict[str, np.ndarray]) -> dict:
     """Run the graph on onnxruntime and the module in torch on the same inputs; refuse a graph that differs."""
     with torch.no_grad():
-        expected = module(*(torch.from_numpy(v) for v in inputs.values())).numpy()
-    got = OnnxRuntimeBackend(graph, optimization_level="basic").run(inputs)[0]
-    error = float(np.abs(got - expected).max() / max(float(np.abs(expected).max()), 1e-12))
-    if not np.isfinite(got).all() or error > PART_TOLERANCE:
+        expected = module(*(torch.from_numpy(v) for v in inputs.values()))
+    expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
+    got = OnnxRuntimeBackend(graph, optimization_level="basic").run(inputs)
+    error = max(float(np.abs(g - e).max() / max(float(np.abs(e).max()), 1e-12)) for g, e in zip(got, expected))
+    if not all(np.isfinite(g).all() for g in got) or error > PART_TOLERANCE:
         raise PipelinePartError(f"the exported {name} graph differs from its torch module: worst error {error:.3g} of the "
                                 f"output's largest value (tolerance {PART_TOLERANCE:g})")
-    return _Check(name, error)
+    return {"worst_abs_error_relative_to_max": error, "tolerance": PART_TOLERANCE}
 
 
-def _tokenizer(pipeline: Path, staging: Path, prompts: list[str]):
-    """Write tokenizer.json (no padding or truncation of its own: the runtime sets both from the manifest) and
-    check that the `tokenizers` library gives transformers' ids for `prompts`."""
+def _tokenizer(pipeline: Path, staging: Path, prompts: list[str], folder: str = "tokenizer"):
+    """Write FOLDER/tokenizer.json (no padding or truncation of its own: the runtime sets both from the manifest)
+    and check that the `tokenizers` library gives transformers' ids for `prompts`."""
     from tokenizers import Tokenizer
     from transformers import CLIPTokenizer
 
+    from stepquant.runtime.text_to_image import load_tokenizer
+
     try:
-        reference = CLIPTokenizer.from_pretrained(str(Path(pipeline) / "tokenizer"))
+        reference = CLIPTokenizer.from_pretrained(str(Path(pipeline) / folder))
     except (OSError, ValueError, TypeError) as err:
-        raise PipelinePartError(f"cannot load the tokenizer of {pipeline}: {err}") from err
+        raise PipelinePartError(f"cannot load the tokenizer of {pipeline}/{folder}: {err}") from err
     tokenizer = Tokenizer.from_str(reference.backend_tokenizer.to_str())
     tokenizer.no_padding()
     tokenizer.no_truncation()
-    (staging / TOKENIZER_FILE).parent.mkdir(parents=True)
-    tokenizer.save(str(staging / TOKENIZER_FILE))
+    (staging / folder).mkdir(parents=True)
+    tokenizer.save(str(staging / folder / "tokenizer.json"))
     max_length, pad_id = int(reference.model_max_length), int(reference.pad_token_id)
-    from stepquant.runtime.text_to_image import load_tokenizer
-
-    device = load_tokenizer(staging / TOKENIZER_FILE, max_length, pad_id)
+    device = load_tokenizer(staging / folder / "tokenizer.json", max_length, pad_id)
     for prompt in [*prompts, ""]:
         ids = reference(prompt, padding="max_length", max_length=max_length, truncation=True).input_ids
         if device.encode(prompt).ids != ids:
@@ -124,38 +141,62 @@ def _tokenizer(pipeline: Path, staging: Path, prompts: list[str]):
     return reference, max_length, pad_id
 
 
-def export_pipeline_parts(pipeline: Path, staging: Path, sample_shape: tuple[int, int, int], prompts: list[str]) -> TextToImage:
-    """Write the tokenizer, text encoder and VAE decoder of `pipeline` into the bundle being staged, each
+def _text_encoder(pipeline: Path, staging: Path, part: _Encoder, prompts: list[str]) -> tuple[TextEncoderPart, dict]:
+    import transformers
+
+    from stepquant.models.loading import require_safetensors
+
+    folder = f"text_encoder{part.suffix}"
+    reference, max_length, pad_id = _tokenizer(pipeline, staging, prompts, f"tokenizer{part.suffix}")
+    require_safetensors(pipeline / folder)
+    cls = (_model_index(pipeline).get(folder) or [None, "CLIPTextModel"])[1]
+    if cls not in ("CLIPTextModel", "CLIPTextModelWithProjection") or (cls == "CLIPTextModelWithProjection") != part.pooled:
+        raise PipelinePartError(f"{pipeline}/{folder} is a {cls}; this pipeline needs "
+                                f"{'CLIPTextModelWithProjection' if part.pooled else 'CLIPTextModel'} there")
+    encoder = getattr(transformers, cls).from_pretrained(str(pipeline / folder), use_safetensors=True).eval()
+    ids = np.asarray(reference(prompts[:2] or [""], padding="max_length", max_length=max_length, truncation=True).input_ids,
+                     dtype=np.int64)
+    graph = f"{folder}/model.onnx"
+    (staging / folder).mkdir(parents=True)
+    module = _TextStates(encoder, part)
+    outputs = ["hidden_states", "text_embeds"] if part.pooled else ["hidden_states"]
+    trace_to_onnx(module, (torch.from_numpy(ids),), staging / graph, ["input_ids"], outputs,
+                  {"input_ids": {0: "batch"}, **{name: {0: "batch"} for name in outputs}})
+    return TextEncoderPart(f"tokenizer{part.suffix}/tokenizer.json", max_length, pad_id, graph, part.pooled), \
+        _check(module, staging / graph, folder, {"input_ids": ids})
+
+
+def export_pipeline_parts(pipeline: Path, staging: Path, sample_shape: tuple[int, int, int], prompts: list[str],
+                          condition_names: tuple[str, ...]) -> TextToImage:
+    """Write the tokenizers, text encoders and VAE decoder of `pipeline` into the bundle being staged, each
     checked against its torch module, and return the manifest's section for them."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel
 
     from stepquant.models.loading import require_safetensors
 
     pipeline = Path(pipeline)
-    reference, max_length, pad_id = _tokenizer(pipeline, staging, prompts)
-    for part in ("text_encoder", "vae"):
-        require_safetensors(pipeline / part)
-    encoder = CLIPTextModel.from_pretrained(str(pipeline / "text_encoder"), use_safetensors=True).eval()
+    encoders, checks = [], {}
+    for part in _encoders(condition_names):
+        entry, checks[f"text_encoder{part.suffix}"] = _text_encoder(pipeline, staging, part, prompts)
+        encoders.append(entry)
+    require_safetensors(pipeline / "vae")
     vae = AutoencoderKL.from_pretrained(str(pipeline / "vae"), use_safetensors=True).eval()
     if vae.config.latent_channels != sample_shape[0]:
         raise PipelinePartError(f"the VAE of {pipeline} takes {vae.config.latent_channels}-channel latents, the denoiser "
                                 f"samples {sample_shape[0]}")
-    ids = np.asarray(reference(prompts[:2] or [""], padding="max_length", max_length=max_length, truncation=True).input_ids,
-                     dtype=np.int64)
-    (staging / TEXT_ENCODER_GRAPH).parent.mkdir(parents=True)
-    text = _LastHiddenState(encoder)
-    trace_to_onnx(text, (torch.from_numpy(ids),), staging / TEXT_ENCODER_GRAPH, ["input_ids"], ["last_hidden_state"],
-                  {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}})
-    text_check = _check(text, staging / TEXT_ENCODER_GRAPH, "text encoder", {"input_ids": ids})
     latents = np.random.default_rng(0).standard_normal((2, *sample_shape), dtype=np.float32)
     (staging / VAE_DECODER_GRAPH).parent.mkdir(parents=True)
     decode = _Decode(vae)
     trace_to_onnx(decode, (torch.from_numpy(latents),), staging / VAE_DECODER_GRAPH, ["latent_sample"], ["sample"],
                   {"latent_sample": {0: "batch", 2: "height", 3: "width"}, "sample": {0: "batch", 2: "image_height",
                                                                                      3: "image_width"}})
-    vae_check = _check(decode, staging / VAE_DECODER_GRAPH, "VAE decoder", {"latent_sample": latents})
-    return TextToImage(tokenizer=TOKENIZER_FILE, max_length=max_length, pad_id=pad_id, text_encoder=TEXT_ENCODER_GRAPH,
-                       vae_decoder=VAE_DECODER_GRAPH, scaling_factor=float(vae.config.scaling_factor),
+    checks["vae_decoder"] = _check(decode, staging / VAE_DECODER_GRAPH, "VAE decoder", {"latent_sample": latents})
+    time_ids = None
+    if condition_names == SDXL_CONDITIONS:  # diffusers' default: original size = target size = the native size, no crop
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        height, width = sample_shape[1] * scale, sample_shape[2] * scale
+        time_ids = (float(height), float(width), 0.0, 0.0, float(height), float(width))
+    return TextToImage(encoders=tuple(encoders), vae_decoder=VAE_DECODER_GRAPH, scaling_factor=float(vae.config.scaling_factor),
                        shift_factor=float(getattr(vae.config, "shift_factor", None) or 0.0),
-                       checks={"text_encoder": text_check.to_dict(), "vae_decoder": vae_check.to_dict()})
+                       zero_negative=bool(_model_index(pipeline).get("force_zeros_for_empty_prompt", False)),
+                       time_ids=time_ids, checks=checks)

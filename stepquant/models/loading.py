@@ -14,8 +14,10 @@ from stepquant.models.patch_embed import follow_input_shape_
 
 DEMO_MODEL_NAME = "demo-digits"
 CONDITIONAL_DEMO_NAME = "demo-digits-cond"
+TEXT_TO_IMAGE_DEMO_NAME = "demo-digits-sd"  # a mini Stable Diffusion pipeline: tokenizer, text encoder, VAE, UNet
 _BUNDLED = {DEMO_MODEL_NAME: Path(__file__).resolve().parent / "demo_digits",
-            CONDITIONAL_DEMO_NAME: Path(__file__).resolve().parent / "demo_digits_cond"}
+            CONDITIONAL_DEMO_NAME: Path(__file__).resolve().parent / "demo_digits_cond",
+            TEXT_TO_IMAGE_DEMO_NAME: Path(__file__).resolve().parent / "demo_digits_sd"}
 # a class-conditional pipeline's class table: a conditioning file whose row k is class k
 CLASS_TABLE_FILE = "class_embeddings/class_embeddings.safetensors"
 
@@ -133,7 +135,7 @@ def _load_hub(repo_id: str) -> LoadedModel:
 
 
 def load_model(name_or_path: str) -> LoadedModel:
-    """Load a bundled demo (`demo-digits`, `demo-digits-cond`), a local diffusers directory (pipeline or model), or a hub id."""
+    """Load a bundled demo (`demo-digits`, `demo-digits-cond`, `demo-digits-sd`), a local diffusers directory (pipeline or model), or a hub id."""
     if name_or_path in _BUNDLED:
         loaded = _load_local(_BUNDLED[name_or_path])
         loaded.source = name_or_path

@@ -59,29 +59,40 @@ _VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=0.5)
 
 
-def save_tiny_text_pipeline(root: Path, seed: int = 0, max_length: int = 16, merges: int = 60, text: dict | None = None,
-                            vae: dict | None = None, **unet) -> Path:
-    """A random-weight Stable Diffusion pipeline directory that `StableDiffusionPipeline.from_pretrained` loads:
-    the tiny "sd" UNet (`unet` overrides applied), a CLIP tokenizer learned from TINY_PROMPTS, a CLIP text
-    encoder (`text` overrides) and an AutoencoderKL with one downsampling (`vae` overrides)."""
+def save_tiny_text_pipeline(root: Path, seed: int = 0, kind: str = "sd", max_length: int = 16, merges: int = 60,
+                            text: dict | None = None, vae: dict | None = None, **unet) -> Path:
+    """A random-weight text-to-image pipeline directory that diffusers loads as it is: `kind` "sd"
+    (StableDiffusionPipeline: the tiny "sd" UNet, one CLIP tokenizer and text encoder) or "sdxl"
+    (StableDiffusionXLPipeline: the tiny "sdxl" UNet, two tokenizers, the second padding with "!" as SDXL's
+    does, and two encoders, the second with its pooled projection). Tokenizers are learned from TINY_PROMPTS;
+    `text` overrides the encoders' config, `vae` the AutoencoderKL's (one downsampling), `unet` the UNet's."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from stepquant.models.clip_tokenizer import save_clip_tokenizer
 
-    root, text = Path(root), {**_TEXT_ENCODER, **(text or {})}
-    save_tiny_pipeline("sd", root, seed, **{"cross_attention_dim": text["hidden_size"], **unet})
-    tokenizer = save_clip_tokenizer(root / "tokenizer", TINY_PROMPTS, merges, max_length)
-    vocab = len(json.loads((tokenizer / "vocab.json").read_text()))
+    root = Path(root)
+    xl = kind == "sdxl"
+    text = {**_TEXT_ENCODER, **({"hidden_size": 16, "num_attention_heads": 2} if xl else {}), **(text or {})}
+    save_tiny_pipeline(kind, root, seed, **{"cross_attention_dim": text["hidden_size"] * (2 if xl else 1), **unet})
     torch.manual_seed(seed)
-    CLIPTextModel(CLIPTextConfig(vocab_size=vocab, max_position_embeddings=max_length, bos_token_id=vocab - 2,
-                                 eos_token_id=vocab - 1, pad_token_id=vocab - 1, **text)).save_pretrained(root / "text_encoder")
+    index = json.loads((root / "model_index.json").read_text())
+    for suffix, cls in (("", CLIPTextModel), *((("_2", CLIPTextModelWithProjection),) if xl else ())):
+        tokenizer = save_clip_tokenizer(root / f"tokenizer{suffix}", TINY_PROMPTS, merges, max_length)
+        if suffix:
+            CLIPTokenizer.from_pretrained(tokenizer, pad_token="!").save_pretrained(tokenizer)
+        vocab = len(json.loads((tokenizer / "vocab.json").read_text()))
+        config = CLIPTextConfig(vocab_size=vocab, max_position_embeddings=max_length, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                                pad_token_id=vocab - 1, **({"projection_dim": 16} if suffix else {}), **text)
+        cls(config).save_pretrained(root / f"text_encoder{suffix}")
+        index.update({f"tokenizer{suffix}": ["transformers", "CLIPTokenizer"], f"text_encoder{suffix}": ["transformers", cls.__name__]})
     AutoencoderKL(**{**_VAE, **(vae or {})}).save_pretrained(root / "vae")
     DDIMScheduler(**SD_SCHEDULER).save_pretrained(root / "scheduler")  # Stable Diffusion's, which its pipeline keeps as is
-    index = json.loads((root / "model_index.json").read_text())
-    index.update(tokenizer=["transformers", "CLIPTokenizer"], text_encoder=["transformers", "CLIPTextModel"],
-                 vae=["diffusers", "AutoencoderKL"], safety_checker=[None, None], feature_extractor=[None, None],
-                 image_encoder=[None, None], requires_safety_checker=False)
+    index.update(vae=["diffusers", "AutoencoderKL"], feature_extractor=[None, None], image_encoder=[None, None])
+    if xl:
+        index.update(_class_name="StableDiffusionXLPipeline", force_zeros_for_empty_prompt=True)
+    else:
+        index.update(safety_checker=[None, None], requires_safety_checker=False)
     (root / "model_index.json").write_text(json.dumps(index))
     return root
 

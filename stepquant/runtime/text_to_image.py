@@ -1,8 +1,9 @@
 """A prompt to an image from a whole-pipeline bundle, on numpy and an engine alone (no torch, no transformers).
 
-The stages are diffusers' StableDiffusionPipeline's, ported: the `tokenizers` library pads to the model's
-length with its own pad id and truncates keeping BOS and EOS (as CLIPTokenizer does); the text encoder graph
-gives the prompts' states and the negative prompt's (the empty prompt by default) for guidance; the denoising
+The stages are diffusers' StableDiffusion(XL)Pipeline's, ported: the `tokenizers` library pads to the model's
+length with its own pad id and truncates keeping BOS and EOS (as CLIPTokenizer does); the text encoder graphs
+give the prompts' states (and SDXL's pooled embedding; its size ids come from the manifest) and the negative
+prompt's for guidance (`text_conditioning`); the denoising
 loop is `sample_batches` (image i starts from seed + i's per-sample draw, so a seed gives the same picture on
 every install and backend); the VAE decoder graph turns latents / scaling_factor + shift_factor into images.
 Images come back in [-1, 1]; `to_uint8` rounds them as diffusers' image processor does.
@@ -41,25 +42,33 @@ def load_tokenizer(path: Path, max_length: int, pad_id: int):
 
 
 class PromptEncoder:
-    """Prompts -> the text encoder's states [P, max_length, D], as the denoiser's `encoder_hidden_states`."""
+    """Prompts -> the denoiser's text conditions: every encoder's states, concatenated on the last axis (SDXL's
+    two; one for SD 1.x/2.x) as `encoder_hidden_states`, and the pooled embedding where an encoder gives one."""
 
     def __init__(self, bundle: Bundle, threads: int | None = None, warn=None) -> None:
         parts = bundle.manifest.text_to_image
-        self.tokenizer = load_tokenizer(bundle.file(parts.tokenizer), parts.max_length, parts.pad_id)
-        self.encoder = OnnxRuntimeBackend(bundle.file(parts.text_encoder), threads)
-        self.max_length = parts.max_length
+        self.parts = parts.encoders
+        self.tokenizers = [load_tokenizer(bundle.file(p.tokenizer), p.max_length, p.pad_id) for p in self.parts]
+        self.encoders = [OnnxRuntimeBackend(bundle.file(p.graph), threads) for p in self.parts]
         self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
 
-    def ids(self, prompts: Sequence[str]) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch(list(prompts))
+    def ids(self, prompts: Sequence[str], which: int = 0) -> np.ndarray:
+        encodings = self.tokenizers[which].encode_batch(list(prompts))
         cut = [p for p, e in zip(prompts, encodings) if e.overflowing]
-        if cut:
-            self.warn(f"{len(cut)} prompt(s) truncated to the text encoder's {self.max_length} tokens, as diffusers does "
-                      f"(first: {cut[0][:60]!r})")
+        if cut and which == 0:
+            self.warn(f"{len(cut)} prompt(s) truncated to the text encoder's {self.parts[which].max_length} tokens, as "
+                      f"diffusers does (first: {cut[0][:60]!r})")
         return np.asarray([e.ids for e in encodings], dtype=np.int64)
 
-    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
-        return self.encoder.run({"input_ids": self.ids(prompts)})[0].astype(np.float32)
+    def __call__(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+        states, pooled = [], None
+        for which, (part, encoder) in enumerate(zip(self.parts, self.encoders)):
+            outputs = encoder.run({"input_ids": self.ids(prompts, which)})
+            states.append(outputs[0].astype(np.float32))
+            if part.pooled:
+                pooled = outputs[1].astype(np.float32)
+        found = {"encoder_hidden_states": np.concatenate(states, axis=-1)}
+        return found if pooled is None else {**found, "text_embeds": pooled}
 
 
 class LatentDecoder:
@@ -81,7 +90,7 @@ class GenerateRequest:
     seed .. seed + len(prompts) * n - 1."""
 
     prompts: tuple[str, ...]
-    negative_prompt: str = ""
+    negative_prompt: str | None = None  # None: the pipeline's default (the empty prompt, or SDXL's zeros)
     n: int = 1
     seed: int = 0
     graph: str = "quantized"
@@ -107,6 +116,22 @@ def require_text_to_image(bundle: Bundle) -> None:
                           f"`stepquant sample --bundle {bundle.path} {how} ...` runs it")
 
 
+def text_conditioning(bundle: Bundle, encoder: PromptEncoder, request: GenerateRequest) -> Conditioning:
+    """The denoiser's condition rows for `request`, as diffusers' pipelines build them: each prompt's rows
+    repeated `n` times; the negative prompt's (the empty prompt's, or zeros where the pipeline says
+    force_zeros_for_empty_prompt and none was given) for guidance; SDXL's size/crop ids on both."""
+    parts = bundle.manifest.text_to_image
+    cond = {k: np.repeat(v, request.n, axis=0) for k, v in encoder(list(request.prompts)).items()}
+    if request.negative_prompt is None and parts.zero_negative:
+        uncond = {k: np.zeros_like(v[:1]) for k, v in cond.items()}
+    else:
+        uncond = encoder([request.negative_prompt or ""])
+    if parts.time_ids is not None:
+        ids = np.asarray([parts.time_ids], dtype=np.float32)
+        cond["time_ids"], uncond["time_ids"] = np.repeat(ids, len(next(iter(cond.values()))), axis=0), ids
+    return Conditioning(cond, uncond)
+
+
 def generate_batches(bundle: Bundle, request: GenerateRequest, config: SamplerConfig, threads: int | None = None,
              backend: str = "onnxruntime", engine: Path | None = None, corrections: bool = True,
              progress: bool = True, warn=None) -> Iterator[np.ndarray]:
@@ -116,11 +141,7 @@ def generate_batches(bundle: Bundle, request: GenerateRequest, config: SamplerCo
     require_text_to_image(bundle)
     table = bundle_table(bundle)
     table.check_sampler(config.scheduler, config.steps, config.eta, config.karras_sigmas)
-    encoder = PromptEncoder(bundle, threads, warn)
-    states = encoder(list(request.prompts))
-    negative = encoder([request.negative_prompt])
-    conditioning = Conditioning({"encoder_hidden_states": np.repeat(states, request.n, axis=0)},
-                                {"encoder_hidden_states": negative})
+    conditioning = text_conditioning(bundle, PromptEncoder(bundle, threads, warn), request)
     if request.graph == "reference":
         runner, terms = reference_backend(bundle, threads), None
     else:
@@ -138,7 +159,8 @@ def generate_batches(bundle: Bundle, request: GenerateRequest, config: SamplerCo
     decoding.close()
 
 
-def generate(bundle: Bundle | str | Path, prompts: str | Sequence[str], negative_prompt: str = "", n: int = 1, seed: int = 0,
+def generate(bundle: Bundle | str | Path, prompts: str | Sequence[str], negative_prompt: str | None = None, n: int = 1,
+             seed: int = 0,
              guidance_scale: float | None = None, steps: int | None = None, scheduler: str | None = None,
              graph: str = "quantized", backend: str = "onnxruntime", threads: int | None = None,
              progress: bool = False) -> np.ndarray:

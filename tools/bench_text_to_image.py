@@ -1,0 +1,164 @@
+"""A prompt to a PNG, measured on the trained mini Stable Diffusion `demo-digits-sd`: image-space quality of
+its quantized bundles against FP, and what the device pays (runtime-only install).
+
+Quality: each configuration is exported with default options except the quantization and `--guidance-scale`,
+calibrated on 50 prompts; then `stepquant.generate` makes one image for each of N prompts (digit i mod 10,
+colour pair i mod 30, wording i mod 5, seed i) with the bundle's FP32 reference UNet (the FP images) and with
+its quantized UNet, both through the bundle's own text encoder and VAE decoder. Reported: image PSNR to FP
+(on [-1, 1]), the Fréchet distance of the digit classifier's features between quantized and FP images, the
+digit accuracy (the classifier on the decoded digit's mask) and the colour accuracy (both colours right).
+
+Device cost: a fresh runtime-only virtual environment (`pip install .`: numpy, onnxruntime, tokenizers...):
+its size and the tokenizers package's share, the cold start of `stepquant generate --n 1` to its PNG, and
+seconds per image of each stage (text encoder, denoising loop, VAE decoder) at batch 8.
+
+    python tools/bench_text_to_image.py [--n 500] [--guidance 5] [--no-write] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_install import ROOT, size_mib, venv
+from benchdoc import header, publish
+
+from stepquant.bundle import load_bundle
+from stepquant.cli.main import invoke
+from stepquant.data.coloured_digits import TEMPLATES, colour_pairs, digit_masks, prompt, read_colours
+from stepquant.eval.classifier import load_classifier
+from stepquant.eval.metrics import frechet_distance
+from stepquant.runtime.bundle_backends import bundle_sampler
+from stepquant.runtime.text_to_image import GenerateRequest, generate_batches
+
+MODEL = "demo-digits-sd"
+CONFIGS = {  # name -> export options beyond the defaults
+    "W8A8 minmax": [],
+    "W4A8 minmax": ["--weight-bits", "4"],
+}
+STAGES = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np
+    from stepquant.bundle import load_bundle
+    from stepquant.runtime.bundle_backends import bundle_sampler, bundle_table, quantized_backend
+    from stepquant.runtime.guidance import Conditioning
+    from stepquant.runtime.sampler import sample_batches
+    from stepquant.runtime.text_to_image import LatentDecoder, PromptEncoder
+    bundle = load_bundle(sys.argv[1]); count = int(sys.argv[2])
+    prompts = [f"a red {w} on a blue background" for w in ("seven", "three", "zero", "one")] * (count // 4)
+    config = bundle_sampler(bundle); table = bundle_table(bundle)
+    encoder, decoder, unet = PromptEncoder(bundle), LatentDecoder(bundle), quantized_backend(bundle)
+    times = {}
+    start = time.perf_counter(); states = encoder(prompts); negative = encoder([""]); times["text encoder"] = time.perf_counter() - start
+    rows = Conditioning({"encoder_hidden_states": states}, {"encoder_hidden_states": negative})
+    start = time.perf_counter()
+    latents = np.concatenate(list(sample_batches(unet, table, range(count), bundle.manifest.sample_shape, config, count,
+                                                 progress=False, conditioning=rows, clip=False)))
+    times["denoising loop"] = time.perf_counter() - start
+    start = time.perf_counter(); decoder(latents); times["VAE decoder"] = time.perf_counter() - start
+    print(json.dumps({k: v / count for k, v in times.items()}))
+""")
+
+
+def asked(count: int, offset: int = 0) -> list[tuple[int, int, int, int]]:
+    pairs = colour_pairs()
+    return [((i + offset) % 10, *pairs[(i + offset) % len(pairs)], (i + offset) % len(TEMPLATES)) for i in range(count)]
+
+
+def export(out: Path, options: list[str], guidance: float, calibration: Path, smoke: bool) -> Path:
+    fast = ["--steps", "4", "--calib-samples", "4", "--eval-samples", "4"] if smoke else []
+    code, _, err = invoke("export-quantized", ["--model", MODEL, "--prompts-file", calibration, "--guidance-scale", guidance,
+                                               "--out", out, "--no-progress", *options, *fast])
+    if code:
+        raise SystemExit(f"export failed: {err.strip()}")
+    return out
+
+
+def images(bundle, prompts: list[str], graph: str) -> torch.Tensor:
+    loaded = load_bundle(bundle)
+    batches = []
+    for start in range(0, len(prompts), 50):  # one seed per prompt: seed i for prompt i
+        request = GenerateRequest(tuple(prompts[start:start + 50]), seed=start, graph=graph, batch_size=25)
+        batches += list(generate_batches(loaded, request, bundle_sampler(loaded), progress=False))
+    return torch.from_numpy(np.concatenate(batches))
+
+
+def judged(pictures: torch.Tensor, wanted: list[tuple[int, int, int, int]]) -> tuple[float, float, torch.Tensor]:
+    classifier = load_classifier()
+    masks = digit_masks(pictures)
+    with torch.no_grad():
+        digits, features = classifier(masks).argmax(1), classifier.features(masks)
+    fg, bg = read_colours(pictures)
+    truth = torch.tensor(wanted)
+    return (float((digits == truth[:, 0]).float().mean()), float(((fg == truth[:, 1]) & (bg == truth[:, 2])).float().mean()),
+            features)
+
+
+def device_cost(bundle: Path, runs: int, scratch: Path) -> list[str]:
+    python = venv(scratch / "runtime", [str(ROOT)])
+    site = next((scratch / "runtime" / "lib").glob("python*/site-packages"))
+    command = [str(python.parent / "stepquant"), "generate", "--bundle", str(bundle), "--prompt", "a red seven on a blue background",
+               "--out", str(scratch / "x.png"), "--no-progress"]
+    subprocess.run(command, check=True, capture_output=True)  # warm the file cache
+    cold = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        cold.append(time.perf_counter() - start)
+    stages = subprocess.run([str(python), "-c", STAGES, str(bundle), "8"], check=True, capture_output=True, text=True).stdout
+    per_image = __import__("json").loads(stages)
+    return ["", "| device cost (runtime-only install, onnxruntime, all threads) | value |", "|---|---|",
+            f"| install size | {size_mib(scratch / 'runtime'):.0f} MiB, of which tokenizers {size_mib(site / 'tokenizers'):.1f} MiB |",
+            f"| cold start to the first PNG (`generate --n 1`, median of {runs}) | {statistics.median(cold):.2f} s |",
+            *(f"| {stage}, per image at batch 8 | {seconds * 1000:.1f} ms |" for stage, seconds in per_image.items())]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="a few prompts and steps: checks the script runs")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    count = 10 if args.smoke else args.n
+    wanted = asked(count)
+    prompts = [prompt(*a) for a in wanted]
+    lines = [header(), f"{count} prompts, one seed each, guidance {args.guidance:g}, the bundle's sampler; FP = the bundle's "
+             "FP32 reference UNet through the same text encoder and VAE decoder.", "",
+             "| configuration | image PSNR to FP (dB) | FD to FP | digit accuracy | colour accuracy | export (s) |",
+             "|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        calibration = scratch / "calibration.txt"
+        calibration.write_text("\n".join(prompt(*a) for a in asked(50, offset=1000)) + "\n")
+        fp_row = None
+        for name, options in CONFIGS.items():
+            start = time.perf_counter()
+            bundle = export(scratch / name.replace(" ", "-"), options, args.guidance, calibration, args.smoke)
+            seconds = time.perf_counter() - start
+            if fp_row is None:
+                fp = images(bundle, prompts, "reference")
+                digit, colour, fp_features = judged(fp, wanted)
+                fp_row = f"| FP (reference UNet) | - | - | {digit:.1%} | {colour:.1%} | - |"
+                lines.append(fp_row)
+            quantized = images(bundle, prompts, "quantized")
+            digit, colour, features = judged(quantized, wanted)
+            psnr = 10 * torch.log10(4.0 / ((quantized - fp) ** 2).flatten(1).mean(1).clamp_min(1e-12)).mean()
+            lines.append(f"| {name} | {psnr:.2f} | {frechet_distance(features, fp_features):.3f} | {digit:.1%} | {colour:.1%} "
+                         f"| {seconds:.0f} |")
+            print(lines[-1], flush=True)
+        lines += device_cost(scratch / "W8A8-minmax", 1 if args.smoke else args.runs, scratch)
+    publish("text-to-image", lines, not args.no_write and not args.smoke)
+
+
+if __name__ == "__main__":
+    main()
