@@ -55,7 +55,7 @@ from stepquant.export.parity import (
     torch_outputs,
 )
 from stepquant.export.parity_policy import ParityPolicy, parity_policy
-from stepquant.export.pipeline_parts import carried_parts, export_pipeline_parts
+from stepquant.export.pipeline_parts import carried_parts, export_pipeline_parts, part_input_shapes
 from stepquant.export.precision import PRECISIONS, export_at_precision
 from stepquant.export.shapes import CORNERS, ShapeProfile, resize_inputs
 from stepquant.export.targets import RUNTIME_OPTIMIZATION_LEVEL, TARGETS, check_target, for_target, graph_file
@@ -550,17 +550,23 @@ def _target_section(config: ExportConfig, target: str, report: TargetReport, gro
 
 def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrated, exported: Exported, measured: Measured,
                  staging: Path) -> None:
-    """build_engine.sh (and the engines, with --engine), then the manifest, signed with --sign-key."""
+    """A whole pipeline's other parts, build_engine.sh (and the engines, with --engine), then the manifest,
+    signed with --sign-key."""
     fp_model, conditioning = prepared.fp_model, prepared.conditioning
+    parts = export_pipeline_parts(prepared.loaded.pipeline, staging, prepared.shape,
+                                  read_prompts(config.prompts_file) if config.prompts_file else [], fp_model.condition_names) \
+        if prepared.text_to_image else None
     trt_graphs = [group.graph for group, _ in exported.graphs.get("tensorrt", [])]
     engine = {}
     if trt_graphs:
         input_shapes = prepared.shapes.input_shapes(prepared.shape[0], fp_model.conditions)
-        (staging / BUILD_SCRIPT).write_text(build_script(trt_graphs, input_shapes))
+        graphs = {graph: input_shapes for graph in trt_graphs} | (part_input_shapes(parts, prepared.shapes, prepared.shape[0])
+                                                                  if parts else {})
+        (staging / BUILD_SCRIPT).write_text(build_script(graphs))
         (staging / BUILD_SCRIPT).chmod(0o755)
         engine = {"build_script": BUILD_SCRIPT, "input_shapes": input_shapes}
         if config.engine:
-            engine.update(build_engines(staging, trt_graphs, input_shapes))
+            engine.update(build_engines(staging, graphs))
     for graph in [FP_MODEL_FILE, *(group.graph for graphs in exported.graphs.values() for group, _ in graphs)]:
         check_external_data(staging / graph)  # a large graph's data file sits beside it, and is listed below
     corrections = measured.corrections
@@ -571,9 +577,6 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
         shutil.copyfile(class_table, staging / CLASS_TABLE_FILE)
     source = (f"classes {', '.join(map(str, config.classes))}" if config.classes else "every class") if class_table \
         else str(config.prompts_file or config.conditioning)
-    parts = export_pipeline_parts(prepared.loaded.pipeline, staging, prepared.shape,
-                                  read_prompts(config.prompts_file) if config.prompts_file else [], fp_model.condition_names) \
-        if prepared.text_to_image else None
     write_manifest(staging, Manifest(
         source_model=prepared.loaded.source, sample_shape=prepared.shape, conditions=fp_model.conditions,
         shape_profile=prepared.shapes.to_dict(), noise_schedule=prepared.loaded.scheduler_config,

@@ -44,7 +44,7 @@ def test_unsupported_versions_and_profiles_are_refused():
 
 @pytest.fixture
 def script_dir(tmp_path):
-    (tmp_path / "build_engine.sh").write_text(build_script(["model.onnx"], SHAPES))
+    (tmp_path / "build_engine.sh").write_text(build_script({"model.onnx": SHAPES}))
     (tmp_path / "build_engine.sh").chmod(0o755)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -64,7 +64,7 @@ def run_script(directory: Path, **env):
 
 
 def test_build_script_is_valid_bash():
-    assert subprocess.run(["bash", "-n", "-c", build_script(["model.onnx"], SHAPES)]).returncode == 0
+    assert subprocess.run(["bash", "-n", "-c", build_script({"model.onnx": SHAPES})]).returncode == 0
 
 
 @pytest.mark.parametrize("version, major", [("100300", 10), ("110100", 11)])
@@ -85,7 +85,7 @@ def test_build_script_refuses_other_versions(script_dir):
 def test_every_bundle_carries_the_build_script(demo_bundle):
     bundle = load_bundle(demo_bundle[0])
     script = bundle.file("build_engine.sh").read_text()
-    assert script == build_script(["model.onnx"], ShapeProfile.from_dict(bundle.manifest.shape_profile).input_shapes(1, ()))
+    assert script == build_script({"model.onnx": ShapeProfile.from_dict(bundle.manifest.shape_profile).input_shapes(1, ())})
     assert bundle.manifest.engine["input_shapes"]["sample"]["max"] == [64, 1, 16, 16]
     assert os.access(bundle.file("build_engine.sh"), os.X_OK)
     assert bundle.manifest.engine["build_script"] == "build_engine.sh"

@@ -15,6 +15,7 @@ from stepquant.cli.options import SignKey, TrustKey
 from stepquant.export.bundle import extend_bundle
 from stepquant.export.lint import lint
 from stepquant.export.parity import replay_parity
+from stepquant.export.pipeline_parts import part_input_shapes
 from stepquant.export.shapes import DimRange, ShapeProfile
 from stepquant.export.tensorrt import build_engines
 from stepquant.runtime.bundle_backends import plan_file
@@ -88,10 +89,12 @@ def build_engine_command(
         profile = replace(profile, batch=DimRange.parse(batch_range))
     version = tensorrt_version()  # a clear error before anything is staged
 
-    graphs = loaded.target("tensorrt").graphs
     shapes = profile.input_shapes(manifest.sample_shape[0], manifest.conditions)
+    graphs = {graph: shapes for graph in loaded.target("tensorrt").graphs}
+    if manifest.text_to_image is not None:  # the text encoders and VAE decoder get engines of their own shapes
+        graphs |= part_input_shapes(manifest.text_to_image, profile, manifest.sample_shape[0])
     engine = {**manifest.engine, "plans": [plan_file(g) for g in graphs], "input_shapes": shapes, "tensorrt_version": version}
-    extended = extend_bundle(loaded, lambda staging: build_engines(staging, graphs, shapes), replace(manifest, engine=engine),
+    extended = extend_bundle(loaded, lambda staging: build_engines(staging, graphs), replace(manifest, engine=engine),
                              sign_key)
     print(f"built {', '.join(engine['plans'])} in {extended.path} with TensorRT {version}"
           + ("; manifest signed again" if sign_key else "; the bundle is now unsigned (pass --sign-key to sign it)"

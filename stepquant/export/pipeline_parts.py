@@ -20,6 +20,7 @@ from torch import nn
 from stepquant.bundle.manifest import TextEncoderPart, TextToImage
 from stepquant.errors import StepquantError
 from stepquant.export.onnx_export import trace_to_onnx
+from stepquant.export.shapes import ShapeProfile
 from stepquant.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 VAE_DECODER_GRAPH = "vae_decoder/model.onnx"
@@ -200,3 +201,14 @@ def export_pipeline_parts(pipeline: Path, staging: Path, sample_shape: tuple[int
                        shift_factor=float(getattr(vae.config, "shift_factor", None) or 0.0),
                        zero_negative=bool(_model_index(pipeline).get("force_zeros_for_empty_prompt", False)),
                        time_ids=time_ids, checks=checks)
+
+
+def part_input_shapes(parts: TextToImage, profile: ShapeProfile, channels: int) -> dict[str, dict[str, dict[str, tuple[int, ...]]]]:
+    """Each text encoder's and the VAE decoder's TensorRT shape profile: token ids [images, max_length] and latents
+    [images, channels, height, width] over the bundle's batch, height and width ranges (FP32 graphs: strongly
+    typed engines run them in FP32, with TF32 where TensorRT allows it)."""
+    bounds = ("min", "opt", "max")
+    shapes = {e.graph: {"input_ids": {b: (getattr(profile.batch, b), e.max_length) for b in bounds}} for e in parts.encoders}
+    shapes[parts.vae_decoder] = {"latent_sample": {b: (getattr(profile.batch, b), channels, getattr(profile.height, b),
+                                                       getattr(profile.width, b)) for b in bounds}}
+    return shapes

@@ -5,7 +5,7 @@ through Polygraphy's TensorRT loaders when `tensorrt` is installed."""
 from __future__ import annotations
 
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 from stepquant.runtime.bundle_backends import plan_file
@@ -47,11 +47,15 @@ def trtexec_command(major: int, onnx_file: str, shapes: InputShapes) -> list[str
     return command
 
 
-def build_script(onnx_files: Sequence[str], shapes: InputShapes) -> str:
-    """build_engine.sh: picks the commands (one engine per graph) for the installed TensorRT major version."""
+def build_script(graphs: Mapping[str, InputShapes]) -> str:
+    """build_engine.sh: picks the commands (one engine per graph, each with its own shape profile: the denoiser's
+    and, in a whole-pipeline bundle, the text encoders' and the VAE decoder's) for the installed TensorRT major
+    version."""
+    onnx_files = list(graphs)
+
     def line(major: int) -> str:
         return " && ".join('"$TRTEXEC" ' + " ".join(shlex.quote(arg) for arg in trtexec_command(major, f, shapes)[1:])
-                           for f in onnx_files)
+                           for f, shapes in graphs.items())
 
     plans = " ".join(plan_file(f) for f in onnx_files)
     return f"""#!/usr/bin/env bash
@@ -95,9 +99,10 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: InputShapes, timing
     return version
 
 
-def build_engines(directory: Path, graphs: Sequence[str], shapes: InputShapes) -> dict:
-    """Build the plan of every graph in `directory` (sharing one timing cache); returns the manifest's engine entry."""
+def build_engines(directory: Path, graphs: Mapping[str, InputShapes]) -> dict:
+    """Build the plan of every graph in `directory`, each for its shapes (sharing one timing cache); returns the
+    manifest's engine entry's plans and version."""
     version = ""
-    for graph in graphs:
+    for graph, shapes in graphs.items():
         version = build_engine(directory / graph, directory / plan_file(graph), shapes, directory / TIMING_CACHE_FILE)
-    return {"plans": [plan_file(g) for g in graphs], "tensorrt_version": version, "input_shapes": shapes}
+    return {"plans": [plan_file(g) for g in graphs], "tensorrt_version": version}

@@ -28,8 +28,9 @@ def graph_backend(graphs: list[Path], groups: list[TimestepGroup], threads: int 
 
 
 def plan_file(onnx_file: str) -> str:
-    """The engine built from `onnx_file` sits beside it with the same stem: model_g1.onnx -> model_g1.plan."""
-    return Path(onnx_file).with_suffix(".plan").name
+    """The engine built from `onnx_file` sits beside it with the same stem: model_g1.onnx -> model_g1.plan,
+    text_encoder/model.onnx -> text_encoder/model.plan."""
+    return Path(onnx_file).with_suffix(".plan").as_posix()
 
 
 def engine_path(bundle: Bundle, graph: str, engine: Path | None = None) -> Path:
