@@ -22,11 +22,12 @@ from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import torch
 from polygraphy.comparator import IterationResult, RunResults
 from polygraphy.json import save_json
 
-from stepquant.bundle.manifest import Manifest, Sampler, Target, TimestepGroup
+from stepquant.bundle.manifest import Manifest, Sampler, Target, TextToImage, TimestepGroup
 from stepquant.bundle.signing import sign
 from stepquant.calibrators import collect_calibration_set, distributed
 from stepquant.calibrators.calibrate import CALIBRATORS, TRAJECTORY_CALIBRATORS, calibrate_
@@ -75,6 +76,7 @@ from stepquant.runtime.guidance import Conditioning
 from stepquant.runtime.sampler import SamplerConfig, sample
 from stepquant.runtime.scheduler_table import SchedulerTable
 from stepquant.runtime.seeding import MAX_SEED
+from stepquant.runtime.text_to_image import LatentDecoder
 
 CALIBRATION_SEED_OFFSET = 1_000_000  # calibration trajectories never share seeds with evaluation
 PERCENTILE_RANGE = (50.0, 100.0)  # of |x|: below the median there is nothing left to clip
@@ -186,6 +188,7 @@ class TargetReport:
     psnr_min_db: float
     # onnxruntime-cpu: the integer kernels onnxruntime runs, and the fused graph's distance to the simulation
     integer_kernels: dict | None
+    space: str = "pixel"  # what PSNR compares: pixels, latents, or images decoded by the bundle's VAE
 
     @property
     def parity_passed(self) -> bool:
@@ -359,6 +362,7 @@ class Exported:
 
     fp_parity: ParityReport
     graphs: dict[str, list[tuple[TimestepGroup, GraphParity]]]
+    parts: TextToImage | None = None  # a whole pipeline's tokenizers, text encoders and VAE decoder, written and checked
 
 
 @dataclass
@@ -442,7 +446,7 @@ def calibrate_model(config: ExportConfig, prepared: Prepared, start: float, shar
 
 def export_graphs(config: ExportConfig, prepared: Prepared, calibrated: Calibrated, staging: Path) -> Exported:
     """The FP graph (checked end to end against FP torch), then per timestep group and target the Q/DQ graph,
-    checked layer by layer, with its parity data saved for the replay."""
+    checked layer by layer, with its parity data saved for the replay; a whole pipeline's other parts."""
     fp_model, shape, shapes, calib = prepared.fp_model, prepared.shape, prepared.shapes, calibrated.calib
     q_model, scales = calibrated.q_model, calibrated.scales
     export_onnx(fp_model, staging / FP_MODEL_FILE, shape, profile=shapes)
@@ -475,7 +479,10 @@ def export_graphs(config: ExportConfig, prepared: Prepared, calibrated: Calibrat
                 save_json(feeds, staging / parity_dir / "inputs.json", description="parity inputs")
                 parity.reference.save(str(staging / parity_dir / "reference_outputs.json"))  # torch outputs
             exported[target].append((TimestepGroup(file, graph.timesteps, parity_dir), parity))
-    return Exported(fp_parity, exported)
+    parts = export_pipeline_parts(prepared.loaded.pipeline, staging, shape,
+                                  read_prompts(config.prompts_file) if config.prompts_file else [], fp_model.condition_names) \
+        if prepared.text_to_image else None
+    return Exported(fp_parity, exported, parts)
 
 
 def estimate_rank_corrections(config: ExportConfig, prepared: Prepared, calibrated: Calibrated,
@@ -506,13 +513,18 @@ def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibr
     table = capture_table(config.sampler, loaded.scheduler_config)
     fp_samples = sample(TorchBackend(prepared.fp_reference), table, eval_seeds, shape, config.sampler, progress=config.progress,
                         desc="FP samples", conditioning=prepared.conditioning, clip=not latent).samples
-    # latents are not in [-1, 1]: their PSNR is taken over the FP latents' peak-to-peak range
-    data_range = float(fp_samples.max() - fp_samples.min()) if latent else 2.0
+    decode = _decoder(exported.parts, staging)
+    if decode is not None:  # a whole pipeline: quality and preview on decoded images, as a user sees them
+        fp_samples = decode(fp_samples)
+    # latents are not in [-1, 1]: without a VAE their PSNR is taken over the FP latents' peak-to-peak range
+    data_range = float(fp_samples.max() - fp_samples.min()) if latent and decode is None else 2.0
     reports: dict[str, TargetReport] = {}
     for target, backend in deployed.items():
         q_samples = sample(backend, table, eval_seeds, shape, config.sampler, progress=config.progress,
                            desc=f"{target} graph samples (onnxruntime)", corrections=corrections,
                            conditioning=prepared.conditioning, clip=not latent).samples
+        if decode is not None:
+            q_samples = decode(q_samples)
         scores = psnr(q_samples, fp_samples, data_range)
         if not reports:
             save_comparison_grid(fp_samples[:32], q_samples[:32], staging / PREVIEW_FILE)
@@ -528,12 +540,21 @@ def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibr
             layerwise=[parity.layerwise for parity in parities],
             end_to_end=ParityReport(float("inf"), end_to_end[0].error_quantile,
                                     [t for report in end_to_end for t in report.timesteps]).judged(tolerance),
-            psnr_mean_db=float(scores.mean()), psnr_min_db=float(scores.min()), integer_kernels=kernels)
+            psnr_mean_db=float(scores.mean()), psnr_min_db=float(scores.min()), integer_kernels=kernels,
+            space="image" if decode is not None else "latent" if latent else "pixel")
     return Measured(table, corrections, reports, data_range)
 
 
+def _decoder(parts: TextToImage | None, staging: Path):
+    """Latents -> images in [-1, 1] through the staged VAE decoder graph, batch by batch (None without one)."""
+    if parts is None:
+        return None
+    vae = LatentDecoder(staging / parts.vae_decoder, parts.scaling_factor, parts.shift_factor)
+    return lambda latents: np.concatenate([vae(latents[i:i + 32]) for i in range(0, len(latents), 32)])
+
+
 def _target_section(config: ExportConfig, target: str, report: TargetReport, groups: list[TimestepGroup],
-                    latent: bool, data_range: float) -> Target:
+                    data_range: float) -> Target:
     return Target(
         timestep_groups=groups,
         parity={"gate": "layer-wise", "passed": report.parity_passed,
@@ -542,7 +563,7 @@ def _target_section(config: ExportConfig, target: str, report: TargetReport, gro
         parity_optimization_level=report.layerwise[0].policy.optimization_level,
         details={"quality": {"psnr_to_fp_db_mean": report.psnr_mean_db, "psnr_to_fp_db_min": report.psnr_min_db,
                              "samples": config.eval_samples, "seeds": [config.seed, config.seed + config.eval_samples - 1],
-                             "space": "latent" if latent else "pixel", "psnr_data_range": data_range,
+                             "space": report.space, "psnr_data_range": data_range,
                              "executed_by": "onnxruntime CPUExecutionProvider"},
                  **({"lint": {"rules": "tensorrt explicit quantization", "findings": 0}} if target == "tensorrt"
                     else report.integer_kernels)})
@@ -553,9 +574,7 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
     """A whole pipeline's other parts, build_engine.sh (and the engines, with --engine), then the manifest,
     signed with --sign-key."""
     fp_model, conditioning = prepared.fp_model, prepared.conditioning
-    parts = export_pipeline_parts(prepared.loaded.pipeline, staging, prepared.shape,
-                                  read_prompts(config.prompts_file) if config.prompts_file else [], fp_model.condition_names) \
-        if prepared.text_to_image else None
+    parts = exported.parts
     trt_graphs = [group.graph for group, _ in exported.graphs.get("tensorrt", [])]
     engine = {}
     if trt_graphs:
@@ -584,7 +603,7 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
                         config.sampler.karras_sigmas),
         scheduler_table=measured.table.to_dict(),
         targets={target: _target_section(config, target, report, [group for group, _ in exported.graphs[target]],
-                                         prepared.latent, measured.data_range)
+                                         measured.data_range)
                  for target, report in measured.reports.items()},
         reference_graph=FP_MODEL_FILE, correction_method=config.correction,
         correction_file=CORRECTIONS_FILE if corrections else None, engine=engine,

@@ -59,6 +59,9 @@ def test_the_bundle_carries_every_part_of_the_pipeline(bundle):
     assert encoder.max_length == 16 and not encoder.pooled and parts.scaling_factor == 0.5 and parts.time_ids is None
     assert all(check["worst_abs_error_relative_to_max"] <= check["tolerance"] for check in parts.checks.values())
     assert {encoder.tokenizer, encoder.graph, parts.vae_decoder} <= set(loaded.manifest.files)
+    quality = loaded.target("tensorrt").details["quality"]
+    assert quality["space"] == "image" and quality["psnr_data_range"] == 2.0  # measured on decoded images
+    assert Image.open(bundle / "preview.png").height == 4 * (16 + 2)  # the preview shows 16 px images, not 8 px latents
 
 
 @pytest.mark.parametrize("pad", [None, "!"])  # SD 1.x pads with EOS; SD 2.x and SDXL's second tokenizer with "!"

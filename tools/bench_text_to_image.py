@@ -54,7 +54,7 @@ STAGES = textwrap.dedent("""
     bundle = load_bundle(sys.argv[1]); count = int(sys.argv[2])
     prompts = [f"a red {w} on a blue background" for w in ("seven", "three", "zero", "one")] * (count // 4)
     config = bundle_sampler(bundle); table = bundle_table(bundle)
-    encoder, decoder, unet = PromptEncoder(bundle), LatentDecoder(bundle), quantized_backend(bundle)
+    encoder, decoder, unet = PromptEncoder(bundle), LatentDecoder.of(bundle), quantized_backend(bundle)
     times = {}
     start = time.perf_counter(); states = encoder(prompts); negative = encoder([""]); times["text encoder"] = time.perf_counter() - start
     rows = Conditioning({"encoder_hidden_states": states}, {"encoder_hidden_states": negative})

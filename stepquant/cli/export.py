@@ -35,7 +35,7 @@ def _print_report(report: ExportReport, config: ExportConfig) -> None:
         end_to_end = result.end_to_end
         print(f"  end to end: worst median relative error {end_to_end.worst_median_reldiff:.2e} over "
               f"{len(end_to_end.timesteps)} inputs (information; `stepquant parity` replays at {end_to_end.tolerance_median_rel:.2g})")
-        print(f"  quality: PSNR to FP {result.psnr_mean_db:.2f} dB mean, {result.psnr_min_db:.2f} dB min, over "
+        print(f"  quality: PSNR to FP {result.psnr_mean_db:.2f} dB mean, {result.psnr_min_db:.2f} dB min ({result.space}s), over "
               f"{report.eval_samples} seeds, {config.sampler.describe()}, executed by onnxruntime")
         if result.integer_kernels is None:
             print("  lint:    TensorRT Q/DQ conformance: no findings")

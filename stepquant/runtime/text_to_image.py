@@ -72,12 +72,16 @@ class PromptEncoder:
 
 
 class LatentDecoder:
-    """Latents -> images in [-1, 1] through the bundle's VAE decoder graph."""
+    """Latents -> images in [-1, 1] through a VAE decoder graph (a bundle's, or one being staged by the export)."""
 
-    def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
+    def __init__(self, graph: Path, scaling_factor: float, shift_factor: float = 0.0, threads: int | None = None) -> None:
+        self.vae = OnnxRuntimeBackend(graph, threads)
+        self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
+
+    @classmethod
+    def of(cls, bundle: Bundle, threads: int | None = None) -> LatentDecoder:
         parts = bundle.manifest.text_to_image
-        self.vae = OnnxRuntimeBackend(bundle.file(parts.vae_decoder), threads)
-        self.scaling_factor, self.shift_factor = parts.scaling_factor, parts.shift_factor
+        return cls(bundle.file(parts.vae_decoder), parts.scaling_factor, parts.shift_factor, threads)
 
     def __call__(self, latents: np.ndarray) -> np.ndarray:
         scaled = (np.asarray(latents, np.float32) / np.float32(self.scaling_factor) + np.float32(self.shift_factor))
@@ -147,7 +151,7 @@ def generate_batches(bundle: Bundle, request: GenerateRequest, config: SamplerCo
     else:
         runner = quantized_backend(bundle, threads, backend, engine)
         terms = bundle_corrections(bundle) if corrections else None
-    decoder = LatentDecoder(bundle, threads)
+    decoder = LatentDecoder.of(bundle, threads)
     latents = sample_batches(runner, table, range(request.seed, request.seed + request.count), bundle.manifest.sample_shape,
                              config, request.batch_size, progress=progress, desc="denoising", corrections=terms,
                              conditioning=conditioning, clip=False)
