@@ -18,7 +18,7 @@ from test_runtime_install import stepquant_without_export_side
 
 from stepquant.bundle import BundleError, load_bundle
 from stepquant.export.faults import forge_bundle
-from stepquant.export.pipeline_parts import _tokenizer
+from stepquant.export.pipeline_parts import export_tokenizer
 from stepquant.models.clip_tokenizer import save_clip_tokenizer
 from stepquant.models.tiny import TINY_PROMPTS, save_tiny_text_pipeline
 from stepquant.runtime.bundle_backends import bundle_sampler
@@ -73,7 +73,7 @@ def test_the_device_tokenizer_gives_clip_tokenizers_ids(tmp_path, pad):
         CLIPTokenizer.from_pretrained(directory, pad_token=pad).save_pretrained(directory)
     staging = tmp_path / "staging"
     staging.mkdir()
-    reference, max_length, pad_id = _tokenizer(tmp_path / "pipe", staging, GOLDEN)
+    reference, max_length, pad_id = export_tokenizer(tmp_path / "pipe", staging, GOLDEN)
     assert pad_id == (reference.convert_tokens_to_ids(pad) if pad else reference.eos_token_id)
     device = load_tokenizer(staging / "tokenizer" / "tokenizer.json", max_length, pad_id)
     for prompt in GOLDEN:

@@ -116,7 +116,7 @@ def _check(module: nn.Module, graph: Path, name: str, inputs: dict[str, np.ndarr
     return {"worst_abs_error_relative_to_max": error, "tolerance": PART_TOLERANCE}
 
 
-def _tokenizer(pipeline: Path, staging: Path, prompts: list[str], folder: str = "tokenizer"):
+def export_tokenizer(pipeline: Path, staging: Path, prompts: list[str], folder: str = "tokenizer"):
     """Write FOLDER/tokenizer.json (no padding or truncation of its own: the runtime sets both from the manifest)
     and check that the `tokenizers` library gives transformers' ids for `prompts`."""
     from tokenizers import Tokenizer
@@ -148,7 +148,7 @@ def _text_encoder(pipeline: Path, staging: Path, part: _Encoder, prompts: list[s
     from stepquant.models.loading import require_safetensors
 
     folder = f"text_encoder{part.suffix}"
-    reference, max_length, pad_id = _tokenizer(pipeline, staging, prompts, f"tokenizer{part.suffix}")
+    reference, max_length, pad_id = export_tokenizer(pipeline, staging, prompts, f"tokenizer{part.suffix}")
     require_safetensors(pipeline / folder)
     cls = (_model_index(pipeline).get(folder) or [None, "CLIPTextModel"])[1]
     if cls not in ("CLIPTextModel", "CLIPTextModelWithProjection") or (cls == "CLIPTextModelWithProjection") != part.pooled:
