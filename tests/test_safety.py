@@ -23,7 +23,7 @@ from stepquant.bundle import BundleError, load_bundle
 from stepquant.bundle.reader import SIGNATURE
 from stepquant.bundle.signing import SignatureError, generate_keypair
 from stepquant.export.bundle import staged_directory
-from stepquant.export.faults import forge_bundle
+from stepquant.export.faults import forge_bundle, point_at_external_data
 
 BIN = Path(sys.executable).parent
 OPENED: list[str] = []
@@ -201,20 +201,6 @@ def _graph_edit(bundle: Path, edit) -> None:
     forge_bundle(bundle)
 
 
-def _external_reference(proto, location: str, used: bool = True) -> None:
-    """Point a weight (or, unused, an extra initializer) at external data in `location`."""
-    if used:
-        tensor = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
-    else:
-        tensor = proto.graph.initializer.add()
-        tensor.name, tensor.data_type, tensor.dims[:] = "unused", onnx.TensorProto.FLOAT, [4]
-    tensor.ClearField("raw_data")
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    del tensor.external_data[:]
-    tensor.external_data.add(key="location", value=location)
-    tensor.external_data.add(key="offset", value="0")
-
-
 def test_unlisted_external_data_is_refused_on_both_installs(bundle, tmp_path):
     from test_runtime_install import stepquant_without_export_side
 
@@ -234,7 +220,7 @@ def test_unlisted_external_data_is_refused_on_both_installs(bundle, tmp_path):
 def test_external_data_outside_the_bundle_is_refused_unopened(bundle, tmp_path, used):
     secret = bundle.parent / "secret.bin"
     secret.write_bytes(bytes(4096))
-    _graph_edit(bundle, lambda proto: _external_reference(proto, "../secret.bin", used))
+    _graph_edit(bundle, lambda proto: point_at_external_data(proto, "../secret.bin", used))
     for command in ("sample", "verify", "parity"):
         OPENED.clear()
         extra = ("--n", "1", "--out", tmp_path / "x.npz") if command == "sample" else ()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -228,3 +229,22 @@ def test_a_pipeline_of_other_sizes_exports_and_generates_at_the_defaults(tmp_pat
                                            "--out", tmp_path / "x.png", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert _pixels(tmp_path / "x.png").shape[:2] == (4 * 34, 4 * 34)  # 8x8 latents -> 32x32 images, a 1 px frame, upscaled 4x
+
+
+def test_demo_digits_sd_is_a_small_diffusers_pipeline_whose_bundle_generates_without_torch(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from stepquant.models import load_model
+
+    root = Path(load_model("demo-digits-sd").pipeline)
+    assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) <= 15 * 2**20
+    pipe = StableDiffusionPipeline.from_pretrained(root)  # diffusers' own loader, unchanged
+    assert pipe.vae.config.latent_channels == 4 and pipe.unet.config.sample_size == 8 and pipe.vae_scale_factor == 4
+    (tmp_path / "prompts.txt").write_text("a red seven on a blue background\nthe digit 3 in green, yellow paper\n")
+    exported = run_cli("export-quantized", "--model", "demo-digits-sd", "--prompts-file", tmp_path / "prompts.txt",
+                       "--out", tmp_path / "bundle", *FAST)
+    assert exported.returncode == 0, exported.stderr
+    result = stepquant_without_export_side("generate", "--bundle", tmp_path / "bundle", "--prompt", "a red seven on a blue "
+                                           "background", "--n", "2", "--out", tmp_path / "images", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert [Image.open(p).size for p in sorted((tmp_path / "images").iterdir())] == [(32, 32), (32, 32)]

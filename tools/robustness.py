@@ -32,7 +32,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from stepquant.bundle.signing import generate_keypair
 from stepquant.cli.main import invoke
-from stepquant.export.faults import forge_bundle
+from stepquant.export.faults import forge_bundle, point_at_external_data
 from stepquant.models.demo_config import SCHEDULER_CONFIG
 from stepquant.models.tiny import TINY_PROMPTS, save_tiny_text_pipeline
 
@@ -119,18 +119,7 @@ def _graph_edit(edit: Callable[[onnx.ModelProto], None]) -> Callable[[Path], Non
 
 
 def _external(location: str, used: bool = True) -> Callable[[onnx.ModelProto], None]:
-    """Point the largest weight (or, unused, an extra initializer) at external data in `location`."""
-    def edit(proto: onnx.ModelProto) -> None:
-        if used:
-            tensor = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
-        else:
-            tensor = proto.graph.initializer.add()
-            tensor.name, tensor.data_type, tensor.dims[:] = "unused", onnx.TensorProto.FLOAT, [4]
-        tensor.ClearField("raw_data")
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        del tensor.external_data[:]
-        tensor.external_data.add(key="location", value=location)
-    return edit
+    return lambda proto: point_at_external_data(proto, location, used)
 
 
 def _scale(value: float) -> Callable[[onnx.ModelProto], None]:

@@ -24,6 +24,28 @@ from stepquant.models.demo_config import SCHEDULER_CONFIG, UNET_CONFIG
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "stepquant" / "models" / "demo_digits"
 
 
+def cosine_schedule(optimizer: torch.optim.Optimizer, iters: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over the first 5% of `iters`, then a cosine decay to zero."""
+    warmup = max(1, iters // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * i / iters)))
+
+
+def optimise(loss: torch.Tensor, optimizer, schedule, parameters: list, ema: list | None, ema_decay: float, progress) -> None:
+    """One step: gradients clipped to norm 1, the optimiser's and the schedule's steps, the EMA weights' update
+    (without `ema`, none), the loss on the progress bar."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    schedule.step()
+    if ema is not None:
+        with torch.no_grad():
+            for p_ema, p in zip(ema, parameters):
+                p_ema.lerp_(p, 1.0 - ema_decay)
+    progress.set_postfix(loss=f"{loss.item():.4f}")
+
+
 def train(unet: torch.nn.Module, iters: int, batch_size: int, lr: float, ema_decay: float, seed: int,
           class_table: torch.nn.Parameter | None = None, label_dropout: float = 0.0,
           desc: str = "train demo-digits") -> tuple[torch.nn.Module, torch.Tensor | None]:
@@ -38,9 +60,7 @@ def train(unet: torch.nn.Module, iters: int, batch_size: int, lr: float, ema_dec
     ema = [p.detach().clone() for p in parameters]
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    warmup = max(1, iters // 20)
-    lr_at = lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * i / iters))  # noqa: E731
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    schedule = cosine_schedule(optimizer, iters)
     gen = torch.Generator().manual_seed(seed)
     progress = tqdm(range(iters), desc=desc, unit="it")
     for _ in progress:
@@ -55,16 +75,7 @@ def train(unet: torch.nn.Module, iters: int, batch_size: int, lr: float, ema_dec
             null = len(class_table) - 1
             rows = torch.where(torch.rand(batch_size, generator=gen) < label_dropout, null, labels[index])
             prediction = unet(x_t, t, encoder_hidden_states=class_table[rows]).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema, parameters):
-                p_ema.lerp_(p, 1.0 - ema_decay)
-        progress.set_postfix(loss=f"{loss.item():.4f}")
+        optimise(torch.nn.functional.mse_loss(prediction, noise), optimizer, schedule, parameters, ema, ema_decay, progress)
     with torch.no_grad():
         for p, p_ema in zip(parameters, ema):
             p.copy_(p_ema)

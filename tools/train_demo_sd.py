@@ -21,13 +21,13 @@ requested colours are the ones drawn.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tqdm import tqdm
+from train_demo import cosine_schedule, optimise
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from stepquant.data.coloured_digits import (
@@ -71,27 +71,17 @@ def batch(grey, labels, pairs, size: int, gen: torch.Generator) -> tuple[torch.T
     return images, texts, torch.stack([labels[index], colours[:, 0], colours[:, 1]], 1)
 
 
-def cosine(optimizer, iters: int):
-    warmup = max(1, iters // 20)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * i / iters)))
-
-
 def train_vae(data, iters: int, batch_size: int, gen: torch.Generator, kl_weight: float = 1e-4) -> AutoencoderKL:
     vae = AutoencoderKL(**VAE)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    schedule = cosine(optimizer, iters)
+    schedule = cosine_schedule(optimizer, iters)
     progress = tqdm(range(iters), desc="train the VAE", unit="it")
     for _ in progress:
         images, _, _ = batch(*data, batch_size, gen)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample(generator=gen)).sample
         loss = torch.nn.functional.mse_loss(reconstruction, images) + kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        progress.set_postfix(loss=f"{loss.item():.4f}")
+        optimise(loss, optimizer, schedule, list(vae.parameters()), None, 0.0, progress)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         images, _, _ = batch(*data, 1024, gen)
@@ -108,7 +98,7 @@ def train_denoiser(data, vae: AutoencoderKL, tokenizer: CLIPTokenizer, iters: in
     parameters = [*unet.parameters(), *encoder.parameters()]
     ema = [p.detach().clone() for p in parameters]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    schedule = cosine(optimizer, iters)
+    schedule = cosine_schedule(optimizer, iters)
     noise_schedule = DDPMScheduler(**{k: v for k, v in SD_SCHEDULER.items() if k != "set_alpha_to_one"})
     progress = tqdm(range(iters), desc="train the UNet and text encoder", unit="it")
     for _ in progress:
@@ -120,16 +110,7 @@ def train_denoiser(data, vae: AutoencoderKL, tokenizer: CLIPTokenizer, iters: in
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch_size,), generator=gen)
         prediction = unet(noise_schedule.add_noise(latents, noise, t), t, encoder_hidden_states=encoder(ids)[0]).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema, parameters):
-                p_ema.lerp_(p, 1.0 - ema_decay)
-        progress.set_postfix(loss=f"{loss.item():.4f}")
+        optimise(torch.nn.functional.mse_loss(prediction, noise), optimizer, schedule, parameters, ema, ema_decay, progress)
     with torch.no_grad():
         for p, p_ema in zip(parameters, ema):
             p.copy_(p_ema)

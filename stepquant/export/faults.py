@@ -127,3 +127,17 @@ def forge_bundle(bundle: Path, edit: Callable[[dict], None] | None = None, rehas
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     manifest["manifest_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     manifest_path.write_text(json.dumps(manifest))
+
+
+def point_at_external_data(proto: onnx.ModelProto, location: str, used: bool = True) -> None:
+    """Make the graph's largest weight (or, not `used`, an extra initializer no node reads) load its bytes from
+    the external data file `location`: what a forged graph does to read a file it should not."""
+    if used:
+        tensor = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+    else:
+        tensor = proto.graph.initializer.add()
+        tensor.name, tensor.data_type, tensor.dims[:] = "unused", TensorProto.FLOAT, [4]
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    tensor.external_data.add(key="location", value=location)
