@@ -18,6 +18,7 @@ seconds per image of each stage (text encoder, denoising loop, VAE decoder) at b
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import tempfile
@@ -56,8 +57,7 @@ STAGES = textwrap.dedent("""
     config = bundle_sampler(bundle); table = bundle_table(bundle)
     encoder, decoder, unet = PromptEncoder(bundle), LatentDecoder.of(bundle), quantized_backend(bundle)
     times = {}
-    start = time.perf_counter(); states = encoder(prompts); negative = encoder([""]); times["text encoder"] = time.perf_counter() - start
-    rows = Conditioning({"encoder_hidden_states": states}, {"encoder_hidden_states": negative})
+    start = time.perf_counter(); rows = Conditioning(encoder(prompts), encoder([""])); times["text encoder"] = time.perf_counter() - start
     start = time.perf_counter()
     latents = np.concatenate(list(sample_batches(unet, table, range(count), bundle.manifest.sample_shape, config, count,
                                                  progress=False, conditioning=rows, clip=False)))
@@ -112,8 +112,10 @@ def device_cost(bundle: Path, runs: int, scratch: Path) -> list[str]:
         start = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True)
         cold.append(time.perf_counter() - start)
-    stages = subprocess.run([str(python), "-c", STAGES, str(bundle), "8"], check=True, capture_output=True, text=True).stdout
-    per_image = __import__("json").loads(stages)
+    stages = subprocess.run([str(python), "-c", STAGES, str(bundle), "8"], capture_output=True, text=True)
+    if stages.returncode:
+        raise SystemExit(f"timing the stages failed: {stages.stderr.strip().splitlines()[-1]}")
+    per_image = json.loads(stages.stdout)
     return ["", "| device cost (runtime-only install, onnxruntime, all threads) | value |", "|---|---|",
             f"| install size | {size_mib(scratch / 'runtime'):.0f} MiB, of which tokenizers {size_mib(site / 'tokenizers'):.1f} MiB |",
             f"| cold start to the first PNG (`generate --n 1`, median of {runs}) | {statistics.median(cold):.2f} s |",
