@@ -480,7 +480,8 @@ def export_graphs(config: ExportConfig, prepared: Prepared, calibrated: Calibrat
                 parity.reference.save(str(staging / parity_dir / "reference_outputs.json"))  # torch outputs
             exported[target].append((TimestepGroup(file, graph.timesteps, parity_dir), parity))
     parts = export_pipeline_parts(prepared.loaded.pipeline, staging, shape,
-                                  read_prompts(config.prompts_file) if config.prompts_file else [], fp_model.condition_names) \
+                                  read_prompts(config.prompts_file) if config.prompts_file else [], fp_model.condition_names,
+                                  config.precision) \
         if prepared.text_to_image else None
     return Exported(fp_parity, exported, parts)
 

@@ -248,3 +248,23 @@ def test_demo_digits_sd_is_a_small_diffusers_pipeline_whose_bundle_generates_wit
                                            "background", "--n", "2", "--out", tmp_path / "images", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert [Image.open(p).size for p in sorted((tmp_path / "images").iterdir())] == [(32, 32), (32, 32)]
+
+
+def test_fp16_bundles_carry_fp16_text_encoders_and_keep_an_upcast_vae_fp32(pipeline, tmp_path):
+    from diffusers import AutoencoderKL
+
+    assert AutoencoderKL.load_config(pipeline / "sd" / "vae")["force_upcast"]  # diffusers runs this VAE in FP32
+    result = run_cli("export-quantized", "--model", pipeline / "sd", "--prompts-file", pipeline / "prompts.txt",
+                     "--precision", "fp16", "--out", tmp_path / "bundle", *FAST)
+    assert result.returncode == 0, result.stderr
+    parts = load_bundle(tmp_path / "bundle").manifest.text_to_image
+
+    def float16(graph: str) -> bool:
+        return any(t.data_type == onnx.TensorProto.FLOAT16 for t in onnx.load(str(tmp_path / "bundle" / graph)).graph.initializer)
+
+    assert float16(parts.encoders[0].graph) and not float16(parts.vae_decoder)
+    assert parts.checks["text_encoder"]["precision"] == "fp16" and parts.checks["vae_decoder"]["precision"] == "fp32"
+    assert parts.checks["text_encoder"]["worst_abs_error_relative_to_max"] <= 1e-2
+    generated = run_cli("stepquant", "generate", "--bundle", tmp_path / "bundle", "--prompt", "a red seven", "--out",
+                        tmp_path / "x.png", "--no-progress")
+    assert generated.returncode == 0, generated.stderr

@@ -24,7 +24,8 @@ from stepquant.export.shapes import ShapeProfile
 from stepquant.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 VAE_DECODER_GRAPH = "vae_decoder/model.onnx"
-PART_TOLERANCE = 1e-4  # worst absolute error of a float graph, relative to its output's largest magnitude
+# worst absolute error of a part's graph against its torch module, relative to the output's largest magnitude
+PART_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 SD_CONDITIONS = ("encoder_hidden_states",)
 SDXL_CONDITIONS = ("encoder_hidden_states", "text_embeds", "time_ids")
 
@@ -103,17 +104,29 @@ class _Decode(nn.Module):
         return self.vae.decode(latent_sample).sample
 
 
-def _check(module: nn.Module, graph: Path, name: str, inputs: dict[str, np.ndarray]) -> dict:
+def _write_graph(module: nn.Module, example: np.ndarray, path: Path, inputs: list[str], outputs: list[str], dynamic: dict,
+                 precision: str) -> dict:
+    """Trace `module` to `path` (in FP16 with `precision` fp16, FP32 inputs and outputs kept), then check it."""
+    from stepquant.export.precision import FP16_OPSET, convert_to_fp16
+
+    trace_to_onnx(module, (torch.from_numpy(example),), path, inputs, outputs, dynamic,
+                  **({"opset": FP16_OPSET} if precision == "fp16" else {}))
+    if precision == "fp16":
+        convert_to_fp16(path)
+    return {**_check(module, path, path.parent.name, {inputs[0]: example}, PART_TOLERANCE[precision]), "precision": precision}
+
+
+def _check(module: nn.Module, graph: Path, name: str, inputs: dict[str, np.ndarray], tolerance: float) -> dict:
     """Run the graph on onnxruntime and the module in torch on the same inputs; refuse a graph that differs."""
     with torch.no_grad():
         expected = module(*(torch.from_numpy(v) for v in inputs.values()))
     expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
     got = OnnxRuntimeBackend(graph, optimization_level="basic").run(inputs)
     error = max(float(np.abs(g - e).max() / max(float(np.abs(e).max()), 1e-12)) for g, e in zip(got, expected))
-    if not all(np.isfinite(g).all() for g in got) or error > PART_TOLERANCE:
+    if not all(np.isfinite(g).all() for g in got) or error > tolerance:
         raise PipelinePartError(f"the exported {name} graph differs from its torch module: worst error {error:.3g} of the "
-                                f"output's largest value (tolerance {PART_TOLERANCE:g})")
-    return {"worst_abs_error_relative_to_max": error, "tolerance": PART_TOLERANCE}
+                                f"output's largest value (tolerance {tolerance:g})")
+    return {"worst_abs_error_relative_to_max": error, "tolerance": tolerance}
 
 
 def export_tokenizer(pipeline: Path, staging: Path, prompts: list[str], folder: str = "tokenizer"):
@@ -142,7 +155,7 @@ def export_tokenizer(pipeline: Path, staging: Path, prompts: list[str], folder: 
     return reference, max_length, pad_id
 
 
-def _text_encoder(pipeline: Path, staging: Path, part: _Encoder, prompts: list[str]) -> tuple[TextEncoderPart, dict]:
+def _text_encoder(pipeline: Path, staging: Path, part: _Encoder, prompts: list[str], precision: str) -> tuple[TextEncoderPart, dict]:
     import transformers
 
     from stepquant.models.loading import require_safetensors
@@ -159,18 +172,18 @@ def _text_encoder(pipeline: Path, staging: Path, part: _Encoder, prompts: list[s
                      dtype=np.int64)
     graph = f"{folder}/model.onnx"
     (staging / folder).mkdir(parents=True)
-    module = _TextStates(encoder, part)
     outputs = ["hidden_states", "text_embeds"] if part.pooled else ["hidden_states"]
-    trace_to_onnx(module, (torch.from_numpy(ids),), staging / graph, ["input_ids"], outputs,
-                  {"input_ids": {0: "batch"}, **{name: {0: "batch"} for name in outputs}})
-    return TextEncoderPart(f"tokenizer{part.suffix}/tokenizer.json", max_length, pad_id, graph, part.pooled), \
-        _check(module, staging / graph, folder, {"input_ids": ids})
+    check = _write_graph(_TextStates(encoder, part), ids, staging / graph, ["input_ids"], outputs,
+                         {"input_ids": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}, precision)
+    return TextEncoderPart(f"tokenizer{part.suffix}/tokenizer.json", max_length, pad_id, graph, part.pooled), check
 
 
 def export_pipeline_parts(pipeline: Path, staging: Path, sample_shape: tuple[int, int, int], prompts: list[str],
-                          condition_names: tuple[str, ...]) -> TextToImage:
+                          condition_names: tuple[str, ...], precision: str = "fp32") -> TextToImage:
     """Write the tokenizers, text encoders and VAE decoder of `pipeline` into the bundle being staged, each
-    checked against its torch module, and return the manifest's section for them."""
+    checked against its torch module, and return the manifest's section for them. With `precision` fp16 the
+    text encoders and the VAE decoder are FP16 graphs, except a VAE whose config says force_upcast: diffusers
+    runs it in FP32, and so does the bundle."""
     from diffusers import AutoencoderKL
 
     from stepquant.models.loading import require_safetensors
@@ -178,7 +191,7 @@ def export_pipeline_parts(pipeline: Path, staging: Path, sample_shape: tuple[int
     pipeline = Path(pipeline)
     encoders, checks = [], {}
     for part in _encoders(condition_names):
-        entry, checks[f"text_encoder{part.suffix}"] = _text_encoder(pipeline, staging, part, prompts)
+        entry, checks[f"text_encoder{part.suffix}"] = _text_encoder(pipeline, staging, part, prompts, precision)
         encoders.append(entry)
     require_safetensors(pipeline / "vae")
     vae = AutoencoderKL.from_pretrained(str(pipeline / "vae"), use_safetensors=True).eval()
@@ -187,11 +200,11 @@ def export_pipeline_parts(pipeline: Path, staging: Path, sample_shape: tuple[int
                                 f"samples {sample_shape[0]}")
     latents = np.random.default_rng(0).standard_normal((2, *sample_shape), dtype=np.float32)
     (staging / VAE_DECODER_GRAPH).parent.mkdir(parents=True)
-    decode = _Decode(vae)
-    trace_to_onnx(decode, (torch.from_numpy(latents),), staging / VAE_DECODER_GRAPH, ["latent_sample"], ["sample"],
-                  {"latent_sample": {0: "batch", 2: "height", 3: "width"}, "sample": {0: "batch", 2: "image_height",
-                                                                                     3: "image_width"}})
-    checks["vae_decoder"] = _check(decode, staging / VAE_DECODER_GRAPH, "VAE decoder", {"latent_sample": latents})
+    upcast = bool(getattr(vae.config, "force_upcast", False))
+    checks["vae_decoder"] = _write_graph(_Decode(vae), latents, staging / VAE_DECODER_GRAPH, ["latent_sample"], ["sample"],
+                                         {"latent_sample": {0: "batch", 2: "height", 3: "width"},
+                                          "sample": {0: "batch", 2: "image_height", 3: "image_width"}},
+                                         "fp32" if upcast else precision)
     time_ids = None
     if condition_names == SDXL_CONDITIONS:  # diffusers' default: original size = target size = the native size, no crop
         scale = 2 ** (len(vae.config.block_out_channels) - 1)
