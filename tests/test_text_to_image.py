@@ -175,6 +175,8 @@ def test_generate_refuses_what_it_cannot_run(bundle, demo_bundle, tmp_path):
     assert_one_line_error(run_cli("stepquant", "generate", "--bundle", bundle, "--prompts-file", tmp_path / "empty.txt", *out),
                           "holds no prompts")
     assert_one_line_error(run_cli("stepquant", "generate", "--bundle", bundle, *out), "no prompt given")
+    assert_one_line_error(run_cli("stepquant", "eval", "--bundle", bundle, "--n", "4", "--out", tmp_path / "eval"),
+                          "scores text-to-image bundles of demo-digits-sd")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "mine.png").write_bytes(b"x")
     assert_one_line_error(run_cli("stepquant", "generate", "--bundle", bundle, "--prompt", "a", "--out", tmp_path / "taken"),
@@ -248,6 +250,10 @@ def test_demo_digits_sd_is_a_small_diffusers_pipeline_whose_bundle_generates_wit
                                            "background", "--n", "2", "--out", tmp_path / "images", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert [Image.open(p).size for p in sorted((tmp_path / "images").iterdir())] == [(32, 32), (32, 32)]
+    scored = run_cli("stepquant", "eval", "--bundle", tmp_path / "bundle", "--n", "20", "--no-progress", "--out", tmp_path / "eval")
+    assert scored.returncode == 0, scored.stderr
+    scores = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert scores["prompts"] == 20 and scores["fp_colour_accuracy"] >= 0.9 and scores["psnr_to_fp_db"] > 20
 
 
 def test_fp16_bundles_carry_fp16_text_encoders_and_keep_an_upcast_vae_fp32(pipeline, tmp_path):

@@ -26,18 +26,15 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from bench_install import ROOT, size_mib, venv
 from benchdoc import header, publish
 
 from stepquant.bundle import load_bundle
 from stepquant.cli.main import invoke
-from stepquant.data.coloured_digits import TEMPLATES, colour_pairs, digit_masks, prompt, read_colours
-from stepquant.eval.classifier import load_classifier
-from stepquant.eval.metrics import frechet_distance
+from stepquant.data.coloured_digits import prompt
+from stepquant.eval.text_to_image import coloured_digit_prompts, score_coloured_digits
 from stepquant.runtime.bundle_backends import bundle_sampler
-from stepquant.runtime.text_to_image import GenerateRequest, generate_batches
 
 MODEL = "demo-digits-sd"
 CONFIGS = {  # name -> export options beyond the defaults
@@ -67,11 +64,6 @@ STAGES = textwrap.dedent("""
 """)
 
 
-def asked(count: int, offset: int = 0) -> list[tuple[int, int, int, int]]:
-    pairs = colour_pairs()
-    return [((i + offset) % 10, *pairs[(i + offset) % len(pairs)], (i + offset) % len(TEMPLATES)) for i in range(count)]
-
-
 def export(out: Path, options: list[str], guidance: float, calibration: Path, smoke: bool) -> Path:
     fast = ["--steps", "4", "--calib-samples", "4", "--eval-samples", "4"] if smoke else []
     code, _, err = invoke("export-quantized", ["--model", MODEL, "--prompts-file", calibration, "--guidance-scale", guidance,
@@ -79,26 +71,6 @@ def export(out: Path, options: list[str], guidance: float, calibration: Path, sm
     if code:
         raise SystemExit(f"export failed: {err.strip()}")
     return out
-
-
-def images(bundle, prompts: list[str], graph: str) -> torch.Tensor:
-    loaded = load_bundle(bundle)
-    batches = []
-    for start in range(0, len(prompts), 50):  # one seed per prompt: seed i for prompt i
-        request = GenerateRequest(tuple(prompts[start:start + 50]), seed=start, graph=graph, batch_size=25)
-        batches += list(generate_batches(loaded, request, bundle_sampler(loaded), progress=False))
-    return torch.from_numpy(np.concatenate(batches))
-
-
-def judged(pictures: torch.Tensor, wanted: list[tuple[int, int, int, int]]) -> tuple[float, float, torch.Tensor]:
-    classifier = load_classifier()
-    masks = digit_masks(pictures)
-    with torch.no_grad():
-        digits, features = classifier(masks).argmax(1), classifier.features(masks)
-    fg, bg = read_colours(pictures)
-    truth = torch.tensor(wanted)
-    return (float((digits == truth[:, 0]).float().mean()), float(((fg == truth[:, 1]) & (bg == truth[:, 2])).float().mean()),
-            features)
 
 
 def device_cost(bundle: Path, runs: int, scratch: Path) -> list[str]:
@@ -132,8 +104,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     count = 10 if args.smoke else args.n
-    wanted = asked(count)
-    prompts = [prompt(*a) for a in wanted]
     lines = [header(), f"{count} prompts, one seed each, guidance {args.guidance:g}, the bundle's sampler; FP = the bundle's "
              "FP32 reference UNet through the same text encoder and VAE decoder.", "",
              "| configuration | image PSNR to FP (dB) | FD to FP | digit accuracy | colour accuracy | export (s) |",
@@ -141,22 +111,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         calibration = scratch / "calibration.txt"
-        calibration.write_text("\n".join(prompt(*a) for a in asked(50, offset=1000)) + "\n")
-        fp_row = None
+        calibration.write_text("\n".join(prompt(*a) for a in coloured_digit_prompts(50, offset=1000)) + "\n")
         for name, options in CONFIGS.items():
             start = time.perf_counter()
-            bundle = export(scratch / name.replace(" ", "-"), options, args.guidance, calibration, args.smoke)
+            bundle = load_bundle(export(scratch / name.replace(" ", "-"), options, args.guidance, calibration, args.smoke))
             seconds = time.perf_counter() - start
-            if fp_row is None:
-                fp = images(bundle, prompts, "reference")
-                digit, colour, fp_features = judged(fp, wanted)
-                fp_row = f"| FP (reference UNet) | - | - | {digit:.1%} | {colour:.1%} | - |"
-                lines.append(fp_row)
-            quantized = images(bundle, prompts, "quantized")
-            digit, colour, features = judged(quantized, wanted)
-            psnr = 10 * torch.log10(4.0 / ((quantized - fp) ** 2).flatten(1).mean(1).clamp_min(1e-12)).mean()
-            lines.append(f"| {name} | {psnr:.2f} | {frechet_distance(features, fp_features):.3f} | {digit:.1%} | {colour:.1%} "
-                         f"| {seconds:.0f} |")
+            scores = score_coloured_digits(bundle, count, bundle_sampler(bundle))
+            if len(lines) == 5:
+                lines.append(f"| FP (reference UNet) | - | - | {scores.fp_digit_accuracy:.1%} | {scores.fp_colour_accuracy:.1%} | - |")
+            lines.append(f"| {name} | {scores.psnr_to_fp_db:.2f} | {scores.fd_to_fp:.3f} | {scores.digit_accuracy:.1%} | "
+                         f"{scores.colour_accuracy:.1%} | {seconds:.0f} |")
             print(lines[-1], flush=True)
         lines += device_cost(scratch / "W8A8-minmax", 1 if args.smoke else args.runs, scratch)
     publish("text-to-image", lines, not args.no_write and not args.smoke)

@@ -42,6 +42,10 @@ def eval_command(
     class-conditional digits, accuracy against the requested class), error per step."""
     loaded = load_bundle(bundle, trust_key)
     manifest = loaded.manifest
+    if manifest.text_to_image is not None:
+        _eval_text_to_image(loaded, n, steps, scheduler and scheduler.value, out, threads, backend.value, engine, corrections,
+                            progress)
+        return
     if manifest.sample_space == "latent" or (manifest.conditions and manifest.class_table is None):
         raise ValueError("stepquant eval scores digit samples (the demo's classifier and pixel-space metrics); this bundle is "
                          "a conditional latent model: its manifest holds latent PSNR to FP, and `stepquant sample` runs it")
@@ -77,6 +81,30 @@ def eval_command(
     for label, value in rows:
         print(f"  {label:<{width}}  {value}")
     print(f"wrote {out / 'eval.json'} and {out / 'errors.png'}")
+
+
+def _eval_text_to_image(loaded, n: int, steps: int | None, scheduler: str | None, out: Path | None, threads: int | None,
+                        backend: str, engine: Path | None, corrections: bool, progress: bool) -> None:
+    """A whole-pipeline bundle of demo-digits-sd: its images, FP against quantized, on its own prompts."""
+    from stepquant.eval.text_to_image import score_coloured_digits
+    from stepquant.models.loading import TEXT_TO_IMAGE_DEMO_NAME
+
+    if loaded.manifest.source_model != TEXT_TO_IMAGE_DEMO_NAME and Path(loaded.manifest.source_model).name != "demo_digits_sd":
+        raise ValueError(f"stepquant eval scores text-to-image bundles of {TEXT_TO_IMAGE_DEMO_NAME} (its digit and colour "
+                         f"checks); this one is of {loaded.manifest.source_model}: its manifest holds image PSNR to FP, "
+                         "and `stepquant generate --graph reference` gives FP images to compare")
+    config = bundle_sampler(loaded).overridden(scheduler=scheduler, steps=steps)
+    scores = score_coloured_digits(loaded, n, config, threads, progress, backend=backend, engine=engine, corrections=corrections)
+    out = out or loaded.path.with_name(loaded.path.name + "-eval")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({"bundle": str(loaded.path), "sampler": asdict(config), **scores.to_dict()},
+                                              indent=2))
+    print(f"{loaded.path} on {backend}: {n} prompts, one seed each, {config.describe()}, guidance {config.guidance_scale:g}")
+    print(f"  image PSNR to FP (dB)            {scores.psnr_to_fp_db:.2f}")
+    print(f"  FD to FP                         {scores.fd_to_fp:.3f}")
+    print(f"  requested digit (quantized / FP) {scores.digit_accuracy:.3f} / {scores.fp_digit_accuracy:.3f}")
+    print(f"  requested colours (quantized / FP) {scores.colour_accuracy:.3f} / {scores.fp_colour_accuracy:.3f}")
+    print(f"wrote {out / 'eval.json'}")
 
 
 def inspect_command(
