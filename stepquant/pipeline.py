@@ -62,7 +62,7 @@ from stepquant.export.shapes import CORNERS, ShapeProfile, resize_inputs
 from stepquant.export.targets import RUNTIME_OPTIMIZATION_LEVEL, TARGETS, check_target, for_target, graph_file
 from stepquant.export.tensorrt import build_engines, build_script, tensorrt_version
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, LoadedModel, load_model
-from stepquant.models.conditioning import load_conditioning, read_prompts
+from stepquant.models.conditioning import load_conditioning
 from stepquant.models.denoisers import sample_shape
 from stepquant.models.device import Placement, device_copy, ieee_float32, place, placed, resolve_placement
 from stepquant.models.schedulers import capture_table
@@ -72,7 +72,7 @@ from stepquant.quant.quantize import round_scales_
 from stepquant.runtime.bundle_backends import graph_backend
 from stepquant.runtime.corrections import METHODS as CORRECTION_METHODS
 from stepquant.runtime.corrections import Corrections
-from stepquant.runtime.guidance import Conditioning
+from stepquant.runtime.guidance import Conditioning, read_prompts
 from stepquant.runtime.sampler import SamplerConfig, sample
 from stepquant.runtime.scheduler_table import SchedulerTable
 from stepquant.runtime.seeding import MAX_SEED
@@ -515,6 +515,7 @@ def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibr
     fp_samples = sample(TorchBackend(prepared.fp_reference), table, eval_seeds, shape, config.sampler, progress=config.progress,
                         desc="FP samples", conditioning=prepared.conditioning, clip=not latent).samples
     decode = _decoder(exported.parts, staging)
+    space = "image" if decode is not None else "latent" if latent else "pixel"
     if decode is not None:  # a whole pipeline: quality and preview on decoded images, as a user sees them
         fp_samples = decode(fp_samples)
     # latents are not in [-1, 1]: without a VAE their PSNR is taken over the FP latents' peak-to-peak range
@@ -542,7 +543,7 @@ def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibr
             end_to_end=ParityReport(float("inf"), end_to_end[0].error_quantile,
                                     [t for report in end_to_end for t in report.timesteps]).judged(tolerance),
             psnr_mean_db=float(scores.mean()), psnr_min_db=float(scores.min()), integer_kernels=kernels,
-            space="image" if decode is not None else "latent" if latent else "pixel")
+            space=space)
     return Measured(table, corrections, reports, data_range)
 
 
@@ -572,8 +573,8 @@ def _target_section(config: ExportConfig, target: str, report: TargetReport, gro
 
 def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrated, exported: Exported, measured: Measured,
                  staging: Path) -> None:
-    """A whole pipeline's other parts, build_engine.sh (and the engines, with --engine), then the manifest,
-    signed with --sign-key."""
+    """build_engine.sh (one engine per graph, a whole pipeline's parts included; the engines too, with --engine),
+    then the manifest, signed with --sign-key."""
     fp_model, conditioning = prepared.fp_model, prepared.conditioning
     parts = exported.parts
     trt_graphs = [group.graph for group, _ in exported.graphs.get("tensorrt", [])]

@@ -30,16 +30,8 @@ from tqdm import tqdm
 from train_demo import cosine_schedule, optimise
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from stepquant.data.coloured_digits import (
-    TEMPLATES,
-    colour_pairs,
-    digit_masks,
-    load_coloured_digits,
-    prompt,
-    read_colours,
-    render,
-)
-from stepquant.eval.classifier import load_classifier
+from stepquant.data.coloured_digits import TEMPLATES, colour_pairs, load_coloured_digits, prompt, render
+from stepquant.eval.text_to_image import coloured_digit_prompts, judge_coloured_digits
 from stepquant.models.clip_tokenizer import save_clip_tokenizer
 from stepquant.models.tiny import SD_SCHEDULER
 
@@ -118,24 +110,20 @@ def train_denoiser(data, vae: AutoencoderKL, tokenizer: CLIPTokenizer, iters: in
 
 
 def accuracies(pipe: StableDiffusionPipeline, count: int, guidance: float = GUIDANCE, steps: int = 25) -> tuple[float, float]:
-    """(digit accuracy, colour accuracy) of guided FP images for prompt i = (digit i mod 10, colour pair i mod 30,
-    wording i mod 5), seeds 0..count-1: the digit read by the classifier, both colours by `read_colours`."""
-    pairs = colour_pairs()
-    asked = [(i % 10, *pairs[i % len(pairs)], i % len(TEMPLATES)) for i in range(count)]
+    """(digit accuracy, colour accuracy) of guided FP images through diffusers' pipeline, for the project's
+    prompt set (eval.text_to_image: prompt i asks for digit i mod 10, colour pair i mod 30, wording i mod 5;
+    seed i)."""
+    asked = coloured_digit_prompts(count)
     generator = [torch.Generator().manual_seed(i) for i in range(count)]
     pipe.set_progress_bar_config(disable=True)
     images = []
     for start in range(0, count, 50):
-        chunk = asked[start:start + 50]
         with torch.no_grad():
-            out = pipe([prompt(*a) for a in chunk], num_inference_steps=steps, guidance_scale=guidance,
+            out = pipe([prompt(*a) for a in asked[start:start + 50]], num_inference_steps=steps, guidance_scale=guidance,
                        generator=generator[start:start + 50], output_type="pt").images
         images.append(out * 2 - 1)
-    images = torch.cat(images)
-    digits = load_classifier()(digit_masks(images)).argmax(1)
-    fg, bg = read_colours(images)
-    truth = torch.tensor(asked)
-    return float((digits == truth[:, 0]).float().mean()), float(((fg == truth[:, 1]) & (bg == truth[:, 2])).float().mean())
+    digit, colour, _ = judge_coloured_digits(torch.cat(images), asked)
+    return digit, colour
 
 
 def main() -> None:

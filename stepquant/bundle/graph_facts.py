@@ -23,7 +23,7 @@ _FUNCTION_NODE = 7
 _GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_INPUT, _GRAPH_SPARSE_INITIALIZER = 1, 5, 11, 15
 _NODE_INPUT, _NODE_OUTPUT, _NODE_OP_TYPE, _NODE_ATTRIBUTE = 1, 2, 4, 5
 _ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE, _ATTR_SPARSES = 5, 6, 10, 11, 22, 23
-_TENSOR_DIMS, _TENSOR_TYPE, _TENSOR_FLOATS, _TENSOR_NAME, _TENSOR_RAW, _TENSOR_EXTERNAL = 1, 2, 4, 8, 9, 13
+_TENSOR_TYPE, _TENSOR_FLOATS, _TENSOR_NAME, _TENSOR_RAW, _TENSOR_EXTERNAL = 2, 4, 8, 9, 13
 _SPARSE_VALUES, _SPARSE_INDICES = 1, 2
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2
 _VALUE_NAME, _VALUE_TYPE, _TYPE_TENSOR, _TENSOR_TYPE_SHAPE, _SHAPE_DIM, _DIM_VALUE, _DIM_PARAM = 1, 2, 1, 2, 1, 1, 2
@@ -83,27 +83,20 @@ def _fields(data: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
         yield number, wire, value
 
 
+def _each(data: memoryview, number: int) -> Iterator[int | memoryview]:
+    """The values of field `number` of one message, in order."""
+    return (value for found, _, value in _fields(data) if found == number)
+
+
 def _text(value) -> str:
     if not isinstance(value, memoryview):
         raise GraphFormatError("a string field has a numeric wire type")
     return bytes(value).decode("utf-8", errors="replace")
 
 
-def _ints(wire: int, value) -> list[int]:
-    """A repeated int64 field's values: packed (one length-delimited field) or one varint."""
-    if wire == 0:
-        return [value]
-    out, at = [], 0
-    while at < len(value):
-        number, at = _varint(value, at)
-        out.append(number)
-    return out
-
-
 @dataclass
 class _Tensor:
     name: str = ""
-    dims: list[int] = field(default_factory=list)
     data_type: int = 0
     raw: memoryview | None = None
     floats: memoryview | None = None
@@ -125,9 +118,7 @@ class _Tensor:
 def _tensor(data: memoryview, facts: GraphFacts) -> _Tensor:
     tensor = _Tensor()
     for number, wire, value in _fields(data):
-        if number == _TENSOR_DIMS:
-            tensor.dims += _ints(wire, value)
-        elif number == _TENSOR_TYPE and wire == 0:
+        if number == _TENSOR_TYPE and wire == 0:
             tensor.data_type = value
         elif number == _TENSOR_NAME:
             tensor.name = _text(value)
@@ -145,35 +136,30 @@ def _tensor(data: memoryview, facts: GraphFacts) -> _Tensor:
 
 
 def _sparse(data: memoryview, facts: GraphFacts) -> None:
-    for number, _, value in _fields(data):
-        if number in (_SPARSE_VALUES, _SPARSE_INDICES):
+    for number in (_SPARSE_VALUES, _SPARSE_INDICES):
+        for value in _each(data, number):
             _tensor(value, facts)
 
 
+def _dimension(data: memoryview) -> int | str | None:
+    """A Dimension: its size, its symbol, or None (unknown)."""
+    found: int | str | None = None
+    for which, _, value in _fields(data):
+        found = value if which == _DIM_VALUE else _text(value) if which == _DIM_PARAM else found
+    return found
+
+
 def _value_info(data: memoryview) -> tuple[str, tuple[int | str | None, ...]]:
-    name, dims = "", []
-    for number, _, value in _fields(data):
-        if number == _VALUE_NAME:
-            name = _text(value)
-        elif number == _VALUE_TYPE:
-            for kind, _, tensor in _fields(value):
-                if kind != _TYPE_TENSOR:
-                    continue
-                for part, _, shape in _fields(tensor):
-                    if part != _TENSOR_TYPE_SHAPE:
-                        continue
-                    for entry, _, dim in _fields(shape):
-                        if entry == _SHAPE_DIM:
-                            found: int | str | None = None
-                            for which, _, v in _fields(dim):
-                                found = v if which == _DIM_VALUE else _text(v) if which == _DIM_PARAM else found
-                            dims.append(found)
-    return name, tuple(dims)
+    """A ValueInfoProto's name and, for a tensor, its dims."""
+    names = [_text(value) for value in _each(data, _VALUE_NAME)]
+    dims = [_dimension(dim) for kind in _each(data, _VALUE_TYPE) for tensor in _each(kind, _TYPE_TENSOR)
+            for shape in _each(tensor, _TENSOR_TYPE_SHAPE) for dim in _each(shape, _SHAPE_DIM)]
+    return (names[-1] if names else ""), tuple(dims)
 
 
 def _nodes(data: memoryview, facts: GraphFacts, constants: dict[str, _Tensor], scale_names: set[str], depth: int) -> None:
     """One NodeProto: its attribute tensors and subgraphs, Constant outputs, and Q/DQ scale inputs."""
-    inputs, outputs, op_type = [], [], ""
+    inputs, outputs, op_type, tensors = [], [], "", []
     for number, _, value in _fields(data):
         if number == _NODE_INPUT:
             inputs.append(_text(value))
@@ -184,18 +170,15 @@ def _nodes(data: memoryview, facts: GraphFacts, constants: dict[str, _Tensor], s
         elif number == _NODE_ATTRIBUTE:
             for part, _, item in _fields(value):
                 if part in (_ATTR_T, _ATTR_TENSORS):
-                    tensor = _tensor(item, facts)
-                    if outputs:
-                        constants.setdefault(outputs[0], tensor)
+                    tensors.append(_tensor(item, facts))
                 elif part in (_ATTR_SPARSE, _ATTR_SPARSES):
                     _sparse(item, facts)
                 elif part in (_ATTR_G, _ATTR_GRAPHS):
                     _graph(item, facts, depth + 1, top=False)
     if op_type in _QDQ and len(inputs) > 1 and inputs[1]:
         scale_names.add(inputs[1])
-    elif op_type != "Constant":
-        for name in outputs:
-            constants.pop(name, None)
+    elif op_type == "Constant" and outputs and tensors:  # a scale may be a Constant node's value
+        constants.setdefault(outputs[0], tensors[0])
 
 
 def _graph(data: memoryview, facts: GraphFacts, depth: int = 0, top: bool = True) -> None:
@@ -234,9 +217,8 @@ def read_graph_facts(path: Path) -> GraphFacts:
             graphs += 1
             _graph(value, facts)
         elif number == _MODEL_FUNCTIONS and isinstance(value, memoryview):
-            for part, _, node in _fields(value):
-                if part == _FUNCTION_NODE:
-                    _nodes(node, facts, {}, set(), 1)
+            for node in _each(value, _FUNCTION_NODE):
+                _nodes(node, facts, {}, set(), 1)
     if graphs != 1:
         raise GraphFormatError("it holds no graph" if not graphs else "it holds more than one graph")
     return facts

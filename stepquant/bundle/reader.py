@@ -101,16 +101,25 @@ class Bundle:
         return "onnxruntime-cpu"
 
 
+def _valid_name(name: object) -> bool:
+    return isinstance(name, str) and bool(name) and "\\" not in name and "\0" not in name
+
+
+def _plain_relative(name: str) -> bool:
+    """Whether `name` is a relative POSIX path with no '.', '..', empty or trailing part: one that stays inside."""
+    parts = PurePosixPath(name).parts
+    return not PurePosixPath(name).is_absolute() and not any(part in ("..", ".") for part in parts) and name == "/".join(parts)
+
+
 def confined_file(root: Path, name: object) -> Path:
     """`root / name` if `name` is a plain relative POSIX path to a regular file reached through no symbolic
     link; else BundleError naming the problem (nothing outside the bundle is opened or reported on)."""
-    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+    if not _valid_name(name):
         raise BundleError(f"bundle {root} lists an invalid file name {name!r}")
-    parts = PurePosixPath(name).parts
-    if PurePosixPath(name).is_absolute() or any(part in ("..", ".") for part in parts) or name != "/".join(parts):
+    if not _plain_relative(name):
         raise BundleError(f"bundle {root} lists {name!r}, a path outside the bundle or not a plain relative path")
     path = root
-    for part in parts:
+    for part in PurePosixPath(name).parts:
         path = path / part
         try:
             mode = os.lstat(path).st_mode
@@ -161,11 +170,9 @@ def _check_graph(root: Path, name: str, manifest: Manifest, runs: bool) -> Graph
         facts = read_graph_facts(root / name)
     except GraphFormatError as err:
         raise BundleError(f"bundle {root}: {name} is not an ONNX graph ({err})") from None
-    folder = posixpath.dirname(name)
     for location in sorted(facts.external_data):
-        target = posixpath.normpath(posixpath.join(folder, location)) if location else ""
-        if (not location or "\\" in location or posixpath.isabs(location) or target.startswith("../") or target == ".."
-                or target != posixpath.join(folder, location).removeprefix("./")):
+        target = posixpath.join(posixpath.dirname(name), location).removeprefix("./")  # as onnxruntime resolves it
+        if not _valid_name(location) or not _plain_relative(target):
             raise BundleError(f"bundle {root}: {name} reads tensors from {location!r}, outside the bundle or not a plain "
                               "file name beside it")
         if target not in manifest.files:

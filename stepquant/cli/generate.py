@@ -13,6 +13,7 @@ from stepquant.cli.choices import RuntimeBackend, Scheduler, choices
 from stepquant.cli.files import check_writable, write_atomically
 from stepquant.cli.options import TrustKey
 from stepquant.runtime.bundle_backends import bundle_sampler
+from stepquant.runtime.guidance import read_prompts
 from stepquant.runtime.seeding import MAX_SEED
 from stepquant.runtime.text_to_image import GRAPHS, GenerateRequest, generate_batches, require_text_to_image, to_uint8
 
@@ -24,13 +25,7 @@ def _prompts(prompt: list[str] | None, prompts_file: Path | None) -> tuple[str, 
     if prompt and prompts_file:
         raise typer.BadParameter("give --prompt or --prompts-file, not both", param_hint="--prompt")
     if prompts_file is not None:
-        try:
-            lines = prompts_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise typer.BadParameter(f"cannot read {prompts_file}: {err}", param_hint="--prompts-file") from err
-        prompt = [line.strip() for line in lines if line.strip()]
-        if not prompt:
-            raise typer.BadParameter(f"{prompts_file} holds no prompts (one per line)", param_hint="--prompts-file")
+        prompt = read_prompts(prompts_file)
     if not prompt:
         raise typer.BadParameter("no prompt given: pass --prompt (repeatable) or --prompts-file", param_hint="--prompt")
     return tuple(prompt)

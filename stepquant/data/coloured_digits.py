@@ -26,6 +26,11 @@ TEMPLATES = (
 )
 
 
+def _palette() -> torch.Tensor:
+    """The palette's colours [len(COLOURS), 3], indexed like COLOURS."""
+    return torch.tensor(list(PALETTE.values()))
+
+
 def prompt(digit: int, fg: int, bg: int, template: int = 0) -> str:
     return TEMPLATES[template % len(TEMPLATES)].format(fg=COLOURS[fg], bg=COLOURS[bg], word=WORDS[digit], digit=digit)
 
@@ -38,11 +43,11 @@ def colour_pairs() -> list[tuple[int, int]]:
 def render(grey: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
     """Grey digits [N, 1, 16, 16] in [-1, 1] drawn with palette colours `fg` over `bg` (indices [N]) at 32x32."""
     mask = F.interpolate((grey + 1) / 2, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False).clamp(0, 1)
-    palette = torch.tensor(list(PALETTE.values()))
+    palette = _palette()
     return palette[bg][:, :, None, None] * (1 - mask) + palette[fg][:, :, None, None] * mask
 
 
-def load_coloured_digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_coloured_digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grey digits [N, 1, 16, 16], labels [N], every colour pair [P, 2]); colours are drawn per training batch."""
     grey, labels = load_digits_16()
     return grey, labels, torch.tensor(colour_pairs())
@@ -51,7 +56,7 @@ def load_coloured_digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, tor
 def read_colours(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(foreground, background) palette indices of RGB images [N, 3, H, W] in [-1, 1]: the background is the
     border's mean colour, the foreground the mean of the tenth of pixels farthest from it."""
-    palette = torch.tensor(list(PALETTE.values()))
+    palette = _palette()
     border = torch.cat([images[:, :, :2].flatten(2), images[:, :, -2:].flatten(2), images[:, :, :, :2].flatten(2),
                         images[:, :, :, -2:].flatten(2)], dim=2).mean(2)
     pixels = images.flatten(2)
@@ -66,7 +71,7 @@ def digit_masks(images: torch.Tensor) -> torch.Tensor:
     """RGB digits [N, 3, 32, 32] -> grey [N, 1, 16, 16] in [-1, 1] (the digit's strokes white on black), for the
     digit classifier: each pixel's position between the background and the foreground colour."""
     fg, bg = read_colours(images)
-    palette = torch.tensor(list(PALETTE.values()))
+    palette = _palette()
     axis = (palette[fg] - palette[bg])[:, :, None, None]
     mask = ((images - palette[bg][:, :, None, None]) * axis).sum(1, keepdim=True) / (axis * axis).sum(1, keepdim=True)
     return F.avg_pool2d(mask.clamp(0, 1), 2) * 2 - 1

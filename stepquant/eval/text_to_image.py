@@ -50,7 +50,9 @@ def _images(bundle: Bundle, prompts: list[str], graph: str, config: SamplerConfi
     return torch.from_numpy(np.concatenate(batches))
 
 
-def _judge(images: torch.Tensor, asked: list[tuple[int, int, int, int]]) -> tuple[float, float, torch.Tensor]:
+def judge_coloured_digits(images: torch.Tensor, asked: list[tuple[int, int, int, int]]) -> tuple[float, float, torch.Tensor]:
+    """(requested-digit accuracy, requested-colours accuracy, the digit classifier's features) of RGB images
+    [N, 3, 32, 32] in [-1, 1] asked for by `asked` (coloured_digit_prompts)."""
     classifier = load_classifier()
     masks = digit_masks(images)
     with torch.no_grad():
@@ -69,7 +71,7 @@ def score_coloured_digits(bundle: Bundle, count: int, config: SamplerConfig, thr
     prompts = [prompt(*a) for a in asked]
     fp = _images(bundle, prompts, "reference", config, threads, progress)
     quantized = _images(bundle, prompts, "quantized", config, threads, progress, **runtime)
-    fp_digit, fp_colour, fp_features = _judge(fp, asked)
-    digit, colour, features = _judge(quantized, asked)
+    fp_digit, fp_colour, fp_features = judge_coloured_digits(fp, asked)
+    digit, colour, features = judge_coloured_digits(quantized, asked)
     psnr = 10 * torch.log10(4.0 / ((quantized - fp) ** 2).flatten(1).mean(1).clamp_min(1e-12)).mean()
     return TextToImageScores(count, float(psnr), frechet_distance(features, fp_features), digit, fp_digit, colour, fp_colour)

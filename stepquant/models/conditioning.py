@@ -15,20 +15,9 @@ import torch
 from stepquant.models.denoisers import ConditionInput
 from stepquant.models.epsilon import EpsilonModel
 from stepquant.models.loading import LoadedModel
-from stepquant.runtime.guidance import Conditioning, ConditioningError, choose_conditioning
+from stepquant.runtime.guidance import Conditioning, ConditioningError, choose_conditioning, read_prompts
 
 VAE_SCALE = 8  # latent pixel -> image pixels for SD 1.x/2.x/XL and PixArt's VAEs
-
-
-def read_prompts(path: Path) -> list[str]:
-    """One prompt per non-empty line."""
-    try:
-        prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConditioningError(f"cannot read prompts from {path}: {err}") from err
-    if not prompts:
-        raise ConditioningError(f"{path} holds no prompts (one per line)")
-    return prompts
 
 
 def _load_text_pipeline(pipeline_dir: Path):

@@ -31,6 +31,17 @@ class ConditioningError(ValueError):
     """Conditioning that does not fit the model (missing input, wrong shape) or an unreadable file."""
 
 
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per non-empty line (a prompts file, for export's calibration and for `generate`)."""
+    try:
+        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConditioningError(f"cannot read prompts from {path}: {err}") from err
+    if not prompts:
+        raise ConditioningError(f"{path} holds no prompts (one per line)")
+    return prompts
+
+
 @dataclass
 class Conditioning:
     cond: dict[str, np.ndarray]  # name -> [P, ...] float32

@@ -3,9 +3,9 @@
 The stages are diffusers' StableDiffusion(XL)Pipeline's, ported: the `tokenizers` library pads to the model's
 length with its own pad id and truncates keeping BOS and EOS (as CLIPTokenizer does); the text encoder graphs
 give the prompts' states (and SDXL's pooled embedding; its size ids come from the manifest) and the negative
-prompt's for guidance (`text_conditioning`); the denoising
-loop is `sample_batches` (image i starts from seed + i's per-sample draw, so a seed gives the same picture on
-every install and backend); the VAE decoder graph turns latents / scaling_factor + shift_factor into images.
+prompt's for guidance (`text_conditioning`); the denoising loop is `sample_batches` (image i starts from
+seed + i's per-sample draw, so a seed gives the same picture on every install and backend); the VAE decoder
+graph turns latents / scaling_factor + shift_factor into images.
 Images come back in [-1, 1]; `to_uint8` rounds them as diffusers' image processor does.
 """
 
@@ -18,8 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from stepquant.bundle import Bundle, BundleError
-from stepquant.runtime.bundle_backends import bundle_corrections, bundle_table, quantized_backend, reference_backend
+from stepquant.bundle import Bundle, BundleError, load_bundle
+from stepquant.runtime.bundle_backends import (
+    bundle_corrections,
+    bundle_sampler,
+    bundle_table,
+    quantized_backend,
+    reference_backend,
+)
 from stepquant.runtime.guidance import Conditioning
 from stepquant.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from stepquant.runtime.sampler import SamplerConfig, sample_batches
@@ -84,8 +90,8 @@ class LatentDecoder:
         return cls(bundle.file(parts.vae_decoder), parts.scaling_factor, parts.shift_factor, threads)
 
     def __call__(self, latents: np.ndarray) -> np.ndarray:
-        scaled = (np.asarray(latents, np.float32) / np.float32(self.scaling_factor) + np.float32(self.shift_factor))
-        return np.clip(self.vae.run({"latent_sample": scaled.astype(np.float32)})[0], -1.0, 1.0)
+        scaled = np.asarray(latents, np.float32) / np.float32(self.scaling_factor) + np.float32(self.shift_factor)
+        return np.clip(self.vae.run({"latent_sample": scaled})[0], -1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -137,8 +143,8 @@ def text_conditioning(bundle: Bundle, encoder: PromptEncoder, request: GenerateR
 
 
 def generate_batches(bundle: Bundle, request: GenerateRequest, config: SamplerConfig, threads: int | None = None,
-             backend: str = "onnxruntime", engine: Path | None = None, corrections: bool = True,
-             progress: bool = True, warn=None) -> Iterator[np.ndarray]:
+                     backend: str = "onnxruntime", engine: Path | None = None, corrections: bool = True,
+                     progress: bool = True, warn=None) -> Iterator[np.ndarray]:
     """Images [B, 3, H, W] in [-1, 1], batch by batch, for `request` (see the module docstring)."""
     from tqdm.auto import tqdm
 
@@ -164,15 +170,11 @@ def generate_batches(bundle: Bundle, request: GenerateRequest, config: SamplerCo
 
 
 def generate(bundle: Bundle | str | Path, prompts: str | Sequence[str], negative_prompt: str | None = None, n: int = 1,
-             seed: int = 0,
-             guidance_scale: float | None = None, steps: int | None = None, scheduler: str | None = None,
+             seed: int = 0, guidance_scale: float | None = None, steps: int | None = None, scheduler: str | None = None,
              graph: str = "quantized", backend: str = "onnxruntime", threads: int | None = None,
              progress: bool = False) -> np.ndarray:
     """The Python API of `stepquant generate`: uint8 images [len(prompts) * n, H, W, 3] (prompt-major), from a
     whole-pipeline bundle (a path is loaded and verified), with the bundle's sampler unless told otherwise."""
-    from stepquant.bundle import load_bundle
-    from stepquant.runtime.bundle_backends import bundle_sampler
-
     loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     request = GenerateRequest((prompts,) if isinstance(prompts, str) else tuple(prompts), negative_prompt, n, seed, graph)
     config = bundle_sampler(loaded).overridden(scheduler=scheduler, steps=steps, guidance_scale=guidance_scale)
