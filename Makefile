@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check '$(TORCH_SPEC)'
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[export,test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[export,test,openvino]'
 	touch $(STAMP)
 
 demo: $(STAMP)

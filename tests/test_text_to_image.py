@@ -5,6 +5,7 @@ own StableDiffusionPipeline's images from the same latents."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -125,6 +126,9 @@ def test_the_reference_graph_reproduces_diffusers_pipeline(pipeline, bundle):
     assert np.abs(ours[0] - ours[2]).max() > 0.05  # the prompts matter: a test of the text path, not of the VAE alone
     quantized = np.concatenate(list(generate_batches(loaded, GenerateRequest(prompts, n=2, seed=11), config, progress=False)))
     assert np.abs(quantized - theirs).max() > 1e-3  # the tolerance tells an INT8 denoiser from the FP one
+    if importlib.util.find_spec("openvino"):  # the whole pipeline (text encoder, denoiser, VAE) on OpenVINO
+        on_openvino = np.concatenate(list(generate_batches(loaded, request, config, backend="openvino", progress=False)))
+        assert np.abs(on_openvino - theirs).max() <= 1e-3
 
 
 @pytest.fixture(scope="module")

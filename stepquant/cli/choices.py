@@ -7,7 +7,7 @@ from enum import Enum
 
 from stepquant.runtime.bundle_backends import BACKENDS
 from stepquant.runtime.corrections import METHODS as CORRECTION_METHODS
-from stepquant.runtime.onnxruntime_backend import OPTIMIZATION_LEVELS
+from stepquant.runtime.onnxruntime_backend import OPTIMIZATION_LEVELS, PROVIDERS
 from stepquant.runtime.sampler import SCHEDULER_NAMES
 
 
@@ -16,6 +16,8 @@ def choices(name: str, values) -> type[Enum]:
 
 
 RuntimeBackend = choices("RuntimeBackend", BACKENDS)
+ParityBackend = choices("ParityBackend", ("onnxruntime", "tensorrt"))  # what replays Polygraphy's saved inputs
 Scheduler = choices("Scheduler", SCHEDULER_NAMES)
 Correction = choices("Correction", CORRECTION_METHODS)
 OptimizationLevel = choices("OptimizationLevel", OPTIMIZATION_LEVELS)
+Provider = choices("Provider", PROVIDERS)

@@ -11,8 +11,8 @@ import numpy as np
 import typer
 
 from stepquant.bundle import load_bundle
-from stepquant.cli.choices import RuntimeBackend, Scheduler
-from stepquant.cli.options import Classes, TrustKey, parse_classes
+from stepquant.cli.choices import Provider, RuntimeBackend, Scheduler
+from stepquant.cli.options import BackendOption, Classes, DeviceOption, ProviderOption, TrustKey, parse_classes
 from stepquant.eval.evaluate import evaluate, plot_corrections, plot_errors
 from stepquant.runtime.bundle_backends import bundle_corrections, bundle_sampler, quantized_backend, reference_backend
 from stepquant.runtime.guidance import choose_conditioning
@@ -31,7 +31,9 @@ def eval_command(
                                                                   "from the bundle's noise schedule).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Directory for eval.json and errors.png (default: BUNDLE-eval).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime intra-op threads.")] = None,
-    backend: Annotated[RuntimeBackend, typer.Option(help="What runs the bundle's Q/DQ graph.")] = RuntimeBackend.onnxruntime,
+    backend: BackendOption = RuntimeBackend.onnxruntime,
+    provider: ProviderOption = Provider.cpu,
+    device: DeviceOption = "CPU",
     engine: Annotated[Optional[Path], typer.Option(help="TensorRT engine for --backend tensorrt (default: the bundle's).")] = None,
     corrections: Annotated[bool, typer.Option(help="Apply the bundle's per-timestep correction terms, if it has them.")] = True,
     classes: Classes = None,
@@ -43,8 +45,8 @@ def eval_command(
     loaded = load_bundle(bundle, trust_key)
     manifest = loaded.manifest
     if manifest.text_to_image is not None:
-        _eval_text_to_image(loaded, n, steps, scheduler and scheduler.value, out, threads, backend.value, engine, corrections,
-                            progress)
+        _eval_text_to_image(loaded, n, steps, scheduler and scheduler.value, out, threads, progress, backend=backend.value,
+                            engine=engine, corrections=corrections, provider=provider.value, device=device)
         return
     if manifest.sample_space == "latent" or (manifest.conditions and manifest.class_table is None):
         raise ValueError("stepquant eval scores digit samples (the demo's classifier and pixel-space metrics); this bundle is "
@@ -59,7 +61,8 @@ def eval_command(
         requested = tuple(range(len(rows)))
     config = bundle_sampler(loaded).overridden(scheduler=scheduler and scheduler.value, steps=steps, eta=eta)
     terms = bundle_corrections(loaded) if corrections else None
-    result = evaluate(reference_backend(loaded, threads), quantized_backend(loaded, threads, backend.value, engine),
+    result = evaluate(reference_backend(loaded, threads), quantized_backend(loaded, threads, backend.value, engine, provider=provider.value,
+                                                                          device=device),
                       manifest.noise_schedule, range(n), manifest.sample_shape, config, progress=progress,
                       corrections=terms, conditioning=rows,
                       requested=None if rows is None else [requested[i % len(requested)] for i in range(n)])
@@ -84,7 +87,7 @@ def eval_command(
 
 
 def _eval_text_to_image(loaded, n: int, steps: int | None, scheduler: str | None, out: Path | None, threads: int | None,
-                        backend: str, engine: Path | None, corrections: bool, progress: bool) -> None:
+                        progress: bool, **runtime) -> None:
     """A whole-pipeline bundle of demo-digits-sd: its images, FP against quantized, on its own prompts."""
     from stepquant.eval.text_to_image import score_coloured_digits
     from stepquant.models.loading import TEXT_TO_IMAGE_DEMO_NAME
@@ -94,12 +97,12 @@ def _eval_text_to_image(loaded, n: int, steps: int | None, scheduler: str | None
                          f"checks); this one is of {loaded.manifest.source_model}: its manifest holds image PSNR to FP, "
                          "and `stepquant generate --graph reference` gives FP images to compare")
     config = bundle_sampler(loaded).overridden(scheduler=scheduler, steps=steps)
-    scores = score_coloured_digits(loaded, n, config, threads, progress, backend=backend, engine=engine, corrections=corrections)
+    scores = score_coloured_digits(loaded, n, config, threads, progress, **runtime)
     out = out or loaded.path.with_name(loaded.path.name + "-eval")
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({"bundle": str(loaded.path), "sampler": asdict(config), **scores.to_dict()},
                                               indent=2))
-    print(f"{loaded.path} on {backend}: {n} prompts, one seed each, {config.describe()}, guidance {config.guidance_scale:g}")
+    print(f"{loaded.path} on {runtime['backend']}: {n} prompts, one seed each, {config.describe()}, guidance {config.guidance_scale:g}")
     print(f"  image PSNR to FP (dB)            {scores.psnr_to_fp_db:.2f}")
     print(f"  FD to FP                         {scores.fd_to_fp:.3f}")
     print(f"  requested digit (quantized / FP) {scores.digit_accuracy:.3f} / {scores.fp_digit_accuracy:.3f}")

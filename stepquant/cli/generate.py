@@ -9,9 +9,9 @@ import numpy as np
 import typer
 
 from stepquant.bundle import load_bundle
-from stepquant.cli.choices import RuntimeBackend, Scheduler, choices
+from stepquant.cli.choices import Provider, RuntimeBackend, Scheduler, choices
 from stepquant.cli.files import check_writable, write_atomically
-from stepquant.cli.options import TrustKey
+from stepquant.cli.options import BackendOption, DeviceOption, ProviderOption, TrustKey
 from stepquant.runtime.bundle_backends import bundle_sampler
 from stepquant.runtime.guidance import read_prompts
 from stepquant.runtime.seeding import MAX_SEED
@@ -57,7 +57,9 @@ def generate_command(
     steps: Annotated[Optional[int], typer.Option(min=1, help="Sampler steps (default: the bundle's).")] = None,
     scheduler: Annotated[Optional[Scheduler], typer.Option(help="Sampler (default: the bundle's).")] = None,
     graph: Annotated[Graph, typer.Option(help="Denoise with the quantized graph, or the FP32 reference graph (an A/B).")] = "quantized",
-    backend: Annotated[RuntimeBackend, typer.Option(help="What runs the quantized denoiser.")] = RuntimeBackend.onnxruntime,
+    backend: BackendOption = RuntimeBackend.onnxruntime,
+    provider: ProviderOption = Provider.cpu,
+    device: DeviceOption = "CPU",
     engine: Annotated[Optional[Path], typer.Option(help="TensorRT engine for --backend tensorrt (default: the bundle's).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per network call.")] = 8,
     threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime intra-op threads (default: all cores).")] = None,
@@ -71,15 +73,14 @@ def generate_command(
     request = GenerateRequest(prompts, negative_prompt, n, seed, getattr(graph, "value", graph), batch_size)
     if seed + request.count - 1 > MAX_SEED:
         raise typer.BadParameter(f"seed + images - 1 must stay at most {MAX_SEED}", param_hint="--seed")
-    if request.graph == "reference" and backend != RuntimeBackend.onnxruntime:
-        raise typer.BadParameter("--graph reference runs the FP32 graph on onnxruntime: drop --backend", param_hint="--backend")
     loaded = load_bundle(bundle, trust_key)
     require_text_to_image(loaded)
     config = bundle_sampler(loaded).overridden(scheduler=scheduler and scheduler.value, steps=steps,
                                                guidance_scale=guidance_scale)
     channels, height, width = loaded.manifest.sample_shape
     _check_out(out, request.count, 3 * height * width * 64)  # decoded images: up to 8x8 pixels per latent, RGB bytes
-    images = np.concatenate(list(generate_batches(loaded, request, config, threads, backend.value, engine, corrections, progress)))
+    images = np.concatenate(list(generate_batches(loaded, request, config, threads, backend.value, engine, corrections, progress,
+                                                     provider=provider.value, device=device)))
     _write(out, images)
     print(f"wrote {len(images)} image{'s' if len(images) != 1 else ''} ({config.describe()}, guidance {config.guidance_scale:g}, {request.graph} denoiser) "
           f"to {out}")

@@ -7,6 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 
+from stepquant.cli.choices import Provider, RuntimeBackend
+
+BackendOption = Annotated[RuntimeBackend, typer.Option(
+    "--backend", help="What runs the bundle's graphs; auto: TensorRT where its engines are built, else onnxruntime-gpu's "
+    "CUDA provider, else OpenVINO, else onnxruntime on the CPU.")]
+ProviderOption = Annotated[Provider, typer.Option(
+    "--provider", help="onnxruntime's execution provider (cuda and tensorrt need onnxruntime-gpu in place of onnxruntime).")]
+DeviceOption = Annotated[str, typer.Option("--device", help="OpenVINO's device for --backend openvino: CPU, GPU, NPU or AUTO.")]
+
 TrustKey = Annotated[Optional[Path], typer.Option(
     help="Refuse the bundle unless its manifest is signed by this Ed25519 public key (from `stepquant keygen`).")]
 SignKey = Annotated[Optional[Path], typer.Option(

@@ -10,9 +10,9 @@ import numpy as np
 import typer
 
 from stepquant.bundle import load_bundle
-from stepquant.cli.choices import RuntimeBackend, Scheduler
+from stepquant.cli.choices import Provider, RuntimeBackend, Scheduler
 from stepquant.cli.files import check_writable, write_atomically, write_npz_batches
-from stepquant.cli.options import Classes, TrustKey, parse_classes
+from stepquant.cli.options import BackendOption, Classes, DeviceOption, ProviderOption, TrustKey, parse_classes
 from stepquant.runtime import SamplerConfig
 from stepquant.runtime.bundle_backends import bundle_corrections, bundle_sampler, bundle_table, quantized_backend
 from stepquant.runtime.guidance import choose_conditioning
@@ -44,7 +44,9 @@ def sample_command(
     karras_sigmas: Annotated[Optional[bool], typer.Option(help="Karras sigmas (default: the bundle's, else off).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per network call.")] = 64,
     threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime intra-op threads (default: all cores).")] = None,
-    backend: Annotated[RuntimeBackend, typer.Option(help="What runs a bundle's graph.")] = RuntimeBackend.onnxruntime,
+    backend: BackendOption = RuntimeBackend.onnxruntime,
+    provider: ProviderOption = Provider.cpu,
+    device: DeviceOption = "CPU",
     engine: Annotated[Optional[Path], typer.Option(help="TensorRT engine for --backend tensorrt (default: the bundle's).")] = None,
     corrections: Annotated[bool, typer.Option(help="Apply the bundle's per-timestep correction terms, if it has them.")] = True,
     conditioning: Annotated[Optional[Path], typer.Option(
@@ -76,7 +78,7 @@ def sample_command(
         shape, latent = manifest.sample_shape, manifest.sample_space == "latent"
         rows = choose_conditioning(manifest.conditions, f"bundle {bundle}", conditioning, parse_classes(classes),
                                    loaded.file(manifest.class_table) if manifest.class_table else None)
-        runner = quantized_backend(loaded, threads, backend.value, engine)
+        runner = quantized_backend(loaded, threads, backend.value, engine, provider=provider.value, device=device)
         terms = bundle_corrections(loaded) if corrections else None
     else:  # the FP model in torch: the export side
         from stepquant.models import EpsilonModel, load_model

@@ -10,7 +10,7 @@ import typer
 
 from stepquant.bundle import load_bundle
 from stepquant.bundle.reader import SIGNATURE
-from stepquant.cli.choices import RuntimeBackend
+from stepquant.cli.choices import ParityBackend
 from stepquant.cli.options import SignKey, TrustKey
 from stepquant.export.bundle import extend_bundle
 from stepquant.export.lint import lint
@@ -45,7 +45,7 @@ def lint_command(model: Annotated[Path, typer.Argument(help="A Q/DQ ONNX model, 
 
 def parity_command(
     bundle: Annotated[Path, typer.Option(help="Bundle whose saved parity inputs to replay.")],
-    backend: Annotated[RuntimeBackend, typer.Option(help="Runtime to check against the saved reference outputs.")] = RuntimeBackend.onnxruntime,
+    backend: Annotated[ParityBackend, typer.Option(help="Runtime to check against the saved reference outputs.")] = ParityBackend.onnxruntime,
     rtol: Annotated[Optional[float], typer.Option(
         help="Tolerance on the median relative error of 'eps' at each input, in [0, 1) (default: the replay tolerance "
              "recorded at export).")] = None,

@@ -14,7 +14,7 @@ from torch import nn
 
 from stepquant.errors import StepquantError
 from stepquant.quant.quantize import quantized_layers
-from stepquant.runtime.onnxruntime_backend import OPTIMIZATION_LEVELS
+from stepquant.runtime.onnxruntime_backend import graph_optimization_level
 
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger", "QLinearAdd")
 
@@ -26,7 +26,7 @@ class FusionError(StepquantError, RuntimeError):
 def optimized_op_counts(path: Path, optimization_level: str = "all") -> Counter:
     """Operator type -> count in the graph onnxruntime's CPU provider executes for `path`."""
     options = ort.SessionOptions()
-    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization_level]
+    options.graph_optimization_level = graph_optimization_level(optimization_level)
     options.log_severity_level = 3  # its notes on initializers the optimiser dropped are not ours to show
     with tempfile.TemporaryDirectory() as tmp:
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")

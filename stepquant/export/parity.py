@@ -24,7 +24,7 @@ from torch import nn
 from stepquant.bundle import Bundle, BundleError
 from stepquant.export.onnx_export import INPUT_NAMES, OUTPUT_NAME
 from stepquant.export.shapes import ShapeProfile
-from stepquant.runtime.onnxruntime_backend import OPTIMIZATION_LEVELS
+from stepquant.runtime.onnxruntime_backend import graph_optimization_level
 
 ERROR_QUANTILE = 0.99
 
@@ -158,7 +158,7 @@ def onnxruntime_session(model: Path | bytes, optimization_level: str | None = No
     options = ort.SessionOptions()
     options.log_severity_level = 3  # its notes on initializers it drops are not ours to show
     if optimization_level is not None:
-        options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization_level]
+        options.graph_optimization_level = graph_optimization_level(optimization_level)
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options,
                                     providers=["CPUExecutionProvider"])

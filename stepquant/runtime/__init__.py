@@ -11,10 +11,11 @@ from stepquant.runtime.bundle_backends import bundle_corrections, bundle_table, 
 from stepquant.runtime.corrections import Corrections
 from stepquant.runtime.guidance import Conditioning
 from stepquant.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from stepquant.runtime.openvino_backend import OpenVINOBackend
 from stepquant.runtime.sampler import SampleOutput, SamplerConfig, sample, sample_batches
 from stepquant.runtime.scheduler_table import SchedulerTable
 from stepquant.runtime.tensorrt_backend import TensorRTBackend
 
 __all__ = ["Backend", "Bundle", "Conditioning", "Corrections", "OnnxRuntimeBackend", "SampleOutput", "SamplerConfig",
-           "SchedulerTable", "TensorRTBackend", "bundle_corrections", "bundle_table", "load_bundle", "quantized_backend",
+           "OpenVINOBackend", "SchedulerTable", "TensorRTBackend", "bundle_corrections", "bundle_table", "load_bundle", "quantized_backend",
            "reference_backend", "sample", "sample_batches"]

@@ -1,20 +1,122 @@
-"""What a bundle carries, ready to run: the deployed Q/DQ graph (on onnxruntime, or as a TensorRT engine),
-its FP reference graph, its scheduler table and its correction terms."""
+"""What a bundle carries, ready to run: the deployed Q/DQ graph (on onnxruntime, OpenVINO, or as a TensorRT
+engine), its FP reference graph, its scheduler table and its correction terms.
+
+Backends are a name -> `Engine` table. `auto` takes the first that can run here, in this order: TensorRT when
+the bundle holds its engines and tensorrt imports; onnxruntime's CUDA provider when onnxruntime-gpu sees a GPU;
+OpenVINO when installed and the CPU has VNNI; onnxruntime on the CPU. On the CPU that is the fastest measured
+for each kind (docs/BENCHMARKS.md, "Backends": with VNNI, OpenVINO on the TensorRT graph led; on an AVX2-only
+CPU, onnxruntime's CPU graph). Nothing of an engine is imported unless it is chosen or probed by `auto`.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from stepquant.bundle import Bundle, BundleError, TimestepGroup
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.corrections import CorrectionError, Corrections
-from stepquant.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from stepquant.runtime.onnxruntime_backend import OnnxRuntimeBackend, provider_available
 from stepquant.runtime.sampler import SamplerConfig
 from stepquant.runtime.scheduler_table import SchedulerTable
 from stepquant.runtime.tensorrt_backend import TensorRTBackend, tensorrt_version
 from stepquant.runtime.timestep_groups import TimestepGroupBackend
 
-BACKENDS = ("onnxruntime", "tensorrt")
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a backend runs a graph: threads (CPU backends), onnxruntime's provider and graph optimisation level
+    (None: the target profile's), OpenVINO's device, and a TensorRT plan for a single-graph bundle."""
+
+    threads: int | None = None
+    provider: str = "cpu"
+    optimization_level: str | None = None
+    device: str = "CPU"
+    engine: Path | None = None
+
+
+def _open_onnxruntime(path: Path, options: RunOptions, level: str) -> Backend:
+    return OnnxRuntimeBackend(path, options.threads, options.provider, options.optimization_level or level)
+
+
+def _open_openvino(path: Path, options: RunOptions, level: str) -> Backend:
+    from stepquant.runtime.openvino_backend import OpenVINOBackend
+
+    return OpenVINOBackend(path, options.threads, options.device)
+
+
+def _open_tensorrt(path: Path, options: RunOptions, level: str) -> Backend:
+    return TensorRTBackend(path)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A runtime backend: how it opens one graph file (a plan for TensorRT), which target profile's graph it
+    prefers, and whether it can run on this machine (without importing more than a probe)."""
+
+    open: Callable[[Path, RunOptions, str], Backend]
+    target: Callable[[Bundle, RunOptions], str]
+    available: Callable[[Bundle, RunOptions], bool]
+    runs_plans: bool = False
+
+
+def _importable(name: str) -> bool:
+    """Whether `import name` would find a package (without importing it; a blocked sys.modules entry is not)."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has VNNI (AVX-512 VNNI or AVX-VNNI): the integer kernels OpenVINO's CPU plugin is
+    fastest with. Unknown (no /proc/cpuinfo) counts as no."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def _cpu_profile_first(bundle: Bundle, options: RunOptions) -> str:
+    """onnxruntime's CPU provider: the onnxruntime-cpu profile (integer kernels) when the bundle has it; its GPU
+    providers and OpenVINO: the TensorRT Q/DQ graph (OpenVINO runs it as fast as its own INT8 models)."""
+    if options.provider == "cpu" and "onnxruntime-cpu" in bundle.manifest.targets:
+        return "onnxruntime-cpu"
+    return "tensorrt"
+
+
+def _has_plans(bundle: Bundle, options: RunOptions) -> bool:
+    return "tensorrt" in bundle.manifest.targets and all(
+        plan_file(g.graph) in bundle.manifest.files for g in bundle.target("tensorrt").timestep_groups)
+
+
+ENGINES: dict[str, Engine] = {
+    "onnxruntime": Engine(_open_onnxruntime, _cpu_profile_first, lambda b, o: provider_available(o.provider)),
+    "openvino": Engine(_open_openvino, lambda b, o: "tensorrt", lambda b, o: _importable("openvino")),
+    "tensorrt": Engine(_open_tensorrt, lambda b, o: "tensorrt",
+                       lambda b, o: _has_plans(b, o) and _importable("tensorrt"), runs_plans=True),
+}
+BACKENDS = (*ENGINES, "auto")
+AUTO_ORDER = (("tensorrt", RunOptions()), ("onnxruntime", RunOptions(provider="cuda")), ("openvino", RunOptions()),
+              ("onnxruntime", RunOptions()))
+AUTO_CONDITIONS: dict[str, Callable[[], bool]] = {"openvino": cpu_has_vnni}  # beyond being available
+
+
+def resolve_backend(bundle: Bundle, backend: str, options: RunOptions = RunOptions()) -> tuple[str, RunOptions]:
+    """(backend name, options) to run `bundle` with: `backend` itself, or for "auto" the first of AUTO_ORDER
+    available here (threads and device carried over)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend, options
+    for name, probe in AUTO_ORDER:
+        candidate = RunOptions(options.threads, probe.provider, options.optimization_level, options.device, options.engine)
+        if ENGINES[name].available(bundle, candidate) and AUTO_CONDITIONS.get(name, lambda: True)():
+            return name, candidate
+    return "onnxruntime", options
 
 
 def _per_group(backends: list[Backend], groups: list[TimestepGroup]) -> Backend:
@@ -22,9 +124,10 @@ def _per_group(backends: list[Backend], groups: list[TimestepGroup]) -> Backend:
 
 
 def graph_backend(graphs: list[Path], groups: list[TimestepGroup], threads: int | None = None,
-                  optimization_level: str = "all") -> Backend:
-    """The deployed graphs of a target's timestep groups (their paths, in the groups' order), on onnxruntime."""
-    return _per_group([OnnxRuntimeBackend(graph, threads, optimization_level=optimization_level) for graph in graphs], groups)
+                  optimization_level: str = "all", backend: str = "onnxruntime", options: RunOptions | None = None) -> Backend:
+    """The deployed graphs of a target's timestep groups (their paths, in the groups' order), on `backend`."""
+    options = options or RunOptions(threads)
+    return _per_group([ENGINES[backend].open(graph, options, optimization_level) for graph in graphs], groups)
 
 
 def plan_file(onnx_file: str) -> str:
@@ -52,23 +155,38 @@ def engine_path(bundle: Bundle, graph: str, engine: Path | None = None) -> Path:
 
 
 def quantized_backend(bundle: Bundle, threads: int | None = None, backend: str = "onnxruntime",
-                      engine: Path | None = None, target: str | None = None) -> Backend:
-    """The bundle's quantized graph(s) on `backend`: TensorRT runs the tensorrt profile's engines (one per
-    timestep group); onnxruntime the onnxruntime-cpu profile when the bundle has it (else the tensorrt
-    graph), or the `target` named."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    section = bundle.target(target or bundle.target_for(backend))
+                      engine: Path | None = None, target: str | None = None, *, provider: str = "cpu",
+                      device: str = "CPU", optimization_level: str | None = None) -> Backend:
+    """The bundle's quantized graph(s) on `backend` (see the module docstring; "auto" picks one): TensorRT runs
+    the tensorrt profile's engines (one per timestep group), the others the graph of the profile they prefer,
+    or of the `target` named."""
+    name, options = resolve_backend(bundle, backend, RunOptions(threads, provider, optimization_level, device, engine))
+    spec = ENGINES[name]
+    section = bundle.target(target or spec.target(bundle, options))
     groups = section.timestep_groups
-    if backend == "tensorrt":
+    if spec.runs_plans:
         tensorrt_version()  # say TensorRT is missing before asking for an engine
-        return _per_group([TensorRTBackend(engine_path(bundle, g.graph, engine)) for g in groups], groups)
-    return graph_backend([bundle.file(g.graph) for g in groups], groups, threads, section.onnxruntime_optimization_level)
+        files = [engine_path(bundle, g.graph, engine) for g in groups]
+    else:
+        files = [bundle.file(g.graph) for g in groups]
+    return _per_group([spec.open(f, options, section.onnxruntime_optimization_level) for f in files], groups)
 
 
-def reference_backend(bundle: Bundle, threads: int | None = None) -> OnnxRuntimeBackend:
+def part_backend(bundle: Bundle, graph: str, backend: str = "onnxruntime", options: RunOptions = RunOptions()) -> Backend:
+    """A float graph of the bundle (the FP32 reference denoiser, a text encoder, the VAE decoder) on `backend`:
+    on TensorRT its plan when `stepquant build-engine` added one, else onnxruntime on the CPU."""
+    name, options = resolve_backend(bundle, backend, options)
+    if ENGINES[name].runs_plans:
+        if plan_file(graph) in bundle.manifest.files:
+            return TensorRTBackend(bundle.file(plan_file(graph)))
+        name, options = "onnxruntime", RunOptions(options.threads)
+    return ENGINES[name].open(bundle.file(graph), options, "all")
+
+
+def reference_backend(bundle: Bundle, threads: int | None = None, backend: str = "onnxruntime",
+                      options: RunOptions | None = None) -> Backend:
     """The FP32 graph, parity-checked against the FP torch model at export."""
-    return OnnxRuntimeBackend(bundle.file(bundle.manifest.reference_graph), threads)
+    return part_backend(bundle, bundle.manifest.reference_graph, backend, options or RunOptions(threads))
 
 
 def bundle_sampler(bundle: Bundle) -> SamplerConfig:

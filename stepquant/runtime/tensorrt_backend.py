@@ -56,24 +56,29 @@ class TensorRTBackend:
             self.buffers[name] = (pointer, nbytes)
         return pointer
 
-    def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditions: np.ndarray) -> np.ndarray:
-        feed = graph_feed(self.input_names, sample, timestep, conditions)
-        for name, array in feed.items():
-            array = array.astype(self.trt.nptype(self.engine.get_tensor_dtype(name)), copy=False)
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Every output, in the engine's order, for inputs by name (any graph: denoiser, text encoder, VAE)."""
+        for name in self.input_names:
+            array = np.ascontiguousarray(feeds[name], dtype=self.trt.nptype(self.engine.get_tensor_dtype(name)))
             self.context.set_input_shape(name, array.shape)
             pointer = self._buffer(name, array.nbytes)
             self.cuda.to_device(pointer, array)
             self.context.set_tensor_address(name, pointer)
-        results = {}
+        results = []
         for name in self.output_names:
             shape = tuple(self.context.get_tensor_shape(name))
-            results[name] = np.empty(shape, dtype=self.trt.nptype(self.engine.get_tensor_dtype(name)))
-            self.context.set_tensor_address(name, self._buffer(name, results[name].nbytes))
+            results.append(np.empty(shape, dtype=self.trt.nptype(self.engine.get_tensor_dtype(name))))
+            self.context.set_tensor_address(name, self._buffer(name, results[-1].nbytes))
         if not self.context.execute_async_v3(self.cuda.stream.value or 0):
             raise RuntimeError("TensorRT failed to run the engine (see its log above)")
-        for name, array in results.items():
+        for name, array in zip(self.output_names, results):
             self.cuda.to_host(array, self.buffers[name][0])
-        return results.get("eps", next(iter(results.values()))).astype(np.float32, copy=False)
+        return results
+
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditions: np.ndarray) -> np.ndarray:
+        outputs = self.run(graph_feed(self.input_names, sample, timestep, conditions))
+        named = dict(zip(self.output_names, outputs))
+        return named.get("eps", outputs[0]).astype(np.float32, copy=False)
 
     def __del__(self) -> None:
         for pointer, _ in getattr(self, "buffers", {}).values():

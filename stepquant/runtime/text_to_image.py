@@ -19,10 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from stepquant.bundle import Bundle, BundleError, load_bundle
+from stepquant.runtime.backend import Backend
 from stepquant.runtime.bundle_backends import (
+    RunOptions,
     bundle_corrections,
     bundle_sampler,
     bundle_table,
+    part_backend,
     quantized_backend,
     reference_backend,
 )
@@ -51,11 +54,12 @@ class PromptEncoder:
     """Prompts -> the denoiser's text conditions: every encoder's states, concatenated on the last axis (SDXL's
     two; one for SD 1.x/2.x) as `encoder_hidden_states`, and the pooled embedding where an encoder gives one."""
 
-    def __init__(self, bundle: Bundle, threads: int | None = None, warn=None) -> None:
+    def __init__(self, bundle: Bundle, threads: int | None = None, warn=None, backend: str = "onnxruntime",
+                 options: RunOptions | None = None) -> None:
         parts = bundle.manifest.text_to_image
         self.parts = parts.encoders
         self.tokenizers = [load_tokenizer(bundle.file(p.tokenizer), p.max_length, p.pad_id) for p in self.parts]
-        self.encoders = [OnnxRuntimeBackend(bundle.file(p.graph), threads) for p in self.parts]
+        self.encoders = [part_backend(bundle, p.graph, backend, options or RunOptions(threads)) for p in self.parts]
         self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
 
     def ids(self, prompts: Sequence[str], which: int = 0) -> np.ndarray:
@@ -80,14 +84,16 @@ class PromptEncoder:
 class LatentDecoder:
     """Latents -> images in [-1, 1] through a VAE decoder graph (a bundle's, or one being staged by the export)."""
 
-    def __init__(self, graph: Path, scaling_factor: float, shift_factor: float = 0.0, threads: int | None = None) -> None:
-        self.vae = OnnxRuntimeBackend(graph, threads)
+    def __init__(self, graph: Path | Backend, scaling_factor: float, shift_factor: float = 0.0, threads: int | None = None) -> None:
+        self.vae = graph if callable(graph) else OnnxRuntimeBackend(graph, threads)
         self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
 
     @classmethod
-    def of(cls, bundle: Bundle, threads: int | None = None) -> LatentDecoder:
+    def of(cls, bundle: Bundle, threads: int | None = None, backend: str = "onnxruntime",
+           options: RunOptions | None = None) -> LatentDecoder:
         parts = bundle.manifest.text_to_image
-        return cls(bundle.file(parts.vae_decoder), parts.scaling_factor, parts.shift_factor, threads)
+        vae = part_backend(bundle, parts.vae_decoder, backend, options or RunOptions(threads))
+        return cls(vae, parts.scaling_factor, parts.shift_factor)
 
     def __call__(self, latents: np.ndarray) -> np.ndarray:
         scaled = np.asarray(latents, np.float32) / np.float32(self.scaling_factor) + np.float32(self.shift_factor)
@@ -144,20 +150,22 @@ def text_conditioning(bundle: Bundle, encoder: PromptEncoder, request: GenerateR
 
 def generate_batches(bundle: Bundle, request: GenerateRequest, config: SamplerConfig, threads: int | None = None,
                      backend: str = "onnxruntime", engine: Path | None = None, corrections: bool = True,
-                     progress: bool = True, warn=None) -> Iterator[np.ndarray]:
-    """Images [B, 3, H, W] in [-1, 1], batch by batch, for `request` (see the module docstring)."""
+                     progress: bool = True, warn=None, *, provider: str = "cpu", device: str = "CPU") -> Iterator[np.ndarray]:
+    """Images [B, 3, H, W] in [-1, 1], batch by batch, for `request` (see the module docstring). The text
+    encoders and the VAE decoder run on `backend` too (on TensorRT where their plans were built)."""
     from tqdm.auto import tqdm
 
     require_text_to_image(bundle)
     table = bundle_table(bundle)
     table.check_sampler(config.scheduler, config.steps, config.eta, config.karras_sigmas)
-    conditioning = text_conditioning(bundle, PromptEncoder(bundle, threads, warn), request)
+    options = RunOptions(threads, provider, None, device, engine)
+    conditioning = text_conditioning(bundle, PromptEncoder(bundle, warn=warn, backend=backend, options=options), request)
     if request.graph == "reference":
-        runner, terms = reference_backend(bundle, threads), None
+        runner, terms = reference_backend(bundle, backend=backend, options=options), None
     else:
-        runner = quantized_backend(bundle, threads, backend, engine)
+        runner = quantized_backend(bundle, threads, backend, engine, provider=provider, device=device)
         terms = bundle_corrections(bundle) if corrections else None
-    decoder = LatentDecoder.of(bundle, threads)
+    decoder = LatentDecoder.of(bundle, backend=backend, options=options)
     latents = sample_batches(runner, table, range(request.seed, request.seed + request.count), bundle.manifest.sample_shape,
                              config, request.batch_size, progress=progress, desc="denoising", corrections=terms,
                              conditioning=conditioning, clip=False)

@@ -1,0 +1,96 @@
+"""Runtime backends behind one contract: OpenVINO runs a bundle's graphs as onnxruntime does, `auto` picks by
+the documented order, onnxruntime's GPU providers and a missing OpenVINO are refused in one line, and choosing
+a backend imports nothing of the others."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import FEW_STEPS, assert_one_line_error, run_cli
+
+from stepquant.bundle import load_bundle
+from stepquant.runtime import bundle_backends, bundle_table, sample
+from stepquant.runtime.bundle_backends import RunOptions, quantized_backend, reference_backend, resolve_backend
+from stepquant.runtime.onnxruntime_backend import provider_available
+
+needs_openvino = pytest.mark.skipif(not __import__("importlib").util.find_spec("openvino"), reason="OpenVINO not installed")
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(4.0 / max(float(np.mean((a - b) ** 2)), 1e-12)))
+
+
+@needs_openvino
+def test_openvino_runs_the_fp32_graph_as_onnxruntime_does(demo_bundle):
+    bundle = load_bundle(demo_bundle[0])
+    x = np.random.default_rng(0).standard_normal((4, *bundle.manifest.sample_shape)).astype(np.float32)
+    t = np.full(4, 500.0, np.float32)
+    ours, theirs = reference_backend(bundle, backend="openvino")(x, t), reference_backend(bundle)(x, t)
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-4
+
+
+@needs_openvino
+def test_openvino_samples_the_quantized_graph_as_onnxruntime_does(demo_bundle):
+    """Same seeds through both engines: OpenVINO's fused integer kernels round differently from the
+    simulation, but its samples stay as close to FP as onnxruntime's."""
+    bundle = load_bundle(demo_bundle[0])
+    table, shape = bundle_table(bundle), bundle.manifest.sample_shape
+    seeds = range(8)
+    by_ort = sample(quantized_backend(bundle, target="tensorrt"), table, seeds, shape, FEW_STEPS, progress=False).samples
+    by_openvino = sample(quantized_backend(bundle, backend="openvino"), table, seeds, shape, FEW_STEPS, progress=False).samples
+    fp = sample(reference_backend(bundle), table, seeds, shape, FEW_STEPS, progress=False).samples
+    between_engines = _psnr(by_ort, by_openvino)
+    assert between_engines > 35.0, between_engines
+    assert abs(_psnr(by_openvino, fp) - _psnr(by_ort, fp)) < 1.0
+
+
+def test_auto_takes_openvino_on_vnni_cpus_where_installed_else_onnxruntime_on_the_cpu(demo_bundle, monkeypatch):
+    bundle = load_bundle(demo_bundle[0])
+    if provider_available("cuda"):
+        assert resolve_backend(bundle, "auto")[1].provider == "cuda"
+        return
+    has_openvino = __import__("importlib").util.find_spec("openvino") is not None
+    monkeypatch.setitem(bundle_backends.AUTO_CONDITIONS, "openvino", lambda: True)
+    name, options = resolve_backend(bundle, "auto", RunOptions(threads=1))
+    assert name == ("openvino" if has_openvino else "onnxruntime") and options.threads == 1
+    monkeypatch.setitem(bundle_backends.AUTO_CONDITIONS, "openvino", lambda: False)  # an AVX2-only CPU
+    assert resolve_backend(bundle, "auto") == ("onnxruntime", RunOptions())
+    monkeypatch.setitem(bundle_backends.AUTO_CONDITIONS, "openvino", lambda: True)
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    assert resolve_backend(bundle, "auto") == ("onnxruntime", RunOptions())
+
+
+def test_missing_openvino_and_a_missing_provider_are_one_line_errors(demo_bundle, tmp_path, monkeypatch):
+    out = tmp_path / "s.png"
+    cuda = run_cli("stepquant", "sample", "--bundle", demo_bundle[0], "--n", 2, "--provider", "cuda", "--out", out, "--no-progress")
+    if not provider_available("cuda"):
+        assert_one_line_error(cuda, "--provider cuda needs CUDAExecutionProvider")
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    missing = run_cli("stepquant", "sample", "--bundle", demo_bundle[0], "--n", 2, "--backend", "openvino", "--out", out,
+                      "--no-progress")
+    assert_one_line_error(missing, "OpenVINO is not installed: pip install 'stepquant[openvino]'")
+    assert not out.exists()
+
+
+@needs_openvino
+def test_eval_and_bench_run_on_openvino(demo_bundle, tmp_path):
+    result = run_cli("stepquant", "eval", "--bundle", demo_bundle[0], "--n", 8, "--steps", 4, "--backend", "openvino",
+                     "--out", tmp_path / "eval", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["psnr_to_fp_db"] > 30
+    bench = run_cli("stepquant", "bench", "--bundle", demo_bundle[0], "--batch", 1, "--threads", 1, "--seconds", 0.2)
+    assert bench.returncode == 0, bench.stderr
+    assert "openvino FP32" in bench.stdout and "x vs openvino FP32" in bench.stdout and "onnxruntime tensorrt graph" in bench.stdout
+    unknown = run_cli("stepquant", "bench", "--bundle", demo_bundle[0], "--backend", "tensorrt")
+    assert_one_line_error(unknown, "'tensorrt' is not a CPU backend")
+
+
+def test_choosing_a_backend_imports_no_other_engine():
+    code = ("import json, sys; from stepquant.cli import sample, generate, evaluate, bench; "
+            "print(json.dumps([m for m in sys.modules if m.split('.')[0] in ('openvino', 'tensorrt')]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(result.stdout) == []
