@@ -113,9 +113,9 @@ def test_eval_writes_json_and_plot(cli_bundle, tmp_path):
 
 
 def test_bench_prints_both_graphs(cli_bundle):
-    result = run("stepquant", "bench", "--bundle", cli_bundle[0], "--batch", "2")
+    result = run("stepquant", "bench", "--bundle", cli_bundle[0], "--batch", "2", "--backend", "onnxruntime", "--seconds", "0.2")
     assert result.returncode == 0, result.stderr
-    assert "onnxruntime FP32" in result.stdout and "tensorrt graph" in result.stdout and "x vs FP32" in result.stdout
+    assert "onnxruntime FP32" in result.stdout and "tensorrt graph" in result.stdout and "x vs onnxruntime FP32" in result.stdout
 
 
 def test_parity_replay_command(cli_bundle):

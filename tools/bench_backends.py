@@ -1,0 +1,84 @@
+"""Every CPU backend on the same bundles, in one run: `stepquant bench` (per-forward latency of the FP32 graph
+and of each quantized graph on onnxruntime and OpenVINO, with the ratios to OpenVINO FP32 and onnxruntime FP32)
+and, for the demo, `stepquant eval --backend X` (PSNR to FP as each engine computes it).
+
+Bundles: the demo exported with both targets at default options, and a UNet2DModel with the architecture
+of google/ddpm-cifar10-32 (random weights, built from its config; speed only, so calibrated briefly).
+
+    python tools/bench_backends.py [--threads 2] [--work DIR] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+TARGETS = ["--target", "tensorrt", "--target", "onnxruntime-cpu"]
+
+
+def cpu() -> str:
+    """The CPU's model name and the flags that decide integer kernels' speed."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags]
+    return f"{name} ({' '.join(wanted)})"
+
+
+def run(command: str, *args: str) -> str:
+    """A console script of this environment (stepquant, export-quantized): its stdout, or exit with its error."""
+    result = subprocess.run([str(Path(sys.executable).with_name(command)), *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{command} {' '.join(args)} failed:\n{result.stderr}")
+    return result.stdout
+
+
+def export(model: str, out: Path, *options: str) -> Path:
+    if not (out / "manifest.json").exists():
+        run("export-quantized", "--model", model, "--out", str(out), *TARGETS, "--no-progress", *options)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, help="keep the bundles here (default: a temporary folder)")
+    parser.add_argument("--smoke", action="store_true", help="the demo only, few steps and seeds: checks the script runs")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-backends-"))
+    work.mkdir(parents=True, exist_ok=True)
+    quick = ["--steps", "4", "--calib-samples", "4", "--eval-samples", "4"] if args.smoke else []
+    bundles = {"demo-digits": export("demo-digits", work / "demo", *quick)}
+    if not args.smoke:
+        from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+        from stepquant.models.reference_configs import DDPM_CIFAR10_UNET
+
+        model = work / "cifar10-model"
+        if not model.exists():
+            DDPMPipeline(unet=UNet2DModel(**DDPM_CIFAR10_UNET), scheduler=DDPMScheduler()).save_pretrained(model)
+        bundles["cifar10 UNet (random weights)"] = export(str(model), work / "cifar10", "--calib-samples", "8", "--steps", "10",
+                                                          "--eval-samples", "8")
+    lines = [f"{date.today()}, {cpu()}, Python {platform.python_version()}, {args.threads} threads.", ""]
+    for name, bundle in bundles.items():
+        batches = ["--batch", "1"] if args.smoke else ["--batch", "1", "--batch", "8"]
+        lines += [f"### {name}", "", f"`stepquant bench --bundle {bundle.name} --threads {args.threads} {' '.join(batches)}`",
+                  "", "```", run("stepquant", "bench", "--bundle", str(bundle), "--threads", str(args.threads), *batches).rstrip(),
+                  "```", ""]
+    n = "8" if args.smoke else "256"
+    lines += [f"### PSNR to FP per backend (demo-digits, {n} seeds)", ""]
+    for backend in ("onnxruntime", "openvino"):
+        out = run("stepquant", "eval", "--bundle", str(bundles["demo-digits"]), "--backend", backend, "--n", n, "--no-progress",
+                  "--out", str(work / f"eval-{backend}"))
+        psnr = next(line for line in out.splitlines() if "PSNR to FP" in line).split()[-3:]
+        lines.append(f"- `stepquant eval --backend {backend} --n {n}`: {' '.join(psnr)} dB (mean / min)")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
