@@ -5,29 +5,20 @@ and, for the demo, `stepquant eval --backend X` (PSNR to FP as each engine compu
 Bundles: the demo exported with both targets at default options, and a UNet2DModel with the architecture
 of google/ddpm-cifar10-32 (random weights, built from its config; speed only, so calibrated briefly).
 
-    python tools/bench_backends.py [--threads 2] [--work DIR] [--smoke]
+    python tools/bench_backends.py [--threads 2] [--work DIR] [--smoke] [--no-write]   (writes docs/BENCHMARKS.md, "Backends")
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import subprocess
 import sys
 import tempfile
-from datetime import date
 from pathlib import Path
 
+from benchdoc import header, write_section
+
 TARGETS = ["--target", "tensorrt", "--target", "onnxruntime-cpu"]
-
-
-def cpu() -> str:
-    """The CPU's model name and the flags that decide integer kernels' speed."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags]
-    return f"{name} ({' '.join(wanted)})"
 
 
 def run(command: str, *args: str) -> str:
@@ -49,6 +40,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, help="keep the bundles here (default: a temporary folder)")
     parser.add_argument("--smoke", action="store_true", help="the demo only, few steps and seeds: checks the script runs")
+    parser.add_argument("--no-write", action="store_true", help="print without updating docs/BENCHMARKS.md")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-backends-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -64,7 +56,7 @@ def main() -> None:
             DDPMPipeline(unet=UNet2DModel(**DDPM_CIFAR10_UNET), scheduler=DDPMScheduler()).save_pretrained(model)
         bundles["cifar10 UNet (random weights)"] = export(str(model), work / "cifar10", "--calib-samples", "8", "--steps", "10",
                                                           "--eval-samples", "8")
-    lines = [f"{date.today()}, {cpu()}, Python {platform.python_version()}, {args.threads} threads.", ""]
+    lines = [header(), f"{args.threads} threads; onnxruntime and OpenVINO as installed here.", ""]
     for name, bundle in bundles.items():
         batches = ["--batch", "1"] if args.smoke else ["--batch", "1", "--batch", "8"]
         lines += [f"### {name}", "", f"`stepquant bench --bundle {bundle.name} --threads {args.threads} {' '.join(batches)}`",
@@ -78,6 +70,8 @@ def main() -> None:
         psnr = next(line for line in out.splitlines() if "PSNR to FP" in line).split()[-3:]
         lines.append(f"- `stepquant eval --backend {backend} --n {n}`: {' '.join(psnr)} dB (mean / min)")
     print("\n".join(lines))
+    if not args.smoke and not args.no_write:
+        write_section("backends", "\n".join(lines))
 
 
 if __name__ == "__main__":
