@@ -63,7 +63,7 @@ from stepquant.export.targets import RUNTIME_OPTIMIZATION_LEVEL, TARGETS, check_
 from stepquant.export.tensorrt import build_engines, build_script, tensorrt_version
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, LoadedModel, load_model
 from stepquant.models.conditioning import load_conditioning
-from stepquant.models.denoisers import sample_shape
+from stepquant.models.denoisers import sample_shape, spatial_factor
 from stepquant.models.device import Placement, device_copy, ieee_float32, place, placed, resolve_placement
 from stepquant.models.schedulers import capture_table
 from stepquant.models.torch_backend import TorchBackend
@@ -387,7 +387,7 @@ def prepare(config: ExportConfig) -> Prepared:
                              "without torchrun")
         placement = Placement(distributed.rank_device(placement.device), placement.dtype)
     loaded = load_model(config.model)
-    shape = sample_shape(loaded.denoiser)
+    shape = config.shapes.working_shape(sample_shape(loaded.denoiser), spatial_factor(loaded.denoiser))
     fp_model = EpsilonModel(loaded.denoiser)
     fp_reference = fp_model if placement.is_default else EpsilonModel(
         device_copy(loaded.denoiser, placement.device, placement.dtype))

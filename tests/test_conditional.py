@@ -330,7 +330,11 @@ def test_shape_ranges_parse_validate_and_resolve():
     for bad in ("a", "1:2", "8:4:16", "0"):
         with pytest.raises(ValueError):
             DimRange.parse(bad)
-    with pytest.raises(ValueError, match="does not contain the model's native height 8"):
+    smaller = ShapeProfile(height=DimRange(4, 8, 8), width=DimRange(8, 8, 8))  # leaves out the native 16 x 16
+    assert smaller.working_shape((4, 16, 16), 4) == (4, 8, 8) and SHAPES.working_shape((4, 8, 8), 4) == (4, 8, 8)
+    with pytest.raises(ValueError, match="holds 6, not a multiple of 4"):
+        ShapeProfile(height=DimRange(6, 8, 8)).working_shape((4, 16, 16), 4)
+    with pytest.raises(ValueError, match="does not contain the sample height 8"):
         ShapeProfile(height=DimRange(16, 16, 32)).resolved((4, 8, 8), None)
     with pytest.raises(ValueError, match="resolve the shape profile"):
         ShapeProfile().input_shapes(4, ())

@@ -1,10 +1,12 @@
 """The Q/DQ graph: node types, zero points, scales and integer weights equal to the calibrated ones."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import FEW_STEPS
+from conftest import FEW_STEPS, run_cli
 from onnx import numpy_helper
 
 from stepquant.calibrators import calibrate_ranges, collect_calibration_set
@@ -130,3 +132,17 @@ def test_graph_has_dynamic_batch_and_runs_on_onnxruntime(exported):
     report, outputs = check_layerwise(model, path, feeds, parity_policy("tensorrt", "int8", "fp32"))
     assert [o.shape for o in outputs] == [(1, 1, 8, 8), (3, 1, 8, 8)]
     assert report.passed, report.summary()
+
+
+def test_a_profile_without_the_native_size_exports_at_its_opt_size(tmp_path):
+    """A Jetson user exports only the smaller size they deploy: calibration, parity and the bundle's sample
+    shape use the profile's opt size (the demo is 16 x 16; this profile holds 8 x 8 only)."""
+    out = tmp_path / "small"
+    result = run_cli("export-quantized", "--out", out, "--height-range", "8", "--width-range", "8", "--steps", "4",
+                     "--calib-samples", "4", "--eval-samples", "4", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sample_shape"] == [1, 8, 8] and manifest["inputs"]["shape_profile"]["height"] == {"min": 8, "opt": 8, "max": 8}
+    sampled = run_cli("stepquant", "sample", "--bundle", out, "--n", 2, "--steps", 4, "--out", tmp_path / "s.npz", "--no-progress")
+    assert sampled.returncode == 0, sampled.stderr
+    assert np.load(tmp_path / "s.npz")["samples"].shape == (2, 1, 8, 8)

@@ -246,7 +246,7 @@ def cases() -> list[Case]:
         ("--batch-range 0:1:2", ["--out", "{case}/b", "--batch-range", "0:1:2"], "1 <= min <= opt <= max"),
         ("--batch-range 8:4:16", ["--out", "{case}/b", "--batch-range", "8:4:16"], "1 <= min <= opt <= max"),
         ("--batch-range text", ["--out", "{case}/b", "--batch-range", "large"], "min:opt:max"),
-        ("--height-range not holding the model's size", ["--out", "{case}/b", "--height-range", "4:4:8"], "native height"),
+        ("--height-range not a multiple of the downsampling", ["--out", "{case}/b", "--height-range", "6:8:8"], "not a multiple of 4"),
         ("--exclude not a regex", ["--out", "{case}/b", "--exclude", "conv("], "regular expression"),
         ("--prompts-file and --conditioning", ["--out", "{case}/b", "--prompts-file", "{case}/p.txt", "--conditioning",
                                                "{case}/c.safetensors"], "not --prompts-file and --conditioning"),

@@ -55,12 +55,28 @@ class ShapeProfile:
     width: DimRange | None = None
     sequence: DimRange | None = None
 
+    def working_shape(self, native: tuple[int, int, int], factor: int = 1) -> tuple[int, int, int]:
+        """The sample shape export calibrates, checks and measures at: the model's native height and width
+        where their ranges hold them, else each range's opt (so a profile for a smaller deployment need not
+        hold the native size). Every range's min, opt and max must be a multiple of `factor`."""
+        channels, *sizes = native
+        working = []
+        for name, size, dim in zip(("height", "width"), sizes, (self.height, self.width)):
+            if dim is not None:
+                bad = [v for v in (dim.min, dim.opt, dim.max) if v % factor]
+                if bad:
+                    raise ValueError(f"the {name} range {dim.min}:{dim.opt}:{dim.max} holds {bad[0]}, not a multiple of "
+                                     f"{factor} (the model's downsampling): choose sizes that are")
+            working.append(size if dim is None or dim.min <= size <= dim.max else dim.opt)
+        return (channels, *working)
+
     def resolved(self, sample_shape: tuple[int, int, int], sequence: int | None) -> ShapeProfile:
-        """Every range set: unset ones fixed to the native size; `sequence` stays None without text inputs."""
+        """Every range set: unset ones fixed to `sample_shape`'s size (working_shape's); `sequence` stays None
+        without text inputs."""
         _, height, width = sample_shape
         for name, size, dim in (("height", height, self.height), ("width", width, self.width)):
             if dim is not None and not dim.min <= size <= dim.max:
-                raise ValueError(f"the {name} range {dim.min}:{dim.max} does not contain the model's native {name} {size}")
+                raise ValueError(f"the {name} range {dim.min}:{dim.max} does not contain the sample {name} {size}")
         return replace(self, height=self.height or DimRange.fixed(height), width=self.width or DimRange.fixed(width),
                        sequence=(self.sequence or DimRange.fixed(sequence)) if sequence is not None else None)
 

@@ -94,3 +94,12 @@ def sample_shape(model: nn.Module) -> tuple[int, int, int]:
         raise ValueError(f"the model's sample shape {list(shape)} (in_channels, sample_size) is not {MAX_SAMPLE_ELEMENTS:,} "
                          "values or fewer: check its config.json")
     return shape
+
+
+def spatial_factor(model: nn.Module) -> int:
+    """What every sample height and width must be a multiple of: a transformer's patch size, or 2 per
+    downsampling level of a UNet (every down block but the last halves the size)."""
+    config = model.config
+    if getattr(config, "patch_size", None):
+        return int(config.patch_size)
+    return 2 ** (len(getattr(config, "block_out_channels", (0,))) - 1)
