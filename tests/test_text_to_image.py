@@ -278,3 +278,10 @@ def test_fp16_bundles_carry_fp16_text_encoders_and_keep_an_upcast_vae_fp32(pipel
     generated = run_cli("stepquant", "generate", "--bundle", tmp_path / "bundle", "--prompt", "a red seven", "--out",
                         tmp_path / "x.png", "--no-progress")
     assert generated.returncode == 0, generated.stderr
+
+
+def test_the_reference_graph_is_never_run_elsewhere_when_tensorrt_is_asked_for(bundle, tmp_path):
+    result = run_cli("stepquant", "generate", "--bundle", bundle, "--prompt", "a", "--graph", "reference", "--backend",
+                     "tensorrt", "--out", tmp_path / "x.png", "--no-progress")
+    assert_one_line_error(result, "the FP32 reference graph has no TensorRT engine")
+    assert not (tmp_path / "x.png").exists()

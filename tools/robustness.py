@@ -436,7 +436,7 @@ def cases() -> list[Case]:
                   files=lambda b: ((b.parent / "photos").mkdir(), (b.parent / "photos" / "a.jpg").write_bytes(b"\xff"))),
         text_case("--out in a missing directory", "not an existing directory", ["--prompt", "a", "--out", "{case}/no/x.png"]),
         text_case("--n 0", "'--n'", ["--prompt", "a", "--n", "0", *out]),
-        text_case("--graph reference with --backend tensorrt", "drop --backend",
+        text_case("--graph reference with --backend tensorrt", "has no TensorRT engine",
                   ["--prompt", "a", "--graph", "reference", "--backend", "tensorrt", *out]),
         text_case("a tokenizer byte changed, hash stale", "sha256 of tokenizer/tokenizer.json", ["--prompt", "a", *out],
                   files=lambda b: (b / "tokenizer" / "tokenizer.json").write_text((b / "tokenizer" / "tokenizer.json").read_text()

@@ -177,6 +177,7 @@ def part_backend(bundle: Bundle, graph: str, backend: str = "onnxruntime", optio
     on TensorRT its plan when `stepquant build-engine` added one, else onnxruntime on the CPU."""
     name, options = resolve_backend(bundle, backend, options)
     if ENGINES[name].runs_plans:
+        tensorrt_version()  # TensorRT asked for and missing: say so, never run elsewhere unasked
         if plan_file(graph) in bundle.manifest.files:
             return TensorRTBackend(bundle.file(plan_file(graph)))
         name, options = "onnxruntime", RunOptions(options.threads)
@@ -185,7 +186,9 @@ def part_backend(bundle: Bundle, graph: str, backend: str = "onnxruntime", optio
 
 def reference_backend(bundle: Bundle, threads: int | None = None, backend: str = "onnxruntime",
                       options: RunOptions | None = None) -> Backend:
-    """The FP32 graph, parity-checked against the FP torch model at export."""
+    """The FP32 graph, parity-checked against the FP torch model at export (no engine is built for it)."""
+    if resolve_backend(bundle, backend, options or RunOptions(threads))[0] == "tensorrt":
+        raise ValueError("the FP32 reference graph has no TensorRT engine: run it with --backend onnxruntime or openvino")
     return part_backend(bundle, bundle.manifest.reference_graph, backend, options or RunOptions(threads))
 
 

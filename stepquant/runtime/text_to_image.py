@@ -159,12 +159,12 @@ def generate_batches(bundle: Bundle, request: GenerateRequest, config: SamplerCo
     table = bundle_table(bundle)
     table.check_sampler(config.scheduler, config.steps, config.eta, config.karras_sigmas)
     options = RunOptions(threads, provider, None, device, engine)
-    conditioning = text_conditioning(bundle, PromptEncoder(bundle, warn=warn, backend=backend, options=options), request)
     if request.graph == "reference":
         runner, terms = reference_backend(bundle, backend=backend, options=options), None
     else:
         runner = quantized_backend(bundle, threads, backend, engine, provider=provider, device=device)
         terms = bundle_corrections(bundle) if corrections else None
+    conditioning = text_conditioning(bundle, PromptEncoder(bundle, warn=warn, backend=backend, options=options), request)
     decoder = LatentDecoder.of(bundle, backend=backend, options=options)
     latents = sample_batches(runner, table, range(request.seed, request.seed + request.count), bundle.manifest.sample_shape,
                              config, request.batch_size, progress=progress, desc="denoising", corrections=terms,
