@@ -124,10 +124,9 @@ def _per_group(backends: list[Backend], groups: list[TimestepGroup]) -> Backend:
 
 
 def graph_backend(graphs: list[Path], groups: list[TimestepGroup], threads: int | None = None,
-                  optimization_level: str = "all", backend: str = "onnxruntime", options: RunOptions | None = None) -> Backend:
-    """The deployed graphs of a target's timestep groups (their paths, in the groups' order), on `backend`."""
-    options = options or RunOptions(threads)
-    return _per_group([ENGINES[backend].open(graph, options, optimization_level) for graph in graphs], groups)
+                  optimization_level: str = "all") -> Backend:
+    """The deployed graphs of a target's timestep groups (their paths, in the groups' order), on onnxruntime."""
+    return _per_group([OnnxRuntimeBackend(graph, threads, optimization_level=optimization_level) for graph in graphs], groups)
 
 
 def plan_file(onnx_file: str) -> str:
@@ -187,9 +186,10 @@ def part_backend(bundle: Bundle, graph: str, backend: str = "onnxruntime", optio
 def reference_backend(bundle: Bundle, threads: int | None = None, backend: str = "onnxruntime",
                       options: RunOptions | None = None) -> Backend:
     """The FP32 graph, parity-checked against the FP torch model at export (no engine is built for it)."""
-    if resolve_backend(bundle, backend, options or RunOptions(threads))[0] == "tensorrt":
+    name, options = resolve_backend(bundle, backend, options or RunOptions(threads))
+    if ENGINES[name].runs_plans:
         raise ValueError("the FP32 reference graph has no TensorRT engine: run it with --backend onnxruntime or openvino")
-    return part_backend(bundle, bundle.manifest.reference_graph, backend, options or RunOptions(threads))
+    return part_backend(bundle, bundle.manifest.reference_graph, name, options)
 
 
 def bundle_sampler(bundle: Bundle) -> SamplerConfig:
