@@ -63,7 +63,7 @@ from stepquant.export.targets import RUNTIME_OPTIMIZATION_LEVEL, TARGETS, check_
 from stepquant.export.tensorrt import build_engines, build_script, tensorrt_version
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, LoadedModel, load_model
 from stepquant.models.conditioning import load_conditioning
-from stepquant.models.denoisers import sample_shape, spatial_factor
+from stepquant.models.denoisers import config_file, sample_shape, spatial_factor
 from stepquant.models.device import Placement, device_copy, ieee_float32, place, placed, resolve_placement
 from stepquant.models.schedulers import capture_table
 from stepquant.models.torch_backend import TorchBackend
@@ -596,6 +596,9 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
         and config.conditioning is None else None
     if class_table is not None:
         shutil.copyfile(class_table, staging / CLASS_TABLE_FILE)
+    denoiser_config, text = config_file(prepared.loaded.denoiser)  # what a diffusers drop-in reports as its .config
+    (staging / denoiser_config).parent.mkdir(exist_ok=True)
+    (staging / denoiser_config).write_text(text)
     source = (f"classes {', '.join(map(str, config.classes))}" if config.classes else "every class") if class_table \
         else str(config.prompts_file or config.conditioning)
     write_manifest(staging, Manifest(
@@ -610,7 +613,7 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
         reference_graph=FP_MODEL_FILE, correction_method=config.correction,
         correction_file=CORRECTIONS_FILE if corrections else None, engine=engine,
         sample_space="latent" if prepared.latent else "pixel", class_table=CLASS_TABLE_FILE if class_table else None,
-        text_to_image=parts, info={
+        text_to_image=parts, denoiser_config=denoiser_config, info={
             "conditioning": None if conditioning is None else {
                 "source": source, "prompts": len(conditioning),
                 "calibration_copies": "unconditional and conditional" if config.sampler.guidance_scale != 1.0 else "conditional"},

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random UNet (fast), and one small bundle exported from the demo model."""
+"""Shared fixtures: a tiny random UNet (fast), one small bundle exported from the demo model, and tiny random\nStable Diffusion and SDXL pipelines with their whole-pipeline bundles."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from stepquant.models.demo_config import SCHEDULER_CONFIG
+from stepquant.models.tiny import TINY_PROMPTS, save_tiny_text_pipeline
 from stepquant.pipeline import ExportConfig, export_quantized
 from stepquant.runtime import SamplerConfig
 from stepquant.runtime.bundle_backends import cpu_has_vnni
@@ -27,6 +28,7 @@ TINY_UNET = {
     "attention_head_dim": 16,
 }
 FEW_STEPS = SamplerConfig(steps=4)
+FAST = ["--steps", "4", "--calib-samples", "4", "--eval-samples", "4", "--no-progress"]  # export options: seconds, not minutes
 
 
 def run_cli(command: str, *args) -> subprocess.CompletedProcess:
@@ -72,3 +74,32 @@ def demo_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "demo-w8a8"
     report = export_quantized(ExportConfig(out=out, sampler=FEW_STEPS, calib_samples=8, eval_samples=8, progress=False))
     return out, report
+
+
+@pytest.fixture(scope="session")
+def text_pipeline(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion pipeline directory (`sd/`) and a prompts file beside it."""
+    root = tmp_path_factory.mktemp("text-to-image")
+    save_tiny_text_pipeline(root / "sd")
+    (root / "prompts.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def text_bundle(text_pipeline) -> Path:
+    """Its whole-pipeline bundle (guidance 3, 4 DDIM steps)."""
+    result = run_cli("export-quantized", "--model", text_pipeline / "sd", "--prompts-file", text_pipeline / "prompts.txt",
+                     "--out", text_pipeline / "bundle", "--guidance-scale", "3", *FAST)
+    assert result.returncode == 0, result.stderr
+    return text_pipeline / "bundle"
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipeline(text_pipeline) -> Path:
+    """A tiny random SDXL pipeline (`pipe/`) and its bundle (`bundle/`)."""
+    root = text_pipeline / "xl"
+    save_tiny_text_pipeline(root / "pipe", kind="sdxl")
+    result = run_cli("export-quantized", "--model", root / "pipe", "--prompts-file", text_pipeline / "prompts.txt",
+                     "--out", root / "bundle", "--guidance-scale", "3", *FAST)
+    assert result.returncode == 0, result.stderr
+    return root

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import FAST, assert_one_line_error, run_cli
 from PIL import Image
 from test_runtime_install import stepquant_without_export_side
 
@@ -27,33 +27,16 @@ from stepquant.runtime.bundle_backends import bundle_sampler
 from stepquant.runtime.seeding import per_sample_noise, seed_generators
 from stepquant.runtime.text_to_image import GenerateRequest, generate_batches, load_tokenizer
 
-FAST = ["--steps", "4", "--calib-samples", "4", "--eval-samples", "4", "--no-progress"]
 GOLDEN = ["a red seven on a blue background", "", "THE Digit 7, in RED!!! (blue paper)...", "ünïcödé ✓ 東京 — naïve café",
           "a " * 40 + "seven", "  spaces\tand\nnewlines  ", "7777777777777777777777", "it's the dog's; we'll see"]
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text-to-image")
-    save_tiny_text_pipeline(root / "sd")
-    (root / "prompts.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
-    return root
-
-
-@pytest.fixture(scope="module")
-def bundle(pipeline):
-    result = run_cli("export-quantized", "--model", pipeline / "sd", "--prompts-file", pipeline / "prompts.txt",
-                     "--out", pipeline / "bundle", "--guidance-scale", "3", *FAST)
-    assert result.returncode == 0, result.stderr
-    return pipeline / "bundle"
 
 
 def _pixels(path):
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def test_the_bundle_carries_every_part_of_the_pipeline(bundle):
-    loaded = load_bundle(bundle, strict=True)
+def test_the_bundle_carries_every_part_of_the_pipeline(text_bundle):
+    loaded = load_bundle(text_bundle, strict=True)
     parts = loaded.manifest.text_to_image
     (encoder,) = parts.encoders
     assert (encoder.tokenizer, encoder.graph, parts.vae_decoder) == (
@@ -63,7 +46,7 @@ def test_the_bundle_carries_every_part_of_the_pipeline(bundle):
     assert {encoder.tokenizer, encoder.graph, parts.vae_decoder} <= set(loaded.manifest.files)
     quality = loaded.target("tensorrt").details["quality"]
     assert quality["space"] == "image" and quality["psnr_data_range"] == 2.0  # measured on decoded images
-    assert Image.open(bundle / "preview.png").height == 4 * (16 + 2)  # the preview shows 16 px images, not 8 px latents
+    assert Image.open(text_bundle / "preview.png").height == 4 * (16 + 2)  # the preview shows 16 px images, not 8 px latents
 
 
 @pytest.mark.parametrize("pad", [None, "!"])  # SD 1.x pads with EOS; SD 2.x and SDXL's second tokenizer with "!"
@@ -86,8 +69,8 @@ def test_the_device_tokenizer_gives_clip_tokenizers_ids(tmp_path, pad):
     assert device.encode("a " * 40).ids[-1] == reference.eos_token_id
 
 
-def test_generate_without_the_export_side_gives_the_same_pixels(bundle, tmp_path):
-    args = ["generate", "--bundle", bundle, "--prompt", TINY_PROMPTS[0], "--prompt", TINY_PROMPTS[1], "--n", "2",
+def test_generate_without_the_export_side_gives_the_same_pixels(text_bundle, tmp_path):
+    args = ["generate", "--bundle", text_bundle, "--prompt", TINY_PROMPTS[0], "--prompt", TINY_PROMPTS[1], "--n", "2",
             "--seed", "5", "--no-progress"]
     full = run_cli("stepquant", *args, "--out", tmp_path / "full.png")
     assert full.returncode == 0, full.stderr
@@ -96,7 +79,7 @@ def test_generate_without_the_export_side_gives_the_same_pixels(bundle, tmp_path
     assert "wrote 4 images" in device.stdout and np.array_equal(_pixels(tmp_path / "full.png"), _pixels(tmp_path / "device.png"))
     import stepquant
 
-    api = stepquant.generate(bundle, TINY_PROMPTS[:2], n=2, seed=5)  # the Python API: the same images
+    api = stepquant.generate(text_bundle, TINY_PROMPTS[:2], n=2, seed=5)  # the Python API: the same images
     assert api.shape == (4, 16, 16, 3) and api.dtype == np.uint8
     first = _pixels(tmp_path / "full.png")[8:8 + 128, 8:8 + 128].astype(int)  # the grid: a 1 px frame, upscaled 8x
     assert np.abs(first - np.asarray(Image.fromarray(api[0]).resize((128, 128), Image.NEAREST), dtype=int)).max() <= 1
@@ -105,15 +88,15 @@ def test_generate_without_the_export_side_gives_the_same_pixels(bundle, tmp_path
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"image-{i:04d}.png" for i in range(4)]
 
 
-def test_the_reference_graph_reproduces_diffusers_pipeline(pipeline, bundle):
+def test_the_reference_graph_reproduces_diffusers_pipeline(text_pipeline, text_bundle):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    loaded = load_bundle(bundle)
+    loaded = load_bundle(text_bundle)
     config = bundle_sampler(loaded).overridden(guidance_scale=3.0)
     prompts = TINY_PROMPTS[:2]
     request = GenerateRequest(prompts, n=2, seed=11, graph="reference")
     ours = np.concatenate(list(generate_batches(loaded, request, config, progress=False)))
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline / "sd", safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(text_pipeline / "sd", safety_checker=None)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     latents = per_sample_noise(seed_generators(range(11, 11 + request.count)), loaded.manifest.sample_shape)
@@ -131,32 +114,22 @@ def test_the_reference_graph_reproduces_diffusers_pipeline(pipeline, bundle):
         assert np.abs(on_openvino - theirs).max() <= 1e-3
 
 
-@pytest.fixture(scope="module")
-def sdxl(pipeline):
-    root = pipeline / "xl"
-    save_tiny_text_pipeline(root / "pipe", kind="sdxl")
-    result = run_cli("export-quantized", "--model", root / "pipe", "--prompts-file", pipeline / "prompts.txt",
-                     "--out", root / "bundle", "--guidance-scale", "3", *FAST)
-    assert result.returncode == 0, result.stderr
-    return root
-
-
-def test_sdxl_bundles_carry_both_encoders_and_match_diffusers(sdxl):
+def test_sdxl_bundles_carry_both_encoders_and_match_diffusers(sdxl_pipeline):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
-    loaded = load_bundle(sdxl / "bundle", strict=True)
+    loaded = load_bundle(sdxl_pipeline / "bundle", strict=True)
     parts = loaded.manifest.text_to_image
     assert [e.graph for e in parts.encoders] == ["text_encoder/model.onnx", "text_encoder_2/model.onnx"]
     assert [e.pooled for e in parts.encoders] == [False, True] and parts.zero_negative and parts.time_ids == (16, 16, 0, 0, 16, 16)
-    second = CLIPTokenizer.from_pretrained(sdxl / "pipe" / "tokenizer_2")
+    second = CLIPTokenizer.from_pretrained(sdxl_pipeline / "pipe" / "tokenizer_2")
     assert parts.encoders[1].pad_id == second.convert_tokens_to_ids("!") != parts.encoders[0].pad_id
     device = load_tokenizer(loaded.file(parts.encoders[1].tokenizer), parts.encoders[1].max_length, parts.encoders[1].pad_id)
     for prompt in GOLDEN:
         assert device.encode(prompt).ids == second(prompt, padding="max_length", max_length=16, truncation=True).input_ids
     config = bundle_sampler(loaded).overridden(guidance_scale=3.0)
     prompts = TINY_PROMPTS[:2]
-    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl / "pipe")
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_pipeline / "pipe")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     latents = torch.from_numpy(per_sample_noise(seed_generators(range(3, 7)), loaded.manifest.sample_shape))
@@ -171,36 +144,36 @@ def test_sdxl_bundles_carry_both_encoders_and_match_diffusers(sdxl):
         assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1e-3
 
 
-def test_generate_refuses_what_it_cannot_run(bundle, demo_bundle, tmp_path):
+def test_generate_refuses_what_it_cannot_run(text_bundle, demo_bundle, tmp_path):
     out = ["--out", tmp_path / "x.png", "--no-progress"]
     assert_one_line_error(run_cli("stepquant", "generate", "--bundle", demo_bundle[0], "--prompt", "a cat", *out),
                           "has no tokenizer or text encoder (a denoiser-only bundle)")
     (tmp_path / "empty.txt").write_text("\n\n")
-    assert_one_line_error(run_cli("stepquant", "generate", "--bundle", bundle, "--prompts-file", tmp_path / "empty.txt", *out),
+    assert_one_line_error(run_cli("stepquant", "generate", "--bundle", text_bundle, "--prompts-file", tmp_path / "empty.txt", *out),
                           "holds no prompts")
-    assert_one_line_error(run_cli("stepquant", "generate", "--bundle", bundle, *out), "no prompt given")
-    assert_one_line_error(run_cli("stepquant", "eval", "--bundle", bundle, "--n", "4", "--out", tmp_path / "eval"),
+    assert_one_line_error(run_cli("stepquant", "generate", "--bundle", text_bundle, *out), "no prompt given")
+    assert_one_line_error(run_cli("stepquant", "eval", "--bundle", text_bundle, "--n", "4", "--out", tmp_path / "eval"),
                           "scores text-to-image bundles of demo-digits-sd")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "mine.png").write_bytes(b"x")
-    assert_one_line_error(run_cli("stepquant", "generate", "--bundle", bundle, "--prompt", "a", "--out", tmp_path / "taken"),
+    assert_one_line_error(run_cli("stepquant", "generate", "--bundle", text_bundle, "--prompt", "a", "--out", tmp_path / "taken"),
                           "is not an empty folder")
-    long = run_cli("stepquant", "generate", "--bundle", bundle, "--prompt", "a red seven " * 20, *out)
+    long = run_cli("stepquant", "generate", "--bundle", text_bundle, "--prompt", "a red seven " * 20, *out)
     assert long.returncode == 0 and [line for line in long.stderr.splitlines() if line.strip()] == [
         line for line in long.stderr.splitlines() if line.startswith("warning: 1 prompt(s) truncated")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "taken", "x.png"]
     assert (tmp_path / "taken" / "mine.png").read_bytes() == b"x"
 
 
-def test_forged_parts_are_refused(bundle, tmp_path):
+def test_forged_parts_are_refused(text_bundle, tmp_path):
     copy = tmp_path / "bundle"
-    shutil.copytree(bundle, copy)
+    shutil.copytree(text_bundle, copy)
     data = (copy / "tokenizer" / "tokenizer.json").read_text()
     (copy / "tokenizer" / "tokenizer.json").write_text(data.replace('"seven', '"sevem', 1) if '"seven' in data else data + " ")
     with pytest.raises(BundleError, match="sha256 of tokenizer/tokenizer.json"):
         load_bundle(copy)
     shutil.rmtree(copy)
-    shutil.copytree(bundle, copy)
+    shutil.copytree(text_bundle, copy)
     proto = onnx.load(str(copy / "vae_decoder" / "model.onnx"))
     proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 3
     onnx.save(proto, str(copy / "vae_decoder" / "model.onnx"))
@@ -209,9 +182,9 @@ def test_forged_parts_are_refused(bundle, tmp_path):
                           "not the denoiser's 4-channel latents")
 
 
-def test_a_pipeline_missing_a_part_is_refused_before_any_work(pipeline, tmp_path):
+def test_a_pipeline_missing_a_part_is_refused_before_any_work(text_pipeline, tmp_path):
     broken = tmp_path / "sd"
-    shutil.copytree(pipeline / "sd", broken)
+    shutil.copytree(text_pipeline / "sd", broken)
     shutil.rmtree(broken / "text_encoder")
     index = json.loads((broken / "model_index.json").read_text())
     (broken / "model_index.json").write_text(json.dumps(index))
@@ -260,11 +233,11 @@ def test_demo_digits_sd_is_a_small_diffusers_pipeline_whose_bundle_generates_wit
     assert scores["prompts"] == 20 and scores["fp_colour_accuracy"] >= 0.9 and scores["psnr_to_fp_db"] > 20
 
 
-def test_fp16_bundles_carry_fp16_text_encoders_and_keep_an_upcast_vae_fp32(pipeline, tmp_path):
+def test_fp16_bundles_carry_fp16_text_encoders_and_keep_an_upcast_vae_fp32(text_pipeline, tmp_path):
     from diffusers import AutoencoderKL
 
-    assert AutoencoderKL.load_config(pipeline / "sd" / "vae")["force_upcast"]  # diffusers runs this VAE in FP32
-    result = run_cli("export-quantized", "--model", pipeline / "sd", "--prompts-file", pipeline / "prompts.txt",
+    assert AutoencoderKL.load_config(text_pipeline / "sd" / "vae")["force_upcast"]  # diffusers runs this VAE in FP32
+    result = run_cli("export-quantized", "--model", text_pipeline / "sd", "--prompts-file", text_pipeline / "prompts.txt",
                      "--precision", "fp16", "--out", tmp_path / "bundle", *FAST)
     assert result.returncode == 0, result.stderr
     parts = load_bundle(tmp_path / "bundle").manifest.text_to_image
@@ -280,8 +253,8 @@ def test_fp16_bundles_carry_fp16_text_encoders_and_keep_an_upcast_vae_fp32(pipel
     assert generated.returncode == 0, generated.stderr
 
 
-def test_the_reference_graph_is_never_run_elsewhere_when_tensorrt_is_asked_for(bundle, tmp_path):
-    result = run_cli("stepquant", "generate", "--bundle", bundle, "--prompt", "a", "--graph", "reference", "--backend",
+def test_the_reference_graph_is_never_run_elsewhere_when_tensorrt_is_asked_for(text_bundle, tmp_path):
+    result = run_cli("stepquant", "generate", "--bundle", text_bundle, "--prompt", "a", "--graph", "reference", "--backend",
                      "tensorrt", "--out", tmp_path / "x.png", "--no-progress")
     assert_one_line_error(result, "the FP32 reference graph has no TensorRT engine")
     assert not (tmp_path / "x.png").exists()

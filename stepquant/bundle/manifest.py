@@ -180,6 +180,7 @@ class Manifest:
     sample_space: str = "pixel"
     class_table: str | None = None  # class-conditional models: the class table `sample --classes` picks rows of
     text_to_image: TextToImage | None = None  # a whole pipeline's tokenizer, text encoder and VAE decoder
+    denoiser_config: str | None = None  # the denoiser's diffusers config.json (what a diffusers drop-in reports)
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256, every file of the bundle
     info: dict[str, Any] = field(default_factory=dict)  # the rest: quantization, calibration, versions...
 
@@ -195,6 +196,7 @@ class Manifest:
             "reference_graph": self.reference_graph,
             "correction": {"method": self.correction_method, "file": self.correction_file},
             "engine": self.engine, **({"text_to_image": self.text_to_image.to_dict()} if self.text_to_image else {}),
+            **({"denoiser_config": self.denoiser_config} if self.denoiser_config else {}),
             **self.info,
         }
 
@@ -264,9 +266,12 @@ class Manifest:
             known = ("timestep_groups", "parity", "onnxruntime_optimization_level", "parity_optimization_level")
             typed_targets[name] = Target(groups, parity, *levels, {k: v for k, v in section.items() if k not in known})
         known = ("format_version", "files", "manifest_sha256", "source_model", "sample_shape", "sample_space", "inputs", "noise_schedule",
-                 "sampler", "scheduler_table", "targets", "reference_graph", "correction", "engine", "text_to_image")
+                 "sampler", "scheduler_table", "targets", "reference_graph", "correction", "engine", "text_to_image",
+                 "denoiser_config")
         text_to_image = None if data.get("text_to_image") is None else TextToImage.from_dict(data["text_to_image"], listed, need)
         need(text_to_image is None or data["sample_space"] == "latent", "'text_to_image' needs latent samples")
+        need(data.get("denoiser_config") is None or data["denoiser_config"] in listed,
+             "'denoiser_config' must be null or a listed file")
         return cls(
             source_model=str(data.get("source_model", "")), sample_shape=tuple(shape),  # type: ignore[arg-type]
             conditions=tuple(ConditionInput(c["name"], tuple(c["shape"])) for c in inputs["conditions"]),
@@ -275,4 +280,5 @@ class Manifest:
                             bool(sampler.get("karras_sigmas", False))),
             scheduler_table=data["scheduler_table"], targets=typed_targets, reference_graph=data["reference_graph"],
             correction_method=correction["method"], correction_file=correction.get("file"), engine=data.get("engine", {}),
-            sample_space=data["sample_space"], class_table=inputs.get("class_table"), text_to_image=text_to_image, files=dict(files), info={k: v for k, v in data.items() if k not in known})
+            sample_space=data["sample_space"], class_table=inputs.get("class_table"), text_to_image=text_to_image,
+            denoiser_config=data.get("denoiser_config"), files=dict(files), info={k: v for k, v in data.items() if k not in known})

@@ -9,6 +9,7 @@ after `sample` and `timestep`, in the order listed here; their first axis is the
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -82,6 +83,14 @@ def architecture_of(model: nn.Module) -> Architecture:
     if name not in ARCHITECTURES:
         raise ValueError(f"{name} is not a supported denoiser; supported: {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[name]
+
+
+def config_file(model: nn.Module) -> tuple[str, str]:
+    """(bundle path, text) of the denoiser's diffusers config, as its pipeline folder holds it
+    (`unet/config.json`, `transformer/config.json`), less the exporting machine's path to it."""
+    config = json.loads(model.to_json_string())
+    config.pop("_name_or_path", None)
+    return f"{architecture_of(model).subfolder}/config.json", json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 def sample_shape(model: nn.Module) -> tuple[int, int, int]:

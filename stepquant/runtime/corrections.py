@@ -109,9 +109,14 @@ class Corrections:
         input_bias = self._step(int(timestep)).input_bias
         return x if input_bias is None else x - input_bias
 
+    def correct_mean(self, eps: np.ndarray, timestep: int) -> np.ndarray:
+        """The affine part, gain * eps + bias: the same on each half of a guided batch as on their combination."""
+        terms = self._step(int(timestep))
+        return terms.gain * eps + terms.bias
+
     def correct_estimate(self, eps: np.ndarray, timestep: int, generators: Sequence[NoiseStream]) -> np.ndarray:
         terms = self._step(int(timestep))
-        eps = terms.gain * eps + terms.bias
+        eps = self.correct_mean(eps, timestep)
         if terms.noise_std > 0:
             eps = eps + terms.noise_std * per_sample_noise(generators, eps.shape[1:])
         return eps

@@ -1,0 +1,204 @@
+"""A bundle's denoiser as a drop-in for a diffusers pipeline: `pipe.unet = from_bundle(DIR)` (or
+`pipe.transformer = ...` for PixArt), for users who keep torch and diffusers on the serving machine.
+
+The object is a `torch.nn.Module` with the replaced module's call signature, output types (`return_dict` True
+or False), `.config` (the denoiser's config.json the bundle carries), `.dtype` and `.device`; each call runs
+the bundle's graph on the chosen backend (onnxruntime, OpenVINO or TensorRT, as `stepquant sample` does) on
+numpy copies of the tensors, and hands the result back on the input's device and dtype.
+
+The bundle's per-timestep gain and bias are applied to the graph's estimate as the runtime's sampler applies
+them: an affine map, and classifier-free guidance combines the two halves of its batch with weights summing to
+one, so correcting each half gives what the sampler's correction of the combined estimate gives. What only the
+sampler's loop can do is left out with a one-line warning: TAC's input bias (it corrects the sampler's state),
+the noise D2's stochastic variant adds, the variance schedule PTQD/D2 shrink on stochastic samplers; so is the
+correction at a timestep the terms do not cover (another scheduler or step count).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import FrozenDict
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+from stepquant.bundle import Bundle, BundleError, load_bundle
+from stepquant.runtime.backend import Backend
+from stepquant.runtime.bundle_backends import RunOptions, bundle_corrections, bundle_table, quantized_backend, reference_backend
+from stepquant.runtime.corrections import CorrectionError, Corrections
+from stepquant.runtime.text_to_image import GRAPHS
+
+Warn = Callable[[str], None]
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+class BundleDenoiser(torch.nn.Module):
+    """What every drop-in shares: the graph call with the bundle's corrections (see the module docstring)."""
+
+    def __init__(self, backend: Backend, config: dict[str, Any], corrections: Corrections | None = None,
+                 warn: Warn | None = None) -> None:
+        super().__init__()
+        self.backend = backend
+        self.config = FrozenDict(config)
+        self.corrections = corrections
+        self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+        self._uncovered: set[int] = set()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32  # the graphs take and give float32 (the Q/DQ nodes inside are the graph's business)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # where the tensors are read from; outputs go back to the input's device
+
+    def _terms(self, timestep: float) -> Corrections | None:
+        if self.corrections is None:
+            return None
+        try:
+            self.corrections.index(int(timestep))
+        except CorrectionError:
+            if not self._uncovered:
+                self.warn(f"the bundle's {self.corrections.method} corrections do not cover timestep {int(timestep)} (they "
+                          f"cover {len(self.corrections.timesteps)} timesteps of its own sampler): those steps run uncorrected")
+            self._uncovered.add(int(timestep))
+            return None
+        return self.corrections
+
+    def estimate(self, sample: torch.Tensor, timestep: Any, conditions: dict[str, Any]) -> torch.Tensor:
+        """The graph's noise estimate for `sample` at `timestep` (a number, a 0-d or a [B] tensor), corrected."""
+        x = _numpy(sample)
+        steps = np.broadcast_to(_numpy(timestep).reshape(-1), (len(x),)).astype(np.float32)
+        feeds = {name: _numpy(value) for name, value in conditions.items() if value is not None}
+        out = np.empty_like(x)
+        for t in np.unique(steps).tolist():  # one pass in a pipeline, whose batch shares its timestep
+            rows = steps == t
+            part, fed = x[rows], {name: value[rows] for name, value in feeds.items()}
+            terms = self._terms(t)
+            eps = self.backend(part, steps[rows], **fed)
+            out[rows] = eps if terms is None else terms.correct_mean(eps, int(t))
+        return torch.from_numpy(out).to(sample.device, sample.dtype)
+
+
+def _refuse_extras(**extras: Any) -> None:
+    given = [name for name, value in extras.items() if value is not None]
+    if given:
+        raise ValueError(f"a bundle's compiled graph takes no {', '.join(given)}: the drop-in runs the exported denoiser only")
+
+
+class BundleUNet(BundleDenoiser):
+    """In place of `pipe.unet`: diffusers' UNet2DModel and UNet2DConditionModel call signature."""
+
+    def __init__(self, backend: Backend, config: dict[str, Any], corrections: Corrections | None = None,
+                 warn: Warn | None = None) -> None:
+        super().__init__(backend, config, corrections, warn)
+        if config.get("addition_embed_type") == "text_time":  # SDXL's pipeline checks the pooled projection's width
+            width = config["projection_class_embeddings_input_dim"]
+            self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=width))
+
+    def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None, timestep_cond: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None,
+                added_cond_kwargs: dict[str, torch.Tensor] | None = None, down_block_additional_residuals=None,
+                mid_block_additional_residual=None, down_intrinsic_block_additional_residuals=None,
+                encoder_attention_mask: torch.Tensor | None = None, return_dict: bool = True):
+        _refuse_extras(class_labels=class_labels, timestep_cond=timestep_cond, attention_mask=attention_mask,
+                       down_block_additional_residuals=down_block_additional_residuals,
+                       mid_block_additional_residual=mid_block_additional_residual,
+                       down_intrinsic_block_additional_residuals=down_intrinsic_block_additional_residuals,
+                       encoder_attention_mask=encoder_attention_mask)
+        added = added_cond_kwargs or {}
+        eps = self.estimate(sample, timestep, {"encoder_hidden_states": encoder_hidden_states,
+                                               "text_embeds": added.get("text_embeds"), "time_ids": added.get("time_ids")})
+        output = UNet2DOutput if encoder_hidden_states is None else UNet2DConditionOutput
+        return output(sample=eps) if return_dict else (eps,)
+
+
+class BundleTransformer(BundleDenoiser):
+    """In place of `pipe.transformer`: PixArtTransformer2DModel's call signature. The graph gives the noise
+    half only, so `.config.out_channels` says the sample's channels (the pipeline then splits nothing off)."""
+
+    def __init__(self, backend: Backend, config: dict[str, Any], corrections: Corrections | None = None,
+                 warn: Warn | None = None) -> None:
+        super().__init__(backend, {**config, "out_channels": config["in_channels"]}, corrections, warn)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                timestep: Any = None, added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+                cross_attention_kwargs: dict | None = None, attention_mask: torch.Tensor | None = None,
+                encoder_attention_mask: torch.Tensor | None = None, return_dict: bool = True):
+        _refuse_extras(attention_mask=attention_mask)
+        added = added_cond_kwargs or {}
+        eps = self.estimate(hidden_states, timestep, {
+            "encoder_hidden_states": encoder_hidden_states, "encoder_attention_mask": encoder_attention_mask,
+            "resolution": added.get("resolution"), "aspect_ratio": added.get("aspect_ratio")})
+        return Transformer2DModelOutput(sample=eps) if return_dict else (eps,)
+
+
+DROP_INS: dict[str, type[BundleDenoiser]] = {
+    "UNet2DModel": BundleUNet,
+    "UNet2DConditionModel": BundleUNet,
+    "PixArtTransformer2DModel": BundleTransformer,
+}
+
+
+def _denoiser_config(bundle: Bundle, config: dict | None) -> dict[str, Any]:
+    if config is not None:
+        return dict(config)
+    name = bundle.manifest.denoiser_config
+    if name is None:
+        raise BundleError(f"bundle {bundle.path} carries no denoiser config (exported by an older stepquant): re-export "
+                          "it, or pass config=pipe.unet.config")
+    try:
+        return json.loads(bundle.file(name).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise BundleError(f"bundle {bundle.path}: cannot read {name}: {err}") from err
+
+
+def _sampler_only_terms(bundle: Bundle, corrections: Corrections) -> str | None:
+    """What of `corrections` the drop-in cannot apply (None: nothing)."""
+    if corrections.input_bias.any():
+        return "the input bias, which corrects the sampler's state"
+    if corrections.noise_std.any():
+        return "the noise D2's stochastic corrections add"
+    if corrections.residual_var.any() and bundle_table(bundle).stochastic:
+        return "the shrunk variance schedule of its stochastic sampler"
+    return None
+
+
+def from_bundle(bundle: str | Path | Bundle, backend: str = "onnxruntime", graph: str = "quantized",
+                corrections: bool = True, threads: int | None = None, provider: str = "cpu", device: str = "CPU",
+                engine: Path | None = None, config: dict | None = None, warn: Warn | None = None) -> BundleDenoiser:
+    """The bundle's denoiser (its quantized graph, or the FP32 `graph="reference"`) as a drop-in for
+    `pipe.unet` / `pipe.transformer` (a path is loaded and verified). `config` stands in for a bundle that
+    carries no denoiser config."""
+    loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
+    denoiser_config = _denoiser_config(loaded, config)
+    kind = denoiser_config.get("_class_name")
+    if kind not in DROP_INS:
+        raise BundleError(f"bundle {loaded.path}: its denoiser is {kind!r}; the drop-in replaces {', '.join(DROP_INS)}")
+    options = RunOptions(threads, provider, None, device, engine)
+    warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+    terms = bundle_corrections(loaded) if corrections and graph == "quantized" else None
+    if terms is not None and (left_out := _sampler_only_terms(loaded, terms)):
+        warn(f"the drop-in applies the bundle's {terms.method} gain and bias, not {left_out}: "
+             "`stepquant sample` / `generate` apply all of it")
+    if graph == "reference":
+        runner = reference_backend(loaded, backend=backend, options=options)
+    else:
+        runner = quantized_backend(loaded, threads, backend, engine, provider=provider, device=device)
+    return DROP_INS[kind](runner, denoiser_config, terms, warn)
