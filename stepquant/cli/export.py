@@ -50,66 +50,66 @@ def _print_report(report: ExportReport, config: ExportConfig) -> None:
 
 
 def export_command(
-    out: Annotated[Path, typer.Option(help="Bundle directory to write (atomically).")],
-    model: Annotated[str, typer.Option(help=f"'{DEMO_MODEL_NAME}', a local diffusers directory, or a hub id.")] = DEMO_MODEL_NAME,
-    weight_bits: Annotated[int, typer.Option(help="Weight bits (per output channel, symmetric).")] = 8,
-    act_bits: Annotated[int, typer.Option(help="Activation bits (per tensor, symmetric).")] = 8,
-    format: Annotated[Format, typer.Option(help="int8, or fp8 (E4M3, for Ada/Hopper GPUs).")] = Format.int8,
-    target: Annotated[Optional[list[Target]], typer.Option(
+    out: Annotated[Path, typer.Option(rich_help_panel="Model", help="Bundle directory to write (atomically).")],
+    model: Annotated[str, typer.Option(rich_help_panel="Model", help=f"'{DEMO_MODEL_NAME}', a local diffusers directory, or a hub id.")] = DEMO_MODEL_NAME,
+    weight_bits: Annotated[int, typer.Option(rich_help_panel="Quantization", help="Weight bits (per output channel, symmetric).")] = 8,
+    act_bits: Annotated[int, typer.Option(rich_help_panel="Quantization", help="Activation bits (per tensor, symmetric).")] = 8,
+    format: Annotated[Format, typer.Option(rich_help_panel="Quantization", help="int8, or fp8 (E4M3, for Ada/Hopper GPUs).")] = Format.int8,
+    target: Annotated[Optional[list[Target]], typer.Option(rich_help_panel="Quantization", 
         help="Placement profile(s), one graph each from the same calibration (repeatable): tensorrt (default), "
              "onnxruntime-cpu (U8S8 integer kernels on onnxruntime's CPU provider).")] = None,
-    precision: Annotated[Precision, typer.Option(help="Float compute and Q/DQ scales: fp32, or fp16 for FP16 engines.")] = Precision.fp32,
-    correction: Annotated[Correction, typer.Option(help="Per-timestep correction terms applied by the sampler's host loop.")] = Correction.none,
-    correction_per_branch: Annotated[bool, typer.Option(
+    precision: Annotated[Precision, typer.Option(rich_help_panel="Quantization", help="Float compute and Q/DQ scales: fp32, or fp16 for FP16 engines.")] = Precision.fp32,
+    correction: Annotated[Correction, typer.Option(rich_help_panel="Corrections", help="Per-timestep correction terms applied by the sampler's host loop.")] = Correction.none,
+    correction_per_branch: Annotated[bool, typer.Option(rich_help_panel="Corrections", 
         help="Guided sampling: fit the correction terms to both branches' outputs instead of the guided estimate.")] = False,
-    fp8_attention: Annotated[bool, typer.Option(
+    fp8_attention: Annotated[bool, typer.Option(rich_help_panel="Quantization", 
         help="With --format fp8: Q/DQ on the attention matmuls too (TensorRT's FP8 fused MHA; head_dim % 16 == 0).")] = False,
-    residual_qdq: Annotated[bool, typer.Option(help="Q/DQ on the skip input of ResNet residual Adds (TensorRT fuses Conv+Add).")] = True,
-    steps: Annotated[int, typer.Option(help="Sampler steps for calibration trajectories and evaluation.")] = 25,
-    scheduler: Annotated[Scheduler, typer.Option(help="Sampler for trajectories and evaluation.")] = Scheduler.ddim,
-    eta: Annotated[float, typer.Option(help="DDIM eta (0: deterministic).")] = 0.0,
-    karras_sigmas: Annotated[bool, typer.Option(help="Karras sigmas (dpm-solver++, euler, unipc).")] = False,
-    prompts_file: Annotated[Optional[Path], typer.Option(
+    residual_qdq: Annotated[bool, typer.Option(rich_help_panel="Quantization", help="Q/DQ on the skip input of ResNet residual Adds (TensorRT fuses Conv+Add).")] = True,
+    steps: Annotated[int, typer.Option(rich_help_panel="Sampler", help="Sampler steps for calibration trajectories and evaluation.")] = 25,
+    scheduler: Annotated[Scheduler, typer.Option(rich_help_panel="Sampler", help="Sampler for trajectories and evaluation.")] = Scheduler.ddim,
+    eta: Annotated[float, typer.Option(rich_help_panel="Sampler", help="DDIM eta (0: deterministic).")] = 0.0,
+    karras_sigmas: Annotated[bool, typer.Option(rich_help_panel="Sampler", help="Karras sigmas (dpm-solver++, euler, unipc).")] = False,
+    prompts_file: Annotated[Optional[Path], typer.Option(rich_help_panel="Conditioning", 
         help="Conditional models: calibration prompts, one per line, encoded by the pipeline's own text encoder(s).")] = None,
-    conditioning: Annotated[Optional[Path], typer.Option(
+    conditioning: Annotated[Optional[Path], typer.Option(rich_help_panel="Conditioning", 
         help="Conditional models: precomputed conditioning (.safetensors from `stepquant encode-prompts`).")] = None,
     classes: Classes = None,
-    guidance_scale: Annotated[float, typer.Option(
+    guidance_scale: Annotated[float, typer.Option(rich_help_panel="Sampler", 
         help="Classifier-free guidance of the calibration and evaluation sampling (Stable Diffusion: 7.5; 1: none).")] = 1.0,
-    batch_range: Annotated[str, typer.Option(help="Network batch range min:opt:max (with guidance, twice the images).")] = "1:8:64",
-    height_range: Annotated[Optional[str], typer.Option(help="Latent height range min:opt:max (default: the model's size only).")] = None,
-    width_range: Annotated[Optional[str], typer.Option(help="Latent width range min:opt:max (default: the model's size only).")] = None,
-    sequence_range: Annotated[Optional[str], typer.Option(help="Text token range min:opt:max (default: the conditioning's length).")] = None,
-    calib_samples: Annotated[int, typer.Option(help="Calibration trajectories (seeded noise samples).")] = 64,
-    calib_batch: Annotated[int, typer.Option(
+    batch_range: Annotated[str, typer.Option(rich_help_panel="Shapes", help="Network batch range min:opt:max (with guidance, twice the images).")] = "1:8:64",
+    height_range: Annotated[Optional[str], typer.Option(rich_help_panel="Shapes", help="Latent height range min:opt:max (default: the model's size only).")] = None,
+    width_range: Annotated[Optional[str], typer.Option(rich_help_panel="Shapes", help="Latent width range min:opt:max (default: the model's size only).")] = None,
+    sequence_range: Annotated[Optional[str], typer.Option(rich_help_panel="Shapes", help="Text token range min:opt:max (default: the conditioning's length).")] = None,
+    calib_samples: Annotated[int, typer.Option(rich_help_panel="Calibration", help="Calibration trajectories (seeded noise samples).")] = 64,
+    calib_batch: Annotated[int, typer.Option(rich_help_panel="Calibration", 
         help="Seeds per calibration trajectory batch; under torchrun each process takes whole batches.")] = ExportConfig.calib_batch,
-    calib_steps: Annotated[Optional[int], typer.Option(help="Sampler steps kept per trajectory (default: all).")] = None,
-    calibrator: Annotated[Calibrator, typer.Option(
+    calib_steps: Annotated[Optional[int], typer.Option(rich_help_panel="Calibration", help="Sampler steps kept per trajectory (default: all).")] = None,
+    calibrator: Annotated[Calibrator, typer.Option(rich_help_panel="Calibration", 
         help="minmax/percentile/mse: activation ranges only; reconstruct: + learned rounding and step sizes per block; "
              "multistep / mixed-order: + a network stage over n sampler steps / towards the FP second-order direction.")] = Calibrator.minmax,
-    percentile: Annotated[float, typer.Option(help="Percentile of |x| for --calibrator percentile.")] = 99.99,
-    recon_iters: Annotated[int, typer.Option(help="Reconstruction iterations per block.")] = ReconstructionConfig.iters,
-    recon_scale_lr: Annotated[float, typer.Option(
+    percentile: Annotated[float, typer.Option(rich_help_panel="Calibration", help="Percentile of |x| for --calibrator percentile.")] = 99.99,
+    recon_iters: Annotated[int, typer.Option(rich_help_panel="Calibration", help="Reconstruction iterations per block.")] = ReconstructionConfig.iters,
+    recon_scale_lr: Annotated[float, typer.Option(rich_help_panel="Calibration", 
         help="Step-size learning rate of reconstruction, relative to each step size.")] = ReconstructionConfig.scale_lr,
-    multistep_steps: Annotated[int, typer.Option(help="Consecutive sampler steps per multistep objective (n).")] = ReconstructionConfig.multistep_steps,
-    split_skip_concat: Annotated[Optional[bool], typer.Option(
-        help="Own quantizers for h and skip in decoder layers fed cat([h, skip]) (default: on for reconstruction calibrators).")] = None,
-    timestep_groups: Annotated[int, typer.Option(help="Graphs with their own activation scales, split where ranges change most.")] = 1,
-    steps_per_group: Annotated[Optional[int], typer.Option(help="Instead of --timestep-groups: a new graph every N sampler steps.")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(help="Extra layer-name regex to keep in FP (repeatable).")] = None,
-    default_excludes: Annotated[bool, typer.Option(help="Apply the default exclusions (embeddings, conv_in/out, shortcuts).")] = True,
-    seed: Annotated[int, typer.Option(help="Seed of calibration and evaluation noise.")] = 0,
-    eval_samples: Annotated[int, typer.Option(help="Seeds sampled to report PSNR to FP.")] = 256,
-    engine: Annotated[bool, typer.Option(help="Also build the TensorRT engine (needs TensorRT here).")] = False,
-    allow_parity_failure: Annotated[bool, typer.Option(
+    multistep_steps: Annotated[int, typer.Option(rich_help_panel="Calibration", help="Consecutive sampler steps per multistep objective (n).")] = ReconstructionConfig.multistep_steps,
+    split_skip_concat: Annotated[Optional[bool], typer.Option(rich_help_panel="Quantization", 
+        help="Own quantizers for h and skip in decoder layers that concatenate the two (default: on for reconstruction calibrators).")] = None,
+    timestep_groups: Annotated[int, typer.Option(rich_help_panel="Calibration", help="Graphs with their own activation scales, split where ranges change most.")] = 1,
+    steps_per_group: Annotated[Optional[int], typer.Option(rich_help_panel="Calibration", help="Instead of --timestep-groups: a new graph every N sampler steps.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(rich_help_panel="Quantization", help="Extra layer-name regex to keep in FP (repeatable).")] = None,
+    default_excludes: Annotated[bool, typer.Option(rich_help_panel="Quantization", help="Apply the default exclusions (embeddings, conv_in/out, shortcuts).")] = True,
+    seed: Annotated[int, typer.Option(rich_help_panel="Calibration", help="Seed of calibration and evaluation noise.")] = 0,
+    eval_samples: Annotated[int, typer.Option(rich_help_panel="Output and checks", help="Seeds sampled to report PSNR to FP.")] = 256,
+    engine: Annotated[bool, typer.Option(rich_help_panel="Device", help="Also build the TensorRT engine (needs TensorRT here).")] = False,
+    allow_parity_failure: Annotated[bool, typer.Option(rich_help_panel="Output and checks", 
         help="Keep a bundle whose layer-wise parity check fails (recorded as failed).")] = False,
-    device: Annotated[str, typer.Option(
+    device: Annotated[str, typer.Option(rich_help_panel="Device", 
         help="Where torch runs (trajectories, calibration, reconstruction, corrections, FP samples): auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[FpDtype, typer.Option(help="Float type of the FP reference on --device (quantizers stay float32).")] = FpDtype.float32,
-    overwrite: Annotated[bool, typer.Option(
+    dtype: Annotated[FpDtype, typer.Option(rich_help_panel="Device", help="Float type of the FP reference on --device (quantizers stay float32).")] = FpDtype.float32,
+    overwrite: Annotated[bool, typer.Option(rich_help_panel="Model", 
         help="Replace an existing bundle at --out (only a stepquant bundle; never the current directory or the model's).")] = False,
     sign_key: SignKey = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: Annotated[bool, typer.Option(rich_help_panel="Output and checks", help="Show progress bars.")] = True,
 ) -> None:
     """Calibrate, quantize and export a diffusion model into a bundle (Q/DQ ONNX, manifest, parity data)."""
     patterns = (DEFAULT_EXCLUDE if default_excludes else ()) + tuple(exclude or ())

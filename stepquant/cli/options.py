@@ -9,18 +9,16 @@ import typer
 
 from stepquant.cli.choices import Provider, RuntimeBackend
 
-BackendOption = Annotated[RuntimeBackend, typer.Option(
-    "--backend", help="What runs the bundle's graphs; auto: TensorRT where its engines are built, else onnxruntime-gpu's "
+BackendOption = Annotated[RuntimeBackend, typer.Option("--backend", rich_help_panel="Backend", help="What runs the bundle's graphs; auto: TensorRT where its engines are built, else onnxruntime-gpu's "
     "CUDA provider, else OpenVINO, else onnxruntime on the CPU.")]
-ProviderOption = Annotated[Provider, typer.Option(
-    "--provider", help="onnxruntime's execution provider (cuda and tensorrt need onnxruntime-gpu in place of onnxruntime).")]
-DeviceOption = Annotated[str, typer.Option("--device", help="OpenVINO's device for --backend openvino: CPU, GPU, NPU or AUTO.")]
+ProviderOption = Annotated[Provider, typer.Option("--provider", rich_help_panel="Backend", help="onnxruntime's execution provider (cuda and tensorrt need onnxruntime-gpu in place of onnxruntime).")]
+DeviceOption = Annotated[str, typer.Option("--device", rich_help_panel="Backend", help="OpenVINO's device for --backend openvino: CPU, GPU, NPU or AUTO.")]
 
-TrustKey = Annotated[Optional[Path], typer.Option(
+TrustKey = Annotated[Optional[Path], typer.Option(rich_help_panel="Input", 
     help="Refuse the bundle unless its manifest is signed by this Ed25519 public key (from `stepquant keygen`).")]
-SignKey = Annotated[Optional[Path], typer.Option(
+SignKey = Annotated[Optional[Path], typer.Option(rich_help_panel="Output and checks",
     help="Sign the bundle's manifest with this Ed25519 private key (from `stepquant keygen`).")]
-Classes = Annotated[Optional[str], typer.Option(
+Classes = Annotated[Optional[str], typer.Option(rich_help_panel="Conditioning",
     help="Class-conditional models (demo-digits-cond): class indices, e.g. 0,1,7; sample i asks for classes[i mod len] "
          "(default: every class in turn).")]
 

@@ -33,30 +33,30 @@ def _check_out(out: Path, n: int, shape: tuple[int, ...] | None = None) -> None:
 
 
 def sample_command(
-    out: Annotated[Path, typer.Option(help="Output: .png grid or .npz with key 'samples' (N,C,H,W; in [-1, 1], or latents).")],
-    bundle: Annotated[Optional[Path], typer.Option(help="Bundle to run (onnxruntime).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="FP model to run (torch), seeded exactly as a bundle.")] = None,
-    n: Annotated[int, typer.Option(min=1, help="Number of samples (seeds seed .. seed+n-1).")] = 64,
-    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="First seed.")] = 0,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Sampler steps (default: the bundle's, else 25).")] = None,
-    eta: Annotated[Optional[float], typer.Option(help="DDIM eta (default: the bundle's, else 0: deterministic).")] = None,
-    scheduler: Annotated[Optional[Scheduler], typer.Option(help="Sampler (default: the bundle's, else ddim).")] = None,
-    karras_sigmas: Annotated[Optional[bool], typer.Option(help="Karras sigmas (default: the bundle's, else off).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Samples per network call.")] = 64,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime intra-op threads (default: all cores).")] = None,
+    out: Annotated[Path, typer.Option(rich_help_panel="Output", help="Output: .png grid or .npz with key 'samples' (N,C,H,W; in [-1, 1], or latents).")],
+    bundle: Annotated[Optional[Path], typer.Option(rich_help_panel="Input", help="Bundle to run (onnxruntime).")] = None,
+    model: Annotated[Optional[str], typer.Option(rich_help_panel="Input", help="FP model to run (torch), seeded exactly as a bundle.")] = None,
+    n: Annotated[int, typer.Option(rich_help_panel="Sampler", min=1, help="Number of samples (seeds seed .. seed+n-1).")] = 64,
+    seed: Annotated[int, typer.Option(rich_help_panel="Sampler", min=0, max=MAX_SEED, help="First seed.")] = 0,
+    steps: Annotated[Optional[int], typer.Option(rich_help_panel="Sampler", min=1, help="Sampler steps (default: the bundle's, else 25).")] = None,
+    eta: Annotated[Optional[float], typer.Option(rich_help_panel="Sampler", help="DDIM eta (default: the bundle's, else 0: deterministic).")] = None,
+    scheduler: Annotated[Optional[Scheduler], typer.Option(rich_help_panel="Sampler", help="Sampler (default: the bundle's, else ddim).")] = None,
+    karras_sigmas: Annotated[Optional[bool], typer.Option(rich_help_panel="Sampler", help="Karras sigmas (default: the bundle's, else off).")] = None,
+    batch_size: Annotated[int, typer.Option(rich_help_panel="Backend", min=1, help="Samples per network call.")] = 64,
+    threads: Annotated[Optional[int], typer.Option(rich_help_panel="Backend", min=1, help="onnxruntime intra-op threads (default: all cores).")] = None,
     backend: BackendOption = RuntimeBackend.onnxruntime,
     provider: ProviderOption = Provider.cpu,
     device: DeviceOption = "CPU",
-    engine: Annotated[Optional[Path], typer.Option(help="TensorRT engine for --backend tensorrt (default: the bundle's).")] = None,
-    corrections: Annotated[bool, typer.Option(help="Apply the bundle's per-timestep correction terms, if it has them.")] = True,
-    conditioning: Annotated[Optional[Path], typer.Option(
+    engine: Annotated[Optional[Path], typer.Option(rich_help_panel="Backend", help="TensorRT engine for --backend tensorrt (default: the bundle's).")] = None,
+    corrections: Annotated[bool, typer.Option(rich_help_panel="Sampler", help="Apply the bundle's per-timestep correction terms, if it has them.")] = True,
+    conditioning: Annotated[Optional[Path], typer.Option(rich_help_panel="Conditioning", 
         help="Conditional models: prompts' conditioning (.safetensors from `stepquant encode-prompts`); sample i takes row i mod P.")] = None,
     classes: Classes = None,
-    guidance_scale: Annotated[Optional[float], typer.Option(
+    guidance_scale: Annotated[Optional[float], typer.Option(rich_help_panel="Sampler", 
         help="Classifier-free guidance scale (default: the bundle's calibration scale, else 1).")] = None,
-    decode_with: Annotated[Optional[Path], typer.Option(
+    decode_with: Annotated[Optional[Path], typer.Option(rich_help_panel="Output", 
         help="Latent models: decode the latents with this pipeline directory's VAE before writing.")] = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: Annotated[bool, typer.Option(rich_help_panel="Output", help="Show progress bars.")] = True,
     trust_key: TrustKey = None,
 ) -> None:
     """Sample from a bundle or from an FP model with per-sample seeds, so outputs compare one to one."""
