@@ -83,7 +83,7 @@ PERCENTILE_RANGE = (50.0, 100.0)  # of |x|: below the median there is nothing le
 FP_TOLERANCE = 1e-5  # median relative error, FP torch vs FP ONNX (no quantizer, so no rounding ties)
 # The replay (`stepquant parity`) on another machine or runtime is judged end to end, where one rounding tie
 # flipped upstream moves every later quantizer: its tolerance is this many times the worst error the correct
-# graph showed at export, and at least the policy's floor (docs/BENCHMARKS.md, "Parity").
+# graph showed at export, and at least the policy's floor (docs/benchmarks/parity.md).
 REPLAY_MARGIN = 4.0
 MODEL_FILE, FP_MODEL_FILE, PREVIEW_FILE, BUILD_SCRIPT = "model.onnx", "model_fp32.onnx", "preview.png", "build_engine.sh"
 CORRECTIONS_FILE, CLASS_TABLE_FILE = "corrections.safetensors", "class_table.safetensors"

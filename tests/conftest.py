@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import platform
 import subprocess
 from pathlib import Path
@@ -103,3 +104,20 @@ def sdxl_pipeline(text_pipeline) -> Path:
                      "--out", root / "bundle", "--guidance-scale", "3", *FAST)
     assert result.returncode == 0, result.stderr
     return root
+
+
+# The slow tier (`make test` runs it, `make test-fast` leaves it out): a test is slow when it exports a bundle, or
+# uses a fixture that does. Everything else is the inner loop's.
+EXPORTING_FIXTURES = frozenset({"demo_bundle", "text_bundle", "sdxl_pipeline", "bundle_copy", "cli_bundle", "exported",
+                                "corrected_bundle", "cpu_graph", "calibrated", "external_bundle", "fp16_bundle", "fp8_bundle",
+                                "class_model", "guided_calibration", "graph", "conditional_bundle", "guided_sets", "bundle",
+                                "demo_backends"})
+EXPORT_CALLS = ("export_quantized(", '"export-quantized"', "export_graphs(", "calibrate_model(", "tools/")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        function = getattr(item, "function", None)
+        source = inspect.getsource(function) if function is not None else ""
+        if EXPORTING_FIXTURES & set(getattr(item, "fixturenames", ())) or any(call in source for call in EXPORT_CALLS):
+            item.add_marker(pytest.mark.slow)

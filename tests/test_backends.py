@@ -89,6 +89,7 @@ def test_eval_and_bench_run_on_openvino(demo_bundle, tmp_path):
     assert_one_line_error(unknown, "'tensorrt' is not a CPU backend")
 
 
+@pytest.mark.slow
 def test_choosing_a_backend_imports_no_other_engine():
     code = ("import json, sys; from stepquant.cli import sample, generate, evaluate, bench; "
             "print(json.dumps([m for m in sys.modules if m.split('.')[0] in ('openvino', 'tensorrt')]))")

@@ -109,6 +109,7 @@ def test_bundle_samples_with_guidance_on_onnxruntime(exported):
     assert report.psnr_mean_db > 20.0
 
 
+@pytest.mark.slow
 def test_calibration_keeps_unconditional_and_conditional_copies(tmp_path):
     model = EpsilonModel(UNet2DConditionModel(**ARCHITECTURES["sd"][2]).eval())
     conditioning = random_conditioning(model, prompts=2)

@@ -52,6 +52,7 @@ def test_two_processes_give_one_process_minmax_scales_bit_for_bit(tiny_model_dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # nothing else written, by any rank
 
 
+@pytest.mark.slow
 def test_a_rank_failing_mid_calibration_stops_all_and_leaves_nothing(tiny_model_dir, tmp_path):
     """Rank 1 meets a NaN while observing ranges (seeded here through sitecustomize); rank 0 is stopped and
     removes its staging directory."""

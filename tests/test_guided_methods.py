@@ -194,6 +194,7 @@ def test_class_bundle_export_sample_and_bad_input(class_model, tmp_path):
     assert not any((tmp_path / name).exists() for name in ("x.npz", "d", "e", "f"))
 
 
+@pytest.mark.slow
 def test_bundled_conditional_demo_draws_the_requested_digit(tmp_path):
     """demo-digits-cond: at most 10 MB of weights, ten classes, and guided FP samples (guidance 3, 25 DDIM
     steps) that the project's classifier reads as the requested digit at least 95% of the time."""

@@ -84,7 +84,7 @@ def test_a_scale_fault_is_also_visible_in_the_codes(graph, tmp_path):
     kind, model, path, feeds = graph
     if kind[2] == "fp16":
         pytest.skip("FP16 arithmetic between quantizers flips up to 4% of a quantizer's codes, so the FP16 policy allows "
-                    "10%: a 2% weight scale there is the static check's to catch (docs/BENCHMARKS.md, Parity)")
+                    "10%: a 2% weight scale there is the static check's to catch (docs/benchmarks/parity.md)")
     faulty = tmp_path / "faulty.onnx"
     quantizer = seed_fault(path, faulty, "weight scale 2% off")
     report, _ = check_layerwise(model, faulty, feeds, parity_policy(*kind))

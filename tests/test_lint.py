@@ -137,6 +137,7 @@ def test_lint_command_names_each_finding_and_exits_1(tmp_path, demo_bundle):
     assert good.returncode == 0 and "conforms" in good.stdout
 
 
+@pytest.mark.slow
 def test_the_cifar10_architecture_export_conforms(tmp_path):
     import torch
     from diffusers import UNet2DModel

@@ -49,6 +49,7 @@ def _quantized(fp, spec=QuantSpec(4, 8)):
     return q
 
 
+@pytest.mark.slow
 def test_learned_rounding_stays_within_one_grid_step_of_nearest_and_moves_some_weights(tiny):
     fp, calib = tiny
     q = _quantized(fp)
@@ -66,6 +67,7 @@ def test_learned_rounding_stays_within_one_grid_step_of_nearest_and_moves_some_w
     assert changed > 0
 
 
+@pytest.mark.slow
 def test_reconstruction_lowers_the_block_output_error(tiny):
     fp, calib = tiny
     q = _quantized(fp)

@@ -23,6 +23,7 @@ def tiny(tiny_model_dir):
     return TorchBackend(EpsilonModel(loaded.denoiser)), loaded.scheduler_config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", SAMPLERS)
 def test_each_seed_gives_the_same_sample_whatever_the_batch(tiny, config):
     backend, schedule = tiny
@@ -44,6 +45,7 @@ def demo():
     SamplerConfig("ddim", 25, 0.0), SamplerConfig("ddim", 10, 1.0), SamplerConfig("ddpm", 25), SamplerConfig("dpm-solver++", 20),
     SamplerConfig("dpm-solver++", 15, karras_sigmas=True), SamplerConfig("euler", 20), SamplerConfig("euler", 20, karras_sigmas=True),
     SamplerConfig("euler-ancestral", 20), SamplerConfig("unipc", 20)], ids=lambda c: c.describe())
+@pytest.mark.slow
 def test_the_runtime_loop_equals_diffusers_own_loop_from_the_same_noise(demo, config):
     """On the trained demo: a random network amplifies float32 rounding (the table's coefficients are
     products diffusers takes in another order) by about 30x over 10 steps; a trained one does not. Euler-type
@@ -98,6 +100,7 @@ def test_stochastic_sampling_differs_from_deterministic(tiny):
     assert not np.allclose(*runs)
 
 
+@pytest.mark.slow
 def test_torch_and_onnxruntime_backends_are_interchangeable(tiny, tmp_path):
     backend, schedule = tiny
     export_onnx(backend.model, tmp_path / "fp.onnx", (1, 8, 8))
@@ -122,6 +125,7 @@ def test_sampler_config_refuses_bad_values(kwargs, message):
 
 @pytest.mark.parametrize("config", [SamplerConfig("ddim", 20), SamplerConfig("dpm-solver++", 20), SamplerConfig("euler", 20)],
                          ids=lambda c: c.describe())
+@pytest.mark.slow
 def test_v_prediction_is_converted_by_the_table(demo, config):
     """The table's coefficients act on whatever the network predicts: a v-prediction schedule (the demo's network
     read as v, which is all the arithmetic needs) samples as diffusers' loop does."""

@@ -5,7 +5,7 @@ and, for the demo, `stepquant eval --backend X` (PSNR to FP as each engine compu
 Bundles: the demo exported with both targets at default options, and a UNet2DModel with the architecture
 of google/ddpm-cifar10-32 (random weights, built from its config; speed only, so calibrated briefly).
 
-    python tools/bench_backends.py [--threads 2] [--work DIR] [--smoke] [--no-write]   (writes docs/BENCHMARKS.md, "Backends")
+    python tools/bench_backends.py [--threads 2] [--work DIR] [--smoke] [--no-write]   (writes docs/benchmarks/backends.md)
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, help="keep the bundles here (default: a temporary folder)")
     parser.add_argument("--smoke", action="store_true", help="the demo only, few steps and seeds: checks the script runs")
-    parser.add_argument("--no-write", action="store_true", help="print without updating docs/BENCHMARKS.md")
+    parser.add_argument("--no-write", action="store_true", help="print without updating its docs/benchmarks page")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-backends-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from bench_quality import Context, modelopt_method
-from benchdoc import DOC, header, write_section
+from benchdoc import PAGES, header, write_section
 
 from stepquant.bundle import load_bundle
 from stepquant.calibrators import collect_calibration_set
@@ -154,14 +154,14 @@ def main() -> None:
     text = "\n".join(lines)
     plot = ""
     if ("W4A8", "minmax") in evaluations:
-        images = DOC.parent / "images"
+        images = PAGES.parent / "images"
         images.mkdir(exist_ok=True)
         best = max((c for b, c in evaluations if b == "W4A8"), key=lambda c: evaluations[("W4A8", c)].psnr_to_fp_db)
         for calibrator in dict.fromkeys(("minmax", best)):
             plot_errors(evaluations[("W4A8", calibrator)], images / f"errors_w4a8_{calibrator}.png",
                         f"W4A8 {calibrator}: {args.n} samples, onnxruntime")
         plot = (f"\n\nPer-step against accumulated error at W4A8 (AccuQuant's figure on our model): "
-                f"![minmax](images/errors_w4a8_minmax.png) ![{best}](images/errors_w4a8_{best}.png)\n")
+                f"![minmax](../images/errors_w4a8_minmax.png) ![{best}](../images/errors_w4a8_{best}.png)\n")
         for calibrator in dict.fromkeys(("minmax", best)):
             e = evaluations[("W4A8", calibrator)]
             plot += (f"\n- {calibrator}: per-step RMS error first/last step {e.step_error[0]:.4f} / {e.step_error[-1]:.4f}, "

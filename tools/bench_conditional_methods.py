@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from bench_quality import BITS, modelopt_max
-from benchdoc import header, publish
+from benchdoc import header, page, publish
 
 from stepquant.bundle import load_bundle
 from stepquant.calibrators import collect_calibration_set
@@ -71,7 +71,7 @@ def main() -> None:
                         "trajectories (default: the evaluated one's; multistep and mixed-order always take DDIM's)")
     parser.add_argument("--no-modelopt", action="store_true", help="leave out modelopt max (when another section already "
                                                                        "has this sampler and width's row)")
-    parser.add_argument("--section", default="", help="suffix of the BENCHMARKS section (runs of other subsets)")
+    parser.add_argument("--section", default="", help="suffix of the benchmark page's section (runs of other subsets)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -172,7 +172,8 @@ def main() -> None:
               *table, "",
               f"Total wall time {time.perf_counter() - start:.0f} s."]
     section = f"bench_conditional_methods_{args.schedulers.replace(',', '_')}{'_' + args.section if args.section else ''}"
-    publish(section, [header(), *lines], not args.no_write)
+    sampler_page = page().with_name("conditional-methods-dpm-solver.md") if "dpm-solver++" in args.schedulers else None
+    publish(section, [header(), *lines], not args.no_write, sampler_page)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ arrays, on demo-digits-sd's whole-pipeline bundle, at a guided batch of one imag
 Calls alternate between the two and the medians are compared, so drifts of a shared CPU hit both alike.
 
     python tools/bench_drop_in.py [--threads 2] [--calls 300] [--work DIR] [--smoke] [--no-write]
-                                                                            (writes docs/BENCHMARKS.md, "Diffusers drop-in")
+                                                                            (writes docs/benchmarks/drop-in.md)
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--work", type=Path, help="keep the bundle here (default: a temporary folder)")
     parser.add_argument("--smoke", action="store_true", help="a quick export and few calls: checks the script runs")
-    parser.add_argument("--no-write", action="store_true", help="print without updating docs/BENCHMARKS.md")
+    parser.add_argument("--no-write", action="store_true", help="print without updating its docs/benchmarks page")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-drop-in-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--keep", type=Path, help="build the environments here and keep them (default: a temporary directory)")
-    parser.add_argument("--no-write", action="store_true", help="print the table without updating docs/BENCHMARKS.md")
+    parser.add_argument("--no-write", action="store_true", help="print the table without updating its docs/benchmarks page")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)

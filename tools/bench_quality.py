@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--only", default="", help="run only methods whose name contains this text")
-    parser.add_argument("--no-write", action="store_true", help="print the table without updating docs/BENCHMARKS.md")
+    parser.add_argument("--no-write", action="store_true", help="print the table without updating its docs/benchmarks page")
     args = parser.parse_args()
     torch.set_num_threads(2)
     start = time.perf_counter()

@@ -1,5 +1,6 @@
-"""Write a generated section into docs/BENCHMARKS.md between `<!-- NAME:start -->` and `<!-- NAME:end -->`,
-so each benchmark script owns its table and reruns replace it."""
+"""Write a generated section into the running script's page, docs/benchmarks/<script>.md (tools/bench_latency.py
+-> docs/benchmarks/latency.md), between `<!-- NAME:start -->` and `<!-- NAME:end -->`, so each benchmark script
+owns its tables and reruns replace them; the page's hand-written reading stays as it is."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import shlex
 import sys
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
+PAGES = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
+
+
+def page(script: str | None = None) -> Path:
+    """The benchmark page of `script` (default: the running one): its name without `bench_`."""
+    stem = Path(script or sys.argv[0]).stem
+    return PAGES / f"{stem.removeprefix('bench_').replace('_', '-')}.md"
 
 
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")  # what decides integer kernels' speed
@@ -38,19 +45,20 @@ def header() -> str:
     return f"Generated {datetime.date.today().isoformat()} by `{command}` on {machine()}.\n"
 
 
-def write_section(name: str, body: str, doc: Path = DOC) -> None:
+def write_section(name: str, body: str, doc: Path | None = None) -> None:
+    doc = doc or page()
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{body.rstrip()}\n{end}"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    text = doc.read_text() if doc.exists() else f"# {doc.stem.replace('-', ' ').capitalize()}\n"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     doc.write_text(text)
     print(f"updated section '{name}' of {doc}")
 
 
-def publish(name: str, lines: list[str], write: bool) -> None:
-    """Print a benchmark's section and, unless told not to (--no-write), put it into docs/BENCHMARKS.md."""
+def publish(name: str, lines: list[str], write: bool, doc: Path | None = None) -> None:
+    """Print a benchmark's section and, unless told not to (--no-write), put it into its page."""
     text = "\n".join(lines)
     print(text)
     if write:
-        write_section(name, text)
+        write_section(name, text, doc)

@@ -603,6 +603,7 @@ def main() -> None:
     sys.addaudithook(_audit)
     selected = [c for c in cases() if args.only in (None, c.category)]
     rows = ["| category | input | held | what the command said |", "|---|---|---|---|"]
+    per_category: dict[str, list[int]] = {}
     held = 0
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -611,14 +612,21 @@ def main() -> None:
         for index, case in enumerate(selected):
             ok, said = run(case, root, index)
             held += ok
-            rows.append(f"| {case.category} | {case.name} | {'held' if ok else '**not held**'} | `{said.replace('|', '/')}` |")
-            print(rows[-1], flush=True)
+            per_category.setdefault(case.category, [0, 0])[0] += ok
+            per_category[case.category][1] += 1
+            row = f"| {case.category} | {case.name} | {'held' if ok else '**not held**'} | `{said.replace('|', '/')}` |"
+            print(row, flush=True)
+            if not ok:
+                rows.append(row)
     summary = f"{held} of {len(selected)} held ({time.perf_counter() - start:.0f} s)."
     print(summary)
-    if not args.no_write:
+    if not args.no_write:  # the page: cases per category, and every case not held in full (the run prints all)
+        table = ["| category | cases | held |", "|---|---|---|",
+                 *(f"| {name} | {total} | {ok} |" for name, (ok, total) in per_category.items())]
+        failed = ["", "Not held:", "", *rows] if len(rows) > 2 else []
         write_section("robustness", header() + "\nEach case: exit non-zero, one line naming the problem, no traceback, "
                       "nothing written or deleted in the sandbox, no file outside the bundle opened. " + summary
-                      + "\n\n" + "\n".join(rows) + "\n")
+                      + "\n\n" + "\n".join(table + failed) + "\n")
     if held < len(selected):
         raise SystemExit(1)
 

@@ -38,7 +38,7 @@ class ReconstructionConfig:
     batch_size: int = 32
     rounding_lr: float = 1e-2
     # relative: each step size moves by about this fraction per iteration; 1e-2 drifted too far at 300
-    # iterations (W4A8 33.9 dB against 40.6 dB at 3e-3, docs/BENCHMARKS.md "step-size learning rate")
+    # iterations (W4A8 33.9 dB against 40.6 dB at 3e-3, measured on the demo, tools/bench_calibrators.py)
     scale_lr: float = 3e-3
     rounding_weight: float = 0.01
     beta_start: float = 20.0

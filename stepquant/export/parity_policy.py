@@ -32,7 +32,7 @@ class ParityPolicy:
         return int(self.max_multi_step_share * codes)
 
 
-# measured margins: docs/BENCHMARKS.md, "Parity: layer by layer" (tools/bench_parity.py)
+# measured margins: docs/benchmarks/parity.md (tools/bench_parity.py)
 _INT8 = ParityPolicy(AS_WRITTEN, max_one_step_share=1e-3, max_multi_step_share=0.0, tie_allowance=4, replay_floor=1e-2)
 _FP8 = ParityPolicy(AS_WRITTEN, max_one_step_share=1e-3, max_multi_step_share=0.0, tie_allowance=4, replay_floor=3e-2)
 _FP16 = ParityPolicy(AS_WRITTEN, max_one_step_share=0.1, max_multi_step_share=1e-4, tie_allowance=4, replay_floor=0.2)

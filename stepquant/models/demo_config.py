@@ -24,7 +24,7 @@ SCHEDULER_CONFIG: dict = {
 
 # `demo-digits-cond`: the same schedule without clipping the predicted x0 (as Stable Diffusion's schedulers):
 # with clipping, guidance 3 overshoots (64% of guided samples read as the requested digit, 100% without;
-# docs/BENCHMARKS.md, "Demo model training"). A UNet2DConditionModel whose cross-attention reads a learned class
+# docs/reference/demo-models.md). A UNet2DConditionModel whose cross-attention reads a learned class
 # table of CLASS_TOKENS tokens per class (ten digits and a null class for guidance).
 CLASS_TOKENS = 4
 CROSS_ATTENTION_DIM = 32

@@ -94,7 +94,7 @@ class HeadGroupedAttentionProcessor(ExplicitAttentionProcessor):
     (batch, channels, height, width) layout, in one of two forms:
     - float projections: W·x on (batch, channels, tokens), each head a free reshape, and the transposed
       views the core needs folded by onnxruntime into its matmuls, instead of token-major copies of the
-      input, Q, K, V and output (1.09-1.13x for a 32-head attention layer, docs/BENCHMARKS.md);
+      input, Q, K, V and output (1.09-1.13x for a 32-head attention layer, docs/benchmarks/attention-blocks.md);
     - quantized projections (with output quantizers, as the onnxruntime-cpu profile gives them): 1x1
       convolutions, which onnxruntime runs as QLinearConv in its NHWC layout. Q and V are taken
       token-major from there (the permute cancels onnxruntime's own transpose back to NCHW), K stays

@@ -7,7 +7,13 @@ Nothing here imports torch, diffusers, onnx or Polygraphy, nor stepquant's expor
 
 from stepquant.bundle import Bundle, load_bundle
 from stepquant.runtime.backend import Backend
-from stepquant.runtime.bundle_backends import bundle_corrections, bundle_table, quantized_backend, reference_backend
+from stepquant.runtime.bundle_backends import (
+    bundle_corrections,
+    bundle_sampler,
+    bundle_table,
+    quantized_backend,
+    reference_backend,
+)
 from stepquant.runtime.corrections import Corrections
 from stepquant.runtime.guidance import Conditioning
 from stepquant.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -17,5 +23,5 @@ from stepquant.runtime.scheduler_table import SchedulerTable
 from stepquant.runtime.tensorrt_backend import TensorRTBackend
 
 __all__ = ["Backend", "Bundle", "Conditioning", "Corrections", "OnnxRuntimeBackend", "SampleOutput", "SamplerConfig",
-           "OpenVINOBackend", "SchedulerTable", "TensorRTBackend", "bundle_corrections", "bundle_table", "load_bundle", "quantized_backend",
+           "OpenVINOBackend", "SchedulerTable", "TensorRTBackend", "bundle_corrections", "bundle_sampler", "bundle_table", "load_bundle", "quantized_backend",
            "reference_backend", "sample", "sample_batches"]

@@ -4,7 +4,7 @@ engine), its FP reference graph, its scheduler table and its correction terms.
 Backends are a name -> `Engine` table. `auto` takes the first that can run here, in this order: TensorRT when
 the bundle holds its engines and tensorrt imports; onnxruntime's CUDA provider when onnxruntime-gpu sees a GPU;
 OpenVINO when installed and the CPU has VNNI; onnxruntime on the CPU. On the CPU that is the fastest measured
-for each kind (docs/BENCHMARKS.md, "Backends": with VNNI, OpenVINO on the TensorRT graph led; on an AVX2-only
+for each kind (docs/benchmarks/backends.md: with VNNI, OpenVINO on the TensorRT graph led; on an AVX2-only
 CPU, onnxruntime's CPU graph). Nothing of an engine is imported unless it is chosen or probed by `auto`.
 """
 
