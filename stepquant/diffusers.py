@@ -78,18 +78,23 @@ class BundleDenoiser(torch.nn.Module):
             return None
         return self.corrections
 
+    def _corrected(self, x: np.ndarray, steps: np.ndarray, feeds: dict[str, np.ndarray], t: float) -> np.ndarray:
+        terms = self._terms(t)
+        eps = self.backend(x, steps, **feeds)
+        return eps if terms is None else terms.correct_mean(eps, int(t))
+
     def estimate(self, sample: torch.Tensor, timestep: Any, conditions: dict[str, Any]) -> torch.Tensor:
         """The graph's noise estimate for `sample` at `timestep` (a number, a 0-d or a [B] tensor), corrected."""
         x = _numpy(sample)
         steps = np.broadcast_to(_numpy(timestep).reshape(-1), (len(x),)).astype(np.float32)
         feeds = {name: _numpy(value) for name, value in conditions.items() if value is not None}
-        out = np.empty_like(x)
-        for t in np.unique(steps).tolist():  # one pass in a pipeline, whose batch shares its timestep
-            rows = steps == t
-            part, fed = x[rows], {name: value[rows] for name, value in feeds.items()}
-            terms = self._terms(t)
-            eps = self.backend(part, steps[rows], **fed)
-            out[rows] = eps if terms is None else terms.correct_mean(eps, int(t))
+        if (steps == steps[0]).all():  # a pipeline's batch shares its timestep: no copies
+            out = self._corrected(x, steps, feeds, float(steps[0]))
+        else:
+            out = np.empty_like(x)
+            for t in np.unique(steps).tolist():
+                rows = steps == t
+                out[rows] = self._corrected(x[rows], steps[rows], {k: v[rows] for k, v in feeds.items()}, t)
         return torch.from_numpy(out).to(sample.device, sample.dtype)
 
 

@@ -21,7 +21,7 @@ import torch
 from benchdoc import header, write_section
 
 from stepquant.bundle import load_bundle
-from stepquant.diffusers import from_bundle
+from stepquant.diffusers import BundleUNet, from_bundle
 from stepquant.runtime import quantized_backend
 
 
@@ -37,7 +37,7 @@ def export(out: Path, *options: str) -> Path:
     return out
 
 
-def medians(bundle: Path, batch: int, calls: int, threads: int) -> tuple[float, float]:
+def medians(bundle: Path, batch: int, calls_count: int, threads: int) -> tuple[float, float]:
     """(direct, drop-in) median milliseconds per call."""
     loaded = load_bundle(bundle)
     direct, drop_in = quantized_backend(loaded, threads), from_bundle(loaded, threads=threads)
@@ -47,17 +47,27 @@ def medians(bundle: Path, batch: int, calls: int, threads: int) -> tuple[float, 
     t = np.full((batch,), 501.0, dtype=np.float32)
     x_torch, states_torch, t_torch = torch.from_numpy(x), torch.from_numpy(states), torch.tensor(501)
     times: dict[str, list[float]] = {"direct": [], "drop-in": []}
-    for i in range(calls + 10):  # the first ten warm both up
-        start = time.perf_counter()
-        direct(x, t, encoder_hidden_states=states)
-        middle = time.perf_counter()
-        with torch.no_grad():
-            drop_in(x_torch, t_torch, encoder_hidden_states=states_torch, return_dict=False)
-        end = time.perf_counter()
-        if i >= 10:
-            times["direct"].append(middle - start)
-            times["drop-in"].append(end - middle)
+    calls = {"direct": lambda: direct(x, t, encoder_hidden_states=states),
+             "drop-in": lambda: drop_in(x_torch, t_torch, encoder_hidden_states=states_torch, return_dict=False)}
+    with torch.no_grad():
+        for i in range(calls_count + 10):  # the first ten warm both up; the order alternates call by call
+            for name in (("direct", "drop-in") if i % 2 else ("drop-in", "direct")):
+                start = time.perf_counter()
+                calls[name]()
+                if i >= 10:
+                    times[name].append(time.perf_counter() - start)
     return tuple(1e3 * float(np.median(times[k])) for k in ("direct", "drop-in"))
+
+
+def fixed_cost(calls: int = 5000) -> float:
+    """Microseconds the drop-in adds per call around a backend that does nothing (returns its input)."""
+    unet = BundleUNet(lambda x, t, **conditions: x, {"_class_name": "UNet2DConditionModel", "in_channels": 4})
+    x, states, t = torch.randn(2, 4, 8, 8), torch.randn(2, 20, 64), torch.tensor(501)
+    with torch.no_grad():
+        start = time.perf_counter()
+        for _ in range(calls):
+            unet(x, t, encoder_hidden_states=states, return_dict=False)
+    return 1e6 * (time.perf_counter() - start) / calls
 
 
 def main() -> None:
@@ -74,12 +84,14 @@ def main() -> None:
     bundle = export(work / "bundle", *quick)
     torch.set_num_threads(args.threads)
     calls = 20 if args.smoke else args.calls
-    lines = [header(), f"demo-digits-sd bundle (default export), its onnxruntime CPU graph, {args.threads} threads, "
+    lines = [header(), f"demo-digits-sd bundle (default export), its quantized graph on onnxruntime's CPU provider, {args.threads} threads, "
              f"median of {calls} alternating calls. `python tools/bench_drop_in.py`", "",
              "| batch | backend directly (ms) | drop-in (ms) | overhead |", "|---|---|---|---|"]
     for batch in (2, 16):
         direct, drop_in = medians(bundle, batch, calls, args.threads)
         lines.append(f"| {batch} | {direct:.3f} | {drop_in:.3f} | {100 * (drop_in / direct - 1):+.1f}% |")
+    lines += ["", f"Fixed cost of the drop-in around a backend that does nothing (batch 2): {fixed_cost():.0f} us per call; "
+              "the rest of a row's difference is the machine's noise."]
     print("\n".join(lines))
     if not args.smoke and not args.no_write:
         write_section("diffusers drop-in", "\n".join(lines))
