@@ -17,7 +17,6 @@ correction at a timestep the terms do not cover (another scheduler or step count
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +33,7 @@ from stepquant.bundle import Bundle, BundleError, load_bundle
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.bundle_backends import RunOptions, bundle_corrections, bundle_table, quantized_backend, reference_backend
 from stepquant.runtime.corrections import CorrectionError, Corrections
-from stepquant.runtime.text_to_image import GRAPHS
+from stepquant.runtime.text_to_image import GRAPHS, print_warning
 
 Warn = Callable[[str], None]
 
@@ -54,8 +53,8 @@ class BundleDenoiser(torch.nn.Module):
         self.backend = backend
         self.config = FrozenDict(config)
         self.corrections = corrections
-        self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
-        self._uncovered: set[int] = set()
+        self.warn = warn or print_warning
+        self._warned_uncovered = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -71,10 +70,10 @@ class BundleDenoiser(torch.nn.Module):
         try:
             self.corrections.index(int(timestep))
         except CorrectionError:
-            if not self._uncovered:
+            if not self._warned_uncovered:
                 self.warn(f"the bundle's {self.corrections.method} corrections do not cover timestep {int(timestep)} (they "
                           f"cover {len(self.corrections.timesteps)} timesteps of its own sampler): those steps run uncorrected")
-            self._uncovered.add(int(timestep))
+            self._warned_uncovered = True
             return None
         return self.corrections
 
@@ -197,7 +196,7 @@ def from_bundle(bundle: str | Path | Bundle, backend: str = "onnxruntime", graph
     if kind not in DROP_INS:
         raise BundleError(f"bundle {loaded.path}: its denoiser is {kind!r}; the drop-in replaces {', '.join(DROP_INS)}")
     options = RunOptions(threads, provider, None, device, engine)
-    warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+    warn = warn or print_warning
     terms = bundle_corrections(loaded) if corrections and graph == "quantized" else None
     if terms is not None and (left_out := _sampler_only_terms(loaded, terms)):
         warn(f"the drop-in applies the bundle's {terms.method} gain and bias, not {left_out}: "

@@ -11,27 +11,16 @@ of google/ddpm-cifar10-32 (random weights, built from its config; speed only, so
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-from benchdoc import header, write_section
+from benchdoc import SMOKE_EXPORT, console, header, work_folder, write_section
 
 TARGETS = ["--target", "tensorrt", "--target", "onnxruntime-cpu"]
 
 
-def run(command: str, *args: str) -> str:
-    """A console script of this environment (stepquant, export-quantized): its stdout, or exit with its error."""
-    result = subprocess.run([str(Path(sys.executable).with_name(command)), *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{command} {' '.join(args)} failed:\n{result.stderr}")
-    return result.stdout
-
-
 def export(model: str, out: Path, *options: str) -> Path:
     if not (out / "manifest.json").exists():
-        run("export-quantized", "--model", model, "--out", str(out), *TARGETS, "--no-progress", *options)
+        console("export-quantized", "--model", model, "--out", str(out), *TARGETS, "--no-progress", *options)
     return out
 
 
@@ -42,9 +31,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="the demo only, few steps and seeds: checks the script runs")
     parser.add_argument("--no-write", action="store_true", help="print without updating its docs/benchmarks page")
     args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench-backends-"))
-    work.mkdir(parents=True, exist_ok=True)
-    quick = ["--steps", "4", "--calib-samples", "4", "--eval-samples", "4"] if args.smoke else []
+    work = work_folder(args.work, "bench-backends-")
+    quick = SMOKE_EXPORT if args.smoke else ()
     bundles = {"demo-digits": export("demo-digits", work / "demo", *quick)}
     if not args.smoke:
         from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -60,12 +48,12 @@ def main() -> None:
     for name, bundle in bundles.items():
         batches = ["--batch", "1"] if args.smoke else ["--batch", "1", "--batch", "8"]
         lines += [f"### {name}", "", f"`stepquant bench --bundle {bundle.name} --threads {args.threads} {' '.join(batches)}`",
-                  "", "```", run("stepquant", "bench", "--bundle", str(bundle), "--threads", str(args.threads), *batches).rstrip(),
+                  "", "```", console("stepquant", "bench", "--bundle", str(bundle), "--threads", str(args.threads), *batches).rstrip(),
                   "```", ""]
     n = "8" if args.smoke else "256"
     lines += [f"### PSNR to FP per backend (demo-digits, {n} seeds)", ""]
     for backend in ("onnxruntime", "openvino"):
-        out = run("stepquant", "eval", "--bundle", str(bundles["demo-digits"]), "--backend", backend, "--n", n, "--no-progress",
+        out = console("stepquant", "eval", "--bundle", str(bundles["demo-digits"]), "--backend", backend, "--n", n, "--no-progress",
                   "--out", str(work / f"eval-{backend}"))
         psnr = next(line for line in out.splitlines() if "PSNR to FP" in line).split()[-3:]
         lines.append(f"- `stepquant eval --backend {backend} --n {n}`: {' '.join(psnr)} dB (mean / min)")

@@ -10,15 +10,12 @@ Calls alternate between the two and the medians are compared, so drifts of a sha
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from benchdoc import header, write_section
+from benchdoc import SMOKE_EXPORT, console, header, work_folder, write_section
 
 from stepquant.bundle import load_bundle
 from stepquant.diffusers import BundleUNet, from_bundle
@@ -29,11 +26,8 @@ def export(out: Path, *options: str) -> Path:
     if not (out / "manifest.json").exists():
         prompts = out.with_name("prompts.txt")
         prompts.write_text("a red seven on a blue background\nthe digit 3 in green, yellow paper\n")
-        command = [str(Path(sys.executable).with_name("export-quantized")), "--model", "demo-digits-sd", "--prompts-file",
-                   str(prompts), "--out", str(out), "--no-progress", *options]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"export failed:\n{result.stderr}")
+        console("export-quantized", "--model", "demo-digits-sd", "--prompts-file", str(prompts), "--out", str(out),
+                "--no-progress", *options)
     return out
 
 
@@ -78,14 +72,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a quick export and few calls: checks the script runs")
     parser.add_argument("--no-write", action="store_true", help="print without updating its docs/benchmarks page")
     args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench-drop-in-"))
-    work.mkdir(parents=True, exist_ok=True)
-    quick = ["--steps", "4", "--calib-samples", "4", "--eval-samples", "4"] if args.smoke else []
-    bundle = export(work / "bundle", *quick)
+    bundle = export(work_folder(args.work, "bench-drop-in-") / "bundle", *(SMOKE_EXPORT if args.smoke else ()))
     torch.set_num_threads(args.threads)
     calls = 20 if args.smoke else args.calls
     lines = [header(), f"demo-digits-sd bundle (default export), its quantized graph on onnxruntime's CPU provider, {args.threads} threads, "
-             f"median of {calls} alternating calls. `python tools/bench_drop_in.py`", "",
+             f"median of {calls} alternating calls.", "",
              "| batch | backend directly (ms) | drop-in (ms) | overhead |", "|---|---|---|---|"]
     for batch in (2, 16):
         direct, drop_in = medians(bundle, batch, calls, args.threads)

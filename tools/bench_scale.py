@@ -1,4 +1,4 @@
-"""Real-size models, measured as far as the machine allows (issue 21):
+"""Real-size models, measured as far as the machine allows:
 
 - sd15: an SD-1.5-architecture `UNet2DConditionModel` (its published config, random weights: 860M parameters)
   with conditioning from a file, exported at W8A8 by the `export-quantized` command in a child process, once per

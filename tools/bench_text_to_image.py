@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from bench_install import ROOT, size_mib, venv
-from benchdoc import header, publish
+from benchdoc import SMOKE_EXPORT, header, publish
 
 from stepquant.bundle import load_bundle
 from stepquant.cli.main import invoke
@@ -65,7 +65,7 @@ STAGES = textwrap.dedent("""
 
 
 def export(out: Path, options: list[str], guidance: float, calibration: Path, smoke: bool) -> Path:
-    fast = ["--steps", "4", "--calib-samples", "4", "--eval-samples", "4"] if smoke else []
+    fast = list(SMOKE_EXPORT) if smoke else []
     code, _, err = invoke("export-quantized", ["--model", MODEL, "--prompts-file", calibration, "--guidance-scale", guidance,
                                                "--out", out, "--no-progress", *options, *fast])
     if code:

@@ -8,9 +8,12 @@ import datetime
 import platform
 import re
 import shlex
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+SMOKE_EXPORT = ("--steps", "4", "--calib-samples", "4", "--eval-samples", "4")  # a --smoke run's export: seconds
 PAGES = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 
 
@@ -62,3 +65,18 @@ def publish(name: str, lines: list[str], write: bool, doc: Path | None = None) -
     print(text)
     if write:
         write_section(name, text, doc)
+
+
+def console(command: str, *args: str) -> str:
+    """A console script of this environment (stepquant, export-quantized): its stdout, or exit with its error."""
+    result = subprocess.run([str(Path(sys.executable).with_name(command)), *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{command} {' '.join(args)} failed:\n{result.stderr}")
+    return result.stdout
+
+
+def work_folder(work: Path | None, prefix: str) -> Path:
+    """Where a script keeps its bundles: `--work` (made if missing, reused by a rerun) or a new temporary folder."""
+    folder = work or Path(tempfile.mkdtemp(prefix=prefix))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

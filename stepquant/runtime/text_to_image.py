@@ -36,6 +36,11 @@ from stepquant.runtime.sampler import SamplerConfig, sample_batches
 GRAPHS = ("quantized", "reference")  # what denoises: the deployed Q/DQ graph, or the FP32 reference graph
 
 
+def print_warning(message: str) -> None:
+    """The default `warn`: one `warning:` line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def load_tokenizer(path: Path, max_length: int, pad_id: int):
     """A `tokenizers` Tokenizer padding and truncating to `max_length` as CLIPTokenizer(padding="max_length",
     truncation=True) does (its post-processor adds BOS and EOS inside the length)."""
@@ -60,7 +65,7 @@ class PromptEncoder:
         self.parts = parts.encoders
         self.tokenizers = [load_tokenizer(bundle.file(p.tokenizer), p.max_length, p.pad_id) for p in self.parts]
         self.encoders = [part_backend(bundle, p.graph, backend, options or RunOptions(threads)) for p in self.parts]
-        self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+        self.warn = warn or print_warning
 
     def ids(self, prompts: Sequence[str], which: int = 0) -> np.ndarray:
         encodings = self.tokenizers[which].encode_batch(list(prompts))
