@@ -7,6 +7,7 @@ plain data in `info` and in each target's `details`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -25,6 +26,25 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 class BundleError(ValueError):
     """A bundle is missing, incomplete, of another format version, changed after export, or reaches outside
     itself; or a destination that is not a bundle would be replaced."""
+
+
+@dataclass(frozen=True)
+class _Check:
+    """What every section reader is given: the manifest's name (for the one-line error) and its listed files."""
+
+    where: str
+    listed: frozenset[str]
+
+    def __call__(self, condition: bool, what: str) -> None:
+        if not condition:
+            raise BundleError(f"{self.where} is not a valid stepquant manifest: {what}")
+
+    def file(self, name: Any) -> bool:
+        return name in self.listed
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def check_format_version(data: Any, where: str) -> None:
@@ -58,6 +78,17 @@ class TimestepGroup:
     def to_dict(self) -> dict[str, Any]:
         return {"graph": self.graph, "timesteps": self.timesteps, "parity": self.parity}
 
+    @classmethod
+    def from_dict(cls, group: Any, target: str, need: _Check) -> TimestepGroup:
+        need(isinstance(group, dict) and need.file(group.get("graph")), f"target {target!r}: every graph must be a listed file")
+        need(isinstance(group.get("parity"), str) and need.file(f"{group['parity']}/inputs.json")
+             and need.file(f"{group['parity']}/reference_outputs.json"),
+             f"target {target!r}: every group's parity data must be listed files")
+        need(group.get("timesteps") == "all" or (isinstance(group.get("timesteps"), list)
+                                                 and all(isinstance(t, (int, float)) for t in group["timesteps"])),
+             f"target {target!r}: a group's 'timesteps' must be 'all' or numbers")
+        return cls(group["graph"], group["timesteps"], group["parity"])
+
 
 @dataclass(frozen=True)
 class Target:
@@ -82,6 +113,20 @@ class Target:
                 "onnxruntime_optimization_level": self.onnxruntime_optimization_level,
                 "parity_optimization_level": self.parity_optimization_level, **self.details}
 
+    @classmethod
+    def from_dict(cls, section: Any, name: str, need: _Check) -> Target:
+        need(isinstance(section, dict) and isinstance(section.get("timestep_groups"), list) and section["timestep_groups"],
+             f"target {name!r} needs its 'timestep_groups'")
+        groups = [TimestepGroup.from_dict(group, name, need) for group in section["timestep_groups"]]
+        parity = section.get("parity")
+        need(isinstance(parity, dict) and isinstance(parity.get("end_to_end"), dict)
+             and isinstance(parity["end_to_end"].get("tolerance_median_rel"), (int, float)),
+             f"target {name!r} needs its parity's end-to-end tolerance")
+        levels = (section.get("onnxruntime_optimization_level"), section.get("parity_optimization_level"))
+        need(all(level in OPTIMIZATION_LEVEL_NAMES for level in levels), f"target {name!r} needs onnxruntime optimisation levels")
+        known = ("timestep_groups", "parity", "onnxruntime_optimization_level", "parity_optimization_level")
+        return cls(groups, parity, *levels, {k: v for k, v in section.items() if k not in known})
+
 
 @dataclass(frozen=True)
 class Sampler:
@@ -94,8 +139,15 @@ class Sampler:
     karras_sigmas: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler, "steps": self.steps, "eta": self.eta, "guidance_scale": self.guidance_scale,
-                "karras_sigmas": self.karras_sigmas}
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, sampler: Any, need: _Check) -> Sampler:
+        need(isinstance(sampler, dict) and isinstance(sampler.get("scheduler"), str) and type(sampler.get("steps")) is int
+             and sampler["steps"] >= 1 and all(isinstance(sampler.get(k), (int, float)) for k in ("eta", "guidance_scale")),
+             "'sampler' must hold 'scheduler', 'steps', 'eta' and 'guidance_scale'")
+        return cls(sampler["scheduler"], sampler["steps"], float(sampler["eta"]), float(sampler["guidance_scale"]),
+                   bool(sampler.get("karras_sigmas", False)))
 
 
 @dataclass(frozen=True)
@@ -111,8 +163,16 @@ class TextEncoderPart:
     pooled: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tokenizer": self.tokenizer, "max_length": self.max_length, "pad_id": self.pad_id, "graph": self.graph,
-                "pooled": self.pooled}
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, entry: Any, need: _Check) -> TextEncoderPart:
+        need(isinstance(entry, dict) and need.file(entry.get("tokenizer")) and need.file(entry.get("graph")),
+             "'text_to_image.encoders' must name listed files")
+        need(type(entry.get("max_length")) is int and 2 <= entry["max_length"] <= 4096 and type(entry.get("pad_id")) is int
+             and entry["pad_id"] >= 0 and isinstance(entry.get("pooled", False), bool),
+             "each of 'text_to_image.encoders' needs a max_length (2..4096), a pad_id and 'pooled' true or false")
+        return cls(entry["tokenizer"], entry["max_length"], entry["pad_id"], entry["graph"], entry.get("pooled", False))
 
 
 @dataclass(frozen=True)
@@ -137,25 +197,16 @@ class TextToImage:
                 "checks": self.checks}
 
     @classmethod
-    def from_dict(cls, data: Any, listed: set[str], need) -> TextToImage:
+    def from_dict(cls, data: Any, need: _Check) -> TextToImage:
         need(isinstance(data, dict) and isinstance(data.get("encoders"), list) and 1 <= len(data["encoders"]) <= 4
              and isinstance(data.get("vae_decoder"), dict), "'text_to_image' needs 1 to 4 'encoders' and a 'vae_decoder'")
-        encoders = []
-        for entry in data["encoders"]:
-            need(isinstance(entry, dict) and entry.get("tokenizer") in listed and entry.get("graph") in listed,
-                 "'text_to_image.encoders' must name listed files")
-            need(type(entry.get("max_length")) is int and 2 <= entry["max_length"] <= 4096 and type(entry.get("pad_id")) is int
-                 and entry["pad_id"] >= 0 and isinstance(entry.get("pooled", False), bool),
-                 "each of 'text_to_image.encoders' needs a max_length (2..4096), a pad_id and 'pooled' true or false")
-            encoders.append(TextEncoderPart(entry["tokenizer"], entry["max_length"], entry["pad_id"], entry["graph"],
-                                            entry.get("pooled", False)))
+        encoders = [TextEncoderPart.from_dict(entry, need) for entry in data["encoders"]]
         vae = data["vae_decoder"]
-        need(vae.get("graph") in listed, "'text_to_image.vae_decoder' must name a listed graph")
-        need(all(isinstance(vae.get(k), (int, float)) and math.isfinite(vae[k]) for k in ("scaling_factor", "shift_factor"))
-             and vae["scaling_factor"] > 0, "'text_to_image.vae_decoder' needs a positive scaling_factor and a shift_factor")
+        need(need.file(vae.get("graph")), "'text_to_image.vae_decoder' must name a listed graph")
+        need(all(_finite(vae.get(k)) for k in ("scaling_factor", "shift_factor")) and vae["scaling_factor"] > 0,
+             "'text_to_image.vae_decoder' needs a positive scaling_factor and a shift_factor")
         ids = data.get("time_ids")
-        need(ids is None or (isinstance(ids, list) and len(ids) <= 16 and all(isinstance(v, (int, float)) and math.isfinite(v)
-                                                                               for v in ids)),
+        need(ids is None or (isinstance(ids, list) and len(ids) <= 16 and all(_finite(v) for v in ids)),
              "'text_to_image.time_ids' must be null or a few numbers")
         need(isinstance(data.get("zero_negative", False), bool), "'text_to_image.zero_negative' must be true or false")
         return cls(tuple(encoders), vae["graph"], float(vae["scaling_factor"]), float(vae["shift_factor"]),
@@ -203,82 +254,64 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Any, where: str = "manifest") -> Manifest:
         """Validate and type a manifest read from JSON; anything missing or mistyped is one BundleError line."""
-        def need(condition: bool, what: str) -> None:
-            if not condition:
-                raise BundleError(f"{where} is not a valid stepquant manifest: {what}")
-
         check_format_version(data, where)
         files = data.get("files")
-        need(isinstance(files, dict) and all(isinstance(v, str) and _SHA256.fullmatch(v) for v in files.values()),
-             "'files' must map file names to sha256 digests")
-        listed = set(files)
-        shape = data.get("sample_shape")
-        need(isinstance(shape, list) and len(shape) == 3 and all(type(d) is int and d >= 1 for d in shape),
-             "'sample_shape' must be three positive integers")
-        need(shape[0] * shape[1] * shape[2] <= MAX_SAMPLE_ELEMENTS,
-             f"'sample_shape' {shape} is over {MAX_SAMPLE_ELEMENTS:,} values per sample")
-        inputs = data.get("inputs")
-        need(isinstance(inputs, dict) and isinstance(inputs.get("conditions"), list)
-             and isinstance(inputs.get("shape_profile"), dict), "'inputs' must hold 'conditions' and 'shape_profile'")
-        need(all(isinstance(r, dict) and all(type(r.get(k)) is int and r[k] >= 1 for k in ("min", "opt", "max"))
-                 and r["min"] <= r["opt"] <= r["max"] for r in inputs["shape_profile"].values()),
-             "each range of 'inputs.shape_profile' must be positive integers min <= opt <= max")
-        need(all(isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("shape"), list)
-                 and all(type(d) is int or d == SEQUENCE for d in c["shape"]) for c in inputs["conditions"]),
-             "each of 'inputs.conditions' needs a name and a shape")
-        need(inputs.get("class_table") is None or (inputs["class_table"] in listed and inputs["conditions"]),
-             "'inputs.class_table' must be null or a listed file of a conditional model")
+        _Check(where, frozenset())(isinstance(files, dict) and all(isinstance(v, str) and _SHA256.fullmatch(v)
+                                                                   for v in files.values()),
+                                   "'files' must map file names to sha256 digests")
+        need = _Check(where, frozenset(files))
+        conditions, shape_profile, class_table = _read_inputs(data.get("inputs"), need)
         need(data.get("sample_space") in SAMPLE_SPACES, f"'sample_space' must be one of {', '.join(SAMPLE_SPACES)}")
         need(isinstance(data.get("noise_schedule"), dict), "'noise_schedule' must be a scheduler config")
-        sampler = data.get("sampler")
-        need(isinstance(sampler, dict) and isinstance(sampler.get("scheduler"), str) and type(sampler.get("steps")) is int
-             and sampler["steps"] >= 1 and all(isinstance(sampler.get(k), (int, float)) for k in ("eta", "guidance_scale")),
-             "'sampler' must hold 'scheduler', 'steps', 'eta' and 'guidance_scale'")
         need(isinstance(data.get("scheduler_table"), dict), "'scheduler_table' must be an object")
-        need(data.get("reference_graph") in listed, "'reference_graph' must be a listed file")
+        need(need.file(data.get("reference_graph")), "'reference_graph' must be a listed file")
         correction = data.get("correction")
         need(isinstance(correction, dict) and isinstance(correction.get("method"), str)
-             and (correction.get("file") is None or correction["file"] in listed),
+             and (correction.get("file") is None or need.file(correction["file"])),
              "'correction' needs a method, and 'correction.file' must be null or a listed file")
         need(isinstance(data.get("engine", {}), dict), "'engine' must be an object")
         targets = data.get("targets")
         need(isinstance(targets, dict) and targets, "'targets' must name at least one target")
-        typed_targets = {}
-        for name, section in targets.items():
-            need(isinstance(section, dict) and isinstance(section.get("timestep_groups"), list) and section["timestep_groups"],
-                 f"target {name!r} needs its 'timestep_groups'")
-            groups = []
-            for group in section["timestep_groups"]:
-                need(isinstance(group, dict) and group.get("graph") in listed, f"target {name!r}: every graph must be a listed file")
-                need(isinstance(group.get("parity"), str) and {f"{group['parity']}/inputs.json",
-                                                               f"{group['parity']}/reference_outputs.json"} <= listed,
-                     f"target {name!r}: every group's parity data must be listed files")
-                need(group.get("timesteps") == "all" or (isinstance(group.get("timesteps"), list)
-                                                         and all(isinstance(t, (int, float)) for t in group["timesteps"])),
-                     f"target {name!r}: a group's 'timesteps' must be 'all' or numbers")
-                groups.append(TimestepGroup(group["graph"], group["timesteps"], group["parity"]))
-            parity = section.get("parity")
-            need(isinstance(parity, dict) and isinstance(parity.get("end_to_end"), dict)
-                 and isinstance(parity["end_to_end"].get("tolerance_median_rel"), (int, float)),
-                 f"target {name!r} needs its parity's end-to-end tolerance")
-            levels = (section.get("onnxruntime_optimization_level"), section.get("parity_optimization_level"))
-            need(all(level in OPTIMIZATION_LEVEL_NAMES for level in levels), f"target {name!r} needs onnxruntime optimisation levels")
-            known = ("timestep_groups", "parity", "onnxruntime_optimization_level", "parity_optimization_level")
-            typed_targets[name] = Target(groups, parity, *levels, {k: v for k, v in section.items() if k not in known})
-        known = ("format_version", "files", "manifest_sha256", "source_model", "sample_shape", "sample_space", "inputs", "noise_schedule",
-                 "sampler", "scheduler_table", "targets", "reference_graph", "correction", "engine", "text_to_image",
-                 "denoiser_config")
-        text_to_image = None if data.get("text_to_image") is None else TextToImage.from_dict(data["text_to_image"], listed, need)
+        text_to_image = None if data.get("text_to_image") is None else TextToImage.from_dict(data["text_to_image"], need)
         need(text_to_image is None or data["sample_space"] == "latent", "'text_to_image' needs latent samples")
-        need(data.get("denoiser_config") is None or data["denoiser_config"] in listed,
+        need(data.get("denoiser_config") is None or need.file(data["denoiser_config"]),
              "'denoiser_config' must be null or a listed file")
         return cls(
-            source_model=str(data.get("source_model", "")), sample_shape=tuple(shape),  # type: ignore[arg-type]
-            conditions=tuple(ConditionInput(c["name"], tuple(c["shape"])) for c in inputs["conditions"]),
-            shape_profile=inputs["shape_profile"], noise_schedule=data["noise_schedule"],
-            sampler=Sampler(sampler["scheduler"], sampler["steps"], float(sampler["eta"]), float(sampler["guidance_scale"]),
-                            bool(sampler.get("karras_sigmas", False))),
-            scheduler_table=data["scheduler_table"], targets=typed_targets, reference_graph=data["reference_graph"],
-            correction_method=correction["method"], correction_file=correction.get("file"), engine=data.get("engine", {}),
-            sample_space=data["sample_space"], class_table=inputs.get("class_table"), text_to_image=text_to_image,
-            denoiser_config=data.get("denoiser_config"), files=dict(files), info={k: v for k, v in data.items() if k not in known})
+            source_model=str(data.get("source_model", "")), sample_shape=_read_sample_shape(data.get("sample_shape"), need),
+            conditions=conditions, shape_profile=shape_profile, noise_schedule=data["noise_schedule"],
+            sampler=Sampler.from_dict(data.get("sampler"), need), scheduler_table=data["scheduler_table"],
+            targets={name: Target.from_dict(section, name, need) for name, section in targets.items()},
+            reference_graph=data["reference_graph"], correction_method=correction["method"],
+            correction_file=correction.get("file"), engine=data.get("engine", {}), sample_space=data["sample_space"],
+            class_table=class_table, text_to_image=text_to_image, denoiser_config=data.get("denoiser_config"),
+            files=dict(files), info={k: v for k, v in data.items() if k not in _READ_SECTIONS})
+
+
+# the sections Manifest.from_dict types; everything else travels in `info`
+_READ_SECTIONS = ("format_version", "files", "manifest_sha256", "source_model", "sample_shape", "sample_space", "inputs",
+                  "noise_schedule", "sampler", "scheduler_table", "targets", "reference_graph", "correction", "engine",
+                  "text_to_image", "denoiser_config")
+
+
+def _read_sample_shape(shape: Any, need: _Check) -> tuple[int, int, int]:
+    need(isinstance(shape, list) and len(shape) == 3 and all(type(d) is int and d >= 1 for d in shape),
+         "'sample_shape' must be three positive integers")
+    need(shape[0] * shape[1] * shape[2] <= MAX_SAMPLE_ELEMENTS,
+         f"'sample_shape' {shape} is over {MAX_SAMPLE_ELEMENTS:,} values per sample")
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def _read_inputs(inputs: Any, need: _Check) -> tuple[tuple[ConditionInput, ...], dict[str, Any], str | None]:
+    """(condition inputs, shape profile, class table) from the 'inputs' section."""
+    need(isinstance(inputs, dict) and isinstance(inputs.get("conditions"), list)
+         and isinstance(inputs.get("shape_profile"), dict), "'inputs' must hold 'conditions' and 'shape_profile'")
+    need(all(isinstance(r, dict) and all(type(r.get(k)) is int and r[k] >= 1 for k in ("min", "opt", "max"))
+             and r["min"] <= r["opt"] <= r["max"] for r in inputs["shape_profile"].values()),
+         "each range of 'inputs.shape_profile' must be positive integers min <= opt <= max")
+    need(all(isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("shape"), list)
+             and all(type(d) is int or d == SEQUENCE for d in c["shape"]) for c in inputs["conditions"]),
+         "each of 'inputs.conditions' needs a name and a shape")
+    need(inputs.get("class_table") is None or (need.file(inputs["class_table"]) and inputs["conditions"]),
+         "'inputs.class_table' must be null or a listed file of a conditional model")
+    conditions = tuple(ConditionInput(c["name"], tuple(c["shape"])) for c in inputs["conditions"])
+    return conditions, inputs["shape_profile"], inputs.get("class_table")
