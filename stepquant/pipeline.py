@@ -27,8 +27,9 @@ import torch
 from polygraphy.comparator import IterationResult, RunResults
 from polygraphy.json import save_json
 
-from stepquant.bundle.manifest import Manifest, Sampler, Target, TextToImage, TimestepGroup
+from stepquant.bundle.manifest import Manifest, Target, TextToImage, TimestepGroup
 from stepquant.bundle.signing import sign
+from stepquant.bundle.targets import TARGETS, TENSORRT, TargetProfile
 from stepquant.calibrators import collect_calibration_set, distributed
 from stepquant.calibrators.calibrate import CALIBRATORS, TRAJECTORY_CALIBRATORS, calibrate_
 from stepquant.calibrators.corrections import estimate_corrections
@@ -59,7 +60,7 @@ from stepquant.export.parity_policy import ParityPolicy, parity_policy
 from stepquant.export.pipeline_parts import carried_parts, export_pipeline_parts, part_input_shapes
 from stepquant.export.precision import PRECISIONS, export_at_precision
 from stepquant.export.shapes import CORNERS, ShapeProfile, resize_inputs
-from stepquant.export.targets import RUNTIME_OPTIMIZATION_LEVEL, TARGETS, check_target, for_target, graph_file
+from stepquant.export.targets import check_target, for_target
 from stepquant.export.tensorrt import build_engines, build_script, tensorrt_version
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, LoadedModel, load_model
 from stepquant.models.conditioning import load_conditioning
@@ -113,7 +114,7 @@ class ExportConfig:
     parity_timesteps: int = 5
     parity_batch: int = 4
     precision: str = "fp32"  # float compute and Q/DQ scales of the quantized graph: fp32 or fp16
-    targets: tuple[str, ...] = ("tensorrt",)  # placement profiles, one graph each from one calibration
+    targets: tuple[str, ...] = (TENSORRT.name,)  # placement profiles, one graph each from one calibration
     correction: str = "none"  # per-timestep correction terms estimated on the deployed graph (see runtime.corrections)
     correction_per_branch: bool = False  # guided: fit the terms to both branches' outputs, not the guided estimate
     engine: bool = False  # also build the TensorRT engine (needs tensorrt on this machine)
@@ -147,8 +148,11 @@ class ExportConfig:
             raise ValueError("--precision fp16 is for int8 bundles; fp8 bundles keep FP32 outside the Q/DQ pairs")
         if not self.targets or any(t not in TARGETS for t in self.targets) or len(set(self.targets)) < len(self.targets):
             raise ValueError(f"targets must be distinct values from {', '.join(TARGETS)}, got {list(self.targets)}")
-        if "onnxruntime-cpu" in self.targets and (self.precision != "fp32" or self.quant.format != "int8"):
-            raise ValueError("the onnxruntime-cpu target is INT8 with FP32 compute: drop --format fp8 / --precision fp16 for it")
+        for profile in map(TARGETS.get, self.targets):
+            if not profile.serves(self.quant.format, self.precision):
+                raise ValueError(f"the {profile.name} target serves --format {'/'.join(profile.formats)} at --precision "
+                                 f"{'/'.join(profile.precisions)}: drop --format {self.quant.format} / --precision "
+                                 f"{self.precision} for it")
         for name in ("calib_samples", "calib_batch", "eval_samples", "parity_timesteps", "parity_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -290,7 +294,7 @@ def _graphs(config: ExportConfig, calib: CalibrationSet, q_model, scheduler_conf
     return graphs, scales
 
 
-def _export_graph(q_model, path: Path, shape, config: ExportConfig, feeds: list, target: str,
+def _export_graph(q_model, path: Path, shape, config: ExportConfig, feeds: list, target: TargetProfile,
                   shapes: ShapeProfile, device: torch.device) -> GraphParity:
     """Export one Q/DQ graph (traced on the CPU), check it for its target (TensorRT's Q/DQ rules, or
     onnxruntime's integer kernels) and against the fake-quant model run on `device`, layer by layer; stop on a
@@ -300,16 +304,16 @@ def _export_graph(q_model, path: Path, shape, config: ExportConfig, feeds: list,
         return _check_graph(q_model, path, config, feeds, target)
 
 
-def _check_graph(q_model, path: Path, config: ExportConfig, feeds: list, target: str) -> GraphParity:
+def _check_graph(q_model, path: Path, config: ExportConfig, feeds: list, target: TargetProfile) -> GraphParity:
     reference = torch_outputs(q_model, feeds)  # the simulation's outputs: the replay's reference, and the fused graph's
     kernels = None
-    if target == "tensorrt":
+    if target.tensorrt_rules:
         check_conformance(path)  # TensorRT's Q/DQ rules, before any user runs trtexec
-    else:  # what onnxruntime runs fused: integer kernels, and their distance to the simulation (information)
+    if target.integer_kernels:  # what onnxruntime runs fused: integer kernels, and their distance to the simulation
         fused = compare_to_reference(onnxruntime_runner(path, "all"), feeds, reference)
         kernels = {"integer_kernels": check_integer_convs(path, q_model),
                    "fused_kernels_median_reldiff": {f"{t.timestep:g}": t.median_reldiff for t in fused.timesteps}}
-    layerwise, outputs = check_layerwise(q_model, path, feeds, parity_policy(target, config.quant.format, config.precision))
+    layerwise, outputs = check_layerwise(q_model, path, feeds, parity_policy(target.name, config.quant.format, config.precision))
     if not layerwise.passed and config.require_parity:
         raise ParityError(f"layer-wise parity failed for {path.name} against the fake-quant model: {layerwise.summary()} "
                           "(pass --allow-parity-failure to keep the bundle, recorded as failed)")
@@ -471,9 +475,9 @@ def export_graphs(config: ExportConfig, prepared: Prepared, calibrated: Calibrat
         for target, model in models.items():
             if model is not q_model and scales is not None:  # this group's scales (strict=False: the
                 model.load_state_dict(q_model.state_dict(), strict=False)  # profile adds or drops quantizers)
-            file = graph_file(graph.file, target)
-            parity_dir = graph.parity_dir if target == "tensorrt" else f"{graph.parity_dir}/{target}"
-            parity = _export_graph(model, staging / file, shape, config, feeds, target, shapes, device)
+            profile = TARGETS[target]
+            file, parity_dir = profile.graph_file(graph.file), profile.parity_dir(graph.parity_dir)
+            parity = _export_graph(model, staging / file, shape, config, feeds, profile, shapes, device)
             (staging / parity_dir).mkdir(parents=True)
             with quiet_polygraphy():
                 save_json(feeds, staging / parity_dir / "inputs.json", description="parity inputs")
@@ -491,7 +495,7 @@ def estimate_rank_corrections(config: ExportConfig, prepared: Prepared, calibrat
     """The correction terms of the deployed `graphs` (paths in rank 0's staging directory, read by every rank),
     each process along its own calibration trajectories, their statistics summed over the processes."""
     deployed = graph_backend([path for path, _ in graphs], [group for _, group in graphs],
-                             optimization_level=RUNTIME_OPTIMIZATION_LEVEL[config.targets[0]])
+                             optimization_level=TARGETS[config.targets[0]].optimization_level)
     return estimate_corrections(config.correction, TorchBackend(prepared.fp_reference), deployed,
                                 prepared.loaded.scheduler_config, calibrated.calib_seeds, prepared.shape, config.sampler,
                                 config.progress, calibrated.calib_conditioning, per_branch=config.correction_per_branch)
@@ -503,7 +507,7 @@ def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibr
     same seeds, run by the runtime loop on onnxruntime; the preview grid; each target's report."""
     loaded, shape, latent = prepared.loaded, prepared.shape, prepared.latent
     deployed = {target: graph_backend([staging / group.graph for group, _ in graphs], [group for group, _ in graphs],
-                                      optimization_level=RUNTIME_OPTIMIZATION_LEVEL[target])
+                                      optimization_level=TARGETS[target].optimization_level)
                 for target, graphs in exported.graphs.items()}
     corrections = None
     if config.correction != "none":  # estimated on the first target's graphs, along calibration trajectories
@@ -561,14 +565,14 @@ def _target_section(config: ExportConfig, target: str, report: TargetReport, gro
         timestep_groups=groups,
         parity={"gate": "layer-wise", "passed": report.parity_passed,
                 "layerwise": [layerwise.to_dict() for layerwise in report.layerwise], "end_to_end": report.end_to_end.to_dict()},
-        onnxruntime_optimization_level=RUNTIME_OPTIMIZATION_LEVEL[target],
+        onnxruntime_optimization_level=TARGETS[target].optimization_level,
         parity_optimization_level=report.layerwise[0].policy.optimization_level,
         details={"quality": {"psnr_to_fp_db_mean": report.psnr_mean_db, "psnr_to_fp_db_min": report.psnr_min_db,
                              "samples": config.eval_samples, "seeds": [config.seed, config.seed + config.eval_samples - 1],
                              "space": report.space, "psnr_data_range": data_range,
                              "executed_by": "onnxruntime CPUExecutionProvider"},
-                 **({"lint": {"rules": "tensorrt explicit quantization", "findings": 0}} if target == "tensorrt"
-                    else report.integer_kernels)})
+                 **({"lint": {"rules": "tensorrt explicit quantization", "findings": 0}} if TARGETS[target].tensorrt_rules
+                    else {}), **(report.integer_kernels or {})})
 
 
 def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrated, exported: Exported, measured: Measured,
@@ -577,7 +581,8 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
     then the manifest, signed with --sign-key."""
     fp_model, conditioning = prepared.fp_model, prepared.conditioning
     parts = exported.parts
-    trt_graphs = [group.graph for group, _ in exported.graphs.get("tensorrt", [])]
+    trt_graphs = [group.graph for target, graphs in exported.graphs.items() if TARGETS[target].tensorrt_rules
+                  for group, _ in graphs]
     engine = {}
     if trt_graphs:
         input_shapes = prepared.shapes.input_shapes(prepared.shape[0], fp_model.conditions)
@@ -604,8 +609,7 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
     write_manifest(staging, Manifest(
         source_model=prepared.loaded.source, sample_shape=prepared.shape, conditions=fp_model.conditions,
         shape_profile=prepared.shapes.to_dict(), noise_schedule=prepared.loaded.scheduler_config,
-        sampler=Sampler(config.sampler.scheduler, config.sampler.steps, config.sampler.eta, config.sampler.guidance_scale,
-                        config.sampler.karras_sigmas),
+        sampler=config.sampler.to_record(),
         scheduler_table=measured.table.to_dict(),
         targets={target: _target_section(config, target, report, [group for group, _ in exported.graphs[target]],
                                          measured.data_range)

@@ -27,6 +27,7 @@ import numpy as np
 
 from stepquant.bundle.graph_facts import GraphFacts, GraphFormatError, read_graph_facts
 from stepquant.bundle.manifest import SEQUENCE, BundleError, Manifest, Target, check_format_version
+from stepquant.bundle.targets import preferred_target
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -93,12 +94,10 @@ class Bundle:
                               f"export it with --target {name}")
         return targets[name]
 
-    def target_for(self, backend: str) -> str:
-        """The target profile a runtime backend executes: TensorRT its own; onnxruntime the CPU profile
-        when the bundle carries one (integer kernels), else the TensorRT graph (a correct, slower reference)."""
-        if backend == "tensorrt" or "onnxruntime-cpu" not in self.manifest.targets:
-            return "tensorrt"
-        return "onnxruntime-cpu"
+    def target_for(self, backend: str, provider: str = "cpu") -> str:
+        """The target profile a runtime backend executes (bundle/targets.py): TensorRT its own; onnxruntime on
+        the CPU the CPU profile when the bundle carries one (integer kernels), else the TensorRT graph."""
+        return preferred_target(self.manifest.targets, backend, provider)
 
 
 def _valid_name(name: object) -> bool:

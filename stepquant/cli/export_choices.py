@@ -1,9 +1,9 @@
 """Option values of `export-quantized` that come from the export side (torch, onnx)."""
 
+from stepquant.bundle.targets import TARGETS
 from stepquant.calibrators.calibrate import CALIBRATORS
 from stepquant.cli.choices import choices
 from stepquant.export.precision import PRECISIONS
-from stepquant.export.targets import TARGETS
 from stepquant.models.device import DTYPES
 from stepquant.quant.spec import FORMATS
 

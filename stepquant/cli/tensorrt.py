@@ -10,6 +10,7 @@ import typer
 
 from stepquant.bundle import load_bundle
 from stepquant.bundle.reader import SIGNATURE
+from stepquant.bundle.targets import TENSORRT
 from stepquant.cli.choices import ParityBackend
 from stepquant.cli.options import SignKey, TrustKey
 from stepquant.export.bundle import extend_bundle
@@ -27,7 +28,7 @@ def lint_command(model: Annotated[Path, typer.Argument(help="A Q/DQ ONNX model, 
     """Check Q/DQ ONNX graphs against TensorRT's explicit-quantization rules; exit 1 on any finding."""
     if model.is_dir():
         loaded = load_bundle(model, trust_key)
-        paths = [loaded.file(graph) for graph in loaded.target("tensorrt").graphs]
+        paths = [loaded.file(graph) for graph in loaded.target(TENSORRT.name).graphs]
     elif model.is_file():
         paths = [model]
     else:
@@ -90,7 +91,7 @@ def build_engine_command(
     version = tensorrt_version()  # a clear error before anything is staged
 
     shapes = profile.input_shapes(manifest.sample_shape[0], manifest.conditions)
-    graphs = {graph: shapes for graph in loaded.target("tensorrt").graphs}
+    graphs = {graph: shapes for graph in loaded.target(TENSORRT.name).graphs}
     if manifest.text_to_image is not None:  # the text encoders and VAE decoder get engines of their own shapes
         graphs |= part_input_shapes(manifest.text_to_image, profile, manifest.sample_shape[0])
     engine = {**manifest.engine, "plans": [plan_file(g) for g in graphs], "input_shapes": shapes, "tensorrt_version": version}

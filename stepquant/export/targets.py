@@ -7,7 +7,7 @@
   values) beside INT8 weights, and Q/DQ only where onnxruntime fuses it into an integer kernel: a
   QuantizeLinear after every quantized Conv, so DQ -> Conv -> Q becomes QLinearConv (U8S8, the VNNI
   fast path). The q/k/v/out projections of a UNet's spatial self-attention get output quantizers too
-  and run as 1x1 convolutions (QLinearConv), their Q·Kᵀ as MatMulIntegerToFloat (models/attention.py).
+  and run as 1x1 convolutions (QLinearConv), their Q·Kᵀ as MatMulIntegerToFloat (quant/attention_processors.py).
   Other Linear layers (the time embedding) stay float. The residual skip Q/DQ that TensorRT fuses into
   Conv+Add is dropped (on the CPU it is two extra passes and no kernel).
   The output quantizers are the one addition; the caller calibrates them on the same calibration set
@@ -23,42 +23,21 @@ import dataclasses
 
 from torch import nn
 
+from stepquant.bundle.targets import TargetError, target_profile
 from stepquant.export.shapes import ShapeProfile
 from stepquant.quant.attention_processors import group_attention_heads_, is_spatial_self_attention
 from stepquant.quant.grid import IntGrid
 from stepquant.quant.layers import ActivationQuantizer
 from stepquant.quant.quantize import ResidualQuantizer, activation_quantizers, quantized_layers
 
-TARGETS = ("tensorrt", "onnxruntime-cpu")
-# The graph optimisation level each target's graph runs at on onnxruntime. The tensorrt graph is the exact
-# reference there: run as written ('basic' folds constants only), since at 'all' onnxruntime swaps its
-# DQ -> MatMul pairs for integer kernels whose U8S8 path saturates 16-bit pair sums on x86 CPUs without
-# VNNI (vpmaddubsw; a tiny SDXL-style UNet lost 3 dB on an AVX2 AMD EPYC), and FP8 Q/DQ runs on the CPU
-# provider at 'basic' at most. The onnxruntime-cpu graph exists for those integer kernels: 'all'.
-RUNTIME_OPTIMIZATION_LEVEL = {"tensorrt": "basic", "onnxruntime-cpu": "all"}
-_GRAPH_SUFFIX = {"tensorrt": "", "onnxruntime-cpu": "_cpu"}
-
-
-class TargetError(ValueError):
-    """The model or export settings cannot serve the requested target."""
-
-
-def graph_file(base: str, target: str) -> str:
-    """`model.onnx` -> `model_cpu.onnx` for the onnxruntime-cpu graph; TensorRT keeps the base name."""
-    stem, dot, ext = base.rpartition(".")
-    return f"{stem}{_GRAPH_SUFFIX[target]}{dot}{ext}"
-
 
 def check_target(model: nn.Module, target: str) -> None:
     """Refuse a quantized `model` the `target` profile cannot serve (before any calibration work)."""
-    if target not in TARGETS:
-        raise TargetError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
-    if target == "tensorrt":
-        return
-    if any(not isinstance(q.grid, IntGrid) for q in activation_quantizers(model)):
-        raise TargetError("the onnxruntime-cpu target needs integer quantization (--format int8): its CPU kernels have no FP8")
-    if not any(isinstance(layer.layer, nn.Conv2d) for _, layer in quantized_layers(model)):
-        raise TargetError("the onnxruntime-cpu profile runs quantized convolutions (and a UNet's spatial attention) as "
+    profile = target_profile(target)
+    if "fp8" not in profile.formats and any(not isinstance(q.grid, IntGrid) for q in activation_quantizers(model)):
+        raise TargetError(f"the {target} target needs integer quantization (--format int8): its CPU kernels have no FP8")
+    if profile.integer_kernels and not any(isinstance(layer.layer, nn.Conv2d) for _, layer in quantized_layers(model)):
+        raise TargetError(f"the {target} profile runs quantized convolutions (and a UNet's spatial attention) as "
                           "integer kernels and keeps other Linear layers float; this model has no quantized convolution "
                           "(a transformer?), so its graph would be all float: use --target tensorrt")
 
@@ -69,7 +48,7 @@ def for_target(model: nn.Module, target: str, batch: int = ShapeProfile.batch.op
     every quantized Conv and spatial self-attention projection, other Linear layers float, no residual
     quantizers and attention in head groups sized for `batch`. `model` is left unchanged."""
     check_target(model, target)
-    if target == "tensorrt":
+    if not target_profile(target).integer_kernels:
         return model
     retargeted = copy.deepcopy(model)
     group_attention_heads_(retargeted, batch)
@@ -90,7 +69,7 @@ def for_target(model: nn.Module, target: str, batch: int = ShapeProfile.batch.op
 
 def _spatial_attention_projections(model: nn.Module) -> set[str]:
     """Names of the q/k/v/out projections of every UNet spatial self-attention in `model`: the CPU
-    profile runs them as 1x1 QLinearConv (models/attention.py)."""
+    profile runs them as 1x1 QLinearConv (quant/attention_processors.py)."""
     from diffusers.models.attention_processor import Attention
 
     return {f"{name}.{projection}" for name, module in model.named_modules()

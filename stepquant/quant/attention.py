@@ -3,7 +3,7 @@
 TensorRT fuses attention into one FP8 MHA kernel when Q and K carry Q/DQ before Q·Kᵀ and the softmax
 probabilities and V before P·V (head_dim a multiple of 16; there is no INT8 fused attention). This
 processor computes diffusers' attention with those four quantizers around its explicit core
-(models/attention.py), so the simulation and the exported graph both hold them.
+(quant/attention_processors.py), so the simulation and the exported graph both hold them.
 """
 
 from __future__ import annotations

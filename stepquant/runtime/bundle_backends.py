@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stepquant.bundle import Bundle, BundleError, TimestepGroup
+from stepquant.bundle.targets import TENSORRT
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.corrections import CorrectionError, Corrections
 from stepquant.runtime.onnxruntime_backend import OnnxRuntimeBackend, provider_available
@@ -54,11 +55,11 @@ def _open_tensorrt(path: Path, options: RunOptions, level: str) -> Backend:
 
 @dataclass(frozen=True)
 class Engine:
-    """A runtime backend: how it opens one graph file (a plan for TensorRT), which target profile's graph it
-    prefers, and whether it can run on this machine (without importing more than a probe)."""
+    """A runtime backend: how it opens one graph file (a plan for TensorRT) and whether it can run on this
+    machine (without importing more than a probe). The target profile it runs is the registry's
+    (`Bundle.target_for`)."""
 
     open: Callable[[Path, RunOptions, str], Backend]
-    target: Callable[[Bundle, RunOptions], str]
     available: Callable[[Bundle, RunOptions], bool]
     runs_plans: bool = False
 
@@ -80,24 +81,15 @@ def cpu_has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
-def _cpu_profile_first(bundle: Bundle, options: RunOptions) -> str:
-    """onnxruntime's CPU provider: the onnxruntime-cpu profile (integer kernels) when the bundle has it; its GPU
-    providers and OpenVINO: the TensorRT Q/DQ graph (OpenVINO runs it as fast as its own INT8 models)."""
-    if options.provider == "cpu" and "onnxruntime-cpu" in bundle.manifest.targets:
-        return "onnxruntime-cpu"
-    return "tensorrt"
-
-
 def _has_plans(bundle: Bundle, options: RunOptions) -> bool:
-    return "tensorrt" in bundle.manifest.targets and all(
-        plan_file(g.graph) in bundle.manifest.files for g in bundle.target("tensorrt").timestep_groups)
+    return TENSORRT.name in bundle.manifest.targets and all(
+        plan_file(g.graph) in bundle.manifest.files for g in bundle.target(TENSORRT.name).timestep_groups)
 
 
 ENGINES: dict[str, Engine] = {
-    "onnxruntime": Engine(_open_onnxruntime, _cpu_profile_first, lambda b, o: provider_available(o.provider)),
-    "openvino": Engine(_open_openvino, lambda b, o: "tensorrt", lambda b, o: _importable("openvino")),
-    "tensorrt": Engine(_open_tensorrt, lambda b, o: "tensorrt",
-                       lambda b, o: _has_plans(b, o) and _importable("tensorrt"), runs_plans=True),
+    "onnxruntime": Engine(_open_onnxruntime, lambda b, o: provider_available(o.provider)),
+    "openvino": Engine(_open_openvino, lambda b, o: _importable("openvino")),
+    "tensorrt": Engine(_open_tensorrt, lambda b, o: _has_plans(b, o) and _importable("tensorrt"), runs_plans=True),
 }
 BACKENDS = (*ENGINES, "auto")
 AUTO_ORDER = (("tensorrt", RunOptions()), ("onnxruntime", RunOptions(provider="cuda")), ("openvino", RunOptions()),
@@ -139,7 +131,7 @@ def engine_path(bundle: Bundle, graph: str, engine: Path | None = None) -> Path:
     """The engine to run for one of `bundle`'s graphs: `engine` if given (single-graph bundles only), else
     the plan `stepquant build-engine` added to the bundle (listed and hashed in its manifest). A plan that
     build_engine.sh wrote beside the graph is no part of the bundle: name it with --engine."""
-    if engine and len(bundle.target("tensorrt").timestep_groups) > 1:
+    if engine and len(bundle.target(TENSORRT.name).timestep_groups) > 1:
         raise BundleError("--engine names one plan, but this bundle has one graph per timestep group; "
                           "build its plans with `stepquant build-engine`")
     if engine:
@@ -161,7 +153,7 @@ def quantized_backend(bundle: Bundle, threads: int | None = None, backend: str =
     or of the `target` named."""
     name, options = resolve_backend(bundle, backend, RunOptions(threads, provider, optimization_level, device, engine))
     spec = ENGINES[name]
-    section = bundle.target(target or spec.target(bundle, options))
+    section = bundle.target(target or bundle.target_for(name, options.provider))
     groups = section.timestep_groups
     if spec.runs_plans:
         tensorrt_version()  # say TensorRT is missing before asking for an engine
@@ -194,8 +186,10 @@ def reference_backend(bundle: Bundle, threads: int | None = None, backend: str =
 
 def bundle_sampler(bundle: Bundle) -> SamplerConfig:
     """The sampler the bundle was exported with (its table is `bundle_table`)."""
-    sampler = bundle.manifest.sampler
-    return SamplerConfig(sampler.scheduler, sampler.steps, sampler.eta, sampler.guidance_scale, sampler.karras_sigmas)
+    try:
+        return SamplerConfig.from_record(bundle.manifest.sampler)
+    except ValueError as err:
+        raise BundleError(f"bundle {bundle.path}: {err}") from err
 
 
 def bundle_table(bundle: Bundle) -> SchedulerTable:

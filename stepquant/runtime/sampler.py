@@ -9,11 +9,12 @@ quantized runs comparable sample by sample. The update is the scheduler's own, c
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from tqdm import tqdm
 
+from stepquant.bundle.manifest import Sampler
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.corrections import Corrections
 from stepquant.runtime.guidance import Conditioning, guided_estimate
@@ -59,6 +60,15 @@ class SamplerConfig:
     def overridden(self, **options) -> SamplerConfig:
         """This sampler with the options a command was given (None: not given, keep this one's)."""
         return replace(self, **{name: value for name, value in options.items() if value is not None})
+
+    def to_record(self) -> Sampler:
+        """The manifest's sampler record (the same fields, as plain data)."""
+        return Sampler(**asdict(self))
+
+    @classmethod
+    def from_record(cls, record: Sampler) -> SamplerConfig:
+        """The sampler a manifest records, checked as any other."""
+        return cls(**asdict(record))
 
     def describe(self) -> str:
         return (f"{self.steps} {self.scheduler.upper()} steps" + (f", eta {self.eta:g}" if self.scheduler == "ddim" else "")
