@@ -8,6 +8,9 @@ into the integer weights at the end, so the exported graph carries exactly what 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -21,10 +24,40 @@ from stepquant.models.schedulers import capture_table, make_scheduler
 from stepquant.quant.quantize import bake_rounding_
 from stepquant.runtime.sampler import SamplerConfig
 
-OBSERVER_CALIBRATORS = {"minmax": "max", "percentile": "percentile", "mse": "mse"}
-TRAJECTORY_CALIBRATORS = ("multistep", "mixed-order")
-RECONSTRUCTION_CALIBRATORS = ("reconstruct", *TRAJECTORY_CALIBRATORS)
-CALIBRATORS = (*OBSERVER_CALIBRATORS, *RECONSTRUCTION_CALIBRATORS)
+
+@dataclass(frozen=True)
+class Calibrator:
+    """One `--calibrator`: the observer its ranges come from, whether blocks are reconstructed next, and the
+    network-level objective trained last, built from (fp_model, q_model, data, the DDIM sampler the calibration
+    states came from, the noise schedule, reconstruction settings, generator); None: no trajectory stage."""
+
+    observer: str = "max"
+    reconstructs: bool = False
+    trajectory: Callable[..., Callable] | None = None
+
+
+def _multistep(fp_model, q_model, data, ddim: SamplerConfig, scheduler_config: dict, settings: ReconstructionConfig,
+               generator: torch.Generator):
+    return multistep_objective(fp_model, q_model, data, capture_table(ddim, scheduler_config), settings.multistep_steps,
+                               settings.trajectory_batch, generator, settings.unrolled)
+
+
+def _mixed_order(fp_model, q_model, data, ddim: SamplerConfig, scheduler_config: dict, settings: ReconstructionConfig,
+                 generator: torch.Generator):
+    return mixed_order_objective(fp_model, q_model, data, make_scheduler(ddim, scheduler_config), settings.trajectory_batch,
+                                 generator)
+
+
+CALIBRATORS: dict[str, Calibrator] = {
+    "minmax": Calibrator("max"),
+    "percentile": Calibrator("percentile"),
+    "mse": Calibrator("mse"),
+    "reconstruct": Calibrator(reconstructs=True),
+    "multistep": Calibrator(reconstructs=True, trajectory=_multistep),
+    "mixed-order": Calibrator(reconstructs=True, trajectory=_mixed_order),
+}
+TRAJECTORY_CALIBRATORS = tuple(name for name, c in CALIBRATORS.items() if c.trajectory is not None)
+RECONSTRUCTION_CALIBRATORS = tuple(name for name, c in CALIBRATORS.items() if c.reconstructs)
 
 
 def calibrate_(
@@ -41,24 +74,20 @@ def calibrate_(
     """Calibrate the fake-quant `q_model` in place against `fp_model`; return a summary for the manifest."""
     if calibrator not in CALIBRATORS:
         raise ValueError(f"unknown calibrator {calibrator!r}; choose from {', '.join(CALIBRATORS)}")
-    calibrate_ranges(q_model, data, OBSERVER_CALIBRATORS.get(calibrator, "max"), percentile, progress=progress)
+    method = CALIBRATORS[calibrator]
+    calibrate_ranges(q_model, data, method.observer, percentile, progress=progress)
     summary: dict = {"calibrator": calibrator}
-    if calibrator in OBSERVER_CALIBRATORS:
+    if not method.reconstructs:
         return summary
-    if scheduler_config is None and calibrator != "reconstruct":
+    if scheduler_config is None and method.trajectory is not None:
         raise ValueError(f"the {calibrator} calibrator needs the model's noise schedule (scheduler_config)")
     block_losses = reconstruct_blocks(fp_model, q_model, data, reconstruction, progress)
     summary["blocks"] = len(block_losses)
-    if calibrator != "reconstruct":
+    if method.trajectory is not None:
         # the trajectory stage follows the deterministic DDIM steps the calibration states came from
         ddim = SamplerConfig("ddim", sampler.steps, 0.0)
         generator = torch.Generator().manual_seed(reconstruction.seed + distributed.rank())
-        if calibrator == "multistep":
-            objective = multistep_objective(fp_model, q_model, data, capture_table(ddim, scheduler_config), reconstruction.multistep_steps,
-                                            reconstruction.trajectory_batch, generator, reconstruction.unrolled)
-        else:
-            objective = mixed_order_objective(fp_model, q_model, data, make_scheduler(ddim, scheduler_config),
-                                              reconstruction.trajectory_batch, generator)
+        objective = method.trajectory(fp_model, q_model, data, ddim, scheduler_config, reconstruction, generator)
         summary["trajectory_loss"] = train_quantizers(q_model, objective, reconstruction, reconstruction.trajectory_iters,
                                                       beta_start=reconstruction.beta_end, desc=calibrator, progress=progress,
                                                       lr_factor=reconstruction.trajectory_lr, learn_rounding=False)

@@ -8,7 +8,8 @@ to the unconditional and conditional outputs apart and pooled (`per_branch=True`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -196,20 +197,51 @@ def fit_tac(fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequen
                        np.zeros(steps), np.stack(input_biases))
 
 
+@dataclass(frozen=True)
+class EstimationRun:
+    """What every estimator is given: both backends, the sampler and its noise schedule, the trajectories'
+    seeds, shape and conditioning, and whether guided terms are fitted per branch."""
+
+    fp: Backend
+    quantized: Backend
+    noise_schedule: dict
+    seeds: Sequence[int]
+    sample_shape: tuple[int, int, int]
+    config: SamplerConfig
+    progress: bool = True
+    conditioning: Conditioning | None = None
+    per_branch: bool = False
+
+    def statistics(self) -> ErrorStatistics:
+        return collect_statistics(self.fp, self.quantized, self.noise_schedule, self.seeds, self.sample_shape, self.config,
+                                  self.progress, self.conditioning, self.per_branch)
+
+    def identity(self) -> Corrections:
+        return Corrections.identity([int(t) for t in capture_table(self.config, self.noise_schedule).timesteps],
+                                    self.sample_shape[0])
+
+    def tac(self) -> Corrections:
+        return fit_tac(self.fp, self.quantized, self.noise_schedule, self.seeds, self.sample_shape, self.config,
+                       conditioning=self.conditioning, per_branch=self.per_branch)
+
+
+# --correction: name -> estimator (the runtime's correction METHODS, kept in step by a test)
+ESTIMATORS: dict[str, Callable[[EstimationRun], Corrections]] = {
+    "none": EstimationRun.identity,
+    "ptqd": lambda run: ptqd(run.statistics()),
+    "d2-deterministic": lambda run: d2(run.statistics(), stochastic=False),
+    "d2-stochastic": lambda run: d2(run.statistics(), stochastic=True),
+    "tac": EstimationRun.tac,
+}
+
+
 def estimate_corrections(method: str, fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequence[int],
                          sample_shape: tuple[int, int, int], config: SamplerConfig, progress: bool = True,
                          conditioning: Conditioning | None = None, per_branch: bool = False) -> Corrections:
     """The correction terms of `method` for the sampler `config` (its timesteps key the terms); conditional
     models sample with `conditioning`, guided by `config.guidance_scale`."""
-    if method == "none":
-        return Corrections.identity([int(t) for t in capture_table(config, noise_schedule).timesteps], sample_shape[0])
+    if method not in ESTIMATORS:
+        raise ValueError(f"unknown correction method {method!r}; choose from {', '.join(ESTIMATORS)}")
     per_branch = per_branch and conditioning is not None and config.guidance_scale != 1.0
-    if method == "tac":
-        return fit_tac(fp, quantized, noise_schedule, seeds, sample_shape, config, conditioning=conditioning,
-                       per_branch=per_branch)
-    stats = collect_statistics(fp, quantized, noise_schedule, seeds, sample_shape, config, progress, conditioning, per_branch)
-    if method == "ptqd":
-        return ptqd(stats)
-    if method in ("d2-deterministic", "d2-stochastic"):
-        return d2(stats, stochastic=method == "d2-stochastic")
-    raise ValueError(f"unknown correction method {method!r}")
+    return ESTIMATORS[method](EstimationRun(fp, quantized, noise_schedule, seeds, sample_shape, config, progress,
+                                            conditioning, per_branch))

@@ -4,12 +4,11 @@ activation range is taken by max, percentile or MSE search (one scale per tensor
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from stepquant.quant.grid import Grid
-
-OBSERVER_METHODS = ("max", "percentile", "mse")
 
 
 class RangeObserver:
@@ -45,18 +44,19 @@ class RangeObserver:
         return (torch.arange(self.bins, dtype=torch.float64) + 0.5) * self.width
 
     def amax(self, method: str, grid: Grid, percentile: float = 99.99) -> float:
-        """The calibrated range; 0.0 means the tensor was all zeros (the caller refuses it)."""
-        if method == "max" or self.max == 0.0:
-            return self.max
-        if method == "percentile":
-            cumulative = torch.cumsum(self.counts, 0) / self.counts.sum()
-            index = int(torch.searchsorted(cumulative, torch.tensor(percentile / 100.0, dtype=torch.float64)))
-            return min(self.max, (index + 1) * self.width)
-        if method == "mse":
-            return self._mse_amax(grid)
-        raise ValueError(f"unknown observer method {method!r}; choose from {', '.join(OBSERVER_METHODS)}")
+        """The calibrated range by `method` (a key of OBSERVERS); 0.0 means the tensor was all zeros (the
+        caller refuses it)."""
+        if method not in OBSERVERS:
+            raise ValueError(f"unknown observer method {method!r}; choose from {', '.join(OBSERVERS)}")
+        return self.max if self.max == 0.0 else OBSERVERS[method](self, grid, percentile)
 
-    def _mse_amax(self, grid: Grid, candidates: int = 80) -> float:
+    def percentile_amax(self, percentile: float) -> float:
+        """The smallest bin edge below which `percentile` percent of the values fall."""
+        cumulative = torch.cumsum(self.counts, 0) / self.counts.sum()
+        index = int(torch.searchsorted(cumulative, torch.tensor(percentile / 100.0, dtype=torch.float64)))
+        return min(self.max, (index + 1) * self.width)
+
+    def mse_amax(self, grid: Grid, candidates: int = 80) -> float:
         """Q-Diffusion's search: shrink the max by 1% steps, keep the range of least squared error."""
         centers = self._centers()
         best, best_error = self.max, math.inf
@@ -68,3 +68,12 @@ class RangeObserver:
             if total < best_error:
                 best, best_error = amax, total
         return best
+
+
+# --calibrator's observers: name -> (observer, grid, percentile) -> range
+OBSERVERS: dict[str, Callable[[RangeObserver, Grid, float], float]] = {
+    "max": lambda observer, grid, percentile: observer.max,
+    "percentile": lambda observer, grid, percentile: observer.percentile_amax(percentile),
+    "mse": lambda observer, grid, percentile: observer.mse_amax(grid),
+}
+OBSERVER_METHODS = tuple(OBSERVERS)
