@@ -10,8 +10,9 @@ from safetensors import safe_open
 from stepquant.calibrators import calibrate_ranges, collect_calibration_set
 from stepquant.data.digits import held_out_split, load_digits_16
 from stepquant.eval.classifier import WEIGHTS, load_classifier
-from stepquant.eval.evaluate import evaluate, plot_errors
+from stepquant.eval.evaluate import evaluate
 from stepquant.eval.metrics import PSNR_CAP_DB, frechet_distance, psnr
+from stepquant.eval.plots import plot_errors
 from stepquant.models import EpsilonModel, load_model
 from stepquant.models.torch_backend import TorchBackend
 from stepquant.quant import QuantSpec, quantize_

@@ -108,12 +108,14 @@ def test_sampling_a_guided_conditional_bundle_needs_no_export_side(conditional_b
     _same_samples(bundle, tmp_path, "--conditioning", conditioning)
 
 
-def test_bench_and_verify_need_no_export_side(demo_bundle):
+def test_bench_verify_and_inspect_need_no_export_side(demo_bundle):
     timed = stepquant_without_export_side("bench", "--bundle", demo_bundle[0], "--batch", "1", "--seconds", "0.2")
     assert timed.returncode == 0, timed.stderr
     assert "tensorrt graph" in timed.stdout and "x vs onnxruntime FP32" in timed.stdout
     verified = stepquant_without_export_side("verify", "--bundle", demo_bundle[0])
     assert verified.returncode == 0 and "files verified" in verified.stdout
+    inspected = stepquant_without_export_side("inspect", "--bundle", demo_bundle[0])
+    assert inspected.returncode == 0 and "exported without correction terms" in inspected.stdout, inspected.stderr
 
 
 def test_export_side_commands_say_which_extra_to_install(demo_bundle, tmp_path):

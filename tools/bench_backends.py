@@ -46,7 +46,7 @@ def main() -> None:
                                                           "--eval-samples", "8")
     lines = [header(), f"{args.threads} threads; onnxruntime and OpenVINO as installed here.", ""]
     for name, bundle in bundles.items():
-        batches = ["--batch", "1"] if args.smoke else ["--batch", "1", "--batch", "8"]
+        batches = ["--batch", "1", "--seconds", "0.2"] if args.smoke else ["--batch", "1", "--batch", "8"]
         lines += [f"### {name}", "", f"`stepquant bench --bundle {bundle.name} --threads {args.threads} {' '.join(batches)}`",
                   "", "```", console("stepquant", "bench", "--bundle", str(bundle), "--threads", str(args.threads), *batches).rstrip(),
                   "```", ""]

@@ -27,7 +27,8 @@ from benchdoc import PAGES, header, write_section
 from stepquant.bundle import load_bundle
 from stepquant.calibrators import collect_calibration_set
 from stepquant.calibrators.calibrate import CALIBRATORS
-from stepquant.eval.evaluate import evaluate, plot_errors
+from stepquant.eval.evaluate import evaluate
+from stepquant.eval.plots import plot_errors
 from stepquant.export.onnx_export import export_onnx
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
 from stepquant.models.torch_backend import TorchBackend

@@ -1,4 +1,4 @@
-"""`stepquant eval` (quality against FP from the same noise) and `stepquant inspect` (correction terms)."""
+"""`stepquant eval`: quality against FP from the same noise."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import typer
 from stepquant.bundle import load_bundle
 from stepquant.cli.choices import Provider, RuntimeBackend, Scheduler
 from stepquant.cli.options import BackendOption, Classes, DeviceOption, ProviderOption, TrustKey, parse_classes
-from stepquant.eval.evaluate import evaluate, plot_corrections, plot_errors
+from stepquant.eval.evaluate import evaluate
+from stepquant.eval.plots import plot_errors
 from stepquant.runtime.bundle_backends import bundle_corrections, bundle_sampler, quantized_backend, reference_backend
 from stepquant.runtime.guidance import choose_conditioning
 
@@ -108,23 +109,3 @@ def _eval_text_to_image(loaded, n: int, steps: int | None, scheduler: str | None
     print(f"  requested digit (quantized / FP) {scores.digit_accuracy:.3f} / {scores.fp_digit_accuracy:.3f}")
     print(f"  requested colours (quantized / FP) {scores.colour_accuracy:.3f} / {scores.fp_colour_accuracy:.3f}")
     print(f"wrote {out / 'eval.json'}")
-
-
-def inspect_command(
-    bundle: Annotated[Path, typer.Option(help="Bundle whose correction terms to show.")],
-    plot: Annotated[Optional[Path], typer.Option(help="PNG of the terms per step (default: BUNDLE-corrections.png).")] = None,
-    trust_key: TrustKey = None,
-) -> None:
-    """Print the bundle's per-timestep correction terms and plot them."""
-    terms = bundle_corrections(load_bundle(bundle, trust_key))
-    if terms is None:
-        print(f"{bundle}: exported without correction terms (--correction none)")
-        return
-    print(f"{bundle}: {terms.method} correction terms for {len(terms.timesteps)} timesteps")
-    print(f"  {'timestep':>8}  {'gain':>8}  {'bias':>9}  {'noise std':>9}  {'resid var':>9}  {'input bias':>10}")
-    for i, t in enumerate(terms.timesteps.tolist()):
-        print(f"  {t:8d}  {float(terms.gain[i].mean()):8.4f}  {float(terms.bias[i].mean()):9.2e}  "
-              f"{float(terms.noise_std[i]):9.2e}  {float(terms.residual_var[i]):9.2e}  {float(terms.input_bias[i].mean()):10.2e}")
-    plot = plot or bundle.with_name(bundle.name + "-corrections.png")
-    plot_corrections(terms, plot)
-    print(f"wrote {plot}")

@@ -34,7 +34,7 @@ COMMANDS = {
     "lint": ("stepquant.cli.tensorrt", "lint_command"),
     "parity": ("stepquant.cli.tensorrt", "parity_command"),
     "build-engine": ("stepquant.cli.tensorrt", "build_engine_command"),
-    "inspect": ("stepquant.cli.evaluate", "inspect_command"),
+    "inspect": ("stepquant.cli.inspect", "inspect_command"),
     "encode-prompts": ("stepquant.cli.prompts", "encode_prompts_command"),
     "keygen": ("stepquant.cli.signing", "keygen_command"),
     "sign": ("stepquant.cli.signing", "sign_command"),
