@@ -67,7 +67,8 @@ def target_profile(name: str) -> TargetProfile:
 def preferred_target(available: Iterable[str], backend: str, provider: str = "cpu") -> str:
     """The profile `backend` (with onnxruntime's `provider`) runs among the `available` ones: the most specific
     profile that names it (the CPU profile's integer kernels for onnxruntime on the CPU), else the fallback."""
-    present = [profile for name, profile in TARGETS.items() if name in set(available)]
+    available = set(available)
+    present = [profile for name, profile in TARGETS.items() if name in available]
     for key in (f"{backend}:{provider}", backend):
         for profile in present:
             if key in profile.runs_on:
