@@ -36,7 +36,9 @@ from stepquant.export.faults import forge_bundle, point_at_external_data
 from stepquant.models.demo_config import SCHEDULER_CONFIG
 from stepquant.models.tiny import TINY_PROMPTS, save_tiny_text_pipeline
 
-OPENED: list[str] = []
+OPENED: list[str] = []  # what a case's command opened: recorded only while one runs
+RECORDING = threading.Event()
+_HOOKED = False
 TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                  norm_num_groups=8, attention_head_dim=16)
@@ -44,8 +46,16 @@ FAST = ["--steps", "2", "--calib-samples", "2", "--eval-samples", "2", "--no-pro
 
 
 def _audit(event: str, args) -> None:
-    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+    if event == "open" and RECORDING.is_set() and isinstance(args[0], (str, bytes, os.PathLike)):
         OPENED.append(os.path.abspath(os.fsdecode(args[0])))
+
+
+def watch_opens() -> None:
+    """Install the audit hook that records opens (once per process: Python cannot remove one)."""
+    global _HOOKED
+    if not _HOOKED:
+        sys.addaudithook(_audit)
+        _HOOKED = True
 
 
 @dataclass
@@ -557,6 +567,7 @@ def run(case: Case, root: Path, index: int) -> tuple[bool, str]:
     args = [a.format(root=root, case=directory, bundle=directory / "bundle") for a in case.args]
     before = snapshot(root)
     OPENED.clear()
+    RECORDING.set()
     made: dict[str, bytes] = {}
     beside = threading.Thread(target=lambda: made.update(case.during(directory))) if case.during else None
     cwd = os.getcwd()
@@ -571,6 +582,7 @@ def run(case: Case, root: Path, index: int) -> tuple[bool, str]:
         os.chdir(cwd)
         if beside:
             beside.join()
+        RECORDING.clear()
     lines = [line for line in err.splitlines() if line.strip()]
     problems = []
     if code == 0:
@@ -600,7 +612,7 @@ def main() -> None:
     parser.add_argument("--only", help="run one category")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    sys.addaudithook(_audit)
+    watch_opens()
     selected = [c for c in cases() if args.only in (None, c.category)]
     rows = ["| category | input | held | what the command said |", "|---|---|---|---|"]
     per_category: dict[str, list[int]] = {}
