@@ -7,7 +7,7 @@ and 8 with 2 threads. Sessions alternate call by call with thread
 spinning off (a spinning idle session would steal the cores of the next one), so a slow spell of the
 machine hits every block size alike. This is what chose `SCORE_BLOCK_BYTES` and the channels-first layout.
 
-    python tools/bench_attention_blocks.py [--calls 30] [--no-write]
+    python tools/bench_attention_blocks.py [--calls 30] [--no-write] [--smoke]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from benchdoc import header, write_section
+from benchdoc import header, parse_options, write_section
 from diffusers.models.attention_processor import Attention
 
 from stepquant.quant.attention_processors import SCORE_BLOCK_BYTES, HeadGroupedAttentionProcessor, heads_per_group
@@ -49,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    args = parse_options(parser, calls=1)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

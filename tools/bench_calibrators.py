@@ -7,6 +7,7 @@ and the per-step against accumulated error plot of minmax and the best calibrato
 
     python tools/bench_calibrators.py            (about 40 min on 2 cores)
     python tools/bench_calibrators.py --memory-only
+    python tools/bench_calibrators.py --smoke    (a quick check that it runs; writes nothing)
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_quality import Context, modelopt_method
-from benchdoc import PAGES, header, write_section
+from bench_quality import Context, leave_out, modelopt_method
+from benchdoc import PAGES, SMOKE_EXPORT, header, parse_options, write_section
 
 from stepquant.bundle import load_bundle
 from stepquant.calibrators import collect_calibration_set
@@ -73,12 +74,12 @@ def memory_child(steps: int, unrolled: bool, batch: int, iters: int) -> None:
                       "seconds_per_iteration": (time.perf_counter() - begin) / iters}))
 
 
-def memory_table(batch: int, iters: int) -> str:
+def memory_table(batch: int, iters: int, steps_list: list[int]) -> str:
     lines = [f"Multi-step objective at W4A8 with learned rounding, batch {batch}, {iters} iterations after one warm-up "
              "iteration; each cell a fresh process. Added = peak RSS growth during the iterations.", "",
              "| n (steps) | gradient | peak RSS (MiB) | added (MiB) | s / iteration |", "|---|---|---|---|---|"]
     for unrolled in (False, True):
-        for steps in MEMORY_STEPS:
+        for steps in steps_list:
             out = subprocess.run([sys.executable, __file__, "--memory-child", str(steps), str(int(unrolled)), str(batch), str(iters)],
                                  check=True, capture_output=True, text=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
@@ -95,15 +96,16 @@ def main() -> None:
     parser.add_argument("--calibrators", default=",".join(CALIBRATORS))
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--memory-only", action="store_true")
+    parser.add_argument("--memory-steps", default=",".join(map(str, MEMORY_STEPS)), help="the objective's n, comma-separated")
     parser.add_argument("--memory-child", nargs=4, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    args = parse_options(parser, n=4, calib_samples=4, calibrators="minmax", settings="W4A8", memory_steps="1")
     if args.memory_child:
         steps, unrolled, batch, iters = args.memory_child
         memory_child(steps, bool(unrolled), batch, iters)
         return
     start = time.perf_counter()
-    memory = memory_table(batch=32, iters=3)
+    memory = memory_table(32, 1 if args.smoke else 3, [int(n) for n in args.memory_steps.split(",")])
     if args.memory_only:
         if not args.no_write:
             write_section("bench_calibrators_memory", header() + "\n" + memory)
@@ -136,14 +138,16 @@ def main() -> None:
 
         for bits in args.settings.split(","):
             weight_bits, act_bits = SETTINGS[bits]
-            backend, seconds, _ = modelopt_method(bits)(ctx)
-            result = evaluate(fp_backend, backend, loaded.scheduler_config, range(args.n), shape, sampler, progress=False)
-            row(bits, "modelopt max (INT8_DEFAULT_CFG at these bits)", result, seconds, "-", "-")
+            if not leave_out("modelopt max", args.smoke):
+                backend, seconds, _ = modelopt_method(bits)(ctx)
+                result = evaluate(fp_backend, backend, loaded.scheduler_config, range(args.n), shape, sampler, progress=False)
+                row(bits, "modelopt max (INT8_DEFAULT_CFG at these bits)", result, seconds, "-", "-")
             for calibrator in args.calibrators.split(","):
                 out = workdir / f"{bits}-{calibrator}"
                 subprocess.run(["export-quantized", "--out", str(out), "--weight-bits", str(weight_bits), "--act-bits", str(act_bits),
                                 "--calibrator", calibrator, "--calib-samples", str(args.calib_samples), "--eval-samples", "2",
-                                "--allow-parity-failure", "--no-progress"], check=True, capture_output=True)
+                                "--allow-parity-failure", "--no-progress", *(SMOKE_EXPORT[:2] if args.smoke else ())],
+                               check=True, capture_output=True)
                 bundle = load_bundle(out)
                 result = evaluate(fp_backend, quantized_backend(bundle, threads=2), loaded.scheduler_config, range(args.n), shape,
                                   sampler, progress=False)
@@ -154,7 +158,7 @@ def main() -> None:
                     f"{'pass' if parity['passed'] else 'FAIL'} ({max(t['median_reldiff'] for t in parity['end_to_end']['timesteps']):.1e})")
     text = "\n".join(lines)
     plot = ""
-    if ("W4A8", "minmax") in evaluations:
+    if ("W4A8", "minmax") in evaluations and not args.no_write:
         images = PAGES.parent / "images"
         images.mkdir(exist_ok=True)
         best = max((c for b, c in evaluations if b == "W4A8"), key=lambda c: evaluations[("W4A8", c)].psnr_to_fp_db)

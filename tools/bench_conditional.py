@@ -4,7 +4,7 @@ then per parity feed (calibration inputs and the declared ranges' corners) the Q
 agreement with torch, the latent PSNR of the bundle's guided samples on onnxruntime, and the latency of
 FP32 and Q/DQ graphs. Random weights: this checks the machinery, it says nothing of real-model quality.
 
-    python tools/bench_conditional.py [--models sd,sdxl,pixart] [--no-write]
+    python tools/bench_conditional.py [--models sd,sdxl,pixart] [--no-write] [--smoke]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from benchdoc import header, write_section
+from benchdoc import header, parse_options, write_section
 
 from stepquant.bundle import load_bundle
 from stepquant.eval.latency import measure_latency
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--models", default="sd,sdxl,pixart")
     parser.add_argument("--eval-samples", type=int, default=32)
     parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    args = parse_options(parser, models="sd", eval_samples=2)
     rows = ["| model | parameters | FP graph vs FP torch, worst median rel | Q/DQ vs simulation end to end, calibration feeds (batch 4, 8x8) | "
             "Q/DQ vs simulation end to end, range corners (timestep@shape) | latent PSNR to FP (dB) | batch 2 ms FP32 / Q/DQ | "
             "batch 8 ms FP32 / Q/DQ |", "|---|---|---|---|---|---|---|---|"]

@@ -13,6 +13,7 @@ trajectories of the same guidance and evaluated under each sampler. Seeds 0..n-1
     python tools/bench_conditional_methods.py --bits W4A8,W4A4 --schedulers ddim --calibrators minmax,reconstruct
     python tools/bench_conditional_methods.py --bits W4A8 --schedulers dpm-solver++ --calibrators reconstruct \
         --calibrate-on ddim --correction d2-deterministic   (a DDIM-calibrated bundle sampled with DPM-Solver++)
+    python tools/bench_conditional_methods.py --smoke              (a quick check that it runs; writes nothing)
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_quality import BITS, modelopt_max
-from benchdoc import header, page, publish
+from bench_quality import BITS, leave_out, modelopt_max
+from benchdoc import header, page, parse_options, publish
 
 from stepquant.bundle import load_bundle
 from stepquant.calibrators import collect_calibration_set
@@ -73,7 +74,9 @@ def main() -> None:
                                                                        "has this sampler and width's row)")
     parser.add_argument("--section", default="", help="suffix of the benchmark page's section (runs of other subsets)")
     parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    args = parse_options(parser, n=4, calib_samples=4, recon_iters=2, bits="W4A8", schedulers="ddim", calibrators="minmax",
+                         correction="ptqd")
+    args.no_modelopt = args.no_modelopt or leave_out("modelopt max", args.smoke)
     torch.set_num_threads(2)
     start = time.perf_counter()
     loaded = load_model(CONDITIONAL_DEMO_NAME)

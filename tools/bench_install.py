@@ -8,7 +8,7 @@ interpreter start, imports, bundle verification, the onnxruntime session and the
 of batch 1 take about 0.05 s of it); "import" is the time to import the sample command's module alone.
 Medians of several runs after one warm-up run (the file cache is warm, as on a device sampling repeatedly).
 
-    python tools/bench_install.py [--runs 5] [--keep DIR] [--no-write]
+    python tools/bench_install.py [--runs 5] [--keep DIR] [--full-python PATH] [--no-before] [--no-write] [--smoke]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchdoc import header, publish
+from benchdoc import SMOKE_EXPORT, header, parse_options, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "84e6281"  # the last commit whose runtime ran on torch and diffusers
@@ -55,53 +55,65 @@ def timed(command: list[str], runs: int, **kwargs) -> float:
     return statistics.median(times)
 
 
+def before_seconds(work: Path, full: Path, sample: list[str], runs: int, import_seconds, remove: bool) -> tuple[float, float]:
+    """The cold start and the import time of the same command with the code of BEFORE (a git worktree, run in the
+    full environment, on a bundle of its own format)."""
+    old = work / "before"
+    if not old.exists():
+        run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), BEFORE])
+    old_bundle = work / "bundle-before"
+    before = {"cwd": old, "env": {**os.environ, "PYTHONPATH": str(old)}}
+    if not old_bundle.exists():
+        run([str(full), "-c", "import sys; sys.argv = ['export-quantized', *sys.argv[1:]]; "
+             "from stepquant.cli.entry import export_quantized; export_quantized()", "--out", str(old_bundle),
+             "--no-progress"], timeout=3600, **before)
+    seconds = timed([str(full), "-c", "import sys; sys.argv=['stepquant', *sys.argv[1:]]; "
+                     "from stepquant.cli.entry import stepquant; stepquant()", *sample, "--bundle", str(old_bundle)], runs, **before)
+    imported = import_seconds(full, **before)
+    if remove:
+        run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)])
+    return seconds, imported
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--keep", type=Path, help="build the environments here and keep them (default: a temporary directory)")
+    parser.add_argument("--full-python", type=Path, help="measure this existing full environment's python instead of "
+                        "building one")
+    parser.add_argument("--no-before", action="store_true", help=f"leave out the comparison with {BEFORE}")
     parser.add_argument("--no-write", action="store_true", help="print the table without updating its docs/benchmarks page")
-    args = parser.parse_args()
+    args = parse_options(parser, runs=1, full_python=Path(sys.executable), no_before=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         runtime = venv(work / "runtime", [str(ROOT)])
-        full = venv(work / "full", [TORCH, f"{ROOT}[export]"])
-        sizes = {name: size_mib(work / name) for name in ("runtime", "full")}
-        packages = {name: len(run([str(py), "-m", "pip", "list", "--format=freeze"]).stdout.splitlines())
-                    for name, py in (("runtime", runtime), ("full", full))}
+        full = args.full_python or venv(work / "full", [TORCH, f"{ROOT}[export]"])
+        pythons = {"runtime": runtime, "full": full}
+        sizes = {name: size_mib(python.parents[1]) for name, python in pythons.items()}
+        packages = {name: len(run([str(python), "-m", "pip", "list", "--format=freeze"]).stdout.splitlines())
+                    for name, python in pythons.items()}
 
         bundle = work / "bundle"
         if not bundle.exists():
-            run([str(full.parent / "export-quantized"), "--out", str(bundle), "--no-progress"], timeout=3600)
-        old = work / "before"
-        if not old.exists():
-            run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), BEFORE])
-        old_bundle = work / "bundle-before"
-        before = {"cwd": old, "env": {**os.environ, "PYTHONPATH": str(old)}}  # BEFORE's code in the full environment
-        if not old_bundle.exists():  # the same export with the code of BEFORE (its own bundle format)
-            run([str(full), "-c", "import sys; sys.argv = ['export-quantized', *sys.argv[1:]]; "
-                 "from stepquant.cli.entry import export_quantized; export_quantized()", "--out", str(old_bundle),
-                 "--no-progress"], timeout=3600, **before)
+            run([str(full.parent / "export-quantized"), "--out", str(bundle), "--no-progress", *(SMOKE_EXPORT if args.smoke else ())],
+                timeout=3600)
         out = work / "s.npz"
         sample = ["sample", "--n", "1", "--no-progress", "--out", str(out)]
-        start = {
-            "runtime only (this version)": timed([str(runtime.parent / "stepquant"), *sample, "--bundle", str(bundle)], args.runs),
-            "full install (this version)": timed([str(full.parent / "stepquant"), *sample, "--bundle", str(bundle)], args.runs),
-            f"full install ({BEFORE}, before)": timed(
-                [str(full), "-c", "import sys; sys.argv=['stepquant', *sys.argv[1:]]; "
-                 "from stepquant.cli.entry import stepquant; stepquant()", *sample, "--bundle", str(old_bundle)],
-                args.runs, **before),
-        }
         probe = "import time; t = time.perf_counter(); import stepquant.cli.sample; print(time.perf_counter() - t)"
 
         def import_seconds(python: Path, **kwargs) -> float:
             run([str(python), "-c", probe], **kwargs)
             return statistics.median(float(run([str(python), "-c", probe], **kwargs).stdout) for _ in range(args.runs))
 
-        imports = {"runtime only (this version)": import_seconds(runtime), "full install (this version)": import_seconds(full),
-                   f"full install ({BEFORE}, before)": import_seconds(full, **before)}
-        if not args.keep:
-            run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)])
+        start = {
+            "runtime only (this version)": timed([str(runtime.parent / "stepquant"), *sample, "--bundle", str(bundle)], args.runs),
+            "full install (this version)": timed([str(full.parent / "stepquant"), *sample, "--bundle", str(bundle)], args.runs),
+        }
+        imports = {"runtime only (this version)": import_seconds(runtime), "full install (this version)": import_seconds(full)}
+        if not args.no_before:
+            start[f"full install ({BEFORE}, before)"], imports[f"full install ({BEFORE}, before)"] = before_seconds(
+                work, full, sample, args.runs, import_seconds, remove=not args.keep)
     ratio = sizes["runtime"] / sizes["full"]
     lines = [header(), "",
              "| virtual environment | installed size | packages |", "|---|---|---|",

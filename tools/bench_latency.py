@@ -9,7 +9,7 @@ bundle's) stands beside its speed; the random-weight cifar10 UNet's on noise (sp
 start-up with and without the optimised-graph cache, onnxruntime's per-operator profile of the CPU-profile
 graph, the calibration wall time and peak memory of `export-quantized`, and the sampler's host-loop time.
 
-    python tools/bench_latency.py [--threads 2] [--models demo,cifar10]
+    python tools/bench_latency.py [--threads 2] [--models demo,cifar10] [--no-write] [--smoke]
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
-from benchdoc import header, write_section
+from benchdoc import SMOKE_EXPORT, header, parse_options, write_section
 from diffusers import UNet2DModel
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 
@@ -53,14 +54,25 @@ from stepquant.quant.attention_processors import group_attention_heads_
 from stepquant.runtime import OnnxRuntimeBackend, SamplerConfig, sample
 from stepquant.runtime.bundle_backends import quantized_backend
 
-# Interleaved rounds per batch size, each a short block per backend: this machine has slow spells of
-# seconds to minutes that slow every graph (the INT8 ones most), so many short rounds, with each
-# speed-up taken within its round, beat a few long ones.
-ROUNDS = 7
-BLOCK = dict(min_runs=5, min_seconds=1.0)
-# the demo's calibration and quality settings: export-quantized's defaults (64 trajectories, 256 seeds, 25 DDIM steps)
 DEMO_SAMPLER = SamplerConfig("ddim", 25, 0.0)
-DEMO_TRAJECTORIES, QUALITY_SEEDS = 64, 256
+
+
+@dataclass(frozen=True)
+class Effort:
+    """How long to measure. Interleaved rounds per batch size, each a short block per backend: this machine has
+    slow spells of seconds to minutes that slow every graph (the INT8 ones most), so many short rounds, with each
+    speed-up taken within its round, beat a few long ones. The demo's calibration and quality settings are
+    export-quantized's defaults (64 trajectories, 256 seeds, 25 DDIM steps)."""
+
+    rounds: int = 7
+    min_runs: int = 5
+    min_seconds: float = 1.0
+    trajectories: int = 64
+    quality_seeds: int = 256
+    export_options: tuple[str, ...] = ()
+
+
+FULL, SMOKE = Effort(), Effort(rounds=1, min_runs=1, min_seconds=0.05, trajectories=4, quality_seeds=4, export_options=SMOKE_EXPORT)
 
 # onnxruntime's quantize_static, as its docs suggest for CPU (U8S8), and the TensorRT-style S8S8 setting
 QUANTIZE_STATIC = {
@@ -80,11 +92,11 @@ def build_models(name: str):
     return unet, (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
 
 
-def calibration_inputs(name: str, unet, shape) -> CalibrationSet:
+def calibration_inputs(name: str, unet, shape, trajectories: int) -> CalibrationSet:
     """The demo: FP trajectories, as export-quantized collects them; the random-weight cifar10 UNet, whose
     outputs mean nothing: noise at several timesteps."""
     if name == "demo":
-        seeds = range(CALIBRATION_SEED_OFFSET, CALIBRATION_SEED_OFFSET + DEMO_TRAJECTORIES)
+        seeds = range(CALIBRATION_SEED_OFFSET, CALIBRATION_SEED_OFFSET + trajectories)
         return collect_calibration_set(TorchBackend(EpsilonModel(unet)), load_model(DEMO_MODEL_NAME).scheduler_config, seeds,
                                        shape, DEMO_SAMPLER, DEMO_SAMPLER.steps, progress=False)
     generator = torch.Generator().manual_seed(0)
@@ -154,10 +166,10 @@ def operator_profile(path: Path, shape, batch: int, threads: int, workdir: Path,
     return ", ".join(f"{op} {100 * us / total:.0f}%" for op, us in ranked)
 
 
-def latency_rows(name: str, threads: int, workdir: Path) -> tuple[list[str], list[str]]:
+def latency_rows(name: str, threads: int, workdir: Path, effort: Effort) -> tuple[list[str], list[str]]:
     unet, shape = build_models(name)
     params = sum(p.numel() for p in unet.parameters()) / 1e6
-    data = calibration_inputs(name, unet, shape)
+    data = calibration_inputs(name, unet, shape, effort.trajectories)
     fp32 = workdir / f"{name}-fp32.onnx"
     export_onnx(EpsilonModel(unet), fp32, shape)
     # FP32 with the attention restructured as the onnxruntime-cpu profile has it: how much of that
@@ -180,12 +192,13 @@ def latency_rows(name: str, threads: int, workdir: Path) -> tuple[list[str], lis
         **{f"quantize_static {label}": OnnxRuntimeBackend(path, threads) for label, path in peers.items()},
         "torch eager FP32": TorchBackend(EpsilonModel(unet)),
     }
-    quality = demo_quality(backends, shape) if name == "demo" else {}
+    quality = demo_quality(backends, shape, effort.quality_seeds) if name == "demo" else {}
     rows = []
     for batch in (1, 8):
         # rounds interleave the backends, so a slow spell of the shared machine hits all of them alike;
         # the speed-up is taken within each round, against that round's FP32 time
-        rounds = [{label: measure_latency(backend, shape, batch, **BLOCK) for label, backend in backends.items()} for _ in range(ROUNDS)]
+        rounds = [{label: measure_latency(backend, shape, batch, min_runs=effort.min_runs, min_seconds=effort.min_seconds)
+                   for label, backend in backends.items()} for _ in range(effort.rounds)]
         for label in backends:
             medians = [r[label].median_ms for r in rounds]
             speedups = [r["onnxruntime FP32"].median_ms / r[label].median_ms for r in rounds]
@@ -207,18 +220,19 @@ def latency_rows(name: str, threads: int, workdir: Path) -> tuple[list[str], lis
     return rows, notes
 
 
-def demo_quality(backends: dict, shape) -> dict[str, float]:
+def demo_quality(backends: dict, shape, seeds: int) -> dict[str, float]:
     """PSNR to the FP32 graph (dB, mean over seeds) of every INT8 graph, sampled from the same noise."""
     schedule = load_model(DEMO_MODEL_NAME).scheduler_config
     fp = backends["onnxruntime FP32"]
-    return {label: evaluate(fp, backend, schedule, range(QUALITY_SEEDS), shape, DEMO_SAMPLER, progress=False).psnr_to_fp_db
+    return {label: evaluate(fp, backend, schedule, range(seeds), shape, DEMO_SAMPLER, progress=False).psnr_to_fp_db
             for label, backend in backends.items() if "INT8" in label or "quantize_static" in label}
 
 
-def calibration_cost(workdir: Path) -> str:
+def calibration_cost(workdir: Path, export_options: tuple[str, ...]) -> str:
     """Run export-quantized on the demo model in a child process: wall time, calibration time, peak RSS."""
     out = workdir / "bundle"
-    command = [str(Path(sys.executable).parent / "export-quantized"), "--out", str(out), "--eval-samples", "8", "--no-progress"]
+    command = [str(Path(sys.executable).parent / "export-quantized"), "--out", str(out), "--eval-samples", "8", "--no-progress",
+               *export_options]
     begin = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
     wall = time.perf_counter() - begin
@@ -251,25 +265,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="demo,cifar10")
     parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
-    rows = [f"| model | batch | backend | median ms | medians of the {ROUNDS} rounds (ms) | images/s | "
+    args = parse_options(parser, models="demo")
+    effort = SMOKE if args.smoke else FULL
+    rows = [f"| model | batch | backend | median ms | medians of the {effort.rounds} rounds (ms) | images/s | "
             "speed vs onnxruntime FP32 (median of rounds, range) | PSNR to FP (dB, demo) |", "|---|---|---|---|---|---|---|---|"]
     notes = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for name in args.models.split(","):
-            model_rows, model_notes = latency_rows(name, args.threads, workdir)
+            model_rows, model_notes = latency_rows(name, args.threads, workdir, effort)
             rows += model_rows
             notes += model_notes
-        cost = calibration_cost(workdir)
+        cost = calibration_cost(workdir, effort.export_options)
         loop = host_loop_cost(workdir, args.threads)
     print(cost)
     print(loop)
     body = (header() + f"\nSession options: {args.threads} intra-op threads (torch.set_num_threads for torch), graph "
             f"optimisation level ORT_ENABLE_ALL, onnxruntime {ort.__version__}, CPUExecutionProvider; median of at least "
-            f"{BLOCK['min_runs']} timed calls (and {BLOCK['min_seconds']:g} s) after 3 warm-up calls, in {ROUNDS} rounds that interleave the backends. All INT8 graphs are W8A8 "
-            f"with per-channel weights, calibrated (MinMax) on the same inputs: the demo's on {DEMO_TRAJECTORIES} FP trajectories "
-            f"({DEMO_SAMPLER.steps} DDIM steps), its PSNR to FP over {QUALITY_SEEDS} seeds; the cifar10 UNet's on 20 noise inputs.\n\n" + "\n".join(rows) + "\n\n" + "\n\n".join(notes) + f"\n\n{cost}\n\n{loop}\n")
+            f"{effort.min_runs} timed calls (and {effort.min_seconds:g} s) after 3 warm-up calls, in {effort.rounds} rounds that interleave the backends. All INT8 graphs are W8A8 "
+            f"with per-channel weights, calibrated (MinMax) on the same inputs: the demo's on {effort.trajectories} FP trajectories "
+            f"({DEMO_SAMPLER.steps} DDIM steps), its PSNR to FP over {effort.quality_seeds} seeds; the cifar10 UNet's on 20 noise inputs.\n\n" + "\n".join(rows) + "\n\n" + "\n\n".join(notes) + f"\n\n{cost}\n\n{loop}\n")
     if not args.no_write:
         write_section("bench_latency", body)
 

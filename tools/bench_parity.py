@@ -10,23 +10,25 @@ what the check costs against the end-to-end comparison it replaced.
 3. Cost: time and peak memory of the layer-wise check (plus the torch reference run the bundle keeps)
    against the end-to-end check, on the demo and the cifar10-architecture UNet, each in a fresh process.
 
-    python tools/bench_parity.py [--only thresholds,faults,cost] [--no-write]
+    python tools/bench_parity.py [--only thresholds,faults,cost] [--first N] [--no-write] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from benchdoc import header, write_section
+from benchdoc import header, parse_options, write_section
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from stepquant.calibrators import collect_calibration_set
@@ -101,12 +103,11 @@ def conditional_model(root: Path, kind: str, **overrides) -> dict:
     return dict(model=str(pipeline), conditioning=conditioning, sampler=GUIDED, shapes=CONDITIONAL_SHAPES)
 
 
-def configurations(root: Path) -> list[tuple[str, dict]]:
+def configurations(root: Path) -> Iterator[tuple[str, dict]]:
     """(label, ExportConfig keywords): every model and configuration the project has, at default options
-    except for fewer calibration and evaluation samples."""
+    except for fewer calibration and evaluation samples; each model is built when its turn comes."""
     demo = dict(calib_samples=16)
-    cifar10 = dict(model=str(cifar10_model(root)), calib_samples=2, sampler=SamplerConfig(steps=4))
-    return [
+    yield from [
         ("demo W8A8", demo),
         ("demo W8A8, 8 calibration samples, 5 steps", dict(calib_samples=8, sampler=SamplerConfig(steps=5))),
         ("demo W8A8, percentile 99.99", dict(demo, calibrator="percentile")),
@@ -121,21 +122,22 @@ def configurations(root: Path) -> list[tuple[str, dict]]:
         ("demo W4A8, reconstruct (split skip, 50 iterations)", dict(
             demo, quant=QuantSpec(weight_bits=4, split_skip_concat=True), calibrator="reconstruct",
             reconstruction=ReconstructionConfig(iters=50))),
-        ("photo patches DDPM (cosine schedule)", dict(model=str(photo_patch_model(root)), calib_samples=16)),
-        ("cifar10 architecture (random), both targets", dict(cifar10, targets=("tensorrt", "onnxruntime-cpu"))),
-        *((f"tiny {kind} (random), guidance 3", dict(conditional_model(root, kind), calib_samples=4)) for kind in TINY_MODELS),
-        ("tiny sd (random), FP16 precision", dict(conditional_model(root, "sd"), calib_samples=4, precision="fp16")),
-        ("tiny sd (random), FP8", dict(conditional_model(root, "sd"), calib_samples=4, quant=QuantSpec(format="fp8"))),
-        ("tiny conditional UNet, other config", dict(conditional_model(root, "sd", **OTHER_CONDITIONAL), calib_samples=4)),
     ]
+    yield "photo patches DDPM (cosine schedule)", dict(model=str(photo_patch_model(root)), calib_samples=16)
+    cifar10 = dict(model=str(cifar10_model(root)), calib_samples=2, sampler=SamplerConfig(steps=4))
+    yield "cifar10 architecture (random), both targets", dict(cifar10, targets=("tensorrt", "onnxruntime-cpu"))
+    yield from ((f"tiny {kind} (random), guidance 3", dict(conditional_model(root, kind), calib_samples=4)) for kind in TINY_MODELS)
+    yield "tiny sd (random), FP16 precision", dict(conditional_model(root, "sd"), calib_samples=4, precision="fp16")
+    yield "tiny sd (random), FP8", dict(conditional_model(root, "sd"), calib_samples=4, quant=QuantSpec(format="fp8"))
+    yield "tiny conditional UNet, other config", dict(conditional_model(root, "sd", **OTHER_CONDITIONAL), calib_samples=4)
 
 
-def threshold_rows(root: Path) -> tuple[list[str], dict]:
+def threshold_rows(root: Path, first: int | None) -> tuple[list[str], dict]:
     rows = ["| model, configuration | target | quantizers (act + weight) | codes | one step off | worst quantizer's one-step "
             "share (headroom) | two or more steps off | end-to-end worst median | former gate | layer-wise gate |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     worst = {"one_step_headroom": float("inf"), "fp16_headroom": float("inf"), "multi_step": 0}
-    for label, options in configurations(root):
+    for label, options in itertools.islice(configurations(root), first):
         start = time.perf_counter()
         report = export_quantized(ExportConfig(out=root / "bundle", overwrite=True, eval_samples=8, require_parity=False,
                                                progress=False, **options))
@@ -184,11 +186,11 @@ def demo_graph(root: Path, target: str, format: str, precision: str):
     return model, path, feeds
 
 
-def fault_rows(root: Path) -> list[str]:
+def fault_rows(root: Path, first: int | None) -> list[str]:
     rows = ["| target, format, precision | fault (at quantizer) | gate | static check | quantizers failing on codes | "
             "worst one-step share (allowed) | codes two or more steps off |", "|---|---|---|---|---|---|---|"]
-    for kind in (("tensorrt", "int8", "fp32"), ("onnxruntime-cpu", "int8", "fp32"), ("tensorrt", "fp8", "fp32"),
-                 ("tensorrt", "int8", "fp16")):
+    kinds = [("tensorrt", "int8", "fp32"), ("onnxruntime-cpu", "int8", "fp32"), ("tensorrt", "fp8", "fp32"), ("tensorrt", "int8", "fp16")]
+    for kind in kinds[:first]:
         model, path, feeds = demo_graph(root, *kind)
         policy = parity_policy(*kind)
         clean, _ = check_layerwise(model, path, feeds, policy)
@@ -239,10 +241,10 @@ def _cost_child(model_name: str, check: str) -> None:
                           "batch": int(feeds[0]["sample"].shape[0])}))
 
 
-def cost_rows() -> list[str]:
+def cost_rows(first: int | None) -> list[str]:
     rows = ["| model | inputs (batch) | end-to-end check: s / peak MiB (added) | layer-wise check + reference: s / peak MiB (added) |",
             "|---|---|---|---|"]
-    for model_name in ("demo", "cifar10"):
+    for model_name in ("demo", "cifar10")[:first]:
         runs = {}
         for check in ("end-to-end", "layerwise"):
             output = subprocess.run([sys.executable, __file__, "--cost-child", model_name, check], check=True,
@@ -258,13 +260,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="thresholds,faults,cost")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--first", type=int, help="only the first N configurations, fault kinds and cost models")
     parser.add_argument("--cost-child", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_options(parser, only="thresholds,faults", first=1)
     if args.cost_child:
         return _cost_child(*args.cost_child)
     with tempfile.TemporaryDirectory() as tmp:
         if "thresholds" in args.only:
-            rows, worst = threshold_rows(Path(tmp))
+            rows, worst = threshold_rows(Path(tmp), args.first)
             body = (header() + "\nEvery model and configuration at default options (fewer calibration and 8 evaluation "
                     "samples), each graph checked on its export's parity inputs (5 calibration timesteps x batch 4, plus the "
                     "range corners for dynamic shapes). Headroom: the policy's allowance over the quantizer's count, for "
@@ -274,12 +277,12 @@ def main() -> None:
             _write("bench_parity_thresholds", body, args.no_write)
         if "faults" in args.only:
             body = (header() + "\nSeeded faults on the demo model (minmax on 8 trajectories, 20 inputs at 5 timesteps), "
-                    "one quantizer each (the middle convolution input or weight).\n\n" + "\n".join(fault_rows(Path(tmp))) + "\n")
+                    "one quantizer each (the middle convolution input or weight).\n\n" + "\n".join(fault_rows(Path(tmp), args.first)) + "\n")
             _write("bench_parity_faults", body, args.no_write)
     if "cost" in args.only:
         body = (header() + "\nEach in a fresh process after calibration and export; peak: the process's peak resident "
                 "memory during the check (VmHWM reset before it), added: that peak over its memory before the check.\n\n"
-                + "\n".join(cost_rows()) + "\n")
+                + "\n".join(cost_rows(args.first)) + "\n")
         _write("bench_parity_cost", body, args.no_write)
 
 

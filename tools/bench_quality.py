@@ -3,7 +3,7 @@ with the same FP model, calibration inputs and evaluation seeds, every method ju
 `stepquant.eval.evaluate` against the FP graph on onnxruntime.
 
     pip install '.[bench]'
-    python tools/bench_quality.py [--n 512] [--eta 0] [--only stepquant]
+    python tools/bench_quality.py [--n 512] [--eta 0] [--only stepquant] [--smoke]
 
 stepquant and quantize_static are executed as ONNX Q/DQ graphs on onnxruntime (the deployed form).
 modelopt is executed as its own torch fake-quant model (its ONNX export targets TensorRT; its INT4
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import re
 import tempfile
 import time
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from benchdoc import header, write_section
+from benchdoc import header, parse_options, write_section
 
 from stepquant.bundle import load_bundle
 from stepquant.calibrators import collect_calibration_set
@@ -101,6 +102,16 @@ def modelopt_max(fp_model: EpsilonModel, calib: CalibrationSet, bits: str) -> tu
     return TorchBackend(model), time.perf_counter() - start
 
 
+def leave_out(name: str, smoke: bool) -> bool:
+    """Whether a modelopt row is left out: modelopt missing in a smoke run (a full run without it stops)."""
+    if "modelopt" not in name or importlib.util.find_spec("modelopt"):
+        return False
+    if not smoke:
+        raise SystemExit("modelopt is not installed: pip install '.[bench]' (or leave its rows out with --only)")
+    print(f"{name}: left out of the smoke run (modelopt is not installed)")
+    return True
+
+
 def modelopt_method(bits: str) -> Callable[[Context], tuple[Backend, float, str]]:
     def run(ctx: Context):
         return *modelopt_max(ctx.fp_model, ctx.calib, bits), "torch (modelopt fake-quant)"
@@ -173,7 +184,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--only", default="", help="run only methods whose name contains this text")
     parser.add_argument("--no-write", action="store_true", help="print the table without updating its docs/benchmarks page")
-    args = parser.parse_args()
+    args = parse_options(parser, n=4, steps=4, calib_samples=4)
     torch.set_num_threads(2)
     start = time.perf_counter()
     loaded = load_model(DEMO_MODEL_NAME)
@@ -189,7 +200,7 @@ def main() -> None:
         ctx = Context(fp_model, loaded.scheduler_config, shape, calib, workdir / "fp32.onnx", workdir, args.calib_samples, sampler)
         fp_backend = OnnxRuntimeBackend(ctx.fp_onnx, threads=2)
         for name, bits, method in METHODS:
-            if args.only not in name:
+            if args.only not in name or leave_out(name, args.smoke):
                 continue
             backend, seconds, executed_by = method(ctx)
             result = evaluate(fp_backend, backend, loaded.scheduler_config, range(args.n), shape, sampler, progress=False)

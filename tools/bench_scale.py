@@ -18,6 +18,7 @@
     python tools/bench_scale.py                                     (all three: about an hour on 2 cores)
     python tools/bench_scale.py --parts sd15 --calib-samples 2,8
     python tools/bench_scale.py --parts demo-device,sd15 --devices cuda,cpu --calib-samples 2   (on a GPU machine)
+    python tools/bench_scale.py --smoke                             (a quick check that it runs; writes nothing)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchdoc import header, publish
+from benchdoc import header, parse_options, publish
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from stepquant.runtime.guidance import Conditioning
@@ -254,7 +255,7 @@ def main() -> None:
     parser.add_argument("--demo-eval-samples", type=int, default=128)
     parser.add_argument("--recon-iters", type=int, default=100)
     parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    args = parse_options(parser, parts="demo-device", devices="cpu", recon_iters=2, demo_calib_samples=4, demo_eval_samples=4)
     parts = args.parts.split(",")
     lines = [header()]
     ratio = None

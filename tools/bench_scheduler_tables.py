@@ -2,7 +2,7 @@
 from the runtime (the scheduler table, numpy, float32) and from diffusers' scheduler loop (torch), both from
 the same initial and per-step noise, corrections off. Max absolute difference over the samples.
 
-    python tools/bench_scheduler_tables.py [--n 16] [--no-write]
+    python tools/bench_scheduler_tables.py [--n 16] [--no-write] [--smoke]
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from benchdoc import header, publish
+from benchdoc import header, parse_options, publish
 
 from stepquant.models import EpsilonModel, load_model
 from stepquant.models.denoisers import sample_shape
@@ -28,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    args = parse_options(parser, n=2)
     loaded = load_model("demo-digits")
     backend, schedule, shape = TorchBackend(EpsilonModel(loaded.denoiser)), loaded.scheduler_config, sample_shape(loaded.denoiser)
     seeds = list(range(args.n))

@@ -1,20 +1,19 @@
 """Timestep groups against the single merged scale set on the demo model (minmax calibration, onnxruntime):
 PSNR/FD to FP, the bundle's size on disk and the time to load its graphs into onnxruntime sessions.
 
-    python tools/bench_timestep_groups.py
+    python tools/bench_timestep_groups.py [--n 256] [--bits W4A8,W4A4] [--no-write] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from benchdoc import header, write_section
+from benchdoc import SMOKE_EXPORT, SMOKE_STEPS, export_here, header, parse_options, write_section
 
 from stepquant.bundle import load_bundle
 from stepquant.eval.evaluate import evaluate
@@ -40,10 +39,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--bits", default="W4A8,W4A4")
     parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    args = parse_options(parser, n=4, bits="W4A8")
+    quick = SMOKE_EXPORT if args.smoke else ()
     torch.set_num_threads(2)
     start = time.perf_counter()
-    sampler = SamplerConfig()
+    groupings = dict(list(GROUPINGS.items())[:2]) if args.smoke else GROUPINGS  # a smoke run's 4 steps: 1 and 2 groups
+    sampler = SamplerConfig(steps=SMOKE_STEPS) if args.smoke else SamplerConfig()  # the steps the bundles are exported for
     lines = [f"{args.n} seeds, {sampler.steps} DDIM steps (eta 0), minmax calibration, 64 trajectories; bundles "
              "on onnxruntime. Size: all Q/DQ graphs of the bundle; load: median of 5 openings of all its sessions.", "",
              "| bits | groups | PSNR to FP (dB) | FD to FP | agreement | graphs (MB) | load (ms) | group boundaries (timesteps) |",
@@ -51,10 +52,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for bits in args.bits.split(","):
             weight_bits, act_bits = bits[1], bits[3]
-            for label, extra in GROUPINGS.items():
+            for label, extra in groupings.items():
                 out = Path(tmp) / f"{bits}-{len(extra)}-{label[:1]}"
-                subprocess.run(["export-quantized", "--out", str(out), "--weight-bits", weight_bits, "--act-bits", act_bits,
-                                "--eval-samples", "2", "--allow-parity-failure", "--no-progress", *extra], check=True, capture_output=True)
+                export_here("--out", out, "--weight-bits", weight_bits, "--act-bits", act_bits, "--eval-samples", "2",
+                            "--allow-parity-failure", "--no-progress", *extra, *quick)
                 bundle = load_bundle(out)
                 groups = bundle.target("tensorrt").timestep_groups
                 result = evaluate(reference_backend(bundle, threads=2), quantized_backend(bundle, threads=2),

@@ -4,6 +4,7 @@ owns its tables and reruns replace them; the page's hand-written reading stays a
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import platform
 import re
@@ -13,7 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-SMOKE_EXPORT = ("--steps", "4", "--calib-samples", "4", "--eval-samples", "4")  # a --smoke run's export: seconds
+SMOKE_STEPS = 4  # sampler steps of a --smoke run
+SMOKE_EXPORT = ("--steps", str(SMOKE_STEPS), "--calib-samples", "4", "--eval-samples", "4")  # a --smoke run's export: seconds
 PAGES = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 
 
@@ -59,6 +61,26 @@ def write_section(name: str, body: str, doc: Path | None = None) -> None:
     print(f"updated section '{name}' of {doc}")
 
 
+def parse_options(parser: argparse.ArgumentParser, **smoke) -> argparse.Namespace:
+    """The script's options, with `--smoke` added: a quick run that checks the script still works, with the
+    options named in `smoke` set to those small values (a callable is called for its value only then) and
+    `no_write` set, so nothing of the project is written."""
+    shrunk = ", ".join(f"--{name.replace('_', '-')} {'a temporary folder' if callable(v) else v}" for name, v in smoke.items())
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"a quick run that checks the script works, writing nothing{f' ({shrunk})' if shrunk else ''}")
+    args = parser.parse_args()
+    if args.smoke:
+        for name, value in smoke.items():
+            setattr(args, name, value() if callable(value) else value)
+        args.no_write = True
+    return args
+
+
+def scratch() -> Path:
+    """A new temporary folder: where a smoke run saves what a full run saves into the project."""
+    return Path(tempfile.mkdtemp(prefix="stepquant-smoke-"))
+
+
 def publish(name: str, lines: list[str], write: bool, doc: Path | None = None) -> None:
     """Print a benchmark's section and, unless told not to (--no-write), put it into its page."""
     text = "\n".join(lines)
@@ -73,6 +95,15 @@ def console(command: str, *args: str) -> str:
     if result.returncode != 0:
         raise SystemExit(f"{command} {' '.join(args)} failed:\n{result.stderr}")
     return result.stdout
+
+
+def export_here(*args: object) -> None:
+    """`export-quantized ARGS` run in this process (no Python start-up per bundle), or exit with its error."""
+    from stepquant.cli.main import invoke
+
+    code, _, err = invoke("export-quantized", [str(a) for a in args])
+    if code:
+        raise SystemExit(f"export-quantized {' '.join(map(str, args))} failed:\n{err}")
 
 
 def work_folder(work: Path | None, prefix: str) -> Path:

@@ -4,7 +4,7 @@ diffusers DDPMPipeline directory inside the package. `tools/train_demo_cond.py` 
 
 Deterministic (fixed seeds, deterministic algorithms, 2 threads); about 16 minutes on 2 CPU cores.
 
-    python tools/train_demo.py [--iters 2000] [--out stepquant/models/demo_digits]
+    python tools/train_demo.py [--iters 2000] [--out stepquant/models/demo_digits] [--smoke]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchdoc import parse_options, scratch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from tqdm import tqdm
 
@@ -82,8 +83,9 @@ def train(unet: torch.nn.Module, iters: int, batch_size: int, lr: float, ema_dec
     return unet, None if class_table is None else class_table.detach()
 
 
-def arguments(doc: str, out: Path, iters: int, batch_size: int, extra=None) -> argparse.Namespace:
-    """The training options both demos take (`extra` adds a script's own)."""
+def arguments(doc: str, out: Path, iters: int, batch_size: int, extra=None, **smoke) -> argparse.Namespace:
+    """The training options both demos take (`extra` adds a script's own; `smoke`, what --smoke shrinks besides
+    the iterations and the output folder)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if extra is not None:
         extra(parser)
@@ -93,7 +95,7 @@ def arguments(doc: str, out: Path, iters: int, batch_size: int, extra=None) -> a
     parser.add_argument("--ema-decay", type=float, default=0.995)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=out)
-    return parser.parse_args()
+    return parse_options(parser, iters=2, out=scratch, **smoke)
 
 
 def main() -> None:

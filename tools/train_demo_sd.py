@@ -18,6 +18,7 @@ diffusers' pipeline and printing how often the digit classifier reads the reques
 requested colours are the ones drawn.
 
     python tools/train_demo_sd.py [--vae-iters 800] [--text-iters 400] [--iters 4500] [--out stepquant/models/demo_digits_sd]
+        [--final-check N] [--smoke]
     python tools/train_demo_sd.py --check 200        (the shipped model's accuracies)
 """
 
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchdoc import parse_options, scratch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tqdm import tqdm
 from train_demo import cosine_schedule, optimise
@@ -175,7 +177,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--check", type=int, help="only measure the saved model's accuracies on this many prompts")
-    args = parser.parse_args()
+    parser.add_argument("--final-check", type=int, default=200, help="prompts of the accuracies measured after training")
+    args = parse_options(parser, vae_iters=2, text_iters=2, iters=2, out=scratch, final_check=2)
     torch.set_num_threads(2)
     if args.check:
         pipe = StableDiffusionPipeline.from_pretrained(args.out, safety_checker=None)
@@ -201,8 +204,9 @@ def main() -> None:
                                                                                  ("vae", vae))}
     print(f"saved {args.out} ({', '.join(f'{k} {v:,}' for k, v in sizes.items())} parameters; latent scaling factor "
           f"{vae.config.scaling_factor:.4f}) in {time.perf_counter() - start:.0f} s")
-    digit, colour = accuracies(pipe, 200)
-    print(f"guided FP images (guidance {GUIDANCE:g}, 25 DDIM steps, 200 prompts): digit {digit:.1%}, colours {colour:.1%}")
+    digit, colour = accuracies(pipe, args.final_check)
+    print(f"guided FP images (guidance {GUIDANCE:g}, 25 DDIM steps, {args.final_check} prompts): digit {digit:.1%}, "
+          f"colours {colour:.1%}")
 
 
 if __name__ == "__main__":
