@@ -10,7 +10,7 @@ STAMP := $(VENV)/.stepquant-installed
 TORCH_SPEC ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo 'torch>=2.4'; else echo 'torch==2.13.0'; fi)
 DEMO_OUT ?= out/demo-digits-w8a8
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast test-tools clean
 
 setup: $(STAMP)
 
@@ -25,10 +25,13 @@ demo: $(STAMP)
 	$(BIN)/export-quantized --out $(DEMO_OUT) --overwrite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m 'not tools'
+
+test-tools: $(STAMP)
+	$(BIN)/python -m pytest -q -m tools tests/test_tools.py
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m 'not slow'
+	$(BIN)/python -m pytest -q -m 'not slow and not tools'
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

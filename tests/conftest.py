@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import os
 import platform
 import subprocess
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -39,6 +42,22 @@ def run_cli(command: str, *args) -> subprocess.CompletedProcess:
 
     code, out, err = invoke(command, [str(a) for a in args])
     return subprocess.CompletedProcess([command, *map(str, args)], code, out, err)
+
+
+def selected_params(request: pytest.FixtureRequest, test: str, name: str) -> list:
+    """The values of parameter `name` of `test` that this session runs (after -k, -m and deselection)."""
+    return [item.callspec.params[name] for item in request.session.items
+            if getattr(item, "originalname", None) == test and hasattr(item, "callspec")]
+
+
+def run_side_by_side(runs: dict[str, Callable[[], object]]) -> dict[str, Future]:
+    """Start every run (a call that waits for a child process), as many at once as there are CPUs; each test then
+    waits for its own. The examples and the tools' smoke runs spend much of their time starting Python and
+    importing torch and diffusers, on one core, so two cores run two of them in little more than the time of one."""
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    futures = {key: pool.submit(run) for key, run in runs.items()}
+    pool.shutdown(wait=False)
+    return futures
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
