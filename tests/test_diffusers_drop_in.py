@@ -38,8 +38,11 @@ def _pipeline(cls, directory, bundle, warnings: list[str] | None = None):
 
 
 def _compare_with_generate(pipe, loaded, seed: int = 7, negative: str | None = None) -> float:
-    """Max abs difference, in [-1, 1] pixels, between the pipeline with the drop-in and `generate_batches` on
-    the quantized graph (with the bundle's corrections), from the same latents."""
+    """Median abs difference, in [-1, 1] pixels, between the pipeline with the drop-in and `generate_batches` on
+    the quantized graph (with the bundle's corrections), from the same latents. Not the max: diffusers' float32
+    scheduler and guidance arithmetic and ours differ by an ulp (4.8e-7 at the second step on an AVX-512 EPYC), and
+    where that lands on a rounding tie of one quantizer the steps after carry it (7.7e-3 in some pixels there, none
+    on an AVX2 one). The median stays at float precision (1.4e-7) unless the calls differ: uncorrected, 3.1e-3."""
     config = bundle_sampler(loaded).overridden(guidance_scale=3.0)
     request = GenerateRequest(PROMPTS, negative, n=2, seed=seed)
     ours = np.concatenate(list(generate_batches(loaded, request, config, progress=False)))
@@ -48,9 +51,9 @@ def _compare_with_generate(pipe, loaded, seed: int = 7, negative: str | None = N
         theirs = pipe(list(PROMPTS), negative_prompt=negative and [negative] * len(PROMPTS), num_images_per_prompt=2,
                       num_inference_steps=config.steps, guidance_scale=3.0, latents=torch.from_numpy(latents),
                       output_type="np").images
-    difference = float(np.abs(ours - (theirs.transpose(0, 3, 1, 2) * 2 - 1)).max())
-    print(f"drop-in vs generate: max abs {difference:.2e}")
-    return difference
+    difference = np.abs(ours - (theirs.transpose(0, 3, 1, 2) * 2 - 1))
+    print(f"drop-in vs generate: max abs {difference.max():.2e}, median {np.median(difference):.2e}")
+    return float(np.median(difference))
 
 
 def test_stable_diffusion_with_the_drop_in_gives_generates_images(text_pipeline, text_bundle):
@@ -59,7 +62,7 @@ def test_stable_diffusion_with_the_drop_in_gives_generates_images(text_pipeline,
     pipe, loaded = _pipeline(StableDiffusionPipeline, text_pipeline / "sd", text_bundle)
     assert isinstance(pipe.unet, BundleUNet) and pipe.unet.config.in_channels == 4 and pipe.unet.config.sample_size == 8
     assert pipe.unet.dtype == torch.float32 and pipe.device.type == "cpu"
-    assert _compare_with_generate(pipe, loaded) <= 1e-3
+    assert _compare_with_generate(pipe, loaded) <= 1e-5
     x, t = torch.randn(2, 4, 8, 8), torch.tensor(901)
     states = torch.randn(2, 16, 32)
     as_tuple = pipe.unet(x, t, encoder_hidden_states=states, return_dict=False)
@@ -83,10 +86,10 @@ def test_dpm_solver_with_corrections_through_the_drop_in(text_pipeline, tmp_path
     pipe, loaded = _pipeline(StableDiffusionPipeline, text_pipeline / "sd", out, warnings)
     terms = bundle_corrections(loaded)
     assert terms is not None and not np.allclose(terms.bias, 0)  # corrections that change the estimate
-    assert _compare_with_generate(pipe, loaded, negative="a white zero on black") <= 1e-3 and not warnings
+    assert _compare_with_generate(pipe, loaded, negative="a white zero on black") <= 1e-5 and not warnings
     uncorrected = from_bundle(loaded, corrections=False)
     pipe.unet = uncorrected
-    assert _compare_with_generate(pipe, loaded, negative="a white zero on black") > 1e-3  # the terms were applied
+    assert _compare_with_generate(pipe, loaded, negative="a white zero on black") > 1e-4  # the terms were applied
     pipe.unet = from_bundle(loaded, warn=warnings.append)
     with torch.no_grad():  # 5 steps: timesteps the 4-step terms do not cover
         pipe(list(PROMPTS), num_inference_steps=5, guidance_scale=3.0, output_type="np")
@@ -98,7 +101,7 @@ def test_sdxl_with_the_drop_in_gives_generates_images(sdxl_pipeline):
 
     pipe, loaded = _pipeline(StableDiffusionXLPipeline, sdxl_pipeline / "pipe", sdxl_pipeline / "bundle")
     assert pipe.unet.add_embedding.linear_1.in_features == 16 + 6 * 8  # what SDXL's pipeline checks its size ids against
-    assert _compare_with_generate(pipe, loaded) <= 1e-3
+    assert _compare_with_generate(pipe, loaded) <= 1e-5
 
 
 def test_pixart_sigma_with_the_drop_in_gives_samples_latents(tmp_path):
