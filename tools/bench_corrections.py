@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--overhead-only", action="store_true", help="only export one W4A8 ptqd bundle and time the host loop")
     args = parse_options(parser, n=4, steps=4, calib_samples=4, bits="W4A8", methods="none,ptqd")
+    with_modelopt = not leave_out("modelopt (max)", args.smoke)  # before the calibration
     torch.set_num_threads(2)
     start = time.perf_counter()
     loaded = load_model(DEMO_MODEL_NAME)
@@ -110,7 +111,7 @@ def main() -> None:
                 bundle = load_bundle(out)
                 judge(f"stepquant, correction {method}", bits, quantized_backend(bundle, threads=2),
                       time.perf_counter() - begin, "onnxruntime", bundle_corrections(bundle))
-            if not leave_out("modelopt (max)", args.smoke):
+            if with_modelopt:
                 judge("modelopt (max)", bits, *modelopt_method(bits)(ctx))
         judge("ORT quantize_static (MinMax)", "W8A8", *ort_static_method("MinMax")(ctx))
         overhead = host_overhead(workdir / "W4A8-ptqd", sampler) if (workdir / "W4A8-ptqd").exists() else ""  # W4A8 ptqd asked

@@ -185,6 +185,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only methods whose name contains this text")
     parser.add_argument("--no-write", action="store_true", help="print the table without updating its docs/benchmarks page")
     args = parse_options(parser, n=4, steps=4, calib_samples=4)
+    methods = [m for m in METHODS if args.only in m[0] and not leave_out(m[0], args.smoke)]  # before the calibration
     torch.set_num_threads(2)
     start = time.perf_counter()
     loaded = load_model(DEMO_MODEL_NAME)
@@ -199,9 +200,7 @@ def main() -> None:
         export_onnx(fp_model, workdir / "fp32.onnx", shape)
         ctx = Context(fp_model, loaded.scheduler_config, shape, calib, workdir / "fp32.onnx", workdir, args.calib_samples, sampler)
         fp_backend = OnnxRuntimeBackend(ctx.fp_onnx, threads=2)
-        for name, bits, method in METHODS:
-            if args.only not in name or leave_out(name, args.smoke):
-                continue
+        for name, bits, method in methods:
             backend, seconds, executed_by = method(ctx)
             result = evaluate(fp_backend, backend, loaded.scheduler_config, range(args.n), shape, sampler, progress=False)
             rows.append(Row(name, bits, executed_by, seconds, result))
