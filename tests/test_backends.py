@@ -9,19 +9,40 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 from conftest import FEW_STEPS, assert_one_line_error, run_cli
+from onnx import numpy_helper
 
 from stepquant.bundle import load_bundle
 from stepquant.runtime import bundle_backends, bundle_table, sample
 from stepquant.runtime.bundle_backends import RunOptions, quantized_backend, reference_backend, resolve_backend
 from stepquant.runtime.onnxruntime_backend import provider_available
+from stepquant.runtime.openvino_backend import OpenVINOBackend
 
 needs_openvino = pytest.mark.skipif(not __import__("importlib").util.find_spec("openvino"), reason="OpenVINO not installed")
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(4.0 / max(float(np.mean((a - b) ** 2)), 1e-12)))
+
+
+def _median_gain_db(candidate: np.ndarray, reference: np.ndarray, fp: np.ndarray) -> float:
+    """Median over seeds of how many dB closer to FP `candidate` is than `reference`: one seed whose quantizer
+    ties round the other way moves a pooled PSNR by 2 dB on 8 seeds, the paired median by a tenth of that."""
+    return float(np.median([_psnr(c, f) - _psnr(r, f) for c, r, f in zip(candidate, reference, fp)]))
+
+
+def _coarser_activations(path, out, factor: float = 2.0):
+    """The Q/DQ graph at `path` with every activation quantizer's scale times `factor`: an engine that quantizes
+    activations a bit coarser than the graph says."""
+    model = onnx.load(str(path))
+    constants = {init.name: init for init in model.graph.initializer}
+    scales = {n.input[1] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants}
+    for name in scales:
+        constants[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(constants[name]) * np.float32(factor), name))
+    onnx.save(model, str(out))
+    return out
 
 
 @needs_openvino
@@ -34,18 +55,22 @@ def test_openvino_runs_the_fp32_graph_as_onnxruntime_does(demo_bundle):
 
 
 @needs_openvino
-def test_openvino_samples_the_quantized_graph_as_onnxruntime_does(demo_bundle):
+def test_openvino_samples_the_quantized_graph_as_onnxruntime_does(demo_bundle, tmp_path):
     """Same seeds through both engines: OpenVINO's fused integer kernels round differently from the
-    simulation, but its samples stay as close to FP as onnxruntime's."""
+    simulation (either way: 0.4 dB closer to FP in the median on an AVX-512 VNNI EPYC), but its samples
+    are no further from FP than onnxruntime's; a run one bit coarser is caught."""
     bundle = load_bundle(demo_bundle[0])
     table, shape = bundle_table(bundle), bundle.manifest.sample_shape
-    seeds = range(8)
-    by_ort = sample(quantized_backend(bundle, target="tensorrt"), table, seeds, shape, FEW_STEPS, progress=False).samples
-    by_openvino = sample(quantized_backend(bundle, backend="openvino"), table, seeds, shape, FEW_STEPS, progress=False).samples
-    fp = sample(reference_backend(bundle), table, seeds, shape, FEW_STEPS, progress=False).samples
-    between_engines = _psnr(by_ort, by_openvino)
-    assert between_engines > 35.0, between_engines
-    assert abs(_psnr(by_openvino, fp) - _psnr(by_ort, fp)) < 1.0
+
+    def run(backend) -> np.ndarray:
+        return sample(backend, table, range(16), shape, FEW_STEPS, progress=False).samples
+
+    by_ort, by_openvino, fp = (run(quantized_backend(bundle, target="tensorrt")),
+                               run(quantized_backend(bundle, backend="openvino")), run(reference_backend(bundle)))
+    assert _psnr(by_ort, by_openvino) > 35.0
+    assert _median_gain_db(by_openvino, by_ort, fp) > -1.0
+    coarse = _coarser_activations(bundle.file(bundle.target("tensorrt").timestep_groups[0].graph), tmp_path / "coarse.onnx")
+    assert _median_gain_db(run(OpenVINOBackend(coarse)), by_ort, fp) < -1.0  # measured -3.4 dB
 
 
 def test_auto_takes_openvino_on_vnni_cpus_where_installed_else_onnxruntime_on_the_cpu(demo_bundle, monkeypatch):
