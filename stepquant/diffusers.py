@@ -33,6 +33,7 @@ from stepquant.bundle import Bundle, BundleError, load_bundle
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.bundle_backends import RunOptions, bundle_corrections, bundle_table, quantized_backend, reference_backend
 from stepquant.runtime.corrections import CorrectionError, Corrections
+from stepquant.runtime.sampler import SamplerConfig
 from stepquant.runtime.text_to_image import GRAPHS, print_warning
 
 Warn = Callable[[str], None]
@@ -171,23 +172,25 @@ def _denoiser_config(bundle: Bundle, config: dict | None) -> dict[str, Any]:
         raise BundleError(f"bundle {bundle.path}: cannot read {name}: {err}") from err
 
 
-def _sampler_only_terms(bundle: Bundle, corrections: Corrections) -> str | None:
+def _sampler_only_terms(bundle: Bundle, corrections: Corrections, sampler: SamplerConfig | None) -> str | None:
     """What of `corrections` the drop-in cannot apply (None: nothing)."""
     if corrections.input_bias.any():
         return "the input bias, which corrects the sampler's state"
     if corrections.noise_std.any():
         return "the noise D2's stochastic corrections add"
-    if corrections.residual_var.any() and bundle_table(bundle).stochastic:
+    if corrections.residual_var.any() and bundle_table(bundle, sampler).stochastic:
         return "the shrunk variance schedule of its stochastic sampler"
     return None
 
 
 def from_bundle(bundle: str | Path | Bundle, backend: str = "onnxruntime", graph: str = "quantized",
                 corrections: bool = True, threads: int | None = None, provider: str = "cpu", device: str = "CPU",
-                engine: Path | None = None, config: dict | None = None, warn: Warn | None = None) -> BundleDenoiser:
+                engine: Path | None = None, config: dict | None = None, warn: Warn | None = None,
+                sampler: str | None = None) -> BundleDenoiser:
     """The bundle's denoiser (its quantized graph, or the FP32 `graph="reference"`) as a drop-in for
-    `pipe.unet` / `pipe.transformer` (a path is loaded and verified). `config` stands in for a bundle that
-    carries no denoiser config."""
+    `pipe.unet` / `pipe.transformer` (a path is loaded and verified), applying the correction terms of the
+    stored `sampler` (a spec such as "dpm-solver++:20"; default: the bundle's first). `config` stands in for a
+    bundle that carries no denoiser config."""
     loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
@@ -197,8 +200,11 @@ def from_bundle(bundle: str | Path | Bundle, backend: str = "onnxruntime", graph
         raise BundleError(f"bundle {loaded.path}: its denoiser is {kind!r}; the drop-in replaces {', '.join(DROP_INS)}")
     options = RunOptions(threads, provider, None, device, engine)
     warn = warn or print_warning
-    terms = bundle_corrections(loaded) if corrections and graph == "quantized" else None
-    if terms is not None and (left_out := _sampler_only_terms(loaded, terms)):
+    chosen = None if sampler is None else SamplerConfig.parse(sampler)
+    if chosen is not None:
+        bundle_table(loaded, chosen)  # a sampler the bundle does not store: one line naming those it does
+    terms = bundle_corrections(loaded, chosen) if corrections and graph == "quantized" else None
+    if terms is not None and (left_out := _sampler_only_terms(loaded, terms, chosen)):
         warn(f"the drop-in applies the bundle's {terms.method} gain and bias, not {left_out}: "
              "`stepquant sample` / `generate` apply all of it")
     if graph == "reference":

@@ -27,13 +27,13 @@ import torch
 from polygraphy.comparator import IterationResult, RunResults
 from polygraphy.json import save_json
 
-from stepquant.bundle.manifest import Manifest, Target, TextToImage, TimestepGroup
+from stepquant.bundle.manifest import Manifest, StoredSampler, Target, TextToImage, TimestepGroup
 from stepquant.bundle.signing import sign
 from stepquant.bundle.targets import TARGETS, TENSORRT, TargetProfile
 from stepquant.calibrators import collect_calibration_set, distributed
 from stepquant.calibrators.calibrate import CALIBRATORS, TRAJECTORY_CALIBRATORS, calibrate_
 from stepquant.calibrators.corrections import estimate_corrections
-from stepquant.calibrators.data import CalibrationSet
+from stepquant.calibrators.data import CALIBRATION_SEED_OFFSET, CalibrationSet
 from stepquant.calibrators.ranges import calibrate_ranges
 from stepquant.calibrators.reconstruction import ReconstructionConfig
 from stepquant.calibrators.timestep_groups import group_scales, range_profile, set_scales, split_by_range_change, split_every
@@ -59,6 +59,7 @@ from stepquant.export.parity import (
 from stepquant.export.parity_policy import ParityPolicy, parity_policy
 from stepquant.export.pipeline_parts import carried_parts, export_pipeline_parts, part_input_shapes
 from stepquant.export.precision import PRECISIONS, export_at_precision
+from stepquant.export.samplers import check_samplers, correction_file
 from stepquant.export.shapes import CORNERS, ShapeProfile, resize_inputs
 from stepquant.export.targets import check_target, for_target
 from stepquant.export.tensorrt import build_engines, build_script, tensorrt_version
@@ -75,11 +76,9 @@ from stepquant.runtime.corrections import METHODS as CORRECTION_METHODS
 from stepquant.runtime.corrections import Corrections
 from stepquant.runtime.guidance import Conditioning, read_prompts
 from stepquant.runtime.sampler import SamplerConfig, sample
-from stepquant.runtime.scheduler_table import SchedulerTable
 from stepquant.runtime.seeding import MAX_SEED
 from stepquant.runtime.text_to_image import LatentDecoder
 
-CALIBRATION_SEED_OFFSET = 1_000_000  # calibration trajectories never share seeds with evaluation
 PERCENTILE_RANGE = (50.0, 100.0)  # of |x|: below the median there is nothing left to clip
 FP_TOLERANCE = 1e-5  # median relative error, FP torch vs FP ONNX (no quantizer, so no rounding ties)
 # The replay (`stepquant parity`) on another machine or runtime is judged end to end, where one rounding tie
@@ -87,7 +86,7 @@ FP_TOLERANCE = 1e-5  # median relative error, FP torch vs FP ONNX (no quantizer,
 # graph showed at export, and at least the policy's floor (docs/benchmarks/parity.md).
 REPLAY_MARGIN = 4.0
 MODEL_FILE, FP_MODEL_FILE, PREVIEW_FILE, BUILD_SCRIPT = "model.onnx", "model_fp32.onnx", "preview.png", "build_engine.sh"
-CORRECTIONS_FILE, CLASS_TABLE_FILE = "corrections.safetensors", "class_table.safetensors"
+CLASS_TABLE_FILE = "class_table.safetensors"
 CALIBRATION_SHARDS = ".calibration"  # inside the staging directory, removed before the manifest lists its files
 
 
@@ -100,7 +99,8 @@ class ExportConfig:
     model: str = DEMO_MODEL_NAME
     out: Path = Path("out/demo-digits-w8a8")
     quant: QuantSpec = field(default_factory=QuantSpec)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # calibrated for, evaluated with, the default
+    more_samplers: tuple[SamplerConfig, ...] = ()  # also stored: each with its table and correction terms
     calibrator: str = "minmax"
     percentile: float = 99.99
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
@@ -130,7 +130,12 @@ class ExportConfig:
     overwrite: bool = False
     progress: bool = True
 
+    @property
+    def samplers(self) -> tuple[SamplerConfig, ...]:
+        return (self.sampler, *self.more_samplers)
+
     def __post_init__(self) -> None:
+        check_samplers(self.samplers)
         if self.calibrator not in CALIBRATORS:
             raise ValueError(f"unknown calibrator {self.calibrator!r}; choose from {', '.join(CALIBRATORS)}")
         if self.timestep_groups > 1 and self.steps_per_group is not None:
@@ -284,9 +289,10 @@ def _graphs(config: ExportConfig, calib: CalibrationSet, q_model, scheduler_conf
     groups = (split_every(len(profile_timesteps), config.steps_per_group) if config.steps_per_group
               else split_by_range_change(profile, config.timestep_groups))
     scales = group_scales(q_model, profile, groups)
-    # every sampler timestep joins the group of the nearest calibrated timestep
+    # every stored sampler's timesteps join the group of the nearest calibrated timestep
     members: list[list[float]] = [[] for _ in groups]
-    for t in capture_table(config.sampler, scheduler_config).timesteps.tolist():
+    timesteps = dict.fromkeys(t for s in config.samplers for t in capture_table(s, scheduler_config).timesteps.tolist())
+    for t in timesteps:
         nearest = min(range(len(profile_timesteps)), key=lambda i: abs(profile_timesteps[i] - t))
         members[next(g for g, rows in enumerate(groups) if nearest in rows)].append(float(t))
     graphs = [_Graph(f"model_g{g}.onnx", members[g], f"parity/g{g}", [profile_timesteps[i] for i in rows])
@@ -371,9 +377,10 @@ class Exported:
 
 @dataclass
 class Measured:
-    """Stage 4: the sampler's table, correction terms and each target's quality and parity summary."""
+    """Stage 4: the stored samplers (tables and correction terms), the first one's terms, and each target's
+    quality (with that sampler) and parity summary."""
 
-    table: SchedulerTable
+    samplers: tuple[StoredSampler, ...]
     corrections: Corrections | None
     reports: dict[str, TargetReport]
     data_range: float
@@ -491,13 +498,13 @@ def export_graphs(config: ExportConfig, prepared: Prepared, calibrated: Calibrat
 
 
 def estimate_rank_corrections(config: ExportConfig, prepared: Prepared, calibrated: Calibrated,
-                              graphs: list[tuple[Path, TimestepGroup]]) -> Corrections:
-    """The correction terms of the deployed `graphs` (paths in rank 0's staging directory, read by every rank),
-    each process along its own calibration trajectories, their statistics summed over the processes."""
+                              graphs: list[tuple[Path, TimestepGroup]], sampler: SamplerConfig) -> Corrections:
+    """The correction terms of the deployed `graphs` (paths in rank 0's staging directory, read by every rank)
+    for `sampler`, each process along its own calibration trajectories, their statistics summed over the processes."""
     deployed = graph_backend([path for path, _ in graphs], [group for _, group in graphs],
                              optimization_level=TARGETS[config.targets[0]].optimization_level)
     return estimate_corrections(config.correction, TorchBackend(prepared.fp_reference), deployed,
-                                prepared.loaded.scheduler_config, calibrated.calib_seeds, prepared.shape, config.sampler,
+                                prepared.loaded.scheduler_config, calibrated.calib_seeds, prepared.shape, sampler,
                                 config.progress, calibrated.calib_conditioning, per_branch=config.correction_per_branch)
 
 
@@ -509,11 +516,17 @@ def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibr
     deployed = {target: graph_backend([staging / group.graph for group, _ in graphs], [group for group, _ in graphs],
                                       optimization_level=TARGETS[target].optimization_level)
                 for target, graphs in exported.graphs.items()}
-    corrections = None
-    if config.correction != "none":  # estimated on the first target's graphs, along calibration trajectories
-        first = [(staging / group.graph, group) for group, _ in exported.graphs[config.targets[0]]]
-        corrections = estimate_rank_corrections(config, prepared, calibrated, distributed.broadcast(first))
-        corrections.save(staging / CORRECTIONS_FILE)
+    stored, terms = [], []
+    first = [(staging / group.graph, group) for group, _ in exported.graphs[config.targets[0]]]
+    for index, sampler in enumerate(config.samplers):
+        table = capture_table(sampler, loaded.scheduler_config)
+        file = None
+        if config.correction != "none":  # estimated on the first target's graphs, along calibration trajectories
+            terms.append(estimate_rank_corrections(config, prepared, calibrated, distributed.broadcast(first), sampler))
+            file = correction_file(index)
+            terms[-1].save(staging / file)
+        stored.append(StoredSampler(sampler.to_record(), table.to_dict(), file))
+    corrections = terms[0] if terms else None
     eval_seeds = range(config.seed, config.seed + config.eval_samples)
     table = capture_table(config.sampler, loaded.scheduler_config)
     fp_samples = sample(TorchBackend(prepared.fp_reference), table, eval_seeds, shape, config.sampler, progress=config.progress,
@@ -548,7 +561,7 @@ def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibr
                                     [t for report in end_to_end for t in report.timesteps]).judged(tolerance),
             psnr_mean_db=float(scores.mean()), psnr_min_db=float(scores.min()), integer_kernels=kernels,
             space=space)
-    return Measured(table, corrections, reports, data_range)
+    return Measured(tuple(stored), corrections, reports, data_range)
 
 
 def _decoder(parts: TextToImage | None, staging: Path):
@@ -609,17 +622,15 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
     write_manifest(staging, Manifest(
         source_model=prepared.loaded.source, sample_shape=prepared.shape, conditions=fp_model.conditions,
         shape_profile=prepared.shapes.to_dict(), noise_schedule=prepared.loaded.scheduler_config,
-        sampler=config.sampler.to_record(),
-        scheduler_table=measured.table.to_dict(),
+        samplers=measured.samplers,
         targets={target: _target_section(config, target, report, [group for group, _ in exported.graphs[target]],
                                          measured.data_range)
                  for target, report in measured.reports.items()},
-        reference_graph=FP_MODEL_FILE, correction_method=config.correction,
-        correction_file=CORRECTIONS_FILE if corrections else None, engine=engine,
+        reference_graph=FP_MODEL_FILE, correction_method=config.correction, engine=engine,
         sample_space="latent" if prepared.latent else "pixel", class_table=CLASS_TABLE_FILE if class_table else None,
         text_to_image=parts, denoiser_config=denoiser_config, info={
             "conditioning": None if conditioning is None else {
-                "source": source, "prompts": len(conditioning),
+                "source": source, "prompts": len(conditioning), "classes": list(config.classes) if class_table and config.classes else None,
                 "calibration_copies": "unconditional and conditional" if config.sampler.guidance_scale != 1.0 else "conditional"},
             "quantization": {**config.quant.to_dict(), "targets": list(config.targets), "precision": config.precision,
                              "layers": calibrated.layer_names},
@@ -645,7 +656,8 @@ def export_quantized(config: ExportConfig) -> ExportReport | None:
         with tempfile.TemporaryDirectory(prefix="stepquant-calibration-") as shards:
             calibrated = calibrate_model(config, prepared, start, Path(shards))
             if config.correction != "none":
-                estimate_rank_corrections(config, prepared, calibrated, distributed.broadcast(None))
+                for sampler in config.samplers:
+                    estimate_rank_corrections(config, prepared, calibrated, distributed.broadcast(None), sampler)
         return None
     with staged_directory(config.out, config.overwrite, prepared.protected) as staging:
         calibrated = calibrate_model(config, prepared, start, staging / CALIBRATION_SHARDS)

@@ -22,7 +22,7 @@ def test_round_trip(demo_bundle):
     assert raw["format_version"] == FORMAT_VERSION
     manifest = bundle.manifest
     assert {"model.onnx", "model_fp32.onnx", "preview.png", "parity/inputs.json"} <= set(manifest.files)
-    assert manifest.sample_shape == (1, 16, 16) and manifest.sampler.steps == 4 and manifest.scheduler_table["steps"] == 4
+    assert manifest.sample_shape == (1, 16, 16) and manifest.sampler.steps == 4 and manifest.samplers[0].scheduler_table["steps"] == 4
     for key in ("quantization", "calibration", "versions", "parity"):
         assert key in manifest.info
     assert manifest.info["quantization"]["weight_bits"] == 8
@@ -57,7 +57,7 @@ def test_a_missing_file_is_refused(bundle_copy):
 
 def test_an_edited_manifest_is_refused(bundle_copy):
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    manifest["sampler"]["steps"] = 50
+    manifest["samplers"][0]["sampler"]["steps"] = 50
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="modified after export"):
         load_bundle(bundle_copy)

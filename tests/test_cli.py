@@ -48,7 +48,7 @@ def test_sample_bundle_and_model_with_the_same_seeds(cli_bundle, tmp_path):
     grid = run("stepquant", "sample", "--bundle", out, "--n", "2", "--out", tmp_path / "g.png", "--no-progress")
     assert grid.returncode == 0 and (tmp_path / "g.png").stat().st_size > 0
     other = run("stepquant", "sample", "--bundle", out, "--n", "2", "--steps", "2", "--out", tmp_path / "o.npz", "--no-progress")
-    assert_one_line_error(other, "the bundle's sampler is DDIM, 3 steps, eta 0; it cannot sample DDIM with 2 steps")
+    assert_one_line_error(other, "stores no 2 DDIM steps, eta 0 sampler; it stores ddim:3")
 
 
 def test_missing_model_directory(tmp_path):

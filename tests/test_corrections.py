@@ -179,10 +179,10 @@ def test_the_cli_applies_terms_and_refuses_other_step_counts(corrected_bundle, t
     with_terms, without = np.load(tmp_path / "with.npz")["samples"], np.load(tmp_path / "without.npz")["samples"]
     assert not np.array_equal(with_terms, without)
     refused = run(*base, "--steps", "10", "--out", tmp_path / "x.npz")
-    assert refused.returncode == 1 and "cannot sample DDIM with 10 steps" in refused.stderr
+    assert refused.returncode == 1 and "stores no 10 DDIM steps" in refused.stderr
     assert not (tmp_path / "x.npz").exists()
     shown = run("inspect", "--bundle", corrected_bundle, "--plot", tmp_path / "terms.png")
-    assert shown.returncode == 0 and "ptqd correction terms for 4 timesteps" in shown.stdout
+    assert shown.returncode == 0 and "ptqd correction terms of ddim:4 for 4 timesteps" in shown.stdout
     assert (tmp_path / "terms.png").stat().st_size > 1000
 
 

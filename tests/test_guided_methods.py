@@ -180,7 +180,7 @@ def test_class_bundle_export_sample_and_bad_input(class_model, tmp_path):
                           "scores 16x16 grey digits")
     bad = {("--classes", "4"): "class 4 is out of range", ("--classes", "a,1"): "'a' is not a class index",
            ("--classes", "1", "--conditioning", tmp_path / "c.safetensors"): "give one of",
-           ("--steps", "5"): "cannot sample DDIM with 5 steps", ("--scheduler", "euler"): "cannot sample EULER"}
+           ("--steps", "5"): "stores no 5 DDIM steps", ("--scheduler", "euler"): "EULER steps sampler; it stores"}
     for args, fragment in bad.items():
         assert_one_line_error(run_cli("stepquant", "sample", "--bundle", out, "--n", "2", "--out", tmp_path / "x.npz", *args), fragment)
     assert_one_line_error(run_cli("export-quantized", "--out", tmp_path / "d", "--classes", "1"), "is unconditional: drop --classes")

@@ -171,7 +171,7 @@ def test_symbolic_links_inside_a_bundle_are_refused(bundle, linked):
 
 
 def test_a_manifest_missing_a_key_is_one_line(bundle, tmp_path):
-    forge_bundle(bundle, lambda m: m.pop("sampler"))
+    forge_bundle(bundle, lambda m: m["samplers"][0].pop("sampler"))
     assert_one_line_error(cli("sample", "--bundle", bundle, "--n", "1", "--out", tmp_path / "x.npz"),
                    "'sampler' must hold 'scheduler', 'steps'")
     assert not (tmp_path / "x.npz").exists()

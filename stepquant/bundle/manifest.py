@@ -13,9 +13,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 6  # 2: one section per target; 3: condition inputs and shape ranges; 4: layer-wise parity;
-# 5: the sampler's scheduler table (the device loop needs no diffusers), typed manifest; 6: sample space, class table
-READ_BY = {2: "0.1.0", 3: "0.1.0", 4: "0.1.0", 5: "0.2.0"}  # older formats, and the stepquant release that reads them
+FORMAT_VERSION = 7  # 2: one section per target; 3: condition inputs and shape ranges; 4: layer-wise parity;
+# 5: the sampler's scheduler table (the device loop needs no diffusers), typed manifest; 6: sample space, class table;
+# 7: several samplers, each with its table and correction terms
+READ_BY = {2: "0.1.0", 3: "0.1.0", 4: "0.1.0", 5: "0.2.0", 6: "0.3.0"}
+MAX_SAMPLERS = 32  # older formats, and the stepquant release that reads them
 SEQUENCE = "sequence"  # the symbolic text-length axis of a condition input
 SAMPLE_SPACES = ("pixel", "latent")  # pixels in [-1, 1] (clipped by the sampler), or latents for a VAE
 MAX_SAMPLE_ELEMENTS = 2**24  # one sample's values (channels x height x width): 4x2048x2048 latents, 3x2048x2048 pixels
@@ -149,6 +151,39 @@ class Sampler:
         return cls(sampler["scheduler"], sampler["steps"], float(sampler["eta"]), float(sampler["guidance_scale"]),
                    bool(sampler.get("karras_sigmas", False)))
 
+    @property
+    def key(self) -> tuple[str, int, float, bool]:
+        """What tells two stored samplers apart (guidance is a run-time choice, the same for all of them)."""
+        return self.scheduler, self.steps, self.eta, self.karras_sigmas
+
+    @property
+    def spec(self) -> str:
+        """The sampler as `--sampler` writes it: SCHEDULER:STEPS[:karras][:eta=E]."""
+        return ":".join([self.scheduler, str(self.steps), *(["karras"] if self.karras_sigmas else []),
+                         *([f"eta={self.eta:g}"] if self.eta else [])])
+
+
+@dataclass(frozen=True)
+class StoredSampler:
+    """One sampler the bundle can run: its record, the scheduler table captured from diffusers for it, and
+    the correction terms fitted along its trajectories (None when the bundle has no corrections)."""
+
+    sampler: Sampler
+    scheduler_table: dict[str, Any]  # stepquant.runtime.scheduler_table.SchedulerTable.to_dict()
+    correction_file: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.to_dict(), "scheduler_table": self.scheduler_table,
+                "correction_file": self.correction_file}
+
+    @classmethod
+    def from_dict(cls, entry: Any, need: _Check) -> StoredSampler:
+        need(isinstance(entry, dict) and isinstance(entry.get("scheduler_table"), dict),
+             "each of 'samplers' needs a 'sampler' and a 'scheduler_table'")
+        need(entry.get("correction_file") is None or need.file(entry["correction_file"]),
+             "a sampler's 'correction_file' must be null or a listed file")
+        return cls(Sampler.from_dict(entry.get("sampler"), need), entry["scheduler_table"], entry.get("correction_file"))
+
 
 @dataclass(frozen=True)
 class TextEncoderPart:
@@ -221,12 +256,10 @@ class Manifest:
     conditions: tuple[ConditionInput, ...]
     shape_profile: dict[str, Any]  # batch / height / width / sequence ranges (stepquant.export.shapes.ShapeProfile)
     noise_schedule: dict[str, Any]  # the model's scheduler config
-    sampler: Sampler
-    scheduler_table: dict[str, Any]  # stepquant.runtime.scheduler_table.SchedulerTable.to_dict()
+    samplers: tuple[StoredSampler, ...]  # the first is the one calibrated for, and the default
     targets: dict[str, Target]
     reference_graph: str  # the FP32 graph
-    correction_method: str
-    correction_file: str | None
+    correction_method: str  # of every sampler's terms
     engine: dict[str, Any]
     sample_space: str = "pixel"
     class_table: str | None = None  # class-conditional models: the class table `sample --classes` picks rows of
@@ -235,17 +268,24 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256, every file of the bundle
     info: dict[str, Any] = field(default_factory=dict)  # the rest: quantization, calibration, versions...
 
+    @property
+    def sampler(self) -> Sampler:
+        """The default sampler: the one the bundle was calibrated and evaluated with."""
+        return self.samplers[0].sampler
+
+    def stored(self, key: tuple[str, int, float, bool]) -> StoredSampler | None:
+        return next((entry for entry in self.samplers if entry.sampler.key == key), None)
+
     def to_dict(self) -> dict[str, Any]:
         """The manifest's JSON body (without format version, file list and self-hash, which the writer adds)."""
         return {
             "source_model": self.source_model, "sample_shape": list(self.sample_shape), "sample_space": self.sample_space,
             "inputs": {"conditions": [{"name": c.name, "shape": list(c.shape)} for c in self.conditions],
                        "shape_profile": self.shape_profile, "class_table": self.class_table},
-            "noise_schedule": self.noise_schedule, "sampler": self.sampler.to_dict(),
-            "scheduler_table": self.scheduler_table,
+            "noise_schedule": self.noise_schedule, "samplers": [entry.to_dict() for entry in self.samplers],
             "targets": {name: target.to_dict() for name, target in self.targets.items()},
             "reference_graph": self.reference_graph,
-            "correction": {"method": self.correction_method, "file": self.correction_file},
+            "correction": {"method": self.correction_method},
             "engine": self.engine, **({"text_to_image": self.text_to_image.to_dict()} if self.text_to_image else {}),
             **({"denoiser_config": self.denoiser_config} if self.denoiser_config else {}),
             **self.info,
@@ -263,12 +303,13 @@ class Manifest:
         conditions, shape_profile, class_table = _read_inputs(data.get("inputs"), need)
         need(data.get("sample_space") in SAMPLE_SPACES, f"'sample_space' must be one of {', '.join(SAMPLE_SPACES)}")
         need(isinstance(data.get("noise_schedule"), dict), "'noise_schedule' must be a scheduler config")
-        need(isinstance(data.get("scheduler_table"), dict), "'scheduler_table' must be an object")
+        entries = data.get("samplers")
+        need(isinstance(entries, list) and 1 <= len(entries) <= MAX_SAMPLERS, f"'samplers' must list 1 to {MAX_SAMPLERS} samplers")
+        samplers = tuple(StoredSampler.from_dict(entry, need) for entry in entries)
+        need(len({entry.sampler.key for entry in samplers}) == len(samplers), "'samplers' lists a sampler twice")
         need(need.file(data.get("reference_graph")), "'reference_graph' must be a listed file")
         correction = data.get("correction")
-        need(isinstance(correction, dict) and isinstance(correction.get("method"), str)
-             and (correction.get("file") is None or need.file(correction["file"])),
-             "'correction' needs a method, and 'correction.file' must be null or a listed file")
+        need(isinstance(correction, dict) and isinstance(correction.get("method"), str), "'correction' needs a method")
         need(isinstance(data.get("engine", {}), dict), "'engine' must be an object")
         targets = data.get("targets")
         need(isinstance(targets, dict) and targets, "'targets' must name at least one target")
@@ -279,17 +320,16 @@ class Manifest:
         return cls(
             source_model=str(data.get("source_model", "")), sample_shape=_read_sample_shape(data.get("sample_shape"), need),
             conditions=conditions, shape_profile=shape_profile, noise_schedule=data["noise_schedule"],
-            sampler=Sampler.from_dict(data.get("sampler"), need), scheduler_table=data["scheduler_table"],
+            samplers=samplers,
             targets={name: Target.from_dict(section, name, need) for name, section in targets.items()},
-            reference_graph=data["reference_graph"], correction_method=correction["method"],
-            correction_file=correction.get("file"), engine=data.get("engine", {}), sample_space=data["sample_space"],
+            reference_graph=data["reference_graph"], correction_method=correction["method"], engine=data.get("engine", {}), sample_space=data["sample_space"],
             class_table=class_table, text_to_image=text_to_image, denoiser_config=data.get("denoiser_config"),
             files=dict(files), info={k: v for k, v in data.items() if k not in _READ_SECTIONS})
 
 
 # the sections Manifest.from_dict types; everything else travels in `info`
 _READ_SECTIONS = ("format_version", "files", "manifest_sha256", "source_model", "sample_shape", "sample_space", "inputs",
-                  "noise_schedule", "sampler", "scheduler_table", "targets", "reference_graph", "correction", "engine",
+                  "noise_schedule", "samplers", "targets", "reference_graph", "correction", "engine",
                   "text_to_image", "denoiser_config")
 
 

@@ -19,6 +19,8 @@ from stepquant.runtime.backend import Backend
 from stepquant.runtime.guidance import Conditioning, combine_guided
 from stepquant.runtime.sampler import SamplerConfig, sample
 
+CALIBRATION_SEED_OFFSET = 1_000_000  # calibration trajectories never share seeds with evaluation
+
 
 @dataclass
 class CalibrationSet:

@@ -61,7 +61,7 @@ def eval_command(
     if rows is not None and requested is None:
         requested = tuple(range(len(rows)))
     config = bundle_sampler(loaded).overridden(scheduler=scheduler and scheduler.value, steps=steps, eta=eta)
-    terms = bundle_corrections(loaded) if corrections else None
+    terms = bundle_corrections(loaded, config) if corrections else None
     result = evaluate(reference_backend(loaded, threads), quantized_backend(loaded, threads, backend.value, engine, provider=provider.value,
                                                                           device=device),
                       manifest.noise_schedule, range(n), manifest.sample_shape, config, progress=progress,

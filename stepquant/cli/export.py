@@ -45,8 +45,23 @@ def _print_report(report: ExportReport, config: ExportConfig) -> None:
                   f"fused vs simulation: median relative error up to {max(kernels['fused_kernels_median_reldiff'].values()):.1e} "
                   "(parity above: Q/DQ as written, optimisations off)")
     print(f"calib:   {config.calibrator}; correction: {config.correction} (applied by the sampler host loop)")
+    if config.more_samplers:
+        print(f"samplers: {', '.join(s.spec for s in config.samplers)} (calibrated for {config.sampler.spec}, the default; "
+              "each with its own table" + (" and correction terms)" if config.correction != "none" else ")"))
     print(f"layers:  {len(report.quantized_layers)} quantized at {spec.weight_grid} weights, {spec.act_grid} activations; "
           f"done in {report.seconds:.0f} s")
+
+
+def _samplers(specs: list[str] | None, single: SamplerConfig) -> tuple[SamplerConfig, ...]:
+    """The samplers to store: the --sampler specs (guided at --guidance-scale), else the one of --scheduler etc."""
+    if not specs:
+        return (single,)
+    if single.overridden(guidance_scale=1.0) != SamplerConfig():
+        raise typer.BadParameter("give --sampler, or --scheduler/--steps/--eta/--karras-sigmas, not both", param_hint="--sampler")
+    try:
+        return tuple(SamplerConfig.parse(spec, single.guidance_scale) for spec in specs)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--sampler") from None
 
 
 def export_command(
@@ -69,6 +84,9 @@ def export_command(
     scheduler: Annotated[Scheduler, typer.Option(rich_help_panel="Sampler", help="Sampler for trajectories and evaluation.")] = Scheduler.ddim,
     eta: Annotated[float, typer.Option(rich_help_panel="Sampler", help="DDIM eta (0: deterministic).")] = 0.0,
     karras_sigmas: Annotated[bool, typer.Option(rich_help_panel="Sampler", help="Karras sigmas (dpm-solver++, euler, unipc).")] = False,
+    sampler: Annotated[Optional[list[str]], typer.Option(rich_help_panel="Sampler",
+        help="A sampler the bundle stores, SCHEDULER:STEPS[:karras][:eta=E] such as ddim:25 or dpm-solver++:20:karras "
+             "(repeatable; the first is calibrated for and is the default; instead of --scheduler/--steps/--eta).")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option(rich_help_panel="Conditioning", 
         help="Conditional models: calibration prompts, one per line, encoded by the pipeline's own text encoder(s).")] = None,
     conditioning: Annotated[Optional[Path], typer.Option(rich_help_panel="Conditioning", 
@@ -113,11 +131,12 @@ def export_command(
 ) -> None:
     """Calibrate, quantize and export a diffusion model into a bundle (Q/DQ ONNX, manifest, parity data)."""
     patterns = (DEFAULT_EXCLUDE if default_excludes else ()) + tuple(exclude or ())
+    samplers = _samplers(sampler, SamplerConfig(scheduler.value, steps, eta, guidance_scale, karras_sigmas))
     split = calibrator.value in RECONSTRUCTION_CALIBRATORS if split_skip_concat is None else split_skip_concat
     config = ExportConfig(
         model=model, out=out, quant=QuantSpec(weight_bits, act_bits, patterns, format.value, residual_qdq, split, fp8_attention),
         precision=precision.value, correction=correction.value, correction_per_branch=correction_per_branch, targets=tuple(t.value for t in target or [Target.tensorrt]),
-        sampler=SamplerConfig(scheduler.value, steps, eta, guidance_scale, karras_sigmas), calibrator=calibrator.value, percentile=percentile,
+        sampler=samplers[0], more_samplers=samplers[1:], calibrator=calibrator.value, percentile=percentile,
         prompts_file=prompts_file, conditioning=conditioning, classes=parse_classes(classes),
         shapes=ShapeProfile(*(DimRange.parse(r) if r else None for r in (batch_range, height_range, width_range, sequence_range))),
         reconstruction=ReconstructionConfig(iters=recon_iters, scale_lr=recon_scale_lr, multistep_steps=multistep_steps),

@@ -11,7 +11,7 @@ import typer
 from stepquant.bundle import load_bundle
 from stepquant.cli.choices import Provider, RuntimeBackend, Scheduler, choices
 from stepquant.cli.files import check_writable, write_atomically
-from stepquant.cli.options import BackendOption, DeviceOption, ProviderOption, TrustKey
+from stepquant.cli.options import BackendOption, DeviceOption, ProviderOption, StoredSamplerOption, TrustKey, sampler_request
 from stepquant.runtime.bundle_backends import bundle_sampler
 from stepquant.runtime.guidance import read_prompts
 from stepquant.runtime.seeding import MAX_SEED
@@ -56,6 +56,7 @@ def generate_command(
     seed: Annotated[int, typer.Option(rich_help_panel="Sampler", min=0, max=MAX_SEED, help="First seed.")] = 0,
     steps: Annotated[Optional[int], typer.Option(rich_help_panel="Sampler", min=1, help="Sampler steps (default: the bundle's).")] = None,
     scheduler: Annotated[Optional[Scheduler], typer.Option(rich_help_panel="Sampler", help="Sampler (default: the bundle's).")] = None,
+    sampler: StoredSamplerOption = None,
     graph: Annotated[Graph, typer.Option(rich_help_panel="Sampler", help="Denoise with the quantized graph, or the FP32 reference graph (an A/B).")] = "quantized",
     backend: BackendOption = RuntimeBackend.onnxruntime,
     provider: ProviderOption = Provider.cpu,
@@ -75,8 +76,8 @@ def generate_command(
         raise typer.BadParameter(f"seed + images - 1 must stay at most {MAX_SEED}", param_hint="--seed")
     loaded = load_bundle(bundle, trust_key)
     require_text_to_image(loaded)
-    config = bundle_sampler(loaded).overridden(scheduler=scheduler and scheduler.value, steps=steps,
-                                               guidance_scale=guidance_scale)
+    config = bundle_sampler(loaded, **sampler_request(sampler, scheduler=scheduler and scheduler.value, steps=steps),
+                            guidance_scale=guidance_scale)
     channels, height, width = loaded.manifest.sample_shape
     _check_out(out, request.count, 3 * height * width * 64)  # decoded images: up to 8x8 pixels per latent, RGB bytes
     images = np.concatenate(list(generate_batches(loaded, request, config, threads, backend.value, engine, corrections, progress,

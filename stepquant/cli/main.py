@@ -34,6 +34,7 @@ COMMANDS = {
     "lint": ("stepquant.cli.tensorrt", "lint_command"),
     "parity": ("stepquant.cli.tensorrt", "parity_command"),
     "build-engine": ("stepquant.cli.tensorrt", "build_engine_command"),
+    "add-sampler": ("stepquant.cli.samplers", "add_sampler_command"),
     "inspect": ("stepquant.cli.inspect", "inspect_command"),
     "encode-prompts": ("stepquant.cli.prompts", "encode_prompts_command"),
     "keygen": ("stepquant.cli.signing", "keygen_command"),

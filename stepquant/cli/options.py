@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from stepquant.cli.choices import Provider, RuntimeBackend
+from stepquant.runtime.sampler import SamplerConfig
 
 BackendOption = Annotated[RuntimeBackend, typer.Option("--backend", rich_help_panel="Backend", help="What runs the bundle's graphs; auto: TensorRT where its engines are built, else onnxruntime-gpu's "
     "CUDA provider, else OpenVINO, else onnxruntime on the CPU.")]
@@ -33,3 +34,22 @@ def parse_classes(value: str | None) -> tuple[int, ...] | None:
         raise typer.BadParameter(f"{bad!r} is not a class index (non-negative integers, comma-separated)",
                                  param_hint="--classes")
     return tuple(int(part) for part in parts)
+
+
+StoredSamplerOption = Annotated[Optional[str], typer.Option("--sampler", rich_help_panel="Sampler",
+    help="One of the bundle's stored samplers, SCHEDULER:STEPS[:karras][:eta=E] (`stepquant inspect` lists them; "
+         "instead of --scheduler/--steps/--eta).")]
+
+
+def sampler_request(spec: str | None, **options) -> dict:
+    """The sampler fields a command was given: those of a --sampler spec, or the separate options (None: not
+    given); one line when both are."""
+    if spec is None:
+        return options
+    if any(value is not None for value in options.values()):
+        raise typer.BadParameter("give --sampler, or --scheduler/--steps/--eta/--karras-sigmas, not both", param_hint="--sampler")
+    try:
+        parsed = SamplerConfig.parse(spec)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--sampler") from None
+    return {"scheduler": parsed.scheduler, "steps": parsed.steps, "eta": parsed.eta, "karras_sigmas": parsed.karras_sigmas}

@@ -12,7 +12,16 @@ import typer
 from stepquant.bundle import load_bundle
 from stepquant.cli.choices import Provider, RuntimeBackend, Scheduler
 from stepquant.cli.files import check_writable, write_atomically, write_npz_batches
-from stepquant.cli.options import BackendOption, Classes, DeviceOption, ProviderOption, TrustKey, parse_classes
+from stepquant.cli.options import (
+    BackendOption,
+    Classes,
+    DeviceOption,
+    ProviderOption,
+    StoredSamplerOption,
+    TrustKey,
+    parse_classes,
+    sampler_request,
+)
 from stepquant.runtime import SamplerConfig
 from stepquant.runtime.bundle_backends import bundle_corrections, bundle_sampler, bundle_table, quantized_backend
 from stepquant.runtime.guidance import choose_conditioning
@@ -42,6 +51,7 @@ def sample_command(
     eta: Annotated[Optional[float], typer.Option(rich_help_panel="Sampler", help="DDIM eta (default: the bundle's, else 0: deterministic).")] = None,
     scheduler: Annotated[Optional[Scheduler], typer.Option(rich_help_panel="Sampler", help="Sampler (default: the bundle's, else ddim).")] = None,
     karras_sigmas: Annotated[Optional[bool], typer.Option(rich_help_panel="Sampler", help="Karras sigmas (default: the bundle's, else off).")] = None,
+    sampler: StoredSamplerOption = None,
     batch_size: Annotated[int, typer.Option(rich_help_panel="Backend", min=1, help="Samples per network call.")] = 64,
     threads: Annotated[Optional[int], typer.Option(rich_help_panel="Backend", min=1, help="onnxruntime intra-op threads (default: all cores).")] = None,
     backend: BackendOption = RuntimeBackend.onnxruntime,
@@ -67,19 +77,19 @@ def sample_command(
     if seed + n - 1 > MAX_SEED:
         raise typer.BadParameter(f"seed + n - 1 must stay at most {MAX_SEED}", param_hint="--seed")
     _check_out(out, n)
-    requested = {"scheduler": scheduler and scheduler.value, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
-                 "karras_sigmas": karras_sigmas}
+    requested = {**sampler_request(sampler, scheduler=scheduler and scheduler.value, steps=steps, eta=eta,
+                                   karras_sigmas=karras_sigmas), "guidance_scale": guidance_scale}
     if bundle is not None:
         loaded = load_bundle(bundle, trust_key)
-        config = bundle_sampler(loaded).overridden(**requested)
-        table = bundle_table(loaded)
+        config = bundle_sampler(loaded, **requested)
+        table = bundle_table(loaded, config)
         table.check_sampler(config.scheduler, config.steps, config.eta, config.karras_sigmas)  # before any graph is loaded
         manifest = loaded.manifest
         shape, latent = manifest.sample_shape, manifest.sample_space == "latent"
         rows = choose_conditioning(manifest.conditions, f"bundle {bundle}", conditioning, parse_classes(classes),
                                    loaded.file(manifest.class_table) if manifest.class_table else None)
         runner = quantized_backend(loaded, threads, backend.value, engine, provider=provider.value, device=device)
-        terms = bundle_corrections(loaded) if corrections else None
+        terms = bundle_corrections(loaded, config) if corrections else None
     else:  # the FP model in torch: the export side
         from stepquant.models import EpsilonModel, load_model
         from stepquant.models.conditioning import load_conditioning

@@ -218,7 +218,14 @@ def diffusers_samples(backend, config: SamplerConfig, scheduler_config: dict, se
 @lru_cache(maxsize=32)
 def _cached(config: SamplerConfig, schedule_json: str) -> SchedulerTable:
     schedule = json.loads(schedule_json)
-    table = _capture(config, schedule)
+    try:
+        table = _capture(config, schedule)
+    except SchedulerTableError:
+        raise
+    except (IndexError, AssertionError, ValueError, RuntimeError) as err:  # inside diffusers' own scheduler
+        raise SchedulerTableError(f"diffusers' {config.scheduler} scheduler fails on this model's noise schedule with "
+                                  f"{config.describe()} ({type(err).__name__}: {' '.join(str(err).split()) or 'no message'}): "
+                                  "diffusers' own pipeline would fail too; choose other steps or sigmas") from err
     check_table(table, config, schedule)
     return table
 

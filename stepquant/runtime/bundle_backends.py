@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stepquant.bundle import Bundle, BundleError, TimestepGroup
+from stepquant.bundle.manifest import StoredSampler
 from stepquant.bundle.targets import TENSORRT
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.corrections import CorrectionError, Corrections
 from stepquant.runtime.onnxruntime_backend import OnnxRuntimeBackend, provider_available
 from stepquant.runtime.sampler import SamplerConfig
-from stepquant.runtime.scheduler_table import SchedulerTable
+from stepquant.runtime.scheduler_table import SchedulerTable, SchedulerTableError
 from stepquant.runtime.tensorrt_backend import TensorRTBackend, tensorrt_version
 from stepquant.runtime.timestep_groups import TimestepGroupBackend
 
@@ -184,25 +185,51 @@ def reference_backend(bundle: Bundle, threads: int | None = None, backend: str =
     return part_backend(bundle, bundle.manifest.reference_graph, name, options)
 
 
-def bundle_sampler(bundle: Bundle) -> SamplerConfig:
-    """The sampler the bundle was exported with (its table is `bundle_table`)."""
+def bundle_sampler(bundle: Bundle, **requested) -> SamplerConfig:
+    """The first stored sampler that has every field a command was given (`scheduler`, `steps`, `eta`,
+    `karras_sigmas`; None: not given), with the `guidance_scale` asked for; the default sampler when nothing is
+    asked. One line naming the stored samplers when none has them."""
+    guidance = requested.pop("guidance_scale", None)
+    asked = {name: value for name, value in requested.items() if value is not None}
+    for entry in bundle.manifest.samplers:
+        if all(getattr(entry.sampler, name) == value for name, value in asked.items()):
+            try:
+                return SamplerConfig.from_record(entry.sampler).overridden(guidance_scale=guidance)
+            except ValueError as err:
+                raise BundleError(f"bundle {bundle.path}: {err}") from err
+    wanted = SamplerConfig.from_record(bundle.manifest.sampler).overridden(**asked)
+    raise SchedulerTableError(f"bundle {bundle.path} stores no {wanted.describe()} sampler; it stores "
+                              f"{', '.join(entry.sampler.spec for entry in bundle.manifest.samplers)}: choose one of "
+                              "those, or add this one with `stepquant add-sampler`")
+
+
+def _stored(bundle: Bundle, config: SamplerConfig | None) -> StoredSampler:
+    if config is None:
+        return bundle.manifest.samplers[0]
+    entry = bundle.manifest.stored(config.key)
+    if entry is None:
+        raise SchedulerTableError(f"bundle {bundle.path} stores no {config.describe()} sampler; it stores "
+                                  f"{', '.join(e.sampler.spec for e in bundle.manifest.samplers)}")
+    return entry
+
+
+def bundle_table(bundle: Bundle, config: SamplerConfig | None = None) -> SchedulerTable:
+    """The scheduler table captured from diffusers at export for the stored sampler `config` (the default one
+    when None)."""
     try:
-        return SamplerConfig.from_record(bundle.manifest.sampler)
+        return SchedulerTable.from_dict(_stored(bundle, config).scheduler_table)
+    except SchedulerTableError:
+        raise
     except ValueError as err:
         raise BundleError(f"bundle {bundle.path}: {err}") from err
 
 
-def bundle_table(bundle: Bundle) -> SchedulerTable:
-    """The sampler the bundle was exported with, as the scheduler table captured from diffusers at export."""
-    try:
-        return SchedulerTable.from_dict(bundle.manifest.scheduler_table)
-    except ValueError as err:
-        raise BundleError(f"bundle {bundle.path}: {err}") from err
-
-
-def bundle_corrections(bundle: Bundle) -> Corrections | None:
-    """The bundle's per-timestep correction terms, or None when it was exported without."""
-    name = bundle.manifest.correction_file
+def bundle_corrections(bundle: Bundle, config: SamplerConfig | None = None) -> Corrections | None:
+    """The per-timestep correction terms fitted for the stored sampler `config` (the default one when None),
+    or None when the bundle has none."""
+    if bundle.manifest.correction_method == "none":
+        return None
+    name = _stored(bundle, config).correction_file
     if not name:
         return None
     corrections = Corrections.load(bundle.file(name))

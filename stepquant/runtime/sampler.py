@@ -70,6 +70,39 @@ class SamplerConfig:
         """The sampler a manifest records, checked as any other."""
         return cls(**asdict(record))
 
+    @classmethod
+    def parse(cls, spec: str, guidance_scale: float = 1.0) -> SamplerConfig:
+        """A sampler from its `--sampler` spec, SCHEDULER:STEPS[:karras][:eta=E] (`ddim:25`,
+        `dpm-solver++:20:karras`, `ddim:50:eta=1`); one line naming the spec when it does not parse."""
+        usage = f"sampler {spec!r} does not parse: write SCHEDULER:STEPS[:karras][:eta=E], e.g. ddim:25 or dpm-solver++:20:karras"
+        scheduler, _, rest = spec.strip().partition(":")
+        fields = rest.split(":") if rest else []
+        if not fields or not fields[0].isdigit():
+            raise ValueError(usage)
+        options = {"karras_sigmas": False, "eta": 0.0}
+        for extra in fields[1:]:
+            if extra == "karras" and not options["karras_sigmas"]:
+                options["karras_sigmas"] = True
+            elif extra.startswith("eta="):
+                try:
+                    options["eta"] = float(extra[4:])
+                except ValueError:
+                    raise ValueError(usage) from None
+            else:
+                raise ValueError(usage)
+        try:
+            return cls(scheduler, int(fields[0]), guidance_scale=guidance_scale, **options)
+        except ValueError as err:
+            raise ValueError(f"sampler {spec!r}: {err}") from None
+
+    @property
+    def key(self) -> tuple[str, int, float, bool]:
+        return self.to_record().key
+
+    @property
+    def spec(self) -> str:
+        return self.to_record().spec
+
     def describe(self) -> str:
         return (f"{self.steps} {self.scheduler.upper()} steps" + (f", eta {self.eta:g}" if self.scheduler == "ddim" else "")
                 + (", Karras sigmas" if self.karras_sigmas else ""))

@@ -161,14 +161,14 @@ def generate_batches(bundle: Bundle, request: GenerateRequest, config: SamplerCo
     from tqdm.auto import tqdm
 
     require_text_to_image(bundle)
-    table = bundle_table(bundle)
+    table = bundle_table(bundle, config)
     table.check_sampler(config.scheduler, config.steps, config.eta, config.karras_sigmas)
     options = RunOptions(threads, provider, None, device, engine)
     if request.graph == "reference":
         runner, terms = reference_backend(bundle, backend=backend, options=options), None
     else:
         runner = quantized_backend(bundle, threads, backend, engine, provider=provider, device=device)
-        terms = bundle_corrections(bundle) if corrections else None
+        terms = bundle_corrections(bundle, config) if corrections else None
     conditioning = text_conditioning(bundle, PromptEncoder(bundle, warn=warn, backend=backend, options=options), request)
     decoder = LatentDecoder.of(bundle, backend=backend, options=options)
     latents = sample_batches(runner, table, range(request.seed, request.seed + request.count), bundle.manifest.sample_shape,
@@ -190,7 +190,7 @@ def generate(bundle: Bundle | str | Path, prompts: str | Sequence[str], negative
     whole-pipeline bundle (a path is loaded and verified), with the bundle's sampler unless told otherwise."""
     loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     request = GenerateRequest((prompts,) if isinstance(prompts, str) else tuple(prompts), negative_prompt, n, seed, graph)
-    config = bundle_sampler(loaded).overridden(scheduler=scheduler, steps=steps, guidance_scale=guidance_scale)
+    config = bundle_sampler(loaded, scheduler=scheduler, steps=steps, guidance_scale=guidance_scale)
     return to_uint8(np.concatenate(list(generate_batches(loaded, request, config, threads, backend, progress=progress))))
 
 
