@@ -12,6 +12,10 @@ one, so correcting each half gives what the sampler's correction of the combined
 sampler's loop can do is left out with a one-line warning: TAC's input bias (it corrects the sampler's state),
 the noise D2's stochastic variant adds, the variance schedule PTQD/D2 shrink on stochastic samplers; so is the
 correction at a timestep the terms do not cover (another scheduler or step count).
+
+`pipeline_from_bundle(DIR)` goes one step further for a whole-pipeline bundle: diffusers' own
+StableDiffusion(XL)Pipeline made of the bundle's tokenizers, text encoder graphs, denoiser and VAE decoder graph,
+with no pipeline directory on the serving machine.
 """
 
 from __future__ import annotations
@@ -25,16 +29,26 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers.configuration_utils import FrozenDict
+from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from stepquant.bundle import Bundle, BundleError, load_bundle
+from stepquant.bundle.manifest import TextEncoderPart, TextToImage
 from stepquant.runtime.backend import Backend
-from stepquant.runtime.bundle_backends import RunOptions, bundle_corrections, bundle_table, quantized_backend, reference_backend
+from stepquant.runtime.bundle_backends import (
+    RunOptions,
+    bundle_corrections,
+    bundle_sampler,
+    bundle_table,
+    part_backend,
+    quantized_backend,
+    reference_backend,
+)
 from stepquant.runtime.corrections import CorrectionError, Corrections
 from stepquant.runtime.sampler import SamplerConfig
-from stepquant.runtime.text_to_image import GRAPHS, print_warning
+from stepquant.runtime.text_to_image import GRAPHS, load_tokenizer, print_warning, require_text_to_image
 
 Warn = Callable[[str], None]
 
@@ -212,3 +226,95 @@ def from_bundle(bundle: str | Path | Bundle, backend: str = "onnxruntime", graph
     else:
         runner = quantized_backend(loaded, threads, backend, engine, provider=provider, device=device)
     return DROP_INS[kind](runner, denoiser_config, terms, warn)
+
+
+class _EncoderOutput(tuple):
+    """What diffusers' encode_prompt reads of a CLIP text model's output: [0] (the last states, or the pooled
+    embedding of a projection model) and `.hidden_states[-2]` (SDXL's penultimate states)."""
+
+    hidden_states: tuple[torch.Tensor, ...]
+
+
+class BundleTextEncoder(torch.nn.Module):
+    """In place of `pipe.text_encoder` / `pipe.text_encoder_2`: the bundle's text encoder graph, which gives the
+    states the denoiser reads (and, for SDXL's second encoder, the pooled embedding) from token ids."""
+
+    def __init__(self, backend: Backend, pooled: bool, projection_dim: int | None = None) -> None:
+        super().__init__()
+        self.backend, self.pooled = backend, pooled
+        self.config = SimpleNamespace(projection_dim=projection_dim)
+
+    dtype = BundleDenoiser.dtype
+    device = BundleDenoiser.device
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None) -> _EncoderOutput:
+        outputs = self.backend.run({"input_ids": input_ids.detach().to("cpu", torch.int64).numpy()})
+        states = torch.from_numpy(np.asarray(outputs[0], np.float32)).to(input_ids.device)
+        first = torch.from_numpy(np.asarray(outputs[1], np.float32)).to(input_ids.device) if self.pooled else states
+        output = _EncoderOutput((first,))
+        output.hidden_states = (states, states)  # the graph's states are the ones the pipeline picks
+        return output
+
+
+class BundleVAE(torch.nn.Module):
+    """In place of `pipe.vae` for generating: `decode` runs the bundle's VAE decoder graph; `.config` holds what
+    the pipelines read (the scaling factor, and block_out_channels of the length that gives their
+    vae_scale_factor)."""
+
+    def __init__(self, backend: Backend, parts: TextToImage, latent_channels: int) -> None:
+        super().__init__()
+        self.backend = backend
+        self.config = FrozenDict(scaling_factor=parts.scaling_factor, shift_factor=parts.shift_factor or None,
+                                 latent_channels=latent_channels, force_upcast=False,
+                                 block_out_channels=[0] * (parts.vae_scale_factor.bit_length()))
+
+    dtype = BundleDenoiser.dtype
+    device = BundleDenoiser.device
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None):
+        image = torch.from_numpy(np.asarray(self.backend.run({"latent_sample": _numpy(z)})[0], np.float32)).to(z.device)
+        return DecoderOutput(sample=image) if return_dict else (image,)
+
+
+def _tokenizer(bundle: Bundle, part: TextEncoderPart):
+    """The bundle's tokenizer.json as transformers' fast tokenizer, padding and truncating as the runtime does."""
+    from transformers import PreTrainedTokenizerFast
+
+    device = load_tokenizer(bundle.file(part.tokenizer), part.max_length, part.pad_id)
+    return PreTrainedTokenizerFast(tokenizer_file=str(bundle.file(part.tokenizer)), model_max_length=part.max_length,
+                                   pad_token=device.id_to_token(part.pad_id))
+
+
+def pipeline_from_bundle(bundle: str | Path | Bundle, backend: str = "onnxruntime", graph: str = "quantized",
+                         corrections: bool = True, sampler: str | None = None, threads: int | None = None,
+                         provider: str = "cpu", device: str = "CPU", warn: Warn | None = None):
+    """A whole-pipeline bundle as diffusers' own StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL's
+    two encoders): the bundle's tokenizers, text encoders, denoiser (`from_bundle`) and VAE decoder on `backend`,
+    and the stored `sampler`'s scheduler (default: the bundle's first). Call it with that sampler's steps
+    (`num_inference_steps`) for its correction terms to apply."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from stepquant.models.schedulers import make_scheduler
+
+    loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    require_text_to_image(loaded)
+    manifest, parts = loaded.manifest, loaded.manifest.text_to_image
+    unet = from_bundle(loaded, backend, graph, corrections, threads, provider, device, warn=warn, sampler=sampler)
+    options = RunOptions(threads, provider, None, device)
+    projection = unet.config.get("projection_class_embeddings_input_dim")
+    if projection is not None:  # SDXL: the pooled width is what the add embedding takes beyond the six time ids
+        projection -= 6 * unet.config["addition_time_embed_dim"]
+    encoders = [BundleTextEncoder(part_backend(loaded, p.graph, backend, options), p.pooled, projection if p.pooled else None)
+                for p in parts.encoders]
+    tokenizers = [_tokenizer(loaded, p) for p in parts.encoders]
+    vae = BundleVAE(part_backend(loaded, parts.vae_decoder, backend, options), parts, manifest.sample_shape[0])
+    chosen = bundle_sampler(loaded) if sampler is None else bundle_sampler(loaded, **SamplerConfig.parse(sampler).fields)
+    scheduler = make_scheduler(chosen, manifest.noise_schedule)
+    if len(encoders) == 1:
+        return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0],
+                                     tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=parts.zero_negative, add_watermarker=False)

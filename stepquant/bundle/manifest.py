@@ -213,7 +213,8 @@ class TextEncoderPart:
 @dataclass(frozen=True)
 class TextToImage:
     """A whole pipeline's other parts: its text encoders (their states concatenated, as SDXL's are), the VAE
-    decoder graph and its latent scaling (decoded = vae(latents / scaling_factor + shift_factor)); SDXL's
+    decoder graph, its latent scaling (decoded = vae(latents / scaling_factor + shift_factor)) and how many
+    pixels a latent spans per side (`vae_scale_factor`, as diffusers' pipelines compute it); SDXL's
     zeroed negative embeddings when no negative prompt is given and its size/crop ids, computed on the host;
     and the export's check of each graph."""
 
@@ -221,13 +222,15 @@ class TextToImage:
     vae_decoder: str
     scaling_factor: float
     shift_factor: float = 0.0
+    vae_scale_factor: int = 8
     zero_negative: bool = False
     time_ids: tuple[float, ...] | None = None
     checks: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"encoders": [e.to_dict() for e in self.encoders],
-                "vae_decoder": {"graph": self.vae_decoder, "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor},
+                "vae_decoder": {"graph": self.vae_decoder, "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
+                                "scale_factor": self.vae_scale_factor},
                 "zero_negative": self.zero_negative, "time_ids": None if self.time_ids is None else list(self.time_ids),
                 "checks": self.checks}
 
@@ -240,11 +243,14 @@ class TextToImage:
         need(need.file(vae.get("graph")), "'text_to_image.vae_decoder' must name a listed graph")
         need(all(_finite(vae.get(k)) for k in ("scaling_factor", "shift_factor")) and vae["scaling_factor"] > 0,
              "'text_to_image.vae_decoder' needs a positive scaling_factor and a shift_factor")
+        scale = vae.get("scale_factor")
+        need(type(scale) is int and 1 <= scale <= 64 and scale & (scale - 1) == 0,
+             "'text_to_image.vae_decoder.scale_factor' must be a power of two from 1 to 64")
         ids = data.get("time_ids")
         need(ids is None or (isinstance(ids, list) and len(ids) <= 16 and all(_finite(v) for v in ids)),
              "'text_to_image.time_ids' must be null or a few numbers")
         need(isinstance(data.get("zero_negative", False), bool), "'text_to_image.zero_negative' must be true or false")
-        return cls(tuple(encoders), vae["graph"], float(vae["scaling_factor"]), float(vae["shift_factor"]),
+        return cls(tuple(encoders), vae["graph"], float(vae["scaling_factor"]), float(vae["shift_factor"]), scale,
                    data.get("zero_negative", False), None if ids is None else tuple(float(v) for v in ids),
                    dict(data.get("checks") or {}))
 

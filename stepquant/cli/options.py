@@ -52,4 +52,4 @@ def sampler_request(spec: str | None, **options) -> dict:
         parsed = SamplerConfig.parse(spec)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--sampler") from None
-    return {"scheduler": parsed.scheduler, "steps": parsed.steps, "eta": parsed.eta, "karras_sigmas": parsed.karras_sigmas}
+    return parsed.fields

@@ -206,12 +206,12 @@ def export_pipeline_parts(pipeline: Path, staging: Path, sample_shape: tuple[int
                                           "sample": {0: "batch", 2: "image_height", 3: "image_width"}},
                                          "fp32" if upcast else precision)
     time_ids = None
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)  # diffusers' pipelines' vae_scale_factor
     if condition_names == SDXL_CONDITIONS:  # diffusers' default: original size = target size = the native size, no crop
-        scale = 2 ** (len(vae.config.block_out_channels) - 1)
         height, width = sample_shape[1] * scale, sample_shape[2] * scale
         time_ids = (float(height), float(width), 0.0, 0.0, float(height), float(width))
     return TextToImage(encoders=tuple(encoders), vae_decoder=VAE_DECODER_GRAPH, scaling_factor=float(vae.config.scaling_factor),
-                       shift_factor=float(getattr(vae.config, "shift_factor", None) or 0.0),
+                       shift_factor=float(getattr(vae.config, "shift_factor", None) or 0.0), vae_scale_factor=scale,
                        zero_negative=bool(_model_index(pipeline).get("force_zeros_for_empty_prompt", False)),
                        time_ids=time_ids, checks=checks)
 

@@ -100,6 +100,11 @@ class SamplerConfig:
         return self.to_record().key
 
     @property
+    def fields(self) -> dict:
+        """What picks a stored sampler (`bundle_sampler(bundle, **config.fields)`): all but the guidance scale."""
+        return {"scheduler": self.scheduler, "steps": self.steps, "eta": self.eta, "karras_sigmas": self.karras_sigmas}
+
+    @property
     def spec(self) -> str:
         return self.to_record().spec
 
