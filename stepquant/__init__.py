@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"ExportConfig": "stepquant.pipeline", "export_quantized": "stepquant.pipeline",
+_CONFIGS = ("ExportConfig", "CalibrationConfig", "CorrectionConfig", "ConditioningConfig", "ChecksConfig")
+_EXPORTS = {**dict.fromkeys(_CONFIGS, "stepquant.export.config"), "export_quantized": "stepquant.pipeline",
             "load_bundle": "stepquant.bundle", "generate": "stepquant.runtime.text_to_image", "QuantSpec": "stepquant.quant", "quantize_": "stepquant.quant"}
 __all__ = sorted(_EXPORTS)
 

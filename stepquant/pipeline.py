@@ -18,7 +18,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -29,18 +29,18 @@ from polygraphy.json import save_json
 
 from stepquant.bundle.manifest import Manifest, StoredSampler, Target, TextToImage, TimestepGroup
 from stepquant.bundle.signing import sign
-from stepquant.bundle.targets import TARGETS, TENSORRT, TargetProfile
+from stepquant.bundle.targets import TARGETS, TargetProfile
 from stepquant.calibrators import collect_calibration_set, distributed
-from stepquant.calibrators.calibrate import CALIBRATORS, TRAJECTORY_CALIBRATORS, calibrate_
+from stepquant.calibrators.calibrate import calibrate_
 from stepquant.calibrators.corrections import estimate_corrections
 from stepquant.calibrators.data import CALIBRATION_SEED_OFFSET, CalibrationSet
 from stepquant.calibrators.ranges import calibrate_ranges
-from stepquant.calibrators.reconstruction import ReconstructionConfig
 from stepquant.calibrators.timestep_groups import group_scales, range_profile, set_scales, split_by_range_change, split_every
 from stepquant.errors import StepquantError
 from stepquant.eval import psnr, save_comparison_grid
 from stepquant.eval.memory import peak_rss_mib
 from stepquant.export.bundle import check_destination, sign_manifest, staged_directory, write_manifest
+from stepquant.export.config import ExportConfig
 from stepquant.export.fusion import check_integer_convs
 from stepquant.export.layerwise import LayerwiseReport, check_layerwise
 from stepquant.export.lint import check_conformance
@@ -58,28 +58,25 @@ from stepquant.export.parity import (
 )
 from stepquant.export.parity_policy import ParityPolicy, parity_policy
 from stepquant.export.pipeline_parts import carried_parts, export_pipeline_parts, part_input_shapes
-from stepquant.export.precision import PRECISIONS, export_at_precision
-from stepquant.export.samplers import check_samplers, correction_file
+from stepquant.export.precision import export_at_precision
+from stepquant.export.samplers import correction_file
 from stepquant.export.shapes import CORNERS, ShapeProfile, resize_inputs
 from stepquant.export.targets import check_target, for_target
 from stepquant.export.tensorrt import build_engines, build_script, tensorrt_version
-from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, LoadedModel, load_model
+from stepquant.models import EpsilonModel, LoadedModel, load_model
 from stepquant.models.conditioning import load_conditioning
 from stepquant.models.denoisers import config_file, sample_shape, spatial_factor
 from stepquant.models.device import Placement, device_copy, ieee_float32, place, placed, resolve_placement
 from stepquant.models.schedulers import capture_table
 from stepquant.models.torch_backend import TorchBackend
-from stepquant.quant import QuantSpec, quantize_
+from stepquant.quant import quantize_
 from stepquant.quant.quantize import round_scales_
 from stepquant.runtime.bundle_backends import graph_backend
-from stepquant.runtime.corrections import METHODS as CORRECTION_METHODS
 from stepquant.runtime.corrections import Corrections
 from stepquant.runtime.guidance import Conditioning, read_prompts
 from stepquant.runtime.sampler import SamplerConfig, sample
-from stepquant.runtime.seeding import MAX_SEED
 from stepquant.runtime.text_to_image import LatentDecoder
 
-PERCENTILE_RANGE = (50.0, 100.0)  # of |x|: below the median there is nothing left to clip
 FP_TOLERANCE = 1e-5  # median relative error, FP torch vs FP ONNX (no quantizer, so no rounding ties)
 # The replay (`stepquant parity`) on another machine or runtime is judged end to end, where one rounding tie
 # flipped upstream moves every later quantizer: its tolerance is this many times the worst error the correct
@@ -92,87 +89,6 @@ CALIBRATION_SHARDS = ".calibration"  # inside the staging directory, removed bef
 
 class ParityError(StepquantError, RuntimeError):
     """The exported graph does not reproduce the torch model within tolerance."""
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    model: str = DEMO_MODEL_NAME
-    out: Path = Path("out/demo-digits-w8a8")
-    quant: QuantSpec = field(default_factory=QuantSpec)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # calibrated for, evaluated with, the default
-    more_samplers: tuple[SamplerConfig, ...] = ()  # also stored: each with its table and correction terms
-    calibrator: str = "minmax"
-    percentile: float = 99.99
-    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
-    timestep_groups: int = 1  # graphs with their own activation scales, split where ranges change most
-    steps_per_group: int | None = None  # instead: a new group every N sampler steps
-    calib_samples: int = 64
-    calib_batch: int = 8  # seeds per trajectory batch: the unit torchrun's processes share out
-    calib_steps: int | None = None  # sampler steps kept for calibration; None keeps every step
-    seed: int = 0
-    eval_samples: int = 256
-    parity_timesteps: int = 5
-    parity_batch: int = 4
-    precision: str = "fp32"  # float compute and Q/DQ scales of the quantized graph: fp32 or fp16
-    targets: tuple[str, ...] = (TENSORRT.name,)  # placement profiles, one graph each from one calibration
-    correction: str = "none"  # per-timestep correction terms estimated on the deployed graph (see runtime.corrections)
-    correction_per_branch: bool = False  # guided: fit the terms to both branches' outputs, not the guided estimate
-    engine: bool = False  # also build the TensorRT engine (needs tensorrt on this machine)
-    require_parity: bool = True  # stop when the layer-wise parity check fails (else keep the bundle, recorded as failed)
-    sign_key: Path | None = None  # Ed25519 private key that signs the bundle's manifest
-    # conditional models: prompts (one per line, encoded by the pipeline's text encoder) or a conditioning file
-    prompts_file: Path | None = None
-    conditioning: Path | None = None
-    classes: tuple[int, ...] | None = None  # class-conditional models: class table rows (default: every class)
-    shapes: ShapeProfile = field(default_factory=ShapeProfile)  # batch/height/width/sequence ranges of the graphs
-    device: str = "auto"  # where torch runs: auto, cpu, cuda, cuda:N (graphs are traced on the CPU)
-    dtype: str = "float32"  # float type of the FP reference on that device (quantizers compute in float32)
-    overwrite: bool = False
-    progress: bool = True
-
-    @property
-    def samplers(self) -> tuple[SamplerConfig, ...]:
-        return (self.sampler, *self.more_samplers)
-
-    def __post_init__(self) -> None:
-        check_samplers(self.samplers)
-        if self.calibrator not in CALIBRATORS:
-            raise ValueError(f"unknown calibrator {self.calibrator!r}; choose from {', '.join(CALIBRATORS)}")
-        if self.timestep_groups > 1 and self.steps_per_group is not None:
-            raise ValueError("give either --timestep-groups or --steps-per-group, not both")
-        if not 1 <= self.timestep_groups <= self.sampler.steps:
-            raise ValueError(f"--timestep-groups must be between 1 and the {self.sampler.steps} sampler steps, got {self.timestep_groups}")
-        if self.correction not in CORRECTION_METHODS:
-            raise ValueError(f"unknown correction {self.correction!r}; choose from {', '.join(CORRECTION_METHODS)}")
-        if self.correction_per_branch and (self.correction == "none" or self.sampler.guidance_scale == 1.0):
-            raise ValueError("--correction-per-branch fits a --correction's terms to the two branches of guided sampling: "
-                             "give --correction and a --guidance-scale other than 1")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
-        if self.precision == "fp16" and self.quant.format == "fp8":
-            raise ValueError("--precision fp16 is for int8 bundles; fp8 bundles keep FP32 outside the Q/DQ pairs")
-        if not self.targets or any(t not in TARGETS for t in self.targets) or len(set(self.targets)) < len(self.targets):
-            raise ValueError(f"targets must be distinct values from {', '.join(TARGETS)}, got {list(self.targets)}")
-        for profile in map(TARGETS.get, self.targets):
-            if not profile.serves(self.quant.format, self.precision):
-                raise ValueError(f"the {profile.name} target serves --format {'/'.join(profile.formats)} at --precision "
-                                 f"{'/'.join(profile.precisions)}: drop --format {self.quant.format} / --precision "
-                                 f"{self.precision} for it")
-        for name in ("calib_samples", "calib_batch", "eval_samples", "parity_timesteps", "parity_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not PERCENTILE_RANGE[0] < self.percentile <= PERCENTILE_RANGE[1]:
-            hint = f" (a percent: did you mean {self.percentile * 100:g}?)" if 0 < self.percentile <= 1 else ""
-            raise ValueError(f"--percentile must be in ({PERCENTILE_RANGE[0]:g}, {PERCENTILE_RANGE[1]:g}], got {self.percentile:g}{hint}")
-        for name in ("calib_steps", "steps_per_group"):
-            value = getattr(self, name)
-            if value is not None and not 1 <= value <= self.sampler.steps:
-                raise ValueError(f"--{name.replace('_', '-')} must be between 1 and the {self.sampler.steps} sampler steps, got {value}")
-        if self.calibrator in TRAJECTORY_CALIBRATORS and self.sampler.scheduler not in ("ddim", "ddpm"):
-            raise ValueError(f"--calibrator {self.calibrator} unrolls DDIM steps from the calibration states, which only "
-                             f"DDIM and DDPM trajectories provide: use --scheduler ddim or ddpm with it (not {self.sampler.scheduler})")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
 
 
 @dataclass
@@ -283,11 +199,11 @@ class _Graph:
 def _graphs(config: ExportConfig, calib: CalibrationSet, q_model, scheduler_config: dict) -> tuple[list[_Graph], list | None]:
     """The graphs to export and, with timestep groups, each group's activation scales."""
     calibrated = calib.unique_timesteps()
-    if config.timestep_groups == 1 and config.steps_per_group is None:
+    if not config.calibration.grouped:
         return [_Graph(MODEL_FILE, "all", "parity", calibrated)], None
     profile_timesteps, profile = range_profile(q_model, calib)
-    groups = (split_every(len(profile_timesteps), config.steps_per_group) if config.steps_per_group
-              else split_by_range_change(profile, config.timestep_groups))
+    groups = (split_every(len(profile_timesteps), config.calibration.steps_per_group) if config.calibration.steps_per_group
+              else split_by_range_change(profile, config.calibration.timestep_groups))
     scales = group_scales(q_model, profile, groups)
     # every stored sampler's timesteps join the group of the nearest calibrated timestep
     members: list[list[float]] = [[] for _ in groups]
@@ -320,7 +236,7 @@ def _check_graph(q_model, path: Path, config: ExportConfig, feeds: list, target:
         kernels = {"integer_kernels": check_integer_convs(path, q_model),
                    "fused_kernels_median_reldiff": {f"{t.timestep:g}": t.median_reldiff for t in fused.timesteps}}
     layerwise, outputs = check_layerwise(q_model, path, feeds, parity_policy(target.name, config.quant.format, config.precision))
-    if not layerwise.passed and config.require_parity:
+    if not layerwise.passed and config.checks.require_parity:
         raise ParityError(f"layer-wise parity failed for {path.name} against the fake-quant model: {layerwise.summary()} "
                           "(pass --allow-parity-failure to keep the bundle, recorded as failed)")
     graph_runs = [IterationResult({OUTPUT_NAME: output}, runner_name="onnxruntime") for output in outputs]
@@ -393,7 +309,7 @@ def prepare(config: ExportConfig) -> Prepared:
     check_destination(config.out, config.overwrite, protected)  # before any work
     placement = resolve_placement(config.device, config.dtype)
     if distributed.init_from_env(placement.device) > 1:
-        if config.timestep_groups > 1 or config.steps_per_group is not None:
+        if config.calibration.grouped:
             raise ValueError("--timestep-groups / --steps-per-group profile ranges per timestep in one process: run them "
                              "without torchrun")
         placement = Placement(distributed.rank_device(placement.device), placement.dtype)
@@ -407,13 +323,14 @@ def prepare(config: ExportConfig) -> Prepared:
     if config.sign_key is not None:
         sign(b"", config.sign_key)  # an unreadable key fails now, not after calibration
     parts = carried_parts(loaded.pipeline, fp_model.condition_names)  # a pipeline missing a part fails here, not at the end
-    conditioning = load_conditioning(fp_model, loaded, config.prompts_file, config.conditioning, shape, config.classes)
+    asked = config.conditioning
+    conditioning = load_conditioning(fp_model, loaded, asked.prompts_file, asked.file, shape, asked.classes)
     prediction = loaded.scheduler_config.get("prediction_type", "epsilon")
-    if prediction != "epsilon" and (config.correction != "none" or config.calibrator == "mixed-order"):
-        what = f"--correction {config.correction}" if config.correction != "none" else "--calibrator mixed-order"
+    if prediction != "epsilon" and (config.correction.enabled or config.calibration.calibrator == "mixed-order"):
+        what = f"--correction {config.correction.method}" if config.correction.enabled else "--calibrator mixed-order"
         raise ValueError(f"{what} works on noise estimates, and this model predicts {prediction!r}: use it with an "
                          "epsilon-prediction model (the samplers themselves handle every prediction type)")
-    if config.correction_per_branch and conditioning is None:
+    if config.correction.per_branch and conditioning is None:
         raise ValueError(f"--correction-per-branch fits terms to the two branches of guided sampling, and {loaded.source} "
                          "is unconditional: drop --correction-per-branch")
     shapes = config.shapes.resolved(shape, None if conditioning is None else conditioning.sequence_length(fp_model.conditions))
@@ -429,14 +346,14 @@ def calibrate_model(config: ExportConfig, prepared: Prepared, start: float, shar
     for target in config.targets:
         check_target(q_model, target)
     place(q_model, prepared.placement.device)  # float32 whatever the reference's --dtype
-    positions = distributed.shard(config.calib_samples, config.calib_batch)
+    positions = distributed.shard(config.calibration.samples, config.calibration.batch)
     calib_seeds = [CALIBRATION_SEED_OFFSET + config.seed + position for position in positions]
     conditioning = None if prepared.conditioning is None else prepared.conditioning.at(positions)
     calib = collect_calibration_set(TorchBackend(prepared.fp_reference), loaded.scheduler_config, calib_seeds, prepared.shape,
-                                    config.sampler, config.calib_steps or config.sampler.steps, config.progress,
-                                    conditioning, config.calib_batch, shards)
-    summary = calibrate_(prepared.fp_reference, q_model, calib, config.calibrator, loaded.scheduler_config, config.sampler,
-                         config.percentile, config.reconstruction, config.progress)
+                                    config.sampler, config.calibration.steps or config.sampler.steps, config.progress,
+                                    conditioning, config.calibration.batch, shards)
+    summary = calibrate_(prepared.fp_reference, q_model, calib, config.calibration.calibrator, loaded.scheduler_config, config.sampler,
+                         config.calibration.percentile, config.calibration.reconstruction, config.progress)
     graphs, scales = _graphs(config, calib, q_model, loaded.scheduler_config)
     place(q_model, torch.device("cpu"))  # graphs are traced and checked on the CPU
     models = {target: for_target(q_model, target, prepared.shapes.batch.opt) for target in config.targets}
@@ -447,9 +364,9 @@ def calibrate_model(config: ExportConfig, prepared: Prepared, start: float, shar
     summary["peak_rss_mib"] = round(peak_rss_mib(), 1)
     if prepared.placement.device.type == "cuda":
         summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(prepared.placement.device) / 2**30, 2)
-    summary.update(percentile=config.percentile,
-                   reconstruction=asdict(config.reconstruction) if summary.get("blocks") else None,
-                   trajectories=config.calib_samples, inputs=int(distributed.reduce_sum(torch.tensor(len(calib)))),
+    summary.update(percentile=config.calibration.percentile,
+                   reconstruction=asdict(config.calibration.reconstruction) if summary.get("blocks") else None,
+                   trajectories=config.calibration.samples, inputs=int(distributed.reduce_sum(torch.tensor(len(calib)))),
                    timesteps=calib.unique_timesteps(), processes=distributed.world_size(),
                    seed=config.seed, seconds=round(seconds, 2), **prepared.placement.describe())
     return Calibrated(q_model, models, layer_names, calib, calib_seeds, conditioning, summary, graphs, scales, seconds)
@@ -461,7 +378,7 @@ def export_graphs(config: ExportConfig, prepared: Prepared, calibrated: Calibrat
     fp_model, shape, shapes, calib = prepared.fp_model, prepared.shape, prepared.shapes, calibrated.calib
     q_model, scales = calibrated.q_model, calibrated.scales
     export_onnx(fp_model, staging / FP_MODEL_FILE, shape, profile=shapes)
-    all_feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch, calib.unique_timesteps(),
+    all_feeds = _parity_subset(calib, config.checks.parity_timesteps, config.checks.parity_batch, calib.unique_timesteps(),
                                shapes, fp_model.conditions)
     device = prepared.placement.device  # parity's torch side runs there, in float32
     fp32 = prepared.fp_reference if prepared.placement.dtype == torch.float32 else fp_model
@@ -477,7 +394,7 @@ def export_graphs(config: ExportConfig, prepared: Prepared, calibrated: Calibrat
             set_scales(q_model, scales[g])
         if config.precision == "fp16":
             round_scales_(q_model, torch.float16)
-        feeds = _parity_subset(calib, config.parity_timesteps, config.parity_batch, graph.calibrated,
+        feeds = _parity_subset(calib, config.checks.parity_timesteps, config.checks.parity_batch, graph.calibrated,
                                shapes, fp_model.conditions)
         for target, model in models.items():
             if model is not q_model and scales is not None:  # this group's scales (strict=False: the
@@ -491,7 +408,7 @@ def export_graphs(config: ExportConfig, prepared: Prepared, calibrated: Calibrat
                 parity.reference.save(str(staging / parity_dir / "reference_outputs.json"))  # torch outputs
             exported[target].append((TimestepGroup(file, graph.timesteps, parity_dir), parity))
     parts = export_pipeline_parts(prepared.loaded.pipeline, staging, shape,
-                                  read_prompts(config.prompts_file) if config.prompts_file else [], fp_model.condition_names,
+                                  read_prompts(config.conditioning.prompts_file) if config.conditioning.prompts_file else [], fp_model.condition_names,
                                   config.precision) \
         if prepared.text_to_image else None
     return Exported(fp_parity, exported, parts)
@@ -503,9 +420,9 @@ def estimate_rank_corrections(config: ExportConfig, prepared: Prepared, calibrat
     for `sampler`, each process along its own calibration trajectories, their statistics summed over the processes."""
     deployed = graph_backend([path for path, _ in graphs], [group for _, group in graphs],
                              optimization_level=TARGETS[config.targets[0]].optimization_level)
-    return estimate_corrections(config.correction, TorchBackend(prepared.fp_reference), deployed,
+    return estimate_corrections(config.correction.method, TorchBackend(prepared.fp_reference), deployed,
                                 prepared.loaded.scheduler_config, calibrated.calib_seeds, prepared.shape, sampler,
-                                config.progress, calibrated.calib_conditioning, per_branch=config.correction_per_branch)
+                                config.progress, calibrated.calib_conditioning, per_branch=config.correction.per_branch)
 
 
 def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibrated, exported: Exported,
@@ -521,13 +438,13 @@ def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibr
     for index, sampler in enumerate(config.samplers):
         table = capture_table(sampler, loaded.scheduler_config)
         file = None
-        if config.correction != "none":  # estimated on the first target's graphs, along calibration trajectories
+        if config.correction.enabled:  # estimated on the first target's graphs, along calibration trajectories
             terms.append(estimate_rank_corrections(config, prepared, calibrated, distributed.broadcast(first), sampler))
             file = correction_file(index)
             terms[-1].save(staging / file)
         stored.append(StoredSampler(sampler.to_record(), table.to_dict(), file))
     corrections = terms[0] if terms else None
-    eval_seeds = range(config.seed, config.seed + config.eval_samples)
+    eval_seeds = range(config.seed, config.seed + config.checks.eval_samples)
     table = capture_table(config.sampler, loaded.scheduler_config)
     fp_samples = sample(TorchBackend(prepared.fp_reference), table, eval_seeds, shape, config.sampler, progress=config.progress,
                         desc="FP samples", conditioning=prepared.conditioning, clip=not latent).samples
@@ -581,7 +498,7 @@ def _target_section(config: ExportConfig, target: str, report: TargetReport, gro
         onnxruntime_optimization_level=TARGETS[target].optimization_level,
         parity_optimization_level=report.layerwise[0].policy.optimization_level,
         details={"quality": {"psnr_to_fp_db_mean": report.psnr_mean_db, "psnr_to_fp_db_min": report.psnr_min_db,
-                             "samples": config.eval_samples, "seeds": [config.seed, config.seed + config.eval_samples - 1],
+                             "samples": config.checks.eval_samples, "seeds": [config.seed, config.seed + config.checks.eval_samples - 1],
                              "space": report.space, "psnr_data_range": data_range,
                              "executed_by": "onnxruntime CPUExecutionProvider"},
                  **({"lint": {"rules": "tensorrt explicit quantization", "findings": 0}} if TARGETS[target].tensorrt_rules
@@ -610,15 +527,16 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
         check_external_data(staging / graph)  # a large graph's data file sits beside it, and is listed below
     corrections = measured.corrections
     # class-conditional models travel with their class table, so `sample --bundle --classes` needs no model
-    class_table = prepared.loaded.class_table if conditioning is not None and config.prompts_file is None \
-        and config.conditioning is None else None
+    asked = config.conditioning
+    class_table = prepared.loaded.class_table if conditioning is not None and asked.prompts_file is None \
+        and asked.file is None else None
     if class_table is not None:
         shutil.copyfile(class_table, staging / CLASS_TABLE_FILE)
     denoiser_config, text = config_file(prepared.loaded.denoiser)  # what a diffusers drop-in reports as its .config
     (staging / denoiser_config).parent.mkdir(exist_ok=True)
     (staging / denoiser_config).write_text(text)
-    source = (f"classes {', '.join(map(str, config.classes))}" if config.classes else "every class") if class_table \
-        else str(config.prompts_file or config.conditioning)
+    source = (f"classes {', '.join(map(str, asked.classes))}" if asked.classes else "every class") if class_table \
+        else str(asked.prompts_file or asked.file)
     write_manifest(staging, Manifest(
         source_model=prepared.loaded.source, sample_shape=prepared.shape, conditions=fp_model.conditions,
         shape_profile=prepared.shapes.to_dict(), noise_schedule=prepared.loaded.scheduler_config,
@@ -626,17 +544,17 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
         targets={target: _target_section(config, target, report, [group for group, _ in exported.graphs[target]],
                                          measured.data_range)
                  for target, report in measured.reports.items()},
-        reference_graph=FP_MODEL_FILE, correction_method=config.correction, engine=engine,
+        reference_graph=FP_MODEL_FILE, correction_method=config.correction.method, engine=engine,
         sample_space="latent" if prepared.latent else "pixel", class_table=CLASS_TABLE_FILE if class_table else None,
         text_to_image=parts, denoiser_config=denoiser_config, info={
             "conditioning": None if conditioning is None else {
-                "source": source, "prompts": len(conditioning), "classes": list(config.classes) if class_table and config.classes else None,
+                "source": source, "prompts": len(conditioning), "classes": list(asked.classes) if class_table and asked.classes else None,
                 "calibration_copies": "unconditional and conditional" if config.sampler.guidance_scale != 1.0 else "conditional"},
             "quantization": {**config.quant.to_dict(), "targets": list(config.targets), "precision": config.precision,
                              "layers": calibrated.layer_names},
             "calibration": calibrated.summary,
             "correction_timesteps": corrections.timesteps.tolist() if corrections else None,
-            "correction_fit": ("per branch" if config.correction_per_branch else "guided estimate") if corrections else None,
+            "correction_fit": ("per branch" if config.correction.per_branch else "guided estimate") if corrections else None,
             "parity": {"fp": exported.fp_parity.to_dict()},
             "versions": _versions(),
         }))
@@ -655,7 +573,7 @@ def export_quantized(config: ExportConfig) -> ExportReport | None:
         config = replace(config, progress=False)
         with tempfile.TemporaryDirectory(prefix="stepquant-calibration-") as shards:
             calibrated = calibrate_model(config, prepared, start, Path(shards))
-            if config.correction != "none":
+            if config.correction.enabled:
                 for sampler in config.samplers:
                     estimate_rank_corrections(config, prepared, calibrated, distributed.broadcast(None), sampler)
         return None
@@ -667,6 +585,6 @@ def export_quantized(config: ExportConfig) -> ExportReport | None:
         write_bundle(config, prepared, calibrated, exported, measured, staging)
     return ExportReport(
         bundle=Path(config.out), preview=Path(config.out) / PREVIEW_FILE, fp_parity=exported.fp_parity,
-        targets=measured.reports, eval_samples=config.eval_samples, quantized_layers=calibrated.layer_names,
+        targets=measured.reports, eval_samples=config.checks.eval_samples, quantized_layers=calibrated.layer_names,
         calibration_seconds=calibrated.seconds, seconds=time.perf_counter() - start,
     )

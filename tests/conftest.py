@@ -14,6 +14,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from stepquant.export.config import CalibrationConfig, ChecksConfig
 from stepquant.models.demo_config import SCHEDULER_CONFIG
 from stepquant.models.tiny import TINY_PROMPTS, save_tiny_text_pipeline
 from stepquant.pipeline import ExportConfig, export_quantized
@@ -92,7 +93,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def demo_bundle(tmp_path_factory):
     """The demo model exported at W8A8 with few steps; returns (bundle path, ExportReport)."""
     out = tmp_path_factory.mktemp("bundles") / "demo-w8a8"
-    report = export_quantized(ExportConfig(out=out, sampler=FEW_STEPS, calib_samples=8, eval_samples=8, progress=False))
+    report = export_quantized(ExportConfig(out=out, sampler=FEW_STEPS, progress=False,
+                                           calibration=CalibrationConfig(samples=8), checks=ChecksConfig(eval_samples=8)))
     return out, report
 
 

@@ -22,6 +22,7 @@ from diffusers.models.embeddings import PatchEmbed
 from stepquant.bundle import load_bundle
 from stepquant.calibrators.data import collect_calibration_set
 from stepquant.eval import psnr
+from stepquant.export.config import CalibrationConfig, ChecksConfig, ConditioningConfig
 from stepquant.export.lint import lint
 from stepquant.export.onnx_export import export_onnx
 from stepquant.export.parity import check_parity, parity_feeds, replay_parity
@@ -54,9 +55,10 @@ def exported(request, tmp_path_factory):
     conditioning_file = root / "conditioning.safetensors"
     random_conditioning(model).save(conditioning_file)
     out = root / "bundle"
-    report = export_quantized(ExportConfig(model=str(pipeline), out=out, conditioning=conditioning_file,
-                                           sampler=FEW_GUIDED_STEPS, calib_samples=2, eval_samples=4, shapes=SHAPES,
-                                           parity_batch=4, progress=False))
+    report = export_quantized(ExportConfig(model=str(pipeline), out=out, sampler=FEW_GUIDED_STEPS, shapes=SHAPES,
+                                           progress=False, conditioning=ConditioningConfig(file=conditioning_file),
+                                           calibration=CalibrationConfig(samples=2),
+                                           checks=ChecksConfig(eval_samples=4, parity_batch=4)))
     return request.param, pipeline, conditioning_file, out, report
 
 
@@ -171,15 +173,16 @@ def test_conditioning_errors_are_clear(tmp_path, tiny_model_dir):
     wrong = Conditioning({"encoder_hidden_states": torch.zeros(2, 5, 7)}, {"encoder_hidden_states": torch.zeros(1, 5, 7)})
     wrong.save(tmp_path / "wrong.safetensors")
     with pytest.raises(ConditioningError, match="takes \\[prompts, sequence, 32\\]"):
-        export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "b", conditioning=tmp_path / "wrong.safetensors",
-                                      sampler=FEW_GUIDED_STEPS, progress=False))
+        export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "b", sampler=FEW_GUIDED_STEPS, progress=False,
+                                      conditioning=ConditioningConfig(file=tmp_path / "wrong.safetensors")))
     good = tmp_path / "good.safetensors"
     random_conditioning(EpsilonModel(load_model(str(pipeline)).denoiser)).save(good)
     with pytest.raises(ConditioningError, match="has no class table"):
-        export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "c", classes=(1,), sampler=FEW_GUIDED_STEPS,
-                                      progress=False))
+        export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "c", sampler=FEW_GUIDED_STEPS, progress=False,
+                                      conditioning=ConditioningConfig(classes=(1,))))
     with pytest.raises(ConditioningError, match="is unconditional"):
-        export_quantized(ExportConfig(model=str(tiny_model_dir), out=tmp_path / "d", conditioning=good, progress=False))
+        export_quantized(ExportConfig(model=str(tiny_model_dir), out=tmp_path / "d", progress=False,
+                                      conditioning=ConditioningConfig(file=good)))
     (tmp_path / "corrupt.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ConditioningError, match="cannot read conditioning"):
         Conditioning.load(tmp_path / "corrupt.safetensors")
@@ -193,9 +196,10 @@ def test_fp8_attention_puts_qdq_on_both_matmuls_and_keeps_parity(tmp_path):
     pipeline = save_tiny_pipeline("sd", tmp_path / "sd", attention_head_dim=2)  # 2 heads (diffusers names SD's head count so): head_dim 16, 32
     conditioning = tmp_path / "conditioning.safetensors"
     random_conditioning(EpsilonModel(load_model(str(pipeline)).denoiser)).save(conditioning)
-    report = export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "bundle", conditioning=conditioning,
+    report = export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "bundle",
                                            quant=QuantSpec(format="fp8", fp8_attention=True), sampler=FEW_GUIDED_STEPS,
-                                           calib_samples=2, eval_samples=2, progress=False))
+                                           progress=False, conditioning=ConditioningConfig(file=conditioning),
+                                           calibration=CalibrationConfig(samples=2), checks=ChecksConfig(eval_samples=2)))
     assert report.parity_passed and any(n.endswith("attn2.processor") for n in report.quantized_layers)
     attention = [q for q in report.primary.layerwise[0].quantizers if q.name.endswith("softmax_quantizer")]
     assert attention and all(q.codes > 0 for q in attention)  # the FP8 attention quantizers are checked too
@@ -264,8 +268,10 @@ def test_prompts_are_encoded_by_the_pipelines_text_encoder(tmp_path):
                                       return_tensors="pt").input_ids)[0] for p in ("a cat", "the dog", "")]
     assert np.allclose(conditioning.cond["encoder_hidden_states"], torch.cat(expected[:2]).numpy(), atol=1e-6)
     assert np.allclose(conditioning.uncond["encoder_hidden_states"], expected[2].numpy(), atol=1e-6)
-    report = export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "bundle", prompts_file=tmp_path / "prompts.txt",
-                                           sampler=FEW_GUIDED_STEPS, calib_samples=2, eval_samples=2, progress=False))
+    report = export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "bundle", sampler=FEW_GUIDED_STEPS,
+                                           progress=False,
+                                           conditioning=ConditioningConfig(prompts_file=tmp_path / "prompts.txt"),
+                                           calibration=CalibrationConfig(samples=2), checks=ChecksConfig(eval_samples=2)))
     manifest = load_bundle(report.bundle).manifest
     assert manifest.info["conditioning"]["prompts"] == 2 and manifest.shape_profile["sequence"]["opt"] == SEQUENCE
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from stepquant.calibrators.corrections import ErrorStatistics, d2, ptqd, tac_gain
+from stepquant.export.config import CalibrationConfig, ChecksConfig, CorrectionConfig
 from stepquant.models.demo_config import SCHEDULER_CONFIG
 from stepquant.models.schedulers import capture_table
 from stepquant.runtime.corrections import CorrectionError, Corrections
@@ -150,8 +151,10 @@ def corrected_bundle(tmp_path_factory):
     from stepquant.quant import QuantSpec
 
     out = tmp_path_factory.mktemp("corrected") / "bundle"
-    export_quantized(ExportConfig(out=out, quant=QuantSpec(4, 8), sampler=FEW_STEPS, calib_samples=8, eval_samples=4,
-                                  correction="ptqd", require_parity=False, progress=False))
+    export_quantized(ExportConfig(out=out, quant=QuantSpec(4, 8), sampler=FEW_STEPS, progress=False,
+                                  calibration=CalibrationConfig(samples=8),
+                                  checks=ChecksConfig(eval_samples=4, require_parity=False),
+                                  correction=CorrectionConfig(method="ptqd")))
     return out
 
 

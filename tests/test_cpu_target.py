@@ -17,6 +17,7 @@ from onnx import numpy_helper
 from stepquant.bundle import BundleError, load_bundle
 from stepquant.calibrators.data import CalibrationSet
 from stepquant.calibrators.ranges import calibrate_ranges
+from stepquant.export.config import CalibrationConfig, ChecksConfig
 from stepquant.export.fusion import FusionError, check_integer_convs, optimized_op_counts
 from stepquant.export.layerwise import check_layerwise
 from stepquant.export.onnx_export import export_onnx
@@ -135,8 +136,9 @@ def test_fp8_has_no_cpu_profile():
 
 def test_a_bundle_carries_a_graph_per_target_and_each_runtime_picks_its_own(tiny_model_dir, tmp_path):
     out = tmp_path / "both"
-    report = export_quantized(ExportConfig(out=out, targets=("tensorrt", "onnxruntime-cpu"),
-                                           sampler=FEW_STEPS, calib_samples=8, eval_samples=4, progress=False))
+    report = export_quantized(ExportConfig(out=out, targets=("tensorrt", "onnxruntime-cpu"), sampler=FEW_STEPS,
+                                           progress=False, calibration=CalibrationConfig(samples=8),
+                                           checks=ChecksConfig(eval_samples=4)))
     assert list(report.targets) == ["tensorrt", "onnxruntime-cpu"]
     assert report.targets["onnxruntime-cpu"].graphs == ["model_cpu.onnx"]
     bundle = load_bundle(out)
@@ -153,8 +155,8 @@ def test_a_bundle_carries_a_graph_per_target_and_each_runtime_picks_its_own(tiny
     assert replay_parity(bundle).passed and replay_parity(bundle, target="tensorrt").passed
 
     only_trt = tmp_path / "trt"
-    export_quantized(ExportConfig(model=str(tiny_model_dir), out=only_trt, sampler=FEW_STEPS, calib_samples=4,
-                                  eval_samples=2, progress=False))
+    export_quantized(ExportConfig(model=str(tiny_model_dir), out=only_trt, sampler=FEW_STEPS, progress=False,
+                                  calibration=CalibrationConfig(samples=4), checks=ChecksConfig(eval_samples=2)))
     trt_bundle = load_bundle(only_trt)
     assert trt_bundle.target_for("onnxruntime") == "tensorrt"  # the TensorRT graph is the onnxruntime fallback
     with pytest.raises(BundleError, match="--target onnxruntime-cpu"):

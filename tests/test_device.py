@@ -15,6 +15,7 @@ from diffusers import UNet2DModel
 
 from stepquant.calibrators import collect_calibration_set
 from stepquant.calibrators.calibrate import calibrate_
+from stepquant.export.config import CalibrationConfig, ChecksConfig
 from stepquant.models import EpsilonModel, denoisers, load_model
 from stepquant.models.device import (
     DeviceError,
@@ -98,7 +99,8 @@ def test_float32_is_ieee_float32_inside_an_export_and_restored_after(monkeypatch
 
     monkeypatch.setattr(pipeline, "calibrate_", calibrate_recording)
     export_quantized(ExportConfig(model=str(tiny_model_dir), out=tmp_path / "b", device="cpu", sampler=FEW_STEPS,
-                                  calib_samples=2, eval_samples=2, progress=False))
+                                  progress=False, calibration=CalibrationConfig(samples=2),
+                                  checks=ChecksConfig(eval_samples=2)))
     assert seen == [("ieee", "ieee")]
     assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
     with ieee_float32():
@@ -167,7 +169,8 @@ def test_a_cuda_export_checks_parity_on_the_gpu(monkeypatch, tiny_model_dir, tmp
         monkeypatch.setattr(pipeline, name, lambda model, *a, _real=real, _name=name, **k: (
             where.append((_name, *module_placement(model))), _real(model, *a, **k))[1])
     report = export_quantized(ExportConfig(model=str(tiny_model_dir), out=tmp_path / "b", device="cuda", dtype=dtype,
-                                           sampler=FEW_STEPS, calib_samples=4, eval_samples=4, progress=False))
+                                           sampler=FEW_STEPS, progress=False, calibration=CalibrationConfig(samples=4),
+                                           checks=ChecksConfig(eval_samples=4)))
     assert report.fp_parity.passed and report.parity_passed
     assert {name for name, _, _ in where} == {"check_parity", "torch_outputs", "check_layerwise"}
     assert all(device.type == "cuda" and dtype_ == torch.float32 for _, device, dtype_ in where), where

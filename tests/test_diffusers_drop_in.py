@@ -13,6 +13,7 @@ from conftest import FAST, run_cli
 
 from stepquant.bundle import BundleError, load_bundle
 from stepquant.diffusers import BundleTransformer, BundleUNet, from_bundle, pipeline_from_bundle
+from stepquant.export.config import CalibrationConfig, ChecksConfig, ConditioningConfig
 from stepquant.models import load_model
 from stepquant.models.epsilon import EpsilonModel
 from stepquant.models.tiny import TINY_PROMPTS, random_conditioning, save_tiny_pipeline
@@ -128,8 +129,9 @@ def test_pixart_sigma_with_the_drop_in_gives_samples_latents(tmp_path):
     conditioning = random_conditioning(EpsilonModel(load_model(str(directory)).denoiser), prompts=2)
     conditioning.save(tmp_path / "conditioning.safetensors")
     config = SamplerConfig(steps=3, guidance_scale=3.0)
-    export_quantized(ExportConfig(model=str(directory), out=tmp_path / "bundle", conditioning=tmp_path / "conditioning.safetensors",
-                                  sampler=config, calib_samples=2, eval_samples=2, progress=False))
+    export_quantized(ExportConfig(model=str(directory), out=tmp_path / "bundle", sampler=config, progress=False,
+                                  conditioning=ConditioningConfig(file=tmp_path / "conditioning.safetensors"),
+                                  calibration=CalibrationConfig(samples=2), checks=ChecksConfig(eval_samples=2)))
     loaded = load_bundle(tmp_path / "bundle")
     transformer = from_bundle(loaded)
     assert isinstance(transformer, BundleTransformer) and transformer.config.out_channels == 4  # the noise half only

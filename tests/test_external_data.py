@@ -13,6 +13,7 @@ import pytest
 
 from stepquant.bundle import BundleError, load_bundle
 from stepquant.export import onnx_files
+from stepquant.export.config import CalibrationConfig, ChecksConfig
 from stepquant.export.faults import forge_bundle
 from stepquant.export.lint import lint
 from stepquant.export.onnx_files import ExternalDataError, check_external_data, external_data_locations
@@ -27,8 +28,9 @@ def external_bundle(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("external") / "bundle"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(onnx_files, "EXTERNAL_DATA_BYTES", 0)  # every graph takes the large-graph path
-        export_quantized(ExportConfig(model=str(tiny_model_dir), out=out, sampler=SamplerConfig(steps=3), calib_samples=4,
-                                      eval_samples=4, targets=("tensorrt", "onnxruntime-cpu"), progress=False))
+        export_quantized(ExportConfig(model=str(tiny_model_dir), out=out, sampler=SamplerConfig(steps=3),
+                                      targets=("tensorrt", "onnxruntime-cpu"), progress=False,
+                                      calibration=CalibrationConfig(samples=4), checks=ChecksConfig(eval_samples=4)))
     return out
 
 

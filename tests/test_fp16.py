@@ -7,6 +7,7 @@ import pytest
 from conftest import FEW_STEPS
 from onnx import TensorProto, numpy_helper
 
+from stepquant.export.config import CalibrationConfig, ChecksConfig
 from stepquant.export.lint import lint
 from stepquant.export.parity_policy import parity_policy
 from stepquant.export.precision import timestep_encoding_nodes
@@ -17,8 +18,8 @@ from stepquant.quant import QuantSpec
 @pytest.fixture(scope="module")
 def fp16_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("fp16") / "bundle"
-    report = export_quantized(ExportConfig(out=out, precision="fp16", sampler=FEW_STEPS, calib_samples=8,
-                                           eval_samples=8, progress=False))
+    report = export_quantized(ExportConfig(out=out, precision="fp16", sampler=FEW_STEPS, progress=False,
+                                           calibration=CalibrationConfig(samples=8), checks=ChecksConfig(eval_samples=8)))
     return out, report
 
 

@@ -14,6 +14,7 @@ from polygraphy.json import load_json, save_json
 from stepquant.bundle import Manifest, load_bundle
 from stepquant.bundle.reader import MANIFEST
 from stepquant.export.bundle import write_manifest
+from stepquant.export.config import CalibrationConfig, ChecksConfig
 from stepquant.export.parity import ParityReport, TimestepParity, compare_runs, replay_parity
 from stepquant.export.parity_policy import parity_policy
 from stepquant.pipeline import FP_TOLERANCE, REPLAY_MARGIN, replay_tolerance
@@ -126,11 +127,11 @@ def test_a_wrong_graph_stops_the_export_unless_allowed(tiny_model_dir, tmp_path,
         seed_fault(path, path, "activation scale 2% off")
 
     monkeypatch.setattr(pipeline, "export_at_precision", faulty_export)
-    config = dict(model=str(tiny_model_dir), sampler=FEW_STEPS, calib_samples=4, eval_samples=2, progress=False)
+    config = dict(model=str(tiny_model_dir), sampler=FEW_STEPS, calibration=CalibrationConfig(samples=4), progress=False)
     with pytest.raises(ParityError, match="layer-wise parity failed for model.onnx.*QuantizeLinear scale differs from the calibrated one"):
-        export_quantized(ExportConfig(out=tmp_path / "strict", **config))
+        export_quantized(ExportConfig(out=tmp_path / "strict", **config, checks=ChecksConfig(eval_samples=2)))
     assert not (tmp_path / "strict").exists() and list(tmp_path.iterdir()) == []
-    report = export_quantized(ExportConfig(out=tmp_path / "kept", require_parity=False, **config))
+    report = export_quantized(ExportConfig(out=tmp_path / "kept", **config, checks=ChecksConfig(eval_samples=2, require_parity=False)))
     assert not report.parity_passed
     recorded = load_bundle(tmp_path / "kept").target("tensorrt").parity
     assert recorded["passed"] is False and recorded["layerwise"][0]["failures"]

@@ -19,6 +19,7 @@ from stepquant.calibrators.multistep import multistep_objective
 from stepquant.calibrators.ranges import calibrate_ranges
 from stepquant.calibrators.reconstruction import ReconstructionConfig, reconstruct_blocks, reconstruction_units
 from stepquant.calibrators.timestep_groups import split_by_range_change, split_every
+from stepquant.export.config import CalibrationConfig, ChecksConfig
 from stepquant.export.parity import replay_parity
 from stepquant.models.demo_config import SCHEDULER_CONFIG
 from stepquant.models.epsilon import EpsilonModel
@@ -166,9 +167,11 @@ def test_group_backend_sends_each_timestep_to_its_graph():
 
 @pytest.mark.parametrize("calibrator", ["reconstruct", "multistep", "mixed-order"])
 def test_exported_graph_reproduces_the_reconstructed_model(tiny_model_dir, tmp_path, calibrator):
-    report = export_quantized(ExportConfig(
-        model=str(tiny_model_dir), out=tmp_path / calibrator, quant=QuantSpec(8, 8, split_skip_concat=True),
-        calibrator=calibrator, reconstruction=FAST, sampler=FEW_STEPS, calib_samples=4, eval_samples=2, progress=False))
+    report = export_quantized(ExportConfig(model=str(tiny_model_dir), out=tmp_path / calibrator,
+                                           quant=QuantSpec(8, 8, split_skip_concat=True), sampler=FEW_STEPS,
+                                           progress=False,
+                                           calibration=CalibrationConfig(calibrator=calibrator, reconstruction=FAST, samples=4),
+                                           checks=ChecksConfig(eval_samples=2)))
     assert report.parity_passed, report.primary.layerwise[0].summary()
     manifest = json.loads((tmp_path / calibrator / "manifest.json").read_text())
     assert manifest["calibration"]["calibrator"] == calibrator
@@ -177,9 +180,9 @@ def test_exported_graph_reproduces_the_reconstructed_model(tiny_model_dir, tmp_p
 
 def test_timestep_groups_export_one_graph_per_group_and_the_runtime_switches(tiny_model_dir, tmp_path):
     out = tmp_path / "groups"
-    report = export_quantized(ExportConfig(
-        model=str(tiny_model_dir), out=out, calibrator="minmax", timestep_groups=2, sampler=FEW_STEPS,
-        calib_samples=4, eval_samples=2, progress=False))
+    report = export_quantized(ExportConfig(model=str(tiny_model_dir), out=out, sampler=FEW_STEPS, progress=False,
+                                           calibration=CalibrationConfig(calibrator="minmax", timestep_groups=2, samples=4),
+                                           checks=ChecksConfig(eval_samples=2)))
     bundle = load_bundle(out)
     groups = bundle.target("tensorrt").timestep_groups
     assert [g.graph for g in groups] == report.graphs == ["model_g0.onnx", "model_g1.onnx"]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli
 
+from stepquant.export.config import CalibrationConfig, ChecksConfig, ConditioningConfig, CorrectionConfig
 from stepquant.models import EpsilonModel, load_model
 from stepquant.models.tiny import random_conditioning, save_tiny_pipeline
 from stepquant.pipeline import ExportConfig, export_quantized
@@ -72,8 +73,8 @@ SAMPLERS = {  # every scheduler the project supports, each with a correction
 def corrected_bundle(request, tmp_path_factory):
     sampler, correction = SAMPLERS[request.param]
     out = tmp_path_factory.mktemp("runtime") / f"demo-{request.param}"
-    export_quantized(ExportConfig(out=out, sampler=sampler, calib_samples=8, eval_samples=4, correction=correction,
-                                  progress=False))
+    export_quantized(ExportConfig(out=out, sampler=sampler, progress=False, calibration=CalibrationConfig(samples=8),
+                                  checks=ChecksConfig(eval_samples=4), correction=CorrectionConfig(method=correction)))
     return out
 
 
@@ -83,9 +84,10 @@ def conditional_bundle(tmp_path_factory):
     pipeline = save_tiny_pipeline("sd", root / "pipeline")
     conditioning = root / "conditioning.safetensors"
     random_conditioning(EpsilonModel(load_model(str(pipeline)).denoiser)).save(conditioning)
-    export_quantized(ExportConfig(model=str(pipeline), out=root / "bundle", conditioning=conditioning,
-                                  sampler=SamplerConfig(steps=3, guidance_scale=3.0), calib_samples=2, eval_samples=2,
-                                  progress=False))
+    export_quantized(ExportConfig(model=str(pipeline), out=root / "bundle",
+                                  sampler=SamplerConfig(steps=3, guidance_scale=3.0), progress=False,
+                                  conditioning=ConditioningConfig(file=conditioning),
+                                  calibration=CalibrationConfig(samples=2), checks=ChecksConfig(eval_samples=2)))
     return root / "bundle", conditioning
 
 

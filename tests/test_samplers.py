@@ -15,6 +15,7 @@ from stepquant.bundle import load_bundle
 from stepquant.bundle.reader import SIGNATURE
 from stepquant.bundle.signing import generate_keypair
 from stepquant.diffusers import from_bundle
+from stepquant.export.config import CalibrationConfig, ChecksConfig, CorrectionConfig
 from stepquant.export.samplers import add_sampler
 from stepquant.models.schedulers import capture_table
 from stepquant.pipeline import ExportConfig, export_quantized
@@ -25,7 +26,7 @@ from stepquant.runtime.sampler import SamplerConfig
 from stepquant.runtime.scheduler_table import SchedulerTableError
 
 DDIM, DPM, EULER = FEW_STEPS, SamplerConfig("dpm-solver++", 4), SamplerConfig("euler", 5)
-SMALL = {"calib_samples": 8, "eval_samples": 4, "progress": False}
+SMALL = {"calibration": CalibrationConfig(samples=8), "checks": ChecksConfig(eval_samples=4), "progress": False}
 
 
 @pytest.mark.parametrize("spec, expected", [
@@ -79,7 +80,7 @@ def test_added_samplers_get_their_own_correction_terms_fitted_from_the_bundle(tm
     """A guided class-conditional bundle with PTQD terms: `add-sampler` fits the new sampler's terms from the
     bundle's FP32 and Q/DQ graphs on onnxruntime (the export fits them against torch); they agree with an export
     that stored that sampler from the start to within a fraction of the terms' own size."""
-    guided = {"model": "demo-digits-cond", "correction": "ptqd", **SMALL}
+    guided = {"model": "demo-digits-cond", "correction": CorrectionConfig("ptqd"), **SMALL}
     ddim, dpm = (SamplerConfig(c.scheduler, c.steps, guidance_scale=3.0) for c in (DDIM, DPM))
     both = load_bundle(export_quantized(ExportConfig(out=tmp_path / "both", sampler=ddim, more_samplers=(dpm,), **guided)).bundle)
     result = run_cli("stepquant", "add-sampler", "--bundle", export_quantized(ExportConfig(out=tmp_path / "one", sampler=ddim,
@@ -101,8 +102,9 @@ def test_added_samplers_get_their_own_correction_terms_fitted_from_the_bundle(tm
 
 
 def test_added_samplers_join_the_timestep_groups_of_their_nearest_timesteps(tmp_path):
-    grouped = load_bundle(export_quantized(ExportConfig(out=tmp_path / "g", sampler=SamplerConfig("ddim", 6),
-                                                        timestep_groups=2, **SMALL)).bundle)
+    grouped = load_bundle(export_quantized(ExportConfig(
+        out=tmp_path / "g", sampler=SamplerConfig("ddim", 6), **{**SMALL, "calibration": CalibrationConfig(samples=8, timestep_groups=2)}
+    )).bundle)
     grown = add_sampler(grouped, EULER, progress=False)
     served = [t for group in grown.target("tensorrt").timestep_groups for t in group.timesteps]
     euler = bundle_table(grown, EULER).timesteps.tolist()

@@ -17,6 +17,7 @@ from benchdoc import header, parse_options, write_section
 
 from stepquant.bundle import load_bundle
 from stepquant.eval.latency import measure_latency
+from stepquant.export.config import CalibrationConfig, ChecksConfig, ConditioningConfig
 from stepquant.export.shapes import DimRange, ShapeProfile
 from stepquant.models import EpsilonModel, load_model
 from stepquant.models.tiny import TEXT_TOKENS, random_conditioning, save_tiny_pipeline
@@ -32,9 +33,11 @@ def rows_for(kind: str, workdir: Path, eval_samples: int) -> list[str]:
     pipeline = save_tiny_pipeline(kind, workdir / kind)
     conditioning = workdir / f"{kind}.safetensors"
     random_conditioning(EpsilonModel(load_model(str(pipeline)).denoiser), prompts=8).save(conditioning)
-    report = export_quantized(ExportConfig(model=str(pipeline), out=workdir / f"{kind}-bundle", conditioning=conditioning,
-                                           sampler=SAMPLER, calib_samples=8, eval_samples=eval_samples, shapes=SHAPES,
-                                           require_parity=False, progress=False))
+    report = export_quantized(ExportConfig(model=str(pipeline), out=workdir / f"{kind}-bundle", sampler=SAMPLER,
+                                           shapes=SHAPES, progress=False,
+                                           conditioning=ConditioningConfig(file=conditioning),
+                                           calibration=CalibrationConfig(samples=8),
+                                           checks=ChecksConfig(eval_samples=eval_samples, require_parity=False)))
     native = [t for t in report.end_to_end.timesteps if t.shape[2:] == [8, 8] and t.shape[0] == 4]
     corners = [t for t in report.end_to_end.timesteps if t not in native]
     bundle = load_bundle(report.bundle)

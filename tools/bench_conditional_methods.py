@@ -33,6 +33,7 @@ from stepquant.calibrators.calibrate import CALIBRATORS, RECONSTRUCTION_CALIBRAT
 from stepquant.calibrators.corrections import estimate_corrections
 from stepquant.calibrators.reconstruction import ReconstructionConfig
 from stepquant.eval.evaluate import Evaluation, evaluate
+from stepquant.export.config import CalibrationConfig, ChecksConfig
 from stepquant.models import EpsilonModel, load_model
 from stepquant.models.conditioning import load_conditioning
 from stepquant.models.denoisers import sample_shape
@@ -112,11 +113,11 @@ def main() -> None:
             if key not in bundles:
                 weight_bits, act_bits = BITS[bits]
                 out = workdir / "-".join(key)
-                export_quantized(ExportConfig(
-                    model=CONDITIONAL_DEMO_NAME, out=out, sampler=sampler, calibrator=calibrator,
-                    quant=QuantSpec(weight_bits, act_bits, split_skip_concat=calibrator in RECONSTRUCTION_CALIBRATORS),
-                    reconstruction=ReconstructionConfig(iters=args.recon_iters), calib_samples=args.calib_samples,
-                    eval_samples=2, require_parity=False, progress=False))
+                export_quantized(ExportConfig(model=CONDITIONAL_DEMO_NAME, out=out, sampler=sampler,
+                                              quant=QuantSpec(weight_bits, act_bits, split_skip_concat=calibrator in RECONSTRUCTION_CALIBRATORS),
+                                              progress=False,
+                                              calibration=CalibrationConfig(calibrator=calibrator, reconstruction=ReconstructionConfig(iters=args.recon_iters), samples=args.calib_samples),
+                                              checks=ChecksConfig(eval_samples=2, require_parity=False)))
                 bundles[key] = out
             return bundles[key]
 

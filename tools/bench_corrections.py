@@ -21,6 +21,7 @@ from stepquant.bundle import load_bundle
 from stepquant.calibrators import collect_calibration_set
 from stepquant.eval.evaluate import evaluate
 from stepquant.eval.latency import TimedBackend
+from stepquant.export.config import CalibrationConfig, ChecksConfig, CorrectionConfig
 from stepquant.export.onnx_export import export_onnx
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
 from stepquant.models.schedulers import capture_table
@@ -88,8 +89,9 @@ def main() -> None:
         fp_backend = OnnxRuntimeBackend(ctx.fp_onnx, threads=2)
         if args.overhead_only:
             export_quantized(ExportConfig(out=workdir / "W4A8-ptqd", quant=QuantSpec(4, 8), sampler=sampler,
-                                          calib_samples=args.calib_samples, eval_samples=2, correction="ptqd",
-                                          require_parity=False, progress=False))
+                                          progress=False, calibration=CalibrationConfig(samples=args.calib_samples),
+                                          checks=ChecksConfig(eval_samples=2, require_parity=False),
+                                          correction=CorrectionConfig(method="ptqd")))
             print(host_overhead(workdir / "W4A8-ptqd", sampler))
             return
 
@@ -106,8 +108,9 @@ def main() -> None:
                 out = workdir / f"{bits}-{method}"
                 begin = time.perf_counter()
                 export_quantized(ExportConfig(out=out, quant=QuantSpec(weight_bits, act_bits), sampler=sampler,
-                                              calib_samples=args.calib_samples, eval_samples=2, correction=method,
-                                              require_parity=False, progress=False))
+                                              progress=False, calibration=CalibrationConfig(samples=args.calib_samples),
+                                              checks=ChecksConfig(eval_samples=2, require_parity=False),
+                                              correction=CorrectionConfig(method=method)))
                 bundle = load_bundle(out)
                 judge(f"stepquant, correction {method}", bits, quantized_backend(bundle, threads=2),
                       time.perf_counter() - begin, "onnxruntime", bundle_corrections(bundle))

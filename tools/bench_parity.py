@@ -35,6 +35,7 @@ from stepquant.calibrators import collect_calibration_set
 from stepquant.calibrators.ranges import calibrate_ranges
 from stepquant.calibrators.reconstruction import ReconstructionConfig
 from stepquant.eval.memory import current_rss_mib, peak_rss_mib, reset_peak_rss
+from stepquant.export.config import CalibrationConfig, ChecksConfig, ConditioningConfig
 from stepquant.export.faults import FAULTS, seed_fault
 from stepquant.export.layerwise import check_layerwise
 from stepquant.export.parity import check_parity, parity_feeds, torch_outputs
@@ -100,36 +101,39 @@ def conditional_model(root: Path, kind: str, **overrides) -> dict:
     pipeline = save_tiny_pipeline(kind, root / name, **overrides)
     conditioning = root / f"{name}.safetensors"
     random_conditioning(EpsilonModel(load_model(str(pipeline)).denoiser)).save(conditioning)
-    return dict(model=str(pipeline), conditioning=conditioning, sampler=GUIDED, shapes=CONDITIONAL_SHAPES)
+    return dict(model=str(pipeline), conditioning=ConditioningConfig(file=conditioning), sampler=GUIDED, shapes=CONDITIONAL_SHAPES)
 
 
 def configurations(root: Path) -> Iterator[tuple[str, dict]]:
     """(label, ExportConfig keywords): every model and configuration the project has, at default options
     except for fewer calibration and evaluation samples; each model is built when its turn comes."""
-    demo = dict(calib_samples=16)
+    def calibrated(samples: int = 16, **options) -> dict:
+        return {"calibration": CalibrationConfig(samples=samples, **options)}
+
+    demo = calibrated()
     yield from [
         ("demo W8A8", demo),
-        ("demo W8A8, 8 calibration samples, 5 steps", dict(calib_samples=8, sampler=SamplerConfig(steps=5))),
-        ("demo W8A8, percentile 99.99", dict(demo, calibrator="percentile")),
-        ("demo W8A8, mse", dict(demo, calibrator="mse")),
+        ("demo W8A8, 8 calibration samples, 5 steps", dict(calibrated(8), sampler=SamplerConfig(steps=5))),
+        ("demo W8A8, percentile 99.99", calibrated(calibrator="percentile")),
+        ("demo W8A8, mse", calibrated(calibrator="mse")),
         ("demo W4A8", dict(demo, quant=QuantSpec(weight_bits=4))),
         ("demo W4A4", dict(demo, quant=QuantSpec(weight_bits=4, act_bits=4))),
         ("demo FP8", dict(demo, quant=QuantSpec(format="fp8"))),
         ("demo FP8, attention matmuls", dict(demo, quant=QuantSpec(format="fp8", fp8_attention=True))),
         ("demo W8A8, FP16 precision", dict(demo, precision="fp16")),
         ("demo W8A8, both targets", dict(demo, targets=("tensorrt", "onnxruntime-cpu"))),
-        ("demo W8A8, 3 timestep groups", dict(demo, timestep_groups=3)),
+        ("demo W8A8, 3 timestep groups", calibrated(timestep_groups=3)),
         ("demo W4A8, reconstruct (split skip, 50 iterations)", dict(
-            demo, quant=QuantSpec(weight_bits=4, split_skip_concat=True), calibrator="reconstruct",
-            reconstruction=ReconstructionConfig(iters=50))),
+            calibrated(calibrator="reconstruct", reconstruction=ReconstructionConfig(iters=50)),
+            quant=QuantSpec(weight_bits=4, split_skip_concat=True))),
     ]
-    yield "photo patches DDPM (cosine schedule)", dict(model=str(photo_patch_model(root)), calib_samples=16)
-    cifar10 = dict(model=str(cifar10_model(root)), calib_samples=2, sampler=SamplerConfig(steps=4))
+    yield "photo patches DDPM (cosine schedule)", dict(model=str(photo_patch_model(root)), **calibrated())
+    cifar10 = dict(model=str(cifar10_model(root)), **calibrated(2), sampler=SamplerConfig(steps=4))
     yield "cifar10 architecture (random), both targets", dict(cifar10, targets=("tensorrt", "onnxruntime-cpu"))
-    yield from ((f"tiny {kind} (random), guidance 3", dict(conditional_model(root, kind), calib_samples=4)) for kind in TINY_MODELS)
-    yield "tiny sd (random), FP16 precision", dict(conditional_model(root, "sd"), calib_samples=4, precision="fp16")
-    yield "tiny sd (random), FP8", dict(conditional_model(root, "sd"), calib_samples=4, quant=QuantSpec(format="fp8"))
-    yield "tiny conditional UNet, other config", dict(conditional_model(root, "sd", **OTHER_CONDITIONAL), calib_samples=4)
+    yield from ((f"tiny {kind} (random), guidance 3", dict(conditional_model(root, kind), **calibrated(4))) for kind in TINY_MODELS)
+    yield "tiny sd (random), FP16 precision", dict(conditional_model(root, "sd"), **calibrated(4), precision="fp16")
+    yield "tiny sd (random), FP8", dict(conditional_model(root, "sd"), **calibrated(4), quant=QuantSpec(format="fp8"))
+    yield "tiny conditional UNet, other config", dict(conditional_model(root, "sd", **OTHER_CONDITIONAL), **calibrated(4))
 
 
 def threshold_rows(root: Path, first: int | None) -> tuple[list[str], dict]:
@@ -139,8 +143,8 @@ def threshold_rows(root: Path, first: int | None) -> tuple[list[str], dict]:
     worst = {"one_step_headroom": float("inf"), "fp16_headroom": float("inf"), "multi_step": 0}
     for label, options in itertools.islice(configurations(root), first):
         start = time.perf_counter()
-        report = export_quantized(ExportConfig(out=root / "bundle", overwrite=True, eval_samples=8, require_parity=False,
-                                               progress=False, **options))
+        report = export_quantized(ExportConfig(out=root / "bundle", overwrite=True, progress=False, **options,
+                                               checks=ChecksConfig(eval_samples=8, require_parity=False)))
         for target, result in report.targets.items():
             quant = options.get("quant", QuantSpec())
             kind = "fp16" if options.get("precision") == "fp16" else quant.format if quant.format == "fp8" else \

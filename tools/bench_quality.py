@@ -29,6 +29,7 @@ from stepquant.bundle import load_bundle
 from stepquant.calibrators import collect_calibration_set
 from stepquant.calibrators.data import CalibrationSet
 from stepquant.eval.evaluate import Evaluation, evaluate
+from stepquant.export.config import CalibrationConfig, ChecksConfig
 from stepquant.export.onnx_export import export_onnx
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
 from stepquant.models.torch_backend import TorchBackend
@@ -65,10 +66,11 @@ class Context:
 def stepquant_method(bits: str, residuals: bool = True) -> Callable[[Context], tuple[Backend, float, str]]:
     def run(ctx: Context):
         weight_bits, act_bits = BITS[bits]
-        report = export_quantized(ExportConfig(
-            model=DEMO_MODEL_NAME, out=ctx.workdir / f"stepquant-{bits}-{residuals}",
-            quant=QuantSpec(weight_bits, act_bits, quantize_residuals=residuals),
-            sampler=ctx.sampler, calib_samples=ctx.calib_samples, eval_samples=8, require_parity=False, progress=False))
+        report = export_quantized(ExportConfig(model=DEMO_MODEL_NAME, out=ctx.workdir / f"stepquant-{bits}-{residuals}",
+                                               quant=QuantSpec(weight_bits, act_bits, quantize_residuals=residuals),
+                                               sampler=ctx.sampler, progress=False,
+                                               calibration=CalibrationConfig(samples=ctx.calib_samples),
+                                               checks=ChecksConfig(eval_samples=8, require_parity=False)))
         executed = (f"onnxruntime (Q/DQ ONNX; layer-wise parity {'pass' if report.parity_passed else 'FAIL'}, "
                     f"end-to-end worst median rel. error {report.end_to_end.worst_median_reldiff:.1e})")
         return quantized_backend(load_bundle(report.bundle), threads=2), report.calibration_seconds, executed

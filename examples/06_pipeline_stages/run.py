@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from stepquant.export.bundle import staged_directory
+from stepquant.export.config import CalibrationConfig, ChecksConfig
 from stepquant.pipeline import (
     CALIBRATION_SHARDS,
     ExportConfig,
@@ -21,7 +22,8 @@ from stepquant.runtime import SamplerConfig
 fast = bool(os.environ.get("FAST"))
 out = Path(os.environ.get("OUT", "out/examples")) / "stages"
 config = ExportConfig(model="demo-digits", out=out, overwrite=True, progress=False,
-                      **(dict(sampler=SamplerConfig(steps=4), calib_samples=4, eval_samples=4) if fast else {}))
+                      **(dict(sampler=SamplerConfig(steps=4), calibration=CalibrationConfig(samples=4),
+                              checks=ChecksConfig(eval_samples=4)) if fast else {}))
 start = time.perf_counter()
 prepared = prepare(config)
 print(f"prepare: sample shape {prepared.shape}")

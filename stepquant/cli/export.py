@@ -13,9 +13,10 @@ from stepquant.calibrators.reconstruction import ReconstructionConfig
 from stepquant.cli.choices import Correction, Scheduler
 from stepquant.cli.export_choices import Calibrator, Format, FpDtype, Precision, Target
 from stepquant.cli.options import Classes, SignKey, parse_classes
+from stepquant.export.config import CalibrationConfig, ChecksConfig, ConditioningConfig, CorrectionConfig, ExportConfig
 from stepquant.export.shapes import DimRange, ShapeProfile
 from stepquant.models import DEMO_MODEL_NAME
-from stepquant.pipeline import ExportConfig, ExportReport, export_quantized
+from stepquant.pipeline import ExportReport, export_quantized
 from stepquant.quant import DEFAULT_EXCLUDE, QuantSpec
 from stepquant.runtime import SamplerConfig
 
@@ -44,10 +45,10 @@ def _print_report(report: ExportReport, config: ExportConfig) -> None:
             print(f"  kernels: onnxruntime runs {', '.join(f'{n} {op}' for op, n in kernels['integer_kernels'].items())}; "
                   f"fused vs simulation: median relative error up to {max(kernels['fused_kernels_median_reldiff'].values()):.1e} "
                   "(parity above: Q/DQ as written, optimisations off)")
-    print(f"calib:   {config.calibrator}; correction: {config.correction} (applied by the sampler host loop)")
+    print(f"calib:   {config.calibration.calibrator}; correction: {config.correction.method} (applied by the sampler host loop)")
     if config.more_samplers:
         print(f"samplers: {', '.join(s.spec for s in config.samplers)} (calibrated for {config.sampler.spec}, the default; "
-              "each with its own table" + (" and correction terms)" if config.correction != "none" else ")"))
+              "each with its own table" + (" and correction terms)" if config.correction.enabled else ")"))
     print(f"layers:  {len(report.quantized_layers)} quantized at {spec.weight_grid} weights, {spec.act_grid} activations; "
           f"done in {report.seconds:.0f} s")
 
@@ -100,7 +101,7 @@ def export_command(
     sequence_range: Annotated[Optional[str], typer.Option(rich_help_panel="Shapes", help="Text token range min:opt:max (default: the conditioning's length).")] = None,
     calib_samples: Annotated[int, typer.Option(rich_help_panel="Calibration", help="Calibration trajectories (seeded noise samples).")] = 64,
     calib_batch: Annotated[int, typer.Option(rich_help_panel="Calibration", 
-        help="Seeds per calibration trajectory batch; under torchrun each process takes whole batches.")] = ExportConfig.calib_batch,
+        help="Seeds per calibration trajectory batch; under torchrun each process takes whole batches.")] = CalibrationConfig.batch,
     calib_steps: Annotated[Optional[int], typer.Option(rich_help_panel="Calibration", help="Sampler steps kept per trajectory (default: all).")] = None,
     calibrator: Annotated[Calibrator, typer.Option(rich_help_panel="Calibration", 
         help="minmax/percentile/mse: activation ranges only; reconstruct: + learned rounding and step sizes per block; "
@@ -135,14 +136,17 @@ def export_command(
     split = calibrator.value in RECONSTRUCTION_CALIBRATORS if split_skip_concat is None else split_skip_concat
     config = ExportConfig(
         model=model, out=out, quant=QuantSpec(weight_bits, act_bits, patterns, format.value, residual_qdq, split, fp8_attention),
-        precision=precision.value, correction=correction.value, correction_per_branch=correction_per_branch, targets=tuple(t.value for t in target or [Target.tensorrt]),
-        sampler=samplers[0], more_samplers=samplers[1:], calibrator=calibrator.value, percentile=percentile,
-        prompts_file=prompts_file, conditioning=conditioning, classes=parse_classes(classes),
+        sampler=samplers[0], more_samplers=samplers[1:],
+        calibration=CalibrationConfig(
+            calibrator=calibrator.value, percentile=percentile, samples=calib_samples, batch=calib_batch, steps=calib_steps,
+            reconstruction=ReconstructionConfig(iters=recon_iters, scale_lr=recon_scale_lr, multistep_steps=multistep_steps),
+            timestep_groups=timestep_groups, steps_per_group=steps_per_group),
+        correction=CorrectionConfig(method=correction.value, per_branch=correction_per_branch),
+        conditioning=ConditioningConfig(prompts_file=prompts_file, file=conditioning, classes=parse_classes(classes)),
+        checks=ChecksConfig(eval_samples=eval_samples, require_parity=not allow_parity_failure),
+        precision=precision.value, targets=tuple(t.value for t in target or [Target.tensorrt]),
         shapes=ShapeProfile(*(DimRange.parse(r) if r else None for r in (batch_range, height_range, width_range, sequence_range))),
-        reconstruction=ReconstructionConfig(iters=recon_iters, scale_lr=recon_scale_lr, multistep_steps=multistep_steps),
-        timestep_groups=timestep_groups, steps_per_group=steps_per_group,
-        calib_samples=calib_samples, calib_batch=calib_batch, calib_steps=calib_steps, seed=seed, eval_samples=eval_samples,
-        engine=engine, require_parity=not allow_parity_failure, device=device, dtype=dtype.value, overwrite=overwrite, progress=progress, sign_key=sign_key,
+        seed=seed, device=device, dtype=dtype.value, engine=engine, sign_key=sign_key, overwrite=overwrite, progress=progress,
     )
     try:
         report = export_quantized(config)
