@@ -10,8 +10,14 @@ from __future__ import annotations
 import importlib
 
 _CONFIGS = ("ExportConfig", "CalibrationConfig", "CorrectionConfig", "ConditioningConfig", "ChecksConfig")
-_EXPORTS = {**dict.fromkeys(_CONFIGS, "stepquant.export.config"), "export_quantized": "stepquant.pipeline",
-            "load_bundle": "stepquant.bundle", "generate": "stepquant.runtime.text_to_image", "QuantSpec": "stepquant.quant", "quantize_": "stepquant.quant"}
+_EXPORTS = {
+    **dict.fromkeys(_CONFIGS, "stepquant.export.config"),
+    "export_quantized": "stepquant.pipeline",
+    "load_bundle": "stepquant.bundle",
+    "generate": "stepquant.runtime.text_to_image",
+    "QuantSpec": "stepquant.quant",
+    "quantize_": "stepquant.quant",
+}
 __all__ = sorted(_EXPORTS)
 
 

@@ -62,8 +62,9 @@ def _numpy(value: Any) -> np.ndarray:
 class BundleDenoiser(torch.nn.Module):
     """What every drop-in shares: the graph call with the bundle's corrections (see the module docstring)."""
 
-    def __init__(self, backend: Backend, config: dict[str, Any], corrections: Corrections | None = None,
-                 warn: Warn | None = None) -> None:
+    def __init__(
+        self, backend: Backend, config: dict[str, Any], corrections: Corrections | None = None, warn: Warn | None = None
+    ) -> None:
         super().__init__()
         self.backend = backend
         self.config = FrozenDict(config)
@@ -86,8 +87,11 @@ class BundleDenoiser(torch.nn.Module):
             self.corrections.index(int(timestep))
         except CorrectionError:
             if not self._warned_uncovered:
-                self.warn(f"the bundle's {self.corrections.method} corrections do not cover timestep {int(timestep)} (they "
-                          f"cover {len(self.corrections.timesteps)} timesteps of its own sampler): those steps run uncorrected")
+                self.warn(
+                    f"the bundle's {self.corrections.method} corrections do not cover timestep {int(timestep)} (they "
+                    f"cover {len(self.corrections.timesteps)} timesteps of its own sampler): those steps run "
+                    "uncorrected"
+                )
             self._warned_uncovered = True
             return None
         return self.corrections
@@ -115,33 +119,57 @@ class BundleDenoiser(torch.nn.Module):
 def _refuse_extras(**extras: Any) -> None:
     given = [name for name, value in extras.items() if value is not None]
     if given:
-        raise ValueError(f"a bundle's compiled graph takes no {', '.join(given)}: the drop-in runs the exported denoiser only")
+        raise ValueError(
+            f"a bundle's compiled graph takes no {', '.join(given)}: the drop-in runs the exported denoiser only"
+        )
 
 
 class BundleUNet(BundleDenoiser):
     """In place of `pipe.unet`: diffusers' UNet2DModel and UNet2DConditionModel call signature."""
 
-    def __init__(self, backend: Backend, config: dict[str, Any], corrections: Corrections | None = None,
-                 warn: Warn | None = None) -> None:
+    def __init__(
+        self, backend: Backend, config: dict[str, Any], corrections: Corrections | None = None, warn: Warn | None = None
+    ) -> None:
         super().__init__(backend, config, corrections, warn)
         if config.get("addition_embed_type") == "text_time":  # SDXL's pipeline checks the pooled projection's width
             width = config["projection_class_embeddings_input_dim"]
             self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=width))
 
-    def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None, timestep_cond: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None,
-                added_cond_kwargs: dict[str, torch.Tensor] | None = None, down_block_additional_residuals=None,
-                mid_block_additional_residual=None, down_intrinsic_block_additional_residuals=None,
-                encoder_attention_mask: torch.Tensor | None = None, return_dict: bool = True):
-        _refuse_extras(class_labels=class_labels, timestep_cond=timestep_cond, attention_mask=attention_mask,
-                       down_block_additional_residuals=down_block_additional_residuals,
-                       mid_block_additional_residual=mid_block_additional_residual,
-                       down_intrinsic_block_additional_residuals=down_intrinsic_block_additional_residuals,
-                       encoder_attention_mask=encoder_attention_mask)
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: Any,
+        encoder_hidden_states: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: dict | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        down_block_additional_residuals=None,
+        mid_block_additional_residual=None,
+        down_intrinsic_block_additional_residuals=None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ):
+        _refuse_extras(
+            class_labels=class_labels,
+            timestep_cond=timestep_cond,
+            attention_mask=attention_mask,
+            down_block_additional_residuals=down_block_additional_residuals,
+            mid_block_additional_residual=mid_block_additional_residual,
+            down_intrinsic_block_additional_residuals=down_intrinsic_block_additional_residuals,
+            encoder_attention_mask=encoder_attention_mask,
+        )
         added = added_cond_kwargs or {}
-        eps = self.estimate(sample, timestep, {"encoder_hidden_states": encoder_hidden_states,
-                                               "text_embeds": added.get("text_embeds"), "time_ids": added.get("time_ids")})
+        eps = self.estimate(
+            sample,
+            timestep,
+            {
+                "encoder_hidden_states": encoder_hidden_states,
+                "text_embeds": added.get("text_embeds"),
+                "time_ids": added.get("time_ids"),
+            },
+        )
         output = UNet2DOutput if encoder_hidden_states is None else UNet2DConditionOutput
         return output(sample=eps) if return_dict else (eps,)
 
@@ -150,19 +178,34 @@ class BundleTransformer(BundleDenoiser):
     """In place of `pipe.transformer`: PixArtTransformer2DModel's call signature. The graph gives the noise
     half only, so `.config.out_channels` says the sample's channels (the pipeline then splits nothing off)."""
 
-    def __init__(self, backend: Backend, config: dict[str, Any], corrections: Corrections | None = None,
-                 warn: Warn | None = None) -> None:
+    def __init__(
+        self, backend: Backend, config: dict[str, Any], corrections: Corrections | None = None, warn: Warn | None = None
+    ) -> None:
         super().__init__(backend, {**config, "out_channels": config["in_channels"]}, corrections, warn)
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                timestep: Any = None, added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-                cross_attention_kwargs: dict | None = None, attention_mask: torch.Tensor | None = None,
-                encoder_attention_mask: torch.Tensor | None = None, return_dict: bool = True):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        timestep: Any = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        cross_attention_kwargs: dict | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ):
         _refuse_extras(attention_mask=attention_mask)
         added = added_cond_kwargs or {}
-        eps = self.estimate(hidden_states, timestep, {
-            "encoder_hidden_states": encoder_hidden_states, "encoder_attention_mask": encoder_attention_mask,
-            "resolution": added.get("resolution"), "aspect_ratio": added.get("aspect_ratio")})
+        eps = self.estimate(
+            hidden_states,
+            timestep,
+            {
+                "encoder_hidden_states": encoder_hidden_states,
+                "encoder_attention_mask": encoder_attention_mask,
+                "resolution": added.get("resolution"),
+                "aspect_ratio": added.get("aspect_ratio"),
+            },
+        )
         return Transformer2DModelOutput(sample=eps) if return_dict else (eps,)
 
 
@@ -178,8 +221,10 @@ def _denoiser_config(bundle: Bundle, config: dict | None) -> dict[str, Any]:
         return dict(config)
     name = bundle.manifest.denoiser_config
     if name is None:
-        raise BundleError(f"bundle {bundle.path} carries no denoiser config (exported by an older stepquant): re-export "
-                          "it, or pass config=pipe.unet.config")
+        raise BundleError(
+            f"bundle {bundle.path} carries no denoiser config (exported by an older stepquant): re-export "
+            "it, or pass config=pipe.unet.config"
+        )
     try:
         return json.loads(bundle.file(name).read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -197,10 +242,19 @@ def _sampler_only_terms(bundle: Bundle, corrections: Corrections, sampler: Sampl
     return None
 
 
-def from_bundle(bundle: str | Path | Bundle, backend: str = "onnxruntime", graph: str = "quantized",
-                corrections: bool = True, threads: int | None = None, provider: str = "cpu", device: str = "CPU",
-                engine: Path | None = None, config: dict | None = None, warn: Warn | None = None,
-                sampler: str | None = None) -> BundleDenoiser:
+def from_bundle(
+    bundle: str | Path | Bundle,
+    backend: str = "onnxruntime",
+    graph: str = "quantized",
+    corrections: bool = True,
+    threads: int | None = None,
+    provider: str = "cpu",
+    device: str = "CPU",
+    engine: Path | None = None,
+    config: dict | None = None,
+    warn: Warn | None = None,
+    sampler: str | None = None,
+) -> BundleDenoiser:
     """The bundle's denoiser (its quantized graph, or the FP32 `graph="reference"`) as a drop-in for
     `pipe.unet` / `pipe.transformer` (a path is loaded and verified), applying the correction terms of the
     stored `sampler` (a spec such as "dpm-solver++:20"; default: the bundle's first). `config` stands in for a
@@ -219,8 +273,10 @@ def from_bundle(bundle: str | Path | Bundle, backend: str = "onnxruntime", graph
         bundle_table(loaded, chosen)  # a sampler the bundle does not store: one line naming those it does
     terms = bundle_corrections(loaded, chosen) if corrections and graph == "quantized" else None
     if terms is not None and (left_out := _sampler_only_terms(loaded, terms, chosen)):
-        warn(f"the drop-in applies the bundle's {terms.method} gain and bias, not {left_out}: "
-             "`stepquant sample` / `generate` apply all of it")
+        warn(
+            f"the drop-in applies the bundle's {terms.method} gain and bias, not {left_out}: "
+            "`stepquant sample` / `generate` apply all of it"
+        )
     if graph == "reference":
         runner = reference_backend(loaded, backend=backend, options=options)
     else:
@@ -247,8 +303,13 @@ class BundleTextEncoder(torch.nn.Module):
     dtype = BundleDenoiser.dtype
     device = BundleDenoiser.device
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                output_hidden_states: bool | None = None, return_dict: bool | None = None) -> _EncoderOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> _EncoderOutput:
         outputs = self.backend.run({"input_ids": input_ids.detach().to("cpu", torch.int64).numpy()})
         states = torch.from_numpy(np.asarray(outputs[0], np.float32)).to(input_ids.device)
         first = torch.from_numpy(np.asarray(outputs[1], np.float32)).to(input_ids.device) if self.pooled else states
@@ -265,9 +326,13 @@ class BundleVAE(torch.nn.Module):
     def __init__(self, backend: Backend, parts: TextToImage, latent_channels: int) -> None:
         super().__init__()
         self.backend = backend
-        self.config = FrozenDict(scaling_factor=parts.scaling_factor, shift_factor=parts.shift_factor or None,
-                                 latent_channels=latent_channels, force_upcast=False,
-                                 block_out_channels=[0] * (parts.vae_scale_factor.bit_length()))
+        self.config = FrozenDict(
+            scaling_factor=parts.scaling_factor,
+            shift_factor=parts.shift_factor or None,
+            latent_channels=latent_channels,
+            force_upcast=False,
+            block_out_channels=[0] * (parts.vae_scale_factor.bit_length()),
+        )
 
     dtype = BundleDenoiser.dtype
     device = BundleDenoiser.device
@@ -282,13 +347,24 @@ def _tokenizer(bundle: Bundle, part: TextEncoderPart):
     from transformers import PreTrainedTokenizerFast
 
     device = load_tokenizer(bundle.file(part.tokenizer), part.max_length, part.pad_id)
-    return PreTrainedTokenizerFast(tokenizer_file=str(bundle.file(part.tokenizer)), model_max_length=part.max_length,
-                                   pad_token=device.id_to_token(part.pad_id))
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(bundle.file(part.tokenizer)),
+        model_max_length=part.max_length,
+        pad_token=device.id_to_token(part.pad_id),
+    )
 
 
-def pipeline_from_bundle(bundle: str | Path | Bundle, backend: str = "onnxruntime", graph: str = "quantized",
-                         corrections: bool = True, sampler: str | None = None, threads: int | None = None,
-                         provider: str = "cpu", device: str = "CPU", warn: Warn | None = None):
+def pipeline_from_bundle(
+    bundle: str | Path | Bundle,
+    backend: str = "onnxruntime",
+    graph: str = "quantized",
+    corrections: bool = True,
+    sampler: str | None = None,
+    threads: int | None = None,
+    provider: str = "cpu",
+    device: str = "CPU",
+    warn: Warn | None = None,
+):
     """A whole-pipeline bundle as diffusers' own StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL's
     two encoders): the bundle's tokenizers, text encoders, denoiser (`from_bundle`) and VAE decoder on `backend`,
     and the stored `sampler`'s scheduler (default: the bundle's first). Call it with that sampler's steps
@@ -305,16 +381,35 @@ def pipeline_from_bundle(bundle: str | Path | Bundle, backend: str = "onnxruntim
     projection = unet.config.get("projection_class_embeddings_input_dim")
     if projection is not None:  # SDXL: the pooled width is what the add embedding takes beyond the six time ids
         projection -= 6 * unet.config["addition_time_embed_dim"]
-    encoders = [BundleTextEncoder(part_backend(loaded, p.graph, backend, options), p.pooled, projection if p.pooled else None)
-                for p in parts.encoders]
+    encoders = [
+        BundleTextEncoder(part_backend(loaded, p.graph, backend, options), p.pooled, projection if p.pooled else None)
+        for p in parts.encoders
+    ]
     tokenizers = [_tokenizer(loaded, p) for p in parts.encoders]
     vae = BundleVAE(part_backend(loaded, parts.vae_decoder, backend, options), parts, manifest.sample_shape[0])
-    chosen = bundle_sampler(loaded) if sampler is None else bundle_sampler(loaded, **SamplerConfig.parse(sampler).fields)
+    chosen = (
+        bundle_sampler(loaded) if sampler is None else bundle_sampler(loaded, **SamplerConfig.parse(sampler).fields)
+    )
     scheduler = make_scheduler(chosen, manifest.noise_schedule)
     if len(encoders) == 1:
-        return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0],
-                                     tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler,
-                                     force_zeros_for_empty_prompt=parts.zero_negative, add_watermarker=False)
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=encoders[0],
+            tokenizer=tokenizers[0],
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=encoders[0],
+        text_encoder_2=encoders[1],
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=parts.zero_negative,
+        add_watermarker=False,
+    )

@@ -1,8 +1,9 @@
 """`export_quantized(config)`: the whole job behind the `export-quantized` command, in five stages that
 each return a small result object:
 
-- `prepare`: load the model (and, for conditional models, the conditioning: a class table's rows, prompts through the pipeline's
-  text encoder, or a conditioning file); refuse the destination, key or missing TensorRT before any work;
+- `prepare`: load the model (and, for conditional models, the conditioning: a class table's rows, prompts through
+  the pipeline's text encoder, or a conditioning file); refuse the destination, key or missing TensorRT before any
+  work;
 - `calibrate_model`: FP sampling trajectories (guided) -> quantize_ + calibration;
 - `export_graphs`: per target profile (tensorrt, onnxruntime-cpu) and timestep group, the Q/DQ ONNX and its
   layer-wise parity against the fake-quant model (calibration inputs and the corners of the declared shape
@@ -35,7 +36,13 @@ from stepquant.calibrators.calibrate import calibrate_
 from stepquant.calibrators.corrections import estimate_corrections
 from stepquant.calibrators.data import CALIBRATION_SEED_OFFSET, CalibrationSet
 from stepquant.calibrators.ranges import calibrate_ranges
-from stepquant.calibrators.timestep_groups import group_scales, range_profile, set_scales, split_by_range_change, split_every
+from stepquant.calibrators.timestep_groups import (
+    group_scales,
+    range_profile,
+    set_scales,
+    split_by_range_change,
+    split_every,
+)
 from stepquant.errors import StepquantError
 from stepquant.eval import psnr, save_comparison_grid
 from stepquant.eval.memory import peak_rss_mib
@@ -82,7 +89,12 @@ FP_TOLERANCE = 1e-5  # median relative error, FP torch vs FP ONNX (no quantizer,
 # flipped upstream moves every later quantizer: its tolerance is this many times the worst error the correct
 # graph showed at export, and at least the policy's floor (docs/benchmarks/parity.md).
 REPLAY_MARGIN = 4.0
-MODEL_FILE, FP_MODEL_FILE, PREVIEW_FILE, BUILD_SCRIPT = "model.onnx", "model_fp32.onnx", "preview.png", "build_engine.sh"
+MODEL_FILE, FP_MODEL_FILE, PREVIEW_FILE, BUILD_SCRIPT = (
+    "model.onnx",
+    "model_fp32.onnx",
+    "preview.png",
+    "build_engine.sh",
+)
 CLASS_TABLE_FILE = "class_table.safetensors"
 CALIBRATION_SHARDS = ".calibration"  # inside the staging directory, removed before the manifest lists its files
 
@@ -158,8 +170,14 @@ def _versions() -> dict:
     return {"python": platform.python_version(), **{p: version(p) for p in packages}}
 
 
-def _parity_subset(calib: CalibrationSet, count: int, batch: int, timesteps: list[float],
-                   shapes: ShapeProfile | None = None, conditions=()) -> list:
+def _parity_subset(
+    calib: CalibrationSet,
+    count: int,
+    batch: int,
+    timesteps: list[float],
+    shapes: ShapeProfile | None = None,
+    conditions=(),
+) -> list:
     """Feeds at `count` of `timesteps` as calibrated (batch `batch`, not the traced 2, so the batch axis is
     exercised); where `shapes` declares dynamic sizes, also the first and middle timestep at its corners
     (min sizes at batch 2, max sizes at `batch`), resized from calibration inputs.
@@ -171,8 +189,11 @@ def _parity_subset(calib: CalibrationSet, count: int, batch: int, timesteps: lis
     count = min(count, len(timesteps))
     picks = [timesteps[round(i * (len(timesteps) - 1) / max(1, count - 1))] for i in range(count)]
     parts = [calib.at_timestep(t, batch) for t in dict.fromkeys(picks)]
-    feeds = parity_feeds(torch.cat([p.samples for p in parts]), torch.cat([p.timesteps for p in parts]),
-                         {k: torch.cat([p.conditions[k] for p in parts]) for k in parts[0].conditions})
+    feeds = parity_feeds(
+        torch.cat([p.samples for p in parts]),
+        torch.cat([p.timesteps for p in parts]),
+        {k: torch.cat([p.conditions[k] for p in parts]) for k in parts[0].conditions},
+    )
     if shapes is None or not shapes.dynamic_sizes:
         return feeds
     recorded = {t: calib.at_timestep(t, len(calib)) for t in (timesteps[0], timesteps[len(timesteps) // 2])}
@@ -181,7 +202,9 @@ def _parity_subset(calib: CalibrationSet, count: int, batch: int, timesteps: lis
         rows = min(max(2 if corner == "min" else batch, shapes.batch.min), shapes.batch.max)
         sequence = getattr(shapes.sequence, corner) if shapes.sequence is not None else None
         for t, part in recorded.items():
-            samples, cond = resize_inputs(part.samples, part.conditions, conditions, rows, size["height"], size["width"], sequence)
+            samples, cond = resize_inputs(
+                part.samples, part.conditions, conditions, rows, size["height"], size["width"], sequence
+            )
             feeds += parity_feeds(samples, torch.full((rows,), t), cond)
     return feeds
 
@@ -196,14 +219,19 @@ class _Graph:
     calibrated: list[float]  # the calibration timesteps inside this group
 
 
-def _graphs(config: ExportConfig, calib: CalibrationSet, q_model, scheduler_config: dict) -> tuple[list[_Graph], list | None]:
+def _graphs(
+    config: ExportConfig, calib: CalibrationSet, q_model, scheduler_config: dict
+) -> tuple[list[_Graph], list | None]:
     """The graphs to export and, with timestep groups, each group's activation scales."""
     calibrated = calib.unique_timesteps()
     if not config.calibration.grouped:
         return [_Graph(MODEL_FILE, "all", "parity", calibrated)], None
     profile_timesteps, profile = range_profile(q_model, calib)
-    groups = (split_every(len(profile_timesteps), config.calibration.steps_per_group) if config.calibration.steps_per_group
-              else split_by_range_change(profile, config.calibration.timestep_groups))
+    groups = (
+        split_every(len(profile_timesteps), config.calibration.steps_per_group)
+        if config.calibration.steps_per_group
+        else split_by_range_change(profile, config.calibration.timestep_groups)
+    )
     scales = group_scales(q_model, profile, groups)
     # every stored sampler's timesteps join the group of the nearest calibrated timestep
     members: list[list[float]] = [[] for _ in groups]
@@ -211,13 +239,23 @@ def _graphs(config: ExportConfig, calib: CalibrationSet, q_model, scheduler_conf
     for t in timesteps:
         nearest = min(range(len(profile_timesteps)), key=lambda i: abs(profile_timesteps[i] - t))
         members[next(g for g, rows in enumerate(groups) if nearest in rows)].append(float(t))
-    graphs = [_Graph(f"model_g{g}.onnx", members[g], f"parity/g{g}", [profile_timesteps[i] for i in rows])
-              for g, rows in enumerate(groups)]
+    graphs = [
+        _Graph(f"model_g{g}.onnx", members[g], f"parity/g{g}", [profile_timesteps[i] for i in rows])
+        for g, rows in enumerate(groups)
+    ]
     return graphs, scales
 
 
-def _export_graph(q_model, path: Path, shape, config: ExportConfig, feeds: list, target: TargetProfile,
-                  shapes: ShapeProfile, device: torch.device) -> GraphParity:
+def _export_graph(
+    q_model,
+    path: Path,
+    shape,
+    config: ExportConfig,
+    feeds: list,
+    target: TargetProfile,
+    shapes: ShapeProfile,
+    device: torch.device,
+) -> GraphParity:
     """Export one Q/DQ graph (traced on the CPU), check it for its target (TensorRT's Q/DQ rules, or
     onnxruntime's integer kernels) and against the fake-quant model run on `device`, layer by layer; stop on a
     failure unless allowed."""
@@ -233,12 +271,18 @@ def _check_graph(q_model, path: Path, config: ExportConfig, feeds: list, target:
         check_conformance(path)  # TensorRT's Q/DQ rules, before any user runs trtexec
     if target.integer_kernels:  # what onnxruntime runs fused: integer kernels, and their distance to the simulation
         fused = compare_to_reference(onnxruntime_runner(path, "all"), feeds, reference)
-        kernels = {"integer_kernels": check_integer_convs(path, q_model),
-                   "fused_kernels_median_reldiff": {f"{t.timestep:g}": t.median_reldiff for t in fused.timesteps}}
-    layerwise, outputs = check_layerwise(q_model, path, feeds, parity_policy(target.name, config.quant.format, config.precision))
+        kernels = {
+            "integer_kernels": check_integer_convs(path, q_model),
+            "fused_kernels_median_reldiff": {f"{t.timestep:g}": t.median_reldiff for t in fused.timesteps},
+        }
+    layerwise, outputs = check_layerwise(
+        q_model, path, feeds, parity_policy(target.name, config.quant.format, config.precision)
+    )
     if not layerwise.passed and config.checks.require_parity:
-        raise ParityError(f"layer-wise parity failed for {path.name} against the fake-quant model: {layerwise.summary()} "
-                          "(pass --allow-parity-failure to keep the bundle, recorded as failed)")
+        raise ParityError(
+            f"layer-wise parity failed for {path.name} against the fake-quant model: {layerwise.summary()} "
+            "(pass --allow-parity-failure to keep the bundle, recorded as failed)"
+        )
     graph_runs = [IterationResult({OUTPUT_NAME: output}, runner_name="onnxruntime") for output in outputs]
     end_to_end = compare_runs(RunResults([("onnxruntime", graph_runs), reference[0]]), feeds)
     return GraphParity(layerwise, end_to_end, reference, kernels)
@@ -288,7 +332,9 @@ class Exported:
 
     fp_parity: ParityReport
     graphs: dict[str, list[tuple[TimestepGroup, GraphParity]]]
-    parts: TextToImage | None = None  # a whole pipeline's tokenizers, text encoders and VAE decoder, written and checked
+    parts: TextToImage | None = (
+        None  # a whole pipeline's tokenizers, text encoders and VAE decoder, written and checked
+    )
 
 
 @dataclass
@@ -310,31 +356,46 @@ def prepare(config: ExportConfig) -> Prepared:
     placement = resolve_placement(config.device, config.dtype)
     if distributed.init_from_env(placement.device) > 1:
         if config.calibration.grouped:
-            raise ValueError("--timestep-groups / --steps-per-group profile ranges per timestep in one process: run them "
-                             "without torchrun")
+            raise ValueError(
+                "--timestep-groups / --steps-per-group profile ranges per timestep in one process: run them "
+                "without torchrun"
+            )
         placement = Placement(distributed.rank_device(placement.device), placement.dtype)
     loaded = load_model(config.model)
     shape = config.shapes.working_shape(sample_shape(loaded.denoiser), spatial_factor(loaded.denoiser))
     fp_model = EpsilonModel(loaded.denoiser)
-    fp_reference = fp_model if placement.is_default else EpsilonModel(
-        device_copy(loaded.denoiser, placement.device, placement.dtype))
+    fp_reference = (
+        fp_model
+        if placement.is_default
+        else EpsilonModel(device_copy(loaded.denoiser, placement.device, placement.dtype))
+    )
     if config.engine:
         tensorrt_version()  # fail before any work when the engine cannot be built here
     if config.sign_key is not None:
         sign(b"", config.sign_key)  # an unreadable key fails now, not after calibration
-    parts = carried_parts(loaded.pipeline, fp_model.condition_names)  # a pipeline missing a part fails here, not at the end
+    parts = carried_parts(
+        loaded.pipeline, fp_model.condition_names
+    )  # a pipeline missing a part fails here, not at the end
     asked = config.conditioning
     conditioning = load_conditioning(fp_model, loaded, asked.prompts_file, asked.file, shape, asked.classes)
     prediction = loaded.scheduler_config.get("prediction_type", "epsilon")
     if prediction != "epsilon" and (config.correction.enabled or config.calibration.calibrator == "mixed-order"):
         what = f"--correction {config.correction.method}" if config.correction.enabled else "--calibrator mixed-order"
-        raise ValueError(f"{what} works on noise estimates, and this model predicts {prediction!r}: use it with an "
-                         "epsilon-prediction model (the samplers themselves handle every prediction type)")
+        raise ValueError(
+            f"{what} works on noise estimates, and this model predicts {prediction!r}: use it with an "
+            "epsilon-prediction model (the samplers themselves handle every prediction type)"
+        )
     if config.correction.per_branch and conditioning is None:
-        raise ValueError(f"--correction-per-branch fits terms to the two branches of guided sampling, and {loaded.source} "
-                         "is unconditional: drop --correction-per-branch")
-    shapes = config.shapes.resolved(shape, None if conditioning is None else conditioning.sequence_length(fp_model.conditions))
-    return Prepared(loaded, fp_model, fp_reference, placement, shape, conditioning, shapes, loaded.latent, protected, parts)
+        raise ValueError(
+            f"--correction-per-branch fits terms to the two branches of guided sampling, and {loaded.source} "
+            "is unconditional: drop --correction-per-branch"
+        )
+    shapes = config.shapes.resolved(
+        shape, None if conditioning is None else conditioning.sequence_length(fp_model.conditions)
+    )
+    return Prepared(
+        loaded, fp_model, fp_reference, placement, shape, conditioning, shapes, loaded.latent, protected, parts
+    )
 
 
 def calibrate_model(config: ExportConfig, prepared: Prepared, start: float, shards: Path) -> Calibrated:
@@ -349,11 +410,29 @@ def calibrate_model(config: ExportConfig, prepared: Prepared, start: float, shar
     positions = distributed.shard(config.calibration.samples, config.calibration.batch)
     calib_seeds = [CALIBRATION_SEED_OFFSET + config.seed + position for position in positions]
     conditioning = None if prepared.conditioning is None else prepared.conditioning.at(positions)
-    calib = collect_calibration_set(TorchBackend(prepared.fp_reference), loaded.scheduler_config, calib_seeds, prepared.shape,
-                                    config.sampler, config.calibration.steps or config.sampler.steps, config.progress,
-                                    conditioning, config.calibration.batch, shards)
-    summary = calibrate_(prepared.fp_reference, q_model, calib, config.calibration.calibrator, loaded.scheduler_config, config.sampler,
-                         config.calibration.percentile, config.calibration.reconstruction, config.progress)
+    calib = collect_calibration_set(
+        TorchBackend(prepared.fp_reference),
+        loaded.scheduler_config,
+        calib_seeds,
+        prepared.shape,
+        config.sampler,
+        config.calibration.steps or config.sampler.steps,
+        config.progress,
+        conditioning,
+        config.calibration.batch,
+        shards,
+    )
+    summary = calibrate_(
+        prepared.fp_reference,
+        q_model,
+        calib,
+        config.calibration.calibrator,
+        loaded.scheduler_config,
+        config.sampler,
+        config.calibration.percentile,
+        config.calibration.reconstruction,
+        config.progress,
+    )
     graphs, scales = _graphs(config, calib, q_model, loaded.scheduler_config)
     place(q_model, torch.device("cpu"))  # graphs are traced and checked on the CPU
     models = {target: for_target(q_model, target, prepared.shapes.batch.opt) for target in config.targets}
@@ -364,11 +443,17 @@ def calibrate_model(config: ExportConfig, prepared: Prepared, start: float, shar
     summary["peak_rss_mib"] = round(peak_rss_mib(), 1)
     if prepared.placement.device.type == "cuda":
         summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(prepared.placement.device) / 2**30, 2)
-    summary.update(percentile=config.calibration.percentile,
-                   reconstruction=asdict(config.calibration.reconstruction) if summary.get("blocks") else None,
-                   trajectories=config.calibration.samples, inputs=int(distributed.reduce_sum(torch.tensor(len(calib)))),
-                   timesteps=calib.unique_timesteps(), processes=distributed.world_size(),
-                   seed=config.seed, seconds=round(seconds, 2), **prepared.placement.describe())
+    summary.update(
+        percentile=config.calibration.percentile,
+        reconstruction=asdict(config.calibration.reconstruction) if summary.get("blocks") else None,
+        trajectories=config.calibration.samples,
+        inputs=int(distributed.reduce_sum(torch.tensor(len(calib)))),
+        timesteps=calib.unique_timesteps(),
+        processes=distributed.world_size(),
+        seed=config.seed,
+        seconds=round(seconds, 2),
+        **prepared.placement.describe(),
+    )
     return Calibrated(q_model, models, layer_names, calib, calib_seeds, conditioning, summary, graphs, scales, seconds)
 
 
@@ -378,15 +463,23 @@ def export_graphs(config: ExportConfig, prepared: Prepared, calibrated: Calibrat
     fp_model, shape, shapes, calib = prepared.fp_model, prepared.shape, prepared.shapes, calibrated.calib
     q_model, scales = calibrated.q_model, calibrated.scales
     export_onnx(fp_model, staging / FP_MODEL_FILE, shape, profile=shapes)
-    all_feeds = _parity_subset(calib, config.checks.parity_timesteps, config.checks.parity_batch, calib.unique_timesteps(),
-                               shapes, fp_model.conditions)
+    all_feeds = _parity_subset(
+        calib,
+        config.checks.parity_timesteps,
+        config.checks.parity_batch,
+        calib.unique_timesteps(),
+        shapes,
+        fp_model.conditions,
+    )
     device = prepared.placement.device  # parity's torch side runs there, in float32
     fp32 = prepared.fp_reference if prepared.placement.dtype == torch.float32 else fp_model
     with placed(fp32, device):
         fp_parity, _ = check_parity(fp32, staging / FP_MODEL_FILE, all_feeds, FP_TOLERANCE)
     if not fp_parity.passed:  # the FP graph must match: nothing quantized can explain a difference
-        raise ParityError(f"parity failed for FP torch vs FP ONNX: worst median relative error "
-                          f"{fp_parity.worst_median_reldiff:.3g} > {fp_parity.tolerance_median_rel:g}")
+        raise ParityError(
+            f"parity failed for FP torch vs FP ONNX: worst median relative error "
+            f"{fp_parity.worst_median_reldiff:.3g} > {fp_parity.tolerance_median_rel:g}"
+        )
     models = calibrated.models
     exported: dict[str, list[tuple[TimestepGroup, GraphParity]]] = {target: [] for target in config.targets}
     for g, graph in enumerate(calibrated.graphs):
@@ -394,8 +487,14 @@ def export_graphs(config: ExportConfig, prepared: Prepared, calibrated: Calibrat
             set_scales(q_model, scales[g])
         if config.precision == "fp16":
             round_scales_(q_model, torch.float16)
-        feeds = _parity_subset(calib, config.checks.parity_timesteps, config.checks.parity_batch, graph.calibrated,
-                               shapes, fp_model.conditions)
+        feeds = _parity_subset(
+            calib,
+            config.checks.parity_timesteps,
+            config.checks.parity_batch,
+            graph.calibrated,
+            shapes,
+            fp_model.conditions,
+        )
         for target, model in models.items():
             if model is not q_model and scales is not None:  # this group's scales (strict=False: the
                 model.load_state_dict(q_model.state_dict(), strict=False)  # profile adds or drops quantizers)
@@ -407,32 +506,63 @@ def export_graphs(config: ExportConfig, prepared: Prepared, calibrated: Calibrat
                 save_json(feeds, staging / parity_dir / "inputs.json", description="parity inputs")
                 parity.reference.save(str(staging / parity_dir / "reference_outputs.json"))  # torch outputs
             exported[target].append((TimestepGroup(file, graph.timesteps, parity_dir), parity))
-    parts = export_pipeline_parts(prepared.loaded.pipeline, staging, shape,
-                                  read_prompts(config.conditioning.prompts_file) if config.conditioning.prompts_file else [], fp_model.condition_names,
-                                  config.precision) \
-        if prepared.text_to_image else None
+    parts = (
+        export_pipeline_parts(
+            prepared.loaded.pipeline,
+            staging,
+            shape,
+            read_prompts(config.conditioning.prompts_file) if config.conditioning.prompts_file else [],
+            fp_model.condition_names,
+            config.precision,
+        )
+        if prepared.text_to_image
+        else None
+    )
     return Exported(fp_parity, exported, parts)
 
 
-def estimate_rank_corrections(config: ExportConfig, prepared: Prepared, calibrated: Calibrated,
-                              graphs: list[tuple[Path, TimestepGroup]], sampler: SamplerConfig) -> Corrections:
+def estimate_rank_corrections(
+    config: ExportConfig,
+    prepared: Prepared,
+    calibrated: Calibrated,
+    graphs: list[tuple[Path, TimestepGroup]],
+    sampler: SamplerConfig,
+) -> Corrections:
     """The correction terms of the deployed `graphs` (paths in rank 0's staging directory, read by every rank)
     for `sampler`, each process along its own calibration trajectories, their statistics summed over the processes."""
-    deployed = graph_backend([path for path, _ in graphs], [group for _, group in graphs],
-                             optimization_level=TARGETS[config.targets[0]].optimization_level)
-    return estimate_corrections(config.correction.method, TorchBackend(prepared.fp_reference), deployed,
-                                prepared.loaded.scheduler_config, calibrated.calib_seeds, prepared.shape, sampler,
-                                config.progress, calibrated.calib_conditioning, per_branch=config.correction.per_branch)
+    deployed = graph_backend(
+        [path for path, _ in graphs],
+        [group for _, group in graphs],
+        optimization_level=TARGETS[config.targets[0]].optimization_level,
+    )
+    return estimate_corrections(
+        config.correction.method,
+        TorchBackend(prepared.fp_reference),
+        deployed,
+        prepared.loaded.scheduler_config,
+        calibrated.calib_seeds,
+        prepared.shape,
+        sampler,
+        config.progress,
+        calibrated.calib_conditioning,
+        per_branch=config.correction.per_branch,
+    )
 
 
-def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibrated, exported: Exported,
-                    staging: Path) -> Measured:
+def measure_quality(
+    config: ExportConfig, prepared: Prepared, calibrated: Calibrated, exported: Exported, staging: Path
+) -> Measured:
     """Correction terms (on the first target's graphs), then every target's samples against FP torch's from the
     same seeds, run by the runtime loop on onnxruntime; the preview grid; each target's report."""
     loaded, shape, latent = prepared.loaded, prepared.shape, prepared.latent
-    deployed = {target: graph_backend([staging / group.graph for group, _ in graphs], [group for group, _ in graphs],
-                                      optimization_level=TARGETS[target].optimization_level)
-                for target, graphs in exported.graphs.items()}
+    deployed = {
+        target: graph_backend(
+            [staging / group.graph for group, _ in graphs],
+            [group for group, _ in graphs],
+            optimization_level=TARGETS[target].optimization_level,
+        )
+        for target, graphs in exported.graphs.items()
+    }
     stored, terms = [], []
     first = [(staging / group.graph, group) for group, _ in exported.graphs[config.targets[0]]]
     for index, sampler in enumerate(config.samplers):
@@ -446,8 +576,17 @@ def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibr
     corrections = terms[0] if terms else None
     eval_seeds = range(config.seed, config.seed + config.checks.eval_samples)
     table = capture_table(config.sampler, loaded.scheduler_config)
-    fp_samples = sample(TorchBackend(prepared.fp_reference), table, eval_seeds, shape, config.sampler, progress=config.progress,
-                        desc="FP samples", conditioning=prepared.conditioning, clip=not latent).samples
+    fp_samples = sample(
+        TorchBackend(prepared.fp_reference),
+        table,
+        eval_seeds,
+        shape,
+        config.sampler,
+        progress=config.progress,
+        desc="FP samples",
+        conditioning=prepared.conditioning,
+        clip=not latent,
+    ).samples
     decode = _decoder(exported.parts, staging)
     space = "image" if decode is not None else "latent" if latent else "pixel"
     if decode is not None:  # a whole pipeline: quality and preview on decoded images, as a user sees them
@@ -456,28 +595,47 @@ def measure_quality(config: ExportConfig, prepared: Prepared, calibrated: Calibr
     data_range = float(fp_samples.max() - fp_samples.min()) if latent and decode is None else 2.0
     reports: dict[str, TargetReport] = {}
     for target, backend in deployed.items():
-        q_samples = sample(backend, table, eval_seeds, shape, config.sampler, progress=config.progress,
-                           desc=f"{target} graph samples (onnxruntime)", corrections=corrections,
-                           conditioning=prepared.conditioning, clip=not latent).samples
+        q_samples = sample(
+            backend,
+            table,
+            eval_seeds,
+            shape,
+            config.sampler,
+            progress=config.progress,
+            desc=f"{target} graph samples (onnxruntime)",
+            corrections=corrections,
+            conditioning=prepared.conditioning,
+            clip=not latent,
+        ).samples
         if decode is not None:
             q_samples = decode(q_samples)
         scores = psnr(q_samples, fp_samples, data_range)
         if not reports:
             save_comparison_grid(fp_samples[:32], q_samples[:32], staging / PREVIEW_FILE)
         parities = [parity for _, parity in exported.graphs[target]]
-        kernels = None if parities[0].kernels is None else {
-            "integer_kernels": parities[0].kernels["integer_kernels"],  # every group's graph has the same structure
-            "fused_kernels_median_reldiff": {t: v for parity in parities
-                                             for t, v in parity.kernels["fused_kernels_median_reldiff"].items()}}
+        kernels = (
+            None
+            if parities[0].kernels is None
+            else {
+                "integer_kernels": parities[0].kernels["integer_kernels"],  # every group's graph has the same structure
+                "fused_kernels_median_reldiff": {
+                    t: v for parity in parities for t, v in parity.kernels["fused_kernels_median_reldiff"].items()
+                },
+            }
+        )
         end_to_end = [parity.end_to_end for parity in parities]
         tolerance = replay_tolerance(parities[0].layerwise.policy, end_to_end)
         reports[target] = TargetReport(
             graphs=[group.graph for group, _ in exported.graphs[target]],
             layerwise=[parity.layerwise for parity in parities],
-            end_to_end=ParityReport(float("inf"), end_to_end[0].error_quantile,
-                                    [t for report in end_to_end for t in report.timesteps]).judged(tolerance),
-            psnr_mean_db=float(scores.mean()), psnr_min_db=float(scores.min()), integer_kernels=kernels,
-            space=space)
+            end_to_end=ParityReport(
+                float("inf"), end_to_end[0].error_quantile, [t for report in end_to_end for t in report.timesteps]
+            ).judged(tolerance),
+            psnr_mean_db=float(scores.mean()),
+            psnr_min_db=float(scores.min()),
+            integer_kernels=kernels,
+            space=space,
+        )
     return Measured(tuple(stored), corrections, reports, data_range)
 
 
@@ -486,38 +644,66 @@ def _decoder(parts: TextToImage | None, staging: Path):
     if parts is None:
         return None
     vae = LatentDecoder(staging / parts.vae_decoder, parts.scaling_factor, parts.shift_factor)
-    return lambda latents: np.concatenate([vae(latents[i:i + 32]) for i in range(0, len(latents), 32)])
+    return lambda latents: np.concatenate([vae(latents[i : i + 32]) for i in range(0, len(latents), 32)])
 
 
-def _target_section(config: ExportConfig, target: str, report: TargetReport, groups: list[TimestepGroup],
-                    data_range: float) -> Target:
+def _target_section(
+    config: ExportConfig, target: str, report: TargetReport, groups: list[TimestepGroup], data_range: float
+) -> Target:
     return Target(
         timestep_groups=groups,
-        parity={"gate": "layer-wise", "passed": report.parity_passed,
-                "layerwise": [layerwise.to_dict() for layerwise in report.layerwise], "end_to_end": report.end_to_end.to_dict()},
+        parity={
+            "gate": "layer-wise",
+            "passed": report.parity_passed,
+            "layerwise": [layerwise.to_dict() for layerwise in report.layerwise],
+            "end_to_end": report.end_to_end.to_dict(),
+        },
         onnxruntime_optimization_level=TARGETS[target].optimization_level,
         parity_optimization_level=report.layerwise[0].policy.optimization_level,
-        details={"quality": {"psnr_to_fp_db_mean": report.psnr_mean_db, "psnr_to_fp_db_min": report.psnr_min_db,
-                             "samples": config.checks.eval_samples, "seeds": [config.seed, config.seed + config.checks.eval_samples - 1],
-                             "space": report.space, "psnr_data_range": data_range,
-                             "executed_by": "onnxruntime CPUExecutionProvider"},
-                 **({"lint": {"rules": "tensorrt explicit quantization", "findings": 0}} if TARGETS[target].tensorrt_rules
-                    else {}), **(report.integer_kernels or {})})
+        details={
+            "quality": {
+                "psnr_to_fp_db_mean": report.psnr_mean_db,
+                "psnr_to_fp_db_min": report.psnr_min_db,
+                "samples": config.checks.eval_samples,
+                "seeds": [config.seed, config.seed + config.checks.eval_samples - 1],
+                "space": report.space,
+                "psnr_data_range": data_range,
+                "executed_by": "onnxruntime CPUExecutionProvider",
+            },
+            **(
+                {"lint": {"rules": "tensorrt explicit quantization", "findings": 0}}
+                if TARGETS[target].tensorrt_rules
+                else {}
+            ),
+            **(report.integer_kernels or {}),
+        },
+    )
 
 
-def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrated, exported: Exported, measured: Measured,
-                 staging: Path) -> None:
+def write_bundle(
+    config: ExportConfig,
+    prepared: Prepared,
+    calibrated: Calibrated,
+    exported: Exported,
+    measured: Measured,
+    staging: Path,
+) -> None:
     """build_engine.sh (one engine per graph, a whole pipeline's parts included; the engines too, with --engine),
     then the manifest, signed with --sign-key."""
     fp_model, conditioning = prepared.fp_model, prepared.conditioning
     parts = exported.parts
-    trt_graphs = [group.graph for target, graphs in exported.graphs.items() if TARGETS[target].tensorrt_rules
-                  for group, _ in graphs]
+    trt_graphs = [
+        group.graph
+        for target, graphs in exported.graphs.items()
+        if TARGETS[target].tensorrt_rules
+        for group, _ in graphs
+    ]
     engine = {}
     if trt_graphs:
         input_shapes = prepared.shapes.input_shapes(prepared.shape[0], fp_model.conditions)
-        graphs = {graph: input_shapes for graph in trt_graphs} | (part_input_shapes(parts, prepared.shapes, prepared.shape[0])
-                                                                  if parts else {})
+        graphs = {graph: input_shapes for graph in trt_graphs} | (
+            part_input_shapes(parts, prepared.shapes, prepared.shape[0]) if parts else {}
+        )
         (staging / BUILD_SCRIPT).write_text(build_script(graphs))
         (staging / BUILD_SCRIPT).chmod(0o755)
         engine = {"build_script": BUILD_SCRIPT, "input_shapes": input_shapes}
@@ -528,36 +714,70 @@ def write_bundle(config: ExportConfig, prepared: Prepared, calibrated: Calibrate
     corrections = measured.corrections
     # class-conditional models travel with their class table, so `sample --bundle --classes` needs no model
     asked = config.conditioning
-    class_table = prepared.loaded.class_table if conditioning is not None and asked.prompts_file is None \
-        and asked.file is None else None
+    class_table = (
+        prepared.loaded.class_table
+        if conditioning is not None and asked.prompts_file is None and asked.file is None
+        else None
+    )
     if class_table is not None:
         shutil.copyfile(class_table, staging / CLASS_TABLE_FILE)
     denoiser_config, text = config_file(prepared.loaded.denoiser)  # what a diffusers drop-in reports as its .config
     (staging / denoiser_config).parent.mkdir(exist_ok=True)
     (staging / denoiser_config).write_text(text)
-    source = (f"classes {', '.join(map(str, asked.classes))}" if asked.classes else "every class") if class_table \
+    source = (
+        (f"classes {', '.join(map(str, asked.classes))}" if asked.classes else "every class")
+        if class_table
         else str(asked.prompts_file or asked.file)
-    write_manifest(staging, Manifest(
-        source_model=prepared.loaded.source, sample_shape=prepared.shape, conditions=fp_model.conditions,
-        shape_profile=prepared.shapes.to_dict(), noise_schedule=prepared.loaded.scheduler_config,
-        samplers=measured.samplers,
-        targets={target: _target_section(config, target, report, [group for group, _ in exported.graphs[target]],
-                                         measured.data_range)
-                 for target, report in measured.reports.items()},
-        reference_graph=FP_MODEL_FILE, correction_method=config.correction.method, engine=engine,
-        sample_space="latent" if prepared.latent else "pixel", class_table=CLASS_TABLE_FILE if class_table else None,
-        text_to_image=parts, denoiser_config=denoiser_config, info={
-            "conditioning": None if conditioning is None else {
-                "source": source, "prompts": len(conditioning), "classes": list(asked.classes) if class_table and asked.classes else None,
-                "calibration_copies": "unconditional and conditional" if config.sampler.guidance_scale != 1.0 else "conditional"},
-            "quantization": {**config.quant.to_dict(), "targets": list(config.targets), "precision": config.precision,
-                             "layers": calibrated.layer_names},
-            "calibration": calibrated.summary,
-            "correction_timesteps": corrections.timesteps.tolist() if corrections else None,
-            "correction_fit": ("per branch" if config.correction.per_branch else "guided estimate") if corrections else None,
-            "parity": {"fp": exported.fp_parity.to_dict()},
-            "versions": _versions(),
-        }))
+    )
+    write_manifest(
+        staging,
+        Manifest(
+            source_model=prepared.loaded.source,
+            sample_shape=prepared.shape,
+            conditions=fp_model.conditions,
+            shape_profile=prepared.shapes.to_dict(),
+            noise_schedule=prepared.loaded.scheduler_config,
+            samplers=measured.samplers,
+            targets={
+                target: _target_section(
+                    config, target, report, [group for group, _ in exported.graphs[target]], measured.data_range
+                )
+                for target, report in measured.reports.items()
+            },
+            reference_graph=FP_MODEL_FILE,
+            correction_method=config.correction.method,
+            engine=engine,
+            sample_space="latent" if prepared.latent else "pixel",
+            class_table=CLASS_TABLE_FILE if class_table else None,
+            text_to_image=parts,
+            denoiser_config=denoiser_config,
+            info={
+                "conditioning": None
+                if conditioning is None
+                else {
+                    "source": source,
+                    "prompts": len(conditioning),
+                    "classes": list(asked.classes) if class_table and asked.classes else None,
+                    "calibration_copies": "unconditional and conditional"
+                    if config.sampler.guidance_scale != 1.0
+                    else "conditional",
+                },
+                "quantization": {
+                    **config.quant.to_dict(),
+                    "targets": list(config.targets),
+                    "precision": config.precision,
+                    "layers": calibrated.layer_names,
+                },
+                "calibration": calibrated.summary,
+                "correction_timesteps": corrections.timesteps.tolist() if corrections else None,
+                "correction_fit": ("per branch" if config.correction.per_branch else "guided estimate")
+                if corrections
+                else None,
+                "parity": {"fp": exported.fp_parity.to_dict()},
+                "versions": _versions(),
+            },
+        ),
+    )
     if config.sign_key is not None:
         sign_manifest(staging, config.sign_key)
 
@@ -584,7 +804,12 @@ def export_quantized(config: ExportConfig) -> ExportReport | None:
         measured = measure_quality(config, prepared, calibrated, exported, staging)
         write_bundle(config, prepared, calibrated, exported, measured, staging)
     return ExportReport(
-        bundle=Path(config.out), preview=Path(config.out) / PREVIEW_FILE, fp_parity=exported.fp_parity,
-        targets=measured.reports, eval_samples=config.checks.eval_samples, quantized_layers=calibrated.layer_names,
-        calibration_seconds=calibrated.seconds, seconds=time.perf_counter() - start,
+        bundle=Path(config.out),
+        preview=Path(config.out) / PREVIEW_FILE,
+        fp_parity=exported.fp_parity,
+        targets=measured.reports,
+        eval_samples=config.checks.eval_samples,
+        quantized_layers=calibrated.layer_names,
+        calibration_seconds=calibrated.seconds,
+        seconds=time.perf_counter() - start,
     )

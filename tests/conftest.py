@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random UNet (fast), one small bundle exported from the demo model, and tiny random\nStable Diffusion and SDXL pipelines with their whole-pipeline bundles."""
+"""Shared fixtures: a tiny random UNet (fast), one small bundle exported from the demo model, and tiny random
+Stable Diffusion and SDXL pipelines with their whole-pipeline bundles."""
 
 from __future__ import annotations
 
@@ -33,7 +34,15 @@ TINY_UNET = {
     "attention_head_dim": 16,
 }
 FEW_STEPS = SamplerConfig(steps=4)
-FAST = ["--steps", "4", "--calib-samples", "4", "--eval-samples", "4", "--no-progress"]  # export options: seconds, not minutes
+FAST = [
+    "--steps",
+    "4",
+    "--calib-samples",
+    "4",
+    "--eval-samples",
+    "4",
+    "--no-progress",
+]  # export options: seconds, not minutes
 
 
 def run_cli(command: str, *args) -> subprocess.CompletedProcess:
@@ -47,8 +56,11 @@ def run_cli(command: str, *args) -> subprocess.CompletedProcess:
 
 def selected_params(request: pytest.FixtureRequest, test: str, name: str) -> list:
     """The values of parameter `name` of `test` that this session runs (after -k, -m and deselection)."""
-    return [item.callspec.params[name] for item in request.session.items
-            if getattr(item, "originalname", None) == test and hasattr(item, "callspec")]
+    return [
+        item.callspec.params[name]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == test and hasattr(item, "callspec")
+    ]
 
 
 def run_side_by_side(runs: dict[str, Callable[[], object]]) -> dict[str, Future]:
@@ -77,7 +89,9 @@ def _exact_integer_kernels() -> bool:
 
 
 needs_exact_integer_kernels = pytest.mark.skipif(
-    not _exact_integer_kernels(), reason="onnxruntime's U8S8 integer kernels saturate on x86 CPUs without VNNI (vpmaddubsw)")
+    not _exact_integer_kernels(),
+    reason="onnxruntime's U8S8 integer kernels saturate on x86 CPUs without VNNI (vpmaddubsw)",
+)
 
 
 @pytest.fixture(scope="session")
@@ -93,8 +107,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def demo_bundle(tmp_path_factory):
     """The demo model exported at W8A8 with few steps; returns (bundle path, ExportReport)."""
     out = tmp_path_factory.mktemp("bundles") / "demo-w8a8"
-    report = export_quantized(ExportConfig(out=out, sampler=FEW_STEPS, progress=False,
-                                           calibration=CalibrationConfig(samples=8), checks=ChecksConfig(eval_samples=8)))
+    report = export_quantized(
+        ExportConfig(
+            out=out,
+            sampler=FEW_STEPS,
+            progress=False,
+            calibration=CalibrationConfig(samples=8),
+            checks=ChecksConfig(eval_samples=8),
+        )
+    )
     return out, report
 
 
@@ -110,8 +131,18 @@ def text_pipeline(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def text_bundle(text_pipeline) -> Path:
     """Its whole-pipeline bundle (guidance 3, 4 DDIM steps)."""
-    result = run_cli("export-quantized", "--model", text_pipeline / "sd", "--prompts-file", text_pipeline / "prompts.txt",
-                     "--out", text_pipeline / "bundle", "--guidance-scale", "3", *FAST)
+    result = run_cli(
+        "export-quantized",
+        "--model",
+        text_pipeline / "sd",
+        "--prompts-file",
+        text_pipeline / "prompts.txt",
+        "--out",
+        text_pipeline / "bundle",
+        "--guidance-scale",
+        "3",
+        *FAST,
+    )
     assert result.returncode == 0, result.stderr
     return text_pipeline / "bundle"
 
@@ -121,18 +152,47 @@ def sdxl_pipeline(text_pipeline) -> Path:
     """A tiny random SDXL pipeline (`pipe/`) and its bundle (`bundle/`)."""
     root = text_pipeline / "xl"
     save_tiny_text_pipeline(root / "pipe", kind="sdxl")
-    result = run_cli("export-quantized", "--model", root / "pipe", "--prompts-file", text_pipeline / "prompts.txt",
-                     "--out", root / "bundle", "--guidance-scale", "3", *FAST)
+    result = run_cli(
+        "export-quantized",
+        "--model",
+        root / "pipe",
+        "--prompts-file",
+        text_pipeline / "prompts.txt",
+        "--out",
+        root / "bundle",
+        "--guidance-scale",
+        "3",
+        *FAST,
+    )
     assert result.returncode == 0, result.stderr
     return root
 
 
 # The slow tier (`make test` runs it, `make test-fast` leaves it out): a test is slow when it exports a bundle, or
 # uses a fixture that does. Everything else is the inner loop's.
-EXPORTING_FIXTURES = frozenset({"demo_bundle", "text_bundle", "sdxl_pipeline", "bundle_copy", "cli_bundle", "exported",
-                                "corrected_bundle", "cpu_graph", "calibrated", "external_bundle", "fp16_bundle", "fp8_bundle",
-                                "class_model", "guided_calibration", "graph", "conditional_bundle", "guided_sets", "bundle",
-                                "demo_backends"})
+EXPORTING_FIXTURES = frozenset(
+    {
+        "demo_bundle",
+        "text_bundle",
+        "sdxl_pipeline",
+        "bundle_copy",
+        "cli_bundle",
+        "exported",
+        "corrected_bundle",
+        "cpu_graph",
+        "calibrated",
+        "external_bundle",
+        "fp16_bundle",
+        "fp8_bundle",
+        "class_model",
+        "guided_calibration",
+        "graph",
+        "conditional_bundle",
+        "guided_sets",
+        "bundle",
+        "demo_backends",
+    }
+)
 EXPORT_CALLS = ("export_quantized(", '"export-quantized"', "export_graphs(", "calibrate_model(", "tools/")
 
 

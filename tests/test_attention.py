@@ -27,7 +27,8 @@ from stepquant.quant.layers import ActivationQuantizer
 
 
 def test_heads_per_group_fits_the_score_block():
-    # 32 heads (UNet2DModel's default head dimension 8 at 256 channels) over 16x16 = 256 tokens; 2 MiB of scores per head at batch 8
+    # 32 heads (UNet2DModel's default head dimension 8 at 256 channels) over 16x16 = 256 tokens;
+    # 2 MiB of scores per head at batch 8
     assert heads_per_group(32, batch=8, query_tokens=256, key_tokens=256, block_bytes=8 * 2**20) == 4
     assert heads_per_group(32, batch=1, query_tokens=256, key_tokens=256, block_bytes=8 * 2**20) == 32
     assert heads_per_group(6, batch=8, query_tokens=256, key_tokens=256, block_bytes=5 * 2**20) == 2  # a divisor
@@ -36,14 +37,27 @@ def test_heads_per_group_fits_the_score_block():
 
 def _attention(cross: bool) -> Attention:
     torch.manual_seed(0)
-    return Attention(32, heads=4, dim_head=8, cross_attention_dim=12 if cross else None, norm_num_groups=None if cross else 8,
-                     residual_connection=not cross, bias=True).eval()
+    return Attention(
+        32,
+        heads=4,
+        dim_head=8,
+        cross_attention_dim=12 if cross else None,
+        norm_num_groups=None if cross else 8,
+        residual_connection=not cross,
+        bias=True,
+    ).eval()
 
 
 @pytest.mark.parametrize("cross", [False, True])
-@pytest.mark.parametrize("processor", [ExplicitAttentionProcessor(), HeadGroupedAttentionProcessor(batch=2, block_bytes=1),
-                                       HeadGroupedAttentionProcessor(batch=2, block_bytes=1, channels_first=False)],
-                         ids=["explicit", "one-head-groups", "one-head-groups-token-major"])
+@pytest.mark.parametrize(
+    "processor",
+    [
+        ExplicitAttentionProcessor(),
+        HeadGroupedAttentionProcessor(batch=2, block_bytes=1),
+        HeadGroupedAttentionProcessor(batch=2, block_bytes=1, channels_first=False),
+    ],
+    ids=["explicit", "one-head-groups", "one-head-groups-token-major"],
+)
 def test_processors_match_diffusers_attention(cross, processor):
     reference = _attention(cross)
     reference.set_processor(AttnProcessor2_0())
@@ -62,8 +76,14 @@ def test_processors_match_diffusers_attention(cross, processor):
 def _export(layer: Attention, path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes that the group size is fixed at export: it is meant to be
-        torch.onnx.export(layer, (torch.randn(2, 32, 3, 4),), str(path), dynamo=False, input_names=["x"],
-                          dynamic_axes={"x": {0: "batch"}})
+        torch.onnx.export(
+            layer,
+            (torch.randn(2, 32, 3, 4),),
+            str(path),
+            dynamo=False,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "batch"}},
+        )
 
 
 def test_grouped_attention_exports_one_softmax_per_group_and_runs_on_onnxruntime(tmp_path):
@@ -87,7 +107,9 @@ def test_channels_first_spatial_attention_leaves_onnxruntime_no_token_major_copi
     counts = {}
     for channels_first in (True, False):
         layer = _attention(cross=False)
-        layer.set_processor(HeadGroupedAttentionProcessor(batch=2, block_bytes=2 * 12 * 12 * 4 * 2, channels_first=channels_first))
+        layer.set_processor(
+            HeadGroupedAttentionProcessor(batch=2, block_bytes=2 * 12 * 12 * 4 * 2, channels_first=channels_first)
+        )
         _export(layer, tmp_path / f"{channels_first}.onnx")
         counts[channels_first] = optimized_op_counts(tmp_path / f"{channels_first}.onnx")["Transpose"]
     assert counts[True] <= 1 < counts[False]
@@ -98,8 +120,10 @@ def _quantized_projections(layer: Attention, x: torch.Tensor) -> Attention:
     (UINT8-stored activations, quantized outputs), ranges taken from one float pass over `x`."""
     amax = {}
     projections = {"to_q": layer.to_q, "to_k": layer.to_k, "to_v": layer.to_v, "to_out": layer.to_out[0]}
-    hooks = [module.register_forward_hook(lambda m, i, o, name=name: amax.update({name: (i[0].abs().max(), o.abs().max())}))
-             for name, module in projections.items()]
+    hooks = [
+        module.register_forward_hook(lambda m, i, o, name=name: amax.update({name: (i[0].abs().max(), o.abs().max())}))
+        for name, module in projections.items()
+    ]
     with torch.no_grad():
         layer(x)
     for hook in hooks:

@@ -20,7 +20,9 @@ from stepquant.runtime.bundle_backends import RunOptions, quantized_backend, ref
 from stepquant.runtime.onnxruntime_backend import provider_available
 from stepquant.runtime.openvino_backend import OpenVINOBackend
 
-needs_openvino = pytest.mark.skipif(not __import__("importlib").util.find_spec("openvino"), reason="OpenVINO not installed")
+needs_openvino = pytest.mark.skipif(
+    not __import__("importlib").util.find_spec("openvino"), reason="OpenVINO not installed"
+)
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -40,7 +42,9 @@ def _coarser_activations(path, out, factor: float = 2.0):
     constants = {init.name: init for init in model.graph.initializer}
     scales = {n.input[1] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants}
     for name in scales:
-        constants[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(constants[name]) * np.float32(factor), name))
+        constants[name].CopyFrom(
+            numpy_helper.from_array(numpy_helper.to_array(constants[name]) * np.float32(factor), name)
+        )
     onnx.save(model, str(out))
     return out
 
@@ -65,11 +69,16 @@ def test_openvino_samples_the_quantized_graph_as_onnxruntime_does(demo_bundle, t
     def run(backend) -> np.ndarray:
         return sample(backend, table, range(16), shape, FEW_STEPS, progress=False).samples
 
-    by_ort, by_openvino, fp = (run(quantized_backend(bundle, target="tensorrt")),
-                               run(quantized_backend(bundle, backend="openvino")), run(reference_backend(bundle)))
+    by_ort, by_openvino, fp = (
+        run(quantized_backend(bundle, target="tensorrt")),
+        run(quantized_backend(bundle, backend="openvino")),
+        run(reference_backend(bundle)),
+    )
     assert _psnr(by_ort, by_openvino) > 35.0
     assert _median_gain_db(by_openvino, by_ort, fp) > -1.0
-    coarse = _coarser_activations(bundle.file(bundle.target("tensorrt").timestep_groups[0].graph), tmp_path / "coarse.onnx")
+    coarse = _coarser_activations(
+        bundle.file(bundle.target("tensorrt").timestep_groups[0].graph), tmp_path / "coarse.onnx"
+    )
     assert _median_gain_db(run(OpenVINOBackend(coarse)), by_ort, fp) < -1.0  # measured -3.4 dB
 
 
@@ -91,32 +100,64 @@ def test_auto_takes_openvino_on_vnni_cpus_where_installed_else_onnxruntime_on_th
 
 def test_missing_openvino_and_a_missing_provider_are_one_line_errors(demo_bundle, tmp_path, monkeypatch):
     out = tmp_path / "s.png"
-    cuda = run_cli("stepquant", "sample", "--bundle", demo_bundle[0], "--n", 2, "--provider", "cuda", "--out", out, "--no-progress")
+    cuda = run_cli(
+        "stepquant", "sample", "--bundle", demo_bundle[0], "--n", 2, "--provider", "cuda", "--out", out, "--no-progress"
+    )
     if not provider_available("cuda"):
         assert_one_line_error(cuda, "--provider cuda needs CUDAExecutionProvider")
     monkeypatch.setitem(sys.modules, "openvino", None)
-    missing = run_cli("stepquant", "sample", "--bundle", demo_bundle[0], "--n", 2, "--backend", "openvino", "--out", out,
-                      "--no-progress")
+    missing = run_cli(
+        "stepquant",
+        "sample",
+        "--bundle",
+        demo_bundle[0],
+        "--n",
+        2,
+        "--backend",
+        "openvino",
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert_one_line_error(missing, "OpenVINO is not installed: pip install 'stepquant[openvino]'")
     assert not out.exists()
 
 
 @needs_openvino
 def test_eval_and_bench_run_on_openvino(demo_bundle, tmp_path):
-    result = run_cli("stepquant", "eval", "--bundle", demo_bundle[0], "--n", 8, "--steps", 4, "--backend", "openvino",
-                     "--out", tmp_path / "eval", "--no-progress")
+    result = run_cli(
+        "stepquant",
+        "eval",
+        "--bundle",
+        demo_bundle[0],
+        "--n",
+        8,
+        "--steps",
+        4,
+        "--backend",
+        "openvino",
+        "--out",
+        tmp_path / "eval",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["psnr_to_fp_db"] > 30
     bench = run_cli("stepquant", "bench", "--bundle", demo_bundle[0], "--batch", 1, "--threads", 1, "--seconds", 0.2)
     assert bench.returncode == 0, bench.stderr
-    assert "openvino FP32" in bench.stdout and "x vs openvino FP32" in bench.stdout and "onnxruntime tensorrt graph" in bench.stdout
+    assert (
+        "openvino FP32" in bench.stdout
+        and "x vs openvino FP32" in bench.stdout
+        and "onnxruntime tensorrt graph" in bench.stdout
+    )
     unknown = run_cli("stepquant", "bench", "--bundle", demo_bundle[0], "--backend", "tensorrt")
     assert_one_line_error(unknown, "'tensorrt' is not a CPU backend")
 
 
 @pytest.mark.slow
 def test_choosing_a_backend_imports_no_other_engine():
-    code = ("import json, sys; from stepquant.cli import sample, generate, evaluate, bench; "
-            "print(json.dumps([m for m in sys.modules if m.split('.')[0] in ('openvino', 'tensorrt')]))")
+    code = (
+        "import json, sys; from stepquant.cli import sample, generate, evaluate, bench; "
+        "print(json.dumps([m for m in sys.modules if m.split('.')[0] in ('openvino', 'tensorrt')]))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(result.stdout) == []

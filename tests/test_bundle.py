@@ -22,7 +22,11 @@ def test_round_trip(demo_bundle):
     assert raw["format_version"] == FORMAT_VERSION
     manifest = bundle.manifest
     assert {"model.onnx", "model_fp32.onnx", "preview.png", "parity/inputs.json"} <= set(manifest.files)
-    assert manifest.sample_shape == (1, 16, 16) and manifest.sampler.steps == 4 and manifest.samplers[0].scheduler_table["steps"] == 4
+    assert (
+        manifest.sample_shape == (1, 16, 16)
+        and manifest.sampler.steps == 4
+        and manifest.samplers[0].scheduler_table["steps"] == 4
+    )
     for key in ("quantization", "calibration", "versions", "parity"):
         assert key in manifest.info
     assert manifest.info["quantization"]["weight_bits"] == 8
@@ -35,8 +39,10 @@ def test_an_older_format_names_the_release_that_reads_it(bundle_copy):
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["format_version"] = 4
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="format version 4 is not supported .*re-export it with this stepquant, or read it "
-                                          "with stepquant 0.1.0"):
+    with pytest.raises(
+        BundleError,
+        match="format version 4 is not supported .*re-export it with this stepquant, or read it with stepquant 0.1.0",
+    ):
         load_bundle(bundle_copy)
 
 

@@ -34,7 +34,9 @@ def guided_sets(tmp_path_factory):
     conditioning = random_conditioning(model, prompts=3)
     args = (TorchBackend(model), loaded.scheduler_config, range(5), (4, 8, 8), GUIDED, 3)
     memory = collect_calibration_set(*args, progress=False, conditioning=conditioning, batch_size=2)
-    disk = collect_calibration_set(*args, progress=False, conditioning=conditioning, batch_size=2, shard_dir=root / "calls")
+    disk = collect_calibration_set(
+        *args, progress=False, conditioning=conditioning, batch_size=2, shard_dir=root / "calls"
+    )
     return memory, disk, loaded
 
 
@@ -51,19 +53,29 @@ def test_the_set_on_disk_reads_back_as_the_set_in_memory(guided_sets):
         assert _equal(a, b)
     index = torch.randperm(len(memory), generator=torch.Generator().manual_seed(0))[:11]
     assert _equal(disk.subset(index).inputs(), memory.subset(index).inputs())
-    assert _equal(disk.at_timestep(memory.unique_timesteps()[1], 3).inputs(), memory.at_timestep(memory.unique_timesteps()[1], 3).inputs())
+    assert _equal(
+        disk.at_timestep(memory.unique_timesteps()[1], 3).inputs(),
+        memory.at_timestep(memory.unique_timesteps()[1], 3).inputs(),
+    )
     a, b = disk.sampler_states(), memory.sampler_states()
     a, b = a.batch(torch.arange(len(b))), b.batch(torch.arange(len(b)))
     assert torch.equal(a.samples, b.samples) and a.guidance_scale == b.guidance_scale == 2.0
-    assert all(torch.equal(a.unconditional[k], b.unconditional[k]) and torch.equal(a.conditions[k], b.conditions[k])
-               for k in b.conditions)
+    assert all(
+        torch.equal(a.unconditional[k], b.unconditional[k]) and torch.equal(a.conditions[k], b.conditions[k])
+        for k in b.conditions
+    )
     assert list(disk.subset(index).conditions) == list(memory.conditions)  # the model's input order
 
 
 def test_rows_come_back_in_the_order_asked_for_from_any_files(tmp_path):
     store = shards.RowShards(tmp_path / "rows")
-    whole = {"x": torch.randn(13, 3, 2), "t": torch.arange(13.0), "h": torch.randn(13, 4).to(torch.bfloat16),
-             "i": torch.arange(13), "b": torch.arange(13) % 3 == 0}
+    whole = {
+        "x": torch.randn(13, 3, 2),
+        "t": torch.arange(13.0),
+        "h": torch.randn(13, 4).to(torch.bfloat16),
+        "i": torch.arange(13),
+        "b": torch.arange(13) % 3 == 0,
+    }
     for start, stop in ((0, 5), (5, 6), (6, 13)):  # files of 5, 1 and 7 rows
         store.append({name: value[start:stop] for name, value in whole.items()})
     index = torch.tensor([12, 0, 5, 5, 4, 6, 7, 8, 1, 12])  # repeats, runs, every file, out of order
@@ -115,14 +127,27 @@ def test_learning_from_the_set_on_disk_learns_what_it_learns_in_memory(guided_se
     monkeypatch.setattr(shards, "save_file", lambda tensors, path: (written.append(path), save(tensors, path))[1])
     units = reconstruction.reconstruction_units
     # three blocks keep it fast: the first, and a transformer block (keyword arguments: the text states)
-    monkeypatch.setattr(reconstruction, "reconstruction_units", lambda model, data: (lambda found: found[:1] + [
-        u for u in found if u.endswith("transformer_blocks.0")][:2])(units(model, data)))
+    monkeypatch.setattr(
+        reconstruction,
+        "reconstruction_units",
+        lambda model, data: (lambda found: found[:1] + [u for u in found if u.endswith("transformer_blocks.0")][:2])(
+            units(model, data)
+        ),
+    )
     for name, data in (("memory", memory), ("disk", disk)):
         fp = EpsilonModel(loaded.denoiser)
         q = EpsilonModel(copy.deepcopy(loaded.denoiser))
         quantize_(q, QuantSpec(4, 8))
-        calibrate_(fp, q, data, calibrator, loaded.scheduler_config, GUIDED, progress=False,
-                   reconstruction=ReconstructionConfig(iters=4, batch_size=8, trajectory_iters=3, trajectory_batch=4))
+        calibrate_(
+            fp,
+            q,
+            data,
+            calibrator,
+            loaded.scheduler_config,
+            GUIDED,
+            progress=False,
+            reconstruction=ReconstructionConfig(iters=4, batch_size=8, trajectory_iters=3, trajectory_batch=4),
+        )
         learned[name] = q.state_dict()
     assert any("/blocks/inputs/" in path for path in written) and any("/blocks/targets/" in path for path in written)
     folders = {path.rsplit("/", 1)[0] for path in written}
@@ -132,7 +157,8 @@ def test_learning_from_the_set_on_disk_learns_what_it_learns_in_memory(guided_se
     assert not (disk.store.directory / "blocks").exists()
     assert learned["memory"].keys() == learned["disk"].keys()
     assert all(torch.equal(learned["memory"][k], learned["disk"][k]) for k in learned["memory"]), [
-        k for k in learned["memory"] if not torch.equal(learned["memory"][k], learned["disk"][k])][:5]
+        k for k in learned["memory"] if not torch.equal(learned["memory"][k], learned["disk"][k])
+    ][:5]
 
 
 def test_a_full_disk_while_sharding_is_one_line_and_leaves_nothing(monkeypatch, tiny_model_dir, tmp_path):
@@ -140,8 +166,18 @@ def test_a_full_disk_while_sharding_is_one_line_and_leaves_nothing(monkeypatch, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(shards, "save_file", full)
-    result = run_cli("export-quantized", "--model", tiny_model_dir, "--out", tmp_path / "b", "--steps", 2,
-                     "--calib-samples", 2, "--no-progress")
+    result = run_cli(
+        "export-quantized",
+        "--model",
+        tiny_model_dir,
+        "--out",
+        tmp_path / "b",
+        "--steps",
+        2,
+        "--calib-samples",
+        2,
+        "--no-progress",
+    )
     assert_one_line_error(result, "cannot write calibration inputs to")
     assert "the disk is full" in result.stderr
     assert not list(tmp_path.iterdir())

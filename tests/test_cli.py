@@ -21,7 +21,9 @@ run = run_cli  # in this process; the export below runs the installed console sc
 @pytest.fixture(scope="module")
 def cli_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "bundle"
-    result = subprocess.run([str(BIN / "export-quantized"), "--out", str(out), *FAST], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [str(BIN / "export-quantized"), "--out", str(out), *FAST], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr
     return out, result.stdout
 
@@ -37,17 +39,51 @@ def test_export_end_to_end_prints_bundle_parity_and_psnr(cli_bundle):
 
 def test_sample_bundle_and_model_with_the_same_seeds(cli_bundle, tmp_path):
     out, _ = cli_bundle
-    assert run("stepquant", "sample", "--bundle", out, "--n", "3", "--seed", "5", "--steps", "3",
-               "--out", tmp_path / "q.npz", "--no-progress").returncode == 0
-    assert run("stepquant", "sample", "--model", "demo-digits", "--n", "3", "--seed", "5", "--steps", "3",
-               "--out", tmp_path / "fp.npz", "--no-progress").returncode == 0
+    assert (
+        run(
+            "stepquant",
+            "sample",
+            "--bundle",
+            out,
+            "--n",
+            "3",
+            "--seed",
+            "5",
+            "--steps",
+            "3",
+            "--out",
+            tmp_path / "q.npz",
+            "--no-progress",
+        ).returncode
+        == 0
+    )
+    assert (
+        run(
+            "stepquant",
+            "sample",
+            "--model",
+            "demo-digits",
+            "--n",
+            "3",
+            "--seed",
+            "5",
+            "--steps",
+            "3",
+            "--out",
+            tmp_path / "fp.npz",
+            "--no-progress",
+        ).returncode
+        == 0
+    )
     quantized, fp = np.load(tmp_path / "q.npz")["samples"], np.load(tmp_path / "fp.npz")["samples"]
     assert quantized.shape == fp.shape == (3, 1, 16, 16) and quantized.dtype == np.float32
     psnr = 10 * np.log10(4.0 / np.mean((quantized - fp) ** 2, axis=(1, 2, 3)))
     assert psnr.min() > 20.0  # same seeds give the same digits
     grid = run("stepquant", "sample", "--bundle", out, "--n", "2", "--out", tmp_path / "g.png", "--no-progress")
     assert grid.returncode == 0 and (tmp_path / "g.png").stat().st_size > 0
-    other = run("stepquant", "sample", "--bundle", out, "--n", "2", "--steps", "2", "--out", tmp_path / "o.npz", "--no-progress")
+    other = run(
+        "stepquant", "sample", "--bundle", out, "--n", "2", "--steps", "2", "--out", tmp_path / "o.npz", "--no-progress"
+    )
     assert_one_line_error(other, "stores no 2 DDIM steps, eta 0 sampler; it stores ddim:3")
 
 
@@ -80,7 +116,9 @@ def test_unknown_option_value(tmp_path):
     result = run("export-quantized", "--out", tmp_path / "b", "--calibrator", "median", *FAST)
     assert_one_line_error(result, "median")
     assert result.returncode == 2
-    assert_one_line_error(run("export-quantized", "--out", tmp_path / "b", "--weight-bits", "9", *FAST), "between 2 and 8")
+    assert_one_line_error(
+        run("export-quantized", "--out", tmp_path / "b", "--weight-bits", "9", *FAST), "between 2 and 8"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -103,7 +141,9 @@ def test_existing_output_needs_overwrite(cli_bundle):
 
 def test_eval_writes_json_and_plot(cli_bundle, tmp_path):
     out, _ = cli_bundle
-    result = run("stepquant", "eval", "--bundle", out, "--n", "4", "--steps", "3", "--out", tmp_path / "eval", "--no-progress")
+    result = run(
+        "stepquant", "eval", "--bundle", out, "--n", "4", "--steps", "3", "--out", tmp_path / "eval", "--no-progress"
+    )
     assert result.returncode == 0, result.stderr
     assert "PSNR to FP" in result.stdout and "FD to FP" in result.stdout
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
@@ -113,9 +153,15 @@ def test_eval_writes_json_and_plot(cli_bundle, tmp_path):
 
 
 def test_bench_prints_both_graphs(cli_bundle):
-    result = run("stepquant", "bench", "--bundle", cli_bundle[0], "--batch", "2", "--backend", "onnxruntime", "--seconds", "0.2")
+    result = run(
+        "stepquant", "bench", "--bundle", cli_bundle[0], "--batch", "2", "--backend", "onnxruntime", "--seconds", "0.2"
+    )
     assert result.returncode == 0, result.stderr
-    assert "onnxruntime FP32" in result.stdout and "tensorrt graph" in result.stdout and "x vs onnxruntime FP32" in result.stdout
+    assert (
+        "onnxruntime FP32" in result.stdout
+        and "tensorrt graph" in result.stdout
+        and "x vs onnxruntime FP32" in result.stdout
+    )
 
 
 def test_parity_replay_command(cli_bundle):

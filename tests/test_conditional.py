@@ -42,8 +42,9 @@ from stepquant.runtime.guidance import Conditioning, ConditioningError, guided_e
 SEQUENCE = TEXT_TOKENS
 ARCHITECTURES = TINY_MODELS
 FEW_GUIDED_STEPS = SamplerConfig(steps=3, guidance_scale=3.0)
-SHAPES = ShapeProfile(batch=DimRange(1, 4, 8), height=DimRange(8, 8, 16), width=DimRange(8, 8, 12),
-                      sequence=DimRange(4, 6, 8))
+SHAPES = ShapeProfile(
+    batch=DimRange(1, 4, 8), height=DimRange(8, 8, 16), width=DimRange(8, 8, 12), sequence=DimRange(4, 6, 8)
+)
 
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
@@ -55,10 +56,18 @@ def exported(request, tmp_path_factory):
     conditioning_file = root / "conditioning.safetensors"
     random_conditioning(model).save(conditioning_file)
     out = root / "bundle"
-    report = export_quantized(ExportConfig(model=str(pipeline), out=out, sampler=FEW_GUIDED_STEPS, shapes=SHAPES,
-                                           progress=False, conditioning=ConditioningConfig(file=conditioning_file),
-                                           calibration=CalibrationConfig(samples=2),
-                                           checks=ChecksConfig(eval_samples=4, parity_batch=4)))
+    report = export_quantized(
+        ExportConfig(
+            model=str(pipeline),
+            out=out,
+            sampler=FEW_GUIDED_STEPS,
+            shapes=SHAPES,
+            progress=False,
+            conditioning=ConditioningConfig(file=conditioning_file),
+            calibration=CalibrationConfig(samples=2),
+            checks=ChecksConfig(eval_samples=4, parity_batch=4),
+        )
+    )
     return request.param, pipeline, conditioning_file, out, report
 
 
@@ -66,8 +75,11 @@ def test_graph_takes_the_conditions_with_the_declared_dynamic_axes(exported):
     kind, _, _, out, _ = exported
     bundle = load_bundle(out)
     names = [c.name for c in bundle.manifest.conditions]
-    expected = {"sd": ["encoder_hidden_states"], "sdxl": ["encoder_hidden_states", "text_embeds", "time_ids"],
-                "pixart": ["encoder_hidden_states", "encoder_attention_mask"]}[kind]
+    expected = {
+        "sd": ["encoder_hidden_states"],
+        "sdxl": ["encoder_hidden_states", "text_embeds", "time_ids"],
+        "pixart": ["encoder_hidden_states", "encoder_attention_mask"],
+    }[kind]
     assert names == expected
     graph = onnx.load(str(bundle.file("model.onnx")), load_external_data=False).graph
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
@@ -100,10 +112,22 @@ def test_bundle_samples_with_guidance_on_onnxruntime(exported):
     assert bundle.target("tensorrt").details["quality"]["space"] == "latent"
     fp = TorchBackend(EpsilonModel(load_model(str(pipeline)).denoiser))
     runs = {}
-    for name, backend, scale in (("fp", fp, 3.0), ("q", quantized_backend(bundle), 3.0), ("q1", quantized_backend(bundle), 1.0)):
+    for name, backend, scale in (
+        ("fp", fp, 3.0),
+        ("q", quantized_backend(bundle), 3.0),
+        ("q1", quantized_backend(bundle), 1.0),
+    ):
         config = SamplerConfig(steps=3, guidance_scale=scale)
-        runs[name] = sample(backend, capture_table(config, bundle.manifest.noise_schedule), range(4), bundle.manifest.sample_shape, config,
-                            progress=False, conditioning=conditioning, clip=False).samples
+        runs[name] = sample(
+            backend,
+            capture_table(config, bundle.manifest.noise_schedule),
+            range(4),
+            bundle.manifest.sample_shape,
+            config,
+            progress=False,
+            conditioning=conditioning,
+            clip=False,
+        ).samples
     data_range = float(runs["fp"].max() - runs["fp"].min())
     guided = psnr(runs["q"], runs["fp"], data_range).mean()
     assert np.isfinite(runs["q"]).all() and guided > 20.0
@@ -115,11 +139,21 @@ def test_bundle_samples_with_guidance_on_onnxruntime(exported):
 def test_calibration_keeps_unconditional_and_conditional_copies(tmp_path):
     model = EpsilonModel(UNet2DConditionModel(**ARCHITECTURES["sd"][2]).eval())
     conditioning = random_conditioning(model, prompts=2)
-    calib = collect_calibration_set(TorchBackend(model), SCHEDULER_CONFIG, range(2), (4, 8, 8), FEW_GUIDED_STEPS, 3,
-                                    progress=False, conditioning=conditioning)
+    calib = collect_calibration_set(
+        TorchBackend(model),
+        SCHEDULER_CONFIG,
+        range(2),
+        (4, 8, 8),
+        FEW_GUIDED_STEPS,
+        3,
+        progress=False,
+        conditioning=conditioning,
+    )
     assert len(calib) == 3 * 2 * 2  # steps x (unconditional, conditional) x seeds
     states = calib.conditions["encoder_hidden_states"]
-    assert np.array_equal(states[:2].numpy(), np.broadcast_to(conditioning.uncond["encoder_hidden_states"], states[:2].shape))
+    assert np.array_equal(
+        states[:2].numpy(), np.broadcast_to(conditioning.uncond["encoder_hidden_states"], states[:2].shape)
+    )
     assert np.array_equal(states[2:4].numpy(), conditioning.cond["encoder_hidden_states"])
     assert torch.equal(calib.samples[:2], calib.samples[2:4])  # both copies see the same x_t
 
@@ -161,28 +195,60 @@ def test_attention_projections_are_quantized_and_embeddings_excluded():
         names = quantize_(EpsilonModel(cls(**config).eval()), QuantSpec())
         assert any(n.endswith("attn1.to_q") for n in names) and any(n.endswith("attn2.to_k") for n in names)
         assert any(n.endswith("attn1.to_out.0") for n in names)
-        excluded = ("time_embedding", "add_embedding", "conv_in", "conv_out", "proj_out", "pos_embed", "adaln_single",
-                    "caption_projection")
+        excluded = (
+            "time_embedding",
+            "add_embedding",
+            "conv_in",
+            "conv_out",
+            "proj_out",
+            "pos_embed",
+            "adaln_single",
+            "caption_projection",
+        )
         assert not [n for n in names if any(e in n for e in excluded)], kind
 
 
 def test_conditioning_errors_are_clear(tmp_path, tiny_model_dir):
     pipeline = save_tiny_pipeline("sd", tmp_path / "sd")
     with pytest.raises(ConditioningError, match="pass --prompts-file"):
-        export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "a", sampler=FEW_GUIDED_STEPS, progress=False))
-    wrong = Conditioning({"encoder_hidden_states": torch.zeros(2, 5, 7)}, {"encoder_hidden_states": torch.zeros(1, 5, 7)})
+        export_quantized(
+            ExportConfig(model=str(pipeline), out=tmp_path / "a", sampler=FEW_GUIDED_STEPS, progress=False)
+        )
+    wrong = Conditioning(
+        {"encoder_hidden_states": torch.zeros(2, 5, 7)}, {"encoder_hidden_states": torch.zeros(1, 5, 7)}
+    )
     wrong.save(tmp_path / "wrong.safetensors")
     with pytest.raises(ConditioningError, match="takes \\[prompts, sequence, 32\\]"):
-        export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "b", sampler=FEW_GUIDED_STEPS, progress=False,
-                                      conditioning=ConditioningConfig(file=tmp_path / "wrong.safetensors")))
+        export_quantized(
+            ExportConfig(
+                model=str(pipeline),
+                out=tmp_path / "b",
+                sampler=FEW_GUIDED_STEPS,
+                progress=False,
+                conditioning=ConditioningConfig(file=tmp_path / "wrong.safetensors"),
+            )
+        )
     good = tmp_path / "good.safetensors"
     random_conditioning(EpsilonModel(load_model(str(pipeline)).denoiser)).save(good)
     with pytest.raises(ConditioningError, match="has no class table"):
-        export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "c", sampler=FEW_GUIDED_STEPS, progress=False,
-                                      conditioning=ConditioningConfig(classes=(1,))))
+        export_quantized(
+            ExportConfig(
+                model=str(pipeline),
+                out=tmp_path / "c",
+                sampler=FEW_GUIDED_STEPS,
+                progress=False,
+                conditioning=ConditioningConfig(classes=(1,)),
+            )
+        )
     with pytest.raises(ConditioningError, match="is unconditional"):
-        export_quantized(ExportConfig(model=str(tiny_model_dir), out=tmp_path / "d", progress=False,
-                                      conditioning=ConditioningConfig(file=good)))
+        export_quantized(
+            ExportConfig(
+                model=str(tiny_model_dir),
+                out=tmp_path / "d",
+                progress=False,
+                conditioning=ConditioningConfig(file=good),
+            )
+        )
     (tmp_path / "corrupt.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ConditioningError, match="cannot read conditioning"):
         Conditioning.load(tmp_path / "corrupt.safetensors")
@@ -193,13 +259,23 @@ def test_conditioning_errors_are_clear(tmp_path, tiny_model_dir):
 
 
 def test_fp8_attention_puts_qdq_on_both_matmuls_and_keeps_parity(tmp_path):
-    pipeline = save_tiny_pipeline("sd", tmp_path / "sd", attention_head_dim=2)  # 2 heads (diffusers names SD's head count so): head_dim 16, 32
+    pipeline = save_tiny_pipeline(
+        "sd", tmp_path / "sd", attention_head_dim=2
+    )  # 2 heads (diffusers names SD's head count so): head_dim 16, 32
     conditioning = tmp_path / "conditioning.safetensors"
     random_conditioning(EpsilonModel(load_model(str(pipeline)).denoiser)).save(conditioning)
-    report = export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "bundle",
-                                           quant=QuantSpec(format="fp8", fp8_attention=True), sampler=FEW_GUIDED_STEPS,
-                                           progress=False, conditioning=ConditioningConfig(file=conditioning),
-                                           calibration=CalibrationConfig(samples=2), checks=ChecksConfig(eval_samples=2)))
+    report = export_quantized(
+        ExportConfig(
+            model=str(pipeline),
+            out=tmp_path / "bundle",
+            quant=QuantSpec(format="fp8", fp8_attention=True),
+            sampler=FEW_GUIDED_STEPS,
+            progress=False,
+            conditioning=ConditioningConfig(file=conditioning),
+            calibration=CalibrationConfig(samples=2),
+            checks=ChecksConfig(eval_samples=2),
+        )
+    )
     assert report.parity_passed and any(n.endswith("attn2.processor") for n in report.quantized_layers)
     attention = [q for q in report.primary.layerwise[0].quantizers if q.name.endswith("softmax_quantizer")]
     assert attention and all(q.codes > 0 for q in attention)  # the FP8 attention quantizers are checked too
@@ -233,19 +309,40 @@ def add_text_encoder(root: Path) -> None:
     """A tiny CLIP tokenizer (letters only) and text encoder in the pipeline directory, as diffusers lays them out."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    tokens = ["<|startoftext|>", "<|endoftext|>", *string.ascii_lowercase, *(c + "</w>" for c in string.ascii_lowercase)]
+    tokens = [
+        "<|startoftext|>",
+        "<|endoftext|>",
+        *string.ascii_lowercase,
+        *(c + "</w>" for c in string.ascii_lowercase),
+    ]
     (root / "tokenizer").mkdir()
     (root / "tokenizer" / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (root / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(root / "tokenizer" / "vocab.json"), str(root / "tokenizer" / "merges.txt"),
-                  model_max_length=SEQUENCE).save_pretrained(root / "tokenizer")
+    CLIPTokenizer(
+        str(root / "tokenizer" / "vocab.json"), str(root / "tokenizer" / "merges.txt"), model_max_length=SEQUENCE
+    ).save_pretrained(root / "tokenizer")
     torch.manual_seed(0)
-    CLIPTextModel(CLIPTextConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=SEQUENCE, bos_token_id=0, eos_token_id=1,
-                                 pad_token_id=1)).save_pretrained(root / "text_encoder")
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokens),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=SEQUENCE,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).save_pretrained(root / "text_encoder")
     index = json.loads((root / "model_index.json").read_text())
-    index.update(tokenizer=["transformers", "CLIPTokenizer"], text_encoder=["transformers", "CLIPTextModel"],
-                 vae=[None, None], safety_checker=[None, None], feature_extractor=[None, None])
+    index.update(
+        tokenizer=["transformers", "CLIPTokenizer"],
+        text_encoder=["transformers", "CLIPTextModel"],
+        vae=[None, None],
+        safety_checker=[None, None],
+        feature_extractor=[None, None],
+    )
     (root / "model_index.json").write_text(json.dumps(index))
 
 
@@ -256,22 +353,47 @@ def test_prompts_are_encoded_by_the_pipelines_text_encoder(tmp_path):
     pipeline = save_tiny_pipeline("sd", tmp_path / "sd")
     add_text_encoder(pipeline)
     (tmp_path / "prompts.txt").write_text("a cat\n\nthe dog\n")
-    result = subprocess.run([sys.executable, "-m", "stepquant", "encode-prompts", "--model", str(pipeline), "--prompts-file",
-                             str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "c.safetensors")], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stepquant",
+            "encode-prompts",
+            "--model",
+            str(pipeline),
+            "--prompts-file",
+            str(tmp_path / "prompts.txt"),
+            "--out",
+            str(tmp_path / "c.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "conditioning of 2 prompts" in result.stdout
     conditioning = Conditioning.load(tmp_path / "c.safetensors")
     tokenizer = CLIPTokenizer.from_pretrained(pipeline / "tokenizer")
     encoder = CLIPTextModel.from_pretrained(pipeline / "text_encoder").eval()
     with torch.no_grad():
-        expected = [encoder(tokenizer(p, padding="max_length", max_length=SEQUENCE, truncation=True,
-                                      return_tensors="pt").input_ids)[0] for p in ("a cat", "the dog", "")]
+        expected = [
+            encoder(
+                tokenizer(p, padding="max_length", max_length=SEQUENCE, truncation=True, return_tensors="pt").input_ids
+            )[0]
+            for p in ("a cat", "the dog", "")
+        ]
     assert np.allclose(conditioning.cond["encoder_hidden_states"], torch.cat(expected[:2]).numpy(), atol=1e-6)
     assert np.allclose(conditioning.uncond["encoder_hidden_states"], expected[2].numpy(), atol=1e-6)
-    report = export_quantized(ExportConfig(model=str(pipeline), out=tmp_path / "bundle", sampler=FEW_GUIDED_STEPS,
-                                           progress=False,
-                                           conditioning=ConditioningConfig(prompts_file=tmp_path / "prompts.txt"),
-                                           calibration=CalibrationConfig(samples=2), checks=ChecksConfig(eval_samples=2)))
+    report = export_quantized(
+        ExportConfig(
+            model=str(pipeline),
+            out=tmp_path / "bundle",
+            sampler=FEW_GUIDED_STEPS,
+            progress=False,
+            conditioning=ConditioningConfig(prompts_file=tmp_path / "prompts.txt"),
+            calibration=CalibrationConfig(samples=2),
+            checks=ChecksConfig(eval_samples=2),
+        )
+    )
     manifest = load_bundle(report.bundle).manifest
     assert manifest.info["conditioning"]["prompts"] == 2 and manifest.shape_profile["sequence"]["opt"] == SEQUENCE
 
@@ -281,23 +403,45 @@ def test_sample_command_takes_conditioning_and_guidance(exported, tmp_path):
     args = ["sample", "--bundle", str(out), "--n", "3", "--no-progress", "--out"]
     latents_file, images_file = str(tmp_path / "latents.npz"), str(tmp_path / "images.npz")
     assert_one_line_error(run_cli("stepquant", *args, latents_file), "pass --conditioning")
-    result = run_cli("stepquant", *args, latents_file, "--conditioning", str(conditioning_file), "--guidance-scale", "2")
+    result = run_cli(
+        "stepquant", *args, latents_file, "--conditioning", str(conditioning_file), "--guidance-scale", "2"
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote 3 latents" in result.stdout and "guidance 2" in result.stdout
     latents = np.load(tmp_path / "latents.npz")["samples"]
     assert latents.shape == (3, *load_bundle(out).manifest.sample_shape) and np.isfinite(latents).all()
     torch.manual_seed(0)  # a tiny VAE (one downsampling: latents of 8x8 decode to 16x16 RGB images)
     vae_root = tmp_path / "pipeline"
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
-                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(vae_root / "vae")
-    result = run_cli("stepquant", *args, images_file, "--conditioning", str(conditioning_file), "--decode-with", str(vae_root))
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    ).save_pretrained(vae_root / "vae")
+    result = run_cli(
+        "stepquant", *args, images_file, "--conditioning", str(conditioning_file), "--decode-with", str(vae_root)
+    )
     assert result.returncode == 0, result.stderr
     images = np.load(tmp_path / "images.npz")["samples"]
     assert "wrote 3 images" in result.stdout and images.shape == (3, 3, 16, 16) and np.abs(images).max() <= 1.0
 
 
 def test_bench_times_conditional_graphs(exported):
-    result = run_cli("stepquant", "bench", "--bundle", str(exported[3]), "--batch", "2", "--backend", "onnxruntime", "--seconds", "0.2")
+    result = run_cli(
+        "stepquant",
+        "bench",
+        "--bundle",
+        str(exported[3]),
+        "--batch",
+        "2",
+        "--backend",
+        "onnxruntime",
+        "--seconds",
+        "0.2",
+    )
     assert result.returncode == 0, result.stderr
     assert "tensorrt graph" in result.stdout and "x vs onnxruntime FP32" in result.stdout
 
@@ -315,7 +459,9 @@ def test_pixart_with_resolution_conditions_exports_dynamic(tmp_path):
     conditions.update(resolution=torch.tensor([[64.0, 64.0]] * 3), aspect_ratio=torch.ones(3, 1))
     feeds = []
     for batch, height, width, sequence in ((2, 8, 8, 4), (3, 16, 12, 8)):
-        samples, resized = resize_inputs(torch.randn(3, 4, 8, 8), conditions, model.conditions, batch, height, width, sequence)
+        samples, resized = resize_inputs(
+            torch.randn(3, 4, 8, 8), conditions, model.conditions, batch, height, width, sequence
+        )
         feeds += parity_feeds(samples, torch.full((batch,), 500.0), resized)
     report, _ = check_parity(model, tmp_path / "pixart.onnx", feeds, 1e-5)
     assert report.passed and [t.shape for t in report.timesteps] == [[2, 4, 8, 8], [3, 4, 16, 12]]
@@ -346,5 +492,7 @@ def test_shape_ranges_parse_validate_and_resolve():
     with pytest.raises(ValueError, match="resolve the shape profile"):
         ShapeProfile().input_shapes(4, ())
     fixed = ShapeProfile().resolved((4, 8, 8), 6)
-    assert not fixed.dynamic_sizes and fixed.sequence == DimRange(6, 6, 6) and SHAPES.resolved((4, 8, 8), 6).dynamic_sizes
+    assert (
+        not fixed.dynamic_sizes and fixed.sequence == DimRange(6, 6, 6) and SHAPES.resolved((4, 8, 8), 6).dynamic_sizes
+    )
     assert ShapeProfile.from_dict(SHAPES.to_dict()) == SHAPES

@@ -99,10 +99,23 @@ def test_variance_schedule_calibration_shrinks_the_samplers_noise_and_never_goes
         table = capture_table(config, SCHEDULER_CONFIG)
         huge = Corrections.identity([int(t) for t in table.timesteps], 1, method="ptqd")
         huge.residual_var[:] = 1e9
-        runs = [sample(backend, table, [0, 1], (1, 4, 4), config, progress=False, corrections=terms_,
-                       noise_streams=lambda seeds, o=offset: [_FixedThenRandom(o + s) for s in seeds]).samples
-                for terms_ in (huge, None) for offset in (0, 100)]
-        assert np.isfinite(runs[0]).all() and np.array_equal(runs[0], runs[1])  # no sampler noise left: the streams do not matter
+        runs = [
+            sample(
+                backend,
+                table,
+                [0, 1],
+                (1, 4, 4),
+                config,
+                progress=False,
+                corrections=terms_,
+                noise_streams=lambda seeds, o=offset: [_FixedThenRandom(o + s) for s in seeds],
+            ).samples
+            for terms_ in (huge, None)
+            for offset in (0, 100)
+        ]
+        assert np.isfinite(runs[0]).all() and np.array_equal(
+            runs[0], runs[1]
+        )  # no sampler noise left: the streams do not matter
         assert not np.array_equal(runs[2], runs[3])  # without the terms they do
 
 
@@ -114,13 +127,21 @@ def test_identity_terms_leave_the_loop_unchanged_and_terms_must_cover_the_timest
     table = capture_table(config, SCHEDULER_CONFIG)
     timesteps = [int(t) for t in table.timesteps]
     plain = sample(backend, table, range(3), (1, 4, 4), config, progress=False).samples
-    identity = sample(backend, table, range(3), (1, 4, 4), config, progress=False,
-                      corrections=Corrections.identity(timesteps, 1)).samples
+    identity = sample(
+        backend, table, range(3), (1, 4, 4), config, progress=False, corrections=Corrections.identity(timesteps, 1)
+    ).samples
     assert np.allclose(plain, identity, atol=1e-6)
     ten = SamplerConfig("ddim", 10, 0.0)
     with pytest.raises(CorrectionError, match="no correction terms for timestep"):
-        sample(backend, capture_table(ten, SCHEDULER_CONFIG), range(3), (1, 4, 4), ten, progress=False,
-               corrections=Corrections.identity(timesteps, 1))
+        sample(
+            backend,
+            capture_table(ten, SCHEDULER_CONFIG),
+            range(3),
+            (1, 4, 4),
+            ten,
+            progress=False,
+            corrections=Corrections.identity(timesteps, 1),
+        )
 
 
 def test_bad_correction_files_are_refused(tmp_path):
@@ -138,9 +159,25 @@ def test_bad_correction_files_are_refused(tmp_path):
     with pytest.raises(CorrectionError, match="lacks correction terms"):
         Corrections.load(tmp_path / "partial.safetensors")
     with pytest.raises(CorrectionError, match="must not be negative"):
-        Corrections("ptqd", torch.tensor([1]), torch.ones(1, 1), torch.zeros(1, 1), torch.zeros(1), -torch.ones(1), torch.zeros(1, 1))
+        Corrections(
+            "ptqd",
+            torch.tensor([1]),
+            torch.ones(1, 1),
+            torch.zeros(1, 1),
+            torch.zeros(1),
+            -torch.ones(1),
+            torch.zeros(1, 1),
+        )
     with pytest.raises(CorrectionError, match="unknown correction method"):
-        Corrections("magic", torch.tensor([1]), torch.ones(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.zeros(1), torch.zeros(1, 1))
+        Corrections(
+            "magic",
+            torch.tensor([1]),
+            torch.ones(1, 1),
+            torch.zeros(1, 1),
+            torch.zeros(1),
+            torch.zeros(1),
+            torch.zeros(1, 1),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +188,17 @@ def corrected_bundle(tmp_path_factory):
     from stepquant.quant import QuantSpec
 
     out = tmp_path_factory.mktemp("corrected") / "bundle"
-    export_quantized(ExportConfig(out=out, quant=QuantSpec(4, 8), sampler=FEW_STEPS, progress=False,
-                                  calibration=CalibrationConfig(samples=8),
-                                  checks=ChecksConfig(eval_samples=4, require_parity=False),
-                                  correction=CorrectionConfig(method="ptqd")))
+    export_quantized(
+        ExportConfig(
+            out=out,
+            quant=QuantSpec(4, 8),
+            sampler=FEW_STEPS,
+            progress=False,
+            calibration=CalibrationConfig(samples=8),
+            checks=ChecksConfig(eval_samples=4, require_parity=False),
+            correction=CorrectionConfig(method="ptqd"),
+        )
+    )
     return out
 
 

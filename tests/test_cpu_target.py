@@ -57,8 +57,10 @@ def cpu_graph(calibrated, tmp_path_factory):
 
 def _integer_layers(model) -> int:
     """Quantized convolutions plus attention projections: what the CPU graph runs as QLinearConv."""
-    return sum(isinstance(m, QuantizedLayer) and (isinstance(m.layer, torch.nn.Conv2d) or m.output_quantizer is not None)
-               for m in model.modules())
+    return sum(
+        isinstance(m, QuantizedLayer) and (isinstance(m.layer, torch.nn.Conv2d) or m.output_quantizer is not None)
+        for m in model.modules()
+    )
 
 
 def test_cpu_profile_keeps_the_scales_and_adds_conv_output_quantizers(calibrated):
@@ -70,15 +72,20 @@ def test_cpu_profile_keeps_the_scales_and_adds_conv_output_quantizers(calibrated
     projections = {n for n in originals if re.search(r"attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)$", n)}
     assert len(projections) == 16  # the tiny UNet's four spatial self-attention layers (down, mid, two up)
     assert set(layers) == {n for n, m in originals.items() if isinstance(m.layer, torch.nn.Conv2d)} | projections
-    assert all(isinstance(cpu.get_submodule(n), torch.nn.Linear)  # the time embedding's Linear layers
-               for n, m in originals.items() if isinstance(m.layer, torch.nn.Linear) and n not in projections)
+    assert all(
+        isinstance(cpu.get_submodule(n), torch.nn.Linear)  # the time embedding's Linear layers
+        for n, m in originals.items()
+        if isinstance(m.layer, torch.nn.Linear) and n not in projections
+    )
     for name, layer in layers.items():
         assert layer.input_quantizer.scale == originals[name].input_quantizer.scale
         assert layer.input_quantizer.grid.unsigned_storage and not originals[name].input_quantizer.grid.unsigned_storage
         assert layer.output_quantizer is not None and originals[name].output_quantizer is None
     assert not any(isinstance(m, ResidualQuantizer) for m in cpu.modules())
     assert any(isinstance(m, ResidualQuantizer) for m in model.modules())
-    assert calibrate_ranges(cpu, data, progress=False, only_uncalibrated=True).keys() == {f"{n}.output_quantizer" for n in layers}
+    assert calibrate_ranges(cpu, data, progress=False, only_uncalibrated=True).keys() == {
+        f"{n}.output_quantizer" for n in layers
+    }
 
 
 def test_cpu_graph_fuses_every_quantized_conv_and_matches_the_simulation(calibrated, cpu_graph, tmp_path):
@@ -87,9 +94,10 @@ def test_cpu_graph_fuses_every_quantized_conv_and_matches_the_simulation(calibra
     export_onnx(model, tmp_path / "trt.onnx", (1, 8, 8))
     graph = onnx.load(path).graph
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"})
-    activation_zero_points = [constants[n.input[2]] for n in graph.node
-                              if n.op_type == "QuantizeLinear"]
+    constants.update(
+        {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    )
+    activation_zero_points = [constants[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
     assert activation_zero_points and all(z.dtype == np.uint8 and z == 128 for z in activation_zero_points)
 
     kernels = check_integer_convs(path, cpu)
@@ -112,8 +120,13 @@ def test_a_dequantize_scale_two_percent_off_its_quantize_fails_the_cpu_graph(cal
     cpu, path = cpu_graph
     graph = onnx.load(path)
     constants = {i.name: i for i in graph.graph.initializer}
-    dequantize = [n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[1] in constants
-                  and numpy_helper.to_array(constants[n.input[1]]).size == 1]
+    dequantize = [
+        n
+        for n in graph.graph.node
+        if n.op_type == "DequantizeLinear"
+        and n.input[1] in constants
+        and numpy_helper.to_array(constants[n.input[1]]).size == 1
+    ]
     node = dequantize[len(dequantize) // 2]
     scale = numpy_helper.to_array(constants[node.input[1]]) * np.float32(1.02)
     graph.graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), "faulty_scale"))
@@ -136,9 +149,16 @@ def test_fp8_has_no_cpu_profile():
 
 def test_a_bundle_carries_a_graph_per_target_and_each_runtime_picks_its_own(tiny_model_dir, tmp_path):
     out = tmp_path / "both"
-    report = export_quantized(ExportConfig(out=out, targets=("tensorrt", "onnxruntime-cpu"), sampler=FEW_STEPS,
-                                           progress=False, calibration=CalibrationConfig(samples=8),
-                                           checks=ChecksConfig(eval_samples=4)))
+    report = export_quantized(
+        ExportConfig(
+            out=out,
+            targets=("tensorrt", "onnxruntime-cpu"),
+            sampler=FEW_STEPS,
+            progress=False,
+            calibration=CalibrationConfig(samples=8),
+            checks=ChecksConfig(eval_samples=4),
+        )
+    )
     assert list(report.targets) == ["tensorrt", "onnxruntime-cpu"]
     assert report.targets["onnxruntime-cpu"].graphs == ["model_cpu.onnx"]
     bundle = load_bundle(out)
@@ -155,8 +175,16 @@ def test_a_bundle_carries_a_graph_per_target_and_each_runtime_picks_its_own(tiny
     assert replay_parity(bundle).passed and replay_parity(bundle, target="tensorrt").passed
 
     only_trt = tmp_path / "trt"
-    export_quantized(ExportConfig(model=str(tiny_model_dir), out=only_trt, sampler=FEW_STEPS, progress=False,
-                                  calibration=CalibrationConfig(samples=4), checks=ChecksConfig(eval_samples=2)))
+    export_quantized(
+        ExportConfig(
+            model=str(tiny_model_dir),
+            out=only_trt,
+            sampler=FEW_STEPS,
+            progress=False,
+            calibration=CalibrationConfig(samples=4),
+            checks=ChecksConfig(eval_samples=2),
+        )
+    )
     trt_bundle = load_bundle(only_trt)
     assert trt_bundle.target_for("onnxruntime") == "tensorrt"  # the TensorRT graph is the onnxruntime fallback
     with pytest.raises(BundleError, match="--target onnxruntime-cpu"):

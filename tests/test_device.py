@@ -98,9 +98,17 @@ def test_float32_is_ieee_float32_inside_an_export_and_restored_after(monkeypatch
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "calibrate_", calibrate_recording)
-    export_quantized(ExportConfig(model=str(tiny_model_dir), out=tmp_path / "b", device="cpu", sampler=FEW_STEPS,
-                                  progress=False, calibration=CalibrationConfig(samples=2),
-                                  checks=ChecksConfig(eval_samples=2)))
+    export_quantized(
+        ExportConfig(
+            model=str(tiny_model_dir),
+            out=tmp_path / "b",
+            device="cpu",
+            sampler=FEW_STEPS,
+            progress=False,
+            calibration=CalibrationConfig(samples=2),
+            checks=ChecksConfig(eval_samples=2),
+        )
+    )
     assert seen == [("ieee", "ieee")]
     assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
     with ieee_float32():
@@ -111,20 +119,53 @@ def test_float32_is_ieee_float32_inside_an_export_and_restored_after(monkeypatch
 def test_an_op_without_a_kernel_for_the_dtype_is_one_line(monkeypatch, tiny_model_dir, tmp_path):
     def no_half_kernel(model, sample, timestep, conditions):
         if sample.dtype == torch.float16:
-            raise RuntimeError('"slow_conv2d_cpu" not implemented for \'Half\'')
+            raise RuntimeError("\"slow_conv2d_cpu\" not implemented for 'Half'")
         return model(sample, timestep, return_dict=False)[0]
 
-    monkeypatch.setitem(denoisers.ARCHITECTURES, "UNet2DModel",
-                        denoisers.Architecture(UNet2DModel, "unet", lambda config: (), no_half_kernel))
-    result = run_cli("export-quantized", "--model", tiny_model_dir, "--out", tmp_path / "b", "--device", "cpu",
-                     "--dtype", "float16", "--steps", 2, "--calib-samples", 2, "--no-progress")
+    monkeypatch.setitem(
+        denoisers.ARCHITECTURES,
+        "UNet2DModel",
+        denoisers.Architecture(UNet2DModel, "unet", lambda config: (), no_half_kernel),
+    )
+    result = run_cli(
+        "export-quantized",
+        "--model",
+        tiny_model_dir,
+        "--out",
+        tmp_path / "b",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float16",
+        "--steps",
+        2,
+        "--calib-samples",
+        2,
+        "--no-progress",
+    )
     assert_one_line_error(result, "--dtype float16 on cpu: \"slow_conv2d_cpu\" not implemented for 'Half'")
     assert not (tmp_path / "b").exists() and not list(tmp_path.iterdir())
 
 
 def test_export_records_where_the_reference_ran(tiny_model_dir, tmp_path):
-    result = run_cli("export-quantized", "--model", tiny_model_dir, "--out", tmp_path / "b", "--device", "cpu",
-                     "--dtype", "bfloat16", "--steps", 2, "--calib-samples", 2, "--eval-samples", 2, "--no-progress")
+    result = run_cli(
+        "export-quantized",
+        "--model",
+        tiny_model_dir,
+        "--out",
+        tmp_path / "b",
+        "--device",
+        "cpu",
+        "--dtype",
+        "bfloat16",
+        "--steps",
+        2,
+        "--calib-samples",
+        2,
+        "--eval-samples",
+        2,
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr
     calibration = json.loads((tmp_path / "b" / "manifest.json").read_text())["calibration"]
     assert (calibration["device"], calibration["fp_dtype"]) == ("cpu", "bfloat16")
@@ -139,8 +180,9 @@ def test_cuda_calibration_matches_the_cpu(calibrator):
 
     loaded = load_model("demo-digits")
     fp = EpsilonModel(loaded.denoiser)
-    data = collect_calibration_set(TorchBackend(fp), loaded.scheduler_config, range(4), (1, 16, 16), FEW_STEPS, 4,
-                                   progress=False)
+    data = collect_calibration_set(
+        TorchBackend(fp), loaded.scheduler_config, range(4), (1, 16, 16), FEW_STEPS, 4, progress=False
+    )
     scales = {}
     for device in ("cpu", "cuda"):
         q = EpsilonModel(copy.deepcopy(loaded.denoiser))
@@ -148,8 +190,16 @@ def test_cuda_calibration_matches_the_cpu(calibrator):
         place(q, torch.device(device))
         reference = fp if device == "cpu" else EpsilonModel(place(copy.deepcopy(loaded.denoiser), torch.device(device)))
         with ieee_float32():  # as in an export: no TF32
-            calibrate_(reference, q, data, calibrator, loaded.scheduler_config, FEW_STEPS,
-                       reconstruction=ReconstructionConfig(iters=5), progress=False)
+            calibrate_(
+                reference,
+                q,
+                data,
+                calibrator,
+                loaded.scheduler_config,
+                FEW_STEPS,
+                reconstruction=ReconstructionConfig(iters=5),
+                progress=False,
+            )
         scales[device] = {k: v.cpu() for k, v in q.state_dict().items() if k.endswith(".scale")}
     for name, cpu_scale in scales["cpu"].items():
         tolerance = 1e-5 if calibrator == "minmax" else 0.05
@@ -166,11 +216,26 @@ def test_a_cuda_export_checks_parity_on_the_gpu(monkeypatch, tiny_model_dir, tmp
     where = []
     for name in ("check_parity", "torch_outputs", "check_layerwise"):
         real = getattr(pipeline, name)
-        monkeypatch.setattr(pipeline, name, lambda model, *a, _real=real, _name=name, **k: (
-            where.append((_name, *module_placement(model))), _real(model, *a, **k))[1])
-    report = export_quantized(ExportConfig(model=str(tiny_model_dir), out=tmp_path / "b", device="cuda", dtype=dtype,
-                                           sampler=FEW_STEPS, progress=False, calibration=CalibrationConfig(samples=4),
-                                           checks=ChecksConfig(eval_samples=4)))
+        monkeypatch.setattr(
+            pipeline,
+            name,
+            lambda model, *a, _real=real, _name=name, **k: (
+                where.append((_name, *module_placement(model))),
+                _real(model, *a, **k),
+            )[1],
+        )
+    report = export_quantized(
+        ExportConfig(
+            model=str(tiny_model_dir),
+            out=tmp_path / "b",
+            device="cuda",
+            dtype=dtype,
+            sampler=FEW_STEPS,
+            progress=False,
+            calibration=CalibrationConfig(samples=4),
+            checks=ChecksConfig(eval_samples=4),
+        )
+    )
     assert report.fp_parity.passed and report.parity_passed
     assert {name for name, _, _ in where} == {"check_parity", "torch_outputs", "check_layerwise"}
     assert all(device.type == "cuda" and dtype_ == torch.float32 for _, device, dtype_ in where), where

@@ -1,6 +1,7 @@
 """`stepquant.diffusers.from_bundle`: a bundle's denoiser in place of `pipe.unet` / `pipe.transformer` in diffusers'
 own pipelines gives the images (latents) stepquant's own runtime gives from the same latents: Stable Diffusion with
-DDIM and with DPM-Solver++ (and correction terms), SDXL, PixArt-Sigma; and a whole-pipeline bundle is a ready pipeline."""
+DDIM and with DPM-Solver++ (and correction terms), SDXL, PixArt-Sigma; and a whole-pipeline bundle is a ready
+pipeline."""
 
 from __future__ import annotations
 
@@ -49,9 +50,15 @@ def _compare_with_generate(pipe, loaded, seed: int = 7, negative: str | None = N
     ours = np.concatenate(list(generate_batches(loaded, request, config, progress=False)))
     latents = per_sample_noise(seed_generators(range(seed, seed + request.count)), loaded.manifest.sample_shape)
     with torch.no_grad():
-        theirs = pipe(list(PROMPTS), negative_prompt=negative and [negative] * len(PROMPTS), num_images_per_prompt=2,
-                      num_inference_steps=config.steps, guidance_scale=3.0, latents=torch.from_numpy(latents),
-                      output_type="np").images
+        theirs = pipe(
+            list(PROMPTS),
+            negative_prompt=negative and [negative] * len(PROMPTS),
+            num_images_per_prompt=2,
+            num_inference_steps=config.steps,
+            guidance_scale=3.0,
+            latents=torch.from_numpy(latents),
+            output_type="np",
+        ).images
     difference = np.abs(ours - (theirs.transpose(0, 3, 1, 2) * 2 - 1))
     print(f"drop-in vs generate: max abs {difference.max():.2e}, median {np.median(difference):.2e}")
     return float(np.median(difference))
@@ -67,7 +74,9 @@ def test_stable_diffusion_with_the_drop_in_gives_generates_images(text_pipeline,
     x, t = torch.randn(2, 4, 8, 8), torch.tensor(901)
     states = torch.randn(2, 16, 32)
     as_tuple = pipe.unet(x, t, encoder_hidden_states=states, return_dict=False)
-    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], pipe.unet(x, t, encoder_hidden_states=states).sample)
+    assert isinstance(as_tuple, tuple) and torch.equal(
+        as_tuple[0], pipe.unet(x, t, encoder_hidden_states=states).sample
+    )
     original = StableDiffusionPipeline.from_pretrained(text_pipeline / "sd").unet  # the graph is the model: FP32 close
     reference = from_bundle(text_bundle, graph="reference")
     with torch.no_grad():
@@ -80,8 +89,22 @@ def test_dpm_solver_with_corrections_through_the_drop_in(text_pipeline, tmp_path
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "bundle"
-    exported = run_cli("export-quantized", "--model", text_pipeline / "sd", "--prompts-file", text_pipeline / "prompts.txt",
-                       "--out", out, "--guidance-scale", "3", "--scheduler", "dpm-solver++", "--correction", "ptqd", *FAST)
+    exported = run_cli(
+        "export-quantized",
+        "--model",
+        text_pipeline / "sd",
+        "--prompts-file",
+        text_pipeline / "prompts.txt",
+        "--out",
+        out,
+        "--guidance-scale",
+        "3",
+        "--scheduler",
+        "dpm-solver++",
+        "--correction",
+        "ptqd",
+        *FAST,
+    )
     assert exported.returncode == 0, exported.stderr
     warnings: list[str] = []
     pipe, loaded = _pipeline(StableDiffusionPipeline, text_pipeline / "sd", out, warnings)
@@ -101,7 +124,9 @@ def test_sdxl_with_the_drop_in_gives_generates_images(sdxl_pipeline):
     from diffusers import StableDiffusionXLPipeline
 
     pipe, loaded = _pipeline(StableDiffusionXLPipeline, sdxl_pipeline / "pipe", sdxl_pipeline / "bundle")
-    assert pipe.unet.add_embedding.linear_1.in_features == 16 + 6 * 8  # what SDXL's pipeline checks its size ids against
+    assert (
+        pipe.unet.add_embedding.linear_1.in_features == 16 + 6 * 8
+    )  # what SDXL's pipeline checks its size ids against
     assert _compare_with_generate(pipe, loaded) <= 1e-5
 
 
@@ -129,29 +154,73 @@ def test_pixart_sigma_with_the_drop_in_gives_samples_latents(tmp_path):
     conditioning = random_conditioning(EpsilonModel(load_model(str(directory)).denoiser), prompts=2)
     conditioning.save(tmp_path / "conditioning.safetensors")
     config = SamplerConfig(steps=3, guidance_scale=3.0)
-    export_quantized(ExportConfig(model=str(directory), out=tmp_path / "bundle", sampler=config, progress=False,
-                                  conditioning=ConditioningConfig(file=tmp_path / "conditioning.safetensors"),
-                                  calibration=CalibrationConfig(samples=2), checks=ChecksConfig(eval_samples=2)))
+    export_quantized(
+        ExportConfig(
+            model=str(directory),
+            out=tmp_path / "bundle",
+            sampler=config,
+            progress=False,
+            conditioning=ConditioningConfig(file=tmp_path / "conditioning.safetensors"),
+            calibration=CalibrationConfig(samples=2),
+            checks=ChecksConfig(eval_samples=2),
+        )
+    )
     loaded = load_bundle(tmp_path / "bundle")
     transformer = from_bundle(loaded)
     assert isinstance(transformer, BundleTransformer) and transformer.config.out_channels == 4  # the noise half only
-    vae = AutoencoderKL(latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                               scheduler=DDIMScheduler.from_pretrained(directory / "scheduler"))
+    vae = AutoencoderKL(
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    pipe = PixArtSigmaPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        transformer=transformer,
+        scheduler=DDIMScheduler.from_pretrained(directory / "scheduler"),
+    )
     pipe.set_progress_bar_config(disable=True)
     seeds = range(2)
-    ours = sample(quantized_backend(loaded), bundle_table(loaded), seeds, loaded.manifest.sample_shape, config, progress=False,
-                  conditioning=conditioning, clip=False).samples
+    ours = sample(
+        quantized_backend(loaded),
+        bundle_table(loaded),
+        seeds,
+        loaded.manifest.sample_shape,
+        config,
+        progress=False,
+        conditioning=conditioning,
+        clip=False,
+    ).samples
     latents = torch.from_numpy(per_sample_noise(seed_generators(seeds), loaded.manifest.sample_shape))
-    cond, uncond = (torch.from_numpy(rows) for rows in (conditioning.cond["encoder_hidden_states"],
-                                                         conditioning.uncond["encoder_hidden_states"].repeat(2, 0)))
-    masks = (torch.from_numpy(conditioning.cond["encoder_attention_mask"]),
-             torch.from_numpy(conditioning.uncond["encoder_attention_mask"].repeat(2, 0)))
+    cond, uncond = (
+        torch.from_numpy(rows)
+        for rows in (
+            conditioning.cond["encoder_hidden_states"],
+            conditioning.uncond["encoder_hidden_states"].repeat(2, 0),
+        )
+    )
+    masks = (
+        torch.from_numpy(conditioning.cond["encoder_attention_mask"]),
+        torch.from_numpy(conditioning.uncond["encoder_attention_mask"].repeat(2, 0)),
+    )
     with torch.no_grad():
-        theirs = pipe(negative_prompt=None, prompt_embeds=cond, prompt_attention_mask=masks[0], negative_prompt_embeds=uncond,
-                      negative_prompt_attention_mask=masks[1], num_inference_steps=3, guidance_scale=3.0, latents=latents,
-                      height=16, width=16, use_resolution_binning=False, output_type="latent").images
+        theirs = pipe(
+            negative_prompt=None,
+            prompt_embeds=cond,
+            prompt_attention_mask=masks[0],
+            negative_prompt_embeds=uncond,
+            negative_prompt_attention_mask=masks[1],
+            num_inference_steps=3,
+            guidance_scale=3.0,
+            latents=latents,
+            height=16,
+            width=16,
+            use_resolution_binning=False,
+            output_type="latent",
+        ).images
     difference = float(np.abs(ours - theirs.numpy()).max())
     print(f"PixArt drop-in vs sample: max abs {difference:.2e}")
     assert difference <= 1e-3 and np.abs(ours).max() > 0.1
@@ -162,8 +231,12 @@ def test_the_drop_in_refuses_what_it_cannot_run(text_bundle, demo_bundle):
         from_bundle(text_bundle, graph="fp16")
     unet = from_bundle(text_bundle)
     with pytest.raises(ValueError, match="takes no mid_block_additional_residual"):  # a ControlNet's residuals
-        unet(torch.randn(1, 4, 8, 8), 1, encoder_hidden_states=torch.randn(1, 16, 32),
-             mid_block_additional_residual=torch.randn(1, 64, 4, 4))
+        unet(
+            torch.randn(1, 4, 8, 8),
+            1,
+            encoder_hidden_states=torch.randn(1, 16, 32),
+            mid_block_additional_residual=torch.randn(1, 64, 4, 4),
+        )
     loaded = load_bundle(demo_bundle[0])
     assert from_bundle(loaded).config["_class_name"] == "UNet2DModel"
     older = dataclasses.replace(loaded, manifest=dataclasses.replace(loaded.manifest, denoiser_config=None))

@@ -12,16 +12,35 @@ import pytest
 from stepquant.cli.main import COMMANDS, click_command
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted((ROOT / "examples").rglob("README.md")),
-         ROOT / "tools" / "README.md"]
+PAGES = [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").rglob("*.md")),
+    *sorted((ROOT / "examples").rglob("README.md")),
+    ROOT / "tools" / "README.md",
+]
 REPO_PATH = re.compile(r"(?<![\w./-])((?:stepquant|tools|tests|docs|examples)/[\w./-]*[\w/])")
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 OPTION = re.compile(r"(?<![\w-])(--[a-z][A-Za-z0-9-]*[A-Za-z0-9])")
 # options of other programs the docs show (pip, trtexec, Polygraphy, torchrun, pytest, python's argparse tools)
-OTHER_PROGRAMS = {"--load-inputs", "--load-outputs", "--check-error-stat", "--rtol", "--trt", "--model-type",
-                  "--standalone", "--nproc-per-node", "--no-python", "--stronglyTyped", "--help", "--quiet",
-                  "--disable-pip-version-check", "--index-url", "--extra-index-url", "--target-dir",
-                  "--quantize-mha"}  # the last: modelopt's
+OTHER_PROGRAMS = {
+    "--load-inputs",
+    "--load-outputs",
+    "--check-error-stat",
+    "--rtol",
+    "--trt",
+    "--model-type",
+    "--standalone",
+    "--nproc-per-node",
+    "--no-python",
+    "--stronglyTyped",
+    "--help",
+    "--quiet",
+    "--disable-pip-version-check",
+    "--index-url",
+    "--extra-index-url",
+    "--target-dir",
+    "--quantize-mha",
+}  # the last: modelopt's
 
 
 def stale_paths(text: str, page: Path) -> list[str]:

@@ -55,7 +55,9 @@ def demo_backends():
     loaded = load_model("demo-digits")
     fp = EpsilonModel(loaded.denoiser)
     config = SamplerConfig(steps=5)
-    calib = collect_calibration_set(TorchBackend(fp), loaded.scheduler_config, range(100, 104), (1, 16, 16), config, 5, progress=False)
+    calib = collect_calibration_set(
+        TorchBackend(fp), loaded.scheduler_config, range(100, 104), (1, 16, 16), config, 5, progress=False
+    )
     quantized = {}
     for bits in (8, 4):
         model = EpsilonModel(copy.deepcopy(loaded.denoiser))

@@ -28,15 +28,24 @@ def test_every_example_has_a_readme_and_one_script():
 def _run(example: Path, out: Path) -> subprocess.CompletedProcess:
     script = next(p for p in example.iterdir() if p.suffix in (".sh", ".py"))
     command = ["bash", str(script)] if script.suffix == ".sh" else [sys.executable, str(script)]
-    env = {**os.environ, "OUT": str(out), "FAST": FAST, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "FAST": FAST,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
 def example_runs(request, tmp_path_factory):
     """Every example this session runs, started side by side (each in its own output folder)."""
-    return run_side_by_side({example.name: functools.partial(_run, example, tmp_path_factory.mktemp(example.name))
-                             for example in selected_params(request, "test_the_example_runs", "example")})
+    return run_side_by_side(
+        {
+            example.name: functools.partial(_run, example, tmp_path_factory.mktemp(example.name))
+            for example in selected_params(request, "test_the_example_runs", "example")
+        }
+    )
 
 
 @pytest.mark.slow

@@ -23,8 +23,15 @@ from stepquant.quant.quantize import ResidualQuantizer
 def exported(tiny_model_dir, tmp_path_factory):
     loaded = load_model(str(tiny_model_dir))
     shape = (1, 8, 8)
-    calib = collect_calibration_set(TorchBackend(EpsilonModel(loaded.denoiser)), loaded.scheduler_config, range(4), shape,
-                                    FEW_STEPS, calib_steps=4, progress=False)
+    calib = collect_calibration_set(
+        TorchBackend(EpsilonModel(loaded.denoiser)),
+        loaded.scheduler_config,
+        range(4),
+        shape,
+        FEW_STEPS,
+        calib_steps=4,
+        progress=False,
+    )
     model = EpsilonModel(loaded.denoiser)
     quantize_(model, QuantSpec())
     calibrate_ranges(model, calib, progress=False)
@@ -59,9 +66,16 @@ def test_every_quantized_layer_has_qdq_on_input_and_weight(exported):
 def test_residual_adds_get_qdq_on_the_skip_input_only(exported):
     _, proto, _, _ = exported
     producer = {out: node for node in proto.graph.node for out in node.output}
-    adds = [n for n in proto.graph.node if n.op_type == "Add" and "/resnets." in n.name
-            and any(producer.get(i) is not None and producer[i].op_type == "Conv" and "conv2" in producer[i].name
-                    for i in n.input)]
+    adds = [
+        n
+        for n in proto.graph.node
+        if n.op_type == "Add"
+        and "/resnets." in n.name
+        and any(
+            producer.get(i) is not None and producer[i].op_type == "Conv" and "conv2" in producer[i].name
+            for i in n.input
+        )
+    ]
     assert adds
     for add in adds:
         kinds = sorted(producer[i].op_type for i in add.input)
@@ -99,9 +113,19 @@ def _qdq_pairs(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, onnx.N
         if node.op_type not in ("Conv", "MatMul", "Gemm"):
             continue
         feeders = [source(name) for name in node.input[:2]]
-        weight_dq = next((f for f in feeders if f is not None and f.op_type == "DequantizeLinear"
-                          and f.input[0].endswith(".weight_quantizer.qweight")), None)
-        act_dq = next((f for f in feeders if f is not None and f.op_type == "DequantizeLinear" and f is not weight_dq), None)
+        weight_dq = next(
+            (
+                f
+                for f in feeders
+                if f is not None
+                and f.op_type == "DequantizeLinear"
+                and f.input[0].endswith(".weight_quantizer.qweight")
+            ),
+            None,
+        )
+        act_dq = next(
+            (f for f in feeders if f is not None and f.op_type == "DequantizeLinear" and f is not weight_dq), None
+        )
         if weight_dq is not None and act_dq is not None:
             pairs[weight_dq.input[0].removesuffix(".weight_quantizer.qweight")] = (producer[act_dq.input[0]], weight_dq)
     return pairs
@@ -128,7 +152,10 @@ def test_scales_and_integer_weights_equal_calibrated_values(exported):
 
 def test_graph_has_dynamic_batch_and_runs_on_onnxruntime(exported):
     model, _, path, _ = exported
-    feeds = [{"sample": torch.randn(batch, 1, 8, 8).numpy(), "timestep": np.full((batch,), 321.0, np.float32)} for batch in (1, 3)]
+    feeds = [
+        {"sample": torch.randn(batch, 1, 8, 8).numpy(), "timestep": np.full((batch,), 321.0, np.float32)}
+        for batch in (1, 3)
+    ]
     report, outputs = check_layerwise(model, path, feeds, parity_policy("tensorrt", "int8", "fp32"))
     assert [o.shape for o in outputs] == [(1, 1, 8, 8), (3, 1, 8, 8)]
     assert report.passed, report.summary()
@@ -138,11 +165,31 @@ def test_a_profile_without_the_native_size_exports_at_its_opt_size(tmp_path):
     """A Jetson user exports only the smaller size they deploy: calibration, parity and the bundle's sample
     shape use the profile's opt size (the demo is 16 x 16; this profile holds 8 x 8 only)."""
     out = tmp_path / "small"
-    result = run_cli("export-quantized", "--out", out, "--height-range", "8", "--width-range", "8", "--steps", "4",
-                     "--calib-samples", "4", "--eval-samples", "4", "--no-progress")
+    result = run_cli(
+        "export-quantized",
+        "--out",
+        out,
+        "--height-range",
+        "8",
+        "--width-range",
+        "8",
+        "--steps",
+        "4",
+        "--calib-samples",
+        "4",
+        "--eval-samples",
+        "4",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["sample_shape"] == [1, 8, 8] and manifest["inputs"]["shape_profile"]["height"] == {"min": 8, "opt": 8, "max": 8}
-    sampled = run_cli("stepquant", "sample", "--bundle", out, "--n", 2, "--steps", 4, "--out", tmp_path / "s.npz", "--no-progress")
+    assert manifest["sample_shape"] == [1, 8, 8] and manifest["inputs"]["shape_profile"]["height"] == {
+        "min": 8,
+        "opt": 8,
+        "max": 8,
+    }
+    sampled = run_cli(
+        "stepquant", "sample", "--bundle", out, "--n", 2, "--steps", 4, "--out", tmp_path / "s.npz", "--no-progress"
+    )
     assert sampled.returncode == 0, sampled.stderr
     assert np.load(tmp_path / "s.npz")["samples"].shape == (2, 1, 8, 8)

@@ -28,9 +28,17 @@ def external_bundle(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("external") / "bundle"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(onnx_files, "EXTERNAL_DATA_BYTES", 0)  # every graph takes the large-graph path
-        export_quantized(ExportConfig(model=str(tiny_model_dir), out=out, sampler=SamplerConfig(steps=3),
-                                      targets=("tensorrt", "onnxruntime-cpu"), progress=False,
-                                      calibration=CalibrationConfig(samples=4), checks=ChecksConfig(eval_samples=4)))
+        export_quantized(
+            ExportConfig(
+                model=str(tiny_model_dir),
+                out=out,
+                sampler=SamplerConfig(steps=3),
+                targets=("tensorrt", "onnxruntime-cpu"),
+                progress=False,
+                calibration=CalibrationConfig(samples=4),
+                checks=ChecksConfig(eval_samples=4),
+            )
+        )
     return out
 
 
@@ -40,9 +48,13 @@ def test_large_graphs_keep_their_tensors_beside_them_listed_in_the_manifest(exte
     for graph in graphs:
         assert external_data_locations(external_bundle / graph) == [graph + ".data"]
         assert graph + ".data" in bundle.manifest.files
-        assert (external_bundle / (graph + ".data")).stat().st_mode & 0o777 == (external_bundle / graph).stat().st_mode & 0o777
+        assert (external_bundle / (graph + ".data")).stat().st_mode & 0o777 == (
+            external_bundle / graph
+        ).stat().st_mode & 0o777
         proto = onnx.load(str(external_bundle / graph), load_external_data=False)
-        assert sum(len(t.raw_data) for t in proto.graph.initializer) < (external_bundle / (graph + ".data")).stat().st_size
+        assert (
+            sum(len(t.raw_data) for t in proto.graph.initializer) < (external_bundle / (graph + ".data")).stat().st_size
+        )
     assert not [p for p in external_bundle.rglob("*") if p.name.endswith(".export")]  # no exporter leftovers
     assert not lint(bundle.file("model.onnx"))
     assert replay_parity(bundle).passed

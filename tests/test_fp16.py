@@ -18,8 +18,16 @@ from stepquant.quant import QuantSpec
 @pytest.fixture(scope="module")
 def fp16_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("fp16") / "bundle"
-    report = export_quantized(ExportConfig(out=out, precision="fp16", sampler=FEW_STEPS, progress=False,
-                                           calibration=CalibrationConfig(samples=8), checks=ChecksConfig(eval_samples=8)))
+    report = export_quantized(
+        ExportConfig(
+            out=out,
+            precision="fp16",
+            sampler=FEW_STEPS,
+            progress=False,
+            calibration=CalibrationConfig(samples=8),
+            checks=ChecksConfig(eval_samples=8),
+        )
+    )
     return out, report
 
 

@@ -1,5 +1,6 @@
 """FP8 (E4M3) export: standard ONNX float8 Q/DQ at opset 19, lint-clean, and in parity with the torch
-simulation quantizer by quantizer (the graph as written on onnxruntime); the sampler runs it at onnxruntime's basic level."""
+simulation quantizer by quantizer (the graph as written on onnxruntime); the sampler runs it at onnxruntime's
+basic level."""
 
 import numpy as np
 import onnx
@@ -20,8 +21,16 @@ from stepquant.runtime.bundle_backends import quantized_backend
 @pytest.fixture(scope="module")
 def fp8_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("fp8") / "bundle"
-    report = export_quantized(ExportConfig(out=out, quant=QuantSpec(format="fp8"), sampler=FEW_STEPS, progress=False,
-                                           calibration=CalibrationConfig(samples=8), checks=ChecksConfig(eval_samples=8)))
+    report = export_quantized(
+        ExportConfig(
+            out=out,
+            quant=QuantSpec(format="fp8"),
+            sampler=FEW_STEPS,
+            progress=False,
+            calibration=CalibrationConfig(samples=8),
+            checks=ChecksConfig(eval_samples=8),
+        )
+    )
     return out, report
 
 

@@ -36,8 +36,9 @@ CLASSES = 4
 @pytest.fixture(scope="module")
 def class_model(tmp_path_factory):
     """(pipeline dir, LoadedModel, EpsilonModel, conditioning of every class) of a tiny class-conditional UNet."""
-    root = save_tiny_pipeline("sd", tmp_path_factory.mktemp("classes") / "pipeline", classes=CLASSES, in_channels=1,
-                              out_channels=1)
+    root = save_tiny_pipeline(
+        "sd", tmp_path_factory.mktemp("classes") / "pipeline", classes=CLASSES, in_channels=1, out_channels=1
+    )
     loaded = load_model(str(root))
     model = EpsilonModel(loaded.denoiser)
     return root, loaded, model, load_conditioning(model, loaded, None, None, sample_shape(loaded.denoiser))
@@ -46,8 +47,16 @@ def class_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def guided_calibration(class_model):
     _, loaded, model, rows = class_model
-    return collect_calibration_set(TorchBackend(model), loaded.scheduler_config, range(3), (1, 8, 8), GUIDED, GUIDED.steps,
-                                   progress=False, conditioning=rows)
+    return collect_calibration_set(
+        TorchBackend(model),
+        loaded.scheduler_config,
+        range(3),
+        (1, 8, 8),
+        GUIDED,
+        GUIDED.steps,
+        progress=False,
+        conditioning=rows,
+    )
 
 
 def test_class_table_rows_and_bad_classes(class_model, tiny_model_dir, tmp_path):
@@ -100,8 +109,16 @@ def test_every_calibrator_runs_on_a_guided_class_model(class_model, guided_calib
     _, loaded, model, _ = class_model
     q_model = EpsilonModel(load_model(str(class_model[0])).denoiser)
     quantize_(q_model, QuantSpec(4, 8))
-    summary = calibrate_(model, q_model, guided_calibration, calibrator, loaded.scheduler_config, GUIDED,
-                         reconstruction=FAST, progress=False)
+    summary = calibrate_(
+        model,
+        q_model,
+        guided_calibration,
+        calibrator,
+        loaded.scheduler_config,
+        GUIDED,
+        reconstruction=FAST,
+        progress=False,
+    )
     assert summary["calibrator"] == calibrator
     scales = [m.scale for m in q_model.modules() if isinstance(m, ActivationQuantizer)]
     assert scales and all(torch.isfinite(s).all() and (s > 0).all() for s in scales)
@@ -132,13 +149,19 @@ def test_corrections_fitted_to_the_guided_estimate_undo_branch_biases(class_mode
     table = capture_table(GUIDED, schedule)
 
     def run(backend, terms=None):
-        return sample(backend, table, seeds, shape, GUIDED, progress=False, conditioning=rows, corrections=terms,
-                      clip=False).samples
+        return sample(
+            backend, table, seeds, shape, GUIDED, progress=False, conditioning=rows, corrections=terms, clip=False
+        ).samples
 
     reference, uncorrected = run(fp), run(faulty)
     guided = estimate_corrections(method, fp, faulty, schedule, range(10, 16), shape, GUIDED, False, rows)
-    pooled = estimate_corrections(method, fp, faulty, schedule, range(10, 16), shape, GUIDED, False, rows, per_branch=True)
-    error = {name: float(np.abs(run(faulty, terms) - reference).max()) for name, terms in (("guided", guided), ("pooled", pooled))}
+    pooled = estimate_corrections(
+        method, fp, faulty, schedule, range(10, 16), shape, GUIDED, False, rows, per_branch=True
+    )
+    error = {
+        name: float(np.abs(run(faulty, terms) - reference).max())
+        for name, terms in (("guided", guided), ("pooled", pooled))
+    }
     assert float(np.abs(uncorrected - reference).max()) > 0.05
     assert error["guided"] < 2e-3 < error["pooled"], error
 
@@ -147,50 +170,135 @@ def test_tac_fits_gains_along_the_guided_trajectory(class_model):
     _, loaded, model, rows = class_model
     fp = TorchBackend(model)
     for per_branch in (False, True):
-        terms = estimate_corrections("tac", fp, _BranchBias(fp, 0.02, 0.02), loaded.scheduler_config, range(4), (1, 8, 8),
-                                     GUIDED, False, rows, per_branch=per_branch)
+        terms = estimate_corrections(
+            "tac",
+            fp,
+            _BranchBias(fp, 0.02, 0.02),
+            loaded.scheduler_config,
+            range(4),
+            (1, 8, 8),
+            GUIDED,
+            False,
+            rows,
+            per_branch=per_branch,
+        )
         assert terms.method == "tac" and np.isfinite(terms.gain).all() and len(terms.timesteps) == GUIDED.steps
 
 
 def test_class_bundle_export_sample_and_bad_input(class_model, tmp_path):
     root = class_model[0]
     out = tmp_path / "bundle"
-    result = run_cli("export-quantized", "--model", root, "--out", out, "--classes", "1,3", "--guidance-scale", "2",
-                     "--steps", "3", "--calib-samples", "2", "--eval-samples", "2", "--correction", "ptqd", "--no-progress")
+    result = run_cli(
+        "export-quantized",
+        "--model",
+        root,
+        "--out",
+        out,
+        "--classes",
+        "1,3",
+        "--guidance-scale",
+        "2",
+        "--steps",
+        "3",
+        "--calib-samples",
+        "2",
+        "--eval-samples",
+        "2",
+        "--correction",
+        "ptqd",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr
     manifest = load_bundle(out).manifest
     assert manifest.sample_space == "pixel" and manifest.class_table in manifest.files
     assert manifest.info["conditioning"]["source"] == "classes 1, 3"
     assert manifest.info["correction_fit"] == "guided estimate"
     per_branch = tmp_path / "per-branch"
-    result = run_cli("export-quantized", "--model", root, "--out", per_branch, "--classes", "1,3", "--guidance-scale", "2",
-                     "--steps", "3", "--calib-samples", "2", "--eval-samples", "2", "--correction", "ptqd",
-                     "--correction-per-branch", "--no-progress")
+    result = run_cli(
+        "export-quantized",
+        "--model",
+        root,
+        "--out",
+        per_branch,
+        "--classes",
+        "1,3",
+        "--guidance-scale",
+        "2",
+        "--steps",
+        "3",
+        "--calib-samples",
+        "2",
+        "--eval-samples",
+        "2",
+        "--correction",
+        "ptqd",
+        "--correction-per-branch",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr
     assert load_bundle(per_branch).manifest.info["correction_fit"] == "per branch"
     guided_terms, branch_terms = (bundle_corrections(load_bundle(b)) for b in (out, per_branch))
     assert not np.allclose(guided_terms.bias, branch_terms.bias)  # fitted to other statistics
     samples = tmp_path / "s.npz"
-    result = run_cli("stepquant", "sample", "--bundle", out, "--classes", "2,0", "--n", "3", "--out", samples, "--no-progress")
+    result = run_cli(
+        "stepquant", "sample", "--bundle", out, "--classes", "2,0", "--n", "3", "--out", samples, "--no-progress"
+    )
     assert result.returncode == 0, result.stderr
     values = np.load(samples)["samples"]
     assert values.shape == (3, 1, 8, 8) and np.abs(values).max() <= 1.0  # pixels: clipped
     assert "guidance 2" in result.stdout
-    assert_one_line_error(run_cli("stepquant", "eval", "--bundle", out, "--n", "4", "--out", tmp_path / "eval"),
-                          "scores 16x16 grey digits")
-    bad = {("--classes", "4"): "class 4 is out of range", ("--classes", "a,1"): "'a' is not a class index",
-           ("--classes", "1", "--conditioning", tmp_path / "c.safetensors"): "give one of",
-           ("--steps", "5"): "stores no 5 DDIM steps", ("--scheduler", "euler"): "EULER steps sampler; it stores"}
+    assert_one_line_error(
+        run_cli("stepquant", "eval", "--bundle", out, "--n", "4", "--out", tmp_path / "eval"),
+        "scores 16x16 grey digits",
+    )
+    bad = {
+        ("--classes", "4"): "class 4 is out of range",
+        ("--classes", "a,1"): "'a' is not a class index",
+        ("--classes", "1", "--conditioning", tmp_path / "c.safetensors"): "give one of",
+        ("--steps", "5"): "stores no 5 DDIM steps",
+        ("--scheduler", "euler"): "EULER steps sampler; it stores",
+    }
     for args, fragment in bad.items():
-        assert_one_line_error(run_cli("stepquant", "sample", "--bundle", out, "--n", "2", "--out", tmp_path / "x.npz", *args), fragment)
-    assert_one_line_error(run_cli("export-quantized", "--out", tmp_path / "d", "--classes", "1"), "is unconditional: drop --classes")
-    assert_one_line_error(run_cli("export-quantized", "--out", tmp_path / "d", "--correction", "ptqd", "--guidance-scale", "2",
-                                  "--correction-per-branch"), "is unconditional: drop --correction-per-branch")
-    assert_one_line_error(run_cli("export-quantized", "--model", root, "--out", tmp_path / "e", "--classes", "1",
-                                  "--prompts-file", tmp_path / "p.txt"), "give one of")
-    for args in (("--correction-per-branch",), ("--correction", "ptqd", "--correction-per-branch", "--guidance-scale", "1")):
-        assert_one_line_error(run_cli("export-quantized", "--model", root, "--out", tmp_path / "f", *args),
-                              "--correction-per-branch fits")
+        assert_one_line_error(
+            run_cli("stepquant", "sample", "--bundle", out, "--n", "2", "--out", tmp_path / "x.npz", *args), fragment
+        )
+    assert_one_line_error(
+        run_cli("export-quantized", "--out", tmp_path / "d", "--classes", "1"), "is unconditional: drop --classes"
+    )
+    assert_one_line_error(
+        run_cli(
+            "export-quantized",
+            "--out",
+            tmp_path / "d",
+            "--correction",
+            "ptqd",
+            "--guidance-scale",
+            "2",
+            "--correction-per-branch",
+        ),
+        "is unconditional: drop --correction-per-branch",
+    )
+    assert_one_line_error(
+        run_cli(
+            "export-quantized",
+            "--model",
+            root,
+            "--out",
+            tmp_path / "e",
+            "--classes",
+            "1",
+            "--prompts-file",
+            tmp_path / "p.txt",
+        ),
+        "give one of",
+    )
+    for args in (
+        ("--correction-per-branch",),
+        ("--correction", "ptqd", "--correction-per-branch", "--guidance-scale", "1"),
+    ):
+        assert_one_line_error(
+            run_cli("export-quantized", "--model", root, "--out", tmp_path / "f", *args), "--correction-per-branch fits"
+        )
     assert not any((tmp_path / name).exists() for name in ("x.npz", "d", "e", "f"))
 
 
@@ -209,16 +317,47 @@ def test_bundled_conditional_demo_draws_the_requested_digit(tmp_path):
     every = load_conditioning(model, loaded, None, None, (1, 16, 16))
     assert len(every) == 10
     seeds = range(100)
-    images = sample(TorchBackend(model), capture_table(config, loaded.scheduler_config), seeds, (1, 16, 16), config,
-                    progress=False, conditioning=every).samples
+    images = sample(
+        TorchBackend(model),
+        capture_table(config, loaded.scheduler_config),
+        seeds,
+        (1, 16, 16),
+        config,
+        progress=False,
+        conditioning=every,
+    ).samples
     with torch.no_grad():
         read = load_classifier()(torch.from_numpy(images)).argmax(1).numpy()
     assert (read == np.arange(100) % 10).mean() >= 0.95
     fp = TorchBackend(model)
     quick = SamplerConfig("ddim", 5, 0.0, 3.0)
-    same = evaluate(fp, fp, loaded.scheduler_config, range(20), (1, 16, 16), quick, progress=False, conditioning=every,
-                    requested=[i % 10 for i in range(20)])
+    same = evaluate(
+        fp,
+        fp,
+        loaded.scheduler_config,
+        range(20),
+        (1, 16, 16),
+        quick,
+        progress=False,
+        conditioning=every,
+        requested=[i % 10 for i in range(20)],
+    )
     assert same.class_accuracy == same.fp_class_accuracy > 0.5 and same.step_error == [0.0] * 5
-    result = run_cli("stepquant", "sample", "--model", CONDITIONAL_DEMO_NAME, "--classes", "7", "--n", "2", "--steps", "5",
-                     "--guidance-scale", "3", "--out", tmp_path / "sevens.png", "--no-progress")
+    result = run_cli(
+        "stepquant",
+        "sample",
+        "--model",
+        CONDITIONAL_DEMO_NAME,
+        "--classes",
+        "7",
+        "--n",
+        "2",
+        "--steps",
+        "5",
+        "--guidance-scale",
+        "3",
+        "--out",
+        tmp_path / "sevens.png",
+        "--no-progress",
+    )
     assert result.returncode == 0 and (tmp_path / "sevens.png").is_file(), result.stderr

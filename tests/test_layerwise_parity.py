@@ -25,8 +25,12 @@ from stepquant.quant import QuantSpec, quantize_
 from stepquant.quant.quantize import round_scales_
 
 # (target, format, precision): every kind of graph the export writes
-KINDS = [("tensorrt", "int8", "fp32"), ("onnxruntime-cpu", "int8", "fp32"), ("tensorrt", "fp8", "fp32"),
-         ("tensorrt", "int8", "fp16")]
+KINDS = [
+    ("tensorrt", "int8", "fp32"),
+    ("onnxruntime-cpu", "int8", "fp32"),
+    ("tensorrt", "fp8", "fp32"),
+    ("tensorrt", "int8", "fp16"),
+]
 
 
 def _calibration_data() -> CalibrationSet:
@@ -83,8 +87,10 @@ def test_a_scale_fault_is_also_visible_in_the_codes(graph, tmp_path):
     """The static comparison is not the only net: the codes downstream of a 2% weight-scale fault move too."""
     kind, model, path, feeds = graph
     if kind[2] == "fp16":
-        pytest.skip("FP16 arithmetic between quantizers flips up to 4% of a quantizer's codes, so the FP16 policy allows "
-                    "10%: a 2% weight scale there is the static check's to catch (docs/benchmarks/parity.md)")
+        pytest.skip(
+            "FP16 arithmetic between quantizers flips up to 4% of a quantizer's codes, so the FP16 policy allows "
+            "10%: a 2% weight scale there is the static check's to catch (docs/benchmarks/parity.md)"
+        )
     faulty = tmp_path / "faulty.onnx"
     quantizer = seed_fault(path, faulty, "weight scale 2% off")
     report, _ = check_layerwise(model, faulty, feeds, parity_policy(*kind))
@@ -125,7 +131,10 @@ def test_a_graph_edited_after_export_or_from_elsewhere_is_refused(graph, tmp_pat
 def test_inputs_of_the_wrong_shape_are_refused(graph, tmp_path):
     kind, model, path, feeds = graph
     wrong = [{**feeds[0], "sample": feeds[0]["sample"][:, :, :4]}]
-    with pytest.raises(LayerwiseParityError, match=r"parity input 0: sample of shape \[1, 1, 4, 8\], the graph takes \['batch', 1, 8, 8\]"):
+    with pytest.raises(
+        LayerwiseParityError,
+        match=r"parity input 0: sample of shape \[1, 1, 4, 8\], the graph takes \['batch', 1, 8, 8\]",
+    ):
         check_layerwise(model, path, wrong, parity_policy(*kind))
     with pytest.raises(LayerwiseParityError, match="parity input 0 lacks the graph input 'timestep'"):
         check_layerwise(model, path, [{"sample": feeds[0]["sample"]}], parity_policy(*kind))

@@ -13,14 +13,30 @@ def const(name, array):
     return numpy_helper.from_array(np.asarray(array), name)
 
 
-def build(*, act_scale=0.05, act_zp=np.int8(0), weight_scale=None, weight_zp=None, act_axis_scale=False,
-          computed_scale=False, output_qdq=False, dangling=False, residual=False, cast_input=None, opset=17,
-          extra_nodes=()):
+def build(
+    *,
+    act_scale=0.05,
+    act_zp=np.int8(0),
+    weight_scale=None,
+    weight_zp=None,
+    act_axis_scale=False,
+    computed_scale=False,
+    output_qdq=False,
+    dangling=False,
+    residual=False,
+    cast_input=None,
+    opset=17,
+    extra_nodes=(),
+):
     """x -> Q -> DQ -> Conv(DQ(int8 weight, per-channel)) -> y: a graph TensorRT accepts unless told otherwise."""
     weight_scale = np.full(4, 0.01, np.float32) if weight_scale is None else weight_scale
     weight_zp = np.zeros(len(weight_scale), np.int8) if weight_zp is None else weight_zp
-    inits = [const("w_int", np.ones((4, 4, 3, 3), np.int8)), const("w_scale", weight_scale), const("w_zp", weight_zp),
-             const("a_zp", act_zp)]
+    inits = [
+        const("w_int", np.ones((4, 4, 3, 3), np.int8)),
+        const("w_scale", weight_scale),
+        const("w_zp", weight_zp),
+        const("a_zp", act_zp),
+    ]
     nodes = []
     q_input = "x"
     if cast_input is not None:
@@ -36,27 +52,41 @@ def build(*, act_scale=0.05, act_zp=np.int8(0), weight_scale=None, weight_zp=Non
     axis = {"axis": 1} if act_axis_scale else {}
     nodes += [
         helper.make_node("QuantizeLinear", [q_input, "a_scale", "a_zp"], ["xq"], name="act_q", **axis),
-        helper.make_node("Relu" if dangling else "DequantizeLinear", ["xq", "a_scale", "a_zp"][: 1 if dangling else 3],
-                         ["xdq"], name="act_dq", **({} if dangling else axis)),
+        helper.make_node(
+            "Relu" if dangling else "DequantizeLinear",
+            ["xq", "a_scale", "a_zp"][: 1 if dangling else 3],
+            ["xdq"],
+            name="act_dq",
+            **({} if dangling else axis),
+        ),
         helper.make_node("DequantizeLinear", ["w_int", "w_scale", "w_zp"], ["w"], name="weight_dq", axis=0),
         helper.make_node("Conv", ["xdq", "w"], ["conv_out"], name="conv", pads=[1, 1, 1, 1]),
     ]
     last = "conv_out"
     if residual:
         inits.append(const("r_scale", np.float32(0.1)))
-        nodes += [helper.make_node("QuantizeLinear", ["conv_out", "r_scale", "a_zp"], ["rq"], name="branch_q"),
-                  helper.make_node("DequantizeLinear", ["rq", "r_scale", "a_zp"], ["rdq"], name="branch_dq"),
-                  helper.make_node("Add", ["rdq", "x"], ["sum"], name="residual_add")]
+        nodes += [
+            helper.make_node("QuantizeLinear", ["conv_out", "r_scale", "a_zp"], ["rq"], name="branch_q"),
+            helper.make_node("DequantizeLinear", ["rq", "r_scale", "a_zp"], ["rdq"], name="branch_dq"),
+            helper.make_node("Add", ["rdq", "x"], ["sum"], name="residual_add"),
+        ]
         last = "sum"
     if output_qdq:
         inits.append(const("o_scale", np.float32(0.1)))
-        nodes += [helper.make_node("QuantizeLinear", [last, "o_scale", "a_zp"], ["oq"], name="out_q"),
-                  helper.make_node("DequantizeLinear", ["oq", "o_scale", "a_zp"], ["y"], name="out_dq")]
+        nodes += [
+            helper.make_node("QuantizeLinear", [last, "o_scale", "a_zp"], ["oq"], name="out_q"),
+            helper.make_node("DequantizeLinear", ["oq", "o_scale", "a_zp"], ["y"], name="out_dq"),
+        ]
     else:
         nodes.append(helper.make_node("Identity", [last], ["y"], name="out"))
     nodes += list(extra_nodes)
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
@@ -69,24 +99,33 @@ def test_a_conforming_graph_passes():
     check_conformance(build())
 
 
-@pytest.mark.parametrize("kwargs, rule", [
-    ({"act_zp": np.int8(3)}, "zero-point-nonzero"),
-    ({"weight_zp": np.array([0, 0, 1, 0], np.int8)}, "zero-point-nonzero"),
-    ({"act_zp": np.int32(0)}, "zero-point-type"),
-    ({"computed_scale": True}, "scale-not-constant"),
-    ({"act_scale": -0.05}, "scale-not-positive"),
-    ({"act_scale": 0.0}, "scale-not-positive"),
-    ({"weight_scale": np.array([0.01, 0.01, np.nan, 0.01], np.float32)}, "scale-not-positive"),
-    ({"weight_scale": np.full(3, 0.01, np.float32)}, "scale-shape"),
-    ({"act_axis_scale": True}, "per-channel-activation"),
-    ({"cast_input": TensorProto.INT32, "opset": 21}, "input-type"),
-    ({"output_qdq": True}, "qdq-on-output"),
-    ({"dangling": True}, "dangling-quantize"),
-    ({"residual": True}, "residual-fusion"),
-    ({"opset": 10}, "opset"),
-    ({"extra_nodes": [helper.make_node("QLinearConv", ["a", "b", "c", "d", "e", "f", "g", "h"], ["i"], name="qconv")]},
-     "unsupported-op"),
-])
+@pytest.mark.parametrize(
+    "kwargs, rule",
+    [
+        ({"act_zp": np.int8(3)}, "zero-point-nonzero"),
+        ({"weight_zp": np.array([0, 0, 1, 0], np.int8)}, "zero-point-nonzero"),
+        ({"act_zp": np.int32(0)}, "zero-point-type"),
+        ({"computed_scale": True}, "scale-not-constant"),
+        ({"act_scale": -0.05}, "scale-not-positive"),
+        ({"act_scale": 0.0}, "scale-not-positive"),
+        ({"weight_scale": np.array([0.01, 0.01, np.nan, 0.01], np.float32)}, "scale-not-positive"),
+        ({"weight_scale": np.full(3, 0.01, np.float32)}, "scale-shape"),
+        ({"act_axis_scale": True}, "per-channel-activation"),
+        ({"cast_input": TensorProto.INT32, "opset": 21}, "input-type"),
+        ({"output_qdq": True}, "qdq-on-output"),
+        ({"dangling": True}, "dangling-quantize"),
+        ({"residual": True}, "residual-fusion"),
+        ({"opset": 10}, "opset"),
+        (
+            {
+                "extra_nodes": [
+                    helper.make_node("QLinearConv", ["a", "b", "c", "d", "e", "f", "g", "h"], ["i"], name="qconv")
+                ]
+            },
+            "unsupported-op",
+        ),
+    ],
+)
 def test_each_seeded_violation_is_caught_and_named(kwargs, rule):
     model = build(**kwargs)
     assert rule in rules(model)
@@ -120,8 +159,10 @@ def test_unreadable_file_is_reported(tmp_path):
 def test_a_graph_without_quantizers_is_refused_in_one_line(tmp_path, demo_bundle):
 
     (tmp_path / "empty.onnx").write_bytes(b"")
-    for graph, says in ((demo_bundle[0] / "model_fp32.onnx", "no QuantizeLinear or DequantizeLinear node"),
-                        (tmp_path / "empty.onnx", "no node at all")):
+    for graph, says in (
+        (demo_bundle[0] / "model_fp32.onnx", "no QuantizeLinear or DequantizeLinear node"),
+        (tmp_path / "empty.onnx", "no node at all"),
+    ):
         result = run_cli("stepquant", "lint", graph)
         assert_one_line_error(result, says)
         assert result.returncode == 1 and "not a quantized (Q/DQ) graph" in result.stderr

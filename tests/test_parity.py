@@ -44,7 +44,7 @@ def test_parity_figures_and_replay_data_are_in_the_bundle(demo_bundle):
     inputs = load_json(bundle.file("parity/inputs.json"))
     references = RunResults.load(str(bundle.file("parity/reference_outputs.json")))
     assert len(inputs) == len(end_to_end["timesteps"])
-    (_, iterations), = references.items()
+    ((_, iterations),) = references.items()
     assert len(iterations) == len(inputs)
     assert {float(feed["timestep"][0]) for feed in inputs} == {t["timestep"] for t in end_to_end["timesteps"]}
     assert np.isfinite(iterations[0]["eps"]).all()
@@ -101,8 +101,10 @@ def test_parity_inputs_of_the_wrong_shape_are_refused_in_one_line(demo_bundle, t
         save_json(feeds, directory / "parity" / "inputs.json")
 
     bundle = _resigned_copy(demo_bundle[0], tmp_path / "wrong-shapes", cut_sample)
-    assert_one_line_error(run_cli("stepquant", "parity", "--bundle", bundle),
-                          "sample of shape [4, 1, 4, 16] is outside the graph's inputs")
+    assert_one_line_error(
+        run_cli("stepquant", "parity", "--bundle", bundle),
+        "sample of shape [4, 1, 4, 16] is outside the graph's inputs",
+    )
 
 
 def test_the_parity_command_says_which_check_it_runs(demo_bundle):
@@ -127,11 +129,18 @@ def test_a_wrong_graph_stops_the_export_unless_allowed(tiny_model_dir, tmp_path,
         seed_fault(path, path, "activation scale 2% off")
 
     monkeypatch.setattr(pipeline, "export_at_precision", faulty_export)
-    config = dict(model=str(tiny_model_dir), sampler=FEW_STEPS, calibration=CalibrationConfig(samples=4), progress=False)
-    with pytest.raises(ParityError, match="layer-wise parity failed for model.onnx.*QuantizeLinear scale differs from the calibrated one"):
+    config = dict(
+        model=str(tiny_model_dir), sampler=FEW_STEPS, calibration=CalibrationConfig(samples=4), progress=False
+    )
+    with pytest.raises(
+        ParityError,
+        match="layer-wise parity failed for model.onnx.*QuantizeLinear scale differs from the calibrated one",
+    ):
         export_quantized(ExportConfig(out=tmp_path / "strict", **config, checks=ChecksConfig(eval_samples=2)))
     assert not (tmp_path / "strict").exists() and list(tmp_path.iterdir()) == []
-    report = export_quantized(ExportConfig(out=tmp_path / "kept", **config, checks=ChecksConfig(eval_samples=2, require_parity=False)))
+    report = export_quantized(
+        ExportConfig(out=tmp_path / "kept", **config, checks=ChecksConfig(eval_samples=2, require_parity=False))
+    )
     assert not report.parity_passed
     recorded = load_bundle(tmp_path / "kept").target("tensorrt").parity
     assert recorded["passed"] is False and recorded["layerwise"][0]["failures"]

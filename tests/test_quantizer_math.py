@@ -83,9 +83,14 @@ def test_quantize_applies_default_exclusions():
     assert "conv_in" in custom and not any("attentions" in name for name in custom)
 
 
-@pytest.mark.parametrize("kwargs, message", [({"weight_bits": 9}, "between 2 and 8"),
-                                             ({"act_bits": 1}, "between 2 and 8"),
-                                             ({"exclude": ("conv[",)}, "not a valid regular expression")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"weight_bits": 9}, "between 2 and 8"),
+        ({"act_bits": 1}, "between 2 and 8"),
+        ({"exclude": ("conv[",)}, "not a valid regular expression"),
+    ],
+)
 def test_spec_refuses_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QuantSpec(**kwargs)

@@ -40,7 +40,9 @@ def tiny():
     """(FP model, calibration set) for the tiny random UNet, 4 DDIM steps."""
     torch.manual_seed(0)
     fp = EpsilonModel(UNet2DModel(**TINY_UNET)).eval()
-    calib = collect_calibration_set(TorchBackend(fp), SCHEDULER_CONFIG, range(8), (1, 8, 8), FEW_STEPS, 4, progress=False)
+    calib = collect_calibration_set(
+        TorchBackend(fp), SCHEDULER_CONFIG, range(8), (1, 8, 8), FEW_STEPS, 4, progress=False
+    )
     return fp, calib
 
 
@@ -155,6 +157,7 @@ def test_group_backend_sends_each_timestep_to_its_graph():
         def run(sample, timestep):
             calls.append((tag, timestep.tolist()))
             return np.full_like(sample, tag)
+
         return run
 
     grouped = TimestepGroupBackend([backend(0), backend(1)], [[750.0, 500.0], [250.0, 0.0]])
@@ -167,11 +170,17 @@ def test_group_backend_sends_each_timestep_to_its_graph():
 
 @pytest.mark.parametrize("calibrator", ["reconstruct", "multistep", "mixed-order"])
 def test_exported_graph_reproduces_the_reconstructed_model(tiny_model_dir, tmp_path, calibrator):
-    report = export_quantized(ExportConfig(model=str(tiny_model_dir), out=tmp_path / calibrator,
-                                           quant=QuantSpec(8, 8, split_skip_concat=True), sampler=FEW_STEPS,
-                                           progress=False,
-                                           calibration=CalibrationConfig(calibrator=calibrator, reconstruction=FAST, samples=4),
-                                           checks=ChecksConfig(eval_samples=2)))
+    report = export_quantized(
+        ExportConfig(
+            model=str(tiny_model_dir),
+            out=tmp_path / calibrator,
+            quant=QuantSpec(8, 8, split_skip_concat=True),
+            sampler=FEW_STEPS,
+            progress=False,
+            calibration=CalibrationConfig(calibrator=calibrator, reconstruction=FAST, samples=4),
+            checks=ChecksConfig(eval_samples=2),
+        )
+    )
     assert report.parity_passed, report.primary.layerwise[0].summary()
     manifest = json.loads((tmp_path / calibrator / "manifest.json").read_text())
     assert manifest["calibration"]["calibrator"] == calibrator
@@ -180,9 +189,16 @@ def test_exported_graph_reproduces_the_reconstructed_model(tiny_model_dir, tmp_p
 
 def test_timestep_groups_export_one_graph_per_group_and_the_runtime_switches(tiny_model_dir, tmp_path):
     out = tmp_path / "groups"
-    report = export_quantized(ExportConfig(model=str(tiny_model_dir), out=out, sampler=FEW_STEPS, progress=False,
-                                           calibration=CalibrationConfig(calibrator="minmax", timestep_groups=2, samples=4),
-                                           checks=ChecksConfig(eval_samples=2)))
+    report = export_quantized(
+        ExportConfig(
+            model=str(tiny_model_dir),
+            out=out,
+            sampler=FEW_STEPS,
+            progress=False,
+            calibration=CalibrationConfig(calibrator="minmax", timestep_groups=2, samples=4),
+            checks=ChecksConfig(eval_samples=2),
+        )
+    )
     bundle = load_bundle(out)
     groups = bundle.target("tensorrt").timestep_groups
     assert [g.graph for g in groups] == report.graphs == ["model_g0.onnx", "model_g1.onnx"]

@@ -18,8 +18,10 @@ from stepquant.runtime.corrections import METHODS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "stepquant"
 # a target's name compared or looked up by hand instead of through its record's fields
-TARGET_NAME_TEST = re.compile(r"""(target\w*\s*[!=]=\s*|in\s+\S*targets\b.*)["'](%s)["']|["'](%s)["']\s+(not\s+)?in\s"""
-                              % ("|".join(TARGETS), "|".join(TARGETS)))
+TARGET_NAME_TEST = re.compile(
+    r"""(target\w*\s*[!=]=\s*|in\s+\S*targets\b.*)["'](%s)["']|["'](%s)["']\s+(not\s+)?in\s"""
+    % ("|".join(TARGETS), "|".join(TARGETS))
+)
 
 
 def name_tests(source: str) -> list[str]:
@@ -62,21 +64,27 @@ def test_target_profiles_keep_their_files_apart():
         target_profile("openvino")
 
 
-@pytest.mark.parametrize("available, backend, provider, expected", [
-    (("tensorrt", "onnxruntime-cpu"), "onnxruntime", "cpu", "onnxruntime-cpu"),  # integer kernels on the CPU
-    (("tensorrt", "onnxruntime-cpu"), "onnxruntime", "cuda", "tensorrt"),
-    (("tensorrt", "onnxruntime-cpu"), "openvino", "cpu", "tensorrt"),  # OpenVINO is fastest on the Q/DQ graph
-    (("tensorrt", "onnxruntime-cpu"), "tensorrt", "cpu", "tensorrt"),
-    (("tensorrt",), "onnxruntime", "cpu", "tensorrt"),  # the fallback every backend runs
-])
+@pytest.mark.parametrize(
+    "available, backend, provider, expected",
+    [
+        (("tensorrt", "onnxruntime-cpu"), "onnxruntime", "cpu", "onnxruntime-cpu"),  # integer kernels on the CPU
+        (("tensorrt", "onnxruntime-cpu"), "onnxruntime", "cuda", "tensorrt"),
+        (("tensorrt", "onnxruntime-cpu"), "openvino", "cpu", "tensorrt"),  # OpenVINO is fastest on the Q/DQ graph
+        (("tensorrt", "onnxruntime-cpu"), "tensorrt", "cpu", "tensorrt"),
+        (("tensorrt",), "onnxruntime", "cpu", "tensorrt"),  # the fallback every backend runs
+    ],
+)
 def test_each_backend_runs_the_profile_it_prefers(available, backend, provider, expected):
     assert preferred_target(available, backend, provider) == expected
     assert backend in ENGINES
 
 
 def test_no_target_name_is_compared_outside_the_registry():
-    offenders = {path.relative_to(PACKAGE).as_posix(): name_tests(path.read_text())
-                 for path in PACKAGE.rglob("*.py") if path != PACKAGE / "bundle" / "targets.py"}
+    offenders = {
+        path.relative_to(PACKAGE).as_posix(): name_tests(path.read_text())
+        for path in PACKAGE.rglob("*.py")
+        if path != PACKAGE / "bundle" / "targets.py"
+    }
     assert not {path: lines for path, lines in offenders.items() if lines}
     # seeded: what the scan must catch
     assert name_tests('if target == "tensorrt":') and name_tests('if "onnxruntime-cpu" in self.targets:')

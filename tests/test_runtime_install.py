@@ -20,7 +20,16 @@ from stepquant.models.tiny import random_conditioning, save_tiny_pipeline
 from stepquant.pipeline import ExportConfig, export_quantized
 from stepquant.runtime import SamplerConfig
 
-EXPORT_SIDE = ("torch", "diffusers", "onnx", "polygraphy", "onnxconverter_common", "transformers", "matplotlib", "sklearn")
+EXPORT_SIDE = (
+    "torch",
+    "diffusers",
+    "onnx",
+    "polygraphy",
+    "onnxconverter_common",
+    "transformers",
+    "matplotlib",
+    "sklearn",
+)
 # the interpreter the device would have: the export side's packages cannot be imported
 WITHOUT_EXPORT_SIDE = textwrap.dedent(f"""
     import importlib.abc, sys
@@ -33,8 +42,9 @@ WITHOUT_EXPORT_SIDE = textwrap.dedent(f"""
 
 
 def run_without_export_side(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", WITHOUT_EXPORT_SIDE + textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_EXPORT_SIDE + textwrap.dedent(code)], capture_output=True, text=True, timeout=300
+    )
 
 
 def stepquant_without_export_side(*args) -> subprocess.CompletedProcess:
@@ -45,36 +55,66 @@ def stepquant_without_export_side(*args) -> subprocess.CompletedProcess:
     """)
 
 
-RUNTIME_FORBIDDEN = ("stepquant.export", "stepquant.calibrators", "stepquant.models", "stepquant.quant", "stepquant.pipeline",
-                     "stepquant.eval")
+RUNTIME_FORBIDDEN = (
+    "stepquant.export",
+    "stepquant.calibrators",
+    "stepquant.models",
+    "stepquant.quant",
+    "stepquant.pipeline",
+    "stepquant.eval",
+)
 
 
-@pytest.mark.parametrize("module, forbidden", [
-    ("stepquant.runtime", RUNTIME_FORBIDDEN), ("stepquant.bundle", RUNTIME_FORBIDDEN), ("stepquant.cli.sample", RUNTIME_FORBIDDEN),
-    ("stepquant.cli.generate", RUNTIME_FORBIDDEN), ("stepquant.runtime.text_to_image", RUNTIME_FORBIDDEN),
-    # the device's other commands: light modules of the export and eval packages are fine, their libraries are not
-    ("stepquant.cli.bench", ()), ("stepquant.cli.signing", ())])
+@pytest.mark.parametrize(
+    "module, forbidden",
+    [
+        ("stepquant.runtime", RUNTIME_FORBIDDEN),
+        ("stepquant.bundle", RUNTIME_FORBIDDEN),
+        ("stepquant.cli.sample", RUNTIME_FORBIDDEN),
+        ("stepquant.cli.generate", RUNTIME_FORBIDDEN),
+        ("stepquant.runtime.text_to_image", RUNTIME_FORBIDDEN),
+        # the device's other commands: light modules of the export and eval packages are fine, their libraries are not
+        ("stepquant.cli.bench", ()),
+        ("stepquant.cli.signing", ()),
+    ],
+)
 def test_importing_the_runtime_loads_nothing_of_the_export_side(module, forbidden):
-    result = subprocess.run([sys.executable, "-c", f"import json, sys, {module}; print(json.dumps(sorted(sys.modules)))"],
-                            capture_output=True, text=True, timeout=120, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", f"import json, sys, {module}; print(json.dumps(sorted(sys.modules)))"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     loaded = json.loads(result.stdout)
     assert [m for m in loaded if m.split(".")[0] in EXPORT_SIDE or (forbidden and m.startswith(forbidden))] == []
     assert module in loaded  # the check saw the import
 
 
 SAMPLERS = {  # every scheduler the project supports, each with a correction
-    "ddim": (SamplerConfig("ddim", 4, 0.5), "ptqd"), "ddpm": (SamplerConfig("ddpm", 4), "d2-stochastic"),
+    "ddim": (SamplerConfig("ddim", 4, 0.5), "ptqd"),
+    "ddpm": (SamplerConfig("ddpm", 4), "d2-stochastic"),
     "dpm-solver++": (SamplerConfig("dpm-solver++", 4, karras_sigmas=True), "d2-deterministic"),
-    "euler": (SamplerConfig("euler", 4), "tac"), "euler-ancestral": (SamplerConfig("euler-ancestral", 4), "ptqd"),
-    "unipc": (SamplerConfig("unipc", 4), "ptqd")}
+    "euler": (SamplerConfig("euler", 4), "tac"),
+    "euler-ancestral": (SamplerConfig("euler-ancestral", 4), "ptqd"),
+    "unipc": (SamplerConfig("unipc", 4), "ptqd"),
+}
 
 
 @pytest.fixture(scope="module", params=list(SAMPLERS))
 def corrected_bundle(request, tmp_path_factory):
     sampler, correction = SAMPLERS[request.param]
     out = tmp_path_factory.mktemp("runtime") / f"demo-{request.param}"
-    export_quantized(ExportConfig(out=out, sampler=sampler, progress=False, calibration=CalibrationConfig(samples=8),
-                                  checks=ChecksConfig(eval_samples=4), correction=CorrectionConfig(method=correction)))
+    export_quantized(
+        ExportConfig(
+            out=out,
+            sampler=sampler,
+            progress=False,
+            calibration=CalibrationConfig(samples=8),
+            checks=ChecksConfig(eval_samples=4),
+            correction=CorrectionConfig(method=correction),
+        )
+    )
     return out
 
 
@@ -84,10 +124,17 @@ def conditional_bundle(tmp_path_factory):
     pipeline = save_tiny_pipeline("sd", root / "pipeline")
     conditioning = root / "conditioning.safetensors"
     random_conditioning(EpsilonModel(load_model(str(pipeline)).denoiser)).save(conditioning)
-    export_quantized(ExportConfig(model=str(pipeline), out=root / "bundle",
-                                  sampler=SamplerConfig(steps=3, guidance_scale=3.0), progress=False,
-                                  conditioning=ConditioningConfig(file=conditioning),
-                                  calibration=CalibrationConfig(samples=2), checks=ChecksConfig(eval_samples=2)))
+    export_quantized(
+        ExportConfig(
+            model=str(pipeline),
+            out=root / "bundle",
+            sampler=SamplerConfig(steps=3, guidance_scale=3.0),
+            progress=False,
+            conditioning=ConditioningConfig(file=conditioning),
+            calibration=CalibrationConfig(samples=2),
+            checks=ChecksConfig(eval_samples=2),
+        )
+    )
     return root / "bundle", conditioning
 
 
@@ -121,8 +168,10 @@ def test_bench_verify_and_inspect_need_no_export_side(demo_bundle):
 
 
 def test_export_side_commands_say_which_extra_to_install(demo_bundle, tmp_path):
-    for args in (("eval", "--bundle", demo_bundle[0], "--n", "4"),
-                 ("sample", "--model", "demo-digits", "--n", "2", "--out", tmp_path / "fp.npz")):
+    for args in (
+        ("eval", "--bundle", demo_bundle[0], "--n", "4"),
+        ("sample", "--model", "demo-digits", "--n", "2", "--out", tmp_path / "fp.npz"),
+    ):
         result = stepquant_without_export_side(*args)
         assert_one_line_error(result, "pip install 'stepquant[export]'")
     exported = run_without_export_side("""
@@ -169,6 +218,7 @@ def _module_imports() -> dict[str, set[str]]:
 def test_no_import_cycles_between_stepquant_packages():
     """A cycle works or fails by import order; none may exist between the sub-packages (runtime -> bundle is
     fine, bundle -> runtime would not be)."""
+
     def package(module: str) -> str:
         return ".".join(module.split(".")[:2])
 
@@ -182,7 +232,7 @@ def test_no_import_cycles_between_stepquant_packages():
     def visit(node: str, path: list[str]) -> None:
         for nxt in sorted(edges.get(node, ())):
             if nxt in path:
-                cycles.append(path[path.index(nxt):] + [nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt])
             elif len(path) < 12:
                 visit(nxt, path + [nxt])
 

@@ -49,9 +49,11 @@ def script_dir(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     # a stand-in trtexec that reports a version and records its arguments (it builds nothing)
-    (bin_dir / "trtexec").write_text('#!/usr/bin/env bash\nif [ "$1" = "--help" ]; then echo "&&&& RUNNING '
-                                     'TensorRT.trtexec [TensorRT v${FAKE_TRT_VERSION}] # trtexec --help"; exit 0; fi\n'
-                                     'echo "$@" > "$(dirname "$0")/args"\n')
+    (bin_dir / "trtexec").write_text(
+        '#!/usr/bin/env bash\nif [ "$1" = "--help" ]; then echo "&&&& RUNNING '
+        'TensorRT.trtexec [TensorRT v${FAKE_TRT_VERSION}] # trtexec --help"; exit 0; fi\n'
+        'echo "$@" > "$(dirname "$0")/args"\n'
+    )
     (bin_dir / "python3").write_text("#!/usr/bin/env bash\nexit 1\n")  # no tensorrt module to ask
     for tool in ("trtexec", "python3"):
         (bin_dir / tool).chmod(0o755)
@@ -85,7 +87,9 @@ def test_build_script_refuses_other_versions(script_dir):
 def test_every_bundle_carries_the_build_script(demo_bundle):
     bundle = load_bundle(demo_bundle[0])
     script = bundle.file("build_engine.sh").read_text()
-    assert script == build_script({"model.onnx": ShapeProfile.from_dict(bundle.manifest.shape_profile).input_shapes(1, ())})
+    assert script == build_script(
+        {"model.onnx": ShapeProfile.from_dict(bundle.manifest.shape_profile).input_shapes(1, ())}
+    )
     assert bundle.manifest.engine["input_shapes"]["sample"]["max"] == [64, 1, 16, 16]
     assert os.access(bundle.file("build_engine.sh"), os.X_OK)
     assert bundle.manifest.engine["build_script"] == "build_engine.sh"
@@ -94,19 +98,35 @@ def test_every_bundle_carries_the_build_script(demo_bundle):
 def test_tensorrt_commands_fail_clearly_without_tensorrt(demo_bundle):
     try:
         import tensorrt  # noqa: F401
+
         pytest.skip("TensorRT is installed here; the error path is for machines without it")
     except ImportError:
         pass
-    for args in (["build-engine", "--bundle", demo_bundle[0]], ["parity", "--bundle", demo_bundle[0], "--backend", "tensorrt"],
-                 ["sample", "--bundle", demo_bundle[0], "--backend", "tensorrt", "--n", "1", "--out", "unused.npz"]):
+    for args in (
+        ["build-engine", "--bundle", demo_bundle[0]],
+        ["parity", "--bundle", demo_bundle[0], "--backend", "tensorrt"],
+        ["sample", "--bundle", demo_bundle[0], "--backend", "tensorrt", "--n", "1", "--out", "unused.npz"],
+    ):
         assert_one_line_error(run_cli("stepquant", *args), "TensorRT is not installed")
 
 
 # Everything below needs TensorRT and an NVIDIA GPU; it runs as-is on such a machine. Its command lines are
 # checked everywhere (test_tensorrt_only_command_lines_parse), so a renamed option fails here, not there.
 BUILD_ARGS = ["build-engine", "--bundle", "{bundle}", "--batch-range", "1:8:16"]
-SAMPLE_ARGS = ["sample", "--bundle", "{bundle}", "--backend", "tensorrt", "--n", "2", "--steps", "4", "--out", "{out}",
-               "--no-progress"]
+SAMPLE_ARGS = [
+    "sample",
+    "--bundle",
+    "{bundle}",
+    "--backend",
+    "tensorrt",
+    "--n",
+    "2",
+    "--steps",
+    "4",
+    "--out",
+    "{out}",
+    "--no-progress",
+]
 
 
 def _filled(args: list[str], **values) -> list[str]:
@@ -156,5 +176,7 @@ def test_engine_build_tensorrt_backend_and_parity_replay(demo_bundle, tmp_path):
     assert float(psnr(by_trt.samples, by_ort.samples).mean()) > 30.0
     assert torch.isfinite(by_trt.samples).all()
     out = tmp_path / "trt.npz"
-    sampled = subprocess.run([str(stepquant), *_filled(SAMPLE_ARGS, bundle=path, out=out)], capture_output=True, text=True)
+    sampled = subprocess.run(
+        [str(stepquant), *_filled(SAMPLE_ARGS, bundle=path, out=out)], capture_output=True, text=True
+    )
     assert sampled.returncode == 0 and out.is_file(), sampled.stderr

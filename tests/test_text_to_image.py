@@ -27,8 +27,16 @@ from stepquant.runtime.bundle_backends import bundle_sampler
 from stepquant.runtime.seeding import per_sample_noise, seed_generators
 from stepquant.runtime.text_to_image import GenerateRequest, generate_batches, load_tokenizer
 
-GOLDEN = ["a red seven on a blue background", "", "THE Digit 7, in RED!!! (blue paper)...", "ünïcödé ✓ 東京 — naïve café",
-          "a " * 40 + "seven", "  spaces\tand\nnewlines  ", "7777777777777777777777", "it's the dog's; we'll see"]
+GOLDEN = [
+    "a red seven on a blue background",
+    "",
+    "THE Digit 7, in RED!!! (blue paper)...",
+    "ünïcödé ✓ 東京 — naïve café",
+    "a " * 40 + "seven",
+    "  spaces\tand\nnewlines  ",
+    "7777777777777777777777",
+    "it's the dog's; we'll see",
+]
 
 
 def _pixels(path):
@@ -40,13 +48,18 @@ def test_the_bundle_carries_every_part_of_the_pipeline(text_bundle):
     parts = loaded.manifest.text_to_image
     (encoder,) = parts.encoders
     assert (encoder.tokenizer, encoder.graph, parts.vae_decoder) == (
-        "tokenizer/tokenizer.json", "text_encoder/model.onnx", "vae_decoder/model.onnx")
+        "tokenizer/tokenizer.json",
+        "text_encoder/model.onnx",
+        "vae_decoder/model.onnx",
+    )
     assert encoder.max_length == 16 and not encoder.pooled and parts.scaling_factor == 0.5 and parts.time_ids is None
     assert all(check["worst_abs_error_relative_to_max"] <= check["tolerance"] for check in parts.checks.values())
     assert {encoder.tokenizer, encoder.graph, parts.vae_decoder} <= set(loaded.manifest.files)
     quality = loaded.target("tensorrt").details["quality"]
     assert quality["space"] == "image" and quality["psnr_data_range"] == 2.0  # measured on decoded images
-    assert Image.open(text_bundle / "preview.png").height == 4 * (16 + 2)  # the preview shows 16 px images, not 8 px latents
+    assert Image.open(text_bundle / "preview.png").height == 4 * (
+        16 + 2
+    )  # the preview shows 16 px images, not 8 px latents
 
 
 @pytest.mark.parametrize("pad", [None, "!"])  # SD 1.x pads with EOS; SD 2.x and SDXL's second tokenizer with "!"
@@ -70,18 +83,32 @@ def test_the_device_tokenizer_gives_clip_tokenizers_ids(tmp_path, pad):
 
 
 def test_generate_without_the_export_side_gives_the_same_pixels(text_bundle, tmp_path):
-    args = ["generate", "--bundle", text_bundle, "--prompt", TINY_PROMPTS[0], "--prompt", TINY_PROMPTS[1], "--n", "2",
-            "--seed", "5", "--no-progress"]
+    args = [
+        "generate",
+        "--bundle",
+        text_bundle,
+        "--prompt",
+        TINY_PROMPTS[0],
+        "--prompt",
+        TINY_PROMPTS[1],
+        "--n",
+        "2",
+        "--seed",
+        "5",
+        "--no-progress",
+    ]
     full = run_cli("stepquant", *args, "--out", tmp_path / "full.png")
     assert full.returncode == 0, full.stderr
     device = stepquant_without_export_side(*args, "--out", tmp_path / "device.png")
     assert device.returncode == 0, device.stderr
-    assert "wrote 4 images" in device.stdout and np.array_equal(_pixels(tmp_path / "full.png"), _pixels(tmp_path / "device.png"))
+    assert "wrote 4 images" in device.stdout and np.array_equal(
+        _pixels(tmp_path / "full.png"), _pixels(tmp_path / "device.png")
+    )
     import stepquant
 
     api = stepquant.generate(text_bundle, TINY_PROMPTS[:2], n=2, seed=5)  # the Python API: the same images
     assert api.shape == (4, 16, 16, 3) and api.dtype == np.uint8
-    first = _pixels(tmp_path / "full.png")[8:8 + 128, 8:8 + 128].astype(int)  # the grid: a 1 px frame, upscaled 8x
+    first = _pixels(tmp_path / "full.png")[8 : 8 + 128, 8 : 8 + 128].astype(int)  # the grid: a 1 px frame, upscaled 8x
     assert np.abs(first - np.asarray(Image.fromarray(api[0]).resize((128, 128), Image.NEAREST), dtype=int)).max() <= 1
     folder = stepquant_without_export_side(*args, "--out", tmp_path / "images")
     assert folder.returncode == 0, folder.stderr
@@ -101,16 +128,26 @@ def test_the_reference_graph_reproduces_diffusers_pipeline(text_pipeline, text_b
     pipe.set_progress_bar_config(disable=True)
     latents = per_sample_noise(seed_generators(range(11, 11 + request.count)), loaded.manifest.sample_shape)
     with torch.no_grad():
-        theirs = pipe(list(prompts), num_images_per_prompt=2, num_inference_steps=config.steps, guidance_scale=3.0,
-                      latents=torch.from_numpy(latents), output_type="np").images
+        theirs = pipe(
+            list(prompts),
+            num_images_per_prompt=2,
+            num_inference_steps=config.steps,
+            guidance_scale=3.0,
+            latents=torch.from_numpy(latents),
+            output_type="np",
+        ).images
     theirs = theirs.transpose(0, 3, 1, 2) * 2 - 1
     print(f"reference graph vs diffusers: max abs {np.abs(ours - theirs).max():.2e}")
     assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1e-3
     assert np.abs(ours[0] - ours[2]).max() > 0.05  # the prompts matter: a test of the text path, not of the VAE alone
-    quantized = np.concatenate(list(generate_batches(loaded, GenerateRequest(prompts, n=2, seed=11), config, progress=False)))
+    quantized = np.concatenate(
+        list(generate_batches(loaded, GenerateRequest(prompts, n=2, seed=11), config, progress=False))
+    )
     assert np.abs(quantized - theirs).max() > 1e-3  # the tolerance tells an INT8 denoiser from the FP one
     if importlib.util.find_spec("openvino"):  # the whole pipeline (text encoder, denoiser, VAE) on OpenVINO
-        on_openvino = np.concatenate(list(generate_batches(loaded, request, config, backend="openvino", progress=False)))
+        on_openvino = np.concatenate(
+            list(generate_batches(loaded, request, config, backend="openvino", progress=False))
+        )
         assert np.abs(on_openvino - theirs).max() <= 1e-3
 
 
@@ -121,12 +158,20 @@ def test_sdxl_bundles_carry_both_encoders_and_match_diffusers(sdxl_pipeline):
     loaded = load_bundle(sdxl_pipeline / "bundle", strict=True)
     parts = loaded.manifest.text_to_image
     assert [e.graph for e in parts.encoders] == ["text_encoder/model.onnx", "text_encoder_2/model.onnx"]
-    assert [e.pooled for e in parts.encoders] == [False, True] and parts.zero_negative and parts.time_ids == (16, 16, 0, 0, 16, 16)
+    assert (
+        [e.pooled for e in parts.encoders] == [False, True]
+        and parts.zero_negative
+        and parts.time_ids == (16, 16, 0, 0, 16, 16)
+    )
     second = CLIPTokenizer.from_pretrained(sdxl_pipeline / "pipe" / "tokenizer_2")
     assert parts.encoders[1].pad_id == second.convert_tokens_to_ids("!") != parts.encoders[0].pad_id
-    device = load_tokenizer(loaded.file(parts.encoders[1].tokenizer), parts.encoders[1].max_length, parts.encoders[1].pad_id)
+    device = load_tokenizer(
+        loaded.file(parts.encoders[1].tokenizer), parts.encoders[1].max_length, parts.encoders[1].pad_id
+    )
     for prompt in GOLDEN:
-        assert device.encode(prompt).ids == second(prompt, padding="max_length", max_length=16, truncation=True).input_ids
+        assert (
+            device.encode(prompt).ids == second(prompt, padding="max_length", max_length=16, truncation=True).input_ids
+        )
     config = bundle_sampler(loaded).overridden(guidance_scale=3.0)
     prompts = TINY_PROMPTS[:2]
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_pipeline / "pipe")
@@ -137,8 +182,15 @@ def test_sdxl_bundles_carry_both_encoders_and_match_diffusers(sdxl_pipeline):
         request = GenerateRequest(prompts, negative, n=2, seed=3, graph="reference")
         ours = np.concatenate(list(generate_batches(loaded, request, config, progress=False)))
         with torch.no_grad():
-            theirs = pipe(list(prompts), negative_prompt=negative and [negative] * 2, num_images_per_prompt=2,
-                          num_inference_steps=config.steps, guidance_scale=3.0, latents=latents, output_type="np").images
+            theirs = pipe(
+                list(prompts),
+                negative_prompt=negative and [negative] * 2,
+                num_images_per_prompt=2,
+                num_inference_steps=config.steps,
+                guidance_scale=3.0,
+                latents=latents,
+                output_type="np",
+            ).images
         theirs = theirs.transpose(0, 3, 1, 2) * 2 - 1
         print(f"SDXL reference graph vs diffusers (negative {negative!r}): max abs {np.abs(ours - theirs).max():.2e}")
         assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1e-3
@@ -146,21 +198,30 @@ def test_sdxl_bundles_carry_both_encoders_and_match_diffusers(sdxl_pipeline):
 
 def test_generate_refuses_what_it_cannot_run(text_bundle, demo_bundle, tmp_path):
     out = ["--out", tmp_path / "x.png", "--no-progress"]
-    assert_one_line_error(run_cli("stepquant", "generate", "--bundle", demo_bundle[0], "--prompt", "a cat", *out),
-                          "has no tokenizer or text encoder (a denoiser-only bundle)")
+    assert_one_line_error(
+        run_cli("stepquant", "generate", "--bundle", demo_bundle[0], "--prompt", "a cat", *out),
+        "has no tokenizer or text encoder (a denoiser-only bundle)",
+    )
     (tmp_path / "empty.txt").write_text("\n\n")
-    assert_one_line_error(run_cli("stepquant", "generate", "--bundle", text_bundle, "--prompts-file", tmp_path / "empty.txt", *out),
-                          "holds no prompts")
+    assert_one_line_error(
+        run_cli("stepquant", "generate", "--bundle", text_bundle, "--prompts-file", tmp_path / "empty.txt", *out),
+        "holds no prompts",
+    )
     assert_one_line_error(run_cli("stepquant", "generate", "--bundle", text_bundle, *out), "no prompt given")
-    assert_one_line_error(run_cli("stepquant", "eval", "--bundle", text_bundle, "--n", "4", "--out", tmp_path / "eval"),
-                          "scores text-to-image bundles of demo-digits-sd")
+    assert_one_line_error(
+        run_cli("stepquant", "eval", "--bundle", text_bundle, "--n", "4", "--out", tmp_path / "eval"),
+        "scores text-to-image bundles of demo-digits-sd",
+    )
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "mine.png").write_bytes(b"x")
-    assert_one_line_error(run_cli("stepquant", "generate", "--bundle", text_bundle, "--prompt", "a", "--out", tmp_path / "taken"),
-                          "is not an empty folder")
+    assert_one_line_error(
+        run_cli("stepquant", "generate", "--bundle", text_bundle, "--prompt", "a", "--out", tmp_path / "taken"),
+        "is not an empty folder",
+    )
     long = run_cli("stepquant", "generate", "--bundle", text_bundle, "--prompt", "a red seven " * 20, *out)
     assert long.returncode == 0 and [line for line in long.stderr.splitlines() if line.strip()] == [
-        line for line in long.stderr.splitlines() if line.startswith("warning: 1 prompt(s) truncated")]
+        line for line in long.stderr.splitlines() if line.startswith("warning: 1 prompt(s) truncated")
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "taken", "x.png"]
     assert (tmp_path / "taken" / "mine.png").read_bytes() == b"x"
 
@@ -169,7 +230,9 @@ def test_forged_parts_are_refused(text_bundle, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(text_bundle, copy)
     data = (copy / "tokenizer" / "tokenizer.json").read_text()
-    (copy / "tokenizer" / "tokenizer.json").write_text(data.replace('"seven', '"sevem', 1) if '"seven' in data else data + " ")
+    (copy / "tokenizer" / "tokenizer.json").write_text(
+        data.replace('"seven', '"sevem', 1) if '"seven' in data else data + " "
+    )
     with pytest.raises(BundleError, match="sha256 of tokenizer/tokenizer.json"):
         load_bundle(copy)
     shutil.rmtree(copy)
@@ -178,8 +241,10 @@ def test_forged_parts_are_refused(text_bundle, tmp_path):
     proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 3
     onnx.save(proto, str(copy / "vae_decoder" / "model.onnx"))
     forge_bundle(copy)
-    assert_one_line_error(run_cli("stepquant", "generate", "--bundle", copy, "--prompt", "a", "--out", tmp_path / "x.png"),
-                          "not the denoiser's 4-channel latents")
+    assert_one_line_error(
+        run_cli("stepquant", "generate", "--bundle", copy, "--prompt", "a", "--out", tmp_path / "x.png"),
+        "not the denoiser's 4-channel latents",
+    )
 
 
 def test_a_pipeline_missing_a_part_is_refused_before_any_work(text_pipeline, tmp_path):
@@ -188,26 +253,67 @@ def test_a_pipeline_missing_a_part_is_refused_before_any_work(text_pipeline, tmp
     shutil.rmtree(broken / "text_encoder")
     index = json.loads((broken / "model_index.json").read_text())
     (broken / "model_index.json").write_text(json.dumps(index))
-    result = run_cli("export-quantized", "--model", broken, "--conditioning", tmp_path / "none.safetensors", "--out",
-                     tmp_path / "b", *FAST)
+    result = run_cli(
+        "export-quantized",
+        "--model",
+        broken,
+        "--conditioning",
+        tmp_path / "none.safetensors",
+        "--out",
+        tmp_path / "b",
+        *FAST,
+    )
     assert_one_line_error(result, "has a tokenizer but no text_encoder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sd"]
 
 
 def test_a_pipeline_of_other_sizes_exports_and_generates_at_the_defaults(tmp_path):
     """Other channel counts, VAE layout and tokenizer vocabulary than the fixture's: only --prompts-file is given."""
-    pipe = save_tiny_text_pipeline(tmp_path / "other", seed=3, max_length=24, merges=20, text={"hidden_size": 48},
-                                   vae={"block_out_channels": (16, 16, 16), "down_block_types": ("DownEncoderBlock2D",) * 3,
-                                        "up_block_types": ("UpDecoderBlock2D",) * 3, "scaling_factor": 0.3},
-                                   block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=4)
+    pipe = save_tiny_text_pipeline(
+        tmp_path / "other",
+        seed=3,
+        max_length=24,
+        merges=20,
+        text={"hidden_size": 48},
+        vae={
+            "block_out_channels": (16, 16, 16),
+            "down_block_types": ("DownEncoderBlock2D",) * 3,
+            "up_block_types": ("UpDecoderBlock2D",) * 3,
+            "scaling_factor": 0.3,
+        },
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        attention_head_dim=4,
+    )
     (tmp_path / "prompts.txt").write_text("a blue two\na yellow nine on red\n")
-    exported = run_cli("export-quantized", "--model", pipe, "--prompts-file", tmp_path / "prompts.txt", "--out",
-                       tmp_path / "bundle", "--eval-samples", "16", "--no-progress")  # quality on fewer seeds: a test, not a benchmark
+    exported = run_cli(
+        "export-quantized",
+        "--model",
+        pipe,
+        "--prompts-file",
+        tmp_path / "prompts.txt",
+        "--out",
+        tmp_path / "bundle",
+        "--eval-samples",
+        "16",
+        "--no-progress",
+    )  # quality on fewer seeds: a test, not a benchmark
     assert exported.returncode == 0, exported.stderr
-    result = stepquant_without_export_side("generate", "--bundle", tmp_path / "bundle", "--prompt", "a blue two",
-                                           "--out", tmp_path / "x.png", "--no-progress")
+    result = stepquant_without_export_side(
+        "generate",
+        "--bundle",
+        tmp_path / "bundle",
+        "--prompt",
+        "a blue two",
+        "--out",
+        tmp_path / "x.png",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr
-    assert _pixels(tmp_path / "x.png").shape[:2] == (4 * 34, 4 * 34)  # 8x8 latents -> 32x32 images, a 1 px frame, upscaled 4x
+    assert _pixels(tmp_path / "x.png").shape[:2] == (
+        4 * 34,
+        4 * 34,
+    )  # 8x8 latents -> 32x32 images, a 1 px frame, upscaled 4x
 
 
 def test_demo_digits_sd_is_a_small_diffusers_pipeline_whose_bundle_generates_without_torch(tmp_path):
@@ -220,14 +326,34 @@ def test_demo_digits_sd_is_a_small_diffusers_pipeline_whose_bundle_generates_wit
     pipe = StableDiffusionPipeline.from_pretrained(root)  # diffusers' own loader, unchanged
     assert pipe.vae.config.latent_channels == 4 and pipe.unet.config.sample_size == 8 and pipe.vae_scale_factor == 4
     (tmp_path / "prompts.txt").write_text("a red seven on a blue background\nthe digit 3 in green, yellow paper\n")
-    exported = run_cli("export-quantized", "--model", "demo-digits-sd", "--prompts-file", tmp_path / "prompts.txt",
-                       "--out", tmp_path / "bundle", *FAST)
+    exported = run_cli(
+        "export-quantized",
+        "--model",
+        "demo-digits-sd",
+        "--prompts-file",
+        tmp_path / "prompts.txt",
+        "--out",
+        tmp_path / "bundle",
+        *FAST,
+    )
     assert exported.returncode == 0, exported.stderr
-    result = stepquant_without_export_side("generate", "--bundle", tmp_path / "bundle", "--prompt", "a red seven on a blue "
-                                           "background", "--n", "2", "--out", tmp_path / "images", "--no-progress")
+    result = stepquant_without_export_side(
+        "generate",
+        "--bundle",
+        tmp_path / "bundle",
+        "--prompt",
+        "a red seven on a blue background",
+        "--n",
+        "2",
+        "--out",
+        tmp_path / "images",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr
     assert [Image.open(p).size for p in sorted((tmp_path / "images").iterdir())] == [(32, 32), (32, 32)]
-    scored = run_cli("stepquant", "eval", "--bundle", tmp_path / "bundle", "--n", "20", "--no-progress", "--out", tmp_path / "eval")
+    scored = run_cli(
+        "stepquant", "eval", "--bundle", tmp_path / "bundle", "--n", "20", "--no-progress", "--out", tmp_path / "eval"
+    )
     assert scored.returncode == 0, scored.stderr
     scores = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert scores["prompts"] == 20 and scores["fp_colour_accuracy"] >= 0.9 and scores["psnr_to_fp_db"] > 20
@@ -237,24 +363,59 @@ def test_fp16_bundles_carry_fp16_text_encoders_and_keep_an_upcast_vae_fp32(text_
     from diffusers import AutoencoderKL
 
     assert AutoencoderKL.load_config(text_pipeline / "sd" / "vae")["force_upcast"]  # diffusers runs this VAE in FP32
-    result = run_cli("export-quantized", "--model", text_pipeline / "sd", "--prompts-file", text_pipeline / "prompts.txt",
-                     "--precision", "fp16", "--out", tmp_path / "bundle", *FAST)
+    result = run_cli(
+        "export-quantized",
+        "--model",
+        text_pipeline / "sd",
+        "--prompts-file",
+        text_pipeline / "prompts.txt",
+        "--precision",
+        "fp16",
+        "--out",
+        tmp_path / "bundle",
+        *FAST,
+    )
     assert result.returncode == 0, result.stderr
     parts = load_bundle(tmp_path / "bundle").manifest.text_to_image
 
     def float16(graph: str) -> bool:
-        return any(t.data_type == onnx.TensorProto.FLOAT16 for t in onnx.load(str(tmp_path / "bundle" / graph)).graph.initializer)
+        return any(
+            t.data_type == onnx.TensorProto.FLOAT16
+            for t in onnx.load(str(tmp_path / "bundle" / graph)).graph.initializer
+        )
 
     assert float16(parts.encoders[0].graph) and not float16(parts.vae_decoder)
     assert parts.checks["text_encoder"]["precision"] == "fp16" and parts.checks["vae_decoder"]["precision"] == "fp32"
     assert parts.checks["text_encoder"]["worst_abs_error_relative_to_max"] <= 1e-2
-    generated = run_cli("stepquant", "generate", "--bundle", tmp_path / "bundle", "--prompt", "a red seven", "--out",
-                        tmp_path / "x.png", "--no-progress")
+    generated = run_cli(
+        "stepquant",
+        "generate",
+        "--bundle",
+        tmp_path / "bundle",
+        "--prompt",
+        "a red seven",
+        "--out",
+        tmp_path / "x.png",
+        "--no-progress",
+    )
     assert generated.returncode == 0, generated.stderr
 
 
 def test_the_reference_graph_is_never_run_elsewhere_when_tensorrt_is_asked_for(text_bundle, tmp_path):
-    result = run_cli("stepquant", "generate", "--bundle", text_bundle, "--prompt", "a", "--graph", "reference", "--backend",
-                     "tensorrt", "--out", tmp_path / "x.png", "--no-progress")
+    result = run_cli(
+        "stepquant",
+        "generate",
+        "--bundle",
+        text_bundle,
+        "--prompt",
+        "a",
+        "--graph",
+        "reference",
+        "--backend",
+        "tensorrt",
+        "--out",
+        tmp_path / "x.png",
+        "--no-progress",
+    )
     assert_one_line_error(result, "the FP32 reference graph has no TensorRT engine")
     assert not (tmp_path / "x.png").exists()

@@ -29,8 +29,12 @@ UNTOUCHED = ("stepquant", "docs", "examples", "tools", "tests", "README.md", "py
 
 def _snapshot() -> dict[str, tuple[int, int]]:
     """Size and mtime of every file of the project's sources and docs (what a smoke run must not write)."""
-    files = [p for top in UNTOUCHED for p in ([ROOT / top] if (ROOT / top).is_file() else (ROOT / top).rglob("*"))
-             if p.is_file() and "__pycache__" not in p.parts]
+    files = [
+        p
+        for top in UNTOUCHED
+        for p in ([ROOT / top] if (ROOT / top).is_file() else (ROOT / top).rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    ]
     return {str(p.relative_to(ROOT)): (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
 
 
@@ -46,14 +50,23 @@ def _smoke(scripts: list[str], scratch: Path) -> dict[str, dict]:
     """The smoke runs of `scripts`, one after another in one child process (tests/smoke_runner.py): script -> its
     exit code, stdout and stderr."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "smoke_runner.py"), str(scratch), *scripts], cwd=scratch,
-                            env=env, capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "smoke_runner.py"), str(scratch), *scripts],
+        cwd=scratch,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     runs = {}
     for line in result.stdout.splitlines():
         if line.startswith('{"script"'):
             run = json.loads(line)
             runs[run["script"]] = run
-    return {script: runs.get(script, {"code": result.returncode, "stdout": "", "stderr": result.stderr}) for script in scripts}
+    return {
+        script: runs.get(script, {"code": result.returncode, "stdout": "", "stderr": result.stderr})
+        for script in scripts
+    }
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +75,21 @@ def smoke_runs(request, tmp_path_factory):
     and diffusers once for all its scripts), with the project's files as they were before."""
     before = _snapshot()
     scripts = selected_params(request, "test_smoke_mode_runs_and_writes_nothing", "script")
-    shares = [scripts[i::os.cpu_count() or 1] for i in range(min(os.cpu_count() or 1, len(scripts)))]
-    futures = run_side_by_side({str(i): functools.partial(_smoke, share, tmp_path_factory.mktemp(f"smoke{i}"))
-                                for i, share in enumerate(shares)})
+    shares = [scripts[i :: os.cpu_count() or 1] for i in range(min(os.cpu_count() or 1, len(scripts)))]
+    futures = run_side_by_side(
+        {
+            str(i): functools.partial(_smoke, share, tmp_path_factory.mktemp(f"smoke{i}"))
+            for i, share in enumerate(shares)
+        }
+    )
     return before, {script: futures[str(i)] for i, share in enumerate(shares) for script in share}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", [script if script in IN_THE_SUITE else pytest.param(script, marks=pytest.mark.tools)
-                                    for script in SCRIPTS])
+@pytest.mark.parametrize(
+    "script",
+    [script if script in IN_THE_SUITE else pytest.param(script, marks=pytest.mark.tools) for script in SCRIPTS],
+)
 def test_smoke_mode_runs_and_writes_nothing(script, smoke_runs):
     before, runs = smoke_runs
     result = runs[script].result()[script]

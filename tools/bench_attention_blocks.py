@@ -35,13 +35,20 @@ SETTINGS = [(1024, False), (8, False)] + [(block, True) for block in BLOCKS_MIB]
 
 def export_layer(block_mib: int, channels_first: bool, path: Path) -> int:
     torch.manual_seed(0)
-    layer = Attention(CHANNELS, heads=HEADS, dim_head=CHANNELS // HEADS, norm_num_groups=32, residual_connection=True,
-                      bias=True).eval()
+    layer = Attention(
+        CHANNELS, heads=HEADS, dim_head=CHANNELS // HEADS, norm_num_groups=32, residual_connection=True, bias=True
+    ).eval()
     layer.set_processor(HeadGroupedAttentionProcessor(TUNED_BATCH, block_mib * 2**20, channels_first))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(layer, (torch.randn(2, CHANNELS, SIZE, SIZE),), str(path), dynamo=False, input_names=["x"],
-                          dynamic_axes={"x": {0: "batch"}})
+        torch.onnx.export(
+            layer,
+            (torch.randn(2, CHANNELS, SIZE, SIZE),),
+            str(path),
+            dynamo=False,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "batch"}},
+        )
     return heads_per_group(HEADS, TUNED_BATCH, SIZE * SIZE, SIZE * SIZE, block_mib * 2**20)
 
 
@@ -53,7 +60,10 @@ def main() -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    rows = ["| batch | layout | score block | heads per group | median ms | vs token-major, one group |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| batch | layout | score block | heads per group | median ms | vs token-major, one group |",
+        "|---|---|---|---|---|---|",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         sessions, groups = {}, {}
         for setting in SETTINGS:
@@ -77,12 +87,18 @@ def main() -> None:
                 label = "none" if block == BLOCKS_MIB[0] else f"{block} MiB"
                 default = channels_first and block * 2**20 == SCORE_BLOCK_BYTES
                 layout = "channels-first" if channels_first else "token-major"
-                rows.append(f"| {batch} | {layout} | {label}{' (default)' if default else ''} | {groups[(block, channels_first)]} | "
-                            f"{median:.2f} | {plain / median:.2f}x |")
+                rows.append(
+                    f"| {batch} | {layout} | {label}{' (default)' if default else ''} | "
+                    f"{groups[(block, channels_first)]} | "
+                    f"{median:.2f} | {plain / median:.2f}x |"
+                )
                 print(rows[-1], flush=True)
-    body = (header() + f"\nOne attention layer ({HEADS} heads of dimension {CHANNELS // HEADS}, {SIZE * SIZE} tokens), groups "
-            f"sized for batch {TUNED_BATCH}, onnxruntime {ort.__version__}, 2 intra-op threads without spinning, median of "
-            f"{args.calls} calls per setting, settings alternating call by call.\n\n" + "\n".join(rows) + "\n")
+    body = (
+        header()
+        + f"\nOne attention layer ({HEADS} heads of dimension {CHANNELS // HEADS}, {SIZE * SIZE} tokens), groups "
+        f"sized for batch {TUNED_BATCH}, onnxruntime {ort.__version__}, 2 intra-op threads without spinning, median of "
+        f"{args.calls} calls per setting, settings alternating call by call.\n\n" + "\n".join(rows) + "\n"
+    )
     if not args.no_write:
         write_section("bench_attention_blocks", body)
 

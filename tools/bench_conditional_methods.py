@@ -46,37 +46,69 @@ from stepquant.runtime.bundle_backends import quantized_backend, reference_backe
 from stepquant.runtime.corrections import METHODS
 
 GUIDANCE = 3.0
-SAMPLERS = {"ddim": SamplerConfig("ddim", 25, 0.0, GUIDANCE), "dpm-solver++": SamplerConfig("dpm-solver++", 20, 0.0, GUIDANCE)}
+SAMPLERS = {
+    "ddim": SamplerConfig("ddim", 25, 0.0, GUIDANCE),
+    "dpm-solver++": SamplerConfig("dpm-solver++", 20, 0.0, GUIDANCE),
+}
 CORRECTIONS = [m for m in METHODS if m != "none"]
-HEADER = ("| sampler | bits | method | correction | PSNR to FP (dB) | FD to FP | class accuracy (FP) | recognisable (FP) | calibration (s) |",
-          "|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| sampler | bits | method | correction | PSNR to FP (dB) | FD to FP | class accuracy (FP) | recognisable (FP) | "
+    "calibration (s) |",
+    "|---|---|---|---|---|---|---|---|---|",
+)
 
 
 def cells(result: Evaluation) -> str:
-    return (f"{result.psnr_to_fp_db:.2f} | {result.fd_to_fp:.3f} | {result.class_accuracy:.3f} ({result.fp_class_accuracy:.3f}) | "
-            f"{result.recognisable:.3f} ({result.fp_recognisable:.3f})")
+    return (
+        f"{result.psnr_to_fp_db:.2f} | {result.fd_to_fp:.3f} | {result.class_accuracy:.3f} "
+        f"({result.fp_class_accuracy:.3f}) | "
+        f"{result.recognisable:.3f} ({result.fp_recognisable:.3f})"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=500, help="evaluation seeds (seed i asks for digit i mod 10)")
     parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--recon-iters", type=int, default=ReconstructionConfig.iters, help="reconstruction iterations per block")
+    parser.add_argument(
+        "--recon-iters", type=int, default=ReconstructionConfig.iters, help="reconstruction iterations per block"
+    )
     parser.add_argument("--bits", default=",".join(BITS))
     parser.add_argument("--schedulers", default=",".join(SAMPLERS))
     parser.add_argument("--calibrators", default=",".join(CALIBRATORS))
-    parser.add_argument("--correction", help="skip the comparison of corrections and use this one, e.g. d2-deterministic "
-                                             "or tac:per-branch")
-    parser.add_argument("--compare-at", default="W4A8", choices=list(BITS), help="bit width of the `reconstruct` bundle "
-                        "on which the corrections are compared (without --correction)")
-    parser.add_argument("--calibrate-on", choices=list(SAMPLERS), help="calibrate every bundle on this sampler's "
-                        "trajectories (default: the evaluated one's; multistep and mixed-order always take DDIM's)")
-    parser.add_argument("--no-modelopt", action="store_true", help="leave out modelopt max (when another section already "
-                                                                       "has this sampler and width's row)")
+    parser.add_argument(
+        "--correction",
+        help="skip the comparison of corrections and use this one, e.g. d2-deterministic or tac:per-branch",
+    )
+    parser.add_argument(
+        "--compare-at",
+        default="W4A8",
+        choices=list(BITS),
+        help="bit width of the `reconstruct` bundle on which the corrections are compared (without --correction)",
+    )
+    parser.add_argument(
+        "--calibrate-on",
+        choices=list(SAMPLERS),
+        help="calibrate every bundle on this sampler's "
+        "trajectories (default: the evaluated one's; multistep and mixed-order always take DDIM's)",
+    )
+    parser.add_argument(
+        "--no-modelopt",
+        action="store_true",
+        help="leave out modelopt max (when another section already has this sampler and width's row)",
+    )
     parser.add_argument("--section", default="", help="suffix of the benchmark page's section (runs of other subsets)")
     parser.add_argument("--no-write", action="store_true")
-    args = parse_options(parser, n=4, calib_samples=4, recon_iters=2, bits="W4A8", schedulers="ddim", calibrators="minmax",
-                         correction="ptqd")
+    args = parse_options(
+        parser,
+        n=4,
+        calib_samples=4,
+        recon_iters=2,
+        bits="W4A8",
+        schedulers="ddim",
+        calibrators="minmax",
+        correction="ptqd",
+    )
     args.no_modelopt = args.no_modelopt or leave_out("modelopt max", args.smoke)
     torch.set_num_threads(2)
     start = time.perf_counter()
@@ -87,11 +119,18 @@ def main() -> None:
     requested = [i % len(rows) for i in range(args.n)]
     calib_seeds = range(CALIBRATION_SEED_OFFSET, CALIBRATION_SEED_OFFSET + args.calib_samples)
     schedule = loaded.scheduler_config
-    lines = [f"demo-digits-cond, guidance {GUIDANCE:g}, {args.n} seeds over the ten digits, {args.calib_samples} calibration "
-             "trajectories (guided: both halves of every call are calibration inputs). Class accuracy: share the digit "
-             "classifier reads as the requested digit (FP's in brackets); recognisable: classifier confidence >= 0.9.", ""]
+    lines = [
+        f"demo-digits-cond, guidance {GUIDANCE:g}, {args.n} seeds over the ten digits, {args.calib_samples} "
+        "calibration "
+        "trajectories (guided: both halves of every call are calibration inputs). Class accuracy: share the digit "
+        "classifier reads as the requested digit (FP's in brackets); recognisable: classifier confidence >= 0.9.",
+        "",
+    ]
     table = list(HEADER)
-    choice = ["| correction | estimated on | PSNR to FP (dB) | FD to FP | class accuracy (FP) |", "|---|---|---|---|---|"]
+    choice = [
+        "| correction | estimated on | PSNR to FP (dB) | FD to FP | class accuracy (FP) |",
+        "|---|---|---|---|---|",
+    ]
 
     def row(sampler: str, bits: str, method: str, correction: str, result: Evaluation, seconds: float) -> None:
         table.append(f"| {sampler} | {bits} | {method} | {correction} | {cells(result)} | {seconds:.0f} |")
@@ -113,21 +152,48 @@ def main() -> None:
             if key not in bundles:
                 weight_bits, act_bits = BITS[bits]
                 out = workdir / "-".join(key)
-                export_quantized(ExportConfig(model=CONDITIONAL_DEMO_NAME, out=out, sampler=sampler,
-                                              quant=QuantSpec(weight_bits, act_bits, split_skip_concat=calibrator in RECONSTRUCTION_CALIBRATORS),
-                                              progress=False,
-                                              calibration=CalibrationConfig(calibrator=calibrator, reconstruction=ReconstructionConfig(iters=args.recon_iters), samples=args.calib_samples),
-                                              checks=ChecksConfig(eval_samples=2, require_parity=False)))
+                export_quantized(
+                    ExportConfig(
+                        model=CONDITIONAL_DEMO_NAME,
+                        out=out,
+                        sampler=sampler,
+                        quant=QuantSpec(
+                            weight_bits, act_bits, split_skip_concat=calibrator in RECONSTRUCTION_CALIBRATORS
+                        ),
+                        progress=False,
+                        calibration=CalibrationConfig(
+                            calibrator=calibrator,
+                            reconstruction=ReconstructionConfig(iters=args.recon_iters),
+                            samples=args.calib_samples,
+                        ),
+                        checks=ChecksConfig(eval_samples=2, require_parity=False),
+                    )
+                )
                 bundles[key] = out
             return bundles[key]
 
         def run(sampler_name: str, backend, corrections=None) -> Evaluation:
-            return evaluate(fp, backend, schedule, range(args.n), shape, SAMPLERS[sampler_name], progress=False,
-                            corrections=corrections, conditioning=rows, requested=requested)
+            return evaluate(
+                fp,
+                backend,
+                schedule,
+                range(args.n),
+                shape,
+                SAMPLERS[sampler_name],
+                progress=False,
+                corrections=corrections,
+                conditioning=rows,
+                requested=requested,
+            )
 
         first = args.schedulers.split(",")[0]
-        reference = load_bundle(bundle_for(first, args.compare_at if args.correction is None else args.bits.split(",")[0],
-                                           "reconstruct" if args.correction is None else args.calibrators.split(",")[0]))
+        reference = load_bundle(
+            bundle_for(
+                first,
+                args.compare_at if args.correction is None else args.bits.split(",")[0],
+                "reconstruct" if args.correction is None else args.calibrators.split(",")[0],
+            )
+        )
         fp = reference_backend(reference, threads=2)
         deployed = quantized_backend(reference, threads=2)
         if args.correction is not None:
@@ -138,11 +204,23 @@ def main() -> None:
             choice.append(f"| none | - | {best_psnr:.2f} | - | - |")
         for method in CORRECTIONS if args.correction is None else []:
             for per_branch in (False, True):
-                terms = estimate_corrections(method, TorchBackend(fp_model), deployed, schedule, calib_seeds, shape,
-                                             SAMPLERS[first], progress=False, conditioning=rows, per_branch=per_branch)
+                terms = estimate_corrections(
+                    method,
+                    TorchBackend(fp_model),
+                    deployed,
+                    schedule,
+                    calib_seeds,
+                    shape,
+                    SAMPLERS[first],
+                    progress=False,
+                    conditioning=rows,
+                    per_branch=per_branch,
+                )
                 result = run(first, deployed, terms)
-                choice.append(f"| {method} | {'per branch' if per_branch else 'guided estimate'} | {result.psnr_to_fp_db:.2f} | "
-                              f"{result.fd_to_fp:.3f} | {result.class_accuracy:.3f} ({result.fp_class_accuracy:.3f}) |")
+                choice.append(
+                    f"| {method} | {'per branch' if per_branch else 'guided estimate'} | {result.psnr_to_fp_db:.2f} | "
+                    f"{result.fd_to_fp:.3f} | {result.class_accuracy:.3f} ({result.fp_class_accuracy:.3f}) |"
+                )
                 print(choice[-1], flush=True)
                 if result.psnr_to_fp_db > best_psnr:
                     best, best_psnr = (method, per_branch), result.psnr_to_fp_db
@@ -150,8 +228,16 @@ def main() -> None:
 
         for sampler_name in args.schedulers.split(","):
             if not args.no_modelopt:
-                calib = collect_calibration_set(TorchBackend(fp_model), schedule, calib_seeds, shape, SAMPLERS[sampler_name],
-                                                SAMPLERS[sampler_name].steps, progress=False, conditioning=rows)
+                calib = collect_calibration_set(
+                    TorchBackend(fp_model),
+                    schedule,
+                    calib_seeds,
+                    shape,
+                    SAMPLERS[sampler_name],
+                    SAMPLERS[sampler_name].steps,
+                    progress=False,
+                    conditioning=rows,
+                )
             for bits in args.bits.split(","):
                 if not args.no_modelopt:
                     backend, seconds = modelopt_max(fp_model, calib, bits)
@@ -161,21 +247,43 @@ def main() -> None:
                     seconds = bundle.manifest.info["calibration"]["seconds"]
                     deployed = quantized_backend(bundle, threads=2)
                     calibrated_on = calibration_sampler(sampler_name, calibrator)
-                    name = f"stepquant {calibrator}" + (f" ({calibrated_on.upper()}-calibrated)"
-                                                         if calibrated_on != sampler_name else "")
+                    name = f"stepquant {calibrator}" + (
+                        f" ({calibrated_on.upper()}-calibrated)" if calibrated_on != sampler_name else ""
+                    )
                     row(sampler_name, bits, name, "none", run(sampler_name, deployed), seconds)
                     if best[0] != "none":
-                        terms = estimate_corrections(best[0], TorchBackend(fp_model), deployed, schedule, calib_seeds, shape,
-                                                     SAMPLERS[sampler_name], progress=False, conditioning=rows,
-                                                     per_branch=best[1])
+                        terms = estimate_corrections(
+                            best[0],
+                            TorchBackend(fp_model),
+                            deployed,
+                            schedule,
+                            calib_seeds,
+                            shape,
+                            SAMPLERS[sampler_name],
+                            progress=False,
+                            conditioning=rows,
+                            per_branch=best[1],
+                        )
                         row(sampler_name, bits, name, best_label, run(sampler_name, deployed, terms), seconds)
     if args.correction is None:
-        lines += [f"Corrections at {args.compare_at} after reconstruct, {SAMPLERS[first].describe()}: on the guided estimate against per "
-                  "branch (terms fitted to both halves' outputs, applied alike to each).", "", *choice, ""]
-    lines += [f"Every method; 'best' is {best_label}" + (" (given by --correction)." if args.correction else "."), "",
-              *table, "",
-              f"Total wall time {time.perf_counter() - start:.0f} s."]
-    section = f"bench_conditional_methods_{args.schedulers.replace(',', '_')}{'_' + args.section if args.section else ''}"
+        lines += [
+            f"Corrections at {args.compare_at} after reconstruct, {SAMPLERS[first].describe()}: on the guided "
+            "estimate against per "
+            "branch (terms fitted to both halves' outputs, applied alike to each).",
+            "",
+            *choice,
+            "",
+        ]
+    lines += [
+        f"Every method; 'best' is {best_label}" + (" (given by --correction)." if args.correction else "."),
+        "",
+        *table,
+        "",
+        f"Total wall time {time.perf_counter() - start:.0f} s.",
+    ]
+    section = (
+        f"bench_conditional_methods_{args.schedulers.replace(',', '_')}{'_' + args.section if args.section else ''}"
+    )
     sampler_page = page().with_name("conditional-methods-dpm-solver.md") if "dpm-solver++" in args.schedulers else None
     publish(section, [header(), *lines], not args.no_write, sampler_page)
 

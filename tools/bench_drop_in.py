@@ -26,8 +26,17 @@ def export(out: Path, *options: str) -> Path:
     if not (out / "manifest.json").exists():
         prompts = out.with_name("prompts.txt")
         prompts.write_text("a red seven on a blue background\nthe digit 3 in green, yellow paper\n")
-        console("export-quantized", "--model", "demo-digits-sd", "--prompts-file", str(prompts), "--out", str(out),
-                "--no-progress", *options)
+        console(
+            "export-quantized",
+            "--model",
+            "demo-digits-sd",
+            "--prompts-file",
+            str(prompts),
+            "--out",
+            str(out),
+            "--no-progress",
+            *options,
+        )
     return out
 
 
@@ -41,11 +50,13 @@ def medians(bundle: Path, batch: int, calls_count: int, threads: int) -> tuple[f
     t = np.full((batch,), 501.0, dtype=np.float32)
     x_torch, states_torch, t_torch = torch.from_numpy(x), torch.from_numpy(states), torch.tensor(501)
     times: dict[str, list[float]] = {"direct": [], "drop-in": []}
-    calls = {"direct": lambda: direct(x, t, encoder_hidden_states=states),
-             "drop-in": lambda: drop_in(x_torch, t_torch, encoder_hidden_states=states_torch, return_dict=False)}
+    calls = {
+        "direct": lambda: direct(x, t, encoder_hidden_states=states),
+        "drop-in": lambda: drop_in(x_torch, t_torch, encoder_hidden_states=states_torch, return_dict=False),
+    }
     with torch.no_grad():
         for i in range(calls_count + 10):  # the first ten warm both up; the order alternates call by call
-            for name in (("direct", "drop-in") if i % 2 else ("drop-in", "direct")):
+            for name in ("direct", "drop-in") if i % 2 else ("drop-in", "direct"):
                 start = time.perf_counter()
                 calls[name]()
                 if i >= 10:
@@ -75,14 +86,23 @@ def main() -> None:
     bundle = export(work_folder(args.work, "bench-drop-in-") / "bundle", *(SMOKE_EXPORT if args.smoke else ()))
     torch.set_num_threads(args.threads)
     calls = 20 if args.smoke else args.calls
-    lines = [header(), f"demo-digits-sd bundle (default export), its quantized graph on onnxruntime's CPU provider, {args.threads} threads, "
-             f"median of {calls} alternating calls.", "",
-             "| batch | backend directly (ms) | drop-in (ms) | overhead |", "|---|---|---|---|"]
+    lines = [
+        header(),
+        f"demo-digits-sd bundle (default export), its quantized graph on onnxruntime's CPU provider, {args.threads} "
+        "threads, "
+        f"median of {calls} alternating calls.",
+        "",
+        "| batch | backend directly (ms) | drop-in (ms) | overhead |",
+        "|---|---|---|---|",
+    ]
     for batch in (2, 16):
         direct, drop_in = medians(bundle, batch, calls, args.threads)
         lines.append(f"| {batch} | {direct:.3f} | {drop_in:.3f} | {100 * (drop_in / direct - 1):+.1f}% |")
-    lines += ["", f"Fixed cost of the drop-in around a backend that does nothing (batch 2): {fixed_cost():.0f} us per call; "
-              "the rest of a row's difference is the machine's noise."]
+    lines += [
+        "",
+        f"Fixed cost of the drop-in around a backend that does nothing (batch 2): {fixed_cost():.0f} us per call; "
+        "the rest of a row's difference is the machine's noise.",
+    ]
     print("\n".join(lines))
     if not args.smoke and not args.no_write:
         write_section("diffusers drop-in", "\n".join(lines))

@@ -72,14 +72,20 @@ class Effort:
     export_options: tuple[str, ...] = ()
 
 
-FULL, SMOKE = Effort(), Effort(rounds=1, min_runs=1, min_seconds=0.05, trajectories=4, quality_seeds=4, export_options=SMOKE_EXPORT)
+FULL, SMOKE = (
+    Effort(),
+    Effort(rounds=1, min_runs=1, min_seconds=0.05, trajectories=4, quality_seeds=4, export_options=SMOKE_EXPORT),
+)
 
 # onnxruntime's quantize_static, as its docs suggest for CPU (U8S8), and the TensorRT-style S8S8 setting
 QUANTIZE_STATIC = {
     "U8S8 all ops": dict(activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=None),
-    "S8S8 Conv/Gemm/MatMul": dict(activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                                  op_types_to_quantize=["Conv", "Gemm", "MatMul"]),
-    "U8S8 Conv only": dict(activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"]),
+    "S8S8 Conv/Gemm/MatMul": dict(
+        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "Gemm", "MatMul"]
+    ),
+    "U8S8 Conv only": dict(
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"]
+    ),
 }
 
 
@@ -97,14 +103,23 @@ def calibration_inputs(name: str, unet, shape, trajectories: int) -> Calibration
     outputs mean nothing: noise at several timesteps."""
     if name == "demo":
         seeds = range(CALIBRATION_SEED_OFFSET, CALIBRATION_SEED_OFFSET + trajectories)
-        return collect_calibration_set(TorchBackend(EpsilonModel(unet)), load_model(DEMO_MODEL_NAME).scheduler_config, seeds,
-                                       shape, DEMO_SAMPLER, DEMO_SAMPLER.steps, progress=False)
+        return collect_calibration_set(
+            TorchBackend(EpsilonModel(unet)),
+            load_model(DEMO_MODEL_NAME).scheduler_config,
+            seeds,
+            shape,
+            DEMO_SAMPLER,
+            DEMO_SAMPLER.steps,
+            progress=False,
+        )
     generator = torch.Generator().manual_seed(0)
     timesteps = torch.tensor([999.0, 750.0, 500.0, 250.0, 0.0]).repeat_interleave(4)
     return CalibrationSet(torch.randn((len(timesteps), *shape), generator=generator), timesteps)
 
 
-def stepquant_graphs(unet, shape, data: CalibrationSet, workdir: Path, name: str, spec: QuantSpec = QuantSpec()) -> dict[str, Path]:
+def stepquant_graphs(
+    unet, shape, data: CalibrationSet, workdir: Path, name: str, spec: QuantSpec = QuantSpec()
+) -> dict[str, Path]:
     """W8A8 graphs of both target profiles from one range calibration."""
     model = EpsilonModel(copy.deepcopy(unet))
     quantize_(model, spec)
@@ -134,7 +149,9 @@ def quantize_static_graphs(fp32: Path, data: CalibrationSet, workdir: Path, name
     paths = {}
     for label, options in QUANTIZE_STATIC.items():
         paths[label] = workdir / f"{name}-ort-{label.replace(' ', '_').replace('/', '-')}.onnx"
-        quantize_static(str(prepared), str(paths[label]), _Reader(data), quant_format=QuantFormat.QDQ, per_channel=True, **options)
+        quantize_static(
+            str(prepared), str(paths[label]), _Reader(data), quant_format=QuantFormat.QDQ, per_channel=True, **options
+        )
     return paths
 
 
@@ -152,8 +169,10 @@ def operator_profile(path: Path, shape, batch: int, threads: int, workdir: Path,
     options.profile_file_prefix = str(workdir / "profile")
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {"sample": np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32),
-            "timestep": np.full((batch,), 500.0, np.float32)}
+    feed = {
+        "sample": np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32),
+        "timestep": np.full((batch,), 500.0, np.float32),
+    }
     for _ in range(13):
         session.run(None, feed)
     events = json.loads(Path(session.end_profiling()).read_text())
@@ -187,7 +206,9 @@ def latency_rows(name: str, threads: int, workdir: Path, effort: Effort) -> tupl
         "onnxruntime FP32": OnnxRuntimeBackend(fp32, threads),
         "onnxruntime FP32, CPU profile attention": OnnxRuntimeBackend(fp32_grouped, threads),
         "stepquant INT8, onnxruntime-cpu profile": OnnxRuntimeBackend(ours["onnxruntime-cpu"], threads),
-        "stepquant INT8, onnxruntime-cpu profile, no exclusions": OnnxRuntimeBackend(unexcluded["onnxruntime-cpu"], threads),
+        "stepquant INT8, onnxruntime-cpu profile, no exclusions": OnnxRuntimeBackend(
+            unexcluded["onnxruntime-cpu"], threads
+        ),
         "stepquant INT8, tensorrt profile": OnnxRuntimeBackend(ours["tensorrt"], threads),
         **{f"quantize_static {label}": OnnxRuntimeBackend(path, threads) for label, path in peers.items()},
         "torch eager FP32": TorchBackend(EpsilonModel(unet)),
@@ -197,24 +218,33 @@ def latency_rows(name: str, threads: int, workdir: Path, effort: Effort) -> tupl
     for batch in (1, 8):
         # rounds interleave the backends, so a slow spell of the shared machine hits all of them alike;
         # the speed-up is taken within each round, against that round's FP32 time
-        rounds = [{label: measure_latency(backend, shape, batch, min_runs=effort.min_runs, min_seconds=effort.min_seconds)
-                   for label, backend in backends.items()} for _ in range(effort.rounds)]
+        rounds = [
+            {
+                label: measure_latency(backend, shape, batch, min_runs=effort.min_runs, min_seconds=effort.min_seconds)
+                for label, backend in backends.items()
+            }
+            for _ in range(effort.rounds)
+        ]
         for label in backends:
             medians = [r[label].median_ms for r in rounds]
             speedups = [r["onnxruntime FP32"].median_ms / r[label].median_ms for r in rounds]
             median_ms = statistics.median(medians)
-            rows.append(f"| {name} ({params:.1f}M) | {batch} | {label} | {median_ms:.2f} | "
-                        f"{' / '.join(f'{m:.1f}' for m in medians)} | {1000 * batch / median_ms:.1f} | "
-                        f"{statistics.median(speedups):.2f}x ({min(speedups):.2f}-{max(speedups):.2f}) | "
-                        f"{f'{quality[label]:.2f}' if label in quality else '-'} |")
+            rows.append(
+                f"| {name} ({params:.1f}M) | {batch} | {label} | {median_ms:.2f} | "
+                f"{' / '.join(f'{m:.1f}' for m in medians)} | {1000 * batch / median_ms:.1f} | "
+                f"{statistics.median(speedups):.2f}x ({min(speedups):.2f}-{max(speedups):.2f}) | "
+                f"{f'{quality[label]:.2f}' if label in quality else '-'} |"
+            )
             print(rows[-1], flush=True)
     cache = workdir / f"{name}-cache"
     cold, _, warm = (startup_ms(ours["onnxruntime-cpu"], threads, c) for c in (None, cache, cache))
-    notes = [f"{name}: session start-up of the onnxruntime-cpu graph {cold:.0f} ms, {warm:.0f} ms from the optimised-graph "
-             f"cache (`OnnxRuntimeBackend(..., cache_dir=...)`); FP32 graph {startup_ms(fp32, threads, None):.0f} ms.",
-             f"{name}, batch 8, onnxruntime profiler, share of kernel time: FP32: "
-             f"{operator_profile(fp32, shape, 8, threads, workdir)}; onnxruntime-cpu profile: "
-             f"{operator_profile(ours['onnxruntime-cpu'], shape, 8, threads, workdir)}."]
+    notes = [
+        f"{name}: session start-up of the onnxruntime-cpu graph {cold:.0f} ms, {warm:.0f} ms from the optimised-graph "
+        f"cache (`OnnxRuntimeBackend(..., cache_dir=...)`); FP32 graph {startup_ms(fp32, threads, None):.0f} ms.",
+        f"{name}, batch 8, onnxruntime profiler, share of kernel time: FP32: "
+        f"{operator_profile(fp32, shape, 8, threads, workdir)}; onnxruntime-cpu profile: "
+        f"{operator_profile(ours['onnxruntime-cpu'], shape, 8, threads, workdir)}.",
+    ]
     for note in notes:
         print(note, flush=True)
     return rows, notes
@@ -224,23 +254,35 @@ def demo_quality(backends: dict, shape, seeds: int) -> dict[str, float]:
     """PSNR to the FP32 graph (dB, mean over seeds) of every INT8 graph, sampled from the same noise."""
     schedule = load_model(DEMO_MODEL_NAME).scheduler_config
     fp = backends["onnxruntime FP32"]
-    return {label: evaluate(fp, backend, schedule, range(seeds), shape, DEMO_SAMPLER, progress=False).psnr_to_fp_db
-            for label, backend in backends.items() if "INT8" in label or "quantize_static" in label}
+    return {
+        label: evaluate(fp, backend, schedule, range(seeds), shape, DEMO_SAMPLER, progress=False).psnr_to_fp_db
+        for label, backend in backends.items()
+        if "INT8" in label or "quantize_static" in label
+    }
 
 
 def calibration_cost(workdir: Path, export_options: tuple[str, ...]) -> str:
     """Run export-quantized on the demo model in a child process: wall time, calibration time, peak RSS."""
     out = workdir / "bundle"
-    command = [str(Path(sys.executable).parent / "export-quantized"), "--out", str(out), "--eval-samples", "8", "--no-progress",
-               *export_options]
+    command = [
+        str(Path(sys.executable).parent / "export-quantized"),
+        "--out",
+        str(out),
+        "--eval-samples",
+        "8",
+        "--no-progress",
+        *export_options,
+    ]
     begin = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
     wall = time.perf_counter() - begin
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     calibration = load_bundle(out).manifest.info["calibration"]
-    return (f"`export-quantized --eval-samples 8` on the demo model (defaults: {calibration['trajectories']} trajectories, "
-            f"{calibration['inputs']} calibration inputs, max observer): wall {wall:.1f} s, of which model load + "
-            f"FP trajectories + range calibration {calibration['seconds']:.1f} s; peak RSS {peak_mib:.0f} MiB.")
+    return (
+        f"`export-quantized --eval-samples 8` on the demo model (defaults: {calibration['trajectories']} trajectories, "
+        f"{calibration['inputs']} calibration inputs, max observer): wall {wall:.1f} s, of which model load + "
+        f"FP trajectories + range calibration {calibration['seconds']:.1f} s; peak RSS {peak_mib:.0f} MiB."
+    )
 
 
 def host_loop_cost(workdir: Path, threads: int) -> str:
@@ -250,13 +292,22 @@ def host_loop_cost(workdir: Path, threads: int) -> str:
         backend = TimedBackend(quantized_backend(bundle, threads))
         config = SamplerConfig("ddim", 25, 1.0)
         begin = time.perf_counter()
-        sample(backend, capture_table(config, bundle.manifest.noise_schedule), range(batch), bundle.manifest.sample_shape, config,
-               batch_size=batch, progress=False)
+        sample(
+            backend,
+            capture_table(config, bundle.manifest.noise_schedule),
+            range(batch),
+            bundle.manifest.sample_shape,
+            config,
+            batch_size=batch,
+            progress=False,
+        )
         total = time.perf_counter() - begin
         host_ms = 1000 * (total - backend.seconds) / backend.calls
         network_ms = 1000 * backend.seconds / backend.calls
-        lines.append(f"batch {batch}: host loop {host_ms:.3f} ms per step (scheduler step, per-sample noise, "
-                     f"tensor conversion) against {network_ms:.2f} ms per network call ({100 * host_ms / network_ms:.1f}%)")
+        lines.append(
+            f"batch {batch}: host loop {host_ms:.3f} ms per step (scheduler step, per-sample noise, "
+            f"tensor conversion) against {network_ms:.2f} ms per network call ({100 * host_ms / network_ms:.1f}%)"
+        )
     return "Sampler host loop on the demo bundle (DDIM eta 1, 25 steps, onnxruntime): " + "; ".join(lines) + "."
 
 
@@ -267,8 +318,11 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parse_options(parser, models="demo")
     effort = SMOKE if args.smoke else FULL
-    rows = [f"| model | batch | backend | median ms | medians of the {effort.rounds} rounds (ms) | images/s | "
-            "speed vs onnxruntime FP32 (median of rounds, range) | PSNR to FP (dB, demo) |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        f"| model | batch | backend | median ms | medians of the {effort.rounds} rounds (ms) | images/s | "
+        "speed vs onnxruntime FP32 (median of rounds, range) | PSNR to FP (dB, demo) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     notes = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -280,11 +334,16 @@ def main() -> None:
         loop = host_loop_cost(workdir, args.threads)
     print(cost)
     print(loop)
-    body = (header() + f"\nSession options: {args.threads} intra-op threads (torch.set_num_threads for torch), graph "
-            f"optimisation level ORT_ENABLE_ALL, onnxruntime {ort.__version__}, CPUExecutionProvider; median of at least "
-            f"{effort.min_runs} timed calls (and {effort.min_seconds:g} s) after 3 warm-up calls, in {effort.rounds} rounds that interleave the backends. All INT8 graphs are W8A8 "
-            f"with per-channel weights, calibrated (MinMax) on the same inputs: the demo's on {effort.trajectories} FP trajectories "
-            f"({DEMO_SAMPLER.steps} DDIM steps), its PSNR to FP over {effort.quality_seeds} seeds; the cifar10 UNet's on 20 noise inputs.\n\n" + "\n".join(rows) + "\n\n" + "\n\n".join(notes) + f"\n\n{cost}\n\n{loop}\n")
+    body = (
+        header() + f"\nSession options: {args.threads} intra-op threads (torch.set_num_threads for torch), graph "
+        f"optimisation level ORT_ENABLE_ALL, onnxruntime {ort.__version__}, CPUExecutionProvider; median of at least "
+        f"{effort.min_runs} timed calls (and {effort.min_seconds:g} s) after 3 warm-up calls, in {effort.rounds} "
+        "rounds that interleave the backends. All INT8 graphs are W8A8 "
+        f"with per-channel weights, calibrated (MinMax) on the same inputs: the demo's on {effort.trajectories} FP "
+        "trajectories "
+        f"({DEMO_SAMPLER.steps} DDIM steps), its PSNR to FP over {effort.quality_seeds} seeds; the cifar10 UNet's on "
+        "20 noise inputs.\n\n" + "\n".join(rows) + "\n\n" + "\n\n".join(notes) + f"\n\n{cost}\n\n{loop}\n"
+    )
     if not args.no_write:
         write_section("bench_latency", body)
 

@@ -54,16 +54,31 @@ from stepquant.quant import QuantSpec, quantize_
 from stepquant.quant.quantize import round_scales_
 from stepquant.runtime import SamplerConfig
 
-FORMER_TOLERANCE = {"int8": 1e-3, "cpu": 3e-3, "fp8": 1e-2, "fp16": 0.2}  # the end-to-end gate the layer-wise one replaced
+FORMER_TOLERANCE = {
+    "int8": 1e-3,
+    "cpu": 3e-3,
+    "fp8": 1e-2,
+    "fp16": 0.2,
+}  # the end-to-end gate the layer-wise one replaced
 GUIDED = SamplerConfig(steps=10, guidance_scale=3.0)
-CONDITIONAL_SHAPES = ShapeProfile(batch=DimRange(1, 4, 8), height=DimRange(8, 8, 16), width=DimRange(8, 8, 12),
-                                  sequence=DimRange(4, 6, 8))
+CONDITIONAL_SHAPES = ShapeProfile(
+    batch=DimRange(1, 4, 8), height=DimRange(8, 8, 16), width=DimRange(8, 8, 12), sequence=DimRange(4, 6, 8)
+)
 # a layout, schedule and data the suite never sees: RGB photo patches, cosine schedule, attention first
-PHOTO_UNET = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 64),
-                  down_block_types=("AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D"), norm_num_groups=8, attention_head_dim=16)
-PHOTO_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
-                      clip_sample=True)
+PHOTO_UNET = dict(
+    sample_size=16,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D"),
+    norm_num_groups=8,
+    attention_head_dim=16,
+)
+PHOTO_SCHEDULE = dict(
+    num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", clip_sample=True
+)
 # a conditional UNet from a config with other channel counts, text width and head size than the suite's
 OTHER_CONDITIONAL = dict(block_out_channels=(24, 48), cross_attention_dim=20, attention_head_dim=4, norm_num_groups=4)
 
@@ -72,15 +87,19 @@ def photo_patch_model(root: Path, steps: int = 400) -> Path:
     """A small DDPM trained briefly on 16x16 patches of scikit-learn's two sample photographs."""
     from sklearn.datasets import load_sample_images
 
-    photos = torch.cat([torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-                        for image in load_sample_images().images])
+    photos = torch.cat(
+        [
+            torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+            for image in load_sample_images().images
+        ]
+    )
     torch.manual_seed(0)
     unet, scheduler = UNet2DModel(**PHOTO_UNET), DDPMScheduler(**PHOTO_SCHEDULE)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3)
     for _ in range(steps):
         image = torch.randint(len(photos), (32,))
         top, left = torch.randint(photos.shape[2] - 16, (32,)), torch.randint(photos.shape[3] - 16, (32,))
-        clean = torch.stack([photos[i, :, y:y + 16, x:x + 16] for i, y, x in zip(image, top, left)])
+        clean = torch.stack([photos[i, :, y : y + 16, x : x + 16] for i, y, x in zip(image, top, left)])
         noise, t = torch.randn_like(clean), torch.randint(1000, (32,))
         loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(clean, noise, t), t).sample, noise)
         optimizer.zero_grad()
@@ -92,7 +111,9 @@ def photo_patch_model(root: Path, steps: int = 400) -> Path:
 
 def cifar10_model(root: Path) -> Path:
     torch.manual_seed(0)
-    DDPMPipeline(unet=UNet2DModel(**DDPM_CIFAR10_UNET), scheduler=DDPMScheduler(**SCHEDULER_CONFIG)).save_pretrained(root / "cifar10")
+    DDPMPipeline(unet=UNet2DModel(**DDPM_CIFAR10_UNET), scheduler=DDPMScheduler(**SCHEDULER_CONFIG)).save_pretrained(
+        root / "cifar10"
+    )
     return root / "cifar10"
 
 
@@ -101,12 +122,18 @@ def conditional_model(root: Path, kind: str, **overrides) -> dict:
     pipeline = save_tiny_pipeline(kind, root / name, **overrides)
     conditioning = root / f"{name}.safetensors"
     random_conditioning(EpsilonModel(load_model(str(pipeline)).denoiser)).save(conditioning)
-    return dict(model=str(pipeline), conditioning=ConditioningConfig(file=conditioning), sampler=GUIDED, shapes=CONDITIONAL_SHAPES)
+    return dict(
+        model=str(pipeline),
+        conditioning=ConditioningConfig(file=conditioning),
+        sampler=GUIDED,
+        shapes=CONDITIONAL_SHAPES,
+    )
 
 
 def configurations(root: Path) -> Iterator[tuple[str, dict]]:
     """(label, ExportConfig keywords): every model and configuration the project has, at default options
     except for fewer calibration and evaluation samples; each model is built when its turn comes."""
+
     def calibrated(samples: int = 16, **options) -> dict:
         return {"calibration": CalibrationConfig(samples=samples, **options)}
 
@@ -123,57 +150,96 @@ def configurations(root: Path) -> Iterator[tuple[str, dict]]:
         ("demo W8A8, FP16 precision", dict(demo, precision="fp16")),
         ("demo W8A8, both targets", dict(demo, targets=("tensorrt", "onnxruntime-cpu"))),
         ("demo W8A8, 3 timestep groups", calibrated(timestep_groups=3)),
-        ("demo W4A8, reconstruct (split skip, 50 iterations)", dict(
-            calibrated(calibrator="reconstruct", reconstruction=ReconstructionConfig(iters=50)),
-            quant=QuantSpec(weight_bits=4, split_skip_concat=True))),
+        (
+            "demo W4A8, reconstruct (split skip, 50 iterations)",
+            dict(
+                calibrated(calibrator="reconstruct", reconstruction=ReconstructionConfig(iters=50)),
+                quant=QuantSpec(weight_bits=4, split_skip_concat=True),
+            ),
+        ),
     ]
     yield "photo patches DDPM (cosine schedule)", dict(model=str(photo_patch_model(root)), **calibrated())
     cifar10 = dict(model=str(cifar10_model(root)), **calibrated(2), sampler=SamplerConfig(steps=4))
     yield "cifar10 architecture (random), both targets", dict(cifar10, targets=("tensorrt", "onnxruntime-cpu"))
-    yield from ((f"tiny {kind} (random), guidance 3", dict(conditional_model(root, kind), **calibrated(4))) for kind in TINY_MODELS)
+    yield from (
+        (f"tiny {kind} (random), guidance 3", dict(conditional_model(root, kind), **calibrated(4)))
+        for kind in TINY_MODELS
+    )
     yield "tiny sd (random), FP16 precision", dict(conditional_model(root, "sd"), **calibrated(4), precision="fp16")
     yield "tiny sd (random), FP8", dict(conditional_model(root, "sd"), **calibrated(4), quant=QuantSpec(format="fp8"))
-    yield "tiny conditional UNet, other config", dict(conditional_model(root, "sd", **OTHER_CONDITIONAL), **calibrated(4))
+    yield (
+        "tiny conditional UNet, other config",
+        dict(conditional_model(root, "sd", **OTHER_CONDITIONAL), **calibrated(4)),
+    )
 
 
 def threshold_rows(root: Path, first: int | None) -> tuple[list[str], dict]:
-    rows = ["| model, configuration | target | quantizers (act + weight) | codes | one step off | worst quantizer's one-step "
-            "share (headroom) | two or more steps off | end-to-end worst median | former gate | layer-wise gate |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model, configuration | target | quantizers (act + weight) | codes | one step off | worst quantizer's "
+        "one-step "
+        "share (headroom) | two or more steps off | end-to-end worst median | former gate | layer-wise gate |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     worst = {"one_step_headroom": float("inf"), "fp16_headroom": float("inf"), "multi_step": 0}
     for label, options in itertools.islice(configurations(root), first):
         start = time.perf_counter()
-        report = export_quantized(ExportConfig(out=root / "bundle", overwrite=True, progress=False, **options,
-                                               checks=ChecksConfig(eval_samples=8, require_parity=False)))
+        report = export_quantized(
+            ExportConfig(
+                out=root / "bundle",
+                overwrite=True,
+                progress=False,
+                **options,
+                checks=ChecksConfig(eval_samples=8, require_parity=False),
+            )
+        )
         for target, result in report.targets.items():
             quant = options.get("quant", QuantSpec())
-            kind = "fp16" if options.get("precision") == "fp16" else quant.format if quant.format == "fp8" else \
-                "cpu" if target == "onnxruntime-cpu" else "int8"
+            kind = (
+                "fp16"
+                if options.get("precision") == "fp16"
+                else quant.format
+                if quant.format == "fp8"
+                else "cpu"
+                if target == "onnxruntime-cpu"
+                else "int8"
+            )
             quantizers = [q for layerwise in result.layerwise for q in layerwise.quantizers]
             activations = [q for q in quantizers if q.kind == "activation"]
             policy = result.layerwise[0].policy
             headroom = min(policy.allowed_one_step(q.codes) / max(q.one_step, 1) for q in activations)
             share = max(activations, key=lambda q: q.one_step_share)
             worst["fp16_headroom" if kind == "fp16" else "one_step_headroom"] = min(
-                worst["fp16_headroom" if kind == "fp16" else "one_step_headroom"], headroom)
+                worst["fp16_headroom" if kind == "fp16" else "one_step_headroom"], headroom
+            )
             worst["multi_step"] += sum(q.multi_step for q in activations)
             e2e = result.end_to_end.worst_median_reldiff
-            rows.append(f"| {label} | {target} | {len(activations)} + {len(quantizers) - len(activations)} | "
-                        f"{sum(q.codes for q in activations):,} | {sum(q.one_step for q in activations)} | "
-                        f"{share.one_step_share:.3%} ({headroom:.0f}x) | {sum(q.multi_step for q in activations)} | {e2e:.1e} | "
-                        f"{'pass' if e2e <= FORMER_TOLERANCE[kind] else '**refused**'} | "
-                        f"{'pass' if result.parity_passed else '**FAIL**'} |")
+            rows.append(
+                f"| {label} | {target} | {len(activations)} + {len(quantizers) - len(activations)} | "
+                f"{sum(q.codes for q in activations):,} | {sum(q.one_step for q in activations)} | "
+                f"{share.one_step_share:.3%} ({headroom:.0f}x) | {sum(q.multi_step for q in activations)} | {e2e:.1e} "
+                "| "
+                f"{'pass' if e2e <= FORMER_TOLERANCE[kind] else '**refused**'} | "
+                f"{'pass' if result.parity_passed else '**FAIL**'} |"
+            )
             print(rows[-1], f"({time.perf_counter() - start:.0f} s)", flush=True)
     return rows, worst
 
 
 def demo_graph(root: Path, target: str, format: str, precision: str):
-    """The demo model calibrated (minmax, 8 trajectories of 25 steps) for `target`, exported; with feeds at 5 timesteps."""
+    """The demo model calibrated (minmax, 8 trajectories of 25 steps) for `target`, exported; with feeds at 5
+    timesteps."""
     loaded = load_model(DEMO_MODEL_NAME)
     shape = sample_shape(loaded.denoiser)
     fp_model = EpsilonModel(loaded.denoiser)
-    calib = collect_calibration_set(TorchBackend(fp_model), loaded.scheduler_config, range(1_000_000, 1_000_008), shape,
-                                    SamplerConfig(), 25, progress=False)
+    calib = collect_calibration_set(
+        TorchBackend(fp_model),
+        loaded.scheduler_config,
+        range(1_000_000, 1_000_008),
+        shape,
+        SamplerConfig(),
+        25,
+        progress=False,
+    )
     model = EpsilonModel(copy.deepcopy(loaded.denoiser))
     spec = QuantSpec(format=format)
     quantize_(model, spec)
@@ -191,25 +257,38 @@ def demo_graph(root: Path, target: str, format: str, precision: str):
 
 
 def fault_rows(root: Path, first: int | None) -> list[str]:
-    rows = ["| target, format, precision | fault (at quantizer) | gate | static check | quantizers failing on codes | "
-            "worst one-step share (allowed) | codes two or more steps off |", "|---|---|---|---|---|---|---|"]
-    kinds = [("tensorrt", "int8", "fp32"), ("onnxruntime-cpu", "int8", "fp32"), ("tensorrt", "fp8", "fp32"), ("tensorrt", "int8", "fp16")]
+    rows = [
+        "| target, format, precision | fault (at quantizer) | gate | static check | quantizers failing on codes | "
+        "worst one-step share (allowed) | codes two or more steps off |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    kinds = [
+        ("tensorrt", "int8", "fp32"),
+        ("onnxruntime-cpu", "int8", "fp32"),
+        ("tensorrt", "fp8", "fp32"),
+        ("tensorrt", "int8", "fp16"),
+    ]
     for kind in kinds[:first]:
         model, path, feeds = demo_graph(root, *kind)
         policy = parity_policy(*kind)
         clean, _ = check_layerwise(model, path, feeds, policy)
-        rows.append(f"| {', '.join(kind)} | none | {'pass' if clean.passed else '**FAIL**'} | - | 0 | "
-                    f"{max(q.one_step_share for q in clean.quantizers):.3%} ({policy.max_one_step_share:.1%}) | "
-                    f"{sum(q.multi_step for q in clean.quantizers)} |")
+        rows.append(
+            f"| {', '.join(kind)} | none | {'pass' if clean.passed else '**FAIL**'} | - | 0 | "
+            f"{max(q.one_step_share for q in clean.quantizers):.3%} ({policy.max_one_step_share:.1%}) | "
+            f"{sum(q.multi_step for q in clean.quantizers)} |"
+        )
         for fault in FAULTS:
             quantizer = seed_fault(path, root / "faulty.onnx", fault)
             report, _ = check_layerwise(model, root / "faulty.onnx", feeds, policy)
             static = [q.name for q in report.quantizers if q.mismatches]
             by_codes = [q for q, found in report.failures if any("codes" in f for f in found)]
-            rows.append(f"| {', '.join(kind)} | {fault} ({quantizer.removeprefix('unet.')}) | "
-                        f"{'pass' if report.passed else 'fails'} | {'mismatch' if static else 'equal'} | {len(by_codes)} | "
-                        f"{max((q.one_step_share for q in report.quantizers), default=0):.2%} ({policy.max_one_step_share:.1%}) | "
-                        f"{sum(q.multi_step for q in report.quantizers)} |")
+            rows.append(
+                f"| {', '.join(kind)} | {fault} ({quantizer.removeprefix('unet.')}) | "
+                f"{'pass' if report.passed else 'fails'} | {'mismatch' if static else 'equal'} | {len(by_codes)} | "
+                f"{max((q.one_step_share for q in report.quantizers), default=0):.2%} "
+                f"({policy.max_one_step_share:.1%}) | "
+                f"{sum(q.multi_step for q in report.quantizers)} |"
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -223,8 +302,15 @@ def _cost_child(model_name: str, check: str) -> None:
             unet = UNet2DModel(**DDPM_CIFAR10_UNET).eval()
             model = EpsilonModel(copy.deepcopy(unet))
             quantize_(model, QuantSpec())
-            data = collect_calibration_set(TorchBackend(EpsilonModel(unet)), SCHEDULER_CONFIG, range(4), (3, 32, 32),
-                                           SamplerConfig(steps=5), 5, progress=False)
+            data = collect_calibration_set(
+                TorchBackend(EpsilonModel(unet)),
+                SCHEDULER_CONFIG,
+                range(4),
+                (3, 32, 32),
+                SamplerConfig(steps=5),
+                5,
+                progress=False,
+            )
             calibrate_ranges(model, data, progress=False)
             path = Path(tmp) / "cifar10.onnx"
             export_at_precision(model, path, (3, 32, 32), "fp32", 17)
@@ -241,21 +327,39 @@ def _cost_child(model_name: str, check: str) -> None:
             check_parity(model, path, feeds, optimization_level="disable")
         seconds = time.perf_counter() - start
         peak = peak_rss_mib()
-        print(json.dumps({"seconds": seconds, "peak_mib": peak, "added_mib": max(peak - before, 0.0), "feeds": len(feeds),
-                          "batch": int(feeds[0]["sample"].shape[0])}))
+        print(
+            json.dumps(
+                {
+                    "seconds": seconds,
+                    "peak_mib": peak,
+                    "added_mib": max(peak - before, 0.0),
+                    "feeds": len(feeds),
+                    "batch": int(feeds[0]["sample"].shape[0]),
+                }
+            )
+        )
 
 
 def cost_rows(first: int | None) -> list[str]:
-    rows = ["| model | inputs (batch) | end-to-end check: s / peak MiB (added) | layer-wise check + reference: s / peak MiB (added) |",
-            "|---|---|---|---|"]
+    rows = [
+        "| model | inputs (batch) | end-to-end check: s / peak MiB (added) | layer-wise check + reference: s / peak "
+        "MiB (added) |",
+        "|---|---|---|---|",
+    ]
     for model_name in ("demo", "cifar10")[:first]:
         runs = {}
         for check in ("end-to-end", "layerwise"):
-            output = subprocess.run([sys.executable, __file__, "--cost-child", model_name, check], check=True,
-                                    capture_output=True, text=True).stdout
+            output = subprocess.run(
+                [sys.executable, __file__, "--cost-child", model_name, check],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             runs[check] = json.loads(output.strip().splitlines()[-1])
         cells = [f"{r['seconds']:.2f} / {r['peak_mib']:.0f} (+{r['added_mib']:.0f})" for r in runs.values()]
-        rows.append(f"| {model_name} | {runs['layerwise']['feeds']} ({runs['layerwise']['batch']}) | {' | '.join(cells)} |")
+        rows.append(
+            f"| {model_name} | {runs['layerwise']['feeds']} ({runs['layerwise']['batch']}) | {' | '.join(cells)} |"
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -272,21 +376,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if "thresholds" in args.only:
             rows, worst = threshold_rows(Path(tmp), args.first)
-            body = (header() + "\nEvery model and configuration at default options (fewer calibration and 8 evaluation "
-                    "samples), each graph checked on its export's parity inputs (5 calibration timesteps x batch 4, plus the "
-                    "range corners for dynamic shapes). Headroom: the policy's allowance over the quantizer's count, for "
-                    "the quantizer nearest to it.\n\n" + "\n".join(rows)
-                    + f"\n\nLeast headroom on one-step codes: {worst['one_step_headroom']:.0f}x (FP32 graphs), "
-                      f"{worst['fp16_headroom']:.1f}x (FP16 graphs); codes two or more steps off, all graphs: {worst['multi_step']}.\n")
+            body = (
+                header() + "\nEvery model and configuration at default options (fewer calibration and 8 evaluation "
+                "samples), each graph checked on its export's parity inputs (5 calibration timesteps x batch 4, plus "
+                "the "
+                "range corners for dynamic shapes). Headroom: the policy's allowance over the quantizer's count, for "
+                "the quantizer nearest to it.\n\n"
+                + "\n".join(rows)
+                + f"\n\nLeast headroom on one-step codes: {worst['one_step_headroom']:.0f}x (FP32 graphs), "
+                f"{worst['fp16_headroom']:.1f}x (FP16 graphs); codes two or more steps off, all graphs: "
+                f"{worst['multi_step']}.\n"
+            )
             _write("bench_parity_thresholds", body, args.no_write)
         if "faults" in args.only:
-            body = (header() + "\nSeeded faults on the demo model (minmax on 8 trajectories, 20 inputs at 5 timesteps), "
-                    "one quantizer each (the middle convolution input or weight).\n\n" + "\n".join(fault_rows(Path(tmp), args.first)) + "\n")
+            body = (
+                header() + "\nSeeded faults on the demo model (minmax on 8 trajectories, 20 inputs at 5 timesteps), "
+                "one quantizer each (the middle convolution input or weight).\n\n"
+                + "\n".join(fault_rows(Path(tmp), args.first))
+                + "\n"
+            )
             _write("bench_parity_faults", body, args.no_write)
     if "cost" in args.only:
-        body = (header() + "\nEach in a fresh process after calibration and export; peak: the process's peak resident "
-                "memory during the check (VmHWM reset before it), added: that peak over its memory before the check.\n\n"
-                + "\n".join(cost_rows(args.first)) + "\n")
+        body = (
+            header() + "\nEach in a fresh process after calibration and export; peak: the process's peak resident "
+            "memory during the check (VmHWM reset before it), added: that peak over its memory before the check.\n\n"
+            + "\n".join(cost_rows(args.first))
+            + "\n"
+        )
         _write("bench_parity_cost", body, args.no_write)
 
 

@@ -66,14 +66,23 @@ class Context:
 def stepquant_method(bits: str, residuals: bool = True) -> Callable[[Context], tuple[Backend, float, str]]:
     def run(ctx: Context):
         weight_bits, act_bits = BITS[bits]
-        report = export_quantized(ExportConfig(model=DEMO_MODEL_NAME, out=ctx.workdir / f"stepquant-{bits}-{residuals}",
-                                               quant=QuantSpec(weight_bits, act_bits, quantize_residuals=residuals),
-                                               sampler=ctx.sampler, progress=False,
-                                               calibration=CalibrationConfig(samples=ctx.calib_samples),
-                                               checks=ChecksConfig(eval_samples=8, require_parity=False)))
-        executed = (f"onnxruntime (Q/DQ ONNX; layer-wise parity {'pass' if report.parity_passed else 'FAIL'}, "
-                    f"end-to-end worst median rel. error {report.end_to_end.worst_median_reldiff:.1e})")
+        report = export_quantized(
+            ExportConfig(
+                model=DEMO_MODEL_NAME,
+                out=ctx.workdir / f"stepquant-{bits}-{residuals}",
+                quant=QuantSpec(weight_bits, act_bits, quantize_residuals=residuals),
+                sampler=ctx.sampler,
+                progress=False,
+                calibration=CalibrationConfig(samples=ctx.calib_samples),
+                checks=ChecksConfig(eval_samples=8, require_parity=False),
+            )
+        )
+        executed = (
+            f"onnxruntime (Q/DQ ONNX; layer-wise parity {'pass' if report.parity_passed else 'FAIL'}, "
+            f"end-to-end worst median rel. error {report.end_to_end.worst_median_reldiff:.1e})"
+        )
         return quantized_backend(load_bundle(report.bundle), threads=2), report.calibration_seconds, executed
+
     return run
 
 
@@ -117,13 +126,20 @@ def leave_out(name: str, smoke: bool) -> bool:
 def modelopt_method(bits: str) -> Callable[[Context], tuple[Backend, float, str]]:
     def run(ctx: Context):
         return *modelopt_max(ctx.fp_model, ctx.calib, bits), "torch (modelopt fake-quant)"
+
     return run
 
 
 def ort_static_method(calibrate_method: str) -> Callable[[Context], tuple[Backend, float, str]]:
     def run(ctx: Context):
         import onnx
-        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
 
         # ORT's histogram collectors need equal batch sizes: use the largest divisor of the set size up to 64
         batch_size = max(d for d in range(1, 65) if len(ctx.calib) % d == 0)
@@ -141,13 +157,20 @@ def ort_static_method(calibrate_method: str) -> Callable[[Context], tuple[Backen
         out = ctx.workdir / f"ort-{calibrate_method}.onnx"
         start = time.perf_counter()
         quantize_static(
-            str(ctx.fp_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            op_types_to_quantize=["Conv", "MatMul", "Gemm"], nodes_to_exclude=excluded,
+            str(ctx.fp_onnx),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+            nodes_to_exclude=excluded,
             calibrate_method=getattr(CalibrationMethod, calibrate_method),
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         )
         return OnnxRuntimeBackend(out, threads=2), time.perf_counter() - start, "onnxruntime (Q/DQ ONNX)"
+
     return run
 
 
@@ -162,19 +185,25 @@ METHODS: list[tuple[str, str, Callable[[Context], tuple[Backend, float, str]]]] 
 
 def table(rows: list[Row], n: int, sampler: SamplerConfig) -> str:
     lines = [
-        f"{n} seeds, {sampler.steps} {sampler.scheduler.upper()} steps, eta {sampler.eta:g}. FD = Fréchet distance in the "
+        f"{n} seeds, {sampler.steps} {sampler.scheduler.upper()} steps, eta {sampler.eta:g}. FD = Fréchet distance in "
+        "the "
         "digit classifier's features; agreement = same predicted digit as the FP sample of the same seed; "
         "recognisable = classifier confidence >= 0.9.",
         "",
-        "| method | bits | PSNR to FP (dB) | FD to FP | FD to data | agreement | recognisable | calibration (s) | executed by |",
+        "| method | bits | PSNR to FP (dB) | FD to FP | FD to data | agreement | recognisable | calibration (s) | "
+        "executed by |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     fp = rows[0].result
-    lines.append(f"| FP32 reference | - | - | 0 | {fp.fp_fd_to_data:.2f} | 1 | {fp.fp_recognisable:.3f} | - | onnxruntime |")
+    lines.append(
+        f"| FP32 reference | - | - | 0 | {fp.fp_fd_to_data:.2f} | 1 | {fp.fp_recognisable:.3f} | - | onnxruntime |"
+    )
     for r in rows:
         e = r.result
-        lines.append(f"| {r.method} | {r.bits} | {e.psnr_to_fp_db:.2f} | {e.fd_to_fp:.3f} | {e.fd_to_data:.2f} | "
-                     f"{e.label_agreement:.3f} | {e.recognisable:.3f} | {r.calibration_seconds:.1f} | {r.executed_by} |")
+        lines.append(
+            f"| {r.method} | {r.bits} | {e.psnr_to_fp_db:.2f} | {e.fd_to_fp:.3f} | {e.fd_to_data:.2f} | "
+            f"{e.label_agreement:.3f} | {e.recognisable:.3f} | {r.calibration_seconds:.1f} | {r.executed_by} |"
+        )
     return "\n".join(lines)
 
 
@@ -185,7 +214,9 @@ def main() -> None:
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--only", default="", help="run only methods whose name contains this text")
-    parser.add_argument("--no-write", action="store_true", help="print the table without updating its docs/benchmarks page")
+    parser.add_argument(
+        "--no-write", action="store_true", help="print the table without updating its docs/benchmarks page"
+    )
     args = parse_options(parser, n=4, steps=4, calib_samples=4)
     methods = [m for m in METHODS if args.only in m[0] and not leave_out(m[0], args.smoke)]  # before the calibration
     torch.set_num_threads(2)
@@ -195,23 +226,35 @@ def main() -> None:
     sampler = SamplerConfig("ddim", args.steps, args.eta)
     fp_model = EpsilonModel(loaded.denoiser)
     seeds = range(CALIBRATION_SEED_OFFSET, CALIBRATION_SEED_OFFSET + args.calib_samples)  # what export_quantized uses
-    calib = collect_calibration_set(TorchBackend(fp_model), loaded.scheduler_config, seeds, shape, sampler, args.steps, progress=False)
+    calib = collect_calibration_set(
+        TorchBackend(fp_model), loaded.scheduler_config, seeds, shape, sampler, args.steps, progress=False
+    )
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         export_onnx(fp_model, workdir / "fp32.onnx", shape)
-        ctx = Context(fp_model, loaded.scheduler_config, shape, calib, workdir / "fp32.onnx", workdir, args.calib_samples, sampler)
+        ctx = Context(
+            fp_model, loaded.scheduler_config, shape, calib, workdir / "fp32.onnx", workdir, args.calib_samples, sampler
+        )
         fp_backend = OnnxRuntimeBackend(ctx.fp_onnx, threads=2)
         for name, bits, method in methods:
             backend, seconds, executed_by = method(ctx)
-            result = evaluate(fp_backend, backend, loaded.scheduler_config, range(args.n), shape, sampler, progress=False)
+            result = evaluate(
+                fp_backend, backend, loaded.scheduler_config, range(args.n), shape, sampler, progress=False
+            )
             rows.append(Row(name, bits, executed_by, seconds, result))
-            print(f"{name:32} {bits}  PSNR {result.psnr_to_fp_db:6.2f} dB  FD-to-FP {result.fd_to_fp:7.3f}  "
-                  f"recognisable {result.recognisable:.3f}  ({time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"{name:32} {bits}  PSNR {result.psnr_to_fp_db:6.2f} dB  FD-to-FP {result.fd_to_fp:7.3f}  "
+                f"recognisable {result.recognisable:.3f}  ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
     text = table(rows, args.n, sampler)
     print(text)
     if not args.no_write and not args.only:
-        write_section(f"bench_quality_eta{args.eta:g}", header() + f"Total wall time {time.perf_counter() - start:.0f} s.\n\n" + text)
+        write_section(
+            f"bench_quality_eta{args.eta:g}",
+            header() + f"Total wall time {time.perf_counter() - start:.0f} s.\n\n" + text,
+        )
 
 
 if __name__ == "__main__":

@@ -54,7 +54,9 @@ STAGES = textwrap.dedent("""
     config = bundle_sampler(bundle); table = bundle_table(bundle)
     encoder, decoder, unet = PromptEncoder(bundle), LatentDecoder.of(bundle), quantized_backend(bundle)
     times = {}
-    start = time.perf_counter(); rows = Conditioning(encoder(prompts), encoder([""])); times["text encoder"] = time.perf_counter() - start
+    start = time.perf_counter()
+    rows = Conditioning(encoder(prompts), encoder([""]))
+    times["text encoder"] = time.perf_counter() - start
     start = time.perf_counter()
     latents = np.concatenate(list(sample_batches(unet, table, range(count), bundle.manifest.sample_shape, config, count,
                                                  progress=False, conditioning=rows, clip=False)))
@@ -66,8 +68,22 @@ STAGES = textwrap.dedent("""
 
 def export(out: Path, options: list[str], guidance: float, calibration: Path, smoke: bool) -> Path:
     fast = list(SMOKE_EXPORT) if smoke else []
-    code, _, err = invoke("export-quantized", ["--model", MODEL, "--prompts-file", calibration, "--guidance-scale", guidance,
-                                               "--out", out, "--no-progress", *options, *fast])
+    code, _, err = invoke(
+        "export-quantized",
+        [
+            "--model",
+            MODEL,
+            "--prompts-file",
+            calibration,
+            "--guidance-scale",
+            guidance,
+            "--out",
+            out,
+            "--no-progress",
+            *options,
+            *fast,
+        ],
+    )
     if code:
         raise SystemExit(f"export failed: {err.strip()}")
     return out
@@ -76,8 +92,17 @@ def export(out: Path, options: list[str], guidance: float, calibration: Path, sm
 def device_cost(bundle: Path, runs: int, scratch: Path) -> list[str]:
     python = venv(scratch / "runtime", [str(ROOT)])
     site = next((scratch / "runtime" / "lib").glob("python*/site-packages"))
-    command = [str(python.parent / "stepquant"), "generate", "--bundle", str(bundle), "--prompt", "a red seven on a blue background",
-               "--out", str(scratch / "x.png"), "--no-progress"]
+    command = [
+        str(python.parent / "stepquant"),
+        "generate",
+        "--bundle",
+        str(bundle),
+        "--prompt",
+        "a red seven on a blue background",
+        "--out",
+        str(scratch / "x.png"),
+        "--no-progress",
+    ]
     subprocess.run(command, check=True, capture_output=True)  # warm the file cache
     cold = []
     for _ in range(runs):
@@ -88,10 +113,15 @@ def device_cost(bundle: Path, runs: int, scratch: Path) -> list[str]:
     if stages.returncode:
         raise SystemExit(f"timing the stages failed: {stages.stderr.strip().splitlines()[-1]}")
     per_image = json.loads(stages.stdout)
-    return ["", "| device cost (runtime-only install, onnxruntime, all threads) | value |", "|---|---|",
-            f"| install size | {size_mib(scratch / 'runtime'):.0f} MiB, of which tokenizers {size_mib(site / 'tokenizers'):.1f} MiB |",
-            f"| cold start to the first PNG (`generate --n 1`, median of {runs}) | {statistics.median(cold):.2f} s |",
-            *(f"| {stage}, per image at batch 8 | {seconds * 1000:.1f} ms |" for stage, seconds in per_image.items())]
+    return [
+        "",
+        "| device cost (runtime-only install, onnxruntime, all threads) | value |",
+        "|---|---|",
+        f"| install size | {size_mib(scratch / 'runtime'):.0f} MiB, of which tokenizers "
+        f"{size_mib(site / 'tokenizers'):.1f} MiB |",
+        f"| cold start to the first PNG (`generate --n 1`, median of {runs}) | {statistics.median(cold):.2f} s |",
+        *(f"| {stage}, per image at batch 8 | {seconds * 1000:.1f} ms |" for stage, seconds in per_image.items()),
+    ]
 
 
 def main() -> None:
@@ -104,23 +134,34 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     count = 10 if args.smoke else args.n
-    lines = [header(), f"{count} prompts, one seed each, guidance {args.guidance:g}, the bundle's sampler; FP = the bundle's "
-             "FP32 reference UNet through the same text encoder and VAE decoder.", "",
-             "| configuration | image PSNR to FP (dB) | FD to FP | digit accuracy | colour accuracy | export (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        header(),
+        f"{count} prompts, one seed each, guidance {args.guidance:g}, the bundle's sampler; FP = the bundle's "
+        "FP32 reference UNet through the same text encoder and VAE decoder.",
+        "",
+        "| configuration | image PSNR to FP (dB) | FD to FP | digit accuracy | colour accuracy | export (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         calibration = scratch / "calibration.txt"
         calibration.write_text("\n".join(prompt(*a) for a in coloured_digit_prompts(50, offset=1000)) + "\n")
         for name, options in CONFIGS.items():
             start = time.perf_counter()
-            bundle = load_bundle(export(scratch / name.replace(" ", "-"), options, args.guidance, calibration, args.smoke))
+            bundle = load_bundle(
+                export(scratch / name.replace(" ", "-"), options, args.guidance, calibration, args.smoke)
+            )
             seconds = time.perf_counter() - start
             scores = score_coloured_digits(bundle, count, bundle_sampler(bundle))
             if len(lines) == 5:
-                lines.append(f"| FP (reference UNet) | - | - | {scores.fp_digit_accuracy:.1%} | {scores.fp_colour_accuracy:.1%} | - |")
-            lines.append(f"| {name} | {scores.psnr_to_fp_db:.2f} | {scores.fd_to_fp:.3f} | {scores.digit_accuracy:.1%} | "
-                         f"{scores.colour_accuracy:.1%} | {seconds:.0f} |")
+                lines.append(
+                    f"| FP (reference UNet) | - | - | {scores.fp_digit_accuracy:.1%} | "
+                    f"{scores.fp_colour_accuracy:.1%} | - |"
+                )
+            lines.append(
+                f"| {name} | {scores.psnr_to_fp_db:.2f} | {scores.fd_to_fp:.3f} | {scores.digit_accuracy:.1%} | "
+                f"{scores.colour_accuracy:.1%} | {seconds:.0f} |"
+            )
             print(lines[-1], flush=True)
         lines += device_cost(scratch / "W8A8-minmax", 1 if args.smoke else args.runs, scratch)
     publish("text-to-image", lines, not args.no_write and not args.smoke)

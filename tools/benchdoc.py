@@ -15,7 +15,14 @@ import tempfile
 from pathlib import Path
 
 SMOKE_STEPS = 4  # sampler steps of a --smoke run
-SMOKE_EXPORT = ("--steps", str(SMOKE_STEPS), "--calib-samples", "4", "--eval-samples", "4")  # a --smoke run's export: seconds
+SMOKE_EXPORT = (
+    "--steps",
+    str(SMOKE_STEPS),
+    "--calib-samples",
+    "4",
+    "--eval-samples",
+    "4",
+)  # a --smoke run's export: seconds
 PAGES = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 
 
@@ -25,7 +32,14 @@ def page(script: str | None = None) -> Path:
     return PAGES / f"{stem.removeprefix('bench_').replace('_', '-')}.md"
 
 
-SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")  # what decides integer kernels' speed
+SPEED_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_int8",
+)  # what decides integer kernels' speed
 
 
 def machine() -> str:
@@ -41,8 +55,10 @@ def machine() -> str:
         pass
     import os
 
-    return (f"{cpu} (flags: {' '.join(flags) or 'none of ' + ' '.join(SPEED_FLAGS)}), {os.cpu_count()} logical CPUs, "
-            f"{platform.system()} {platform.machine()}, Python {platform.python_version()}")
+    return (
+        f"{cpu} (flags: {' '.join(flags) or 'none of ' + ' '.join(SPEED_FLAGS)}), {os.cpu_count()} logical CPUs, "
+        f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    )
 
 
 def header() -> str:
@@ -65,9 +81,14 @@ def parse_options(parser: argparse.ArgumentParser, **smoke) -> argparse.Namespac
     """The script's options, with `--smoke` added: a quick run that checks the script still works, with the
     options named in `smoke` set to those small values (a callable is called for its value only then) and
     `no_write` set, so nothing of the project is written."""
-    shrunk = ", ".join(f"--{name.replace('_', '-')} {'a temporary folder' if callable(v) else v}" for name, v in smoke.items())
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"a quick run that checks the script works, writing nothing{f' ({shrunk})' if shrunk else ''}")
+    shrunk = ", ".join(
+        f"--{name.replace('_', '-')} {'a temporary folder' if callable(v) else v}" for name, v in smoke.items()
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"a quick run that checks the script works, writing nothing{f' ({shrunk})' if shrunk else ''}",
+    )
     args = parser.parse_args()
     if args.smoke:
         for name, value in smoke.items():

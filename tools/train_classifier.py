@@ -52,10 +52,16 @@ def main() -> None:
     model.eval()
     with torch.no_grad():
         accuracy = (model(images[test]).argmax(1) == labels[test]).float().mean().item()
-    save_file(model.state_dict(), str(args.out), metadata={
-        "held_out_accuracy": f"{accuracy:.4f}", "held_out_count": str(len(test)), "seed": str(args.seed),
-        "config": json.dumps({k: v for k, v in vars(args).items() if k in ("epochs", "held_out", "seed")}),
-    })
+    save_file(
+        model.state_dict(),
+        str(args.out),
+        metadata={
+            "held_out_accuracy": f"{accuracy:.4f}",
+            "held_out_count": str(len(test)),
+            "seed": str(args.seed),
+            "config": json.dumps({k: v for k, v in vars(args).items() if k in ("epochs", "held_out", "seed")}),
+        },
+    )
     print(f"held-out accuracy {accuracy:.4f} on {len(test)} digits; saved {args.out}")
 
 

@@ -29,10 +29,13 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, iters: int) -> torch.optim
     """Linear warm-up over the first 5% of `iters`, then a cosine decay to zero."""
     warmup = max(1, iters // 20)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * i / iters)))
+        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * i / iters))
+    )
 
 
-def optimise(loss: torch.Tensor, optimizer, schedule, parameters: list, ema: list | None, ema_decay: float, progress) -> None:
+def optimise(
+    loss: torch.Tensor, optimizer, schedule, parameters: list, ema: list | None, ema_decay: float, progress
+) -> None:
     """One step: gradients clipped to norm 1, the optimiser's and the schedule's steps, the EMA weights' update
     (without `ema`, none), the loss on the progress bar."""
     optimizer.zero_grad(set_to_none=True)
@@ -47,9 +50,17 @@ def optimise(loss: torch.Tensor, optimizer, schedule, parameters: list, ema: lis
     progress.set_postfix(loss=f"{loss.item():.4f}")
 
 
-def train(unet: torch.nn.Module, iters: int, batch_size: int, lr: float, ema_decay: float, seed: int,
-          class_table: torch.nn.Parameter | None = None, label_dropout: float = 0.0,
-          desc: str = "train demo-digits") -> tuple[torch.nn.Module, torch.Tensor | None]:
+def train(
+    unet: torch.nn.Module,
+    iters: int,
+    batch_size: int,
+    lr: float,
+    ema_decay: float,
+    seed: int,
+    class_table: torch.nn.Parameter | None = None,
+    label_dropout: float = 0.0,
+    desc: str = "train demo-digits",
+) -> tuple[torch.nn.Module, torch.Tensor | None]:
     """Epsilon-prediction training with EMA weights; returns (EMA model, EMA class table). With a
     `class_table` [classes + 1, tokens, dim] the model is conditioned on its row for the digit's label
     through cross-attention, and on the last (null) row with probability `label_dropout`, so one model
@@ -76,7 +87,9 @@ def train(unet: torch.nn.Module, iters: int, batch_size: int, lr: float, ema_dec
             null = len(class_table) - 1
             rows = torch.where(torch.rand(batch_size, generator=gen) < label_dropout, null, labels[index])
             prediction = unet(x_t, t, encoder_hidden_states=class_table[rows]).sample
-        optimise(torch.nn.functional.mse_loss(prediction, noise), optimizer, schedule, parameters, ema, ema_decay, progress)
+        optimise(
+            torch.nn.functional.mse_loss(prediction, noise), optimizer, schedule, parameters, ema, ema_decay, progress
+        )
     with torch.no_grad():
         for p, p_ema in zip(parameters, ema):
             p.copy_(p_ema)
@@ -104,8 +117,10 @@ def main() -> None:
     start = time.perf_counter()
     unet, _ = train(UNet2DModel(**UNET_CONFIG), args.iters, args.batch_size, args.lr, args.ema_decay, args.seed)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**SCHEDULER_CONFIG)).save_pretrained(args.out)
-    print(f"saved {args.out} ({sum(p.numel() for p in unet.parameters()):,} parameters) "
-          f"in {time.perf_counter() - start:.0f} s")
+    print(
+        f"saved {args.out} ({sum(p.numel() for p in unet.parameters()):,} parameters) "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ Deterministic (fixed seeds, deterministic algorithms, 2 threads). Ends by sampli
 diffusers' pipeline and printing how often the digit classifier reads the requested digit and how often the
 requested colours are the ones drawn.
 
-    python tools/train_demo_sd.py [--vae-iters 800] [--text-iters 400] [--iters 4500] [--out stepquant/models/demo_digits_sd]
-        [--final-check N] [--smoke]
+    python tools/train_demo_sd.py [--vae-iters 800] [--text-iters 400] [--iters 4500]
+        [--out stepquant/models/demo_digits_sd] [--final-check N] [--smoke]
     python tools/train_demo_sd.py --check 200        (the shipped model's accuracies)
 """
 
@@ -44,14 +44,35 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "stepquant" / "models" / "de
 MAX_LENGTH = 20
 PROMPT_DROPOUT = 0.1
 GUIDANCE = 5.0
-VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
-           norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
-UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(48, 96), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=8,
-            norm_num_groups=16)
-TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=MAX_LENGTH)
+VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(16, 32, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+)
+UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(48, 96),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64,
+    attention_head_dim=8,
+    norm_num_groups=16,
+)
+TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=MAX_LENGTH,
+)
 
 
 def corpus() -> list[str]:
@@ -93,19 +114,35 @@ def train_vae(data, iters: int, batch_size: int, gen: torch.Generator, kl_weight
 
 
 def text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    return CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TEXT))
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **TEXT,
+        )
+    )
 
 
-def pretrain_text_encoder(encoder: CLIPTextModel, tokenizer: CLIPTokenizer, iters: int, gen: torch.Generator,
-                          batch_size: int = 256, lr: float = 2e-3) -> float:
+def pretrain_text_encoder(
+    encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    iters: int,
+    gen: torch.Generator,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+) -> float:
     """Teach `encoder` the prompts' content (linear heads on its end-of-text state predict the digit and both
     colours, cross-entropy), then freeze it; returns the heads' accuracy on every prompt (all three right)."""
     asked = torch.tensor(_asked())
-    ids = tokenizer(corpus(), padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        corpus(), padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
     width = TEXT["hidden_size"]
-    heads = torch.nn.ModuleList([torch.nn.Linear(width, 10), torch.nn.Linear(width, len(COLOURS)),
-                                 torch.nn.Linear(width, len(COLOURS))])
+    heads = torch.nn.ModuleList(
+        [torch.nn.Linear(width, 10), torch.nn.Linear(width, len(COLOURS)), torch.nn.Linear(width, len(COLOURS))]
+    )
     parameters = [*encoder.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     schedule = cosine_schedule(optimizer, iters)
@@ -122,8 +159,17 @@ def pretrain_text_encoder(encoder: CLIPTextModel, tokenizer: CLIPTokenizer, iter
     return right.float().mean().item()
 
 
-def train_denoiser(data, vae: AutoencoderKL, tokenizer: CLIPTokenizer, encoder: CLIPTextModel, iters: int, batch_size: int,
-                   gen: torch.Generator, lr: float, ema_decay: float) -> UNet2DConditionModel:
+def train_denoiser(
+    data,
+    vae: AutoencoderKL,
+    tokenizer: CLIPTokenizer,
+    encoder: CLIPTextModel,
+    iters: int,
+    batch_size: int,
+    gen: torch.Generator,
+    lr: float,
+    ema_decay: float,
+) -> UNet2DConditionModel:
     """The UNet on the frozen `encoder`'s states, with EMA weights."""
     unet = UNet2DConditionModel(**UNET)
     parameters = list(unet.parameters())
@@ -134,22 +180,30 @@ def train_denoiser(data, vae: AutoencoderKL, tokenizer: CLIPTokenizer, encoder: 
     progress = tqdm(range(iters), desc="train the UNet", unit="it")
     for _ in progress:
         images, texts, _ = batch(*data, batch_size, gen)
-        texts = ["" if drop else text for text, drop in zip(texts, torch.rand(batch_size, generator=gen) < PROMPT_DROPOUT)]
-        ids = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+        texts = [
+            "" if drop else text for text, drop in zip(texts, torch.rand(batch_size, generator=gen) < PROMPT_DROPOUT)
+        ]
+        ids = tokenizer(
+            texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
             states = encoder(ids)[0]
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch_size,), generator=gen)
         prediction = unet(noise_schedule.add_noise(latents, noise, t), t, encoder_hidden_states=states).sample
-        optimise(torch.nn.functional.mse_loss(prediction, noise), optimizer, schedule, parameters, ema, ema_decay, progress)
+        optimise(
+            torch.nn.functional.mse_loss(prediction, noise), optimizer, schedule, parameters, ema, ema_decay, progress
+        )
     with torch.no_grad():
         for p, p_ema in zip(parameters, ema):
             p.copy_(p_ema)
     return unet.eval()
 
 
-def accuracies(pipe: StableDiffusionPipeline, count: int, guidance: float = GUIDANCE, steps: int = 25) -> tuple[float, float]:
+def accuracies(
+    pipe: StableDiffusionPipeline, count: int, guidance: float = GUIDANCE, steps: int = 25
+) -> tuple[float, float]:
     """(digit accuracy, colour accuracy) of guided FP images through diffusers' pipeline, for the project's
     prompt set (eval.text_to_image: prompt i asks for digit i mod 10, colour pair i mod 30, wording i mod 5;
     seed i)."""
@@ -159,8 +213,13 @@ def accuracies(pipe: StableDiffusionPipeline, count: int, guidance: float = GUID
     images = []
     for start in range(0, count, 50):
         with torch.no_grad():
-            out = pipe([prompt(*a) for a in asked[start:start + 50]], num_inference_steps=steps, guidance_scale=guidance,
-                       generator=generator[start:start + 50], output_type="pt").images
+            out = pipe(
+                [prompt(*a) for a in asked[start : start + 50]],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generator[start : start + 50],
+                output_type="pt",
+            ).images
         images.append(out * 2 - 1)
     digit, colour, _ = judge_coloured_digits(torch.cat(images), asked)
     return digit, colour
@@ -177,13 +236,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--check", type=int, help="only measure the saved model's accuracies on this many prompts")
-    parser.add_argument("--final-check", type=int, default=200, help="prompts of the accuracies measured after training")
+    parser.add_argument(
+        "--final-check", type=int, default=200, help="prompts of the accuracies measured after training"
+    )
     args = parse_options(parser, vae_iters=2, text_iters=2, iters=2, out=scratch, final_check=2)
     torch.set_num_threads(2)
     if args.check:
         pipe = StableDiffusionPipeline.from_pretrained(args.out, safety_checker=None)
         digit, colour = accuracies(pipe, args.check)
-        print(f"guided FP images (guidance {GUIDANCE:g}, 25 DDIM steps, {args.check} prompts): digit {digit:.1%}, colours {colour:.1%}")
+        print(
+            f"guided FP images (guidance {GUIDANCE:g}, 25 DDIM steps, {args.check} prompts): digit {digit:.1%}, "
+            f"colours {colour:.1%}"
+        )
         return
     start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -196,17 +260,30 @@ def main() -> None:
     understood = pretrain_text_encoder(encoder, tokenizer, args.text_iters, gen)
     print(f"text encoder: digit and both colours read right from {understood:.1%} of the prompts")
     unet = train_denoiser(data, vae, tokenizer, encoder, args.iters, args.batch_size, gen, args.lr, args.ema_decay)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(args.out)
-    sizes = {name: sum(p.numel() for p in part.parameters()) for name, part in (("unet", unet), ("text encoder", encoder),
-                                                                                 ("vae", vae))}
-    print(f"saved {args.out} ({', '.join(f'{k} {v:,}' for k, v in sizes.items())} parameters; latent scaling factor "
-          f"{vae.config.scaling_factor:.4f}) in {time.perf_counter() - start:.0f} s")
+    sizes = {
+        name: sum(p.numel() for p in part.parameters())
+        for name, part in (("unet", unet), ("text encoder", encoder), ("vae", vae))
+    }
+    print(
+        f"saved {args.out} ({', '.join(f'{k} {v:,}' for k, v in sizes.items())} parameters; latent scaling factor "
+        f"{vae.config.scaling_factor:.4f}) in {time.perf_counter() - start:.0f} s"
+    )
     digit, colour = accuracies(pipe, args.final_check)
-    print(f"guided FP images (guidance {GUIDANCE:g}, 25 DDIM steps, {args.final_check} prompts): digit {digit:.1%}, "
-          f"colours {colour:.1%}")
+    print(
+        f"guided FP images (guidance {GUIDANCE:g}, 25 DDIM steps, {args.final_check} prompts): digit {digit:.1%}, "
+        f"colours {colour:.1%}"
+    )
 
 
 if __name__ == "__main__":

@@ -21,9 +21,21 @@ from stepquant.runtime import SamplerConfig
 
 fast = bool(os.environ.get("FAST"))
 out = Path(os.environ.get("OUT", "out/examples")) / "stages"
-config = ExportConfig(model="demo-digits", out=out, overwrite=True, progress=False,
-                      **(dict(sampler=SamplerConfig(steps=4), calibration=CalibrationConfig(samples=4),
-                              checks=ChecksConfig(eval_samples=4)) if fast else {}))
+config = ExportConfig(
+    model="demo-digits",
+    out=out,
+    overwrite=True,
+    progress=False,
+    **(
+        dict(
+            sampler=SamplerConfig(steps=4),
+            calibration=CalibrationConfig(samples=4),
+            checks=ChecksConfig(eval_samples=4),
+        )
+        if fast
+        else {}
+    ),
+)
 start = time.perf_counter()
 prepared = prepare(config)
 print(f"prepare: sample shape {prepared.shape}")

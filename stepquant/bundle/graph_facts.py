@@ -41,7 +41,9 @@ class GraphFacts:
     """What a graph declares and references (see the module docstring)."""
 
     external_data: set[str] = field(default_factory=set)  # locations, as written in the graph
-    inputs: dict[str, tuple[int | str | None, ...]] = field(default_factory=dict)  # name -> dims (int, symbol or unknown)
+    inputs: dict[str, tuple[int | str | None, ...]] = field(
+        default_factory=dict
+    )  # name -> dims (int, symbol or unknown)
     scales: dict[str, np.ndarray | None] = field(default_factory=dict)  # Q/DQ scale tensor -> values (None: not inline)
 
 
@@ -68,14 +70,14 @@ def _fields(data: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
         if wire == 0:
             value, at = _varint(data, at)
         elif wire == 1:
-            value, at = int.from_bytes(data[at:at + 8], "little"), at + 8
+            value, at = int.from_bytes(data[at : at + 8], "little"), at + 8
         elif wire == 2:
             size, at = _varint(data, at)
             if at + size > len(data):
                 raise GraphFormatError("a field runs past the end of its message")
-            value, at = data[at:at + size], at + size
+            value, at = data[at : at + size], at + size
         elif wire == 5:
-            value, at = int.from_bytes(data[at:at + 4], "little"), at + 4
+            value, at = int.from_bytes(data[at : at + 4], "little"), at + 4
         else:
             raise GraphFormatError(f"wire type {wire} is not used by ONNX")
         if number == 0 or at > len(data):
@@ -152,12 +154,19 @@ def _dimension(data: memoryview) -> int | str | None:
 def _value_info(data: memoryview) -> tuple[str, tuple[int | str | None, ...]]:
     """A ValueInfoProto's name and, for a tensor, its dims."""
     names = [_text(value) for value in _each(data, _VALUE_NAME)]
-    dims = [_dimension(dim) for kind in _each(data, _VALUE_TYPE) for tensor in _each(kind, _TYPE_TENSOR)
-            for shape in _each(tensor, _TENSOR_TYPE_SHAPE) for dim in _each(shape, _SHAPE_DIM)]
+    dims = [
+        _dimension(dim)
+        for kind in _each(data, _VALUE_TYPE)
+        for tensor in _each(kind, _TYPE_TENSOR)
+        for shape in _each(tensor, _TENSOR_TYPE_SHAPE)
+        for dim in _each(shape, _SHAPE_DIM)
+    ]
     return (names[-1] if names else ""), tuple(dims)
 
 
-def _nodes(data: memoryview, facts: GraphFacts, constants: dict[str, _Tensor], scale_names: set[str], depth: int) -> None:
+def _nodes(
+    data: memoryview, facts: GraphFacts, constants: dict[str, _Tensor], scale_names: set[str], depth: int
+) -> None:
     """One NodeProto: its attribute tensors and subgraphs, Constant outputs, and Q/DQ scale inputs."""
     inputs, outputs, op_type, tensors = [], [], "", []
     for number, _, value in _fields(data):
@@ -200,7 +209,9 @@ def _graph(data: memoryview, facts: GraphFacts, depth: int = 0, top: bool = True
     for name in scale_names:
         facts.scales[name] = tensors[name].values() if name in tensors else None
     if top:
-        facts.inputs = {name: dims for name, dims in facts.inputs.items() if name not in tensors}  # initializers, not inputs
+        facts.inputs = {
+            name: dims for name, dims in facts.inputs.items() if name not in tensors
+        }  # initializers, not inputs
 
 
 def read_graph_facts(path: Path) -> GraphFacts:

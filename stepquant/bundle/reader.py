@@ -90,8 +90,10 @@ class Bundle:
         """One target profile's section: its timestep groups (graph, timesteps, parity data) and parity report."""
         targets = self.manifest.targets
         if name not in targets:
-            raise BundleError(f"bundle {self.path} has no {name} graph (it holds {', '.join(targets)}); "
-                              f"export it with --target {name}")
+            raise BundleError(
+                f"bundle {self.path} has no {name} graph (it holds {', '.join(targets)}); "
+                f"export it with --target {name}"
+            )
         return targets[name]
 
     def target_for(self, backend: str, provider: str = "cpu") -> str:
@@ -107,7 +109,11 @@ def _valid_name(name: object) -> bool:
 def _plain_relative(name: str) -> bool:
     """Whether `name` is a relative POSIX path with no '.', '..', empty or trailing part: one that stays inside."""
     parts = PurePosixPath(name).parts
-    return not PurePosixPath(name).is_absolute() and not any(part in ("..", ".") for part in parts) and name == "/".join(parts)
+    return (
+        not PurePosixPath(name).is_absolute()
+        and not any(part in ("..", ".") for part in parts)
+        and name == "/".join(parts)
+    )
 
 
 def confined_file(root: Path, name: object) -> Path:
@@ -148,18 +154,27 @@ def is_bundle(directory: Path) -> bool:
 def _check_inputs(root: Path, name: str, declared: dict[str, tuple], manifest: Manifest) -> None:
     """The graph's declared inputs are the sample, the timestep and the manifest's condition inputs, with the
     manifest's fixed sizes wherever the graph fixes them too (a forged shape fails here, not in an engine)."""
-    expected = {"sample": (None, *manifest.sample_shape), "timestep": None,
-                **{c.name: (None, *(None if d == SEQUENCE else d for d in c.shape)) for c in manifest.conditions}}
+    expected = {
+        "sample": (None, *manifest.sample_shape),
+        "timestep": None,
+        **{c.name: (None, *(None if d == SEQUENCE else d for d in c.shape)) for c in manifest.conditions},
+    }
     if set(declared) != set(expected):
-        raise BundleError(f"bundle {root}: {name} takes inputs {sorted(declared)}, the manifest describes {sorted(expected)}")
+        raise BundleError(
+            f"bundle {root}: {name} takes inputs {sorted(declared)}, the manifest describes {sorted(expected)}"
+        )
     for input_name, want in expected.items():
         dims = declared[input_name]
         if want is None:
             continue
-        if len(dims) != len(want) or any(isinstance(g, int) and isinstance(w, int) and g != w for g, w in zip(dims, want)):
+        if len(dims) != len(want) or any(
+            isinstance(g, int) and isinstance(w, int) and g != w for g, w in zip(dims, want)
+        ):
             shown = ["?" if d is None else d for d in want]
-            raise BundleError(f"bundle {root}: {name} declares input {input_name} of shape {list(dims)}, the manifest "
-                              f"says {shown} (batch first)")
+            raise BundleError(
+                f"bundle {root}: {name} declares input {input_name} of shape {list(dims)}, the manifest "
+                f"says {shown} (batch first)"
+            )
 
 
 def _check_graph(root: Path, name: str, manifest: Manifest, runs: bool) -> GraphFacts:
@@ -172,16 +187,20 @@ def _check_graph(root: Path, name: str, manifest: Manifest, runs: bool) -> Graph
     for location in sorted(facts.external_data):
         target = posixpath.join(posixpath.dirname(name), location).removeprefix("./")  # as onnxruntime resolves it
         if not _valid_name(location) or not _plain_relative(target):
-            raise BundleError(f"bundle {root}: {name} reads tensors from {location!r}, outside the bundle or not a plain "
-                              "file name beside it")
+            raise BundleError(
+                f"bundle {root}: {name} reads tensors from {location!r}, outside the bundle or not a plain "
+                "file name beside it"
+            )
         if target not in manifest.files:
             raise BundleError(f"bundle {root}: {name} reads tensors from {target}, which the manifest does not list")
     if runs:
         _check_inputs(root, name, facts.inputs, manifest)
         for tensor, values in sorted(facts.scales.items()):
             if values is not None and not (np.isfinite(values).all() and (values > 0).all()):
-                raise BundleError(f"bundle {root}: {name} has a quantization scale {tensor} that is not finite and "
-                                  "positive (the graph was edited or its calibration failed)")
+                raise BundleError(
+                    f"bundle {root}: {name} has a quantization scale {tensor} that is not finite and "
+                    "positive (the graph was edited or its calibration failed)"
+                )
     return facts
 
 
@@ -230,7 +249,10 @@ def load_bundle(path: str | Path, trust_key: Path | None = None, strict: bool = 
             raise BundleError(f"bundle {path} was modified after export: sha256 of {name} does not match the manifest")
     bundle = Bundle(path=path, manifest=typed, signed_by=trust_key)
     runs = {*bundle.graphs(), typed.reference_graph}
-    facts = {name: _check_graph(path, name, typed, name in runs) for name in sorted(n for n in typed.files if n.endswith(".onnx"))}
+    facts = {
+        name: _check_graph(path, name, typed, name in runs)
+        for name in sorted(n for n in typed.files if n.endswith(".onnx"))
+    }
     if typed.text_to_image is not None:
         _check_parts(path, typed, facts)
     return bundle
@@ -245,6 +267,12 @@ def _check_parts(root: Path, manifest: Manifest, facts: dict[str, GraphFacts]) -
             raise BundleError(f"bundle {root}: the text encoder {encoder.graph} takes {sorted(text)}, not input_ids")
     vae = facts[parts.vae_decoder].inputs
     dims = vae.get("latent_sample", ())
-    if list(vae) != ["latent_sample"] or len(dims) != 4 or (isinstance(dims[1], int) and dims[1] != manifest.sample_shape[0]):
-        raise BundleError(f"bundle {root}: the VAE decoder {parts.vae_decoder} takes {dict(vae)}, not the denoiser's "
-                          f"{manifest.sample_shape[0]}-channel latents")
+    if (
+        list(vae) != ["latent_sample"]
+        or len(dims) != 4
+        or (isinstance(dims[1], int) and dims[1] != manifest.sample_shape[0])
+    ):
+        raise BundleError(
+            f"bundle {root}: the VAE decoder {parts.vae_decoder} takes {dict(vae)}, not the denoiser's "
+            f"{manifest.sample_shape[0]}-channel latents"
+        )

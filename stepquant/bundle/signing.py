@@ -27,7 +27,9 @@ def generate_keypair(directory: Path) -> tuple[Path, Path]:
     private, public = directory / PRIVATE_KEY, directory / PUBLIC_KEY
     existing = [p.name for p in (private, public) if p.exists() or p.is_symlink()]
     if existing:
-        raise SignatureError(f"{directory} already holds {', '.join(existing)}: keys are never replaced; choose another --out")
+        raise SignatureError(
+            f"{directory} already holds {', '.join(existing)}: keys are never replaced; choose another --out"
+        )
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -38,8 +40,9 @@ def generate_keypair(directory: Path) -> tuple[Path, Path]:
         descriptor = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(pem)
-        public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                         serialization.PublicFormat.SubjectPublicKeyInfo))
+        public.write_bytes(
+            key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
     except OSError as err:
         raise SignatureError(f"cannot write the key pair into {directory}: {err.strerror}") from err
     return private, public
@@ -93,5 +96,7 @@ def verify(data: bytes, signature: bytes, key_path: Path, what: str) -> None:
     try:
         key.verify(base64.b64decode(signature.strip(), validate=True), data)
     except (InvalidSignature, ValueError) as err:
-        raise SignatureError(f"{what}'s signature does not match the trusted key {key_path}: the bundle was changed "
-                             "after signing or signed by another key") from err
+        raise SignatureError(
+            f"{what}'s signature does not match the trusted key {key_path}: the bundle was changed "
+            "after signing or signed by another key"
+        ) from err

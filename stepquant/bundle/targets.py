@@ -43,12 +43,28 @@ class TargetProfile:
 # at 'all' onnxruntime swaps its DQ -> MatMul pairs for integer kernels whose U8S8 path saturates 16-bit pair sums
 # on x86 CPUs without VNNI (vpmaddubsw; a tiny SDXL-style UNet lost 3 dB on an AVX2 AMD EPYC), and FP8 Q/DQ runs
 # on the CPU provider at 'basic' at most. The onnxruntime-cpu graph exists for those integer kernels: 'all'.
-TENSORRT = TargetProfile("tensorrt", graph_suffix="", parity_folder="", optimization_level="basic",
-                         formats=("int8", "fp8"), precisions=("fp32", "fp16"), tensorrt_rules=True, integer_kernels=False,
-                         runs_on=("tensorrt", "openvino", "onnxruntime"))
-ONNXRUNTIME_CPU = TargetProfile("onnxruntime-cpu", graph_suffix="_cpu", parity_folder="onnxruntime-cpu",
-                                optimization_level="all", formats=("int8",), precisions=("fp32",), tensorrt_rules=False,
-                                integer_kernels=True, runs_on=("onnxruntime:cpu",))
+TENSORRT = TargetProfile(
+    "tensorrt",
+    graph_suffix="",
+    parity_folder="",
+    optimization_level="basic",
+    formats=("int8", "fp8"),
+    precisions=("fp32", "fp16"),
+    tensorrt_rules=True,
+    integer_kernels=False,
+    runs_on=("tensorrt", "openvino", "onnxruntime"),
+)
+ONNXRUNTIME_CPU = TargetProfile(
+    "onnxruntime-cpu",
+    graph_suffix="_cpu",
+    parity_folder="onnxruntime-cpu",
+    optimization_level="all",
+    formats=("int8",),
+    precisions=("fp32",),
+    tensorrt_rules=False,
+    integer_kernels=True,
+    runs_on=("onnxruntime:cpu",),
+)
 TARGETS: dict[str, TargetProfile] = {profile.name: profile for profile in (TENSORRT, ONNXRUNTIME_CPU)}
 # the profile a backend falls back to when the bundle lacks the one it prefers: the graph every backend can run
 FALLBACK = TENSORRT

@@ -36,16 +36,39 @@ class Calibrator:
     trajectory: Callable[..., Callable] | None = None
 
 
-def _multistep(fp_model, q_model, data, ddim: SamplerConfig, scheduler_config: dict, settings: ReconstructionConfig,
-               generator: torch.Generator):
-    return multistep_objective(fp_model, q_model, data, capture_table(ddim, scheduler_config), settings.multistep_steps,
-                               settings.trajectory_batch, generator, settings.unrolled)
+def _multistep(
+    fp_model,
+    q_model,
+    data,
+    ddim: SamplerConfig,
+    scheduler_config: dict,
+    settings: ReconstructionConfig,
+    generator: torch.Generator,
+):
+    return multistep_objective(
+        fp_model,
+        q_model,
+        data,
+        capture_table(ddim, scheduler_config),
+        settings.multistep_steps,
+        settings.trajectory_batch,
+        generator,
+        settings.unrolled,
+    )
 
 
-def _mixed_order(fp_model, q_model, data, ddim: SamplerConfig, scheduler_config: dict, settings: ReconstructionConfig,
-                 generator: torch.Generator):
-    return mixed_order_objective(fp_model, q_model, data, make_scheduler(ddim, scheduler_config), settings.trajectory_batch,
-                                 generator)
+def _mixed_order(
+    fp_model,
+    q_model,
+    data,
+    ddim: SamplerConfig,
+    scheduler_config: dict,
+    settings: ReconstructionConfig,
+    generator: torch.Generator,
+):
+    return mixed_order_objective(
+        fp_model, q_model, data, make_scheduler(ddim, scheduler_config), settings.trajectory_batch, generator
+    )
 
 
 CALIBRATORS: dict[str, Calibrator] = {
@@ -88,8 +111,16 @@ def calibrate_(
         ddim = SamplerConfig("ddim", sampler.steps, 0.0)
         generator = torch.Generator().manual_seed(reconstruction.seed + distributed.rank())
         objective = method.trajectory(fp_model, q_model, data, ddim, scheduler_config, reconstruction, generator)
-        summary["trajectory_loss"] = train_quantizers(q_model, objective, reconstruction, reconstruction.trajectory_iters,
-                                                      beta_start=reconstruction.beta_end, desc=calibrator, progress=progress,
-                                                      lr_factor=reconstruction.trajectory_lr, learn_rounding=False)
+        summary["trajectory_loss"] = train_quantizers(
+            q_model,
+            objective,
+            reconstruction,
+            reconstruction.trajectory_iters,
+            beta_start=reconstruction.beta_end,
+            desc=calibrator,
+            progress=progress,
+            lr_factor=reconstruction.trajectory_lr,
+            learn_rounding=False,
+        )
     bake_rounding_(q_model)
     return summary

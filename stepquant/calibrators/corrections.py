@@ -40,8 +40,18 @@ class ErrorStatistics:
         e = eps.double().transpose(0, 1).flatten(1)  # [C, N*H*W]
         q = estimate.double().transpose(0, 1).flatten(1)
         d = q - e
-        values = {"n": torch.ones_like(e), "e": e, "q": q, "d": d, "ee": e * e, "qq": q * q, "dd": d * d,
-                  "ed": e * d, "qd": q * d, "qe": q * e}
+        values = {
+            "n": torch.ones_like(e),
+            "e": e,
+            "q": q,
+            "d": d,
+            "ee": e * e,
+            "qq": q * q,
+            "dd": d * d,
+            "ed": e * d,
+            "qd": q * d,
+            "qe": q * e,
+        }
         for name, value in values.items():
             self.sums[name][i] += value.sum(dim=1)
 
@@ -59,9 +69,17 @@ class ErrorStatistics:
         def cov(a: str, b: str, ab: str) -> torch.Tensor:
             return sums[ab] / n - mean[a] * mean[b]
 
-        return {"mean_e": mean["e"], "mean_q": mean["q"], "mean_d": mean["d"], "var_e": cov("e", "e", "ee"),
-                "var_q": cov("q", "q", "qq"), "var_d": cov("d", "d", "dd"), "cov_ed": cov("e", "d", "ed"),
-                "cov_qd": cov("q", "d", "qd"), "n": sums["n"]}
+        return {
+            "mean_e": mean["e"],
+            "mean_q": mean["q"],
+            "mean_d": mean["d"],
+            "var_e": cov("e", "e", "ee"),
+            "var_q": cov("q", "q", "qq"),
+            "var_d": cov("d", "d", "dd"),
+            "cov_ed": cov("e", "d", "ed"),
+            "cov_qd": cov("q", "d", "qd"),
+            "n": sums["n"],
+        }
 
 
 def ptqd(stats: ErrorStatistics) -> Corrections:
@@ -72,11 +90,19 @@ def ptqd(stats: ErrorStatistics) -> Corrections:
     bias = channel["mean_d"] - k * channel["mean_e"]  # per-channel mean of d - k eps
     # variance of d - k eps around its per-channel mean (the bias term removes the between-channel part)
     per_channel = channel["var_d"] - 2 * k * channel["cov_ed"] + k * k * channel["var_e"]
-    residual = (per_channel * channel["n"]).sum(dim=1, keepdim=True) / channel["n"].sum(dim=1, keepdim=True).clamp(min=1)
+    residual = (per_channel * channel["n"]).sum(dim=1, keepdim=True) / channel["n"].sum(dim=1, keepdim=True).clamp(
+        min=1
+    )
     gain = 1.0 / (1.0 + k)
-    return Corrections("ptqd", np.array(stats.timesteps), gain.expand_as(bias).numpy(), (-bias * gain).numpy(),
-                       np.zeros(len(stats.timesteps)), (residual.clamp(min=0) * gain * gain).flatten().numpy(),
-                       np.zeros(tuple(bias.shape)))
+    return Corrections(
+        "ptqd",
+        np.array(stats.timesteps),
+        gain.expand_as(bias).numpy(),
+        (-bias * gain).numpy(),
+        np.zeros(len(stats.timesteps)),
+        (residual.clamp(min=0) * gain * gain).flatten().numpy(),
+        np.zeros(tuple(bias.shape)),
+    )
 
 
 def d2(stats: ErrorStatistics, stochastic: bool) -> Corrections:
@@ -95,8 +121,15 @@ def d2(stats: ErrorStatistics, stochastic: bool) -> Corrections:
     noise_std = conditional_var.sqrt().float() if stochastic else torch.zeros(steps)
     residual_var = torch.zeros(steps) if stochastic else conditional_var.float()
     method = "d2-stochastic" if stochastic else "d2-deterministic"
-    return Corrections(method, np.array(stats.timesteps), gain.numpy(), bias.numpy(), noise_std.numpy(), residual_var.numpy(),
-                       np.zeros((steps, channels)))
+    return Corrections(
+        method,
+        np.array(stats.timesteps),
+        gain.numpy(),
+        bias.numpy(),
+        noise_std.numpy(),
+        residual_var.numpy(),
+        np.zeros((steps, channels)),
+    )
 
 
 def tac_gain(stats: ErrorStatistics, shrinkage: float = 0.1) -> torch.Tensor:
@@ -112,8 +145,9 @@ class _PairedBackend:
     guidance (`guidance_scale` not None) each call holds both halves: the statistics are of the guided
     estimates, or of each half (`per_branch`)."""
 
-    def __init__(self, fp: Backend, quantized: Backend, stats: ErrorStatistics, guidance_scale: float | None,
-                 per_branch: bool) -> None:
+    def __init__(
+        self, fp: Backend, quantized: Backend, stats: ErrorStatistics, guidance_scale: float | None, per_branch: bool
+    ) -> None:
         self.fp, self.quantized, self.stats = fp, quantized, stats
         self.guidance_scale, self.per_branch = guidance_scale, per_branch
 
@@ -123,20 +157,39 @@ class _PairedBackend:
         if self.guidance_scale is None or self.per_branch:
             self.stats.update(int(timestep[0]), eps, estimate)
         else:
-            self.stats.update(int(timestep[0]), combine_guided(*np.split(eps, 2), self.guidance_scale),
-                              combine_guided(*np.split(estimate, 2), self.guidance_scale))
+            self.stats.update(
+                int(timestep[0]),
+                combine_guided(*np.split(eps, 2), self.guidance_scale),
+                combine_guided(*np.split(estimate, 2), self.guidance_scale),
+            )
         return eps
 
 
-def collect_statistics(fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequence[int],
-                       sample_shape: tuple[int, int, int], config: SamplerConfig, progress: bool = True,
-                       conditioning: Conditioning | None = None, per_branch: bool = False) -> ErrorStatistics:
+def collect_statistics(
+    fp: Backend,
+    quantized: Backend,
+    noise_schedule: dict,
+    seeds: Sequence[int],
+    sample_shape: tuple[int, int, int],
+    config: SamplerConfig,
+    progress: bool = True,
+    conditioning: Conditioning | None = None,
+    per_branch: bool = False,
+) -> ErrorStatistics:
     """Error statistics along the FP model's own (guided) trajectories (PTQD's and D2's collection)."""
     table = capture_table(config, noise_schedule)
     stats = ErrorStatistics([int(t) for t in table.timesteps], sample_shape[0])
     guided = conditioning is not None and config.guidance_scale != 1.0
-    sample(_PairedBackend(fp, quantized, stats, config.guidance_scale if guided else None, per_branch), table, seeds,
-           sample_shape, config, progress=progress, desc="correction statistics", conditioning=conditioning)
+    sample(
+        _PairedBackend(fp, quantized, stats, config.guidance_scale if guided else None, per_branch),
+        table,
+        seeds,
+        sample_shape,
+        config,
+        progress=progress,
+        desc="correction statistics",
+        conditioning=conditioning,
+    )
     return stats.summed_over_processes()
 
 
@@ -151,9 +204,17 @@ class _LastOutput:
         return self.last
 
 
-def fit_tac(fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequence[int],
-            sample_shape: tuple[int, int, int], config: SamplerConfig, shrinkage: float = 0.1,
-            conditioning: Conditioning | None = None, per_branch: bool = False) -> Corrections:
+def fit_tac(
+    fp: Backend,
+    quantized: Backend,
+    noise_schedule: dict,
+    seeds: Sequence[int],
+    sample_shape: tuple[int, int, int],
+    config: SamplerConfig,
+    shrinkage: float = 0.1,
+    conditioning: Conditioning | None = None,
+    per_branch: bool = False,
+) -> Corrections:
     """TAC-Diffusion, fitted step by step along the *corrected* quantized trajectory: at each step the
     input bias (mean of x_q - x_fp per channel) is removed from the quantized state, then the per-channel
     gain K is fitted (on the guided estimates, or on both halves with `per_branch`) and applied before both
@@ -187,14 +248,24 @@ def fit_tac(fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequen
         gain = tac_gain(stats.summed_over_processes(), shrinkage)[0].numpy()
         noise = table.noise_std[i] > 0  # the same noise for both trajectories
         fp_samples, fp_outputs = table.remember(fp_samples, x_fp), table.remember(fp_outputs, eps)
-        q_samples, q_outputs = table.remember(q_samples, x_q), table.remember(q_outputs, gain.reshape(1, -1, 1, 1) * estimate)
+        q_samples, q_outputs = (
+            table.remember(q_samples, x_q),
+            table.remember(q_outputs, gain.reshape(1, -1, 1, 1) * estimate),
+        )
         x_fp = table.step(i, fp_samples, fp_outputs, per_sample_noise(fp_gen, sample_shape) if noise else None)
         x_q = table.step(i, q_samples, q_outputs, per_sample_noise(q_gen, sample_shape) if noise else None)
         gains.append(gain)
         input_biases.append(input_bias)
     steps = len(timesteps)
-    return Corrections("tac", np.array(timesteps), np.stack(gains), np.zeros((steps, channels)), np.zeros(steps),
-                       np.zeros(steps), np.stack(input_biases))
+    return Corrections(
+        "tac",
+        np.array(timesteps),
+        np.stack(gains),
+        np.zeros((steps, channels)),
+        np.zeros(steps),
+        np.zeros(steps),
+        np.stack(input_biases),
+    )
 
 
 @dataclass(frozen=True)
@@ -213,16 +284,34 @@ class EstimationRun:
     per_branch: bool = False
 
     def statistics(self) -> ErrorStatistics:
-        return collect_statistics(self.fp, self.quantized, self.noise_schedule, self.seeds, self.sample_shape, self.config,
-                                  self.progress, self.conditioning, self.per_branch)
+        return collect_statistics(
+            self.fp,
+            self.quantized,
+            self.noise_schedule,
+            self.seeds,
+            self.sample_shape,
+            self.config,
+            self.progress,
+            self.conditioning,
+            self.per_branch,
+        )
 
     def identity(self) -> Corrections:
-        return Corrections.identity([int(t) for t in capture_table(self.config, self.noise_schedule).timesteps],
-                                    self.sample_shape[0])
+        return Corrections.identity(
+            [int(t) for t in capture_table(self.config, self.noise_schedule).timesteps], self.sample_shape[0]
+        )
 
     def tac(self) -> Corrections:
-        return fit_tac(self.fp, self.quantized, self.noise_schedule, self.seeds, self.sample_shape, self.config,
-                       conditioning=self.conditioning, per_branch=self.per_branch)
+        return fit_tac(
+            self.fp,
+            self.quantized,
+            self.noise_schedule,
+            self.seeds,
+            self.sample_shape,
+            self.config,
+            conditioning=self.conditioning,
+            per_branch=self.per_branch,
+        )
 
 
 # --correction: name -> estimator (the runtime's correction METHODS, kept in step by a test)
@@ -235,13 +324,23 @@ ESTIMATORS: dict[str, Callable[[EstimationRun], Corrections]] = {
 }
 
 
-def estimate_corrections(method: str, fp: Backend, quantized: Backend, noise_schedule: dict, seeds: Sequence[int],
-                         sample_shape: tuple[int, int, int], config: SamplerConfig, progress: bool = True,
-                         conditioning: Conditioning | None = None, per_branch: bool = False) -> Corrections:
+def estimate_corrections(
+    method: str,
+    fp: Backend,
+    quantized: Backend,
+    noise_schedule: dict,
+    seeds: Sequence[int],
+    sample_shape: tuple[int, int, int],
+    config: SamplerConfig,
+    progress: bool = True,
+    conditioning: Conditioning | None = None,
+    per_branch: bool = False,
+) -> Corrections:
     """The correction terms of `method` for the sampler `config` (its timesteps key the terms); conditional
     models sample with `conditioning`, guided by `config.guidance_scale`."""
     if method not in ESTIMATORS:
         raise ValueError(f"unknown correction method {method!r}; choose from {', '.join(ESTIMATORS)}")
     per_branch = per_branch and conditioning is not None and config.guidance_scale != 1.0
-    return ESTIMATORS[method](EstimationRun(fp, quantized, noise_schedule, seeds, sample_shape, config, progress,
-                                            conditioning, per_branch))
+    return ESTIMATORS[method](
+        EstimationRun(fp, quantized, noise_schedule, seeds, sample_shape, config, progress, conditioning, per_branch)
+    )

@@ -50,7 +50,9 @@ class CalibrationSet:
     def subset(self, index: torch.Tensor | slice) -> CalibrationSet:
         """The rows `index`, in memory (read from the calls that hold them when the set is on disk)."""
         if self.store is None:
-            return CalibrationSet(self.samples[index], self.timesteps[index], {k: v[index] for k, v in self.conditions.items()})
+            return CalibrationSet(
+                self.samples[index], self.timesteps[index], {k: v[index] for k, v in self.conditions.items()}
+            )
         return CalibrationSet(*self.store.split(self.store.rows(torch.arange(len(self))[index])))
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -116,16 +118,23 @@ class StateBatch:
     guidance_scale: float = 1.0
 
     def select(self, rows: torch.Tensor) -> StateBatch:
-        return StateBatch(self.samples[rows], {k: v[rows] for k, v in self.conditions.items()},
-                          {k: v[rows] for k, v in self.unconditional.items()}, self.guidance_scale)
+        return StateBatch(
+            self.samples[rows],
+            {k: v[rows] for k, v in self.conditions.items()},
+            {k: v[rows] for k, v in self.unconditional.items()},
+            self.guidance_scale,
+        )
 
     def estimate(self, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The model's estimate at x (these states moved along) with their conditioning, guided (one batch of
         both halves, as the runtime runs it) when the states were."""
         if not self.unconditional:
             return model(x, t, *self.conditions.values())
-        both = model(torch.cat([x, x]), torch.cat([t, t]),
-                     *(torch.cat([self.unconditional[k], v]) for k, v in self.conditions.items()))
+        both = model(
+            torch.cat([x, x]),
+            torch.cat([t, t]),
+            *(torch.cat([self.unconditional[k], v]) for k, v in self.conditions.items()),
+        )
         return combine_guided(*both.chunk(2), self.guidance_scale)
 
 
@@ -176,16 +185,35 @@ def collect_calibration_set(
     table = capture_table(sampler, scheduler_config)
     guided = conditioning is not None and sampler.guidance_scale != 1.0
     store = None if shard_dir is None else CallShards(shard_dir)
-    recorder = _Recorder(backend, {float(table.timesteps[i]) for i in calibration_step_indices(sampler.steps, calib_steps)},
-                         guided, store)
-    sample(recorder, table, seeds, sample_shape, sampler, batch_size, progress=progress, desc="calibration trajectories",
-           conditioning=conditioning)
+    recorder = _Recorder(
+        backend,
+        {float(table.timesteps[i]) for i in calibration_step_indices(sampler.steps, calib_steps)},
+        guided,
+        store,
+    )
+    sample(
+        recorder,
+        table,
+        seeds,
+        sample_shape,
+        sampler,
+        batch_size,
+        progress=progress,
+        desc="calibration trajectories",
+        conditioning=conditioning,
+    )
     names = recorder.calls[0][2].keys()
     pairs = torch.cat(recorder.pairs) if guided else None
     timesteps = torch.cat([c[1] for c in recorder.calls])
     if store is not None:
-        return CalibrationSet(None, timesteps, pairs=pairs, guidance_scale=sampler.guidance_scale,
-                              segments=recorder.segments, store=store)
-    return CalibrationSet(samples=torch.cat([c[0] for c in recorder.calls]), timesteps=timesteps,
-                          conditions={name: torch.cat([c[2][name] for c in recorder.calls]) for name in names},
-                          pairs=pairs, guidance_scale=sampler.guidance_scale, segments=recorder.segments)
+        return CalibrationSet(
+            None, timesteps, pairs=pairs, guidance_scale=sampler.guidance_scale, segments=recorder.segments, store=store
+        )
+    return CalibrationSet(
+        samples=torch.cat([c[0] for c in recorder.calls]),
+        timesteps=timesteps,
+        conditions={name: torch.cat([c[2][name] for c in recorder.calls]) for name in names},
+        pairs=pairs,
+        guidance_scale=sampler.guidance_scale,
+        segments=recorder.segments,
+    )

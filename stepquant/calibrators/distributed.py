@@ -50,8 +50,10 @@ def init_from_env(device: torch.device) -> int:
         return world_size()
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
-        raise DistributedError(f"WORLD_SIZE is {size} but {', '.join(missing)} is not set: start several processes "
-                               "with torchrun (torchrun --standalone --nproc-per-node N --no-python export-quantized ...)")
+        raise DistributedError(
+            f"WORLD_SIZE is {size} but {', '.join(missing)} is not set: start several processes "
+            "with torchrun (torchrun --standalone --nproc-per-node N --no-python export-quantized ...)"
+        )
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -75,10 +77,12 @@ def shard(count: int, chunk: int) -> list[int]:
     at least one."""
     chunks = [list(range(start, min(start + chunk, count))) for start in range(0, count, chunk)]
     if len(chunks) < world_size():
-        raise DistributedError(f"--calib-samples {count} in batches of {chunk} (--calib-batch) make {len(chunks)} batch"
-                               f"{'es' if len(chunks) > 1 else ''} for {world_size()} processes: give every process at least "
-                               "one (more samples or a smaller --calib-batch)")
-    return [position for c in chunks[rank()::world_size()] for position in c]
+        raise DistributedError(
+            f"--calib-samples {count} in batches of {chunk} (--calib-batch) make {len(chunks)} batch"
+            f"{'es' if len(chunks) > 1 else ''} for {world_size()} processes: give every process at least "
+            "one (more samples or a smaller --calib-batch)"
+        )
+    return [position for c in chunks[rank() :: world_size()] for position in c]
 
 
 def _reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
@@ -112,7 +116,7 @@ def average_gradients(parameters: Iterable[torch.Tensor]) -> None:
     flat = reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / world_size()
     offset = 0
     for grad in grads:
-        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
         offset += grad.numel()
 
 

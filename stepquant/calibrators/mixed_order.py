@@ -41,7 +41,9 @@ def _alpha_at(scheduler, timestep: float) -> float:
 
 
 @torch.no_grad()
-def second_order_targets(fp_model: nn.Module, states: SamplerStates, scheduler, batch_size: int = 64) -> Iterator[torch.Tensor]:
+def second_order_targets(
+    fp_model: nn.Module, states: SamplerStates, scheduler, batch_size: int = 64
+) -> Iterator[torch.Tensor]:
     """eps_FP at the DPM-Solver-2 midpoint node for every sampler state, `batch_size` states at a time in
     order (the FP first-order estimate itself at the last step, which has no next timestep to take a midpoint
     with)."""
@@ -65,13 +67,21 @@ def second_order_targets(fp_model: nn.Module, states: SamplerStates, scheduler, 
         yield out
 
 
-def mixed_order_objective(fp_model: nn.Module, q_model: nn.Module, data: CalibrationSet, scheduler,
-                          batch_size: int, generator: torch.Generator) -> Objective:
+def mixed_order_objective(
+    fp_model: nn.Module,
+    q_model: nn.Module,
+    data: CalibrationSet,
+    scheduler,
+    batch_size: int,
+    generator: torch.Generator,
+) -> Objective:
     """An objective for `train_quantizers`: squared distance of eps_Q(x_t, t) to the FP midpoint estimate.
     The targets are kept where the calibration set is: on disk (a `targets-*` folder beside its calls, removed
     with them) when it is."""
     states = data.sampler_states()
-    targets = BlockRecords(None if data.store is None else Path(tempfile.mkdtemp(prefix="targets-", dir=data.store.directory)))
+    targets = BlockRecords(
+        None if data.store is None else Path(tempfile.mkdtemp(prefix="targets-", dir=data.store.directory))
+    )
     for batch in second_order_targets(fp_model, states, scheduler):
         targets.append((batch,), {})
 

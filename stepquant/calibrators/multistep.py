@@ -38,8 +38,16 @@ def _trajectory_loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (x - target).pow(2).flatten(1).sum(1).mean()
 
 
-def multistep_objective(fp_model: nn.Module, q_model: nn.Module, data: CalibrationSet, table: SchedulerTable, steps: int,
-                        batch_size: int, generator: torch.Generator, unrolled: bool = False) -> Objective:
+def multistep_objective(
+    fp_model: nn.Module,
+    q_model: nn.Module,
+    data: CalibrationSet,
+    table: SchedulerTable,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    unrolled: bool = False,
+) -> Objective:
     """An objective for `train_quantizers`: each call draws a start step and a batch of calibration states
     there, and back-propagates the n-step trajectory loss (constant memory unless `unrolled`). `table` is a
     deterministic, memoryless sampler (DDIM with eta 0)."""

@@ -36,7 +36,9 @@ class RangeObserver:
                 return
             self.width = batch_max / self.bins
         while self.max > self.width * self.bins:
-            self.counts = torch.cat([self.counts.view(-1, 2).sum(dim=1), torch.zeros(self.bins // 2, dtype=torch.float64)])
+            self.counts = torch.cat(
+                [self.counts.view(-1, 2).sum(dim=1), torch.zeros(self.bins // 2, dtype=torch.float64)]
+            )
             self.width *= 2.0
         self.counts += torch.histc(values, bins=self.bins, min=0.0, max=self.width * self.bins).double().cpu()
 

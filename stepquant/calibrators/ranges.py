@@ -43,16 +43,23 @@ def observing_fp(model: nn.Module) -> Iterator[list[tuple[str, ActivationQuantiz
             layer.set_enabled(True)
 
 
-def _observe(model: nn.Module, quantizers: list[tuple[str, ActivationQuantizer]], data: CalibrationSet, batch_size: int,
-             progress: bool, spans: list[float] | None = None) -> dict[str, RangeObserver]:
+def _observe(
+    model: nn.Module,
+    quantizers: list[tuple[str, ActivationQuantizer]],
+    data: CalibrationSet,
+    batch_size: int,
+    progress: bool,
+    spans: list[float] | None = None,
+) -> dict[str, RangeObserver]:
     """One pass of the calibration set with an observer on each quantizer (on a fixed grid, given `spans`)."""
     observers = {name: RangeObserver(name, span=spans[i] if spans else 0.0) for i, (name, _) in enumerate(quantizers)}
     for name, quantizer in quantizers:
         quantizer.observer = observers[name]
     try:
         with torch.inference_mode():
-            for inputs in tqdm(list(data.batches(batch_size)), desc="observing ranges", unit="batch",
-                               disable=not progress, leave=False):
+            for inputs in tqdm(
+                list(data.batches(batch_size)), desc="observing ranges", unit="batch", disable=not progress, leave=False
+            ):
                 model(*inputs)
     except FloatingPointError as err:
         raise CalibrationError(str(err)) from err

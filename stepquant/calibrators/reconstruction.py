@@ -65,7 +65,8 @@ class ReconstructionConfig:
 def _option(field: str) -> str:
     """The command-line option of a ReconstructionConfig field (the others have none)."""
     return {"iters": "--recon-iters", "scale_lr": "--recon-scale-lr", "multistep_steps": "--multistep-steps"}.get(
-        field, field.replace("_", "-"))
+        field, field.replace("_", "-")
+    )
 
 
 class _Stop(Exception):
@@ -90,8 +91,10 @@ def reconstruction_units(model: nn.Module, data: CalibrationSet) -> list[str]:
             if any(True for _ in _layers(module)):
                 candidates[name] = module
     order: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n) if n not in order else None)
-             for n, m in candidates.items()]
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n) if n not in order else None)
+        for n, m in candidates.items()
+    ]
     try:
         with torch.no_grad():
             model(*next(data.batches(1)))
@@ -125,7 +128,11 @@ class BlockRecords:
             self.batches.append(tensors)
 
     def __len__(self) -> int:
-        return self.shards.rows_total if self.shards is not None else sum(len(next(iter(b.values()))) for b in self.batches)
+        return (
+            self.shards.rows_total
+            if self.shards is not None
+            else sum(len(next(iter(b.values()))) for b in self.batches)
+        )
 
     def gather(self, index: torch.Tensor, device: torch.device) -> tuple[tuple, dict]:
         """The arguments at rows `index`, on `device`."""
@@ -144,8 +151,9 @@ class BlockRecords:
             self.shards.remove()
 
 
-def _capture(model: nn.Module, name: str, data: CalibrationSet, want_output: bool, records: BlockRecords,
-             batch_size: int = 64) -> BlockRecords:
+def _capture(
+    model: nn.Module, name: str, data: CalibrationSet, want_output: bool, records: BlockRecords, batch_size: int = 64
+) -> BlockRecords:
     """Record what block `name` receives (args, kwargs) or returns, batch by batch over the calibration set."""
     block = model.get_submodule(name)
 
@@ -161,8 +169,11 @@ def _capture(model: nn.Module, name: str, data: CalibrationSet, want_output: boo
         records.append((output,), {})
         raise _Stop
 
-    hook = (block.register_forward_hook(on_output) if want_output
-            else block.register_forward_pre_hook(on_input, with_kwargs=True))
+    hook = (
+        block.register_forward_hook(on_output)
+        if want_output
+        else block.register_forward_pre_hook(on_input, with_kwargs=True)
+    )
     try:
         with torch.no_grad():
             for inputs in data.batches(batch_size):
@@ -191,8 +202,11 @@ def train_quantizers(
     (so it may free its graph step by step) and returns its value; the rounding regulariser, with beta
     annealed from `beta_start` to `config.beta_end` after the warm-up, is added here. Returns the last
     objective value. Roundings are left hard (alpha kept, for a later stage to resume)."""
-    roundings: list[LearnedRounding] = [layer.weight_quantizer.learn_rounding(layer.layer.weight)
-                                        for layer in _layers(module) if learn_rounding and isinstance(layer.weight_quantizer.grid, IntGrid)]
+    roundings: list[LearnedRounding] = [
+        layer.weight_quantizer.learn_rounding(layer.layer.weight)
+        for layer in _layers(module)
+        if learn_rounding and isinstance(layer.weight_quantizer.grid, IntGrid)
+    ]
     quantizers = list(_quantizers(module))
     groups = [{"params": [r.alpha for r in roundings], "lr": config.rounding_lr * lr_factor}] if roundings else []
     for quantizer in quantizers:
@@ -253,8 +267,16 @@ def reconstruct_blocks(
     return losses
 
 
-def _reconstruct_block(fp_model: nn.Module, q_model: nn.Module, name: str, data: CalibrationSet,
-                       config: ReconstructionConfig, generator: torch.Generator, where: Path | None, progress: bool) -> float:
+def _reconstruct_block(
+    fp_model: nn.Module,
+    q_model: nn.Module,
+    name: str,
+    data: CalibrationSet,
+    config: ReconstructionConfig,
+    generator: torch.Generator,
+    where: Path | None,
+    progress: bool,
+) -> float:
     """Learn one block on its recorded inputs and FP outputs (in files under `where`, removed after)."""
     block = q_model.get_submodule(name)
     device, _ = module_placement(block)

@@ -32,9 +32,18 @@ class ShardError(StepquantError, OSError):
     """A calibration shard could not be written (the disk is full) or read back."""
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class ShardFile:
@@ -50,8 +59,10 @@ class ShardFile:
                     raise ValueError(f"its header claims {size} bytes, more than the file holds")
                 header = json.loads(file.read(size))
             header.pop("__metadata__", None)
-            self.tensors = {name: (_DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + size + entry["data_offsets"][0])
-                            for name, entry in header.items()}
+            self.tensors = {
+                name: (_DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + size + entry["data_offsets"][0])
+                for name, entry in header.items()
+            }
         except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
             raise ShardError(f"cannot read calibration shard {path}: {err}") from err
 
@@ -161,7 +172,9 @@ class CallShards(RowShards):
 
     def append(self, sample: torch.Tensor, timestep: torch.Tensor, conditions: dict[str, torch.Tensor]) -> None:
         self.names = list(conditions)
-        super().append({SAMPLE: sample, TIMESTEP: timestep, **{CONDITION + name: value for name, value in conditions.items()}})
+        super().append(
+            {SAMPLE: sample, TIMESTEP: timestep, **{CONDITION + name: value for name, value in conditions.items()}}
+        )
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(samples, timesteps, conditions) of call `index`."""

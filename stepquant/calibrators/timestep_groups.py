@@ -77,8 +77,10 @@ def group_scales(model: nn.Module, profile: torch.Tensor, groups: list[range]) -
     calibration on the group; for learned or searched scales it keeps their clipping ratio."""
     quantizers = activation_quantizers(model)
     overall = profile.max(0).values.clamp(min=1e-12)
-    return [[q.scale * float(profile[list(g)].max(0).values[i] / overall[i]) for i, q in enumerate(quantizers)]
-            for g in groups]
+    return [
+        [q.scale * float(profile[list(g)].max(0).values[i] / overall[i]) for i, q in enumerate(quantizers)]
+        for g in groups
+    ]
 
 
 def set_scales(model: nn.Module, scales: list[torch.Tensor]) -> None:

@@ -46,7 +46,11 @@ def _entry(prog_name: str, attribute: str) -> None:
         getattr(cli, attribute)()
     except (Interrupted, KeyboardInterrupt) as interrupted:
         signum = getattr(interrupted, "signum", signal.SIGINT)
-        _fail(prog_name, "aborted" if signum == signal.SIGINT else f"terminated by {signal.Signals(signum).name}", 128 + signum)
+        _fail(
+            prog_name,
+            "aborted" if signum == signal.SIGINT else f"terminated by {signal.Signals(signum).name}",
+            128 + signum,
+        )
 
 
 def stepquant() -> None:

@@ -42,7 +42,9 @@ def check_writable(out: Path, suffixes: tuple[str, ...], size_bytes: int) -> Non
         raise ValueError(f"cannot write {out}: it is a directory")
     free = shutil.disk_usage(out.parent).free
     if size_bytes > free:
-        raise ValueError(f"cannot write {out}: it would take {_amount(size_bytes)} and the directory has {_amount(free)} free")
+        raise ValueError(
+            f"cannot write {out}: it would take {_amount(size_bytes)} and the directory has {_amount(free)} free"
+        )
 
 
 def _amount(size_bytes: int) -> str:
@@ -55,12 +57,19 @@ def _amount(size_bytes: int) -> str:
 def write_npz_batches(out: Path, name: str, shape: tuple[int, ...], batches: Iterable[np.ndarray]) -> None:
     """Write an .npz holding one float32 array `name` of `shape`, from `batches` along its first axis, without
     holding the whole array (`np.load(out)[name]` reads it back)."""
+
     def write(path: Path) -> None:
         rows = 0
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
             with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array_header_1_0(member, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                                                              "fortran_order": False, "shape": tuple(shape)})
+                np.lib.format.write_array_header_1_0(
+                    member,
+                    {
+                        "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                        "fortran_order": False,
+                        "shape": tuple(shape),
+                    },
+                )
                 for batch in batches:
                     member.write(np.ascontiguousarray(batch, dtype=np.float32).tobytes())
                     rows += len(batch)

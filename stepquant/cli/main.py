@@ -19,8 +19,9 @@ from stepquant.errors import StepquantError
 # the rest a StepquantError; OSError for files.
 EXPECTED_ERRORS = (StepquantError, ValueError, OSError)
 # What `pip install 'stepquant[export]'` adds; a command that needs one of them says so in one line.
-EXPORT_MODULES = frozenset({"torch", "diffusers", "onnx", "onnxconverter_common", "polygraphy", "matplotlib", "transformers",
-                            "sklearn"})
+EXPORT_MODULES = frozenset(
+    {"torch", "diffusers", "onnx", "onnxconverter_common", "polygraphy", "matplotlib", "transformers", "sklearn"}
+)
 EXPORT_EXTRA = "pip install 'stepquant[export]'"
 
 # name -> (module, function): imported only when that command runs (or --help lists it), so running a
@@ -51,7 +52,9 @@ def missing_extra(err: ModuleNotFoundError, what: str) -> MissingExtra | None:
     """The one-line error for a missing export-side package, or None when `err` is about something else."""
     if (err.name or "").split(".")[0] not in EXPORT_MODULES:
         return None
-    return MissingExtra(f"{what} needs the export side, which this install lacks (no module {err.name!r}): {EXPORT_EXTRA}")
+    return MissingExtra(
+        f"{what} needs the export side, which this install lacks (no module {err.name!r}): {EXPORT_EXTRA}"
+    )
 
 
 def _command(name: str, function) -> typer.Typer:
@@ -74,8 +77,13 @@ def _load(name: str, label: str | None = None):
         def unavailable(ctx: typer.Context) -> None:
             raise problem
 
-        unavailable.__doc__ = "(needs the export side: pip install 'stepquant\\[export]')"  # \[ : a bracket, not rich markup
-        unavailable.context_settings = {"ignore_unknown_options": True, "allow_extra_args": True}  # any options: one line
+        unavailable.__doc__ = (
+            "(needs the export side: pip install 'stepquant\\[export]')"  # \[ : a bracket, not rich markup
+        )
+        unavailable.context_settings = {
+            "ignore_unknown_options": True,
+            "allow_extra_args": True,
+        }  # any options: one line
         return unavailable
 
 
@@ -86,8 +94,12 @@ def click_command(name: str):
 
 def _full_app() -> typer.Typer:
     """Every command, for `stepquant --help` and for usage errors."""
-    app = typer.Typer(help="Quantize diffusion models into deployable Q/DQ ONNX bundles, and run them.",
-                      no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    app = typer.Typer(
+        help="Quantize diffusion models into deployable Q/DQ ONNX bundles, and run them.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
     for name in COMMANDS:
         app.command(name)(_load(name))
     return app

@@ -23,6 +23,8 @@ def encode_prompts_command(
         raise ValueError(f"--out must end in .safetensors, got {out.name}")
     loaded = load_model(model)
     # the same encoding as `export --prompts-file`, refused the same way for unconditional models and bare directories
-    conditioning = load_conditioning(EpsilonModel(loaded.denoiser), loaded, prompts_file, None, sample_shape(loaded.denoiser))
+    conditioning = load_conditioning(
+        EpsilonModel(loaded.denoiser), loaded, prompts_file, None, sample_shape(loaded.denoiser)
+    )
     write_atomically(out, conditioning.save)
     print(f"wrote the conditioning of {len(conditioning)} prompts ({', '.join(conditioning.cond)}) to {out}")

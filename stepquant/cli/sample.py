@@ -42,30 +42,80 @@ def _check_out(out: Path, n: int, shape: tuple[int, ...] | None = None) -> None:
 
 
 def sample_command(
-    out: Annotated[Path, typer.Option(rich_help_panel="Output", help="Output: .png grid or .npz with key 'samples' (N,C,H,W; in [-1, 1], or latents).")],
-    bundle: Annotated[Optional[Path], typer.Option(rich_help_panel="Input", help="Bundle to run (onnxruntime).")] = None,
-    model: Annotated[Optional[str], typer.Option(rich_help_panel="Input", help="FP model to run (torch), seeded exactly as a bundle.")] = None,
-    n: Annotated[int, typer.Option(rich_help_panel="Sampler", min=1, help="Number of samples (seeds seed .. seed+n-1).")] = 64,
+    out: Annotated[
+        Path,
+        typer.Option(
+            rich_help_panel="Output",
+            help="Output: .png grid or .npz with key 'samples' (N,C,H,W; in [-1, 1], or latents).",
+        ),
+    ],
+    bundle: Annotated[
+        Optional[Path], typer.Option(rich_help_panel="Input", help="Bundle to run (onnxruntime).")
+    ] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(rich_help_panel="Input", help="FP model to run (torch), seeded exactly as a bundle."),
+    ] = None,
+    n: Annotated[
+        int, typer.Option(rich_help_panel="Sampler", min=1, help="Number of samples (seeds seed .. seed+n-1).")
+    ] = 64,
     seed: Annotated[int, typer.Option(rich_help_panel="Sampler", min=0, max=MAX_SEED, help="First seed.")] = 0,
-    steps: Annotated[Optional[int], typer.Option(rich_help_panel="Sampler", min=1, help="Sampler steps (default: the bundle's, else 25).")] = None,
-    eta: Annotated[Optional[float], typer.Option(rich_help_panel="Sampler", help="DDIM eta (default: the bundle's, else 0: deterministic).")] = None,
-    scheduler: Annotated[Optional[Scheduler], typer.Option(rich_help_panel="Sampler", help="Sampler (default: the bundle's, else ddim).")] = None,
-    karras_sigmas: Annotated[Optional[bool], typer.Option(rich_help_panel="Sampler", help="Karras sigmas (default: the bundle's, else off).")] = None,
+    steps: Annotated[
+        Optional[int],
+        typer.Option(rich_help_panel="Sampler", min=1, help="Sampler steps (default: the bundle's, else 25)."),
+    ] = None,
+    eta: Annotated[
+        Optional[float],
+        typer.Option(rich_help_panel="Sampler", help="DDIM eta (default: the bundle's, else 0: deterministic)."),
+    ] = None,
+    scheduler: Annotated[
+        Optional[Scheduler], typer.Option(rich_help_panel="Sampler", help="Sampler (default: the bundle's, else ddim).")
+    ] = None,
+    karras_sigmas: Annotated[
+        Optional[bool], typer.Option(rich_help_panel="Sampler", help="Karras sigmas (default: the bundle's, else off).")
+    ] = None,
     sampler: StoredSamplerOption = None,
     batch_size: Annotated[int, typer.Option(rich_help_panel="Backend", min=1, help="Samples per network call.")] = 64,
-    threads: Annotated[Optional[int], typer.Option(rich_help_panel="Backend", min=1, help="onnxruntime intra-op threads (default: all cores).")] = None,
+    threads: Annotated[
+        Optional[int],
+        typer.Option(rich_help_panel="Backend", min=1, help="onnxruntime intra-op threads (default: all cores)."),
+    ] = None,
     backend: BackendOption = RuntimeBackend.onnxruntime,
     provider: ProviderOption = Provider.cpu,
     device: DeviceOption = "CPU",
-    engine: Annotated[Optional[Path], typer.Option(rich_help_panel="Backend", help="TensorRT engine for --backend tensorrt (default: the bundle's).")] = None,
-    corrections: Annotated[bool, typer.Option(rich_help_panel="Sampler", help="Apply the bundle's per-timestep correction terms, if it has them.")] = True,
-    conditioning: Annotated[Optional[Path], typer.Option(rich_help_panel="Conditioning", 
-        help="Conditional models: prompts' conditioning (.safetensors from `stepquant encode-prompts`); sample i takes row i mod P.")] = None,
+    engine: Annotated[
+        Optional[Path],
+        typer.Option(rich_help_panel="Backend", help="TensorRT engine for --backend tensorrt (default: the bundle's)."),
+    ] = None,
+    corrections: Annotated[
+        bool,
+        typer.Option(
+            rich_help_panel="Sampler", help="Apply the bundle's per-timestep correction terms, if it has them."
+        ),
+    ] = True,
+    conditioning: Annotated[
+        Optional[Path],
+        typer.Option(
+            rich_help_panel="Conditioning",
+            help="Conditional models: prompts' conditioning (.safetensors from `stepquant encode-prompts`); sample i "
+            "takes row i mod P.",
+        ),
+    ] = None,
     classes: Classes = None,
-    guidance_scale: Annotated[Optional[float], typer.Option(rich_help_panel="Sampler", 
-        help="Classifier-free guidance scale (default: the bundle's calibration scale, else 1).")] = None,
-    decode_with: Annotated[Optional[Path], typer.Option(rich_help_panel="Output", 
-        help="Latent models: decode the latents with this pipeline directory's VAE before writing.")] = None,
+    guidance_scale: Annotated[
+        Optional[float],
+        typer.Option(
+            rich_help_panel="Sampler",
+            help="Classifier-free guidance scale (default: the bundle's calibration scale, else 1).",
+        ),
+    ] = None,
+    decode_with: Annotated[
+        Optional[Path],
+        typer.Option(
+            rich_help_panel="Output",
+            help="Latent models: decode the latents with this pipeline directory's VAE before writing.",
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(rich_help_panel="Output", help="Show progress bars.")] = True,
     trust_key: TrustKey = None,
 ) -> None:
@@ -77,17 +127,28 @@ def sample_command(
     if seed + n - 1 > MAX_SEED:
         raise typer.BadParameter(f"seed + n - 1 must stay at most {MAX_SEED}", param_hint="--seed")
     _check_out(out, n)
-    requested = {**sampler_request(sampler, scheduler=scheduler and scheduler.value, steps=steps, eta=eta,
-                                   karras_sigmas=karras_sigmas), "guidance_scale": guidance_scale}
+    requested = {
+        **sampler_request(
+            sampler, scheduler=scheduler and scheduler.value, steps=steps, eta=eta, karras_sigmas=karras_sigmas
+        ),
+        "guidance_scale": guidance_scale,
+    }
     if bundle is not None:
         loaded = load_bundle(bundle, trust_key)
         config = bundle_sampler(loaded, **requested)
         table = bundle_table(loaded, config)
-        table.check_sampler(config.scheduler, config.steps, config.eta, config.karras_sigmas)  # before any graph is loaded
+        table.check_sampler(
+            config.scheduler, config.steps, config.eta, config.karras_sigmas
+        )  # before any graph is loaded
         manifest = loaded.manifest
         shape, latent = manifest.sample_shape, manifest.sample_space == "latent"
-        rows = choose_conditioning(manifest.conditions, f"bundle {bundle}", conditioning, parse_classes(classes),
-                                   loaded.file(manifest.class_table) if manifest.class_table else None)
+        rows = choose_conditioning(
+            manifest.conditions,
+            f"bundle {bundle}",
+            conditioning,
+            parse_classes(classes),
+            loaded.file(manifest.class_table) if manifest.class_table else None,
+        )
         runner = quantized_backend(loaded, threads, backend.value, engine, provider=provider.value, device=device)
         terms = bundle_corrections(loaded, config) if corrections else None
     else:  # the FP model in torch: the export side
@@ -105,9 +166,21 @@ def sample_command(
         rows = load_conditioning(runner.model, fp, None, conditioning, shape, parse_classes(classes))
     _check_out(out, n, shape)
     if decode_with and not latent:
-        raise typer.BadParameter("this model samples pixels, not latents: drop --decode-with", param_hint="--decode-with")
-    batches = sample_batches(runner, table, range(seed, seed + n), shape, config, batch_size, progress=progress,
-                             corrections=terms, conditioning=rows, clip=not latent)
+        raise typer.BadParameter(
+            "this model samples pixels, not latents: drop --decode-with", param_hint="--decode-with"
+        )
+    batches = sample_batches(
+        runner,
+        table,
+        range(seed, seed + n),
+        shape,
+        config,
+        batch_size,
+        progress=progress,
+        corrections=terms,
+        conditioning=rows,
+        clip=not latent,
+    )
     if decode_with:
         from stepquant.models.vae import decode_latents  # the pipeline's VAE, in torch: the export side
 

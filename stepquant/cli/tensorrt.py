@@ -23,8 +23,10 @@ from stepquant.runtime.bundle_backends import plan_file
 from stepquant.runtime.tensorrt_backend import tensorrt_version
 
 
-def lint_command(model: Annotated[Path, typer.Argument(help="A Q/DQ ONNX model, or a bundle directory (its tensorrt graphs).")],
-                 trust_key: TrustKey = None) -> None:
+def lint_command(
+    model: Annotated[Path, typer.Argument(help="A Q/DQ ONNX model, or a bundle directory (its tensorrt graphs).")],
+    trust_key: TrustKey = None,
+) -> None:
     """Check Q/DQ ONNX graphs against TensorRT's explicit-quantization rules; exit 1 on any finding."""
     if model.is_dir():
         loaded = load_bundle(model, trust_key)
@@ -38,7 +40,11 @@ def lint_command(model: Annotated[Path, typer.Argument(help="A Q/DQ ONNX model, 
         findings = lint(path)
         for finding in findings:
             print(finding)
-        print(f"{path}: {len(findings)} TensorRT rule violation(s)" if findings else f"{path}: conforms to TensorRT's Q/DQ rules")
+        print(
+            f"{path}: {len(findings)} TensorRT rule violation(s)"
+            if findings
+            else f"{path}: conforms to TensorRT's Q/DQ rules"
+        )
         failed = failed or bool(findings)
     if failed:
         raise typer.Exit(1)
@@ -46,10 +52,17 @@ def lint_command(model: Annotated[Path, typer.Argument(help="A Q/DQ ONNX model, 
 
 def parity_command(
     bundle: Annotated[Path, typer.Option(help="Bundle whose saved parity inputs to replay.")],
-    backend: Annotated[ParityBackend, typer.Option(help="Runtime to check against the saved reference outputs.")] = ParityBackend.onnxruntime,
-    rtol: Annotated[Optional[float], typer.Option(
-        help="Tolerance on the median relative error of 'eps' at each input, in [0, 1) (default: the replay tolerance "
-             "recorded at export).")] = None,
+    backend: Annotated[
+        ParityBackend, typer.Option(help="Runtime to check against the saved reference outputs.")
+    ] = ParityBackend.onnxruntime,
+    rtol: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Tolerance on the median relative error of 'eps' at each input, in [0, 1) (default: the replay "
+            "tolerance "
+            "recorded at export)."
+        ),
+    ] = None,
     engine: Annotated[Optional[Path], typer.Option(help="TensorRT engine (default: the bundle's model.plan).")] = None,
     trust_key: TrustKey = None,
 ) -> None:
@@ -60,14 +73,25 @@ def parity_command(
     loaded = load_bundle(bundle, trust_key)
     report = replay_parity(loaded, backend.value, rtol, engine)
     target = loaded.target(loaded.target_for(backend.value))
-    print(f"{bundle}: end-to-end replay: {backend.value} running the {loaded.target_for(backend.value)} graph on the saved "
-          f"inputs against the saved fake-quant torch outputs (tolerance: median relative error <= {report.tolerance_median_rel:.2g})")
-    print(f"  at export: layer-wise check {'PASS' if target.parity['passed'] else 'FAIL'}, end-to-end worst median "
-          f"{max(t['median_reldiff'] for t in target.parity['end_to_end']['timesteps']):.2e}")
-    print(f"  {'timestep':>8}  {'median rel':>10}  {'p' + str(round(100 * report.error_quantile)) + ' rel':>10}  {'max abs':>10}")
+    print(
+        f"{bundle}: end-to-end replay: {backend.value} running the {loaded.target_for(backend.value)} graph on the "
+        "saved "
+        "inputs against the saved fake-quant torch outputs (tolerance: median relative error <= "
+        f"{report.tolerance_median_rel:.2g})"
+    )
+    print(
+        f"  at export: layer-wise check {'PASS' if target.parity['passed'] else 'FAIL'}, end-to-end worst median "
+        f"{max(t['median_reldiff'] for t in target.parity['end_to_end']['timesteps']):.2e}"
+    )
+    print(
+        f"  {'timestep':>8}  {'median rel':>10}  {'p' + str(round(100 * report.error_quantile)) + ' rel':>10}  "
+        f"{'max abs':>10}"
+    )
     for t in report.timesteps:
-        print(f"  {t.timestep:8.0f}  {t.median_reldiff:10.2e}  {t.quantile_reldiff:10.2e}  {t.max_absdiff:10.2e}  "
-              f"{'PASS' if t.passed else 'FAIL'}")
+        print(
+            f"  {t.timestep:8.0f}  {t.median_reldiff:10.2e}  {t.quantile_reldiff:10.2e}  {t.max_absdiff:10.2e}  "
+            f"{'PASS' if t.passed else 'FAIL'}"
+        )
     print("parity: PASS" if report.passed else "parity: FAIL")
     if not report.passed:
         raise typer.Exit(1)
@@ -75,8 +99,12 @@ def parity_command(
 
 def build_engine_command(
     bundle: Annotated[Path, typer.Option(help="Bundle to build the TensorRT engine for (on this machine's GPU).")],
-    batch_range: Annotated[Optional[str], typer.Option(
-        help="Batch range min:opt:max of the optimisation profile (default: the bundle's declared range).")] = None,
+    batch_range: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Batch range min:opt:max of the optimisation profile (default: the bundle's declared range)."
+        ),
+    ] = None,
     trust_key: TrustKey = None,
     sign_key: SignKey = None,
 ) -> None:
@@ -94,9 +122,22 @@ def build_engine_command(
     graphs = {graph: shapes for graph in loaded.target(TENSORRT.name).graphs}
     if manifest.text_to_image is not None:  # the text encoders and VAE decoder get engines of their own shapes
         graphs |= part_input_shapes(manifest.text_to_image, profile, manifest.sample_shape[0])
-    engine = {**manifest.engine, "plans": [plan_file(g) for g in graphs], "input_shapes": shapes, "tensorrt_version": version}
-    extended = extend_bundle(loaded, lambda staging: build_engines(staging, graphs), replace(manifest, engine=engine),
-                             sign_key)
-    print(f"built {', '.join(engine['plans'])} in {extended.path} with TensorRT {version}"
-          + ("; manifest signed again" if sign_key else "; the bundle is now unsigned (pass --sign-key to sign it)"
-             if (loaded.path / SIGNATURE).exists() or trust_key else ""))
+    engine = {
+        **manifest.engine,
+        "plans": [plan_file(g) for g in graphs],
+        "input_shapes": shapes,
+        "tensorrt_version": version,
+    }
+    extended = extend_bundle(
+        loaded, lambda staging: build_engines(staging, graphs), replace(manifest, engine=engine), sign_key
+    )
+    print(
+        f"built {', '.join(engine['plans'])} in {extended.path} with TensorRT {version}"
+        + (
+            "; manifest signed again"
+            if sign_key
+            else "; the bundle is now unsigned (pass --sign-key to sign it)"
+            if (loaded.path / SIGNATURE).exists() or trust_key
+            else ""
+        )
+    )

@@ -12,8 +12,12 @@ from stepquant.data.digits import load_digits_16
 
 IMAGE_SIZE = 32
 PALETTE = {  # name -> RGB in [-1, 1]
-    "red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0),
-    "yellow": (1.0, 1.0, -1.0), "white": (1.0, 1.0, 1.0), "black": (-1.0, -1.0, -1.0),
+    "red": (1.0, -1.0, -1.0),
+    "green": (-1.0, 1.0, -1.0),
+    "blue": (-1.0, -1.0, 1.0),
+    "yellow": (1.0, 1.0, -1.0),
+    "white": (1.0, 1.0, 1.0),
+    "black": (-1.0, -1.0, -1.0),
 }
 COLOURS = tuple(PALETTE)
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -42,7 +46,9 @@ def colour_pairs() -> list[tuple[int, int]]:
 
 def render(grey: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
     """Grey digits [N, 1, 16, 16] in [-1, 1] drawn with palette colours `fg` over `bg` (indices [N]) at 32x32."""
-    mask = F.interpolate((grey + 1) / 2, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False).clamp(0, 1)
+    mask = F.interpolate((grey + 1) / 2, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False).clamp(
+        0, 1
+    )
     palette = _palette()
     return palette[bg][:, :, None, None] * (1 - mask) + palette[fg][:, :, None, None] * mask
 
@@ -57,8 +63,15 @@ def read_colours(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(foreground, background) palette indices of RGB images [N, 3, H, W] in [-1, 1]: the background is the
     border's mean colour, the foreground the mean of the tenth of pixels farthest from it."""
     palette = _palette()
-    border = torch.cat([images[:, :, :2].flatten(2), images[:, :, -2:].flatten(2), images[:, :, :, :2].flatten(2),
-                        images[:, :, :, -2:].flatten(2)], dim=2).mean(2)
+    border = torch.cat(
+        [
+            images[:, :, :2].flatten(2),
+            images[:, :, -2:].flatten(2),
+            images[:, :, :, :2].flatten(2),
+            images[:, :, :, -2:].flatten(2),
+        ],
+        dim=2,
+    ).mean(2)
     pixels = images.flatten(2)
     distance = (pixels - border[:, :, None]).norm(dim=1)
     top = distance.topk(max(1, pixels.shape[2] // 10), dim=1).indices

@@ -7,9 +7,19 @@ from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"Evaluation": "evaluate", "evaluate": "evaluate", "plot_errors": "plots", "save_comparison_grid": "images",
-            "save_grid": "images", "Latency": "latency", "measure_latency": "latency", "PSNR_CAP_DB": "metrics",
-            "frechet_distance": "metrics", "psnr": "metrics", "rms": "metrics"}
+_EXPORTS = {
+    "Evaluation": "evaluate",
+    "evaluate": "evaluate",
+    "plot_errors": "plots",
+    "save_comparison_grid": "images",
+    "save_grid": "images",
+    "Latency": "latency",
+    "measure_latency": "latency",
+    "PSNR_CAP_DB": "metrics",
+    "frechet_distance": "metrics",
+    "psnr": "metrics",
+    "rms": "metrics",
+}
 __all__ = sorted(_EXPORTS)
 
 

@@ -71,13 +71,29 @@ class _StepErrorMeter:
         return eps
 
 
-def _states(backend: Backend, schedule: dict, seeds: Sequence[int], shape, config: SamplerConfig,
-            corrections: Corrections | None = None, conditioning: Conditioning | None = None):
+def _states(
+    backend: Backend,
+    schedule: dict,
+    seeds: Sequence[int],
+    shape,
+    config: SamplerConfig,
+    corrections: Corrections | None = None,
+    conditioning: Conditioning | None = None,
+):
     """Final samples and the x_t after every step (the inputs of steps 1.. plus the final sample)."""
     inputs: list[np.ndarray] = []
-    final = sample(backend, capture_table(config, schedule), seeds, shape, config, batch_size=len(seeds), progress=False,
-                   on_step=lambda index, t, x: inputs.append(x.copy()), corrections=corrections,
-                   conditioning=conditioning).samples
+    final = sample(
+        backend,
+        capture_table(config, schedule),
+        seeds,
+        shape,
+        config,
+        batch_size=len(seeds),
+        progress=False,
+        on_step=lambda index, t, x: inputs.append(x.copy()),
+        corrections=corrections,
+        conditioning=conditioning,
+    ).samples
     return final, inputs[1:]
 
 
@@ -109,7 +125,9 @@ def evaluate(
     meter = _StepErrorMeter(fp, quantized, config.steps, config.guidance_scale if guided else None)
     accumulated = np.zeros(config.steps)
     fp_final, q_final = [], []
-    for start in tqdm(range(0, len(seeds), batch_size), desc="evaluating", unit="batch", disable=not progress, leave=False):
+    for start in tqdm(
+        range(0, len(seeds), batch_size), desc="evaluating", unit="batch", disable=not progress, leave=False
+    ):
         batch = seeds[start : start + batch_size]
         rows = None if conditioning is None else conditioning.at(range(start, start + len(batch)))
         fp_samples, fp_states = _states(meter, noise_schedule, batch, sample_shape, config, conditioning=rows)
@@ -129,8 +147,10 @@ def evaluate(
     accuracy = {}
     if requested is not None:
         labels = torch.as_tensor(list(requested))
-        accuracy = {"class_accuracy": float((q_probs.argmax(1) == labels).float().mean()),
-                    "fp_class_accuracy": float((fp_probs.argmax(1) == labels).float().mean())}
+        accuracy = {
+            "class_accuracy": float((q_probs.argmax(1) == labels).float().mean()),
+            "fp_class_accuracy": float((fp_probs.argmax(1) == labels).float().mean()),
+        }
     return Evaluation(
         samples=n,
         psnr_to_fp_db=float(scores.mean()),

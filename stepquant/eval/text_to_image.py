@@ -41,16 +41,25 @@ class TextToImageScores:
         return asdict(self)
 
 
-def _images(bundle: Bundle, prompts: list[str], graph: str, config: SamplerConfig, threads: int | None, progress: bool,
-            **runtime) -> torch.Tensor:
+def _images(
+    bundle: Bundle,
+    prompts: list[str],
+    graph: str,
+    config: SamplerConfig,
+    threads: int | None,
+    progress: bool,
+    **runtime,
+) -> torch.Tensor:
     batches = []
     for start in range(0, len(prompts), CHUNK):
-        request = GenerateRequest(tuple(prompts[start:start + CHUNK]), seed=start, graph=graph, batch_size=CHUNK // 2)
+        request = GenerateRequest(tuple(prompts[start : start + CHUNK]), seed=start, graph=graph, batch_size=CHUNK // 2)
         batches += list(generate_batches(bundle, request, config, threads, progress=progress, **runtime))
     return torch.from_numpy(np.concatenate(batches))
 
 
-def judge_coloured_digits(images: torch.Tensor, asked: list[tuple[int, int, int, int]]) -> tuple[float, float, torch.Tensor]:
+def judge_coloured_digits(
+    images: torch.Tensor, asked: list[tuple[int, int, int, int]]
+) -> tuple[float, float, torch.Tensor]:
     """(requested-digit accuracy, requested-colours accuracy, the digit classifier's features) of RGB images
     [N, 3, 32, 32] in [-1, 1] asked for by `asked` (coloured_digit_prompts)."""
     classifier = load_classifier()
@@ -59,12 +68,16 @@ def judge_coloured_digits(images: torch.Tensor, asked: list[tuple[int, int, int,
         digits, features = classifier(masks).argmax(1), classifier.features(masks)
     fg, bg = read_colours(images)
     truth = torch.tensor(asked)
-    return (float((digits == truth[:, 0]).float().mean()), float(((fg == truth[:, 1]) & (bg == truth[:, 2])).float().mean()),
-            features)
+    return (
+        float((digits == truth[:, 0]).float().mean()),
+        float(((fg == truth[:, 1]) & (bg == truth[:, 2])).float().mean()),
+        features,
+    )
 
 
-def score_coloured_digits(bundle: Bundle, count: int, config: SamplerConfig, threads: int | None = None,
-                          progress: bool = False, **runtime) -> TextToImageScores:
+def score_coloured_digits(
+    bundle: Bundle, count: int, config: SamplerConfig, threads: int | None = None, progress: bool = False, **runtime
+) -> TextToImageScores:
     """The module docstring's scores over `count` prompts; `runtime` (backend, engine, corrections) goes to
     the quantized run."""
     asked = coloured_digit_prompts(count)
@@ -74,4 +87,6 @@ def score_coloured_digits(bundle: Bundle, count: int, config: SamplerConfig, thr
     fp_digit, fp_colour, fp_features = judge_coloured_digits(fp, asked)
     digit, colour, features = judge_coloured_digits(quantized, asked)
     psnr = 10 * torch.log10(4.0 / ((quantized - fp) ** 2).flatten(1).mean(1).clamp_min(1e-12)).mean()
-    return TextToImageScores(count, float(psnr), frechet_distance(features, fp_features), digit, fp_digit, colour, fp_colour)
+    return TextToImageScores(
+        count, float(psnr), frechet_distance(features, fp_features), digit, fp_digit, colour, fp_colour
+    )

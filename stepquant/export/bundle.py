@@ -13,7 +13,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from stepquant.bundle.manifest import FORMAT_VERSION, BundleError, Manifest
-from stepquant.bundle.reader import MANIFEST, SELF_HASH, SIGNATURE, Bundle, is_bundle, load_bundle, manifest_hash, sha256_file
+from stepquant.bundle.reader import (
+    MANIFEST,
+    SELF_HASH,
+    SIGNATURE,
+    Bundle,
+    is_bundle,
+    load_bundle,
+    manifest_hash,
+    sha256_file,
+)
 from stepquant.file_modes import ordinary_modes, with_umask
 
 
@@ -29,8 +38,10 @@ def _check_replaceable(destination: Path, protected: tuple[Path, ...]) -> None:
     if not destination.is_dir():
         raise BundleError(f"{destination} exists and is not a directory: --overwrite replaces bundles only")
     if not is_bundle(destination):
-        raise BundleError(f"refusing to replace {destination}: it is not a stepquant bundle (no {MANIFEST} saying so); "
-                          "--overwrite replaces bundles only")
+        raise BundleError(
+            f"refusing to replace {destination}: it is not a stepquant bundle (no {MANIFEST} saying so); "
+            "--overwrite replaces bundles only"
+        )
 
 
 def check_destination(destination: Path, overwrite: bool = False, protected: tuple[Path, ...] = ()) -> Path:
@@ -41,7 +52,9 @@ def check_destination(destination: Path, overwrite: bool = False, protected: tup
     resolved = destination.resolve()
     protected = tuple(Path(p).expanduser().resolve() for p in protected)
     if destination.is_symlink():
-        raise BundleError(f"{destination} is a symbolic link: --out must name a directory to create or a bundle to replace")
+        raise BundleError(
+            f"{destination} is a symbolic link: --out must name a directory to create or a bundle to replace"
+        )
     if destination.exists():
         if not overwrite:
             raise BundleError(f"{destination} already exists (pass --overwrite to replace it)")
@@ -98,8 +111,11 @@ def _rename_no_replace(source: Path, target: Path) -> None:
             return
         code = ctypes.get_errno()
         if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-            raise FileExistsError(code, os.strerror(code), str(target)) if code in (errno.EEXIST, errno.ENOTEMPTY) \
+            raise (
+                FileExistsError(code, os.strerror(code), str(target))
+                if code in (errno.EEXIST, errno.ENOTEMPTY)
                 else OSError(code, os.strerror(code), str(target))
+            )
     if os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
     os.rename(source, target)
@@ -130,8 +146,10 @@ def staged_directory(destination: Path, overwrite: bool = False, protected: tupl
         yield staging
         with _directory_lock(parent):
             if _identity(destination) != checked:
-                raise BundleError(f"{destination} {'appeared' if checked is None else 'changed'} while this export ran "
-                                  "(another export or program wrote it): it was left as it is and this bundle discarded")
+                raise BundleError(
+                    f"{destination} {'appeared' if checked is None else 'changed'} while this export ran "
+                    "(another export or program wrote it): it was left as it is and this bundle discarded"
+                )
             _take_place(staging, destination, replace=checked is not None)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -154,8 +172,10 @@ def _take_place(staging: Path, destination: Path, replace: bool) -> None:
                 retired.rmdir()
             except OSError:
                 kept = f"; the bundle it held is kept at {retired / 'bundle'}"
-        raise BundleError(f"{destination} appeared while this export ran (another export or program wrote it): "
-                          f"it was left as it is and this bundle discarded{kept}") from None
+        raise BundleError(
+            f"{destination} appeared while this export ran (another export or program wrote it): "
+            f"it was left as it is and this bundle discarded{kept}"
+        ) from None
     if retired is not None:
         shutil.rmtree(retired, ignore_errors=True)
 
@@ -165,8 +185,11 @@ def write_manifest(directory: Path, manifest: Manifest) -> dict:
     write manifest.json."""
     ordinary_modes(directory)
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in (MANIFEST, SIGNATURE))
-    body = {"format_version": FORMAT_VERSION, **manifest.to_dict(),
-            "files": {p.relative_to(directory).as_posix(): sha256_file(p) for p in files}}
+    body = {
+        "format_version": FORMAT_VERSION,
+        **manifest.to_dict(),
+        "files": {p.relative_to(directory).as_posix(): sha256_file(p) for p in files},
+    }
     body[SELF_HASH] = manifest_hash(body)
     (directory / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=False) + "\n")
     return body
@@ -188,8 +211,9 @@ def sign_manifest(directory: Path, private_key: Path) -> None:
             os.unlink(temporary)
 
 
-def extend_bundle(bundle: Bundle, add_files: Callable[[Path], None], manifest: Manifest,
-                  sign_key: Path | None = None) -> Bundle:
+def extend_bundle(
+    bundle: Bundle, add_files: Callable[[Path], None], manifest: Manifest, sign_key: Path | None = None
+) -> Bundle:
     """Atomically rewrite `bundle` with the files it lists, extra files (written by `add_files(staging_dir)`)
     and an updated `manifest`; its hashes are recomputed, and it is signed again with `sign_key` (a signature
     of the old manifest would no longer match). Used to add a TensorRT engine built later."""

@@ -49,7 +49,10 @@ class CalibrationConfig:
         _at_least_one(calib_samples=self.samples, calib_batch=self.batch, timestep_groups=self.timestep_groups)
         if not PERCENTILE_RANGE[0] < self.percentile <= PERCENTILE_RANGE[1]:
             hint = f" (a percent: did you mean {self.percentile * 100:g}?)" if 0 < self.percentile <= 1 else ""
-            raise ValueError(f"--percentile must be in ({PERCENTILE_RANGE[0]:g}, {PERCENTILE_RANGE[1]:g}], got {self.percentile:g}{hint}")
+            raise ValueError(
+                f"--percentile must be in ({PERCENTILE_RANGE[0]:g}, {PERCENTILE_RANGE[1]:g}], got "
+                f"{self.percentile:g}{hint}"
+            )
 
     @property
     def grouped(self) -> bool:
@@ -57,13 +60,20 @@ class CalibrationConfig:
 
     def check_sampler(self, sampler: SamplerConfig) -> None:
         """Refuse step counts beyond the sampler's, and a trajectory calibrator on a sampler it cannot unroll."""
-        for name, value in (("timestep_groups", self.timestep_groups), ("calib_steps", self.steps),
-                            ("steps_per_group", self.steps_per_group)):
+        for name, value in (
+            ("timestep_groups", self.timestep_groups),
+            ("calib_steps", self.steps),
+            ("steps_per_group", self.steps_per_group),
+        ):
             if value is not None and not 1 <= value <= sampler.steps:
-                raise ValueError(f"--{name.replace('_', '-')} must be between 1 and the {sampler.steps} sampler steps, got {value}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be between 1 and the {sampler.steps} sampler steps, got {value}"
+                )
         if self.calibrator in TRAJECTORY_CALIBRATORS and sampler.scheduler not in ("ddim", "ddpm"):
-            raise ValueError(f"--calibrator {self.calibrator} unrolls DDIM steps from the calibration states, which only "
-                             f"DDIM and DDPM trajectories provide: use --scheduler ddim or ddpm with it (not {sampler.scheduler})")
+            raise ValueError(
+                f"--calibrator {self.calibrator} unrolls DDIM steps from the calibration states, which only "
+                f"DDIM and DDPM trajectories provide: use --scheduler ddim or ddpm with it (not {sampler.scheduler})"
+            )
 
 
 @dataclass(frozen=True)
@@ -99,10 +109,14 @@ class ChecksConfig:
     eval_samples: int = 256
     parity_timesteps: int = 5
     parity_batch: int = 4
-    require_parity: bool = True  # stop when the layer-wise parity check fails (else keep the bundle, recorded as failed)
+    require_parity: bool = (
+        True  # stop when the layer-wise parity check fails (else keep the bundle, recorded as failed)
+    )
 
     def __post_init__(self) -> None:
-        _at_least_one(eval_samples=self.eval_samples, parity_timesteps=self.parity_timesteps, parity_batch=self.parity_batch)
+        _at_least_one(
+            eval_samples=self.eval_samples, parity_timesteps=self.parity_timesteps, parity_batch=self.parity_batch
+        )
 
 
 @dataclass(frozen=True)
@@ -136,18 +150,26 @@ class ExportConfig:
         check_samplers(self.samplers)
         self.calibration.check_sampler(self.sampler)
         if self.correction.per_branch and (not self.correction.enabled or self.sampler.guidance_scale == 1.0):
-            raise ValueError("--correction-per-branch fits a --correction's terms to the two branches of guided sampling: "
-                             "give --correction and a --guidance-scale other than 1")
+            raise ValueError(
+                "--correction-per-branch fits a --correction's terms to the two branches of guided sampling: "
+                "give --correction and a --guidance-scale other than 1"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         if self.precision == "fp16" and self.quant.format == "fp8":
             raise ValueError("--precision fp16 is for int8 bundles; fp8 bundles keep FP32 outside the Q/DQ pairs")
-        if not self.targets or any(t not in TARGETS for t in self.targets) or len(set(self.targets)) < len(self.targets):
+        if (
+            not self.targets
+            or any(t not in TARGETS for t in self.targets)
+            or len(set(self.targets)) < len(self.targets)
+        ):
             raise ValueError(f"targets must be distinct values from {', '.join(TARGETS)}, got {list(self.targets)}")
         for profile in map(TARGETS.get, self.targets):
             if not profile.serves(self.quant.format, self.precision):
-                raise ValueError(f"the {profile.name} target serves --format {'/'.join(profile.formats)} at --precision "
-                                 f"{'/'.join(profile.precisions)}: drop --format {self.quant.format} / --precision "
-                                 f"{self.precision} for it")
+                raise ValueError(
+                    f"the {profile.name} target serves --format {'/'.join(profile.formats)} at --precision "
+                    f"{'/'.join(profile.precisions)}: drop --format {self.quant.format} / --precision "
+                    f"{self.precision} for it"
+                )
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")

@@ -64,8 +64,11 @@ def zero_point(graph: onnx.GraphProto, names: dict[str, str], quantizer: str) ->
     unsigned), UINT8 128 for UINT8 0 (the signed grid's offset in unsigned storage), FP8 0 for INT8 0."""
     pair = _activation_pair(graph, names, quantizer)
     current = _constant(graph, pair[0].input[2])
-    swapped = {TensorProto.INT8: (TensorProto.UINT8, 0), TensorProto.UINT8: (TensorProto.UINT8, 0),
-               TensorProto.FLOAT8E4M3FN: (TensorProto.INT8, 0)}[current.data_type]
+    swapped = {
+        TensorProto.INT8: (TensorProto.UINT8, 0),
+        TensorProto.UINT8: (TensorProto.UINT8, 0),
+        TensorProto.FLOAT8E4M3FN: (TensorProto.INT8, 0),
+    }[current.data_type]
     _with_new_input(graph, pair, 2, helper.make_tensor("fault_zero_point", swapped[0], [], [swapped[1]]))
     stale = [info for info in graph.value_info if info.name == pair[0].output[0]]  # the codes' type changed
     for info in stale:
@@ -104,9 +107,14 @@ def seed_fault(source: Path, destination: Path, fault: str, quantizer: str | Non
     kind, seed = FAULTS[fault]
     if quantizer is None:
         op = "QuantizeLinear" if kind == "activation" else "DequantizeLinear"
-        candidates = [names[n.name] for n in model.graph.node if n.op_type == op and n.name in names
-                      and names[n.name].endswith("input_quantizer" if kind == "activation" else "weight_quantizer")
-                      and "conv" in names[n.name]]
+        candidates = [
+            names[n.name]
+            for n in model.graph.node
+            if n.op_type == op
+            and n.name in names
+            and names[n.name].endswith("input_quantizer" if kind == "activation" else "weight_quantizer")
+            and "conv" in names[n.name]
+        ]
         quantizer = candidates[len(candidates) // 2]
     seed(model.graph, names, quantizer)
     save_onnx(model, str(destination))
@@ -122,7 +130,13 @@ def forge_bundle(bundle: Path, edit: Callable[[dict], None] | None = None, rehas
         edit(manifest)
     for name in list(manifest.get("files", {})) if rehash_files else []:
         path = Path(bundle) / name
-        if isinstance(name, str) and ".." not in name and not name.startswith("/") and path.is_file() and not path.is_symlink():
+        if (
+            isinstance(name, str)
+            and ".." not in name
+            and not name.startswith("/")
+            and path.is_file()
+            and not path.is_symlink()
+        ):
             manifest["files"][name] = hashlib.sha256(path.read_bytes()).hexdigest()
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     manifest["manifest_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

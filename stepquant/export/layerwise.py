@@ -35,8 +35,11 @@ from stepquant.quant.grid import Fp8Grid
 from stepquant.quant.layers import ActivationQuantizer, WeightQuantizer
 
 # a grid's storage type -> its ONNX type, and the numpy type onnxruntime returns its codes in (FP8 as bits)
-_STORAGE_TYPES = {torch.int8: (TensorProto.INT8, np.int8), torch.uint8: (TensorProto.UINT8, np.uint8),
-                  torch.float8_e4m3fn: (TensorProto.FLOAT8E4M3FN, np.uint8)}
+_STORAGE_TYPES = {
+    torch.int8: (TensorProto.INT8, np.int8),
+    torch.uint8: (TensorProto.UINT8, np.uint8),
+    torch.float8_e4m3fn: (TensorProto.FLOAT8E4M3FN, np.uint8),
+}
 
 
 class LayerwiseParityError(ValueError):
@@ -70,11 +73,15 @@ class QuantizerParity:
         """What fails this quantizer under `policy`, one phrase each."""
         found = [f"{what} differs from the calibrated one" for what in self.mismatches]
         if self.one_step > policy.allowed_one_step(self.codes):
-            found.append(f"{self.one_step_share:.2%} of {self.codes} codes one step off "
-                         f"(allowed {policy.max_one_step_share:.2%})")
+            found.append(
+                f"{self.one_step_share:.2%} of {self.codes} codes one step off "
+                f"(allowed {policy.max_one_step_share:.2%})"
+            )
         if self.multi_step > policy.allowed_multi_step(self.codes):
-            found.append(f"{self.multi_step_share:.2%} of {self.codes} codes two or more steps off, up to "
-                         f"{self.max_steps:g} (allowed {policy.max_multi_step_share:.2%})")
+            found.append(
+                f"{self.multi_step_share:.2%} of {self.codes} codes two or more steps off, up to "
+                f"{self.max_steps:g} (allowed {policy.max_multi_step_share:.2%})"
+            )
         return found
 
 
@@ -103,12 +110,16 @@ class LayerwiseReport:
         if self.failures:
             shown = "; ".join(f"{q.name} ({q.node}): {', '.join(found)}" for q, found in self.failures[:3])
             more = len(self.failures) - 3
-            return f"{len(self.failures)} of {len(self.quantizers)} quantizers fail: {shown}" + (f"; and {more} more" if more > 0 else "")
+            return f"{len(self.failures)} of {len(self.quantizers)} quantizers fail: {shown}" + (
+                f"; and {more} more" if more > 0 else ""
+            )
         one, multi = self.worst("one_step_share"), self.worst("multi_step_share")
-        return (f"{len(self.quantizers)} quantizers, scales, zero points and weights bit-equal; codes one step off "
-                f"at most {one.one_step_share if one else 0:.3%}, two or more steps off at most "
-                f"{multi.multi_step_share if multi else 0:.3%} (allowed {self.policy.max_one_step_share:.2%} / "
-                f"{self.policy.max_multi_step_share:.2%})")
+        return (
+            f"{len(self.quantizers)} quantizers, scales, zero points and weights bit-equal; codes one step off "
+            f"at most {one.one_step_share if one else 0:.3%}, two or more steps off at most "
+            f"{multi.multi_step_share if multi else 0:.3%} (allowed {self.policy.max_one_step_share:.2%} / "
+            f"{self.policy.max_multi_step_share:.2%})"
+        )
 
     def to_dict(self) -> dict:
         activations = [q for q in self.quantizers if q.kind == "activation"]
@@ -165,21 +176,34 @@ def _graph_quantizers(model: onnx.ModelProto, constants: dict, path: Path) -> tu
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     activations = [
-        _GraphQuantizer(node, next((c for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"), None))
-        for node in graph.node if node.op_type == "QuantizeLinear"]
-    weights = [_GraphQuantizer(node, None) for node in graph.node
-               if node.op_type == "DequantizeLinear" and node.input[0] in constants]
+        _GraphQuantizer(
+            node, next((c for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"), None)
+        )
+        for node in graph.node
+        if node.op_type == "QuantizeLinear"
+    ]
+    weights = [
+        _GraphQuantizer(node, None)
+        for node in graph.node
+        if node.op_type == "DequantizeLinear" and node.input[0] in constants
+    ]
     if not activations and not weights:
-        raise LayerwiseParityError(f"{path.name} has no QuantizeLinear or DequantizeLinear node: it is not a quantized graph")
+        raise LayerwiseParityError(
+            f"{path.name} has no QuantizeLinear or DequantizeLinear node: it is not a quantized graph"
+        )
     if model_map is None:
-        raise LayerwiseParityError(f"{path.name} carries no quantizer map ({QUANTIZER_MAP} metadata): only graphs exported "
-                                   "by stepquant can be compared with their simulation layer by layer")
+        raise LayerwiseParityError(
+            f"{path.name} carries no quantizer map ({QUANTIZER_MAP} metadata): only graphs exported "
+            "by stepquant can be compared with their simulation layer by layer"
+        )
     by_module: tuple[dict, dict] = ({}, {})
     for grouped, found in zip(by_module, (activations, weights)):
         for graph_q in found:
             if graph_q.node.name not in model_map:
-                raise LayerwiseParityError(f"{path.name}: {graph_q.node.op_type} node {graph_q.node.name!r} is not in the "
-                                           "graph's quantizer map (the graph was edited after export)")
+                raise LayerwiseParityError(
+                    f"{path.name}: {graph_q.node.op_type} node {graph_q.node.name!r} is not in the "
+                    "graph's quantizer map (the graph was edited after export)"
+                )
             grouped.setdefault(model_map[graph_q.node.name], []).append(graph_q)
     return by_module
 
@@ -190,20 +214,26 @@ def _forward(model: nn.Module, feed: dict[str, np.ndarray], names: Sequence[str]
         return model.eval()(*(torch.from_numpy(np.asarray(feed[n], dtype=np.float32)) for n in names))
 
 
-def _unmatched(graph_side: dict[str, list[_GraphQuantizer]], calls: Counter, kind: str, path: Path) -> LayerwiseParityError:
+def _unmatched(
+    graph_side: dict[str, list[_GraphQuantizer]], calls: Counter, kind: str, path: Path
+) -> LayerwiseParityError:
     nodes = Counter({name: len(found) for name, found in graph_side.items()})
     only_graph, only_simulation = sorted((nodes - calls).elements()), sorted((calls - nodes).elements())
     return LayerwiseParityError(
         f"{path.name}'s {kind} quantizers do not match the simulation's ({sum(nodes.values())} in the graph, "
         f"{sum(calls.values())} simulated); only in the graph: {only_graph[:3] or 'none'}, only simulated: "
-        f"{only_simulation[:3] or 'none'}: the graph was not exported from this model")
+        f"{only_simulation[:3] or 'none'}: the graph was not exported from this model"
+    )
 
 
 def _array(tensor: TensorProto) -> np.ndarray:
     """The tensor's values; FP8 as their bit patterns (uint8), so comparisons are bit-exact."""
     if tensor.data_type == TensorProto.FLOAT8E4M3FN:
-        return np.frombuffer(tensor.raw_data, dtype=np.uint8).reshape(tuple(tensor.dims)) if tensor.raw_data else \
-            np.asarray(tensor.int32_data, dtype=np.uint8).reshape(tuple(tensor.dims))
+        return (
+            np.frombuffer(tensor.raw_data, dtype=np.uint8).reshape(tuple(tensor.dims))
+            if tensor.raw_data
+            else np.asarray(tensor.int32_data, dtype=np.uint8).reshape(tuple(tensor.dims))
+        )
     return numpy_helper.to_array(tensor)
 
 
@@ -211,19 +241,24 @@ def _torch_bits(tensor: torch.Tensor) -> np.ndarray:
     return (tensor.view(torch.uint8) if tensor.dtype == torch.float8_e4m3fn else tensor).detach().cpu().numpy()
 
 
-def _static_mismatches(node: onnx.NodeProto, constants: dict, scale: torch.Tensor, storage: torch.dtype,
-                       zero_point: float) -> list[str]:
+def _static_mismatches(
+    node: onnx.NodeProto, constants: dict, scale: torch.Tensor, storage: torch.dtype, zero_point: float
+) -> list[str]:
     """Whether `node`'s scale equals `scale` (bit for bit, after widening the graph's FP16 scales) and its
     zero point is `zero_point` stored as `storage`."""
     found = []
     graph_scale = constants.get(node.input[1])
-    if graph_scale is None or not np.array_equal(_array(graph_scale).astype(np.float32).reshape(-1),
-                                                 scale.detach().float().reshape(-1).cpu().numpy()):
+    if graph_scale is None or not np.array_equal(
+        _array(graph_scale).astype(np.float32).reshape(-1), scale.detach().float().reshape(-1).cpu().numpy()
+    ):
         found.append(f"{node.op_type} scale")
     graph_zero = constants.get(node.input[2]) if len(node.input) > 2 else None
     expected = _torch_bits(torch.full((1,), zero_point).to(storage))
-    if (graph_zero is None or graph_zero.data_type != _STORAGE_TYPES[storage][0]
-            or not (_array(graph_zero).reshape(-1) == expected[0]).all()):
+    if (
+        graph_zero is None
+        or graph_zero.data_type != _STORAGE_TYPES[storage][0]
+        or not (_array(graph_zero).reshape(-1) == expected[0]).all()
+    ):
         found.append(f"{node.op_type} zero point")
     return found
 
@@ -231,9 +266,11 @@ def _static_mismatches(node: onnx.NodeProto, constants: dict, scale: torch.Tenso
 def _step_distance(graph_codes: np.ndarray, simulated: torch.Tensor, quantizer: ActivationQuantizer) -> np.ndarray:
     """How many grid steps apart the graph's codes and the simulated grid values are."""
     if isinstance(quantizer.grid, Fp8Grid):  # FP8 bit patterns ordered as sign-magnitude integers
+
         def ordinal(bits: np.ndarray) -> np.ndarray:
             magnitude = (bits & 0x7F).astype(np.int32)
             return np.where(bits & 0x80, -magnitude, magnitude)
+
         return np.abs(ordinal(graph_codes) - ordinal(_torch_bits(simulated.to(torch.float8_e4m3fn))))
     return np.abs(graph_codes.astype(np.int32) - quantizer.grid.zero_point - simulated.cpu().numpy().astype(np.int32))
 
@@ -268,13 +305,17 @@ def _check_feeds(session, feeds: Sequence[dict[str, np.ndarray]], path: Path) ->
                 raise LayerwiseParityError(f"parity input {i} lacks the graph input {graph_input.name!r}")
             shape = np.shape(feed[graph_input.name])
             if len(shape) != len(graph_input.shape) or any(
-                    isinstance(d, int) and d != s for d, s in zip(graph_input.shape, shape)):
-                raise LayerwiseParityError(f"parity input {i}: {graph_input.name} of shape {list(shape)}, the graph "
-                                           f"takes {list(graph_input.shape)} ({path.name})")
+                isinstance(d, int) and d != s for d, s in zip(graph_input.shape, shape)
+            ):
+                raise LayerwiseParityError(
+                    f"parity input {i}: {graph_input.name} of shape {list(shape)}, the graph "
+                    f"takes {list(graph_input.shape)} ({path.name})"
+                )
 
 
-def check_layerwise(model: nn.Module, path: Path, feeds: Sequence[dict[str, np.ndarray]],
-                    policy: ParityPolicy) -> tuple[LayerwiseReport, list[np.ndarray]]:
+def check_layerwise(
+    model: nn.Module, path: Path, feeds: Sequence[dict[str, np.ndarray]], policy: ParityPolicy
+) -> tuple[LayerwiseReport, list[np.ndarray]]:
     """Compare the Q/DQ graph at `path` with the fake-quant `model` it was exported from, quantizer by
     quantizer, on `feeds` (Polygraphy feed dicts); return the report and the graph's outputs per feed."""
     path = Path(path)
@@ -292,7 +333,9 @@ def check_layerwise(model: nn.Module, path: Path, feeds: Sequence[dict[str, np.n
         try:
             ran = session.run(None, {name: np.asarray(feed[name], dtype=np.float32) for name in input_names})
         except Exception as err:  # onnxruntime's own errors (its exception types are not exported)
-            raise LayerwiseParityError(f"{path.name} cannot run the parity inputs: {' '.join(str(err).split())[:300]}") from err
+            raise LayerwiseParityError(
+                f"{path.name} cannot run the parity inputs: {' '.join(str(err).split())[:300]}"
+            ) from err
         outputs.append(ran[0])
         comparison.run(feed, input_names, dict(zip(code_names, ran[1:])))
     return LayerwiseReport(policy, comparison.results(constants), len(feeds)), outputs
@@ -323,8 +366,9 @@ class _ForcedComparison:
                 raise _unmatched(self.activations, calls, "activation", self.path)
             graph_q = nodes[calls[name]]
             calls[name] += 1
-            result = self.compared.setdefault(graph_q.node.name, (QuantizerParity(name, graph_q.node.name, "activation"),
-                                                                  graph_q, module))[0]
+            result = self.compared.setdefault(
+                graph_q.node.name, (QuantizerParity(name, graph_q.node.name, "activation"), graph_q, module)
+            )[0]
             return _compare(module, args[0], graph_codes[graph_q.node.output[0]], output, result)
 
         def weight(module: WeightQuantizer, _args):
@@ -332,7 +376,9 @@ class _ForcedComparison:
                 name = self.names[id(module)]
                 nodes = self.weights.get(name, [])
                 if weight_calls[name] < len(nodes):
-                    self.weight_calls.setdefault(nodes[weight_calls[name]].node.name, (nodes[weight_calls[name]], module))
+                    self.weight_calls.setdefault(
+                        nodes[weight_calls[name]].node.name, (nodes[weight_calls[name]], module)
+                    )
                 weight_calls[name] += 1
 
         hooks = [m.register_forward_hook(forced) for m in self.model.modules() if isinstance(m, ActivationQuantizer)]
@@ -342,7 +388,10 @@ class _ForcedComparison:
         finally:
             for hook in hooks:
                 hook.remove()
-        for kind, graph_side, counted in (("activation", self.activations, calls), ("weight", self.weights, weight_calls)):
+        for kind, graph_side, counted in (
+            ("activation", self.activations, calls),
+            ("weight", self.weights, weight_calls),
+        ):
             if counted != Counter({name: len(found) for name, found in graph_side.items()}):
                 raise _unmatched(graph_side, counted, kind, self.path)
 
@@ -351,24 +400,29 @@ class _ForcedComparison:
         results = []
         for result, graph_q, quantizer in self.compared.values():
             for node in filter(None, (graph_q.node, graph_q.dequantize)):
-                result.mismatches += _static_mismatches(node, constants, quantizer.scale, quantizer.grid.storage_dtype,
-                                                        quantizer.grid.zero_point)
+                result.mismatches += _static_mismatches(
+                    node, constants, quantizer.scale, quantizer.grid.storage_dtype, quantizer.grid.zero_point
+                )
             if graph_q.dequantize is None:
                 result.mismatches.append("DequantizeLinear (none reads the codes)")
             results.append(result)
         for graph_q, quantizer in self.weight_calls.values():
             result = QuantizerParity(self.names[id(quantizer)], graph_q.node.name, "weight")
-            result.mismatches = _static_mismatches(graph_q.node, constants, quantizer.scale, quantizer.grid.storage_dtype, 0)
+            result.mismatches = _static_mismatches(
+                graph_q.node, constants, quantizer.scale, quantizer.grid.storage_dtype, 0
+            )
             stored = constants[graph_q.node.input[0]]
             if stored.data_type != _STORAGE_TYPES[quantizer.grid.storage_dtype][0] or not np.array_equal(
-                    _array(stored).reshape(-1), _torch_bits(quantizer.qweight).reshape(-1)):
+                _array(stored).reshape(-1), _torch_bits(quantizer.qweight).reshape(-1)
+            ):
                 result.mismatches.append("integer weights")
             results.append(result)
         return results
 
 
-def _compare(module: ActivationQuantizer, x: torch.Tensor, codes: np.ndarray, output: torch.Tensor,
-             result: QuantizerParity) -> torch.Tensor | None:
+def _compare(
+    module: ActivationQuantizer, x: torch.Tensor, codes: np.ndarray, output: torch.Tensor, result: QuantizerParity
+) -> torch.Tensor | None:
     """Count `result`'s step distances between the graph's `codes` and the simulation's for `x`; return the
     graph's values to continue from (None, torch's own, where the codes are on another grid)."""
     expected = _STORAGE_TYPES[module.grid.storage_dtype][1]
@@ -378,8 +432,9 @@ def _compare(module: ActivationQuantizer, x: torch.Tensor, codes: np.ndarray, ou
             result.mismatches.append(finding)
         return None
     if tuple(codes.shape) != tuple(x.shape):
-        raise LayerwiseParityError(f"{result.node}: the graph's codes have shape {list(codes.shape)}, "
-                                   f"the simulation's input {list(x.shape)}")
+        raise LayerwiseParityError(
+            f"{result.node}: the graph's codes have shape {list(codes.shape)}, the simulation's input {list(x.shape)}"
+        )
     steps = _step_distance(codes, module.grid.quantize(x.float(), module.scale), module)
     result.codes += steps.size
     result.one_step += int((steps == 1).sum())

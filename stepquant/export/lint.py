@@ -18,17 +18,19 @@ from stepquant.export.onnx_files import infer_shapes
 
 RULES: dict[str, str] = {
     "zero-point-nonzero": "TensorRT supports only symmetric quantization: every zero point must be 0",
-    "zero-point-type": "the zero point's type selects the format and must be INT8, FLOAT8E4M3FN or INT4 (UINT8 is read as INT8)",
+    "zero-point-type": "the zero point's type selects the format and must be INT8, FLOAT8E4M3FN or INT4 (UINT8 is "
+    "read as INT8)",
     "zero-point-missing": "an explicit zero point is needed: it selects INT8, FP8 or INT4",
     "scale-not-constant": "a scale must be a build-time constant (an initializer or a Constant node)",
     "scale-not-positive": "a scale must be positive and finite",
-    "scale-shape": "a per-tensor scale must be a scalar; a per-channel scale must be 1-D with length dim[axis] of its input",
+    "scale-shape": "a per-tensor scale must be a scalar; a per-channel scale must be 1-D with length dim[axis] of its "
+    "input",
     "per-channel-activation": "per-channel (per-axis) quantization is supported for constant weights only",
     "input-type": "QuantizeLinear's input must be float32, float16 or bfloat16",
     "qdq-on-output": "a graph output must not be quantized: TensorRT fuses Q/DQ into the consumers of a tensor",
     "dangling-quantize": "every QuantizeLinear must feed DequantizeLinear nodes only",
     "residual-fusion": "Q/DQ between a Conv and the residual Add it feeds, with no other Conv input to fuse with, "
-                       "prevents TensorRT's Conv+Add fusion",
+    "prevents TensorRT's Conv+Add fusion",
     "opset": "Q/DQ with per-channel scales needs opset 13 or newer, FP8 needs 19 or newer",
     "unsupported-op": "the graph holds an operator the TensorRT ONNX parser does not import",
 }
@@ -103,8 +105,12 @@ def _on_weight(g: _Graph, node: onnx.NodeProto) -> bool:
     if g.constant(data) is not None:
         return True
     producer = g.producer.get(data)
-    return node.op_type == "DequantizeLinear" and producer is not None and producer.op_type == "QuantizeLinear" \
+    return (
+        node.op_type == "DequantizeLinear"
+        and producer is not None
+        and producer.op_type == "QuantizeLinear"
         and g.constant(producer.input[0]) is not None
+    )
 
 
 def _check_qdq_node(g: _Graph, node: onnx.NodeProto) -> list[Finding]:
@@ -115,18 +121,28 @@ def _check_qdq_node(g: _Graph, node: onnx.NodeProto) -> list[Finding]:
     if scale is None:
         found.append(Finding("scale-not-constant", name, f"scale {scale_name!r} is computed at run time"))
     elif not (np.isfinite(scale.astype(np.float64)).all() and (scale > 0).all()):
-        found.append(Finding("scale-not-positive", name, f"scale {scale_name!r} holds {scale.min():g} .. {scale.max():g}"))
+        found.append(
+            Finding("scale-not-positive", name, f"scale {scale_name!r} holds {scale.min():g} .. {scale.max():g}")
+        )
     if len(node.input) < 3 or not node.input[2]:
         found.append(Finding("zero-point-missing", name, "no zero point input"))
     else:
         zero_point_type = g.elem_type(node.input[2])
         zero_point = g.constant(node.input[2])
         if zero_point_type is not None and zero_point_type not in ZERO_POINT_TYPES:
-            found.append(Finding("zero-point-type", name, f"zero point of type {TensorProto.DataType.Name(zero_point_type)}"))
+            found.append(
+                Finding("zero-point-type", name, f"zero point of type {TensorProto.DataType.Name(zero_point_type)}")
+            )
         if zero_point is None:
             found.append(Finding("scale-not-constant", name, f"zero point {node.input[2]!r} is computed at run time"))
         elif np.any(zero_point.astype(np.float64) != 0):
-            found.append(Finding("zero-point-nonzero", name, f"zero point {node.input[2]!r} holds {zero_point.flatten()[:4].tolist()}"))
+            found.append(
+                Finding(
+                    "zero-point-nonzero",
+                    name,
+                    f"zero point {node.input[2]!r} holds {zero_point.flatten()[:4].tolist()}",
+                )
+            )
     if scale is not None and scale.size > 1:
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)  # ONNX's default axis is 1
         if not _on_weight(g, node):
@@ -135,7 +151,9 @@ def _check_qdq_node(g: _Graph, node: onnx.NodeProto) -> list[Finding]:
         if scale.ndim != 1:
             found.append(Finding("scale-shape", name, f"scale of shape {list(scale.shape)}"))
         elif dims is not None and -len(dims) <= axis < len(dims) and dims[axis] not in (None, scale.size):
-            found.append(Finding("scale-shape", name, f"{scale.size} scales for dim[{axis}] = {dims[axis]} of {data!r}"))
+            found.append(
+                Finding("scale-shape", name, f"{scale.size} scales for dim[{axis}] = {dims[axis]} of {data!r}")
+            )
         if g.opset < 13:
             found.append(Finding("opset", name, f"per-channel scales at opset {g.opset}"))
     elif scale is not None and scale.ndim > 1:
@@ -166,7 +184,9 @@ def _check_residual_fusion(g: _Graph, node: onnx.NodeProto) -> list[Finding]:
         q = g.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
         conv = g.producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
         if conv is not None and conv.op_type == "Conv":
-            found.append(Finding("residual-fusion", _label(q), f"between {_label(conv)} and the residual {_label(node)}"))
+            found.append(
+                Finding("residual-fusion", _label(q), f"between {_label(conv)} and the residual {_label(node)}")
+            )
     return found
 
 

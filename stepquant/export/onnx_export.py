@@ -48,8 +48,11 @@ def _inline_identity_constants(graph: onnx.GraphProto) -> None:
     """
     initializers = {init.name for init in graph.initializer}
     outputs = {out.name for out in graph.output}
-    aliases = {node.output[0]: node.input[0] for node in graph.node
-               if node.op_type == "Identity" and node.input[0] in initializers and node.output[0] not in outputs}
+    aliases = {
+        node.output[0]: node.input[0]
+        for node in graph.node
+        if node.op_type == "Identity" and node.input[0] in initializers and node.output[0] not in outputs
+    }
     if not aliases:
         return
     kept = [node for node in graph.node if not (node.op_type == "Identity" and node.output[0] in aliases)]
@@ -64,7 +67,9 @@ def _inline_identity_constants(graph: onnx.GraphProto) -> None:
 @contextlib.contextmanager
 def _named_quantizers(model: nn.Module) -> Iterator[None]:
     """Each quantizer tags the nodes it exports with its module name while the model is traced."""
-    quantizers = [(name, m) for name, m in model.named_modules() if isinstance(m, (ActivationQuantizer, WeightQuantizer))]
+    quantizers = [
+        (name, m) for name, m in model.named_modules() if isinstance(m, (ActivationQuantizer, WeightQuantizer))
+    ]
     for name, quantizer in quantizers:
         quantizer.export_name = name
     try:
@@ -93,15 +98,24 @@ def quantizer_map(model: onnx.ModelProto) -> dict[str, str] | None:
     return None if entry is None else json.loads(entry)
 
 
-def example_inputs(model: nn.Module, sample_shape: tuple[int, int, int], profile: ShapeProfile) -> tuple[torch.Tensor, ...]:
+def example_inputs(
+    model: nn.Module, sample_shape: tuple[int, int, int], profile: ShapeProfile
+) -> tuple[torch.Tensor, ...]:
     """Inputs of the profile's opt shape (batch 2, so no size-1 axis gets specialised) to trace with."""
     shapes = profile.input_shapes(sample_shape[0], model.conditions, ("opt",))
     return tuple(torch.ones((2, *shapes[name]["opt"][1:])) for name in (*INPUT_NAMES, *model.condition_names))
 
 
-def trace_to_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
-                  output_names: list[str], dynamic_axes: dict, opset: int = DEFAULT_OPSET,
-                  edit: Callable[[onnx.ModelProto], None] | None = None) -> None:
+def trace_to_onnx(
+    module: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict,
+    opset: int = DEFAULT_OPSET,
+    edit: Callable[[onnx.ModelProto], None] | None = None,
+) -> None:
     """Trace `module` on `example` to `path` (TorchScript exporter), apply `edit` to the graph, save it (external
     data beside it, when large) and validate it with `onnx.checker` (full check, shape inference)."""
     path = Path(path)
@@ -111,9 +125,17 @@ def trace_to_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Pa
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer chatter
-            torch.onnx.export(module.eval(), example, str(traced / path.name), dynamo=False, opset_version=opset,
-                              input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
-                              do_constant_folding=True)
+            torch.onnx.export(
+                module.eval(),
+                example,
+                str(traced / path.name),
+                dynamo=False,
+                opset_version=opset,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+            )
         model_proto = onnx.load(str(traced / path.name))
         shutil.rmtree(traced)
         if edit is not None:
@@ -127,8 +149,13 @@ def trace_to_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Pa
         shutil.rmtree(traced, ignore_errors=True)
 
 
-def export_onnx(model: nn.Module, path: Path, sample_shape: tuple[int, int, int], opset: int = DEFAULT_OPSET,
-                profile: ShapeProfile | None = None) -> None:
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    sample_shape: tuple[int, int, int],
+    opset: int = DEFAULT_OPSET,
+    profile: ShapeProfile | None = None,
+) -> None:
     """Write `model` to `path` and validate it with `onnx.checker` (full check, shape inference).
 
     `profile` (resolved) says which axes are dynamic; by default only the batch, which suits unconditional
@@ -142,5 +169,13 @@ def export_onnx(model: nn.Module, path: Path, sample_shape: tuple[int, int, int]
         _inline_identity_constants(model_proto.graph)
 
     with _named_quantizers(model):
-        trace_to_onnx(model, example_inputs(model, sample_shape, profile), path, [*INPUT_NAMES, *model.condition_names],
-                      [OUTPUT_NAME], profile.dynamic_axes(model.conditions), opset, edit)
+        trace_to_onnx(
+            model,
+            example_inputs(model, sample_shape, profile),
+            path,
+            [*INPUT_NAMES, *model.condition_names],
+            [OUTPUT_NAME],
+            profile.dynamic_axes(model.conditions),
+            opset,
+            edit,
+        )

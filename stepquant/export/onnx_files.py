@@ -66,8 +66,14 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     external = data_file(path)
     external.unlink(missing_ok=True)  # onnx appends to an existing data file; ours is written afresh
     if tensor_bytes(model) > EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=external.name, size_threshold=EXTERNAL_TENSOR_MIN_BYTES)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=external.name,
+            size_threshold=EXTERNAL_TENSOR_MIN_BYTES,
+        )
     else:
         onnx.save_model(model, str(path))
 
@@ -75,8 +81,10 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
 def external_data_locations(path: Path) -> list[str]:
     """The external data files the graph at `path` names (its tensors are not read)."""
     model = onnx.load(str(path), load_external_data=False)
-    tensors = [*model.graph.initializer,
-               *(a.t for node in model.graph.node for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)]
+    tensors = [
+        *model.graph.initializer,
+        *(a.t for node in model.graph.node for a in node.attribute if a.type == onnx.AttributeProto.TENSOR),
+    ]
     return sorted({ExternalDataInfo(t).location for t in tensors if uses_external_data(t)})
 
 
@@ -87,8 +95,10 @@ def check_external_data(path: Path) -> list[str]:
     locations = external_data_locations(path)
     for location in locations:
         if not location or os.path.basename(location) != location or location in (".", ".."):
-            raise ExternalDataError(f"{path.name} reads its tensors from {location!r}: external data must be a file "
-                                    "beside the graph, in the same directory")
+            raise ExternalDataError(
+                f"{path.name} reads its tensors from {location!r}: external data must be a file "
+                "beside the graph, in the same directory"
+            )
         if not (path.parent / location).is_file():
             raise ExternalDataError(f"{path.name} reads its tensors from {location}, which is missing")
     return locations
@@ -106,4 +116,3 @@ def graph_beside(model: onnx.ModelProto, path: Path) -> Iterator[Path]:
         yield Path(name)
     finally:
         os.unlink(name)
-

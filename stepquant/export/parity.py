@@ -97,11 +97,17 @@ class ParityReport:
 
     def judged(self, tolerance: float) -> ParityReport:
         """The same figures judged at `tolerance`."""
-        return ParityReport(tolerance, self.error_quantile, [replace(t, passed=t.median_reldiff <= tolerance) for t in self.timesteps])
+        return ParityReport(
+            tolerance, self.error_quantile, [replace(t, passed=t.median_reldiff <= tolerance) for t in self.timesteps]
+        )
 
     def to_dict(self) -> dict:
-        return {"tolerance_median_rel": self.tolerance_median_rel, "error_quantile": self.error_quantile,
-                "passed": self.passed, "timesteps": [asdict(t) for t in self.timesteps]}
+        return {
+            "tolerance_median_rel": self.tolerance_median_rel,
+            "error_quantile": self.error_quantile,
+            "passed": self.passed,
+            "timesteps": [asdict(t) for t in self.timesteps],
+        }
 
 
 @contextlib.contextmanager
@@ -111,8 +117,9 @@ def quiet_polygraphy():
         yield
 
 
-def parity_feeds(samples: torch.Tensor, timesteps: torch.Tensor,
-                 conditions: dict[str, torch.Tensor] | None = None) -> list[OrderedDict]:
+def parity_feeds(
+    samples: torch.Tensor, timesteps: torch.Tensor, conditions: dict[str, torch.Tensor] | None = None
+) -> list[OrderedDict]:
     """One Polygraphy feed dict per distinct timestep (the format `polygraphy run --load-inputs` reads),
     holding the sample, the timestep and the condition inputs, in graph input order."""
     tensors = {INPUT_NAMES[0]: samples, INPUT_NAMES[1]: timesteps, **(conditions or {})}
@@ -126,8 +133,9 @@ def parity_feeds(samples: torch.Tensor, timesteps: torch.Tensor,
 def compare_runs(results: RunResults, feeds: list[OrderedDict], tolerance: float = float("inf")) -> ParityReport:
     """Compare the first runner of `results` against the second, the reference (Polygraphy divides by the
     second output for relative errors), feed by feed, judging the median relative error against `tolerance`."""
-    compare = _simple_compare(check_error_stat="median", rtol={OUTPUT_NAME: tolerance}, atol={OUTPUT_NAME: 0.0},
-                              error_quantile=ERROR_QUANTILE)
+    compare = _simple_compare(
+        check_error_stat="median", rtol={OUTPUT_NAME: tolerance}, atol={OUTPUT_NAME: 0.0}, error_quantile=ERROR_QUANTILE
+    )
     with quiet_polygraphy():
         accuracy = Comparator.compare_accuracy(results, compare_func=compare)
     result = accuracy if hasattr(accuracy, "values") else accuracy[0]  # Polygraphy >= 0.53 returns a list
@@ -137,15 +145,18 @@ def compare_runs(results: RunResults, feeds: list[OrderedDict], tolerance: float
         stats = outputs[OUTPUT_NAME]
         expected = np.abs(np.asarray(reference[OUTPUT_NAME])).astype(np.float64)
         reldiff = np.abs(np.asarray(candidate[OUTPUT_NAME]) - np.asarray(reference[OUTPUT_NAME])) / np.maximum(
-            expected, np.finfo(np.float32).tiny)
-        report.timesteps.append(TimestepParity(
-            timestep=float(feed[INPUT_NAMES[1]][0]),
-            shape=list(np.shape(feed[INPUT_NAMES[0]])),
-            median_reldiff=float(stats.median_reldiff),
-            quantile_reldiff=float(np.quantile(reldiff, ERROR_QUANTILE)),
-            max_absdiff=float(stats.max_absdiff),
-            passed=bool(stats.median_reldiff <= tolerance),
-        ))
+            expected, np.finfo(np.float32).tiny
+        )
+        report.timesteps.append(
+            TimestepParity(
+                timestep=float(feed[INPUT_NAMES[1]][0]),
+                shape=list(np.shape(feed[INPUT_NAMES[0]])),
+                median_reldiff=float(stats.median_reldiff),
+                quantile_reldiff=float(np.quantile(reldiff, ERROR_QUANTILE)),
+                max_absdiff=float(stats.max_absdiff),
+                passed=bool(stats.median_reldiff <= tolerance),
+            )
+        )
     return report
 
 
@@ -160,8 +171,9 @@ def onnxruntime_session(model: Path | bytes, optimization_level: str | None = No
     if optimization_level is not None:
         options.graph_optimization_level = graph_optimization_level(optimization_level)
     try:
-        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options,
-                                    providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            model if isinstance(model, bytes) else str(model), sess_options=options, providers=["CPUExecutionProvider"]
+        )
     except Exception as err:  # onnxruntime's own errors (its exception types are not exported)
         label = name or (model.name if isinstance(model, Path) else "the graph")
         raise ValueError(f"onnxruntime cannot load {label}: {' '.join(str(err).split())[:300]}") from err
@@ -172,11 +184,18 @@ def onnxruntime_runner(onnx_path: Path, optimization_level: str | None = None) -
     return OnnxrtRunner(lambda: onnxruntime_session(onnx_path, optimization_level), name="onnxruntime")
 
 
-def check_parity(model: nn.Module, onnx_path: Path, feeds: list[OrderedDict], tolerance: float = float("inf"),
-                 optimization_level: str | None = None) -> tuple[ParityReport, RunResults]:
+def check_parity(
+    model: nn.Module,
+    onnx_path: Path,
+    feeds: list[OrderedDict],
+    tolerance: float = float("inf"),
+    optimization_level: str | None = None,
+) -> tuple[ParityReport, RunResults]:
     """Run onnxruntime and torch (the reference) on every feed; returns the report and the results."""
     with quiet_polygraphy():
-        results = Comparator.run([onnxruntime_runner(onnx_path, optimization_level), TorchRunner(model)], data_loader=feeds)
+        results = Comparator.run(
+            [onnxruntime_runner(onnx_path, optimization_level), TorchRunner(model)], data_loader=feeds
+        )
     return compare_runs(results, feeds, tolerance), results
 
 
@@ -186,8 +205,9 @@ def torch_outputs(model: nn.Module, feeds: list[OrderedDict]) -> RunResults:
         return Comparator.run([TorchRunner(model)], data_loader=feeds)
 
 
-def compare_to_reference(runner: BaseRunner, feeds: list[OrderedDict], reference: RunResults,
-                         tolerance: float = float("inf")) -> ParityReport:
+def compare_to_reference(
+    runner: BaseRunner, feeds: list[OrderedDict], reference: RunResults, tolerance: float = float("inf")
+) -> ParityReport:
     """Run `runner` on every feed and compare its outputs with `reference`'s (one runner's, already run)."""
     with quiet_polygraphy():
         results = Comparator.run([runner], data_loader=feeds)
@@ -207,25 +227,42 @@ def check_feeds(feeds: object, bundle: Bundle) -> list[OrderedDict]:
             raise BundleError(f"parity input {i} has inputs {sorted(feed)}, the graph takes {names}")
         shape = np.shape(feed[INPUT_NAMES[0]])
         batch = shape[0] if shape else 0
-        dims = (("batch", batch, profile.batch), ("height", shape[2] if len(shape) == 4 else 0, profile.height),
-                ("width", shape[3] if len(shape) == 4 else 0, profile.width))
+        dims = (
+            ("batch", batch, profile.batch),
+            ("height", shape[2] if len(shape) == 4 else 0, profile.height),
+            ("width", shape[3] if len(shape) == 4 else 0, profile.width),
+        )
         if len(shape) != 4 or shape[1] != channels or any(not r.min <= size <= r.max for _, size, r in dims):
-            raise BundleError(f"parity input {i}: sample of shape {list(shape)} is outside the graph's inputs "
-                              f"(batch {profile.batch.min}-{profile.batch.max}, {channels} channels, height "
-                              f"{profile.height.min}-{profile.height.max}, width {profile.width.min}-{profile.width.max})")
+            raise BundleError(
+                f"parity input {i}: sample of shape {list(shape)} is outside the graph's inputs "
+                f"(batch {profile.batch.min}-{profile.batch.max}, {channels} channels, height "
+                f"{profile.height.min}-{profile.height.max}, width {profile.width.min}-{profile.width.max})"
+            )
         for condition in bundle.manifest.conditions:
             tensor_shape = np.shape(feed[condition.name])
-            if len(tensor_shape) != 1 + len(condition.shape) or tensor_shape[0] != batch or any(
-                    d != s for d, s in zip(condition.shape, tensor_shape[1:]) if isinstance(d, int)):
-                raise BundleError(f"parity input {i}: {condition.name} of shape {list(tensor_shape)} does not fit "
-                                  f"(batch {batch}, then {list(condition.shape)})")
+            if (
+                len(tensor_shape) != 1 + len(condition.shape)
+                or tensor_shape[0] != batch
+                or any(d != s for d, s in zip(condition.shape, tensor_shape[1:]) if isinstance(d, int))
+            ):
+                raise BundleError(
+                    f"parity input {i}: {condition.name} of shape {list(tensor_shape)} does not fit "
+                    f"(batch {batch}, then {list(condition.shape)})"
+                )
         if np.shape(feed[INPUT_NAMES[1]]) != (batch,):
-            raise BundleError(f"parity input {i}: timestep of shape {list(np.shape(feed[INPUT_NAMES[1]]))}, expected [{batch}]")
+            raise BundleError(
+                f"parity input {i}: timestep of shape {list(np.shape(feed[INPUT_NAMES[1]]))}, expected [{batch}]"
+            )
     return feeds
 
 
-def replay_parity(bundle: Bundle, backend: str = "onnxruntime", tolerance: float | None = None,
-                  engine: Path | None = None, target: str | None = None) -> ParityReport:
+def replay_parity(
+    bundle: Bundle,
+    backend: str = "onnxruntime",
+    tolerance: float | None = None,
+    engine: Path | None = None,
+    target: str | None = None,
+) -> ParityReport:
     """Replay the bundle's saved inputs on `backend` end to end and compare with its saved reference
     outputs (the fake-quant torch model's), so a CPU box (onnxruntime) and a Jetson (TensorRT) are checked
     against the same data. The graphs are the target profile's that `backend` runs (or `target`'s), at the
@@ -244,7 +281,9 @@ def replay_parity(bundle: Bundle, backend: str = "onnxruntime", tolerance: float
                 feeds = load_json(bundle.file(f"{directory}/inputs.json"), description="parity inputs")
                 reference = RunResults.load(str(bundle.file(f"{directory}/reference_outputs.json")))
             except (ValueError, TypeError, KeyError, PolygraphyException) as err:
-                raise BundleError(f"{bundle.path}: unreadable parity data in {directory}: {' '.join(str(err).split())[:200]}") from err
+                raise BundleError(
+                    f"{bundle.path}: unreadable parity data in {directory}: {' '.join(str(err).split())[:200]}"
+                ) from err
         check_feeds(feeds, bundle)
         if backend == "onnxruntime":
             runner = onnxruntime_runner(bundle.file(group.graph), section.parity_optimization_level)

@@ -67,8 +67,10 @@ def carried_parts(pipeline: Path | None, condition_names: tuple[str, ...]) -> bo
     have = [part for part in parts if present(part)]
     if have and len(have) < len(parts):
         missing = next(part for part in parts if part not in have)
-        raise PipelinePartError(f"pipeline {pipeline} has a {have[0]} but no {missing}: a text-to-image bundle needs "
-                                f"{', '.join(parts)} (or export its unet/ folder alone, with --conditioning)")
+        raise PipelinePartError(
+            f"pipeline {pipeline} has a {have[0]} but no {missing}: a text-to-image bundle needs "
+            f"{', '.join(parts)} (or export its unet/ folder alone, with --conditioning)"
+        )
     return bool(have) and present("vae")
 
 
@@ -104,16 +106,33 @@ class _Decode(nn.Module):
         return self.vae.decode(latent_sample).sample
 
 
-def _write_graph(module: nn.Module, example: np.ndarray, path: Path, inputs: list[str], outputs: list[str], dynamic: dict,
-                 precision: str) -> dict:
+def _write_graph(
+    module: nn.Module,
+    example: np.ndarray,
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    dynamic: dict,
+    precision: str,
+) -> dict:
     """Trace `module` to `path` (in FP16 with `precision` fp16, FP32 inputs and outputs kept), then check it."""
     from stepquant.export.precision import FP16_OPSET, convert_to_fp16
 
-    trace_to_onnx(module, (torch.from_numpy(example),), path, inputs, outputs, dynamic,
-                  **({"opset": FP16_OPSET} if precision == "fp16" else {}))
+    trace_to_onnx(
+        module,
+        (torch.from_numpy(example),),
+        path,
+        inputs,
+        outputs,
+        dynamic,
+        **({"opset": FP16_OPSET} if precision == "fp16" else {}),
+    )
     if precision == "fp16":
         convert_to_fp16(path)
-    return {**_check(module, path, path.parent.name, {inputs[0]: example}, PART_TOLERANCE[precision]), "precision": precision}
+    return {
+        **_check(module, path, path.parent.name, {inputs[0]: example}, PART_TOLERANCE[precision]),
+        "precision": precision,
+    }
 
 
 def _check(module: nn.Module, graph: Path, name: str, inputs: dict[str, np.ndarray], tolerance: float) -> dict:
@@ -124,8 +143,10 @@ def _check(module: nn.Module, graph: Path, name: str, inputs: dict[str, np.ndarr
     got = OnnxRuntimeBackend(graph, optimization_level="basic").run(inputs)
     error = max(float(np.abs(g - e).max() / max(float(np.abs(e).max()), 1e-12)) for g, e in zip(got, expected))
     if not all(np.isfinite(g).all() for g in got) or error > tolerance:
-        raise PipelinePartError(f"the exported {name} graph differs from its torch module: worst error {error:.3g} of the "
-                                f"output's largest value (tolerance {tolerance:g})")
+        raise PipelinePartError(
+            f"the exported {name} graph differs from its torch module: worst error {error:.3g} of the "
+            f"output's largest value (tolerance {tolerance:g})"
+        )
     return {"worst_abs_error_relative_to_max": error, "tolerance": tolerance}
 
 
@@ -155,7 +176,9 @@ def export_tokenizer(pipeline: Path, staging: Path, prompts: list[str], folder: 
     return reference, max_length, pad_id
 
 
-def _text_encoder(pipeline: Path, staging: Path, part: _Encoder, prompts: list[str], precision: str) -> tuple[TextEncoderPart, dict]:
+def _text_encoder(
+    pipeline: Path, staging: Path, part: _Encoder, prompts: list[str], precision: str
+) -> tuple[TextEncoderPart, dict]:
     import transformers
 
     from stepquant.models.loading import require_safetensors
@@ -164,22 +187,42 @@ def _text_encoder(pipeline: Path, staging: Path, part: _Encoder, prompts: list[s
     reference, max_length, pad_id = export_tokenizer(pipeline, staging, prompts, f"tokenizer{part.suffix}")
     require_safetensors(pipeline / folder)
     cls = (_model_index(pipeline).get(folder) or [None, "CLIPTextModel"])[1]
-    if cls not in ("CLIPTextModel", "CLIPTextModelWithProjection") or (cls == "CLIPTextModelWithProjection") != part.pooled:
-        raise PipelinePartError(f"{pipeline}/{folder} is a {cls}; this pipeline needs "
-                                f"{'CLIPTextModelWithProjection' if part.pooled else 'CLIPTextModel'} there")
+    if (
+        cls not in ("CLIPTextModel", "CLIPTextModelWithProjection")
+        or (cls == "CLIPTextModelWithProjection") != part.pooled
+    ):
+        raise PipelinePartError(
+            f"{pipeline}/{folder} is a {cls}; this pipeline needs "
+            f"{'CLIPTextModelWithProjection' if part.pooled else 'CLIPTextModel'} there"
+        )
     encoder = getattr(transformers, cls).from_pretrained(str(pipeline / folder), use_safetensors=True).eval()
-    ids = np.asarray(reference(prompts[:2] or [""], padding="max_length", max_length=max_length, truncation=True).input_ids,
-                     dtype=np.int64)
+    ids = np.asarray(
+        reference(prompts[:2] or [""], padding="max_length", max_length=max_length, truncation=True).input_ids,
+        dtype=np.int64,
+    )
     graph = f"{folder}/model.onnx"
     (staging / folder).mkdir(parents=True)
     outputs = ["hidden_states", "text_embeds"] if part.pooled else ["hidden_states"]
-    check = _write_graph(_TextStates(encoder, part), ids, staging / graph, ["input_ids"], outputs,
-                         {"input_ids": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}, precision)
+    check = _write_graph(
+        _TextStates(encoder, part),
+        ids,
+        staging / graph,
+        ["input_ids"],
+        outputs,
+        {"input_ids": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
+        precision,
+    )
     return TextEncoderPart(f"tokenizer{part.suffix}/tokenizer.json", max_length, pad_id, graph, part.pooled), check
 
 
-def export_pipeline_parts(pipeline: Path, staging: Path, sample_shape: tuple[int, int, int], prompts: list[str],
-                          condition_names: tuple[str, ...], precision: str = "fp32") -> TextToImage:
+def export_pipeline_parts(
+    pipeline: Path,
+    staging: Path,
+    sample_shape: tuple[int, int, int],
+    prompts: list[str],
+    condition_names: tuple[str, ...],
+    precision: str = "fp32",
+) -> TextToImage:
     """Write the tokenizers, text encoders and VAE decoder of `pipeline` into the bundle being staged, each
     checked against its torch module, and return the manifest's section for them. With `precision` fp16 the
     text encoders and the VAE decoder are FP16 graphs, except a VAE whose config says force_upcast: diffusers
@@ -196,32 +239,56 @@ def export_pipeline_parts(pipeline: Path, staging: Path, sample_shape: tuple[int
     require_safetensors(pipeline / "vae")
     vae = AutoencoderKL.from_pretrained(str(pipeline / "vae"), use_safetensors=True).eval()
     if vae.config.latent_channels != sample_shape[0]:
-        raise PipelinePartError(f"the VAE of {pipeline} takes {vae.config.latent_channels}-channel latents, the denoiser "
-                                f"samples {sample_shape[0]}")
+        raise PipelinePartError(
+            f"the VAE of {pipeline} takes {vae.config.latent_channels}-channel latents, the denoiser "
+            f"samples {sample_shape[0]}"
+        )
     latents = np.random.default_rng(0).standard_normal((2, *sample_shape), dtype=np.float32)
     (staging / VAE_DECODER_GRAPH).parent.mkdir(parents=True)
     upcast = bool(getattr(vae.config, "force_upcast", False))
-    checks["vae_decoder"] = _write_graph(_Decode(vae), latents, staging / VAE_DECODER_GRAPH, ["latent_sample"], ["sample"],
-                                         {"latent_sample": {0: "batch", 2: "height", 3: "width"},
-                                          "sample": {0: "batch", 2: "image_height", 3: "image_width"}},
-                                         "fp32" if upcast else precision)
+    checks["vae_decoder"] = _write_graph(
+        _Decode(vae),
+        latents,
+        staging / VAE_DECODER_GRAPH,
+        ["latent_sample"],
+        ["sample"],
+        {
+            "latent_sample": {0: "batch", 2: "height", 3: "width"},
+            "sample": {0: "batch", 2: "image_height", 3: "image_width"},
+        },
+        "fp32" if upcast else precision,
+    )
     time_ids = None
     scale = 2 ** (len(vae.config.block_out_channels) - 1)  # diffusers' pipelines' vae_scale_factor
     if condition_names == SDXL_CONDITIONS:  # diffusers' default: original size = target size = the native size, no crop
         height, width = sample_shape[1] * scale, sample_shape[2] * scale
         time_ids = (float(height), float(width), 0.0, 0.0, float(height), float(width))
-    return TextToImage(encoders=tuple(encoders), vae_decoder=VAE_DECODER_GRAPH, scaling_factor=float(vae.config.scaling_factor),
-                       shift_factor=float(getattr(vae.config, "shift_factor", None) or 0.0), vae_scale_factor=scale,
-                       zero_negative=bool(_model_index(pipeline).get("force_zeros_for_empty_prompt", False)),
-                       time_ids=time_ids, checks=checks)
+    return TextToImage(
+        encoders=tuple(encoders),
+        vae_decoder=VAE_DECODER_GRAPH,
+        scaling_factor=float(vae.config.scaling_factor),
+        shift_factor=float(getattr(vae.config, "shift_factor", None) or 0.0),
+        vae_scale_factor=scale,
+        zero_negative=bool(_model_index(pipeline).get("force_zeros_for_empty_prompt", False)),
+        time_ids=time_ids,
+        checks=checks,
+    )
 
 
-def part_input_shapes(parts: TextToImage, profile: ShapeProfile, channels: int) -> dict[str, dict[str, dict[str, tuple[int, ...]]]]:
+def part_input_shapes(
+    parts: TextToImage, profile: ShapeProfile, channels: int
+) -> dict[str, dict[str, dict[str, tuple[int, ...]]]]:
     """Each text encoder's and the VAE decoder's TensorRT shape profile: token ids [images, max_length] and latents
     [images, channels, height, width] over the bundle's batch, height and width ranges (FP32 graphs: strongly
     typed engines run them in FP32, with TF32 where TensorRT allows it)."""
     bounds = ("min", "opt", "max")
-    shapes = {e.graph: {"input_ids": {b: (getattr(profile.batch, b), e.max_length) for b in bounds}} for e in parts.encoders}
-    shapes[parts.vae_decoder] = {"latent_sample": {b: (getattr(profile.batch, b), channels, getattr(profile.height, b),
-                                                       getattr(profile.width, b)) for b in bounds}}
+    shapes = {
+        e.graph: {"input_ids": {b: (getattr(profile.batch, b), e.max_length) for b in bounds}} for e in parts.encoders
+    }
+    shapes[parts.vae_decoder] = {
+        "latent_sample": {
+            b: (getattr(profile.batch, b), channels, getattr(profile.height, b), getattr(profile.width, b))
+            for b in bounds
+        }
+    }
     return shapes

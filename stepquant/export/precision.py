@@ -17,7 +17,9 @@ PRECISIONS = ("fp32", "fp16")
 FP16_OPSET = 19  # FP16 Q/DQ scales need opset 19
 
 
-def timestep_encoding_nodes(graph: onnx.GraphProto, timestep_input: str = "timestep", stop: str = "time_embedding") -> list[str]:
+def timestep_encoding_nodes(
+    graph: onnx.GraphProto, timestep_input: str = "timestep", stop: str = "time_embedding"
+) -> list[str]:
     """Nodes from the timestep input up to (not into) the time-embedding MLP: the sinusoidal encoding.
 
     sin(t * f) for t up to 1000 needs FP32: FP16's spacing near 1000 is 0.5, which scrambles the phases.
@@ -37,12 +39,20 @@ def timestep_encoding_nodes(graph: onnx.GraphProto, timestep_input: str = "times
     return list(found)
 
 
-def export_at_precision(model: nn.Module, path: Path, sample_shape: tuple[int, int, int], precision: str, opset: int,
-                        profile: ShapeProfile | None = None) -> None:
+def export_at_precision(
+    model: nn.Module,
+    path: Path,
+    sample_shape: tuple[int, int, int],
+    precision: str,
+    opset: int,
+    profile: ShapeProfile | None = None,
+) -> None:
     """`export_onnx`, then for `precision` fp16 the FP16 rewrite (the model's scales already rounded to FP16)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    export_onnx(model, path, sample_shape, opset=max(opset, FP16_OPSET) if precision == "fp16" else opset, profile=profile)
+    export_onnx(
+        model, path, sample_shape, opset=max(opset, FP16_OPSET) if precision == "fp16" else opset, profile=profile
+    )
     if precision == "fp16":
         convert_to_fp16(path)
 
@@ -60,11 +70,17 @@ def convert_to_fp16(path: Path) -> None:
 
     model = onnx.load(str(path))
     keep_fp32 = timestep_encoding_nodes(model.graph)
-    own_casts = {n.name for n in model.graph.node if n.name not in keep_fp32 and n.op_type == "Cast"
-                 and any(a.name == "to" and a.i == TensorProto.FLOAT for a in n.attribute)}
+    own_casts = {
+        n.name
+        for n in model.graph.node
+        if n.name not in keep_fp32
+        and n.op_type == "Cast"
+        and any(a.name == "to" and a.i == TensorProto.FLOAT for a in n.attribute)
+    }
     # the converter's own shape inference would serialize the weights (over 2 GiB for SDXL's graphs): ours does not
-    model = convert_float_to_float16(infer_shapes(model), keep_io_types=True, node_block_list=keep_fp32,
-                                     disable_shape_infer=True)
+    model = convert_float_to_float16(
+        infer_shapes(model), keep_io_types=True, node_block_list=keep_fp32, disable_shape_infer=True
+    )
     outputs = {out.name for out in model.graph.output}
     for node in model.graph.node:
         if node.name in own_casts and node.output[0] not in outputs:
@@ -82,9 +98,13 @@ def _without_identity_casts(model: onnx.ModelProto, names: set[str]) -> onnx.Mod
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
     types.update({init.name: init.data_type for init in graph.initializer})
     outputs = {out.name for out in graph.output}
-    identities = {node.output[0]: node.input[0] for node in graph.node
-                  if node.name in names and node.output[0] not in outputs
-                  and types.get(node.input[0]) == next(a.i for a in node.attribute if a.name == "to")}
+    identities = {
+        node.output[0]: node.input[0]
+        for node in graph.node
+        if node.name in names
+        and node.output[0] not in outputs
+        and types.get(node.input[0]) == next(a.i for a in node.attribute if a.name == "to")
+    }
     kept = [node for node in graph.node if node.output[0] not in identities]
     for node in kept:
         node.input[:] = [identities.get(name, name) for name in node.input]

@@ -55,26 +55,51 @@ def serving(groups: list[TimestepGroup], timesteps: Sequence[float]) -> list[Tim
 def calibration_seeds(bundle: Bundle) -> list[int]:
     """The seeds of the trajectories the bundle was calibrated on (its corrections were fitted along them)."""
     calibration = bundle.manifest.info.get("calibration") or {}
-    return [CALIBRATION_SEED_OFFSET + int(calibration.get("seed", 0)) + i for i in range(int(calibration.get("trajectories", 64)))]
+    return [
+        CALIBRATION_SEED_OFFSET + int(calibration.get("seed", 0)) + i
+        for i in range(int(calibration.get("trajectories", 64)))
+    ]
 
 
-def fit_corrections(bundle: Bundle, targets: dict[str, Target], sampler: SamplerConfig, conditioning: Conditioning | None,
-                    progress: bool = True) -> Corrections:
+def fit_corrections(
+    bundle: Bundle,
+    targets: dict[str, Target],
+    sampler: SamplerConfig,
+    conditioning: Conditioning | None,
+    progress: bool = True,
+) -> Corrections:
     """The bundle's correction method fitted for `sampler` from the bundle alone: its FP32 reference graph
     against its first target's Q/DQ graphs on onnxruntime, along the calibration seeds' trajectories."""
     manifest = bundle.manifest
     name, target = next(iter(targets.items()))
-    quantized = graph_backend([bundle.file(group.graph) for group in target.timestep_groups], target.timestep_groups,
-                              optimization_level=TARGETS[name].optimization_level)
+    quantized = graph_backend(
+        [bundle.file(group.graph) for group in target.timestep_groups],
+        target.timestep_groups,
+        optimization_level=TARGETS[name].optimization_level,
+    )
     seeds = calibration_seeds(bundle)
     rows = None if conditioning is None else conditioning.at(range(len(seeds)))
-    return estimate_corrections(manifest.correction_method, reference_backend(bundle), quantized, manifest.noise_schedule,
-                                seeds, manifest.sample_shape, sampler, progress, rows,
-                                per_branch=manifest.info.get("correction_fit") == "per branch")
+    return estimate_corrections(
+        manifest.correction_method,
+        reference_backend(bundle),
+        quantized,
+        manifest.noise_schedule,
+        seeds,
+        manifest.sample_shape,
+        sampler,
+        progress,
+        rows,
+        per_branch=manifest.info.get("correction_fit") == "per branch",
+    )
 
 
-def add_sampler(bundle: Bundle, sampler: SamplerConfig, conditioning: Conditioning | None = None,
-                sign_key: Path | None = None, progress: bool = True) -> Bundle:
+def add_sampler(
+    bundle: Bundle,
+    sampler: SamplerConfig,
+    conditioning: Conditioning | None = None,
+    sign_key: Path | None = None,
+    progress: bool = True,
+) -> Bundle:
     """Store `sampler` (guided at the bundle's scale) in `bundle`: its table, the timestep groups extended to
     its timesteps and, where the bundle has corrections, its own terms; the bundle is rewritten atomically and
     signed with `sign_key` (the caller refuses a signed bundle without one)."""
@@ -83,13 +108,20 @@ def add_sampler(bundle: Bundle, sampler: SamplerConfig, conditioning: Conditioni
     if manifest.stored(sampler.key) is not None:
         raise ValueError(f"bundle {bundle.path} stores {sampler.spec} already")
     if manifest.conditions and manifest.correction_method != "none" and conditioning is None:
-        raise ValueError(f"bundle {bundle.path} is conditional and has {manifest.correction_method} terms to fit for the new "
-                         "sampler: pass the conditioning it was exported with (--classes, --conditioning or --prompts-file)")
+        raise ValueError(
+            f"bundle {bundle.path} is conditional and has {manifest.correction_method} terms to fit for the new "
+            "sampler: pass the conditioning it was exported with (--classes, --conditioning or --prompts-file)"
+        )
     table = capture_table(sampler, manifest.noise_schedule)
-    targets = {name: replace(target, timestep_groups=serving(target.timestep_groups, table.timesteps.tolist()))
-               for name, target in manifest.targets.items()}
-    corrections = fit_corrections(bundle, targets, sampler, conditioning, progress) \
-        if manifest.correction_method != "none" else None
+    targets = {
+        name: replace(target, timestep_groups=serving(target.timestep_groups, table.timesteps.tolist()))
+        for name, target in manifest.targets.items()
+    }
+    corrections = (
+        fit_corrections(bundle, targets, sampler, conditioning, progress)
+        if manifest.correction_method != "none"
+        else None
+    )
     file = correction_file(len(manifest.samplers)) if corrections is not None else None
     if file in manifest.files:
         raise ValueError(f"bundle {bundle.path} already lists a file {file}")
@@ -99,4 +131,6 @@ def add_sampler(bundle: Bundle, sampler: SamplerConfig, conditioning: Conditioni
         if corrections is not None:
             corrections.save(staging / file)
 
-    return extend_bundle(bundle, write, replace(manifest, samplers=(*manifest.samplers, entry), targets=targets), sign_key)
+    return extend_bundle(
+        bundle, write, replace(manifest, samplers=(*manifest.samplers, entry), targets=targets), sign_key
+    )

@@ -65,8 +65,10 @@ class ShapeProfile:
             if dim is not None:
                 bad = [v for v in (dim.min, dim.opt, dim.max) if v % factor]
                 if bad:
-                    raise ValueError(f"the {name} range {dim.min}:{dim.opt}:{dim.max} holds {bad[0]}, not a multiple of "
-                                     f"{factor} (the model's downsampling): choose sizes that are")
+                    raise ValueError(
+                        f"the {name} range {dim.min}:{dim.opt}:{dim.max} holds {bad[0]}, not a multiple of "
+                        f"{factor} (the model's downsampling): choose sizes that are"
+                    )
             working.append(size if dim is None or dim.min <= size <= dim.max else dim.opt)
         return (channels, *working)
 
@@ -77,8 +79,12 @@ class ShapeProfile:
         for name, size, dim in (("height", height, self.height), ("width", width, self.width)):
             if dim is not None and not dim.min <= size <= dim.max:
                 raise ValueError(f"the {name} range {dim.min}:{dim.max} does not contain the sample {name} {size}")
-        return replace(self, height=self.height or DimRange.fixed(height), width=self.width or DimRange.fixed(width),
-                       sequence=(self.sequence or DimRange.fixed(sequence)) if sequence is not None else None)
+        return replace(
+            self,
+            height=self.height or DimRange.fixed(height),
+            width=self.width or DimRange.fixed(width),
+            sequence=(self.sequence or DimRange.fixed(sequence)) if sequence is not None else None,
+        )
 
     @property
     def dynamic_sizes(self) -> bool:
@@ -94,16 +100,23 @@ class ShapeProfile:
             spatial[3] = "width"
         axes = {"sample": spatial, "timestep": {0: "batch"}, "eps": spatial}
         for condition in conditions:
-            axes[condition.name] = {0: "batch", **{i + 1: SEQUENCE for i, d in enumerate(condition.shape)
-                                                   if d == SEQUENCE and self.sequence.dynamic}}
+            axes[condition.name] = {
+                0: "batch",
+                **{i + 1: SEQUENCE for i, d in enumerate(condition.shape) if d == SEQUENCE and self.sequence.dynamic},
+            }
         return axes
 
-    def input_shapes(self, channels: int, conditions: tuple[ConditionInput, ...],
-                     which: tuple[str, ...] = ("min", "opt", "max")) -> dict[str, dict[str, tuple[int, ...]]]:
+    def input_shapes(
+        self, channels: int, conditions: tuple[ConditionInput, ...], which: tuple[str, ...] = ("min", "opt", "max")
+    ) -> dict[str, dict[str, tuple[int, ...]]]:
         """{input name: {min|opt|max: shape}} of a resolved profile: TensorRT's optimisation profile."""
         if self.height is None or self.width is None or (self.sequence is None and conditions):
             raise ValueError("resolve the shape profile (ShapeProfile.resolved) before asking for its shapes")
-        shapes: dict[str, dict[str, tuple[int, ...]]] = {"sample": {}, "timestep": {}, **{c.name: {} for c in conditions}}
+        shapes: dict[str, dict[str, tuple[int, ...]]] = {
+            "sample": {},
+            "timestep": {},
+            **{c.name: {} for c in conditions},
+        }
         for bound in which:
             batch = getattr(self.batch, bound)
             shapes["sample"][bound] = (batch, channels, getattr(self.height, bound), getattr(self.width, bound))
@@ -120,8 +133,15 @@ class ShapeProfile:
         return cls(**{k: DimRange(**v) for k, v in data.items()})
 
 
-def resize_inputs(samples: torch.Tensor, conditions: dict[str, torch.Tensor], inputs: tuple[ConditionInput, ...],
-                  batch: int, height: int, width: int, sequence: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def resize_inputs(
+    samples: torch.Tensor,
+    conditions: dict[str, torch.Tensor],
+    inputs: tuple[ConditionInput, ...],
+    batch: int,
+    height: int,
+    width: int,
+    sequence: int | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Network inputs of another shape made from recorded ones, for parity at a shape range's corners:
     rows repeated or cut to `batch`, samples resized bilinearly, text tokens repeated or cut to `sequence`.
     The values stay realistic; what is checked is that graph and simulation agree at that shape."""

@@ -35,11 +35,15 @@ def check_target(model: nn.Module, target: str) -> None:
     """Refuse a quantized `model` the `target` profile cannot serve (before any calibration work)."""
     profile = target_profile(target)
     if "fp8" not in profile.formats and any(not isinstance(q.grid, IntGrid) for q in activation_quantizers(model)):
-        raise TargetError(f"the {target} target needs integer quantization (--format int8): its CPU kernels have no FP8")
+        raise TargetError(
+            f"the {target} target needs integer quantization (--format int8): its CPU kernels have no FP8"
+        )
     if profile.integer_kernels and not any(isinstance(layer.layer, nn.Conv2d) for _, layer in quantized_layers(model)):
-        raise TargetError(f"the {target} profile runs quantized convolutions (and a UNet's spatial attention) as "
-                          "integer kernels and keeps other Linear layers float; this model has no quantized convolution "
-                          "(a transformer?), so its graph would be all float: use --target tensorrt")
+        raise TargetError(
+            f"the {target} profile runs quantized convolutions (and a UNet's spatial attention) as "
+            "integer kernels and keeps other Linear layers float; this model has no quantized convolution "
+            "(a transformer?), so its graph would be all float: use --target tensorrt"
+        )
 
 
 def for_target(model: nn.Module, target: str, batch: int = ShapeProfile.batch.opt) -> nn.Module:
@@ -72,6 +76,9 @@ def _spatial_attention_projections(model: nn.Module) -> set[str]:
     profile runs them as 1x1 QLinearConv (quant/attention_processors.py)."""
     from diffusers.models.attention_processor import Attention
 
-    return {f"{name}.{projection}" for name, module in model.named_modules()
-            if isinstance(module, Attention) and is_spatial_self_attention(module)
-            for projection in ("to_q", "to_k", "to_v", "to_out.0")}
+    return {
+        f"{name}.{projection}"
+        for name, module in model.named_modules()
+        if isinstance(module, Attention) and is_spatial_self_attention(module)
+        for projection in ("to_q", "to_k", "to_v", "to_out.0")
+    }

@@ -18,10 +18,31 @@ BUILDER_OPTIMIZATION_LEVEL = 4  # what modelopt and demoDiffusion use for quanti
 # (--int8, --fp16, --best are gone, Q/DQ in the ONNX is the only INT8 path) and made every network
 # strongly typed, so --stronglyTyped is needed on 10.x and a no-op on 11.x.
 TRTEXEC_FLAGS: dict[int, frozenset[str]] = {
-    10: frozenset({"--onnx", "--saveEngine", "--minShapes", "--optShapes", "--maxShapes", "--stronglyTyped",
-                   "--timingCacheFile", "--builderOptimizationLevel", "--skipInference"}),
-    11: frozenset({"--onnx", "--saveEngine", "--minShapes", "--optShapes", "--maxShapes",
-                   "--timingCacheFile", "--builderOptimizationLevel", "--skipInference"}),
+    10: frozenset(
+        {
+            "--onnx",
+            "--saveEngine",
+            "--minShapes",
+            "--optShapes",
+            "--maxShapes",
+            "--stronglyTyped",
+            "--timingCacheFile",
+            "--builderOptimizationLevel",
+            "--skipInference",
+        }
+    ),
+    11: frozenset(
+        {
+            "--onnx",
+            "--saveEngine",
+            "--minShapes",
+            "--optShapes",
+            "--maxShapes",
+            "--timingCacheFile",
+            "--builderOptimizationLevel",
+            "--skipInference",
+        }
+    ),
 }
 REMOVED_IN_11 = frozenset({"--int8", "--fp16", "--best", "--calib"})
 
@@ -38,10 +59,17 @@ def trtexec_command(major: int, onnx_file: str, shapes: InputShapes) -> list[str
     """The trtexec argument list that builds a strongly typed engine from a Q/DQ graph for `shapes`."""
     if major not in TRTEXEC_FLAGS:
         raise ValueError(f"TensorRT {major}.x is not supported; stepquant targets {sorted(TRTEXEC_FLAGS)}")
-    command = ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={plan_file(onnx_file)}",
-               f"--minShapes={_shape_flag(shapes, 'min')}", f"--optShapes={_shape_flag(shapes, 'opt')}",
-               f"--maxShapes={_shape_flag(shapes, 'max')}", f"--timingCacheFile={TIMING_CACHE_FILE}",
-               f"--builderOptimizationLevel={BUILDER_OPTIMIZATION_LEVEL}", "--skipInference"]
+    command = [
+        "trtexec",
+        f"--onnx={onnx_file}",
+        f"--saveEngine={plan_file(onnx_file)}",
+        f"--minShapes={_shape_flag(shapes, 'min')}",
+        f"--optShapes={_shape_flag(shapes, 'opt')}",
+        f"--maxShapes={_shape_flag(shapes, 'max')}",
+        f"--timingCacheFile={TIMING_CACHE_FILE}",
+        f"--builderOptimizationLevel={BUILDER_OPTIMIZATION_LEVEL}",
+        "--skipInference",
+    ]
     if major == 10:
         command.insert(2, "--stronglyTyped")
     return command
@@ -54,8 +82,10 @@ def build_script(graphs: Mapping[str, InputShapes]) -> str:
     onnx_files = list(graphs)
 
     def line(major: int) -> str:
-        return " && ".join('"$TRTEXEC" ' + " ".join(shlex.quote(arg) for arg in trtexec_command(major, f, shapes)[1:])
-                           for f, shapes in graphs.items())
+        return " && ".join(
+            '"$TRTEXEC" ' + " ".join(shlex.quote(arg) for arg in trtexec_command(major, f, shapes)[1:])
+            for f, shapes in graphs.items()
+        )
 
     plans = " ".join(plan_file(f) for f in onnx_files)
     return f"""#!/usr/bin/env bash
@@ -73,12 +103,18 @@ fi
 if [ -z "$major" ]; then
   version="$("$TRTEXEC" --help 2>&1 | sed -n 's/.*TensorRT v\\([0-9][0-9]*\\).*/\\1/p' | head -n 1 || true)"
   # TensorRT >= 10 prints MAJOR*10000+MINOR*100+PATCH (v100300), TensorRT 8 MAJOR*1000+... (v8601)
-  if [ "${{#version}}" -ge 6 ]; then major=$((10#$version / 10000)); elif [ -n "$version" ]; then major=$((10#$version / 1000)); fi
+  if [ "${{#version}}" -ge 6 ]; then
+    major=$((10#$version / 10000))
+  elif [ -n "$version" ]; then
+    major=$((10#$version / 1000))
+  fi
 fi
 case "$major" in
   10) {line(10)} ;;
   11) {line(11)} ;;
-  *) echo "build_engine.sh: TensorRT 10.x or 11.x is needed (found '${{major:-none}}'); set TRTEXEC or TRT_MAJOR" >&2; exit 1 ;;
+  *)
+    echo "build_engine.sh: TensorRT 10.x or 11.x is needed (found '${{major:-none}}'); set TRTEXEC or TRT_MAJOR" >&2
+    exit 1 ;;
 esac
 echo "built {plans} with TensorRT $major.x"
 """
@@ -92,8 +128,11 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: InputShapes, timing
     trt_profile = Profile()
     for name, bounds in shapes.items():
         trt_profile.add(name, min=bounds["min"], opt=bounds["opt"], max=bounds["max"])
-    config = CreateConfig(profiles=[trt_profile], builder_optimization_level=BUILDER_OPTIMIZATION_LEVEL,
-                          load_timing_cache=str(timing_cache) if timing_cache.is_file() else None)
+    config = CreateConfig(
+        profiles=[trt_profile],
+        builder_optimization_level=BUILDER_OPTIMIZATION_LEVEL,
+        load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,
+    )
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
     SaveEngine(EngineFromNetwork(network, config=config, save_timing_cache=str(timing_cache)), path=str(engine_path))()
     return version

@@ -36,8 +36,9 @@ def _load_text_pipeline(pipeline_dir: Path):
             warnings.simplefilter("ignore")
             index = DiffusionPipeline.load_config(str(pipeline_dir))
             # safetensors only: a text encoder's pickle weights could run code on loading
-            return DiffusionPipeline.from_pretrained(str(pipeline_dir), use_safetensors=True,
-                                                     **{k: None for k in skip if k in index})
+            return DiffusionPipeline.from_pretrained(
+                str(pipeline_dir), use_safetensors=True, **{k: None for k in skip if k in index}
+            )
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise ConditioningError(f"cannot load the text encoder(s) of {pipeline_dir}: {err}") from err
     finally:
@@ -45,45 +46,68 @@ def _load_text_pipeline(pipeline_dir: Path):
 
 
 @torch.no_grad()
-def encode_prompts(pipeline_dir: Path, prompts: list[str], conditions: tuple[ConditionInput, ...],
-                   sample_shape: tuple[int, int, int]) -> Conditioning:
+def encode_prompts(
+    pipeline_dir: Path, prompts: list[str], conditions: tuple[ConditionInput, ...], sample_shape: tuple[int, int, int]
+) -> Conditioning:
     """The conditioning rows of `prompts` (and of the empty prompt) for a model taking `conditions`."""
     pipe = _load_text_pipeline(pipeline_dir)
     names = {c.name for c in conditions}
     _, height, width = sample_shape
     if "text_embeds" in names:  # SDXL: two encoders, pooled embedding and size/crop ids
-        cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=True,
-                                                                 negative_prompt=[""] * len(prompts))
-        ids = torch.tensor([[height * VAE_SCALE, width * VAE_SCALE, 0, 0, height * VAE_SCALE, width * VAE_SCALE]],
-                           dtype=torch.float32).repeat(len(prompts), 1)
-        return Conditioning({"encoder_hidden_states": cond, "text_embeds": pooled, "time_ids": ids},
-                            {"encoder_hidden_states": uncond, "text_embeds": pooled_uncond, "time_ids": ids})
+        cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
+            prompts, device="cpu", do_classifier_free_guidance=True, negative_prompt=[""] * len(prompts)
+        )
+        ids = torch.tensor(
+            [[height * VAE_SCALE, width * VAE_SCALE, 0, 0, height * VAE_SCALE, width * VAE_SCALE]], dtype=torch.float32
+        ).repeat(len(prompts), 1)
+        return Conditioning(
+            {"encoder_hidden_states": cond, "text_embeds": pooled, "time_ids": ids},
+            {"encoder_hidden_states": uncond, "text_embeds": pooled_uncond, "time_ids": ids},
+        )
     if "encoder_attention_mask" in names:  # PixArt: T5 states with their padding mask
-        cond, mask, uncond, uncond_mask = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, negative_prompt="",
-                                                             device="cpu")
+        cond, mask, uncond, uncond_mask = pipe.encode_prompt(
+            prompts, do_classifier_free_guidance=True, negative_prompt="", device="cpu"
+        )
         extra = {}
         if "resolution" in names:
-            extra = {"resolution": torch.tensor([[height * VAE_SCALE, width * VAE_SCALE]], dtype=torch.float32),
-                     "aspect_ratio": torch.tensor([[height / width]], dtype=torch.float32)}
+            extra = {
+                "resolution": torch.tensor([[height * VAE_SCALE, width * VAE_SCALE]], dtype=torch.float32),
+                "aspect_ratio": torch.tensor([[height / width]], dtype=torch.float32),
+            }
         rows = {k: v.repeat(len(prompts), 1) for k, v in extra.items()}
-        return Conditioning({"encoder_hidden_states": cond, "encoder_attention_mask": mask.float(), **rows},
-                            {"encoder_hidden_states": uncond[:1], "encoder_attention_mask": uncond_mask[:1].float(), **extra})
+        return Conditioning(
+            {"encoder_hidden_states": cond, "encoder_attention_mask": mask.float(), **rows},
+            {"encoder_hidden_states": uncond[:1], "encoder_attention_mask": uncond_mask[:1].float(), **extra},
+        )
     cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=[""] * len(prompts))
     return Conditioning({"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond[:1]})
 
 
-def load_conditioning(model: EpsilonModel, loaded: LoadedModel, prompts_file: Path | None,
-                      conditioning_file: Path | None, sample_shape: tuple[int, int, int],
-                      classes: Sequence[int] | None = None) -> Conditioning | None:
+def load_conditioning(
+    model: EpsilonModel,
+    loaded: LoadedModel,
+    prompts_file: Path | None,
+    conditioning_file: Path | None,
+    sample_shape: tuple[int, int, int],
+    classes: Sequence[int] | None = None,
+) -> Conditioning | None:
     """The conditioning of a file, of prompts or of classes (None for an unconditional model), in the model's
     input order, for export, sample and encode-prompts alike (stepquant.runtime.guidance.choose_conditioning)."""
 
     def prompts() -> Conditioning:
         if loaded.pipeline is None:
-            raise ConditioningError("--prompts-file needs --model to be a pipeline directory (its text encoder "
-                                    "encodes the prompts); or pass --conditioning")
+            raise ConditioningError(
+                "--prompts-file needs --model to be a pipeline directory (its text encoder "
+                "encodes the prompts); or pass --conditioning"
+            )
         return encode_prompts(loaded.pipeline, read_prompts(prompts_file), model.conditions, sample_shape)
 
-    return choose_conditioning(model.conditions, f"{loaded.source} ({type(loaded.denoiser).__name__})", conditioning_file,
-                               classes, loaded.class_table, prompts if prompts_file is not None else None,
-                               missing="pass --prompts-file (encoded by the pipeline's text encoder) or --conditioning")
+    return choose_conditioning(
+        model.conditions,
+        f"{loaded.source} ({type(loaded.denoiser).__name__})",
+        conditioning_file,
+        classes,
+        loaded.class_table,
+        prompts if prompts_file is not None else None,
+        missing="pass --prompts-file (encoded by the pipeline's text encoder) or --conditioning",
+    )

@@ -35,27 +35,39 @@ class Architecture:
 def _unet_conditions(config: dict) -> tuple[ConditionInput, ...]:
     width = config["cross_attention_dim"]
     if not isinstance(width, int) or config.get("encoder_hid_dim") is not None:
-        raise ValueError("UNet2DConditionModel with per-block cross-attention widths or an encoder_hid_dim projection "
-                         "is not supported")
+        raise ValueError(
+            "UNet2DConditionModel with per-block cross-attention widths or an encoder_hid_dim projection "
+            "is not supported"
+        )
     inputs = [ConditionInput("encoder_hidden_states", (SEQUENCE, width))]
     if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text embedding + 6 size/crop ids
         pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
         inputs += [ConditionInput("text_embeds", (pooled,)), ConditionInput("time_ids", (6,))]
     elif config.get("addition_embed_type") is not None or config.get("class_embed_type") is not None:
-        raise ValueError(f"UNet2DConditionModel with addition_embed_type={config.get('addition_embed_type')!r} / "
-                         f"class_embed_type={config.get('class_embed_type')!r} is not supported (text_time, SDXL's, is)")
+        raise ValueError(
+            f"UNet2DConditionModel with addition_embed_type={config.get('addition_embed_type')!r} / "
+            f"class_embed_type={config.get('class_embed_type')!r} is not supported (text_time, SDXL's, is)"
+        )
     return tuple(inputs)
 
 
 def _call_unet_condition(model: nn.Module, sample, timestep, conditions):
     added = {k: conditions[k] for k in ("text_embeds", "time_ids") if k in conditions}
-    return model(sample, timestep, encoder_hidden_states=conditions["encoder_hidden_states"],
-                 added_cond_kwargs=added or None, return_dict=False)[0]
+    return model(
+        sample,
+        timestep,
+        encoder_hidden_states=conditions["encoder_hidden_states"],
+        added_cond_kwargs=added or None,
+        return_dict=False,
+    )[0]
 
 
 def _pixart_conditions(config: dict) -> tuple[ConditionInput, ...]:
     width = config.get("caption_channels") or config["cross_attention_dim"]
-    inputs = [ConditionInput("encoder_hidden_states", (SEQUENCE, width)), ConditionInput("encoder_attention_mask", (SEQUENCE,))]
+    inputs = [
+        ConditionInput("encoder_hidden_states", (SEQUENCE, width)),
+        ConditionInput("encoder_attention_mask", (SEQUENCE,)),
+    ]
     additional = config.get("use_additional_conditions")
     if additional or (additional is None and config["sample_size"] == 128):  # diffusers' own default rule
         inputs += [ConditionInput("resolution", (2,)), ConditionInput("aspect_ratio", (1,))]
@@ -64,15 +76,24 @@ def _pixart_conditions(config: dict) -> tuple[ConditionInput, ...]:
 
 def _call_pixart(model: nn.Module, sample, timestep, conditions):
     added = {k: conditions[k] for k in ("resolution", "aspect_ratio") if k in conditions}
-    out = model(sample, encoder_hidden_states=conditions["encoder_hidden_states"], timestep=timestep,
-                encoder_attention_mask=conditions["encoder_attention_mask"],
-                added_cond_kwargs=added or {"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+    out = model(
+        sample,
+        encoder_hidden_states=conditions["encoder_hidden_states"],
+        timestep=timestep,
+        encoder_attention_mask=conditions["encoder_attention_mask"],
+        added_cond_kwargs=added or {"resolution": None, "aspect_ratio": None},
+        return_dict=False,
+    )[0]
     return out[:, : sample.shape[1]]  # learned-sigma models also predict the variance: keep the noise half
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "UNet2DModel": Architecture(UNet2DModel, "unet", lambda config: (),
-                                lambda model, sample, timestep, _: model(sample, timestep, return_dict=False)[0]),
+    "UNet2DModel": Architecture(
+        UNet2DModel,
+        "unet",
+        lambda config: (),
+        lambda model, sample, timestep, _: model(sample, timestep, return_dict=False)[0],
+    ),
     "UNet2DConditionModel": Architecture(UNet2DConditionModel, "unet", _unet_conditions, _call_unet_condition),
     "PixArtTransformer2DModel": Architecture(PixArtTransformer2DModel, "transformer", _pixart_conditions, _call_pixart),
 }
@@ -100,8 +121,10 @@ def sample_shape(model: nn.Module) -> tuple[int, int, int]:
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     shape = (model.config.in_channels, height, width)
     if not all(isinstance(d, int) and d >= 1 for d in shape) or shape[0] * shape[1] * shape[2] > MAX_SAMPLE_ELEMENTS:
-        raise ValueError(f"the model's sample shape {list(shape)} (in_channels, sample_size) is not {MAX_SAMPLE_ELEMENTS:,} "
-                         "values or fewer: check its config.json")
+        raise ValueError(
+            f"the model's sample shape {list(shape)} (in_channels, sample_size) is not {MAX_SAMPLE_ELEMENTS:,} "
+            "values or fewer: check its config.json"
+        )
     return shape
 
 

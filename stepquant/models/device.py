@@ -36,8 +36,12 @@ class Placement:
 
     def describe(self) -> dict:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        return {"device": str(self.device), "device_name": name, "fp_dtype": str(self.dtype).removeprefix("torch."),
-                **({"cuda_float32": "ieee (no TF32)"} if self.device.type == "cuda" else {})}
+        return {
+            "device": str(self.device),
+            "device_name": name,
+            "fp_dtype": str(self.dtype).removeprefix("torch."),
+            **({"cuda_float32": "ieee (no TF32)"} if self.device.type == "cuda" else {}),
+        }
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -51,13 +55,17 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise DeviceError(f"--device {spec}: torch sees no CUDA device on this machine (torch {torch.__version__}, {built}); "
-                          "use --device cpu or auto")
+        raise DeviceError(
+            f"--device {spec}: torch sees no CUDA device on this machine (torch {torch.__version__}, {built}); "
+            "use --device cpu or auto"
+        )
     index = int(spec.partition(":")[2] or 0)
     count = torch.cuda.device_count()
     if index >= count:
-        raise DeviceError(f"--device {spec}: this machine has {count} CUDA device{'s' if count > 1 else ''} "
-                          f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+        raise DeviceError(
+            f"--device {spec}: this machine has {count} CUDA device{'s' if count > 1 else ''} "
+            f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})"
+        )
     return torch.device("cuda", index)
 
 
@@ -110,7 +118,10 @@ def ieee_float32() -> Iterator[None]:
     """Float32 convolutions and matrix products on CUDA in IEEE float32 for the block. torch lets cuDNN
     convolutions use TF32 by default (10-bit mantissa, about 1e-3 relative error): enough to move
     calibration targets and, in parity, to flip Q/DQ rounding ties the CPU graph does not flip."""
-    switches = [(torch.backends.cudnn.conv, "fp32_precision", "ieee"), (torch.backends.cuda.matmul, "fp32_precision", "ieee")]
+    switches = [
+        (torch.backends.cudnn.conv, "fp32_precision", "ieee"),
+        (torch.backends.cuda.matmul, "fp32_precision", "ieee"),
+    ]
     if not all(hasattr(owner, name) for owner, name, _ in switches):  # torch < 2.9: the legacy switches
         switches = [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32", False)]
     saved = [getattr(owner, name) for owner, name, _ in switches]
@@ -135,5 +146,7 @@ def missing_kernel(err: RuntimeError, dtype: torch.dtype, device: torch.device) 
     message = str(err)
     if "not implemented for" not in message:
         return None
-    return DeviceError(f"--dtype {str(dtype).removeprefix('torch.')} on {device.type}: "
-                       f"{' '.join(message.split())[:160]}; use --dtype float32 there")
+    return DeviceError(
+        f"--dtype {str(dtype).removeprefix('torch.')} on {device.type}: "
+        f"{' '.join(message.split())[:160]}; use --dtype float32 there"
+    )

@@ -26,8 +26,10 @@ class EpsilonModel(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
         if len(conditions) != len(self.condition_names):
-            raise TypeError(f"{type(self.unet).__name__} takes {len(self.condition_names)} condition inputs "
-                            f"({', '.join(self.condition_names) or 'none'}), got {len(conditions)}")
+            raise TypeError(
+                f"{type(self.unet).__name__} takes {len(self.condition_names)} condition inputs "
+                f"({', '.join(self.condition_names) or 'none'}), got {len(conditions)}"
+            )
         device, dtype = module_placement(self.unet)
         home = sample.device
         if home != device or sample.dtype != dtype:  # a no-op (nothing traced) for CPU float32 models

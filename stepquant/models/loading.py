@@ -15,9 +15,11 @@ from stepquant.models.patch_embed import follow_input_shape_
 DEMO_MODEL_NAME = "demo-digits"
 CONDITIONAL_DEMO_NAME = "demo-digits-cond"
 TEXT_TO_IMAGE_DEMO_NAME = "demo-digits-sd"  # a mini Stable Diffusion pipeline: tokenizer, text encoder, VAE, UNet
-_BUNDLED = {DEMO_MODEL_NAME: Path(__file__).resolve().parent / "demo_digits",
-            CONDITIONAL_DEMO_NAME: Path(__file__).resolve().parent / "demo_digits_cond",
-            TEXT_TO_IMAGE_DEMO_NAME: Path(__file__).resolve().parent / "demo_digits_sd"}
+_BUNDLED = {
+    DEMO_MODEL_NAME: Path(__file__).resolve().parent / "demo_digits",
+    CONDITIONAL_DEMO_NAME: Path(__file__).resolve().parent / "demo_digits_cond",
+    TEXT_TO_IMAGE_DEMO_NAME: Path(__file__).resolve().parent / "demo_digits_sd",
+}
 # a class-conditional pipeline's class table: a conditioning file whose row k is class k
 CLASS_TABLE_FILE = "class_embeddings/class_embeddings.safetensors"
 
@@ -59,9 +61,11 @@ def require_safetensors(directory: Path) -> None:
     pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES) if directory.is_dir() else []
     if pickled:
         raise ModelLoadError(
-            f"{directory} holds its weights as pickle ({', '.join(pickled)}), which can run code when loaded; stepquant "
+            f"{directory} holds its weights as pickle ({', '.join(pickled)}), which can run code when loaded; "
+            "stepquant "
             "loads safetensors only. Convert them where you trust the file, e.g. "
-            f"`.from_pretrained('{directory}').save_pretrained('{directory}', safe_serialization=True)` in diffusers")
+            f"`.from_pretrained('{directory}').save_pretrained('{directory}', safe_serialization=True)` in diffusers"
+        )
     raise ModelLoadError(f"{directory} has no weights (no .safetensors file)")
 
 
@@ -107,7 +111,9 @@ def _load_local(root: Path) -> LoadedModel:
     _check_schedule(scheduler_config, scheduler_file)
     require_safetensors(model_dir)
     try:
-        denoiser = ARCHITECTURES[class_name].cls.from_pretrained(model_dir, low_cpu_mem_usage=False, use_safetensors=True)
+        denoiser = ARCHITECTURES[class_name].cls.from_pretrained(
+            model_dir, low_cpu_mem_usage=False, use_safetensors=True
+        )
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelLoadError(f"cannot load the {class_name} weights in {model_dir}: {err}") from err
     follow_input_shape_(denoiser)
@@ -116,12 +122,20 @@ def _load_local(root: Path) -> LoadedModel:
     has_vae = pipeline is not None and "vae" in _read_json(root / "model_index.json")
     conditional = bool(ARCHITECTURES[class_name].conditions(dict(denoiser.config)))
     latent = has_vae or (conditional and class_table is None)
-    return LoadedModel(denoiser.eval().requires_grad_(False), scheduler_config, str(root), pipeline, class_table, latent)
+    return LoadedModel(
+        denoiser.eval().requires_grad_(False), scheduler_config, str(root), pipeline, class_table, latent
+    )
 
 
 # configs, tokenizer vocabularies, and the FP32 safetensors weights of the denoiser and text encoders
-_HUB_FILES = ["*.json", "*.txt", "*.model", "unet/diffusion_pytorch_model*.safetensors",
-              "transformer/diffusion_pytorch_model*.safetensors", "text_encoder*/model*.safetensors"]
+_HUB_FILES = [
+    "*.json",
+    "*.txt",
+    "*.model",
+    "unet/diffusion_pytorch_model*.safetensors",
+    "transformer/diffusion_pytorch_model*.safetensors",
+    "text_encoder*/model*.safetensors",
+]
 
 
 def _load_hub(repo_id: str) -> LoadedModel:
@@ -135,7 +149,8 @@ def _load_hub(repo_id: str) -> LoadedModel:
 
 
 def load_model(name_or_path: str) -> LoadedModel:
-    """Load a bundled demo (`demo-digits`, `demo-digits-cond`, `demo-digits-sd`), a local diffusers directory (pipeline or model), or a hub id."""
+    """Load a bundled demo (`demo-digits`, `demo-digits-cond`, `demo-digits-sd`), a local diffusers directory
+    (pipeline or model), or a hub id."""
     if name_or_path in _BUNDLED:
         loaded = _load_local(_BUNDLED[name_or_path])
         loaded.source = name_or_path
@@ -143,8 +158,9 @@ def load_model(name_or_path: str) -> LoadedModel:
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"{path} is a file; --model takes a diffusers model directory or one of "
-                                 f"{', '.join(_BUNDLED)}")
+            raise ModelLoadError(
+                f"{path} is a file; --model takes a diffusers model directory or one of {', '.join(_BUNDLED)}"
+            )
         return _load_local(path)
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
         return _load_hub(name_or_path)

@@ -21,9 +21,14 @@ class ShapeFollowingPatchEmbed(PatchEmbed):
             latent = latent.flatten(2).transpose(1, 2)  # BCHW -> BNC
         if self.layer_norm:
             latent = self.norm(latent)
-        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], (height, width), base_size=self.base_size,
-                                            interpolation_scale=self.interpolation_scale, device=latent.device,
-                                            output_type="pt")
+        pos_embed = get_2d_sincos_pos_embed(
+            self.pos_embed.shape[-1],
+            (height, width),
+            base_size=self.base_size,
+            interpolation_scale=self.interpolation_scale,
+            device=latent.device,
+            output_type="pt",
+        )
         return (latent + pos_embed.float().unsqueeze(0)).to(latent.dtype)
 
 

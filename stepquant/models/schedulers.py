@@ -56,15 +56,19 @@ def make_scheduler(config: SamplerConfig, scheduler_config: dict) -> SchedulerMi
     cls, options = SCHEDULERS[config.scheduler]
     if config.karras_sigmas:
         if not _takes(cls, "use_karras_sigmas"):
-            raise ValueError(f"--karras-sigmas: diffusers' {cls.__name__} ({config.scheduler}) has no Karras sigmas; "
-                             f"choose from {', '.join(n for n, (c, _) in SCHEDULERS.items() if _takes(c, 'use_karras_sigmas'))}")
+            raise ValueError(
+                f"--karras-sigmas: diffusers' {cls.__name__} ({config.scheduler}) has no Karras sigmas; "
+                f"choose from {', '.join(n for n, (c, _) in SCHEDULERS.items() if _takes(c, 'use_karras_sigmas'))}"
+            )
         options = {**options, "use_karras_sigmas": True}
     try:
         scheduler = cls.from_config({**scheduler_config, **options})
         scheduler.set_timesteps(config.steps)
     except (NotImplementedError, ValueError, TypeError, KeyError, AttributeError) as err:
-        raise ValueError(f"the noise schedule cannot drive a {config.scheduler.upper()} sampler with {config.steps} steps: "
-                         f"{' '.join(str(err).split())[:200]}") from err
+        raise ValueError(
+            f"the noise schedule cannot drive a {config.scheduler.upper()} sampler with {config.steps} steps: "
+            f"{' '.join(str(err).split())[:200]}"
+        ) from err
     return scheduler
 
 
@@ -92,26 +96,33 @@ def _fit(columns: list[torch.Tensor], target: torch.Tensor, what: str, required:
         return coefficients
     if not required:
         return None
-    raise SchedulerTableError(f"{what} is not a linear combination of the current and {MAX_HISTORY - 1} earlier samples "
-                              f"and outputs (residual {residual:.2g}): this scheduler cannot be captured")
+    raise SchedulerTableError(
+        f"{what} is not a linear combination of the current and {MAX_HISTORY - 1} earlier samples "
+        f"and outputs (residual {residual:.2g}): this scheduler cannot be captured"
+    )
 
 
-def _clip_weight(linear: SchedulerMixin, clipped: SchedulerMixin, config: SamplerConfig, t, x0_from_output: float,
-                 clip: float) -> float:
+def _clip_weight(
+    linear: SchedulerMixin, clipped: SchedulerMixin, config: SamplerConfig, t, x0_from_output: float, clip: float
+) -> float:
     """The weight of the clipped x0 in the update: one step at x = 0 with an output whose x0 lies at twice the
     clip range, with and without clipping (same noise), differs by weight * (clip - 2 clip)."""
     output = torch.full((1, 1), 2 * clip / x0_from_output, dtype=torch.float64)
     zero = torch.zeros((1, 1), dtype=torch.float64)
-    results = [_step(copy.deepcopy(s), config, output, t, zero, torch.Generator().manual_seed(0)).prev_sample
-               for s in (clipped, linear)]
+    results = [
+        _step(copy.deepcopy(s), config, output, t, zero, torch.Generator().manual_seed(0)).prev_sample
+        for s in (clipped, linear)
+    ]
     return float((results[0] - results[1]) / -clip)
 
 
 def _capture(config: SamplerConfig, scheduler_config: dict) -> SchedulerTable:
     """The table of `config` (eta already 0 for samplers other than DDIM: `capture_table`)."""
     if scheduler_config.get("thresholding"):
-        raise SchedulerTableError("dynamic thresholding clips each sample by its own quantile, which no per-step table "
-                                  "describes: export with thresholding off")
+        raise SchedulerTableError(
+            "dynamic thresholding clips each sample by its own quantile, which no per-step table "
+            "describes: export with thresholding off"
+        )
     clipped = make_scheduler(config, scheduler_config)
     clipping = _takes(type(clipped), "clip_sample") and clipped.config.get("clip_sample")
     clip = float(clipped.config.get("clip_sample_range", 1.0)) if clipping else None
@@ -122,7 +133,9 @@ def _capture(config: SamplerConfig, scheduler_config: dict) -> SchedulerTable:
     init = basis[0] * float(linear.init_noise_sigma)
     samples, outputs = [init], []
     generator = torch.Generator().manual_seed(0)
-    rows: dict[str, list] = {name: [] for name in ("input_scale", "x0_from_sample", "x0_from_output", "from_x0", "noise_std")}
+    rows: dict[str, list] = {
+        name: [] for name in ("input_scale", "x0_from_sample", "x0_from_output", "from_x0", "noise_std")
+    }
     history: dict[str, list] = {"from_sample": [], "from_output": []}
     for i, t in enumerate(linear.timesteps):
         x = samples[-1]
@@ -132,13 +145,21 @@ def _capture(config: SamplerConfig, scheduler_config: dict) -> SchedulerTable:
         state = generator.get_state()
         result = _step(linear, config, outputs[-1][None], t, x[None], generator)
         drew = not torch.equal(state, generator.get_state())
-        noise = randn_tensor((1, size), generator=torch.Generator().set_state(state), dtype=torch.float64)[0] if drew else None
+        noise = (
+            randn_tensor((1, size), generator=torch.Generator().set_state(state), dtype=torch.float64)[0]
+            if drew
+            else None
+        )
         # the shortest history that explains the update: earlier samples are themselves combinations of earlier
         # samples and outputs, so a longer one than needed would spread the weights arbitrarily
         for depth in range(1, min(MAX_HISTORY, len(samples)) + 1):
             columns = [c for k in range(depth) for c in (samples[-1 - k], outputs[-1 - k])]
-            fitted = _fit(columns + ([noise] if drew else []), result.prev_sample[0], f"step {i}'s update",
-                          required=depth == min(MAX_HISTORY, len(samples)))
+            fitted = _fit(
+                columns + ([noise] if drew else []),
+                result.prev_sample[0],
+                f"step {i}'s update",
+                required=depth == min(MAX_HISTORY, len(samples)),
+            )
             if fitted is not None:
                 break
         a = np.zeros(MAX_HISTORY)
@@ -157,14 +178,26 @@ def _capture(config: SamplerConfig, scheduler_config: dict) -> SchedulerTable:
         history["from_sample"].append(a)
         history["from_output"].append(b)
         samples.append(result.prev_sample[0])
-    used = max((k + 1 for row in history["from_sample"] + history["from_output"] for k in range(MAX_HISTORY) if row[k]),
-               default=1)
+    used = max(
+        (k + 1 for row in history["from_sample"] + history["from_output"] for k in range(MAX_HISTORY) if row[k]),
+        default=1,
+    )
     return SchedulerTable(
-        scheduler=config.scheduler, steps=steps, eta=config.eta, karras_sigmas=config.karras_sigmas,
-        prediction_type=str(linear.config.get("prediction_type", "epsilon")), init_noise_sigma=float(linear.init_noise_sigma),
-        clip=clip, timesteps=linear.timesteps.double().numpy(), **{k: np.asarray(v) for k, v in rows.items()},
+        scheduler=config.scheduler,
+        steps=steps,
+        eta=config.eta,
+        karras_sigmas=config.karras_sigmas,
+        prediction_type=str(linear.config.get("prediction_type", "epsilon")),
+        init_noise_sigma=float(linear.init_noise_sigma),
+        clip=clip,
+        timesteps=linear.timesteps.double().numpy(),
+        **{k: np.asarray(v) for k, v in rows.items()},
         **{k: np.stack(v)[:, :used] for k, v in history.items()},
-        source={"class": type(clipped).__name__, "config": {k: v for k, v in clipped.config.items() if not k.startswith("_")}})
+        source={
+            "class": type(clipped).__name__,
+            "config": {k: v for k, v in clipped.config.items() if not k.startswith("_")},
+        },
+    )
 
 
 def check_table(table: SchedulerTable, config: SamplerConfig, scheduler_config: dict, seed: int = 0) -> None:
@@ -186,8 +219,10 @@ def check_table(table: SchedulerTable, config: SamplerConfig, scheduler_config: 
         got = table.step(i, samples, outputs, noise)
         error = float(np.abs(got - expected).max())
         if error > _CHECK_TOLERANCE * max(1.0, float(np.abs(expected).max())):
-            raise SchedulerTableError(f"the captured {table.describe()} table departs from diffusers' {type(scheduler).__name__} "
-                                      f"at step {i} by {error:.2g}")
+            raise SchedulerTableError(
+                f"the captured {table.describe()} table departs from diffusers' {type(scheduler).__name__} "
+                f"at step {i} by {error:.2g}"
+            )
         samples.insert(0, expected)
 
 
@@ -210,7 +245,9 @@ def diffusers_samples(backend, config: SamplerConfig, scheduler_config: dict, se
     x = torch.cat([torch.randn((1, *shape), generator=g) for g in generators]) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(x, t)
-        out = torch.from_numpy(backend(np.ascontiguousarray(model_input.numpy()), np.full(len(generators), float(t), dtype=np.float32)))
+        out = torch.from_numpy(
+            backend(np.ascontiguousarray(model_input.numpy()), np.full(len(generators), float(t), dtype=np.float32))
+        )
         x = _step(scheduler, config, out, t, x, generators).prev_sample
     return x.numpy()
 
@@ -223,9 +260,11 @@ def _cached(config: SamplerConfig, schedule_json: str) -> SchedulerTable:
     except SchedulerTableError:
         raise
     except (IndexError, AssertionError, ValueError, RuntimeError) as err:  # inside diffusers' own scheduler
-        raise SchedulerTableError(f"diffusers' {config.scheduler} scheduler fails on this model's noise schedule with "
-                                  f"{config.describe()} ({type(err).__name__}: {' '.join(str(err).split()) or 'no message'}): "
-                                  "diffusers' own pipeline would fail too; choose other steps or sigmas") from err
+        raise SchedulerTableError(
+            f"diffusers' {config.scheduler} scheduler fails on this model's noise schedule with "
+            f"{config.describe()} ({type(err).__name__}: {' '.join(str(err).split()) or 'no message'}): "
+            "diffusers' own pipeline would fail too; choose other steps or sigmas"
+        ) from err
     check_table(table, config, schedule)
     return table
 
@@ -233,6 +272,12 @@ def _cached(config: SamplerConfig, schedule_json: str) -> SchedulerTable:
 def capture_table(config: SamplerConfig, scheduler_config: dict) -> SchedulerTable:
     """The scheduler table of sampler `config` on the model's noise schedule, captured from diffusers' own
     scheduler and checked against it (cached: export, calibration and evaluation ask for the same one)."""
-    return _cached(SamplerConfig(config.scheduler, config.steps, config.eta if config.scheduler == "ddim" else 0.0,
-                                 karras_sigmas=config.karras_sigmas),
-                   json.dumps(scheduler_config, sort_keys=True))
+    return _cached(
+        SamplerConfig(
+            config.scheduler,
+            config.steps,
+            config.eta if config.scheduler == "ddim" else 0.0,
+            karras_sigmas=config.karras_sigmas,
+        ),
+        json.dumps(scheduler_config, sort_keys=True),
+    )

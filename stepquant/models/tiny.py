@@ -16,20 +16,57 @@ from stepquant.models.loading import CLASS_TABLE_FILE
 from stepquant.runtime.guidance import Conditioning
 
 TEXT_TOKENS = 6
-_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-             cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
 # name -> (class, pipeline folder, config)
 TINY_MODELS: dict[str, tuple[type, str, dict]] = {
-    "sd": (UNet2DConditionModel, "unet", dict(_UNET, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))),
-    "sdxl": (UNet2DConditionModel, "unet", dict(_UNET, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                                                addition_embed_type="text_time", addition_time_embed_dim=8,
-                                                projection_class_embeddings_input_dim=16 + 6 * 8,
-                                                transformer_layers_per_block=(1, 2), use_linear_projection=True)),
-    "pixart": (PixArtTransformer2DModel, "transformer", dict(num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                                             out_channels=8, num_layers=2, sample_size=8, patch_size=2,
-                                                             cross_attention_dim=16, caption_channels=12, norm_num_groups=8)),
+    "sd": (
+        UNet2DConditionModel,
+        "unet",
+        dict(
+            _UNET,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        ),
+    ),
+    "sdxl": (
+        UNet2DConditionModel,
+        "unet",
+        dict(
+            _UNET,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=16 + 6 * 8,
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+        ),
+    ),
+    "pixart": (
+        PixArtTransformer2DModel,
+        "transformer",
+        dict(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=8,
+            num_layers=2,
+            sample_size=8,
+            patch_size=2,
+            cross_attention_dim=16,
+            caption_channels=12,
+            norm_num_groups=8,
+        ),
+    ),
 }
 
 
@@ -45,22 +82,51 @@ def save_tiny_pipeline(kind: str, root: Path, seed: int = 0, classes: int | None
         (root / CLASS_TABLE_FILE).parent.mkdir(parents=True, exist_ok=True)
         random_conditioning(EpsilonModel(model), classes, seed).save(root / CLASS_TABLE_FILE)
     DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
-                                                       folder: ["diffusers", cls.__name__],
-                                                       "scheduler": ["diffusers", "DDIMScheduler"]}))
+    (root / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                folder: ["diffusers", cls.__name__],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+            }
+        )
+    )
     return root
 
 
 TINY_PROMPTS = ("a red seven on a blue background", "the digit 3 in green, yellow paper", "a white zero on black")
-SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
 _TEXT_ENCODER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
-_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=0.5)
+_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(8, 16),
+    norm_num_groups=4,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    scaling_factor=0.5,
+)
 
 
-def save_tiny_text_pipeline(root: Path, seed: int = 0, kind: str = "sd", max_length: int = 16, merges: int = 60,
-                            text: dict | None = None, vae: dict | None = None, **unet) -> Path:
+def save_tiny_text_pipeline(
+    root: Path,
+    seed: int = 0,
+    kind: str = "sd",
+    max_length: int = 16,
+    merges: int = 60,
+    text: dict | None = None,
+    vae: dict | None = None,
+    **unet,
+) -> Path:
     """A random-weight text-to-image pipeline directory that diffusers loads as it is: `kind` "sd"
     (StableDiffusionPipeline: the tiny "sd" UNet, one CLIP tokenizer and text encoder) or "sdxl"
     (StableDiffusionXLPipeline: the tiny "sdxl" UNet, two tokenizers, the second padding with "!" as SDXL's
@@ -82,12 +148,26 @@ def save_tiny_text_pipeline(root: Path, seed: int = 0, kind: str = "sd", max_len
         if suffix:
             CLIPTokenizer.from_pretrained(tokenizer, pad_token="!").save_pretrained(tokenizer)
         vocab = len(json.loads((tokenizer / "vocab.json").read_text()))
-        config = CLIPTextConfig(vocab_size=vocab, max_position_embeddings=max_length, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
-                                pad_token_id=vocab - 1, **({"projection_dim": 16} if suffix else {}), **text)
+        config = CLIPTextConfig(
+            vocab_size=vocab,
+            max_position_embeddings=max_length,
+            bos_token_id=vocab - 2,
+            eos_token_id=vocab - 1,
+            pad_token_id=vocab - 1,
+            **({"projection_dim": 16} if suffix else {}),
+            **text,
+        )
         cls(config).save_pretrained(root / f"text_encoder{suffix}")
-        index.update({f"tokenizer{suffix}": ["transformers", "CLIPTokenizer"], f"text_encoder{suffix}": ["transformers", cls.__name__]})
+        index.update(
+            {
+                f"tokenizer{suffix}": ["transformers", "CLIPTokenizer"],
+                f"text_encoder{suffix}": ["transformers", cls.__name__],
+            }
+        )
     AutoencoderKL(**{**_VAE, **(vae or {})}).save_pretrained(root / "vae")
-    DDIMScheduler(**SD_SCHEDULER).save_pretrained(root / "scheduler")  # Stable Diffusion's, which its pipeline keeps as is
+    DDIMScheduler(**SD_SCHEDULER).save_pretrained(
+        root / "scheduler"
+    )  # Stable Diffusion's, which its pipeline keeps as is
     index.update(vae=["diffusers", "AutoencoderKL"], feature_extractor=[None, None], image_encoder=[None, None])
     if xl:
         index.update(_class_name="StableDiffusionXLPipeline", force_zeros_for_empty_prompt=True)
@@ -97,7 +177,9 @@ def save_tiny_text_pipeline(root: Path, seed: int = 0, kind: str = "sd", max_len
     return root
 
 
-def random_conditioning(model: EpsilonModel, prompts: int = 3, seed: int = 0, tokens: int = TEXT_TOKENS) -> Conditioning:
+def random_conditioning(
+    model: EpsilonModel, prompts: int = 3, seed: int = 0, tokens: int = TEXT_TOKENS
+) -> Conditioning:
     """Random embeddings of the model's condition inputs, in place of a text encoder's: N(0, 1) states,
     an attention mask with its last token padded, SDXL size ids of a 64 px image."""
     generator = torch.Generator().manual_seed(seed)

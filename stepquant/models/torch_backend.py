@@ -15,7 +15,9 @@ class TorchBackend:
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditions: np.ndarray) -> np.ndarray:
         names = getattr(self.model, "condition_names", ())
         with torch.inference_mode():
-            out = self.model(torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32)),
-                             torch.from_numpy(np.ascontiguousarray(timestep, dtype=np.float32)),
-                             *(torch.from_numpy(np.ascontiguousarray(conditions[name], dtype=np.float32)) for name in names))
+            out = self.model(
+                torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32)),
+                torch.from_numpy(np.ascontiguousarray(timestep, dtype=np.float32)),
+                *(torch.from_numpy(np.ascontiguousarray(conditions[name], dtype=np.float32)) for name in names),
+            )
         return out.numpy()

@@ -22,7 +22,9 @@ def decode_latents(pipeline_dir: Path, latents: torch.Tensor, batch_size: int = 
     require_safetensors(vae_dir)
     vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval()
     if vae.config.latent_channels != latents.shape[1]:
-        raise ValueError(f"the VAE takes {vae.config.latent_channels}-channel latents, the samples have {latents.shape[1]}")
+        raise ValueError(
+            f"the VAE takes {vae.config.latent_channels}-channel latents, the samples have {latents.shape[1]}"
+        )
     shift = vae.config.shift_factor or 0.0
     images = [vae.decode(batch / vae.config.scaling_factor + shift).sample for batch in latents.split(batch_size)]
     return torch.cat(images).clamp(-1.0, 1.0)

@@ -28,9 +28,12 @@ class QuantizedAttentionProcessor(ExplicitAttentionProcessor):
         self.value_quantizer = ActivationQuantizer(grid)
         self.softmax_quantizer = ActivationQuantizer(grid)
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-               scale: float) -> torch.Tensor:
-        return super().attend(self.query_quantizer(query), self.key_quantizer(key), self.value_quantizer(value), mask, scale)
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+    ) -> torch.Tensor:
+        return super().attend(
+            self.query_quantizer(query), self.key_quantizer(key), self.value_quantizer(value), mask, scale
+        )
 
     def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
         return self.softmax_quantizer(super().probabilities(scores))

@@ -73,7 +73,8 @@ class WeightQuantizer(nn.Module):
         return self.grid.quantize(weight.detach(), self._broadcast_scale(weight)).to(self.grid.storage_dtype)
 
     def learn_rounding(self, weight: torch.Tensor) -> LearnedRounding:
-        """Start (or resume) learning this weight's rounding; the learned choice replaces `qweight` on `bake_rounding`."""
+        """Start (or resume) learning this weight's rounding; the learned choice replaces `qweight` on
+        `bake_rounding`."""
         if self.rounding is None:
             self.rounding = LearnedRounding(weight, self._broadcast_scale(weight), self.grid)
         self.rounding.soft = True
@@ -91,6 +92,7 @@ class WeightQuantizer(nn.Module):
         """The fake-quantized `weight`, viewed as `shape` when given. The integer weights are the ones
         viewed, so the export stores them in that shape and the DequantizeLinear feeds its consumer
         directly (onnxruntime fuses DQ -> Conv into an integer kernel, not DQ -> Reshape -> Conv)."""
+
         def viewed(tensor: torch.Tensor) -> torch.Tensor:  # as stored otherwise: the initializer keeps its name
             return tensor if shape is None else tensor.view(shape)
 
@@ -110,7 +112,9 @@ class QuantizedLayer(nn.Module):
     `output_quantizer` stays None except for targets whose integer kernels also produce quantized
     outputs (onnxruntime's QLinearConv needs a QuantizeLinear after the Conv to fuse)."""
 
-    def __init__(self, layer: nn.Conv2d | nn.Linear, weight_grid: Grid, act_grid: Grid, per_channel: bool = True) -> None:
+    def __init__(
+        self, layer: nn.Conv2d | nn.Linear, weight_grid: Grid, act_grid: Grid, per_channel: bool = True
+    ) -> None:
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"only Conv2d and Linear can be quantized, got {type(layer).__name__}")
@@ -147,8 +151,9 @@ class SplitQuantizedLayer(nn.Module):
     own input and weight quantizers: Q(X)Q(W) = Q(X1)Q(W1) + Q(X2)Q(W2), Q-Diffusion's split for decoder
     layers whose two inputs have very different ranges. Exports as two quantized layers and an Add."""
 
-    def __init__(self, layer: nn.Conv2d | nn.Linear, split: int, weight_grid: Grid, act_grid: Grid,
-                 per_channel: bool = True) -> None:
+    def __init__(
+        self, layer: nn.Conv2d | nn.Linear, split: int, weight_grid: Grid, act_grid: Grid, per_channel: bool = True
+    ) -> None:
         super().__init__()
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
             raise ValueError("only ungrouped convolutions can be split")
@@ -169,8 +174,16 @@ def _part(layer: nn.Conv2d | nn.Linear, channels: slice, bias: bool) -> nn.Conv2
     """A copy of `layer` restricted to input `channels`, with or without the bias."""
     weight = layer.weight.detach()[:, channels]
     if isinstance(layer, nn.Conv2d):
-        part = nn.Conv2d(weight.shape[1], weight.shape[0], layer.kernel_size, layer.stride, layer.padding,
-                         layer.dilation, bias=bias and layer.bias is not None, padding_mode=layer.padding_mode)
+        part = nn.Conv2d(
+            weight.shape[1],
+            weight.shape[0],
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            bias=bias and layer.bias is not None,
+            padding_mode=layer.padding_mode,
+        )
     else:
         part = nn.Linear(weight.shape[1], weight.shape[0], bias=bias and layer.bias is not None)
     with torch.no_grad():

@@ -28,8 +28,11 @@ class ResidualQuantizer(nn.Module):
 
 
 def _quantize_residuals(model: nn.Module, spec: QuantSpec) -> list[str]:
-    blocks = [(name, module) for name, module in model.named_modules()
-              if hasattr(module, "conv_shortcut") and "Resnet" in type(module).__name__ and not spec.excludes(name)]
+    blocks = [
+        (name, module)
+        for name, module in model.named_modules()
+        if hasattr(module, "conv_shortcut") and "Resnet" in type(module).__name__ and not spec.excludes(name)
+    ]
     for _, block in blocks:
         block.conv_shortcut = ResidualQuantizer(block.conv_shortcut, ActivationQuantizer(spec.residual_grid))
     return [f"{name}.conv_shortcut" for name, _ in blocks]
@@ -74,7 +77,11 @@ def quantize_(model: nn.Module, spec: QuantSpec) -> list[str]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         grids = (spec.weight_grid, spec.act_grid, spec.per_channel_weights)
-        setattr(parent, child, SplitQuantizedLayer(module, splits[name], *grids) if name in splits else QuantizedLayer(module, *grids))
+        setattr(
+            parent,
+            child,
+            SplitQuantizedLayer(module, splits[name], *grids) if name in splits else QuantizedLayer(module, *grids),
+        )
     residuals = _quantize_residuals(model, spec) if spec.quantize_residuals else []
     attention = quantize_attention_(model, spec.act_grid, spec.excludes) if spec.fp8_attention else []
     return [name for name, _ in targets] + residuals + attention

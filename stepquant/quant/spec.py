@@ -90,7 +90,12 @@ class QuantSpec:
         return any(re.search(pattern, module_name) for pattern in self.exclude)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "exclude": list(self.exclude), "zero_point": 0,
-                "weight_grid": str(self.weight_grid), "activation_grid": str(self.act_grid),
-                "weight_granularity": "per-output-channel (axis 0)" if self.per_channel_weights else "per-tensor",
-                "activation_granularity": "per-tensor"}
+        return {
+            **asdict(self),
+            "exclude": list(self.exclude),
+            "zero_point": 0,
+            "weight_grid": str(self.weight_grid),
+            "activation_grid": str(self.act_grid),
+            "weight_granularity": "per-output-channel (axis 0)" if self.per_channel_weights else "per-tensor",
+            "activation_granularity": "per-tensor",
+        }

@@ -22,6 +22,23 @@ from stepquant.runtime.sampler import SampleOutput, SamplerConfig, sample, sampl
 from stepquant.runtime.scheduler_table import SchedulerTable
 from stepquant.runtime.tensorrt_backend import TensorRTBackend
 
-__all__ = ["Backend", "Bundle", "Conditioning", "Corrections", "OnnxRuntimeBackend", "SampleOutput", "SamplerConfig",
-           "OpenVINOBackend", "SchedulerTable", "TensorRTBackend", "bundle_corrections", "bundle_sampler", "bundle_table", "load_bundle", "quantized_backend",
-           "reference_backend", "sample", "sample_batches"]
+__all__ = [
+    "Backend",
+    "Bundle",
+    "Conditioning",
+    "Corrections",
+    "OnnxRuntimeBackend",
+    "SampleOutput",
+    "SamplerConfig",
+    "OpenVINOBackend",
+    "SchedulerTable",
+    "TensorRTBackend",
+    "bundle_corrections",
+    "bundle_sampler",
+    "bundle_table",
+    "load_bundle",
+    "quantized_backend",
+    "reference_backend",
+    "sample",
+    "sample_batches",
+]

@@ -19,8 +19,9 @@ class Backend(Protocol):
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditions: np.ndarray) -> np.ndarray: ...
 
 
-def graph_feed(names: Sequence[str], sample: np.ndarray, timestep: np.ndarray,
-               conditions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def graph_feed(
+    names: Sequence[str], sample: np.ndarray, timestep: np.ndarray, conditions: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """The feed dict of a graph with inputs `names` (sample, timestep, then the conditions), float32."""
     arrays = {"sample": sample, "timestep": timestep, **conditions}
     missing = [name for name in names if name not in arrays]

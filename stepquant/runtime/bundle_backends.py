@@ -76,7 +76,9 @@ def cpu_has_vnni() -> bool:
     """Whether this x86 CPU has VNNI (AVX-512 VNNI or AVX-VNNI): the integer kernels OpenVINO's CPU plugin is
     fastest with. Unknown (no /proc/cpuinfo) counts as no."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        ).split()
     except (OSError, StopIteration):
         return False
     return "avx512_vnni" in flags or "avx_vnni" in flags
@@ -84,7 +86,8 @@ def cpu_has_vnni() -> bool:
 
 def _has_plans(bundle: Bundle, options: RunOptions) -> bool:
     return TENSORRT.name in bundle.manifest.targets and all(
-        plan_file(g.graph) in bundle.manifest.files for g in bundle.target(TENSORRT.name).timestep_groups)
+        plan_file(g.graph) in bundle.manifest.files for g in bundle.target(TENSORRT.name).timestep_groups
+    )
 
 
 ENGINES: dict[str, Engine] = {
@@ -93,8 +96,12 @@ ENGINES: dict[str, Engine] = {
     "tensorrt": Engine(_open_tensorrt, lambda b, o: _has_plans(b, o) and _importable("tensorrt"), runs_plans=True),
 }
 BACKENDS = (*ENGINES, "auto")
-AUTO_ORDER = (("tensorrt", RunOptions()), ("onnxruntime", RunOptions(provider="cuda")), ("openvino", RunOptions()),
-              ("onnxruntime", RunOptions()))
+AUTO_ORDER = (
+    ("tensorrt", RunOptions()),
+    ("onnxruntime", RunOptions(provider="cuda")),
+    ("openvino", RunOptions()),
+    ("onnxruntime", RunOptions()),
+)
 AUTO_CONDITIONS: dict[str, Callable[[], bool]] = {"openvino": cpu_has_vnni}  # beyond being available
 
 
@@ -106,7 +113,9 @@ def resolve_backend(bundle: Bundle, backend: str, options: RunOptions = RunOptio
     if backend != "auto":
         return backend, options
     for name, probe in AUTO_ORDER:
-        candidate = RunOptions(options.threads, probe.provider, options.optimization_level, options.device, options.engine)
+        candidate = RunOptions(
+            options.threads, probe.provider, options.optimization_level, options.device, options.engine
+        )
         if ENGINES[name].available(bundle, candidate) and AUTO_CONDITIONS.get(name, lambda: True)():
             return name, candidate
     return "onnxruntime", options
@@ -116,10 +125,13 @@ def _per_group(backends: list[Backend], groups: list[TimestepGroup]) -> Backend:
     return backends[0] if len(groups) == 1 else TimestepGroupBackend(backends, [g.timesteps for g in groups])
 
 
-def graph_backend(graphs: list[Path], groups: list[TimestepGroup], threads: int | None = None,
-                  optimization_level: str = "all") -> Backend:
+def graph_backend(
+    graphs: list[Path], groups: list[TimestepGroup], threads: int | None = None, optimization_level: str = "all"
+) -> Backend:
     """The deployed graphs of a target's timestep groups (their paths, in the groups' order), on onnxruntime."""
-    return _per_group([OnnxRuntimeBackend(graph, threads, optimization_level=optimization_level) for graph in graphs], groups)
+    return _per_group(
+        [OnnxRuntimeBackend(graph, threads, optimization_level=optimization_level) for graph in graphs], groups
+    )
 
 
 def plan_file(onnx_file: str) -> str:
@@ -133,22 +145,34 @@ def engine_path(bundle: Bundle, graph: str, engine: Path | None = None) -> Path:
     the plan `stepquant build-engine` added to the bundle (listed and hashed in its manifest). A plan that
     build_engine.sh wrote beside the graph is no part of the bundle: name it with --engine."""
     if engine and len(bundle.target(TENSORRT.name).timestep_groups) > 1:
-        raise BundleError("--engine names one plan, but this bundle has one graph per timestep group; "
-                          "build its plans with `stepquant build-engine`")
+        raise BundleError(
+            "--engine names one plan, but this bundle has one graph per timestep group; "
+            "build its plans with `stepquant build-engine`"
+        )
     if engine:
         if not Path(engine).is_file():
             raise BundleError(f"no TensorRT engine at {engine}")
         return Path(engine)
     plan = plan_file(graph)
     if plan not in bundle.manifest.files:
-        raise BundleError(f"bundle {bundle.path} holds no TensorRT engine {plan}: run `bash build_engine.sh` in the bundle "
-                          f"and pass --engine {bundle.path}/{plan}, or add it with `stepquant build-engine --bundle {bundle.path}`")
+        raise BundleError(
+            f"bundle {bundle.path} holds no TensorRT engine {plan}: run `bash build_engine.sh` in the bundle "
+            f"and pass --engine {bundle.path}/{plan}, or add it with `stepquant build-engine --bundle {bundle.path}`"
+        )
     return bundle.file(plan)
 
 
-def quantized_backend(bundle: Bundle, threads: int | None = None, backend: str = "onnxruntime",
-                      engine: Path | None = None, target: str | None = None, *, provider: str = "cpu",
-                      device: str = "CPU", optimization_level: str | None = None) -> Backend:
+def quantized_backend(
+    bundle: Bundle,
+    threads: int | None = None,
+    backend: str = "onnxruntime",
+    engine: Path | None = None,
+    target: str | None = None,
+    *,
+    provider: str = "cpu",
+    device: str = "CPU",
+    optimization_level: str | None = None,
+) -> Backend:
     """The bundle's quantized graph(s) on `backend` (see the module docstring; "auto" picks one): TensorRT runs
     the tensorrt profile's engines (one per timestep group), the others the graph of the profile they prefer,
     or of the `target` named."""
@@ -164,7 +188,9 @@ def quantized_backend(bundle: Bundle, threads: int | None = None, backend: str =
     return _per_group([spec.open(f, options, section.onnxruntime_optimization_level) for f in files], groups)
 
 
-def part_backend(bundle: Bundle, graph: str, backend: str = "onnxruntime", options: RunOptions = RunOptions()) -> Backend:
+def part_backend(
+    bundle: Bundle, graph: str, backend: str = "onnxruntime", options: RunOptions = RunOptions()
+) -> Backend:
     """A float graph of the bundle (the FP32 reference denoiser, a text encoder, the VAE decoder) on `backend`:
     on TensorRT its plan when `stepquant build-engine` added one, else onnxruntime on the CPU."""
     name, options = resolve_backend(bundle, backend, options)
@@ -176,12 +202,15 @@ def part_backend(bundle: Bundle, graph: str, backend: str = "onnxruntime", optio
     return ENGINES[name].open(bundle.file(graph), options, "all")
 
 
-def reference_backend(bundle: Bundle, threads: int | None = None, backend: str = "onnxruntime",
-                      options: RunOptions | None = None) -> Backend:
+def reference_backend(
+    bundle: Bundle, threads: int | None = None, backend: str = "onnxruntime", options: RunOptions | None = None
+) -> Backend:
     """The FP32 graph, parity-checked against the FP torch model at export (no engine is built for it)."""
     name, options = resolve_backend(bundle, backend, options or RunOptions(threads))
     if ENGINES[name].runs_plans:
-        raise ValueError("the FP32 reference graph has no TensorRT engine: run it with --backend onnxruntime or openvino")
+        raise ValueError(
+            "the FP32 reference graph has no TensorRT engine: run it with --backend onnxruntime or openvino"
+        )
     return part_backend(bundle, bundle.manifest.reference_graph, name, options)
 
 
@@ -198,9 +227,11 @@ def bundle_sampler(bundle: Bundle, **requested) -> SamplerConfig:
             except ValueError as err:
                 raise BundleError(f"bundle {bundle.path}: {err}") from err
     wanted = SamplerConfig.from_record(bundle.manifest.sampler).overridden(**asked)
-    raise SchedulerTableError(f"bundle {bundle.path} stores no {wanted.describe()} sampler; it stores "
-                              f"{', '.join(entry.sampler.spec for entry in bundle.manifest.samplers)}: choose one of "
-                              "those, or add this one with `stepquant add-sampler`")
+    raise SchedulerTableError(
+        f"bundle {bundle.path} stores no {wanted.describe()} sampler; it stores "
+        f"{', '.join(entry.sampler.spec for entry in bundle.manifest.samplers)}: choose one of "
+        "those, or add this one with `stepquant add-sampler`"
+    )
 
 
 def _stored(bundle: Bundle, config: SamplerConfig | None) -> StoredSampler:
@@ -208,8 +239,10 @@ def _stored(bundle: Bundle, config: SamplerConfig | None) -> StoredSampler:
         return bundle.manifest.samplers[0]
     entry = bundle.manifest.stored(config.key)
     if entry is None:
-        raise SchedulerTableError(f"bundle {bundle.path} stores no {config.describe()} sampler; it stores "
-                                  f"{', '.join(e.sampler.spec for e in bundle.manifest.samplers)}")
+        raise SchedulerTableError(
+            f"bundle {bundle.path} stores no {config.describe()} sampler; it stores "
+            f"{', '.join(e.sampler.spec for e in bundle.manifest.samplers)}"
+        )
     return entry
 
 
@@ -234,6 +267,7 @@ def bundle_corrections(bundle: Bundle, config: SamplerConfig | None = None) -> C
         return None
     corrections = Corrections.load(bundle.file(name))
     if corrections.method != bundle.manifest.correction_method:
-        raise CorrectionError(f"{name} holds {corrections.method!r} terms but the manifest says "
-                              f"{bundle.manifest.correction_method!r}")
+        raise CorrectionError(
+            f"{name} holds {corrections.method!r} terms but the manifest says {bundle.manifest.correction_method!r}"
+        )
     return corrections

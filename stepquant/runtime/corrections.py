@@ -64,8 +64,13 @@ class Corrections:
             setattr(self, name, np.asarray(getattr(self, name), dtype=np.float32))
         steps = len(self.timesteps)
         channels = self.gain.shape[1] if self.gain.ndim == 2 else -1
-        for name, shape in (("gain", (steps, channels)), ("bias", (steps, channels)), ("input_bias", (steps, channels)),
-                            ("noise_std", (steps,)), ("residual_var", (steps,))):
+        for name, shape in (
+            ("gain", (steps, channels)),
+            ("bias", (steps, channels)),
+            ("input_bias", (steps, channels)),
+            ("noise_std", (steps,)),
+            ("residual_var", (steps,)),
+        ):
             tensor = getattr(self, name)
             if tuple(tensor.shape) != shape:
                 raise CorrectionError(f"correction term {name} has shape {tuple(tensor.shape)}, expected {shape}")
@@ -77,15 +82,24 @@ class Corrections:
     @classmethod
     def identity(cls, timesteps: Sequence[int], channels: int, method: str = "none") -> Corrections:
         steps = len(timesteps)
-        return cls(method, np.asarray(list(timesteps), dtype=np.int64), np.ones((steps, channels)),
-                   np.zeros((steps, channels)), np.zeros(steps), np.zeros(steps), np.zeros((steps, channels)))
+        return cls(
+            method,
+            np.asarray(list(timesteps), dtype=np.int64),
+            np.ones((steps, channels)),
+            np.zeros((steps, channels)),
+            np.zeros(steps),
+            np.zeros(steps),
+            np.zeros((steps, channels)),
+        )
 
     def index(self, timestep: int) -> int:
         positions = self.__dict__.setdefault("_positions", {int(t): i for i, t in enumerate(self.timesteps.tolist())})
         if int(timestep) not in positions:
-            raise CorrectionError(f"no correction terms for timestep {int(timestep)}: the bundle's terms cover "
-                                  f"{len(self.timesteps)} timesteps ({self.timesteps.tolist()[:4]}...); sample with "
-                                  "the step count it was exported for")
+            raise CorrectionError(
+                f"no correction terms for timestep {int(timestep)}: the bundle's terms cover "
+                f"{len(self.timesteps)} timesteps ({self.timesteps.tolist()[:4]}...); sample with "
+                "the step count it was exported for"
+            )
         return positions[int(timestep)]
 
     def check_covers(self, timesteps: Sequence[int]) -> None:
@@ -100,9 +114,13 @@ class Corrections:
             i = self.index(timestep)
             shape = (1, -1, 1, 1)
             input_bias = self.input_bias[i].reshape(shape)
-            cache[timestep] = _StepTerms(self.gain[i].reshape(shape), self.bias[i].reshape(shape),
-                                         input_bias if input_bias.any() else None, float(self.noise_std[i]),
-                                         float(self.residual_var[i]))
+            cache[timestep] = _StepTerms(
+                self.gain[i].reshape(shape),
+                self.bias[i].reshape(shape),
+                input_bias if input_bias.any() else None,
+                float(self.noise_std[i]),
+                float(self.residual_var[i]),
+            )
         return cache[timestep]
 
     def correct_input(self, x: np.ndarray, timestep: int) -> np.ndarray:
@@ -129,7 +147,11 @@ class Corrections:
         return float(np.sqrt(max(scheduler_std**2 - output_coefficient**2 * residual, 0.0)))
 
     def save(self, path: Path) -> None:
-        save_file({name: np.ascontiguousarray(getattr(self, name)) for name in _TENSORS}, str(path), metadata={"method": self.method})
+        save_file(
+            {name: np.ascontiguousarray(getattr(self, name)) for name in _TENSORS},
+            str(path),
+            metadata={"method": self.method},
+        )
 
     @classmethod
     def load(cls, path: Path) -> Corrections:

@@ -12,7 +12,14 @@ import numpy as np
 from stepquant.errors import StepquantError
 
 _HOST_TO_DEVICE, _DEVICE_TO_HOST = 1, 2
-_NAMES = ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "cudart64_12.dll", "cudart64_110.dll")
+_NAMES = (
+    "libcudart.so",
+    "libcudart.so.13",
+    "libcudart.so.12",
+    "libcudart.so.11.0",
+    "cudart64_12.dll",
+    "cudart64_110.dll",
+)
 
 
 class CudaError(StepquantError, RuntimeError):
@@ -26,8 +33,10 @@ def _library() -> ctypes.CDLL:
             return ctypes.CDLL(name)
         except OSError:
             continue
-    raise CudaError("the CUDA runtime (libcudart) was not found: TensorRT engines need it (JetPack and the CUDA toolkit "
-                    "ship it; add its directory to LD_LIBRARY_PATH)")
+    raise CudaError(
+        "the CUDA runtime (libcudart) was not found: TensorRT engines need it (JetPack and the CUDA toolkit "
+        "ship it; add its directory to LD_LIBRARY_PATH)"
+    )
 
 
 class Cuda:
@@ -54,13 +63,29 @@ class Cuda:
 
     def to_device(self, pointer: int, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array)
-        self._check(self.lib.cudaMemcpyAsync(ctypes.c_void_p(pointer), array.ctypes.data_as(ctypes.c_void_p),
-                                             ctypes.c_size_t(array.nbytes), _HOST_TO_DEVICE, self.stream), "cudaMemcpyAsync")
+        self._check(
+            self.lib.cudaMemcpyAsync(
+                ctypes.c_void_p(pointer),
+                array.ctypes.data_as(ctypes.c_void_p),
+                ctypes.c_size_t(array.nbytes),
+                _HOST_TO_DEVICE,
+                self.stream,
+            ),
+            "cudaMemcpyAsync",
+        )
         self.synchronize()  # `array` may be a temporary
 
     def to_host(self, array: np.ndarray, pointer: int) -> None:
-        self._check(self.lib.cudaMemcpyAsync(array.ctypes.data_as(ctypes.c_void_p), ctypes.c_void_p(pointer),
-                                             ctypes.c_size_t(array.nbytes), _DEVICE_TO_HOST, self.stream), "cudaMemcpyAsync")
+        self._check(
+            self.lib.cudaMemcpyAsync(
+                array.ctypes.data_as(ctypes.c_void_p),
+                ctypes.c_void_p(pointer),
+                ctypes.c_size_t(array.nbytes),
+                _DEVICE_TO_HOST,
+                self.stream,
+            ),
+            "cudaMemcpyAsync",
+        )
         self.synchronize()
 
     def synchronize(self) -> None:

@@ -53,15 +53,18 @@ class Conditioning:
         if not self.cond:
             raise ConditioningError("conditioning holds no inputs")
         if set(self.cond) != set(self.uncond):
-            raise ConditioningError(f"conditional inputs {sorted(self.cond)} and unconditional inputs "
-                                    f"{sorted(self.uncond)} differ")
+            raise ConditioningError(
+                f"conditional inputs {sorted(self.cond)} and unconditional inputs {sorted(self.uncond)} differ"
+            )
         counts = {len(v) for v in self.cond.values()}
         if len(counts) != 1:
             raise ConditioningError(f"condition inputs disagree on the number of prompts: {sorted(counts)}")
         for name, rows in self.uncond.items():
             if len(rows) not in (1, len(self)) or rows.shape[1:] != self.cond[name].shape[1:]:
-                raise ConditioningError(f"unconditional {name} has shape {tuple(rows.shape)}; expected 1 or "
-                                        f"{len(self)} rows of {tuple(self.cond[name].shape[1:])}")
+                raise ConditioningError(
+                    f"unconditional {name} has shape {tuple(rows.shape)}; expected 1 or "
+                    f"{len(self)} rows of {tuple(self.cond[name].shape[1:])}"
+                )
             if not (np.isfinite(rows).all() and np.isfinite(self.cond[name]).all()):
                 raise ConditioningError(f"condition input {name} holds NaN or infinite values")
 
@@ -83,8 +86,9 @@ class Conditioning:
             raise ConditioningError("--classes names no class")
         bad = [c for c in classes if not 0 <= c < len(self)]
         if bad:
-            raise ConditioningError(f"class {bad[0]} is out of range: the model's class table has {len(self)} classes "
-                                    f"(0-{len(self) - 1})")
+            raise ConditioningError(
+                f"class {bad[0]} is out of range: the model's class table has {len(self)} classes (0-{len(self) - 1})"
+            )
         index = np.asarray(classes, dtype=np.int64)
         return Conditioning({k: v[index] for k, v in self.cond.items()}, dict(self.uncond))
 
@@ -93,13 +97,18 @@ class Conditioning:
         with the model's shape (any length on a text axis)."""
         names = [c.name for c in inputs]
         if set(names) != set(self.cond):
-            raise ConditioningError(f"the model takes condition inputs {names}, the conditioning holds {sorted(self.cond)}")
+            raise ConditioningError(
+                f"the model takes condition inputs {names}, the conditioning holds {sorted(self.cond)}"
+            )
         for condition in inputs:
             rows = self.cond[condition.name]
             if rows.ndim != 1 + len(condition.shape) or any(
-                    d != SEQUENCE and d != found for d, found in zip(condition.shape, rows.shape[1:])):
-                raise ConditioningError(f"condition {condition.name} has shape {tuple(rows.shape)}; the model takes "
-                                        f"[prompts, {', '.join(map(str, condition.shape))}]")
+                d != SEQUENCE and d != found for d, found in zip(condition.shape, rows.shape[1:])
+            ):
+                raise ConditioningError(
+                    f"condition {condition.name} has shape {tuple(rows.shape)}; the model takes "
+                    f"[prompts, {', '.join(map(str, condition.shape))}]"
+                )
         return Conditioning({n: self.cond[n] for n in names}, {n: self.uncond[n] for n in names})
 
     def sequence_length(self, inputs: Sequence[ConditionInput]) -> int | None:
@@ -120,20 +129,28 @@ class Conditioning:
         except (SafetensorError, OSError, ValueError) as err:
             raise ConditioningError(f"cannot read conditioning {path}: {err}") from err
         cond = {k: v for k, v in tensors.items() if not k.startswith(UNCOND_PREFIX)}
-        uncond = {k[len(UNCOND_PREFIX):]: v for k, v in tensors.items() if k.startswith(UNCOND_PREFIX)}
+        uncond = {k[len(UNCOND_PREFIX) :]: v for k, v in tensors.items() if k.startswith(UNCOND_PREFIX)}
         return cls(cond, uncond)
 
 
-def choose_conditioning(inputs: Sequence[ConditionInput], where: str, conditioning_file: Path | None = None,
-                        classes: Sequence[int] | None = None, class_table: Path | None = None,
-                        prompts: Callable[[], Conditioning] | None = None,
-                        missing: str = "pass --conditioning") -> Conditioning | None:
+def choose_conditioning(
+    inputs: Sequence[ConditionInput],
+    where: str,
+    conditioning_file: Path | None = None,
+    classes: Sequence[int] | None = None,
+    class_table: Path | None = None,
+    prompts: Callable[[], Conditioning] | None = None,
+    missing: str = "pass --conditioning",
+) -> Conditioning | None:
     """The conditioning a command was given for the model `where` taking `inputs`, in their order: a file, a
     class table's rows (`classes`; every class in turn when the model has a table and nothing else is given)
     or encoded prompts; None for an unconditional model. One line when it is missing, superfluous, doubled or
     does not fit."""
-    given = [flag for flag, value in (("--prompts-file", prompts), ("--conditioning", conditioning_file),
-                                      ("--classes", classes)) if value is not None]
+    given = [
+        flag
+        for flag, value in (("--prompts-file", prompts), ("--conditioning", conditioning_file), ("--classes", classes))
+        if value is not None
+    ]
     if len(given) > 1:
         raise ConditioningError(f"give one of --prompts-file, --conditioning and --classes, not {' and '.join(given)}")
     if not inputs:
@@ -148,15 +165,23 @@ def choose_conditioning(inputs: Sequence[ConditionInput], where: str, conditioni
         table = Conditioning.load(class_table)
         conditioning = table.select(list(range(len(table))) if classes is None else classes)
     elif classes is not None:
-        raise ConditioningError(f"{where} has no class table: --classes is for class-conditional models "
-                                "(demo-digits-cond); condition this one with --conditioning or --prompts-file")
+        raise ConditioningError(
+            f"{where} has no class table: --classes is for class-conditional models "
+            "(demo-digits-cond); condition this one with --conditioning or --prompts-file"
+        )
     else:
         raise ConditioningError(f"{where} is conditioned on {', '.join(c.name for c in inputs)}: {missing}")
     return conditioning.for_inputs(inputs)
 
 
-def guided_estimate(backend: Backend, x: np.ndarray, timesteps: np.ndarray, conditioning: Conditioning | None,
-                    indices: Sequence[int], guidance_scale: float) -> np.ndarray:
+def guided_estimate(
+    backend: Backend,
+    x: np.ndarray,
+    timesteps: np.ndarray,
+    conditioning: Conditioning | None,
+    indices: Sequence[int],
+    guidance_scale: float,
+) -> np.ndarray:
     """The noise estimate the scheduler steps with: unconditional models get `backend(x, t)`; conditional
     ones their prompts' rows, guided when `guidance_scale` != 1 (both halves in one batch)."""
     if conditioning is None:
@@ -165,7 +190,9 @@ def guided_estimate(backend: Backend, x: np.ndarray, timesteps: np.ndarray, cond
         return backend(x, timesteps, **conditioning.rows(indices))
     uncond, cond = conditioning.rows(indices, unconditional=True), conditioning.rows(indices)
     inputs = {name: np.concatenate([uncond[name], cond[name]]) for name in cond}
-    eps_uncond, eps_cond = np.split(backend(np.concatenate([x, x]), np.concatenate([timesteps, timesteps]), **inputs), 2)
+    eps_uncond, eps_cond = np.split(
+        backend(np.concatenate([x, x]), np.concatenate([timesteps, timesteps]), **inputs), 2
+    )
     return combine_guided(eps_uncond, eps_cond, guidance_scale)
 
 

@@ -21,12 +21,19 @@ from stepquant.errors import StepquantError
 from stepquant.runtime.backend import graph_feed
 
 # onnxruntime.GraphOptimizationLevel's members by the names the options use
-OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-                       "all": "ORT_ENABLE_ALL"}
+OPTIMIZATION_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 # --provider names -> the execution providers a session asks for, in onnxruntime's order of preference (the
 # CUDA provider runs what TensorRT's cannot)
-PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider",),
-             "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider")}
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider",),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider"),
+}
 
 
 class ProviderUnavailable(StepquantError, RuntimeError):
@@ -38,8 +45,10 @@ def onnxruntime():
     try:
         import onnxruntime as ort
     except ImportError as err:
-        raise ProviderUnavailable("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu for its CUDA "
-                                  "and TensorRT providers)") from err
+        raise ProviderUnavailable(
+            "onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu for its CUDA "
+            "and TensorRT providers)"
+        ) from err
     return ort
 
 
@@ -62,9 +71,11 @@ def _require_provider(ort, provider: str) -> tuple[str, ...]:
         raise ValueError(f"unknown onnxruntime provider {provider!r}; choose from {', '.join(PROVIDERS)}")
     wanted, offered = PROVIDERS[provider], ort.get_available_providers()
     if wanted[0] not in offered:
-        raise ProviderUnavailable(f"--provider {provider} needs {wanted[0]}, which this onnxruntime {ort.__version__} lacks "
-                                  f"(it offers {', '.join(offered)}): on a machine with an NVIDIA GPU and its CUDA libraries, "
-                                  "pip uninstall onnxruntime, then pip install onnxruntime-gpu")
+        raise ProviderUnavailable(
+            f"--provider {provider} needs {wanted[0]}, which this onnxruntime {ort.__version__} lacks "
+            f"(it offers {', '.join(offered)}): on a machine with an NVIDIA GPU and its CUDA libraries, "
+            "pip uninstall onnxruntime, then pip install onnxruntime-gpu"
+        )
     return wanted
 
 
@@ -102,8 +113,10 @@ class OnnxRuntimeBackend:
         except Exception as err:  # onnxruntime's own errors (its exception types are not exported)
             raise ValueError(f"onnxruntime cannot load {path}: {' '.join(str(err).split())[:300]}") from err
         if providers[0] not in self.session.get_providers():  # onnxruntime falls back to the CPU with a log line only
-            raise ProviderUnavailable(f"onnxruntime could not start {providers[0]} for {path.name} (no usable GPU or CUDA "
-                                      "libraries?); run with --provider cpu")
+            raise ProviderUnavailable(
+                f"onnxruntime could not start {providers[0]} for {path.name} (no usable GPU or CUDA "
+                "libraries?); run with --provider cpu"
+            )
         if writing is not None:
             writing.replace(cached)  # complete only once onnxruntime has written it all
         self.input_names = [i.name for i in self.session.get_inputs()]

@@ -35,8 +35,9 @@ class OpenVINOBackend:
         ov = openvino()
         core = ov.Core()
         if device != "AUTO" and device.split(".")[0] not in {d.split(".")[0] for d in core.available_devices}:
-            raise OpenVINOUnavailable(f"OpenVINO device {device!r} is not on this machine (it has "
-                                      f"{', '.join(core.available_devices)})")
+            raise OpenVINOUnavailable(
+                f"OpenVINO device {device!r} is not on this machine (it has {', '.join(core.available_devices)})"
+            )
         config = {"PERFORMANCE_HINT": "LATENCY"}
         if device.startswith("CPU"):
             config["INFERENCE_PRECISION_HINT"] = "f32"

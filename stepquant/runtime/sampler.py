@@ -34,9 +34,9 @@ StepCallback = Callable[[int, float, np.ndarray], None]
 @dataclass(frozen=True)
 class SamplerConfig:
     """`eta` is DDIM's stochasticity (0: deterministic); DDPM and Euler ancestral are always stochastic, the
-    others deterministic, and have none (a non-zero eta for them is refused, not ignored). `karras_sigmas` spaces the steps by Karras et al.'s sigmas (the
-    schedulers that have the option). `guidance_scale` is classifier-free guidance's weight for conditional
-    models (1: no guidance)."""
+    others deterministic, and have none (a non-zero eta for them is refused, not ignored). `karras_sigmas`
+    spaces the steps by Karras et al.'s sigmas (the schedulers that have the option). `guidance_scale` is
+    classifier-free guidance's weight for conditional models (1: no guidance)."""
 
     scheduler: str = "ddim"
     steps: int = 25
@@ -52,8 +52,10 @@ class SamplerConfig:
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"--eta must be in [0, 1], got {self.eta}")
         if self.eta and self.scheduler not in ETA_SCHEDULERS:
-            raise ValueError(f"--eta {self.eta:g}: the {self.scheduler} scheduler has no eta (only {', '.join(ETA_SCHEDULERS)} "
-                             "does): drop --eta")
+            raise ValueError(
+                f"--eta {self.eta:g}: the {self.scheduler} scheduler has no eta (only {', '.join(ETA_SCHEDULERS)} "
+                "does): drop --eta"
+            )
         if not 0.0 <= self.guidance_scale < float("inf"):
             raise ValueError(f"--guidance-scale must be a finite number of at least 0, got {self.guidance_scale}")
 
@@ -74,7 +76,10 @@ class SamplerConfig:
     def parse(cls, spec: str, guidance_scale: float = 1.0) -> SamplerConfig:
         """A sampler from its `--sampler` spec, SCHEDULER:STEPS[:karras][:eta=E] (`ddim:25`,
         `dpm-solver++:20:karras`, `ddim:50:eta=1`); one line naming the spec when it does not parse."""
-        usage = f"sampler {spec!r} does not parse: write SCHEDULER:STEPS[:karras][:eta=E], e.g. ddim:25 or dpm-solver++:20:karras"
+        usage = (
+            f"sampler {spec!r} does not parse: write SCHEDULER:STEPS[:karras][:eta=E], e.g. ddim:25 or "
+            "dpm-solver++:20:karras"
+        )
         scheduler, _, rest = spec.strip().partition(":")
         fields = rest.split(":") if rest else []
         if not fields or not fields[0].isdigit():
@@ -109,8 +114,11 @@ class SamplerConfig:
         return self.to_record().spec
 
     def describe(self) -> str:
-        return (f"{self.steps} {self.scheduler.upper()} steps" + (f", eta {self.eta:g}" if self.scheduler == "ddim" else "")
-                + (", Karras sigmas" if self.karras_sigmas else ""))
+        return (
+            f"{self.steps} {self.scheduler.upper()} steps"
+            + (f", eta {self.eta:g}" if self.scheduler == "ddim" else "")
+            + (", Karras sigmas" if self.karras_sigmas else "")
+        )
 
 
 @dataclass
@@ -178,8 +186,16 @@ def sample_batches(
             yield x.clip(-1.0, 1.0) if clip else x
 
 
-def sample(backend: Backend, table: SchedulerTable, seeds: Sequence[int], sample_shape: tuple[int, ...],
-           config: SamplerConfig = SamplerConfig(), batch_size: int = 64, **options) -> SampleOutput:
+def sample(
+    backend: Backend,
+    table: SchedulerTable,
+    seeds: Sequence[int],
+    sample_shape: tuple[int, ...],
+    config: SamplerConfig = SamplerConfig(),
+    batch_size: int = 64,
+    **options,
+) -> SampleOutput:
     """Every seed's final sample, in the order of the seeds (`sample_batches`, concatenated)."""
-    return SampleOutput(samples=np.concatenate(list(sample_batches(backend, table, seeds, sample_shape, config,
-                                                                    batch_size, **options))))
+    return SampleOutput(
+        samples=np.concatenate(list(sample_batches(backend, table, seeds, sample_shape, config, batch_size, **options)))
+    )

@@ -38,7 +38,9 @@ class SchedulerTable:
     steps: int
     eta: float
     karras_sigmas: bool
-    prediction_type: str  # what the network outputs: epsilon (v_prediction and sample are converted by the coefficients)
+    prediction_type: (
+        str  # what the network outputs: epsilon (v_prediction and sample are converted by the coefficients)
+    )
     init_noise_sigma: float
     clip: float | None  # range of the predicted-x0 clip, None without clipping
     timesteps: np.ndarray  # [N] what the network is given
@@ -57,16 +59,26 @@ class SchedulerTable:
             raise SchedulerTableError(f"a {self.scheduler} table for {self.steps} steps holds {n} timesteps")
         for name in _ROWS:
             if getattr(self, name).shape != (n,):
-                raise SchedulerTableError(f"scheduler table row {name} has shape {getattr(self, name).shape}, expected ({n},)")
+                raise SchedulerTableError(
+                    f"scheduler table row {name} has shape {getattr(self, name).shape}, expected ({n},)"
+                )
         depth = self.from_sample.shape[1] if self.from_sample.ndim == 2 else 0
         for name in _HISTORY:
             if getattr(self, name).shape != (n, depth) or depth < 1:
-                raise SchedulerTableError(f"scheduler table history {name} has shape {getattr(self, name).shape}, expected ({n}, K)")
+                raise SchedulerTableError(
+                    f"scheduler table history {name} has shape {getattr(self, name).shape}, expected ({n}, K)"
+                )
         for name in (*_ROWS, *_HISTORY):
             if not np.isfinite(getattr(self, name)).all():
                 raise SchedulerTableError(f"scheduler table row {name} holds NaN or inf")
-        if (self.noise_std < 0).any() or not math.isfinite(self.init_noise_sigma) or (self.clip is not None and self.clip <= 0):
-            raise SchedulerTableError("scheduler table: negative noise, a non-finite initial sigma or a non-positive clip range")
+        if (
+            (self.noise_std < 0).any()
+            or not math.isfinite(self.init_noise_sigma)
+            or (self.clip is not None and self.clip <= 0)
+        ):
+            raise SchedulerTableError(
+                "scheduler table: negative noise, a non-finite initial sigma or a non-positive clip range"
+            )
 
     @property
     def depth(self) -> int:
@@ -78,8 +90,11 @@ class SchedulerTable:
         return bool((self.noise_std > 0).any())
 
     def describe(self) -> str:
-        return (f"{self.scheduler.upper()}, {self.steps} steps" + (f", eta {self.eta:g}" if self.scheduler == "ddim" else "")
-                + (", Karras sigmas" if self.karras_sigmas else ""))
+        return (
+            f"{self.scheduler.upper()}, {self.steps} steps"
+            + (f", eta {self.eta:g}" if self.scheduler == "ddim" else "")
+            + (", Karras sigmas" if self.karras_sigmas else "")
+        )
 
     def remember(self, history: list, value) -> list:
         """`history` (newest first) with `value` in front, as long as a step reads: the window `step` takes."""
@@ -116,26 +131,42 @@ class SchedulerTable:
 
     def check_sampler(self, scheduler: str, steps: int, eta: float, karras_sigmas: bool = False) -> None:
         """Refuse, in one line, a request this table does not describe."""
-        if ((scheduler, steps, karras_sigmas) != (self.scheduler, self.steps, self.karras_sigmas)
-                or (scheduler == "ddim" and eta != self.eta)):
+        if (scheduler, steps, karras_sigmas) != (self.scheduler, self.steps, self.karras_sigmas) or (
+            scheduler == "ddim" and eta != self.eta
+        ):
             raise SchedulerTableError(
                 f"the bundle's sampler is {self.describe()}; it cannot sample {scheduler.upper()} with {steps} steps"
-                + (f", eta {eta:g}" if scheduler == "ddim" else "") + (", Karras sigmas" if karras_sigmas else "")
-                + ": use the bundle's sampler, or re-export with that one")
+                + (f", eta {eta:g}" if scheduler == "ddim" else "")
+                + (", Karras sigmas" if karras_sigmas else "")
+                + ": use the bundle's sampler, or re-export with that one"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler, "steps": self.steps, "eta": self.eta, "karras_sigmas": self.karras_sigmas,
-                "prediction_type": self.prediction_type,
-                "init_noise_sigma": self.init_noise_sigma, "clip": self.clip,
-                **{name: getattr(self, name).tolist() for name in (*_ROWS, *_HISTORY)}, "source": self.source}
+        return {
+            "scheduler": self.scheduler,
+            "steps": self.steps,
+            "eta": self.eta,
+            "karras_sigmas": self.karras_sigmas,
+            "prediction_type": self.prediction_type,
+            "init_noise_sigma": self.init_noise_sigma,
+            "clip": self.clip,
+            **{name: getattr(self, name).tolist() for name in (*_ROWS, *_HISTORY)},
+            "source": self.source,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SchedulerTable:
         try:
-            scalars = {"scheduler": str(data["scheduler"]), "steps": int(data["steps"]), "eta": float(data["eta"]),
-                       "karras_sigmas": bool(data.get("karras_sigmas", False)),
-                       "prediction_type": str(data["prediction_type"]), "init_noise_sigma": float(data["init_noise_sigma"]),
-                       "clip": None if data["clip"] is None else float(data["clip"]), "source": dict(data.get("source", {}))}
+            scalars = {
+                "scheduler": str(data["scheduler"]),
+                "steps": int(data["steps"]),
+                "eta": float(data["eta"]),
+                "karras_sigmas": bool(data.get("karras_sigmas", False)),
+                "prediction_type": str(data["prediction_type"]),
+                "init_noise_sigma": float(data["init_noise_sigma"]),
+                "clip": None if data["clip"] is None else float(data["clip"]),
+                "source": dict(data.get("source", {})),
+            }
             arrays = {name: np.asarray(data[name], dtype=np.float64) for name in (*_ROWS, *_HISTORY)}
         except (KeyError, TypeError, ValueError) as err:
             raise SchedulerTableError(f"malformed scheduler table: {type(err).__name__} {err}") from None

@@ -26,4 +26,6 @@ def seed_generators(seeds: Sequence[int]) -> list[np.random.Generator]:
 
 def per_sample_noise(generators: Sequence[NoiseStream], shape: Sequence[int]) -> np.ndarray:
     """Standard normal float32 noise [len(generators), *shape], one draw per generator."""
-    return np.stack([np.asarray(g.standard_normal(tuple(shape), dtype=np.float32), dtype=np.float32) for g in generators])
+    return np.stack(
+        [np.asarray(g.standard_normal(tuple(shape), dtype=np.float32), dtype=np.float32) for g in generators]
+    )

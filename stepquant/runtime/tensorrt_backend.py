@@ -22,7 +22,8 @@ def tensorrt_version() -> str:
     except ImportError as err:
         raise TensorRTUnavailable(
             "TensorRT is not installed (pip install tensorrt on x86-64 with an NVIDIA GPU; on Jetson it ships "
-            "with JetPack); alternatively run the bundle's build_engine.sh where trtexec is available") from err
+            "with JetPack); alternatively run the bundle's build_engine.sh where trtexec is available"
+        ) from err
     return tensorrt.__version__
 
 

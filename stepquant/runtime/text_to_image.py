@@ -59,8 +59,14 @@ class PromptEncoder:
     """Prompts -> the denoiser's text conditions: every encoder's states, concatenated on the last axis (SDXL's
     two; one for SD 1.x/2.x) as `encoder_hidden_states`, and the pooled embedding where an encoder gives one."""
 
-    def __init__(self, bundle: Bundle, threads: int | None = None, warn=None, backend: str = "onnxruntime",
-                 options: RunOptions | None = None) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        threads: int | None = None,
+        warn=None,
+        backend: str = "onnxruntime",
+        options: RunOptions | None = None,
+    ) -> None:
         parts = bundle.manifest.text_to_image
         self.parts = parts.encoders
         self.tokenizers = [load_tokenizer(bundle.file(p.tokenizer), p.max_length, p.pad_id) for p in self.parts]
@@ -71,8 +77,10 @@ class PromptEncoder:
         encodings = self.tokenizers[which].encode_batch(list(prompts))
         cut = [p for p, e in zip(prompts, encodings) if e.overflowing]
         if cut and which == 0:
-            self.warn(f"{len(cut)} prompt(s) truncated to the text encoder's {self.parts[which].max_length} tokens, as "
-                      f"diffusers does (first: {cut[0][:60]!r})")
+            self.warn(
+                f"{len(cut)} prompt(s) truncated to the text encoder's {self.parts[which].max_length} tokens, as "
+                f"diffusers does (first: {cut[0][:60]!r})"
+            )
         return np.asarray([e.ids for e in encodings], dtype=np.int64)
 
     def __call__(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -89,13 +97,16 @@ class PromptEncoder:
 class LatentDecoder:
     """Latents -> images in [-1, 1] through a VAE decoder graph (a bundle's, or one being staged by the export)."""
 
-    def __init__(self, graph: Path | Backend, scaling_factor: float, shift_factor: float = 0.0, threads: int | None = None) -> None:
+    def __init__(
+        self, graph: Path | Backend, scaling_factor: float, shift_factor: float = 0.0, threads: int | None = None
+    ) -> None:
         self.vae = graph if callable(graph) else OnnxRuntimeBackend(graph, threads)
         self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
 
     @classmethod
-    def of(cls, bundle: Bundle, threads: int | None = None, backend: str = "onnxruntime",
-           options: RunOptions | None = None) -> LatentDecoder:
+    def of(
+        cls, bundle: Bundle, threads: int | None = None, backend: str = "onnxruntime", options: RunOptions | None = None
+    ) -> LatentDecoder:
         parts = bundle.manifest.text_to_image
         vae = part_backend(bundle, parts.vae_decoder, backend, options or RunOptions(threads))
         return cls(vae, parts.scaling_factor, parts.shift_factor)
@@ -133,8 +144,10 @@ class GenerateRequest:
 def require_text_to_image(bundle: Bundle) -> None:
     if bundle.manifest.text_to_image is None:
         how = "--classes" if bundle.manifest.class_table else "--conditioning"
-        raise BundleError(f"bundle {bundle.path} has no tokenizer or text encoder (a denoiser-only bundle): "
-                          f"`stepquant sample --bundle {bundle.path} {how} ...` runs it")
+        raise BundleError(
+            f"bundle {bundle.path} has no tokenizer or text encoder (a denoiser-only bundle): "
+            f"`stepquant sample --bundle {bundle.path} {how} ...` runs it"
+        )
 
 
 def text_conditioning(bundle: Bundle, encoder: PromptEncoder, request: GenerateRequest) -> Conditioning:
@@ -153,9 +166,20 @@ def text_conditioning(bundle: Bundle, encoder: PromptEncoder, request: GenerateR
     return Conditioning(cond, uncond)
 
 
-def generate_batches(bundle: Bundle, request: GenerateRequest, config: SamplerConfig, threads: int | None = None,
-                     backend: str = "onnxruntime", engine: Path | None = None, corrections: bool = True,
-                     progress: bool = True, warn=None, *, provider: str = "cpu", device: str = "CPU") -> Iterator[np.ndarray]:
+def generate_batches(
+    bundle: Bundle,
+    request: GenerateRequest,
+    config: SamplerConfig,
+    threads: int | None = None,
+    backend: str = "onnxruntime",
+    engine: Path | None = None,
+    corrections: bool = True,
+    progress: bool = True,
+    warn=None,
+    *,
+    provider: str = "cpu",
+    device: str = "CPU",
+) -> Iterator[np.ndarray]:
     """Images [B, 3, H, W] in [-1, 1], batch by batch, for `request` (see the module docstring). The text
     encoders and the VAE decoder run on `backend` too (on TensorRT where their plans were built)."""
     from tqdm.auto import tqdm
@@ -169,11 +193,23 @@ def generate_batches(bundle: Bundle, request: GenerateRequest, config: SamplerCo
     else:
         runner = quantized_backend(bundle, threads, backend, engine, provider=provider, device=device)
         terms = bundle_corrections(bundle, config) if corrections else None
-    conditioning = text_conditioning(bundle, PromptEncoder(bundle, warn=warn, backend=backend, options=options), request)
+    conditioning = text_conditioning(
+        bundle, PromptEncoder(bundle, warn=warn, backend=backend, options=options), request
+    )
     decoder = LatentDecoder.of(bundle, backend=backend, options=options)
-    latents = sample_batches(runner, table, range(request.seed, request.seed + request.count), bundle.manifest.sample_shape,
-                             config, request.batch_size, progress=progress, desc="denoising", corrections=terms,
-                             conditioning=conditioning, clip=False)
+    latents = sample_batches(
+        runner,
+        table,
+        range(request.seed, request.seed + request.count),
+        bundle.manifest.sample_shape,
+        config,
+        request.batch_size,
+        progress=progress,
+        desc="denoising",
+        corrections=terms,
+        conditioning=conditioning,
+        clip=False,
+    )
     decoding = tqdm(total=request.count, desc="decoding", unit="image", disable=not progress, leave=False)
     for batch in latents:
         images = decoder(batch)
@@ -182,16 +218,30 @@ def generate_batches(bundle: Bundle, request: GenerateRequest, config: SamplerCo
     decoding.close()
 
 
-def generate(bundle: Bundle | str | Path, prompts: str | Sequence[str], negative_prompt: str | None = None, n: int = 1,
-             seed: int = 0, guidance_scale: float | None = None, steps: int | None = None, scheduler: str | None = None,
-             graph: str = "quantized", backend: str = "onnxruntime", threads: int | None = None,
-             progress: bool = False) -> np.ndarray:
+def generate(
+    bundle: Bundle | str | Path,
+    prompts: str | Sequence[str],
+    negative_prompt: str | None = None,
+    n: int = 1,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+    steps: int | None = None,
+    scheduler: str | None = None,
+    graph: str = "quantized",
+    backend: str = "onnxruntime",
+    threads: int | None = None,
+    progress: bool = False,
+) -> np.ndarray:
     """The Python API of `stepquant generate`: uint8 images [len(prompts) * n, H, W, 3] (prompt-major), from a
     whole-pipeline bundle (a path is loaded and verified), with the bundle's sampler unless told otherwise."""
     loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    request = GenerateRequest((prompts,) if isinstance(prompts, str) else tuple(prompts), negative_prompt, n, seed, graph)
+    request = GenerateRequest(
+        (prompts,) if isinstance(prompts, str) else tuple(prompts), negative_prompt, n, seed, graph
+    )
     config = bundle_sampler(loaded, scheduler=scheduler, steps=steps, guidance_scale=guidance_scale)
-    return to_uint8(np.concatenate(list(generate_batches(loaded, request, config, threads, backend, progress=progress))))
+    return to_uint8(
+        np.concatenate(list(generate_batches(loaded, request, config, threads, backend, progress=progress)))
+    )
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -21,8 +21,10 @@ class TimestepGroupBackend:
         try:
             return self.group_of[float(timestep)]
         except KeyError:
-            raise ValueError(f"timestep {timestep:g} belongs to no timestep group of this bundle (its graphs cover "
-                             f"{sorted(self.group_of, reverse=True)}); sample with the steps it was exported for") from None
+            raise ValueError(
+                f"timestep {timestep:g} belongs to no timestep group of this bundle (its graphs cover "
+                f"{sorted(self.group_of, reverse=True)}); sample with the steps it was exported for"
+            ) from None
 
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditions: np.ndarray) -> np.ndarray:
         groups = np.array([self.group(t) for t in np.asarray(timestep).tolist()])
