@@ -12,7 +12,16 @@ import typer
 
 from stepquant.bundle import load_bundle
 from stepquant.cli.choices import Provider, RuntimeBackend, Scheduler
-from stepquant.cli.options import BackendOption, Classes, DeviceOption, ProviderOption, TrustKey, parse_classes
+from stepquant.cli.options import (
+    BackendOption,
+    Classes,
+    CorrectionsOption,
+    DeviceOption,
+    EngineOption,
+    ProviderOption,
+    TrustKey,
+    parse_classes,
+)
 from stepquant.eval.evaluate import evaluate
 from stepquant.eval.plots import plot_errors
 from stepquant.runtime.bundle_backends import bundle_corrections, bundle_sampler, quantized_backend, reference_backend
@@ -48,12 +57,8 @@ def eval_command(
     backend: BackendOption = RuntimeBackend.onnxruntime,
     provider: ProviderOption = Provider.cpu,
     device: DeviceOption = "CPU",
-    engine: Annotated[
-        Optional[Path], typer.Option(help="TensorRT engine for --backend tensorrt (default: the bundle's).")
-    ] = None,
-    corrections: Annotated[
-        bool, typer.Option(help="Apply the bundle's per-timestep correction terms, if it has them.")
-    ] = True,
+    engine: EngineOption = None,
+    corrections: CorrectionsOption = True,
     classes: Classes = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     trust_key: TrustKey = None,

@@ -13,7 +13,9 @@ from stepquant.cli.choices import Provider, RuntimeBackend, Scheduler, choices
 from stepquant.cli.files import check_writable, write_atomically
 from stepquant.cli.options import (
     BackendOption,
+    CorrectionsOption,
     DeviceOption,
+    EngineOption,
     ProviderOption,
     StoredSamplerOption,
     TrustKey,
@@ -108,21 +110,13 @@ def generate_command(
     backend: BackendOption = RuntimeBackend.onnxruntime,
     provider: ProviderOption = Provider.cpu,
     device: DeviceOption = "CPU",
-    engine: Annotated[
-        Optional[Path],
-        typer.Option(rich_help_panel="Backend", help="TensorRT engine for --backend tensorrt (default: the bundle's)."),
-    ] = None,
+    engine: EngineOption = None,
     batch_size: Annotated[int, typer.Option(rich_help_panel="Backend", min=1, help="Images per network call.")] = 8,
     threads: Annotated[
         Optional[int],
         typer.Option(rich_help_panel="Backend", min=1, help="onnxruntime intra-op threads (default: all cores)."),
     ] = None,
-    corrections: Annotated[
-        bool,
-        typer.Option(
-            rich_help_panel="Sampler", help="Apply the bundle's per-timestep correction terms, if it has them."
-        ),
-    ] = True,
+    corrections: CorrectionsOption = True,
     progress: Annotated[bool, typer.Option(rich_help_panel="Output", help="Show progress bars.")] = True,
     trust_key: TrustKey = None,
 ) -> None:

@@ -34,6 +34,20 @@ DeviceOption = Annotated[
     ),
 ]
 
+EngineOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--engine", rich_help_panel="Backend", help="TensorRT engine for --backend tensorrt (default: the bundle's)."
+    ),
+]
+CorrectionsOption = Annotated[
+    bool,
+    typer.Option(
+        "--corrections/--no-corrections",
+        rich_help_panel="Sampler",
+        help="Apply the bundle's per-timestep correction terms, if it has them.",
+    ),
+]
 TrustKey = Annotated[
     Optional[Path],
     typer.Option(

@@ -15,7 +15,9 @@ from stepquant.cli.files import check_writable, write_atomically, write_npz_batc
 from stepquant.cli.options import (
     BackendOption,
     Classes,
+    CorrectionsOption,
     DeviceOption,
+    EngineOption,
     ProviderOption,
     StoredSamplerOption,
     TrustKey,
@@ -83,16 +85,8 @@ def sample_command(
     backend: BackendOption = RuntimeBackend.onnxruntime,
     provider: ProviderOption = Provider.cpu,
     device: DeviceOption = "CPU",
-    engine: Annotated[
-        Optional[Path],
-        typer.Option(rich_help_panel="Backend", help="TensorRT engine for --backend tensorrt (default: the bundle's)."),
-    ] = None,
-    corrections: Annotated[
-        bool,
-        typer.Option(
-            rich_help_panel="Sampler", help="Apply the bundle's per-timestep correction terms, if it has them."
-        ),
-    ] = True,
+    engine: EngineOption = None,
+    corrections: CorrectionsOption = True,
     conditioning: Annotated[
         Optional[Path],
         typer.Option(
