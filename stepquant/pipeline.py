@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
 import torch
 from polygraphy.comparator import IterationResult, RunResults
 from polygraphy.json import save_json
@@ -66,7 +65,7 @@ from stepquant.export.parity import (
 from stepquant.export.parity_policy import ParityPolicy, parity_policy
 from stepquant.export.pipeline_parts import carried_parts, export_pipeline_parts, part_input_shapes
 from stepquant.export.precision import export_at_precision
-from stepquant.export.samplers import correction_file
+from stepquant.export.samplers import correction_file, sampler_quality
 from stepquant.export.shapes import CORNERS, ShapeProfile, resize_inputs
 from stepquant.export.targets import check_target, for_target
 from stepquant.export.tensorrt import build_engines, build_script, tensorrt_version
@@ -142,6 +141,7 @@ class ExportReport:
     quantized_layers: list[str]
     calibration_seconds: float  # model load, FP trajectories and range calibration
     seconds: float
+    samplers: tuple[StoredSampler, ...] = ()  # each stored sampler, with its PSNR to FP on the first target
 
     @property
     def primary(self) -> TargetReport:
@@ -636,6 +636,38 @@ def measure_quality(
             integer_kernels=kernels,
             space=space,
         )
+    first_report = reports[config.targets[0]]
+    stored[0] = replace(
+        stored[0],
+        quality={
+            "psnr_to_fp_db_mean": first_report.psnr_mean_db,
+            "psnr_to_fp_db_min": first_report.psnr_min_db,
+            "samples": len(eval_seeds),
+            "seeds": [eval_seeds[0], eval_seeds[-1]],
+            "space": space,
+            "psnr_data_range": data_range,
+            "fp": "torch",
+            "executed_by": "onnxruntime CPUExecutionProvider",
+        },
+    )
+    for index in range(1, len(stored)):  # the other stored samplers, on the first target's graphs
+        sampler = config.samplers[index]
+        stored[index] = replace(
+            stored[index],
+            quality=sampler_quality(
+                TorchBackend(prepared.fp_reference),
+                deployed[config.targets[0]],
+                capture_table(sampler, loaded.scheduler_config),
+                sampler,
+                eval_seeds,
+                shape,
+                latent=latent,
+                conditioning=prepared.conditioning,
+                corrections=terms[index] if terms else None,
+                decode=decode,
+                progress=config.progress,
+            ),
+        )
     return Measured(tuple(stored), corrections, reports, data_range)
 
 
@@ -643,8 +675,7 @@ def _decoder(parts: TextToImage | None, staging: Path):
     """Latents -> images in [-1, 1] through the staged VAE decoder graph, batch by batch (None without one)."""
     if parts is None:
         return None
-    vae = LatentDecoder(staging / parts.vae_decoder, parts.scaling_factor, parts.shift_factor)
-    return lambda latents: np.concatenate([vae(latents[i : i + 32]) for i in range(0, len(latents), 32)])
+    return LatentDecoder(staging / parts.vae_decoder, parts.scaling_factor, parts.shift_factor).in_batches
 
 
 def _target_section(
@@ -812,4 +843,5 @@ def export_quantized(config: ExportConfig) -> ExportReport | None:
         quantized_layers=calibrated.layer_names,
         calibration_seconds=calibrated.seconds,
         seconds=time.perf_counter() - start,
+        samplers=measured.samplers,
     )

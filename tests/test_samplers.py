@@ -16,11 +16,17 @@ from stepquant.bundle.reader import SIGNATURE
 from stepquant.bundle.signing import generate_keypair
 from stepquant.diffusers import from_bundle
 from stepquant.export.config import CalibrationConfig, ChecksConfig, CorrectionConfig
-from stepquant.export.samplers import add_sampler
+from stepquant.export.samplers import add_sampler, sampler_quality
 from stepquant.models.schedulers import capture_table
 from stepquant.pipeline import ExportConfig, export_quantized
 from stepquant.runtime import sample
-from stepquant.runtime.bundle_backends import bundle_corrections, bundle_sampler, bundle_table, quantized_backend
+from stepquant.runtime.bundle_backends import (
+    bundle_corrections,
+    bundle_sampler,
+    bundle_table,
+    quantized_backend,
+    reference_backend,
+)
 from stepquant.runtime.guidance import choose_conditioning
 from stepquant.runtime.sampler import SamplerConfig
 from stepquant.runtime.scheduler_table import SchedulerTableError
@@ -98,6 +104,38 @@ def test_a_bundle_of_three_samplers_samples_each_as_one_sampler_bundles_with_add
     assert bundle_sampler(three, scheduler="euler") == EULER and bundle_sampler(three) == DDIM
 
 
+def test_every_stored_sampler_carries_its_psnr_to_fp(tmp_path):
+    """The export measures each stored sampler on the first target (FP from torch); add-sampler measures the one it
+    adds the same way against the FP32 reference graph, so on the same graph and seeds the two figures agree."""
+    two = load_bundle(
+        export_quantized(ExportConfig(out=tmp_path / "two", sampler=DDIM, more_samplers=(EULER,), **SMALL)).bundle
+    )
+    one = load_bundle(export_quantized(ExportConfig(out=tmp_path / "one", sampler=DDIM, **SMALL)).bundle)
+    exported = two.manifest.stored(EULER.key).quality
+    added = add_sampler(one, EULER, progress=False).manifest.stored(EULER.key).quality
+    assert exported["samples"] == added["samples"] == 4 and exported["seeds"] == added["seeds"] == [0, 3]
+    assert (
+        two.manifest.samplers[0].quality["psnr_to_fp_db_mean"]
+        == two.target("tensorrt").details["quality"]["psnr_to_fp_db_mean"]
+    )
+    assert (
+        25 < exported["psnr_to_fp_db_mean"] < 80
+        and abs(exported["psnr_to_fp_db_mean"] - added["psnr_to_fp_db_mean"]) < 0.05
+    )
+    # the fault the agreement must catch: a figure measured on another sampler's table
+    wrong = sampler_quality(
+        reference_backend(one),
+        quantized_backend(one),
+        bundle_table(one, DDIM),
+        DDIM,
+        range(4),
+        one.manifest.sample_shape,
+        latent=False,
+        progress=False,
+    )
+    assert abs(wrong["psnr_to_fp_db_mean"] - added["psnr_to_fp_db_mean"]) > 0.05
+
+
 def test_added_samplers_get_their_own_correction_terms_fitted_from_the_bundle(tmp_path):
     """A guided class-conditional bundle with PTQD terms: `add-sampler` fits the new sampler's terms from the
     bundle's FP32 and Q/DQ graphs on onnxruntime (the export fits them against torch); they agree with an export
@@ -117,7 +155,7 @@ def test_added_samplers_get_their_own_correction_terms_fitted_from_the_bundle(tm
         "--no-progress",
     )
     assert result.returncode == 0, result.stderr
-    assert "added dpm-solver++:4 with ptqd terms" in result.stdout
+    assert "added dpm-solver++:4 with ptqd terms" in result.stdout and "quality: PSNR to FP" in result.stdout
     added = load_bundle(tmp_path / "one")
     assert [e.correction_file for e in added.manifest.samplers] == [
         "corrections.safetensors",

@@ -217,12 +217,14 @@ class StoredSampler:
     sampler: Sampler
     scheduler_table: dict[str, Any]  # stepquant.runtime.scheduler_table.SchedulerTable.to_dict()
     correction_file: str | None = None
+    quality: dict[str, Any] = field(default_factory=dict)  # its PSNR to FP where measured (information)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "sampler": self.sampler.to_dict(),
             "scheduler_table": self.scheduler_table,
             "correction_file": self.correction_file,
+            "quality": self.quality,
         }
 
     @classmethod
@@ -235,8 +237,12 @@ class StoredSampler:
             entry.get("correction_file") is None or need.file(entry["correction_file"]),
             "a sampler's 'correction_file' must be null or a listed file",
         )
+        need(isinstance(entry.get("quality", {}), dict), "a sampler's 'quality' must be an object")
         return cls(
-            Sampler.from_dict(entry.get("sampler"), need), entry["scheduler_table"], entry.get("correction_file")
+            Sampler.from_dict(entry.get("sampler"), need),
+            entry["scheduler_table"],
+            entry.get("correction_file"),
+            dict(entry.get("quality", {})),
         )
 
 

@@ -66,11 +66,14 @@ def _print_report(report: ExportReport, config: ExportConfig) -> None:
         "host loop)"
     )
     if config.more_samplers:
+        terms = " and correction terms" if config.correction.enabled else ""
         print(
-            f"samplers: {', '.join(s.spec for s in config.samplers)} (calibrated for {config.sampler.spec}, the "
-            "default; "
-            "each with its own table" + (" and correction terms)" if config.correction.enabled else ")")
+            f"samplers: {config.sampler.spec} calibrated for, the default; each with its own table{terms}; PSNR to FP "
+            f"on the {config.targets[0]} graph:"
         )
+        for entry in report.samplers:
+            mean, low = entry.quality["psnr_to_fp_db_mean"], entry.quality["psnr_to_fp_db_min"]
+            print(f"  {entry.sampler.spec}: {mean:.2f} dB mean, {low:.2f} dB min")
     print(
         f"layers:  {len(report.quantized_layers)} quantized at {spec.weight_grid} weights, {spec.act_grid} "
         "activations; "

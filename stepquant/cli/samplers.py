@@ -20,17 +20,17 @@ from stepquant.runtime.text_to_image import GenerateRequest, PromptEncoder, text
 def _conditioning(
     bundle: Bundle, classes: tuple[int, ...] | None, conditioning: Path | None, prompts_file: Path | None
 ) -> Conditioning | None:
-    """What the new sampler's correction terms are fitted under: the bundle's class table (the classes it was
-    exported with, unless --classes says otherwise), a conditioning file, or prompts through the bundle's own
-    text encoder; None where nothing is to be fitted."""
+    """What the new sampler's correction terms are fitted and its quality measured under: the bundle's class
+    table (the classes it was exported with, unless --classes says otherwise), a conditioning file, or prompts
+    through the bundle's own text encoder; None for an unconditional bundle, or a conditional one given nothing
+    and without terms to fit (its quality is then not measured)."""
     manifest = bundle.manifest
     given = classes is not None or conditioning is not None or prompts_file is not None
-    if manifest.correction_method == "none" or not manifest.conditions:
+    if not manifest.conditions:
         if given:
-            raise typer.BadParameter(
-                "this bundle has no correction terms to fit under a conditioning: drop "
-                "--classes / --conditioning / --prompts-file"
-            )
+            raise typer.BadParameter("this bundle is unconditional: drop --classes / --conditioning / --prompts-file")
+        return None
+    if not given and not manifest.class_table and manifest.correction_method == "none":
         return None
     if prompts_file is not None:
         if manifest.text_to_image is None:
@@ -96,6 +96,14 @@ def add_sampler_command(
             "not verify).",
         ),
     ] = False,
+    eval_samples: Annotated[
+        Optional[int],
+        typer.Option(
+            rich_help_panel="Output and checks",
+            min=1,
+            help="Seeds its PSNR to FP is measured on (default: the export's).",
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(rich_help_panel="Output and checks", help="Show progress bars.")] = True,
 ) -> None:
     """Store one more sampler in a bundle: its scheduler table and, where the bundle has correction terms, terms
@@ -116,10 +124,17 @@ def add_sampler_command(
             f"bundle {bundle} is signed and its manifest changes: pass --sign-key to sign it again, or --drop-signature"
         )
     rows = _conditioning(loaded, parse_classes(classes), conditioning, prompts_file)
-    extended = add_sampler(loaded, config, rows, sign_key, progress)
+    extended = add_sampler(loaded, config, rows, sign_key, progress, eval_samples)
     stored = ", ".join(entry.sampler.spec for entry in extended.manifest.samplers)
     fitted = f" with {loaded.manifest.correction_method} terms" if loaded.manifest.correction_method != "none" else ""
     print(
         f"added {config.spec}{fitted} to {bundle}; it stores {stored}"
         + ("; manifest signed again" if sign_key else "; the bundle is now unsigned" if signed else "")
+    )
+    quality = extended.manifest.samplers[-1].quality
+    print(
+        f"  quality: PSNR to FP {quality['psnr_to_fp_db_mean']:.2f} dB mean, {quality['psnr_to_fp_db_min']:.2f} dB min "
+        f"({quality['space']}s), over {quality['samples']} seeds, against {quality['fp']}"
+        if quality
+        else "  quality: not measured (a conditional bundle: pass --conditioning or --prompts-file to measure it)"
     )

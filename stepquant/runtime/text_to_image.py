@@ -115,6 +115,10 @@ class LatentDecoder:
         scaled = np.asarray(latents, np.float32) / np.float32(self.scaling_factor) + np.float32(self.shift_factor)
         return np.clip(self.vae.run({"latent_sample": scaled})[0], -1.0, 1.0)
 
+    def in_batches(self, latents: np.ndarray, batch: int = 32) -> np.ndarray:
+        """Many latents decoded `batch` at a time (a VAE decoder's activations grow with the batch)."""
+        return np.concatenate([self(latents[i : i + batch]) for i in range(0, len(latents), batch)])
+
 
 @dataclass(frozen=True)
 class GenerateRequest:
