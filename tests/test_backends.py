@@ -4,6 +4,7 @@ a backend imports nothing of the others."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from conftest import FEW_STEPS, assert_one_line_error, run_cli
 from onnx import numpy_helper
 
 from stepquant.bundle import load_bundle
-from stepquant.runtime import bundle_backends, bundle_table, sample
+from stepquant.runtime import bundle_table, sample
 from stepquant.runtime.bundle_backends import RunOptions, quantized_backend, reference_backend, resolve_backend
 from stepquant.runtime.onnxruntime_backend import provider_available
 from stepquant.runtime.openvino_backend import OpenVINOBackend
@@ -82,18 +83,20 @@ def test_openvino_samples_the_quantized_graph_as_onnxruntime_does(demo_bundle, t
     assert _median_gain_db(run(OpenVINOBackend(coarse)), by_ort, fp) < -1.0  # measured -3.4 dB
 
 
-def test_auto_takes_openvino_on_vnni_cpus_where_installed_else_onnxruntime_on_the_cpu(demo_bundle, monkeypatch):
-    bundle = load_bundle(demo_bundle[0])
+def test_auto_takes_the_cpu_graph_on_onnxruntime_else_openvino_where_installed(demo_bundle, monkeypatch):
+    bundle = load_bundle(demo_bundle[0])  # the tensorrt graph only
     if provider_available("cuda"):
         assert resolve_backend(bundle, "auto")[1].provider == "cuda"
         return
     has_openvino = __import__("importlib").util.find_spec("openvino") is not None
-    monkeypatch.setitem(bundle_backends.AUTO_CONDITIONS, "openvino", lambda: True)
     name, options = resolve_backend(bundle, "auto", RunOptions(threads=1))
     assert name == ("openvino" if has_openvino else "onnxruntime") and options.threads == 1
-    monkeypatch.setitem(bundle_backends.AUTO_CONDITIONS, "openvino", lambda: False)  # an AVX2-only CPU
-    assert resolve_backend(bundle, "auto") == ("onnxruntime", RunOptions())
-    monkeypatch.setitem(bundle_backends.AUTO_CONDITIONS, "openvino", lambda: True)
+    targets = bundle.manifest.targets
+    with_cpu_graph = dataclasses.replace(
+        bundle,
+        manifest=dataclasses.replace(bundle.manifest, targets={**targets, "onnxruntime-cpu": targets["tensorrt"]}),
+    )
+    assert resolve_backend(with_cpu_graph, "auto") == ("onnxruntime", RunOptions())
     monkeypatch.setitem(sys.modules, "openvino", None)
     assert resolve_backend(bundle, "auto") == ("onnxruntime", RunOptions())
 

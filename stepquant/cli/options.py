@@ -16,7 +16,8 @@ BackendOption = Annotated[
         "--backend",
         rich_help_panel="Backend",
         help="What runs the bundle's graphs; auto: TensorRT where its engines are built, else onnxruntime-gpu's "
-        "CUDA provider, else OpenVINO, else onnxruntime on the CPU.",
+        "CUDA provider, else onnxruntime where the bundle has the onnxruntime-cpu graph, else OpenVINO, else "
+        "onnxruntime on the CPU.",
     ),
 ]
 ProviderOption = Annotated[

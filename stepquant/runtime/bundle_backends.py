@@ -3,9 +3,11 @@ engine), its FP reference graph, its scheduler table and its correction terms.
 
 Backends are a name -> `Engine` table. `auto` takes the first that can run here, in this order: TensorRT when
 the bundle holds its engines and tensorrt imports; onnxruntime's CUDA provider when onnxruntime-gpu sees a GPU;
-OpenVINO when installed and the CPU has VNNI; onnxruntime on the CPU. On the CPU that is the fastest measured
-for each kind (docs/benchmarks/backends.md: with VNNI, OpenVINO on the TensorRT graph led; on an AVX2-only
-CPU, onnxruntime's CPU graph). Nothing of an engine is imported unless it is chosen or probed by `auto`.
+onnxruntime on the CPU when the bundle has the onnxruntime-cpu graph; OpenVINO (on the TensorRT graph) when
+installed; onnxruntime on the CPU. On the CPU that is the fastest measured (docs/benchmarks/backends.md: the
+onnxruntime-cpu graph led at batch 8 on an AVX2-only and on an AVX-512 VNNI EPYC; without it, OpenVINO ran the
+TensorRT graph 1.4x-2.5x faster than onnxruntime, which leaves its convolutions in float). Nothing of an
+engine is imported unless it is chosen or probed by `auto`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from stepquant.bundle import Bundle, BundleError, TimestepGroup
 from stepquant.bundle.manifest import StoredSampler
-from stepquant.bundle.targets import TENSORRT
+from stepquant.bundle.targets import ONNXRUNTIME_CPU, TENSORRT
 from stepquant.runtime.backend import Backend
 from stepquant.runtime.corrections import CorrectionError, Corrections
 from stepquant.runtime.onnxruntime_backend import OnnxRuntimeBackend, provider_available
@@ -72,18 +74,6 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def cpu_has_vnni() -> bool:
-    """Whether this x86 CPU has VNNI (AVX-512 VNNI or AVX-VNNI): the integer kernels OpenVINO's CPU plugin is
-    fastest with. Unknown (no /proc/cpuinfo) counts as no."""
-    try:
-        flags = next(
-            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-        ).split()
-    except (OSError, StopIteration):
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
 def _has_plans(bundle: Bundle, options: RunOptions) -> bool:
     return TENSORRT.name in bundle.manifest.targets and all(
         plan_file(g.graph) in bundle.manifest.files for g in bundle.target(TENSORRT.name).timestep_groups
@@ -96,13 +86,20 @@ ENGINES: dict[str, Engine] = {
     "tensorrt": Engine(_open_tensorrt, lambda b, o: _has_plans(b, o) and _importable("tensorrt"), runs_plans=True),
 }
 BACKENDS = (*ENGINES, "auto")
-AUTO_ORDER = (
-    ("tensorrt", RunOptions()),
-    ("onnxruntime", RunOptions(provider="cuda")),
-    ("openvino", RunOptions()),
-    ("onnxruntime", RunOptions()),
+
+
+def _has_cpu_graph(bundle: Bundle) -> bool:
+    return ONNXRUNTIME_CPU.name in bundle.manifest.targets
+
+
+# `auto`'s order: (backend, options, what the bundle must hold beyond the engine being available here)
+AUTO_ORDER: tuple[tuple[str, RunOptions, Callable[[Bundle], bool]], ...] = (
+    ("tensorrt", RunOptions(), lambda bundle: True),
+    ("onnxruntime", RunOptions(provider="cuda"), lambda bundle: True),
+    ("onnxruntime", RunOptions(), _has_cpu_graph),
+    ("openvino", RunOptions(), lambda bundle: True),
+    ("onnxruntime", RunOptions(), lambda bundle: True),
 )
-AUTO_CONDITIONS: dict[str, Callable[[], bool]] = {"openvino": cpu_has_vnni}  # beyond being available
 
 
 def resolve_backend(bundle: Bundle, backend: str, options: RunOptions = RunOptions()) -> tuple[str, RunOptions]:
@@ -112,11 +109,11 @@ def resolve_backend(bundle: Bundle, backend: str, options: RunOptions = RunOptio
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend, options
-    for name, probe in AUTO_ORDER:
+    for name, probe, holds in AUTO_ORDER:
         candidate = RunOptions(
             options.threads, probe.provider, options.optimization_level, options.device, options.engine
         )
-        if ENGINES[name].available(bundle, candidate) and AUTO_CONDITIONS.get(name, lambda: True)():
+        if ENGINES[name].available(bundle, candidate) and holds(bundle):
             return name, candidate
     return "onnxruntime", options
 
