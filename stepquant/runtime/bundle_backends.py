@@ -5,9 +5,10 @@ Backends are a name -> `Engine` table. `auto` takes the first that can run here,
 the bundle holds its engines and tensorrt imports; onnxruntime's CUDA provider when onnxruntime-gpu sees a GPU;
 onnxruntime on the CPU when the bundle has the onnxruntime-cpu graph; OpenVINO (on the TensorRT graph) when
 installed; onnxruntime on the CPU. On the CPU that is the fastest measured (docs/benchmarks/backends.md: the
-onnxruntime-cpu graph led at batch 8 on an AVX2-only and on an AVX-512 VNNI EPYC; without it, OpenVINO ran the
-TensorRT graph 1.4x-2.5x faster than onnxruntime, which leaves its convolutions in float). Nothing of an
-engine is imported unless it is chosen or probed by `auto`.
+onnxruntime-cpu graph led on the cifar10 UNet at batch 8 on an AVX2-only and on an AVX-512 VNNI EPYC; without
+it, OpenVINO ran the TensorRT graph 1.4x-2.5x faster there than onnxruntime, which leaves its convolutions in
+float, and as fast on the small demo at batch 1). Nothing of an engine is imported unless it is chosen or probed
+by `auto`.
 """
 
 from __future__ import annotations
