@@ -348,9 +348,7 @@ def _tokenizer(bundle: Bundle, part: TextEncoderPart):
 
     device = load_tokenizer(bundle.file(part.tokenizer), part.max_length, part.pad_id)
     return PreTrainedTokenizerFast(
-        tokenizer_file=str(bundle.file(part.tokenizer)),
-        model_max_length=part.max_length,
-        pad_token=device.id_to_token(part.pad_id),
+        tokenizer_object=device, model_max_length=part.max_length, pad_token=device.id_to_token(part.pad_id)
     )
 
 
@@ -387,9 +385,7 @@ def pipeline_from_bundle(
     ]
     tokenizers = [_tokenizer(loaded, p) for p in parts.encoders]
     vae = BundleVAE(part_backend(loaded, parts.vae_decoder, backend, options), parts, manifest.sample_shape[0])
-    chosen = (
-        bundle_sampler(loaded) if sampler is None else bundle_sampler(loaded, **SamplerConfig.parse(sampler).fields)
-    )
+    chosen = bundle_sampler(loaded, **(SamplerConfig.parse(sampler).fields if sampler else {}))
     scheduler = make_scheduler(chosen, manifest.noise_schedule)
     if len(encoders) == 1:
         return StableDiffusionPipeline(

@@ -43,7 +43,7 @@ from stepquant.calibrators.timestep_groups import (
     split_every,
 )
 from stepquant.errors import StepquantError
-from stepquant.eval import psnr, save_comparison_grid
+from stepquant.eval import save_comparison_grid
 from stepquant.eval.memory import peak_rss_mib
 from stepquant.export.bundle import check_destination, sign_manifest, staged_directory, write_manifest
 from stepquant.export.config import ExportConfig
@@ -65,7 +65,7 @@ from stepquant.export.parity import (
 from stepquant.export.parity_policy import ParityPolicy, parity_policy
 from stepquant.export.pipeline_parts import carried_parts, export_pipeline_parts, part_input_shapes
 from stepquant.export.precision import export_at_precision
-from stepquant.export.samplers import correction_file, sampler_quality
+from stepquant.export.samplers import correction_file, quality_record, sampler_quality
 from stepquant.export.shapes import CORNERS, ShapeProfile, resize_inputs
 from stepquant.export.targets import check_target, for_target
 from stepquant.export.tensorrt import build_engines, build_script, tensorrt_version
@@ -120,15 +120,26 @@ class TargetReport:
     graphs: list[str]
     layerwise: list[LayerwiseReport]  # the gate, one report per graph (timestep group)
     end_to_end: ParityReport  # every graph's output against the simulation's, judged at the replay tolerance
-    psnr_mean_db: float
-    psnr_min_db: float
+    quality: dict  # PSNR to FP with the first sampler (export.samplers.quality_record)
     # onnxruntime-cpu: the integer kernels onnxruntime runs, and the fused graph's distance to the simulation
     integer_kernels: dict | None
-    space: str = "pixel"  # what PSNR compares: pixels, latents, or images decoded by the bundle's VAE
 
     @property
     def parity_passed(self) -> bool:
         return all(report.passed for report in self.layerwise)
+
+    @property
+    def psnr_mean_db(self) -> float:
+        return self.quality["psnr_to_fp_db_mean"]
+
+    @property
+    def psnr_min_db(self) -> float:
+        return self.quality["psnr_to_fp_db_min"]
+
+    @property
+    def space(self) -> str:
+        """What PSNR compares: pixels, latents, or images decoded by the bundle's VAE."""
+        return self.quality["space"]
 
 
 @dataclass
@@ -345,7 +356,6 @@ class Measured:
     samplers: tuple[StoredSampler, ...]
     corrections: Corrections | None
     reports: dict[str, TargetReport]
-    data_range: float
 
 
 def prepare(config: ExportConfig) -> Prepared:
@@ -563,10 +573,9 @@ def measure_quality(
         )
         for target, graphs in exported.graphs.items()
     }
-    stored, terms = [], []
+    stored, terms, tables = [], [], [capture_table(sampler, loaded.scheduler_config) for sampler in config.samplers]
     first = [(staging / group.graph, group) for group, _ in exported.graphs[config.targets[0]]]
-    for index, sampler in enumerate(config.samplers):
-        table = capture_table(sampler, loaded.scheduler_config)
+    for index, (sampler, table) in enumerate(zip(config.samplers, tables)):
         file = None
         if config.correction.enabled:  # estimated on the first target's graphs, along calibration trajectories
             terms.append(estimate_rank_corrections(config, prepared, calibrated, distributed.broadcast(first), sampler))
@@ -575,7 +584,7 @@ def measure_quality(
         stored.append(StoredSampler(sampler.to_record(), table.to_dict(), file))
     corrections = terms[0] if terms else None
     eval_seeds = range(config.seed, config.seed + config.checks.eval_samples)
-    table = capture_table(config.sampler, loaded.scheduler_config)
+    table = tables[0]
     fp_samples = sample(
         TorchBackend(prepared.fp_reference),
         table,
@@ -588,11 +597,8 @@ def measure_quality(
         clip=not latent,
     ).samples
     decode = _decoder(exported.parts, staging)
-    space = "image" if decode is not None else "latent" if latent else "pixel"
     if decode is not None:  # a whole pipeline: quality and preview on decoded images, as a user sees them
         fp_samples = decode(fp_samples)
-    # latents are not in [-1, 1]: without a VAE their PSNR is taken over the FP latents' peak-to-peak range
-    data_range = float(fp_samples.max() - fp_samples.min()) if latent and decode is None else 2.0
     reports: dict[str, TargetReport] = {}
     for target, backend in deployed.items():
         q_samples = sample(
@@ -609,7 +615,6 @@ def measure_quality(
         ).samples
         if decode is not None:
             q_samples = decode(q_samples)
-        scores = psnr(q_samples, fp_samples, data_range)
         if not reports:
             save_comparison_grid(fp_samples[:32], q_samples[:32], staging / PREVIEW_FILE)
         parities = [parity for _, parity in exported.graphs[target]]
@@ -631,25 +636,10 @@ def measure_quality(
             end_to_end=ParityReport(
                 float("inf"), end_to_end[0].error_quantile, [t for report in end_to_end for t in report.timesteps]
             ).judged(tolerance),
-            psnr_mean_db=float(scores.mean()),
-            psnr_min_db=float(scores.min()),
+            quality=quality_record(q_samples, fp_samples, eval_seeds, latent=latent, decoded=decode is not None),
             integer_kernels=kernels,
-            space=space,
         )
-    first_report = reports[config.targets[0]]
-    stored[0] = replace(
-        stored[0],
-        quality={
-            "psnr_to_fp_db_mean": first_report.psnr_mean_db,
-            "psnr_to_fp_db_min": first_report.psnr_min_db,
-            "samples": len(eval_seeds),
-            "seeds": [eval_seeds[0], eval_seeds[-1]],
-            "space": space,
-            "psnr_data_range": data_range,
-            "fp": "torch",
-            "executed_by": "onnxruntime CPUExecutionProvider",
-        },
-    )
+    stored[0] = replace(stored[0], quality=reports[config.targets[0]].quality)
     for index in range(1, len(stored)):  # the other stored samplers, on the first target's graphs
         sampler = config.samplers[index]
         stored[index] = replace(
@@ -657,7 +647,7 @@ def measure_quality(
             quality=sampler_quality(
                 TorchBackend(prepared.fp_reference),
                 deployed[config.targets[0]],
-                capture_table(sampler, loaded.scheduler_config),
+                tables[index],
                 sampler,
                 eval_seeds,
                 shape,
@@ -668,7 +658,7 @@ def measure_quality(
                 progress=config.progress,
             ),
         )
-    return Measured(tuple(stored), corrections, reports, data_range)
+    return Measured(tuple(stored), corrections, reports)
 
 
 def _decoder(parts: TextToImage | None, staging: Path):
@@ -678,9 +668,7 @@ def _decoder(parts: TextToImage | None, staging: Path):
     return LatentDecoder(staging / parts.vae_decoder, parts.scaling_factor, parts.shift_factor).in_batches
 
 
-def _target_section(
-    config: ExportConfig, target: str, report: TargetReport, groups: list[TimestepGroup], data_range: float
-) -> Target:
+def _target_section(target: str, report: TargetReport, groups: list[TimestepGroup]) -> Target:
     return Target(
         timestep_groups=groups,
         parity={
@@ -692,15 +680,7 @@ def _target_section(
         onnxruntime_optimization_level=TARGETS[target].optimization_level,
         parity_optimization_level=report.layerwise[0].policy.optimization_level,
         details={
-            "quality": {
-                "psnr_to_fp_db_mean": report.psnr_mean_db,
-                "psnr_to_fp_db_min": report.psnr_min_db,
-                "samples": config.checks.eval_samples,
-                "seeds": [config.seed, config.seed + config.checks.eval_samples - 1],
-                "space": report.space,
-                "psnr_data_range": data_range,
-                "executed_by": "onnxruntime CPUExecutionProvider",
-            },
+            "quality": report.quality,
             **(
                 {"lint": {"rules": "tensorrt explicit quantization", "findings": 0}}
                 if TARGETS[target].tensorrt_rules
@@ -770,9 +750,7 @@ def write_bundle(
             noise_schedule=prepared.loaded.scheduler_config,
             samplers=measured.samplers,
             targets={
-                target: _target_section(
-                    config, target, report, [group for group, _ in exported.graphs[target]], measured.data_range
-                )
+                target: _target_section(target, report, [group for group, _ in exported.graphs[target]])
                 for target, report in measured.reports.items()
             },
             reference_graph=FP_MODEL_FILE,

@@ -76,7 +76,7 @@ def sampler_quality(
     """One stored sampler's PSNR to FP, as the export measures the first one's: the same seeds through the FP
     model (`fp`) and the quantized graphs with the sampler's terms, decoded by the VAE where the bundle has one
     (else latents over the FP latents' peak-to-peak range)."""
-    runs = {}
+    runs: dict[str, np.ndarray] = {}
     for name, backend, terms in (("FP", fp, None), ("quantized", quantized, corrections)):
         runs[name] = sample(
             backend,
@@ -92,14 +92,22 @@ def sampler_quality(
         ).samples
         if decode is not None:
             runs[name] = decode(runs[name])
-    data_range = float(runs["FP"].max() - runs["FP"].min()) if latent and decode is None else 2.0
-    scores = psnr(runs["quantized"], runs["FP"], data_range)
+    return quality_record(runs["quantized"], runs["FP"], seeds, latent=latent, decoded=decode is not None, fp_by=fp_by)
+
+
+def quality_record(
+    quantized: np.ndarray, fp: np.ndarray, seeds: range, *, latent: bool, decoded: bool, fp_by: str = "torch"
+) -> dict:
+    """PSNR to FP of samples from the same `seeds`, as the manifest records it: images in [-1, 1] (pixels, or
+    latents `decoded` by the bundle's VAE), else latents over the FP latents' peak-to-peak range."""
+    data_range = float(fp.max() - fp.min()) if latent and not decoded else 2.0
+    scores = psnr(quantized, fp, data_range)
     return {
         "psnr_to_fp_db_mean": float(scores.mean()),
         "psnr_to_fp_db_min": float(scores.min()),
         "samples": len(seeds),
         "seeds": [seeds[0], seeds[-1]],
-        "space": "image" if decode is not None else "latent" if latent else "pixel",
+        "space": "image" if decoded else "latent" if latent else "pixel",
         "psnr_data_range": data_range,
         "fp": fp_by,
         "executed_by": "onnxruntime CPUExecutionProvider",
@@ -126,16 +134,21 @@ def _first_target(bundle: Bundle, targets: dict[str, Target]) -> Backend:
 
 
 def fit_corrections(
-    bundle: Bundle, quantized: Backend, sampler: SamplerConfig, conditioning: Conditioning | None, progress: bool = True
+    bundle: Bundle,
+    fp: Backend,
+    quantized: Backend,
+    sampler: SamplerConfig,
+    conditioning: Conditioning | None,
+    progress: bool = True,
 ) -> Corrections:
     """The bundle's correction method fitted for `sampler` from the bundle alone: its FP32 reference graph
-    against its `quantized` graphs on onnxruntime, along the calibration seeds' trajectories."""
+    (`fp`) against its `quantized` graphs on onnxruntime, along the calibration seeds' trajectories."""
     manifest = bundle.manifest
     seeds = calibration_seeds(bundle)
     rows = None if conditioning is None else conditioning.at(range(len(seeds)))
     return estimate_corrections(
         manifest.correction_method,
-        reference_backend(bundle),
+        fp,
         quantized,
         manifest.noise_schedule,
         seeds,
@@ -181,15 +194,15 @@ def add_sampler(
         name: replace(target, timestep_groups=serving(target.timestep_groups, table.timesteps.tolist()))
         for name, target in manifest.targets.items()
     }
-    quantized = _first_target(bundle, targets)
+    fp, quantized = reference_backend(bundle), _first_target(bundle, targets)
     corrections = None
     if manifest.correction_method != "none":
-        corrections = fit_corrections(bundle, quantized, sampler, conditioning, progress)
+        corrections = fit_corrections(bundle, fp, quantized, sampler, conditioning, progress)
     quality = {}
     if conditioning is not None or not manifest.conditions:
         decode = LatentDecoder.of(bundle).in_batches if manifest.text_to_image is not None else None
         quality = sampler_quality(
-            reference_backend(bundle),
+            fp,
             quantized,
             table,
             sampler,

@@ -224,9 +224,13 @@ def bundle_sampler(bundle: Bundle, **requested) -> SamplerConfig:
                 return SamplerConfig.from_record(entry.sampler).overridden(guidance_scale=guidance)
             except ValueError as err:
                 raise BundleError(f"bundle {bundle.path}: {err}") from err
-    wanted = SamplerConfig.from_record(bundle.manifest.sampler).overridden(**asked)
-    raise SchedulerTableError(
-        f"bundle {bundle.path} stores no {wanted.describe()} sampler; it stores "
+    raise _not_stored(bundle, SamplerConfig.from_record(bundle.manifest.sampler).overridden(**asked))
+
+
+def _not_stored(bundle: Bundle, config: SamplerConfig) -> SchedulerTableError:
+    """The one line for a sampler the bundle does not store, naming those it does."""
+    return SchedulerTableError(
+        f"bundle {bundle.path} stores no {config.describe()} sampler; it stores "
         f"{', '.join(entry.sampler.spec for entry in bundle.manifest.samplers)}: choose one of "
         "those, or add this one with `stepquant add-sampler`"
     )
@@ -237,10 +241,7 @@ def _stored(bundle: Bundle, config: SamplerConfig | None) -> StoredSampler:
         return bundle.manifest.samplers[0]
     entry = bundle.manifest.stored(config.key)
     if entry is None:
-        raise SchedulerTableError(
-            f"bundle {bundle.path} stores no {config.describe()} sampler; it stores "
-            f"{', '.join(e.sampler.spec for e in bundle.manifest.samplers)}"
-        )
+        raise _not_stored(bundle, config)
     return entry
 
 
