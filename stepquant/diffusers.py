@@ -14,8 +14,8 @@ the noise D2's stochastic variant adds, the variance schedule PTQD/D2 shrink on 
 correction at a timestep the terms do not cover (another scheduler or step count).
 
 `pipeline_from_bundle(DIR)` goes one step further for a whole-pipeline bundle: diffusers' own
-StableDiffusion(XL)Pipeline made of the bundle's tokenizers, text encoder graphs, denoiser and VAE decoder graph,
-with no pipeline directory on the serving machine.
+StableDiffusion(XL)Pipeline or PixArtSigmaPipeline made of the bundle's tokenizers, text encoder graphs, denoiser
+and VAE decoder graph, with no pipeline directory on the serving machine.
 """
 
 from __future__ import annotations
@@ -293,11 +293,12 @@ class _EncoderOutput(tuple):
 
 class BundleTextEncoder(torch.nn.Module):
     """In place of `pipe.text_encoder` / `pipe.text_encoder_2`: the bundle's text encoder graph, which gives the
-    states the denoiser reads (and, for SDXL's second encoder, the pooled embedding) from token ids."""
+    states the denoiser reads (and, for SDXL's second encoder, the pooled embedding) from token ids (and, for
+    T5, their attention mask)."""
 
-    def __init__(self, backend: Backend, pooled: bool, projection_dim: int | None = None) -> None:
+    def __init__(self, backend: Backend, part: TextEncoderPart, projection_dim: int | None = None) -> None:
         super().__init__()
-        self.backend, self.pooled = backend, pooled
+        self.backend, self.pooled, self.masked = backend, part.pooled, part.attention_mask
         self.config = SimpleNamespace(projection_dim=projection_dim)
 
     dtype = BundleDenoiser.dtype
@@ -310,7 +311,11 @@ class BundleTextEncoder(torch.nn.Module):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> _EncoderOutput:
-        outputs = self.backend.run({"input_ids": input_ids.detach().to("cpu", torch.int64).numpy()})
+        inputs = {"input_ids": input_ids.detach().to("cpu", torch.int64).numpy()}
+        if self.masked:
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            inputs["attention_mask"] = mask.detach().to("cpu", torch.int64).numpy()
+        outputs = self.backend.run(inputs)
         states = torch.from_numpy(np.asarray(outputs[0], np.float32)).to(input_ids.device)
         first = torch.from_numpy(np.asarray(outputs[1], np.float32)).to(input_ids.device) if self.pooled else states
         output = _EncoderOutput((first,))
@@ -364,10 +369,12 @@ def pipeline_from_bundle(
     warn: Warn | None = None,
 ):
     """A whole-pipeline bundle as diffusers' own StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL's
-    two encoders): the bundle's tokenizers, text encoders, denoiser (`from_bundle`) and VAE decoder on `backend`,
-    and the stored `sampler`'s scheduler (default: the bundle's first). Call it with that sampler's steps
-    (`num_inference_steps`) for its correction terms to apply."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    two encoders, PixArtSigmaPipeline for a T5 and a transformer): the bundle's tokenizers, text encoders,
+    denoiser (`from_bundle`) and VAE decoder on `backend`, and the stored `sampler`'s scheduler (default: the
+    bundle's first). Call it with that sampler's steps (`num_inference_steps`) for its correction terms to
+    apply; a PixArt pipeline with `use_resolution_binning=False` at a size the bundle takes, and
+    `clean_caption=False` (the bundle's runtime lowercases and strips, as diffusers then does)."""
+    from diffusers import PixArtSigmaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from stepquant.models.schedulers import make_scheduler
 
@@ -380,13 +387,17 @@ def pipeline_from_bundle(
     if projection is not None:  # SDXL: the pooled width is what the add embedding takes beyond the six time ids
         projection -= 6 * unet.config["addition_time_embed_dim"]
     encoders = [
-        BundleTextEncoder(part_backend(loaded, p.graph, backend, options), p.pooled, projection if p.pooled else None)
+        BundleTextEncoder(part_backend(loaded, p.graph, backend, options), p, projection if p.pooled else None)
         for p in parts.encoders
     ]
     tokenizers = [_tokenizer(loaded, p) for p in parts.encoders]
     vae = BundleVAE(part_backend(loaded, parts.vae_decoder, backend, options), parts, manifest.sample_shape[0])
     chosen = bundle_sampler(loaded, **(SamplerConfig.parse(sampler).fields if sampler else {}))
     scheduler = make_scheduler(chosen, manifest.noise_schedule)
+    if isinstance(unet, BundleTransformer):
+        return PixArtSigmaPipeline(
+            tokenizer=tokenizers[0], text_encoder=encoders[0], vae=vae, transformer=unet, scheduler=scheduler
+        )
     if len(encoders) == 1:
         return StableDiffusionPipeline(
             vae=vae,

@@ -176,6 +176,28 @@ def sdxl_pipeline(text_pipeline) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def pixart_pipeline(text_pipeline) -> Path:
+    """A tiny random PixArt-Sigma pipeline (`pipe/`: T5 tokenizer and encoder, transformer, VAE) and its
+    bundle (`bundle/`)."""
+    root = text_pipeline / "pixart"
+    save_tiny_text_pipeline(root / "pipe", kind="pixart")
+    result = run_cli(
+        "export-quantized",
+        "--model",
+        root / "pipe",
+        "--prompts-file",
+        text_pipeline / "prompts.txt",
+        "--out",
+        root / "bundle",
+        "--guidance-scale",
+        "3",
+        *FAST,
+    )
+    assert result.returncode == 0, result.stderr
+    return root
+
+
 # The slow tier (`make test` runs it, `make test-fast` leaves it out): a test is slow when it exports a bundle, or
 # uses a fixture that does. Everything else is the inner loop's.
 EXPORTING_FIXTURES = frozenset(
@@ -183,6 +205,7 @@ EXPORTING_FIXTURES = frozenset(
         "demo_bundle",
         "text_bundle",
         "sdxl_pipeline",
+        "pixart_pipeline",
         "bundle_copy",
         "cli_bundle",
         "exported",

@@ -1,7 +1,6 @@
 """`stepquant.diffusers.from_bundle`: a bundle's denoiser in place of `pipe.unet` / `pipe.transformer` in diffusers'
-own pipelines gives the images (latents) stepquant's own runtime gives from the same latents: Stable Diffusion with
-DDIM and with DPM-Solver++ (and correction terms), SDXL, PixArt-Sigma; and a whole-pipeline bundle is a ready
-pipeline."""
+own pipelines gives the images stepquant's own runtime gives from the same latents: Stable Diffusion with DDIM and
+with DPM-Solver++ (and correction terms), SDXL, PixArt-Sigma; and a whole-pipeline bundle is a ready pipeline."""
 
 from __future__ import annotations
 
@@ -14,13 +13,8 @@ from conftest import FAST, run_cli
 
 from stepquant.bundle import BundleError, load_bundle
 from stepquant.diffusers import BundleTransformer, BundleUNet, from_bundle, pipeline_from_bundle
-from stepquant.export.config import CalibrationConfig, ChecksConfig, ConditioningConfig
-from stepquant.models import load_model
-from stepquant.models.epsilon import EpsilonModel
-from stepquant.models.tiny import TINY_PROMPTS, random_conditioning, save_tiny_pipeline
-from stepquant.pipeline import ExportConfig, export_quantized
-from stepquant.runtime import SamplerConfig, quantized_backend, sample
-from stepquant.runtime.bundle_backends import bundle_corrections, bundle_sampler, bundle_table
+from stepquant.models.tiny import TINY_PROMPTS
+from stepquant.runtime.bundle_backends import bundle_corrections, bundle_sampler
 from stepquant.runtime.seeding import per_sample_noise, seed_generators
 from stepquant.runtime.text_to_image import GenerateRequest, generate_batches
 
@@ -35,11 +29,12 @@ def _pipeline(cls, directory, bundle, warnings: list[str] | None = None):
     scheduler = {"ddim": DDIMScheduler, "dpm-solver++": DPMSolverMultistepScheduler}[loaded.manifest.sampler.scheduler]
     pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    pipe.unet = from_bundle(loaded, warn=None if warnings is None else warnings.append)
+    drop_in = from_bundle(loaded, warn=None if warnings is None else warnings.append)
+    setattr(pipe, "transformer" if isinstance(drop_in, BundleTransformer) else "unet", drop_in)
     return pipe, loaded
 
 
-def _compare_with_generate(pipe, loaded, seed: int = 7, negative: str | None = None) -> float:
+def _compare_with_generate(pipe, loaded, seed: int = 7, negative: str | None = None, **call) -> float:
     """Median abs difference, in [-1, 1] pixels, between the pipeline with the drop-in and `generate_batches` on
     the quantized graph (with the bundle's corrections), from the same latents. Not the max: diffusers' float32
     scheduler and guidance arithmetic and ours differ by an ulp (4.8e-7 at the second step on an AVX-512 EPYC), and
@@ -58,6 +53,7 @@ def _compare_with_generate(pipe, loaded, seed: int = 7, negative: str | None = N
             guidance_scale=3.0,
             latents=torch.from_numpy(latents),
             output_type="np",
+            **call,
         ).images
     difference = np.abs(ours - (theirs.transpose(0, 3, 1, 2) * 2 - 1))
     print(f"drop-in vs generate: max abs {difference.max():.2e}, median {np.median(difference):.2e}")
@@ -147,83 +143,21 @@ def test_a_whole_pipeline_bundle_is_a_ready_diffusers_pipeline(text_bundle, sdxl
     assert _compare_with_generate(pipe, load_bundle(text_bundle)) > 1e-4
 
 
-def test_pixart_sigma_with_the_drop_in_gives_samples_latents(tmp_path):
-    from diffusers import AutoencoderKL, DDIMScheduler, PixArtSigmaPipeline
+def test_pixart_sigma_with_the_drop_in_gives_generates_images(pixart_pipeline):
+    """The transformer drop-in in diffusers' own PixArtSigmaPipeline (its T5 encoder in torch), and the whole
+    PixArt bundle as a ready PixArtSigmaPipeline, both give `generate`'s images."""
+    from diffusers import PixArtSigmaPipeline
 
-    directory = save_tiny_pipeline("pixart", tmp_path / "pixart")
-    conditioning = random_conditioning(EpsilonModel(load_model(str(directory)).denoiser), prompts=2)
-    conditioning.save(tmp_path / "conditioning.safetensors")
-    config = SamplerConfig(steps=3, guidance_scale=3.0)
-    export_quantized(
-        ExportConfig(
-            model=str(directory),
-            out=tmp_path / "bundle",
-            sampler=config,
-            progress=False,
-            conditioning=ConditioningConfig(file=tmp_path / "conditioning.safetensors"),
-            calibration=CalibrationConfig(samples=2),
-            checks=ChecksConfig(eval_samples=2),
-        )
-    )
-    loaded = load_bundle(tmp_path / "bundle")
-    transformer = from_bundle(loaded)
-    assert isinstance(transformer, BundleTransformer) and transformer.config.out_channels == 4  # the noise half only
-    vae = AutoencoderKL(
-        latent_channels=4,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-    )
-    pipe = PixArtSigmaPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=vae,
-        transformer=transformer,
-        scheduler=DDIMScheduler.from_pretrained(directory / "scheduler"),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    seeds = range(2)
-    ours = sample(
-        quantized_backend(loaded),
-        bundle_table(loaded),
-        seeds,
-        loaded.manifest.sample_shape,
-        config,
-        progress=False,
-        conditioning=conditioning,
-        clip=False,
-    ).samples
-    latents = torch.from_numpy(per_sample_noise(seed_generators(seeds), loaded.manifest.sample_shape))
-    cond, uncond = (
-        torch.from_numpy(rows)
-        for rows in (
-            conditioning.cond["encoder_hidden_states"],
-            conditioning.uncond["encoder_hidden_states"].repeat(2, 0),
-        )
-    )
-    masks = (
-        torch.from_numpy(conditioning.cond["encoder_attention_mask"]),
-        torch.from_numpy(conditioning.uncond["encoder_attention_mask"].repeat(2, 0)),
-    )
-    with torch.no_grad():
-        theirs = pipe(
-            negative_prompt=None,
-            prompt_embeds=cond,
-            prompt_attention_mask=masks[0],
-            negative_prompt_embeds=uncond,
-            negative_prompt_attention_mask=masks[1],
-            num_inference_steps=3,
-            guidance_scale=3.0,
-            latents=latents,
-            height=16,
-            width=16,
-            use_resolution_binning=False,
-            output_type="latent",
-        ).images
-    difference = float(np.abs(ours - theirs.numpy()).max())
-    print(f"PixArt drop-in vs sample: max abs {difference:.2e}")
-    assert difference <= 1e-3 and np.abs(ours).max() > 0.1
+    call = {"clean_caption": False, "use_resolution_binning": False}
+    pipe, loaded = _pipeline(PixArtSigmaPipeline, pixart_pipeline / "pipe", pixart_pipeline / "bundle")
+    assert isinstance(pipe.transformer, BundleTransformer) and pipe.transformer.config.out_channels == 4  # noise half
+    assert _compare_with_generate(pipe, loaded, negative="a white zero on black", **call) <= 1e-5
+    ready = pipeline_from_bundle(loaded)
+    ready.set_progress_bar_config(disable=True)
+    assert type(ready) is PixArtSigmaPipeline and isinstance(ready.transformer, BundleTransformer)
+    assert _compare_with_generate(ready, loaded, negative="a white zero on black", **call) <= 1e-5
+    ready.transformer = from_bundle(loaded, corrections=False, graph="reference")  # the fault: another denoiser
+    assert _compare_with_generate(ready, loaded, negative="a white zero on black", **call) > 1e-4
 
 
 def test_the_drop_in_refuses_what_it_cannot_run(text_bundle, demo_bundle):

@@ -1,7 +1,8 @@
 """Whole text-to-image bundles: a Stable Diffusion pipeline directory (tokenizer, CLIP text encoder, VAE, UNet)
 exports with --prompts-file into a bundle that carries every part, and `stepquant generate` turns prompts into
 PNGs on the runtime alone: the same pixels as the full install, and, on the FP32 reference graph, diffusers'
-own StableDiffusionPipeline's images from the same latents."""
+own StableDiffusionPipeline's images from the same latents (and StableDiffusionXLPipeline's and
+PixArtSigmaPipeline's for their tiny pipelines)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from PIL import Image
 from test_runtime_install import stepquant_without_export_side
 
 from stepquant.bundle import BundleError, load_bundle
+from stepquant.bundle.manifest import Manifest
 from stepquant.export.faults import forge_bundle
 from stepquant.export.pipeline_parts import export_tokenizer
 from stepquant.models.clip_tokenizer import save_clip_tokenizer
@@ -52,7 +54,9 @@ def test_the_bundle_carries_every_part_of_the_pipeline(text_bundle):
         "text_encoder/model.onnx",
         "vae_decoder/model.onnx",
     )
-    assert encoder.max_length == 16 and not encoder.pooled and parts.scaling_factor == 0.5 and parts.time_ids is None
+    assert (
+        encoder.max_length == 16 and not encoder.pooled and parts.scaling_factor == 0.5 and not parts.fixed_conditions
+    )
     assert all(check["worst_abs_error_relative_to_max"] <= check["tolerance"] for check in parts.checks.values())
     assert {encoder.tokenizer, encoder.graph, parts.vae_decoder} <= set(loaded.manifest.files)
     quality = loaded.target("tensorrt").details["quality"]
@@ -161,8 +165,11 @@ def test_sdxl_bundles_carry_both_encoders_and_match_diffusers(sdxl_pipeline):
     assert (
         [e.pooled for e in parts.encoders] == [False, True]
         and parts.zero_negative
-        and parts.time_ids == (16, 16, 0, 0, 16, 16)
+        and parts.fixed_conditions == {"time_ids": (16, 16, 0, 0, 16, 16)}
     )
+    legacy = json.loads((sdxl_pipeline / "bundle" / "manifest.json").read_text())  # 0.4.0 wrote 'time_ids'
+    legacy["text_to_image"]["time_ids"] = legacy["text_to_image"].pop("fixed_conditions")["time_ids"]
+    assert Manifest.from_dict(legacy).text_to_image.fixed_conditions == parts.fixed_conditions
     second = CLIPTokenizer.from_pretrained(sdxl_pipeline / "pipe" / "tokenizer_2")
     assert parts.encoders[1].pad_id == second.convert_tokens_to_ids("!") != parts.encoders[0].pad_id
     device = load_tokenizer(
@@ -194,6 +201,56 @@ def test_sdxl_bundles_carry_both_encoders_and_match_diffusers(sdxl_pipeline):
         theirs = theirs.transpose(0, 3, 1, 2) * 2 - 1
         print(f"SDXL reference graph vs diffusers (negative {negative!r}): max abs {np.abs(ours - theirs).max():.2e}")
         assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1e-3
+
+
+def test_pixart_bundles_carry_the_t5_encoder_and_match_diffusers(pixart_pipeline):
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline
+    from transformers import T5Tokenizer
+
+    loaded = load_bundle(pixart_pipeline / "bundle", strict=True)
+    parts = loaded.manifest.text_to_image
+    (encoder,) = parts.encoders
+    assert (encoder.attention_mask, encoder.lowercase, encoder.pooled) == (True, True, False)
+    assert (encoder.max_length, encoder.pad_id) == (300, 0)  # PixArt-Sigma's prompt length; T5 pads with <pad>
+    assert parts.checks["text_encoder"]["precision"] == "fp32" and parts.fixed_conditions == {}
+    reference = T5Tokenizer.from_pretrained(pixart_pipeline / "pipe" / "tokenizer")
+    device = load_tokenizer(loaded.file(encoder.tokenizer), encoder.max_length, encoder.pad_id)
+    for prompt in GOLDEN:
+        expected = reference(prompt, padding="max_length", max_length=300, truncation=True)
+        got = device.encode(prompt)
+        assert got.ids == expected.input_ids and got.attention_mask == expected.attention_mask, prompt
+    short = load_tokenizer(loaded.file(encoder.tokenizer), 8, encoder.pad_id)
+    assert short.encode("a " * 40).ids[-1] == reference.eos_token_id  # truncation keeps T5's EOS
+    config = bundle_sampler(loaded).overridden(guidance_scale=3.0)
+    prompts = ("  A Red SEVEN on a blue background", TINY_PROMPTS[1])  # PixArt lowercases and strips its prompts
+    pipe = PixArtSigmaPipeline.from_pretrained(pixart_pipeline / "pipe")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.from_numpy(per_sample_noise(seed_generators(range(3, 7)), loaded.manifest.sample_shape))
+    for negative in (None, "a white zero on black"):
+        request = GenerateRequest(prompts, negative, n=2, seed=3, graph="reference")
+        ours = np.concatenate(list(generate_batches(loaded, request, config, progress=False)))
+        with torch.no_grad():
+            theirs = pipe(
+                list(prompts),
+                negative_prompt=negative or "",
+                num_images_per_prompt=2,
+                num_inference_steps=config.steps,
+                guidance_scale=3.0,
+                latents=latents,
+                output_type="np",
+                clean_caption=False,
+                use_resolution_binning=False,
+            ).images
+        theirs = theirs.transpose(0, 3, 1, 2) * 2 - 1
+        print(f"PixArt reference graph vs diffusers (negative {negative!r}): max abs {np.abs(ours - theirs).max():.2e}")
+        assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1e-3
+        assert np.abs(ours[0] - ours[2]).max() > 0.01  # the prompts matter: a test of the text path
+    args = ["generate", "--bundle", pixart_pipeline / "bundle", "--prompt", prompts[0], "--seed", "3", "--no-progress"]
+    full = run_cli("stepquant", *args, "--out", pixart_pipeline / "full.png")
+    device = stepquant_without_export_side(*args, "--out", pixart_pipeline / "device.png")
+    assert full.returncode == 0 == device.returncode, device.stderr
+    assert np.array_equal(_pixels(pixart_pipeline / "full.png"), _pixels(pixart_pipeline / "device.png"))
 
 
 def test_generate_refuses_what_it_cannot_run(text_bundle, demo_bundle, tmp_path):
@@ -265,6 +322,23 @@ def test_a_pipeline_missing_a_part_is_refused_before_any_work(text_pipeline, tmp
     )
     assert_one_line_error(result, "has a tokenizer but no text_encoder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sd"]
+
+
+def test_pixart_parts_of_another_kind_are_refused(pixart_pipeline, tmp_path):
+    broken = tmp_path / "pipe"
+    shutil.copytree(pixart_pipeline / "pipe", broken)
+    index = json.loads((broken / "model_index.json").read_text())
+    (broken / "model_index.json").write_text(json.dumps({**index, "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    result = run_cli("export-quantized", "--model", broken, "--out", tmp_path / "b", *FAST)
+    assert_one_line_error(result, "tokenizer is a CLIPTokenizer; this pipeline needs a T5Tokenizer there")
+    assert not (tmp_path / "b").exists()
+    copy = tmp_path / "bundle"
+    shutil.copytree(pixart_pipeline / "bundle", copy)
+    forge_bundle(copy, lambda m: m["text_to_image"]["encoders"][0].update(attention_mask=False))
+    assert_one_line_error(
+        run_cli("stepquant", "generate", "--bundle", copy, "--prompt", "a", "--out", tmp_path / "x.png"),
+        "takes ['input_ids', 'attention_mask'], not input_ids",
+    )
 
 
 def test_a_pipeline_of_other_sizes_exports_and_generates_at_the_defaults(tmp_path):

@@ -250,13 +250,17 @@ class StoredSampler:
 class TextEncoderPart:
     """One tokenizer and text encoder: a `tokenizers` file (padded with `pad_id` and truncated to `max_length`
     by the runtime) and a graph from token ids to the states the denoiser reads (its first output) and, with
-    `pooled`, a pooled embedding (its second: SDXL's `text_embeds`)."""
+    `pooled`, a pooled embedding (its second: SDXL's `text_embeds`). With `attention_mask` (T5) the graph also
+    takes the tokens' mask, and the denoiser reads it as `encoder_attention_mask`; with `lowercase` prompts are
+    lowercased and stripped first, as PixArt's pipelines do."""
 
     tokenizer: str
     max_length: int
     pad_id: int
     graph: str
     pooled: bool = False
+    attention_mask: bool = False
+    lowercase: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -272,10 +276,12 @@ class TextEncoderPart:
             and 2 <= entry["max_length"] <= 4096
             and type(entry.get("pad_id")) is int
             and entry["pad_id"] >= 0
-            and isinstance(entry.get("pooled", False), bool),
-            "each of 'text_to_image.encoders' needs a max_length (2..4096), a pad_id and 'pooled' true or false",
+            and all(isinstance(entry.get(k, False), bool) for k in ("pooled", "attention_mask", "lowercase")),
+            "each of 'text_to_image.encoders' needs a max_length (2..4096), a pad_id, and 'pooled', "
+            "'attention_mask' and 'lowercase' true or false",
         )
-        return cls(entry["tokenizer"], entry["max_length"], entry["pad_id"], entry["graph"], entry.get("pooled", False))
+        flags = {k: entry.get(k, False) for k in ("pooled", "attention_mask", "lowercase")}
+        return cls(entry["tokenizer"], entry["max_length"], entry["pad_id"], entry["graph"], **flags)
 
 
 @dataclass(frozen=True)
@@ -283,8 +289,9 @@ class TextToImage:
     """A whole pipeline's other parts: its text encoders (their states concatenated, as SDXL's are), the VAE
     decoder graph, its latent scaling (decoded = vae(latents / scaling_factor + shift_factor)) and how many
     pixels a latent spans per side (`vae_scale_factor`, as diffusers' pipelines compute it); SDXL's
-    zeroed negative embeddings when no negative prompt is given and its size/crop ids, computed on the host;
-    and the export's check of each graph."""
+    zeroed negative embeddings when no negative prompt is given; the denoiser inputs the host gives every
+    image alike (`fixed_conditions`: SDXL's size/crop `time_ids`, PixArt-alpha's `resolution` and
+    `aspect_ratio`); and the export's check of each graph."""
 
     encoders: tuple[TextEncoderPart, ...]
     vae_decoder: str
@@ -292,7 +299,7 @@ class TextToImage:
     shift_factor: float = 0.0
     vae_scale_factor: int = 8
     zero_negative: bool = False
-    time_ids: tuple[float, ...] | None = None
+    fixed_conditions: dict[str, tuple[float, ...]] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -305,7 +312,7 @@ class TextToImage:
                 "scale_factor": self.vae_scale_factor,
             },
             "zero_negative": self.zero_negative,
-            "time_ids": None if self.time_ids is None else list(self.time_ids),
+            "fixed_conditions": {k: list(v) for k, v in self.fixed_conditions.items()},
             "checks": self.checks,
         }
 
@@ -330,10 +337,14 @@ class TextToImage:
             type(scale) is int and 1 <= scale <= 64 and scale & (scale - 1) == 0,
             "'text_to_image.vae_decoder.scale_factor' must be a power of two from 1 to 64",
         )
-        ids = data.get("time_ids")
+        # stepquant 0.4.0 wrote SDXL's ids as 'time_ids', the one fixed condition it knew
+        legacy = data.get("time_ids")
+        fixed = data.get("fixed_conditions", {} if legacy is None else {"time_ids": legacy})
         need(
-            ids is None or (isinstance(ids, list) and len(ids) <= 16 and all(_finite(v) for v in ids)),
-            "'text_to_image.time_ids' must be null or a few numbers",
+            isinstance(fixed, dict)
+            and len(fixed) <= 4
+            and all(isinstance(v, list) and 1 <= len(v) <= 16 and all(_finite(x) for x in v) for v in fixed.values()),
+            "'text_to_image.fixed_conditions' must map a few condition names to a few numbers each",
         )
         need(isinstance(data.get("zero_negative", False), bool), "'text_to_image.zero_negative' must be true or false")
         return cls(
@@ -343,7 +354,7 @@ class TextToImage:
             float(vae["shift_factor"]),
             scale,
             data.get("zero_negative", False),
-            None if ids is None else tuple(float(v) for v in ids),
+            {str(k): tuple(float(x) for x in v) for k, v in fixed.items()},
             dict(data.get("checks") or {}),
         )
 

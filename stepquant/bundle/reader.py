@@ -262,9 +262,13 @@ def _check_parts(root: Path, manifest: Manifest, facts: dict[str, GraphFacts]) -
     """A text-to-image bundle's text encoders take token ids, and its VAE decoder the denoiser's latents."""
     parts = manifest.text_to_image
     for encoder in parts.encoders:
-        text = facts[encoder.graph].inputs
-        if list(text) != ["input_ids"]:
-            raise BundleError(f"bundle {root}: the text encoder {encoder.graph} takes {sorted(text)}, not input_ids")
+        text, expected = list(facts[encoder.graph].inputs), ["input_ids"]
+        if encoder.attention_mask:
+            expected.append("attention_mask")
+        if text != expected:
+            raise BundleError(
+                f"bundle {root}: the text encoder {encoder.graph} takes {text}, not {' and '.join(expected)}"
+            )
     vae = facts[parts.vae_decoder].inputs
     dims = vae.get("latent_sample", ())
     if (

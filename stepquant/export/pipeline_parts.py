@@ -3,9 +3,11 @@ torch on the device: the tokenizer as `tokenizer/tokenizer.json` for the `tokeni
 encoder and the VAE decoder as float ONNX graphs (Optimum's folder names: `text_encoder/model.onnx`,
 `vae_decoder/model.onnx`), each checked end to end against its torch module before it is written down.
 
-Carried for Stable Diffusion 1.x/2.x pipelines (one CLIP tokenizer and text encoder) and SDXL (two, the second
-with its pooled projection; `tokenizer_2/`, `text_encoder_2/`), with an AutoencoderKL; other pipelines (PixArt's
-T5) keep a denoiser-only bundle."""
+Carried for Stable Diffusion 1.x/2.x pipelines (one CLIP tokenizer and text encoder), SDXL (two, the second
+with its pooled projection; `tokenizer_2/`, `text_encoder_2/`) and PixArt (a T5 tokenizer and encoder, whose
+attention mask the transformer also reads), with an AutoencoderKL. A T5 encoder stays FP32 with `--precision
+fp16`: its FP16 graph would be converted from an FP32 trace, without the clamps transformers adds to T5's
+feed-forward layers in FP16, whose activations overflow there."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from stepquant.bundle.manifest import TextEncoderPart, TextToImage
 from stepquant.errors import StepquantError
 from stepquant.export.onnx_export import trace_to_onnx
 from stepquant.export.shapes import ShapeProfile
+from stepquant.models.conditioning import fixed_conditions, vae_scale_factor
 from stepquant.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 VAE_DECODER_GRAPH = "vae_decoder/model.onnx"
@@ -28,6 +31,8 @@ VAE_DECODER_GRAPH = "vae_decoder/model.onnx"
 PART_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 SD_CONDITIONS = ("encoder_hidden_states",)
 SDXL_CONDITIONS = ("encoder_hidden_states", "text_embeds", "time_ids")
+PIXART_CONDITIONS = ("encoder_hidden_states", "encoder_attention_mask")
+PIXART_SIZE_CONDITIONS = (*PIXART_CONDITIONS, "resolution", "aspect_ratio")  # PixArt-alpha at 1024 px
 
 
 class PipelinePartError(StepquantError, ValueError):
@@ -35,26 +40,39 @@ class PipelinePartError(StepquantError, ValueError):
 
 
 @dataclass(frozen=True)
-class _Encoder:
+class EncoderSpec:
     """One tokenizer/text encoder pair of a pipeline, and what diffusers' encode_prompt takes from it."""
 
     suffix: str  # "" or "_2": the folders tokenizer{suffix}/, text_encoder{suffix}/
-    penultimate: bool  # SDXL reads hidden_states[-2]; SD 1.x/2.x the last hidden state
-    pooled: bool  # SDXL's second encoder also gives the pooled `text_embeds`
+    penultimate: bool = False  # SDXL reads hidden_states[-2]; SD 1.x/2.x the last hidden state
+    pooled: bool = False  # SDXL's second encoder also gives the pooled `text_embeds`
+    t5: bool = False  # PixArt's T5: lowercased prompts, an attention mask into the encoder and the denoiser
+
+    @property
+    def tokenizer_classes(self) -> tuple[str, ...]:
+        return ("T5Tokenizer", "T5TokenizerFast") if self.t5 else ("CLIPTokenizer", "CLIPTokenizerFast")
+
+    @property
+    def encoder_class(self) -> str:
+        if self.t5:
+            return "T5EncoderModel"
+        return "CLIPTextModelWithProjection" if self.pooled else "CLIPTextModel"
 
 
-def _encoders(condition_names: tuple[str, ...]) -> tuple[_Encoder, ...] | None:
+def _encoders(condition_names: tuple[str, ...]) -> tuple[EncoderSpec, ...] | None:
     if condition_names == SD_CONDITIONS:
-        return (_Encoder("", False, False),)
+        return (EncoderSpec(""),)
     if condition_names == SDXL_CONDITIONS:
-        return _Encoder("", True, False), _Encoder("_2", True, True)
-    return None  # PixArt's T5 and others: a denoiser-only bundle
+        return EncoderSpec("", penultimate=True), EncoderSpec("_2", penultimate=True, pooled=True)
+    if condition_names in (PIXART_CONDITIONS, PIXART_SIZE_CONDITIONS):
+        return (EncoderSpec("", t5=True),)
+    return None  # other denoisers: a denoiser-only bundle
 
 
 def carried_parts(pipeline: Path | None, condition_names: tuple[str, ...]) -> bool:
-    """Whether the model is a Stable Diffusion (1.x/2.x or XL) pipeline whose tokenizers, text encoders and VAE
-    the bundle carries. A pipeline without a VAE, or without any text part, exports its denoiser alone, as a
-    bare model does; a tokenizer without its text encoder, or the reverse, is refused."""
+    """Whether the model is a Stable Diffusion (1.x/2.x or XL) or PixArt pipeline whose tokenizers, text
+    encoders and VAE the bundle carries. A pipeline without a VAE, or without any text part, exports its
+    denoiser alone, as a bare model does; a tokenizer without its text encoder, or the reverse, is refused."""
     encoders = _encoders(condition_names)
     if pipeline is None or encoders is None:
         return False
@@ -71,7 +89,18 @@ def carried_parts(pipeline: Path | None, condition_names: tuple[str, ...]) -> bo
             f"pipeline {pipeline} has a {have[0]} but no {missing}: a text-to-image bundle needs "
             f"{', '.join(parts)} (or export its unet/ folder alone, with --conditioning)"
         )
+    for part in encoders if have else ():
+        _part_class(pipeline, f"tokenizer{part.suffix}", part.tokenizer_classes)
+        _part_class(pipeline, f"text_encoder{part.suffix}", (part.encoder_class,))
     return bool(have) and present("vae")
+
+
+def _part_class(pipeline: Path, folder: str, allowed: tuple[str, ...]) -> str:
+    """The transformers class model_index.json names for `folder`, refused unless this pipeline can carry it."""
+    cls = (_model_index(pipeline).get(folder) or [None, allowed[0]])[1]
+    if cls not in allowed:
+        raise PipelinePartError(f"{pipeline}/{folder} is a {cls}; this pipeline needs a {allowed[0]} there")
+    return cls
 
 
 def _model_index(pipeline: Path) -> dict:
@@ -81,15 +110,34 @@ def _model_index(pipeline: Path) -> dict:
         return {}
 
 
-class _TextStates(nn.Module):
-    """A CLIP text encoder's states as diffusers' encode_prompt takes them (no CLIP skip), and its pooled
-    projection where the pipeline reads one."""
+def _sequence_length(pipeline: Path) -> int:
+    """The token count a PixArt pipeline pads its prompts to: its encode_prompt's max_sequence_length default
+    (300 for PixArt-Sigma, 120 for PixArt-alpha), which is also what the export's prompt encoding used."""
+    import inspect
 
-    def __init__(self, encoder: nn.Module, part: _Encoder) -> None:
+    import diffusers
+
+    cls = getattr(diffusers, str(_model_index(pipeline).get("_class_name")), None)
+    default = inspect.signature(cls.encode_prompt).parameters.get("max_sequence_length") if cls else None
+    if default is None or not isinstance(default.default, int):
+        raise PipelinePartError(
+            f"pipeline {pipeline} names no diffusers pipeline class with a max_sequence_length in its "
+            "model_index.json: the T5 prompt length is unknown"
+        )
+    return default.default
+
+
+class _TextStates(nn.Module):
+    """A text encoder's states as diffusers' encode_prompt takes them (CLIP: no CLIP skip, its pooled
+    projection where the pipeline reads one; T5: the last states, under the prompt's attention mask)."""
+
+    def __init__(self, encoder: nn.Module, part: EncoderSpec) -> None:
         super().__init__()
         self.encoder, self.part = encoder, part
 
-    def forward(self, input_ids: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        if self.part.t5:
+            return self.encoder(input_ids, attention_mask=attention_mask).last_hidden_state
         out = self.encoder(input_ids, output_hidden_states=self.part.penultimate)
         states = out.hidden_states[-2] if self.part.penultimate else out.last_hidden_state
         return (states, out.text_embeds) if self.part.pooled else states
@@ -107,32 +155,24 @@ class _Decode(nn.Module):
 
 
 def _write_graph(
-    module: nn.Module,
-    example: np.ndarray,
-    path: Path,
-    inputs: list[str],
-    outputs: list[str],
-    dynamic: dict,
-    precision: str,
+    module: nn.Module, examples: dict[str, np.ndarray], path: Path, outputs: list[str], dynamic: dict, precision: str
 ) -> dict:
-    """Trace `module` to `path` (in FP16 with `precision` fp16, FP32 inputs and outputs kept), then check it."""
+    """Trace `module` on `examples` (its inputs, in order) to `path` (in FP16 with `precision` fp16, FP32 inputs
+    and outputs kept), then check it."""
     from stepquant.export.precision import FP16_OPSET, convert_to_fp16
 
     trace_to_onnx(
         module,
-        (torch.from_numpy(example),),
+        tuple(torch.from_numpy(v) for v in examples.values()),
         path,
-        inputs,
+        list(examples),
         outputs,
         dynamic,
         **({"opset": FP16_OPSET} if precision == "fp16" else {}),
     )
     if precision == "fp16":
         convert_to_fp16(path)
-    return {
-        **_check(module, path, path.parent.name, {inputs[0]: example}, PART_TOLERANCE[precision]),
-        "precision": precision,
-    }
+    return {**_check(module, path, path.parent.name, examples, PART_TOLERANCE[precision]), "precision": precision}
 
 
 def _check(module: nn.Module, graph: Path, name: str, inputs: dict[str, np.ndarray], tolerance: float) -> dict:
@@ -150,69 +190,74 @@ def _check(module: nn.Module, graph: Path, name: str, inputs: dict[str, np.ndarr
     return {"worst_abs_error_relative_to_max": error, "tolerance": tolerance}
 
 
-def export_tokenizer(pipeline: Path, staging: Path, prompts: list[str], folder: str = "tokenizer"):
-    """Write FOLDER/tokenizer.json (no padding or truncation of its own: the runtime sets both from the manifest)
-    and check that the `tokenizers` library gives transformers' ids for `prompts`."""
+def export_tokenizer(pipeline: Path, staging: Path, prompts: list[str], part: EncoderSpec = EncoderSpec("")):
+    """Write tokenizer{suffix}/tokenizer.json (no padding or truncation of its own: the runtime sets both from
+    the manifest) and check that the `tokenizers` library gives transformers' ids (and attention masks) for
+    `prompts`. The length is the tokenizer's own for CLIP, the pipeline's prompt length for T5."""
+    import transformers
     from tokenizers import Tokenizer
-    from transformers import CLIPTokenizer
 
     from stepquant.runtime.text_to_image import load_tokenizer
 
+    folder = f"tokenizer{part.suffix}"
+    cls = _part_class(pipeline, folder, part.tokenizer_classes)
     try:
-        reference = CLIPTokenizer.from_pretrained(str(Path(pipeline) / folder))
-    except (OSError, ValueError, TypeError) as err:
+        reference = getattr(transformers, cls).from_pretrained(str(Path(pipeline) / folder))
+        tokenizer = Tokenizer.from_str(reference.backend_tokenizer.to_str())
+    except (OSError, ValueError, TypeError, AttributeError, ImportError) as err:
         raise PipelinePartError(f"cannot load the tokenizer of {pipeline}/{folder}: {err}") from err
-    tokenizer = Tokenizer.from_str(reference.backend_tokenizer.to_str())
     tokenizer.no_padding()
     tokenizer.no_truncation()
     (staging / folder).mkdir(parents=True)
     tokenizer.save(str(staging / folder / "tokenizer.json"))
-    max_length, pad_id = int(reference.model_max_length), int(reference.pad_token_id)
+    max_length = _sequence_length(pipeline) if part.t5 else int(reference.model_max_length)
+    pad_id = int(reference.pad_token_id)
     device = load_tokenizer(staging / folder / "tokenizer.json", max_length, pad_id)
     for prompt in [*prompts, ""]:
-        ids = reference(prompt, padding="max_length", max_length=max_length, truncation=True).input_ids
-        if device.encode(prompt).ids != ids:
-            raise PipelinePartError(f"the tokenizers library encodes {prompt!r} unlike transformers' CLIPTokenizer")
+        expected = reference(prompt, padding="max_length", max_length=max_length, truncation=True)
+        got = device.encode(prompt)
+        if got.ids != expected.input_ids or (part.t5 and got.attention_mask != expected.attention_mask):
+            raise PipelinePartError(f"the tokenizers library encodes {prompt!r} unlike transformers' {cls}")
     return reference, max_length, pad_id
 
 
 def _text_encoder(
-    pipeline: Path, staging: Path, part: _Encoder, prompts: list[str], precision: str
+    pipeline: Path, staging: Path, part: EncoderSpec, prompts: list[str], precision: str
 ) -> tuple[TextEncoderPart, dict]:
     import transformers
 
     from stepquant.models.loading import require_safetensors
 
     folder = f"text_encoder{part.suffix}"
-    reference, max_length, pad_id = export_tokenizer(pipeline, staging, prompts, f"tokenizer{part.suffix}")
+    reference, max_length, pad_id = export_tokenizer(pipeline, staging, prompts, part)
     require_safetensors(pipeline / folder)
-    cls = (_model_index(pipeline).get(folder) or [None, "CLIPTextModel"])[1]
-    if (
-        cls not in ("CLIPTextModel", "CLIPTextModelWithProjection")
-        or (cls == "CLIPTextModelWithProjection") != part.pooled
-    ):
-        raise PipelinePartError(
-            f"{pipeline}/{folder} is a {cls}; this pipeline needs "
-            f"{'CLIPTextModelWithProjection' if part.pooled else 'CLIPTextModel'} there"
-        )
+    cls = _part_class(pipeline, folder, (part.encoder_class,))
     encoder = getattr(transformers, cls).from_pretrained(str(pipeline / folder), use_safetensors=True).eval()
-    ids = np.asarray(
-        reference(prompts[:2] or [""], padding="max_length", max_length=max_length, truncation=True).input_ids,
-        dtype=np.int64,
-    )
+    tokens = reference(prompts[:2] or [""], padding="max_length", max_length=max_length, truncation=True)
+    examples = {"input_ids": np.asarray(tokens.input_ids, dtype=np.int64)}
+    if part.t5:
+        examples["attention_mask"] = np.asarray(tokens.attention_mask, dtype=np.int64)
     graph = f"{folder}/model.onnx"
     (staging / folder).mkdir(parents=True)
     outputs = ["hidden_states", "text_embeds"] if part.pooled else ["hidden_states"]
     check = _write_graph(
         _TextStates(encoder, part),
-        ids,
+        examples,
         staging / graph,
-        ["input_ids"],
         outputs,
-        {"input_ids": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
-        precision,
+        {**{name: {0: "batch"} for name in examples}, **{name: {0: "batch"} for name in outputs}},
+        "fp32" if part.t5 else precision,
     )
-    return TextEncoderPart(f"tokenizer{part.suffix}/tokenizer.json", max_length, pad_id, graph, part.pooled), check
+    entry = TextEncoderPart(
+        f"tokenizer{part.suffix}/tokenizer.json",
+        max_length,
+        pad_id,
+        graph,
+        pooled=part.pooled,
+        attention_mask=part.t5,
+        lowercase=part.t5,
+    )
+    return entry, check
 
 
 def export_pipeline_parts(
@@ -248,9 +293,8 @@ def export_pipeline_parts(
     upcast = bool(getattr(vae.config, "force_upcast", False))
     checks["vae_decoder"] = _write_graph(
         _Decode(vae),
-        latents,
+        {"latent_sample": latents},
         staging / VAE_DECODER_GRAPH,
-        ["latent_sample"],
         ["sample"],
         {
             "latent_sample": {0: "batch", 2: "height", 3: "width"},
@@ -258,11 +302,7 @@ def export_pipeline_parts(
         },
         "fp32" if upcast else precision,
     )
-    time_ids = None
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)  # diffusers' pipelines' vae_scale_factor
-    if condition_names == SDXL_CONDITIONS:  # diffusers' default: original size = target size = the native size, no crop
-        height, width = sample_shape[1] * scale, sample_shape[2] * scale
-        time_ids = (float(height), float(width), 0.0, 0.0, float(height), float(width))
+    scale = vae_scale_factor(pipeline)
     return TextToImage(
         encoders=tuple(encoders),
         vae_decoder=VAE_DECODER_GRAPH,
@@ -270,7 +310,7 @@ def export_pipeline_parts(
         shift_factor=float(getattr(vae.config, "shift_factor", None) or 0.0),
         vae_scale_factor=scale,
         zero_negative=bool(_model_index(pipeline).get("force_zeros_for_empty_prompt", False)),
-        time_ids=time_ids,
+        fixed_conditions=fixed_conditions(condition_names, sample_shape, scale),
         checks=checks,
     )
 
@@ -278,13 +318,14 @@ def export_pipeline_parts(
 def part_input_shapes(
     parts: TextToImage, profile: ShapeProfile, channels: int
 ) -> dict[str, dict[str, dict[str, tuple[int, ...]]]]:
-    """Each text encoder's and the VAE decoder's TensorRT shape profile: token ids [images, max_length] and latents
-    [images, channels, height, width] over the bundle's batch, height and width ranges (FP32 graphs: strongly
-    typed engines run them in FP32, with TF32 where TensorRT allows it)."""
+    """Each text encoder's and the VAE decoder's TensorRT shape profile: token ids (and T5's mask) [images,
+    max_length] and latents [images, channels, height, width] over the bundle's batch, height and width ranges
+    (FP32 graphs: strongly typed engines run them in FP32, with TF32 where TensorRT allows it)."""
     bounds = ("min", "opt", "max")
-    shapes = {
-        e.graph: {"input_ids": {b: (getattr(profile.batch, b), e.max_length) for b in bounds}} for e in parts.encoders
-    }
+    shapes = {}
+    for e in parts.encoders:
+        tokens = {b: (getattr(profile.batch, b), e.max_length) for b in bounds}
+        shapes[e.graph] = {"input_ids": tokens, **({"attention_mask": tokens} if e.attention_mask else {})}
     shapes[parts.vae_decoder] = {
         "latent_sample": {
             b: (getattr(profile.batch, b), channels, getattr(profile.height, b), getattr(profile.width, b))

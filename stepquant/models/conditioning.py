@@ -17,7 +17,31 @@ from stepquant.models.epsilon import EpsilonModel
 from stepquant.models.loading import LoadedModel
 from stepquant.runtime.guidance import Conditioning, ConditioningError, choose_conditioning, read_prompts
 
-VAE_SCALE = 8  # latent pixel -> image pixels for SD 1.x/2.x/XL and PixArt's VAEs
+VAE_SCALE = 8  # latent pixel -> image pixels for SD 1.x/2.x/XL and PixArt's VAEs (diffusers' default)
+
+
+def vae_scale_factor(pipeline_dir: Path) -> int:
+    """Image pixels per latent pixel, as diffusers' pipelines compute it from their VAE's config."""
+    import json
+
+    try:
+        blocks = json.loads((Path(pipeline_dir) / "vae" / "config.json").read_text())["block_out_channels"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return VAE_SCALE
+    return 2 ** (len(blocks) - 1)
+
+
+def fixed_conditions(names: Sequence[str], sample_shape: tuple[int, int, int], scale: int) -> dict[str, tuple]:
+    """The denoiser inputs a pipeline gives every image alike at the sample's size, in image pixels: SDXL's
+    size/crop `time_ids` (diffusers' default: original = target = this size, no crop), PixArt-alpha's
+    `resolution` and `aspect_ratio`."""
+    height, width = float(sample_shape[1] * scale), float(sample_shape[2] * scale)
+    fixed = {}
+    if "time_ids" in names:
+        fixed["time_ids"] = (height, width, 0.0, 0.0, height, width)
+    if "resolution" in names:
+        fixed.update(resolution=(height, width), aspect_ratio=(height / width,))
+    return fixed
 
 
 def _load_text_pipeline(pipeline_dir: Path):
@@ -52,32 +76,26 @@ def encode_prompts(
     """The conditioning rows of `prompts` (and of the empty prompt) for a model taking `conditions`."""
     pipe = _load_text_pipeline(pipeline_dir)
     names = {c.name for c in conditions}
-    _, height, width = sample_shape
+    fixed = {
+        k: torch.tensor([v], dtype=torch.float32)
+        for k, v in fixed_conditions(names, sample_shape, vae_scale_factor(pipeline_dir)).items()
+    }
+    rows = {k: v.repeat(len(prompts), 1) for k, v in fixed.items()}
     if "text_embeds" in names:  # SDXL: two encoders, pooled embedding and size/crop ids
         cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
             prompts, device="cpu", do_classifier_free_guidance=True, negative_prompt=[""] * len(prompts)
         )
-        ids = torch.tensor(
-            [[height * VAE_SCALE, width * VAE_SCALE, 0, 0, height * VAE_SCALE, width * VAE_SCALE]], dtype=torch.float32
-        ).repeat(len(prompts), 1)
         return Conditioning(
-            {"encoder_hidden_states": cond, "text_embeds": pooled, "time_ids": ids},
-            {"encoder_hidden_states": uncond, "text_embeds": pooled_uncond, "time_ids": ids},
+            {"encoder_hidden_states": cond, "text_embeds": pooled, **rows},
+            {"encoder_hidden_states": uncond[:1], "text_embeds": pooled_uncond[:1], **fixed},
         )
     if "encoder_attention_mask" in names:  # PixArt: T5 states with their padding mask
         cond, mask, uncond, uncond_mask = pipe.encode_prompt(
             prompts, do_classifier_free_guidance=True, negative_prompt="", device="cpu"
         )
-        extra = {}
-        if "resolution" in names:
-            extra = {
-                "resolution": torch.tensor([[height * VAE_SCALE, width * VAE_SCALE]], dtype=torch.float32),
-                "aspect_ratio": torch.tensor([[height / width]], dtype=torch.float32),
-            }
-        rows = {k: v.repeat(len(prompts), 1) for k, v in extra.items()}
         return Conditioning(
             {"encoder_hidden_states": cond, "encoder_attention_mask": mask.float(), **rows},
-            {"encoder_hidden_states": uncond[:1], "encoder_attention_mask": uncond_mask[:1].float(), **extra},
+            {"encoder_hidden_states": uncond[:1], "encoder_attention_mask": uncond_mask[:1].float(), **fixed},
         )
     cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=[""] * len(prompts))
     return Conditioning({"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond[:1]})

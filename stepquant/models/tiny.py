@@ -105,6 +105,7 @@ SD_SCHEDULER = dict(
     steps_offset=1,
 )
 _TEXT_ENCODER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+_T5_ENCODER = dict(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, relative_attention_num_buckets=8)
 _VAE = dict(
     in_channels=3,
     out_channels=3,
@@ -125,19 +126,35 @@ def save_tiny_text_pipeline(
     merges: int = 60,
     text: dict | None = None,
     vae: dict | None = None,
-    **unet,
+    **denoiser,
 ) -> Path:
     """A random-weight text-to-image pipeline directory that diffusers loads as it is: `kind` "sd"
-    (StableDiffusionPipeline: the tiny "sd" UNet, one CLIP tokenizer and text encoder) or "sdxl"
+    (StableDiffusionPipeline: the tiny "sd" UNet, one CLIP tokenizer and text encoder), "sdxl"
     (StableDiffusionXLPipeline: the tiny "sdxl" UNet, two tokenizers, the second padding with "!" as SDXL's
-    does, and two encoders, the second with its pooled projection). Tokenizers are learned from TINY_PROMPTS;
-    `text` overrides the encoders' config, `vae` the AutoencoderKL's (one downsampling), `unet` the UNet's."""
+    does, and two encoders, the second with its pooled projection) or "pixart" (PixArtSigmaPipeline: the tiny
+    "pixart" transformer, a T5 tokenizer and encoder). Tokenizers are learned from TINY_PROMPTS; `text`
+    overrides the encoders' config, `vae` the AutoencoderKL's (one downsampling), `denoiser` the denoiser's."""
     from diffusers import AutoencoderKL
+
+    root = Path(root)
+    if kind == "pixart":
+        index = _save_t5_parts(root, seed, {**_T5_ENCODER, **(text or {})}, denoiser)
+    else:
+        index = _save_clip_parts(root, seed, kind, max_length, merges, text, denoiser)
+    AutoencoderKL(**{**_VAE, **(vae or {})}).save_pretrained(root / "vae")
+    DDIMScheduler(**SD_SCHEDULER).save_pretrained(root / "scheduler")  # Stable Diffusion's, kept as is
+    index.update(vae=["diffusers", "AutoencoderKL"])
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+def _save_clip_parts(
+    root: Path, seed: int, kind: str, max_length: int, merges: int, text: dict | None, unet: dict
+) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from stepquant.models.clip_tokenizer import save_clip_tokenizer
 
-    root = Path(root)
     xl = kind == "sdxl"
     text = {**_TEXT_ENCODER, **({"hidden_size": 16, "num_attention_heads": 2} if xl else {}), **(text or {})}
     save_tiny_pipeline(kind, root, seed, **{"cross_attention_dim": text["hidden_size"] * (2 if xl else 1), **unet})
@@ -164,17 +181,31 @@ def save_tiny_text_pipeline(
                 f"text_encoder{suffix}": ["transformers", cls.__name__],
             }
         )
-    AutoencoderKL(**{**_VAE, **(vae or {})}).save_pretrained(root / "vae")
-    DDIMScheduler(**SD_SCHEDULER).save_pretrained(
-        root / "scheduler"
-    )  # Stable Diffusion's, which its pipeline keeps as is
-    index.update(vae=["diffusers", "AutoencoderKL"], feature_extractor=[None, None], image_encoder=[None, None])
+    index.update(feature_extractor=[None, None], image_encoder=[None, None])
     if xl:
         index.update(_class_name="StableDiffusionXLPipeline", force_zeros_for_empty_prompt=True)
     else:
         index.update(safety_checker=[None, None], requires_safety_checker=False)
-    (root / "model_index.json").write_text(json.dumps(index))
-    return root
+    return index
+
+
+def _save_t5_parts(root: Path, seed: int, text: dict, transformer: dict) -> dict:
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    from stepquant.models.t5_tokenizer import save_t5_tokenizer
+
+    save_tiny_pipeline("pixart", root, seed, **{"caption_channels": text["d_model"], **transformer})
+    torch.manual_seed(seed)
+    tokenizer = T5Tokenizer.from_pretrained(save_t5_tokenizer(root / "tokenizer", TINY_PROMPTS))
+    config = T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **text)
+    T5EncoderModel(config).save_pretrained(root / "text_encoder")
+    return {
+        "_class_name": "PixArtSigmaPipeline",
+        "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+    }
 
 
 def random_conditioning(

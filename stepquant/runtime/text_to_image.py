@@ -1,11 +1,13 @@
 """A prompt to an image from a whole-pipeline bundle, on numpy and an engine alone (no torch, no transformers).
 
-The stages are diffusers' StableDiffusion(XL)Pipeline's, ported: the `tokenizers` library pads to the model's
-length with its own pad id and truncates keeping BOS and EOS (as CLIPTokenizer does); the text encoder graphs
-give the prompts' states (and SDXL's pooled embedding; its size ids come from the manifest) and the negative
-prompt's for guidance (`text_conditioning`); the denoising loop is `sample_batches` (image i starts from
-seed + i's per-sample draw, so a seed gives the same picture on every install and backend); the VAE decoder
-graph turns latents / scaling_factor + shift_factor into images.
+The stages are diffusers' StableDiffusion(XL)Pipeline's and PixArtSigmaPipeline's, ported: the `tokenizers`
+library pads to the model's length with its own pad id and truncates keeping BOS and EOS (as CLIPTokenizer
+does; T5 keeps its EOS); the text encoder graphs give the prompts' states (and SDXL's pooled embedding; its
+size ids come from the manifest; T5 takes, and the transformer reads, the tokens' attention mask) and the
+negative prompt's for guidance (`text_conditioning`); PixArt's prompts are lowercased and stripped, as its
+pipelines do without caption cleaning (`clean_caption=False`, or without bs4 and ftfy); the denoising loop is
+`sample_batches` (image i starts from seed + i's per-sample draw, so a seed gives the same picture on every
+install and backend); the VAE decoder graph turns latents / scaling_factor + shift_factor into images.
 Images come back in [-1, 1]; `to_uint8` rounds them as diffusers' image processor does.
 """
 
@@ -57,7 +59,8 @@ def load_tokenizer(path: Path, max_length: int, pad_id: int):
 
 class PromptEncoder:
     """Prompts -> the denoiser's text conditions: every encoder's states, concatenated on the last axis (SDXL's
-    two; one for SD 1.x/2.x) as `encoder_hidden_states`, and the pooled embedding where an encoder gives one."""
+    two; one for SD 1.x/2.x and PixArt) as `encoder_hidden_states`, the pooled embedding where an encoder gives
+    one, and the tokens' mask as `encoder_attention_mask` where an encoder takes one."""
 
     def __init__(
         self,
@@ -73,25 +76,33 @@ class PromptEncoder:
         self.encoders = [part_backend(bundle, p.graph, backend, options or RunOptions(threads)) for p in self.parts]
         self.warn = warn or print_warning
 
-    def ids(self, prompts: Sequence[str], which: int = 0) -> np.ndarray:
-        encodings = self.tokenizers[which].encode_batch(list(prompts))
+    def tokens(self, prompts: Sequence[str], which: int = 0) -> dict[str, np.ndarray]:
+        """The encoder's inputs for `prompts`: token ids, and the attention mask where the encoder takes one."""
+        part = self.parts[which]
+        texts = [p.lower().strip() for p in prompts] if part.lowercase else list(prompts)
+        encodings = self.tokenizers[which].encode_batch(texts)
         cut = [p for p, e in zip(prompts, encodings) if e.overflowing]
         if cut and which == 0:
             self.warn(
-                f"{len(cut)} prompt(s) truncated to the text encoder's {self.parts[which].max_length} tokens, as "
+                f"{len(cut)} prompt(s) truncated to the text encoder's {part.max_length} tokens, as "
                 f"diffusers does (first: {cut[0][:60]!r})"
             )
-        return np.asarray([e.ids for e in encodings], dtype=np.int64)
+        found = {"input_ids": np.asarray([e.ids for e in encodings], dtype=np.int64)}
+        if part.attention_mask:
+            found["attention_mask"] = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
+        return found
 
     def __call__(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
-        states, pooled = [], None
+        states, found = [], {}
         for which, (part, encoder) in enumerate(zip(self.parts, self.encoders)):
-            outputs = encoder.run({"input_ids": self.ids(prompts, which)})
+            tokens = self.tokens(prompts, which)
+            outputs = encoder.run(tokens)
             states.append(outputs[0].astype(np.float32))
             if part.pooled:
-                pooled = outputs[1].astype(np.float32)
-        found = {"encoder_hidden_states": np.concatenate(states, axis=-1)}
-        return found if pooled is None else {**found, "text_embeds": pooled}
+                found["text_embeds"] = outputs[1].astype(np.float32)
+            if part.attention_mask:
+                found["encoder_attention_mask"] = tokens["attention_mask"].astype(np.float32)
+        return {"encoder_hidden_states": np.concatenate(states, axis=-1), **found}
 
 
 class LatentDecoder:
@@ -157,16 +168,17 @@ def require_text_to_image(bundle: Bundle) -> None:
 def text_conditioning(bundle: Bundle, encoder: PromptEncoder, request: GenerateRequest) -> Conditioning:
     """The denoiser's condition rows for `request`, as diffusers' pipelines build them: each prompt's rows
     repeated `n` times; the negative prompt's (the empty prompt's, or zeros where the pipeline says
-    force_zeros_for_empty_prompt and none was given) for guidance; SDXL's size/crop ids on both."""
+    force_zeros_for_empty_prompt and none was given) for guidance; the fixed conditions (SDXL's size/crop ids,
+    PixArt-alpha's resolution and aspect ratio) on both."""
     parts = bundle.manifest.text_to_image
     cond = {k: np.repeat(v, request.n, axis=0) for k, v in encoder(list(request.prompts)).items()}
     if request.negative_prompt is None and parts.zero_negative:
         uncond = {k: np.zeros_like(v[:1]) for k, v in cond.items()}
     else:
         uncond = encoder([request.negative_prompt or ""])
-    if parts.time_ids is not None:
-        ids = np.asarray([parts.time_ids], dtype=np.float32)
-        cond["time_ids"], uncond["time_ids"] = np.repeat(ids, len(next(iter(cond.values()))), axis=0), ids
+    for name, value in parts.fixed_conditions.items():
+        row = np.asarray([value], dtype=np.float32)
+        cond[name], uncond[name] = np.repeat(row, len(next(iter(cond.values()))), axis=0), row
     return Conditioning(cond, uncond)
 
 
