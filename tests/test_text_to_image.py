@@ -6,6 +6,7 @@ PixArtSigmaPipeline's for their tiny pipelines)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -322,6 +323,62 @@ def test_a_pipeline_missing_a_part_is_refused_before_any_work(text_pipeline, tmp
     )
     assert_one_line_error(result, "has a tokenizer but no text_encoder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sd"]
+
+
+def test_pixart_alpha_gets_its_size_conditions_from_the_manifest(text_pipeline, tmp_path):
+    """PixArt-alpha at 1024 px (transformer sample size 128) reads `resolution` and `aspect_ratio`; exported for
+    32 px images only, the bundle's fixed conditions are that size's, and the reference graph matches diffusers'
+    PixArtAlphaPipeline there."""
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline
+
+    pipe = save_tiny_text_pipeline(
+        tmp_path / "alpha", kind="pixart", num_layers=1, sample_size=128, num_attention_heads=3, cross_attention_dim=24
+    )
+    index = json.loads((pipe / "model_index.json").read_text())
+    (pipe / "model_index.json").write_text(json.dumps({**index, "_class_name": "PixArtAlphaPipeline"}))
+    size = ["--height-range", "16", "--width-range", "16"]
+    prompts = ["--prompts-file", text_pipeline / "prompts.txt", "--guidance-scale", "3"]
+    result = run_cli("export-quantized", "--model", pipe, *prompts, *size, "--out", tmp_path / "bundle", *FAST)
+    assert result.returncode == 0, result.stderr
+    loaded = load_bundle(tmp_path / "bundle")
+    parts = loaded.manifest.text_to_image
+    assert parts.fixed_conditions == {"resolution": (32.0, 32.0), "aspect_ratio": (1.0,)}
+    assert parts.encoders[0].max_length == 120  # PixArt-alpha's prompt length
+    config = bundle_sampler(loaded).overridden(guidance_scale=3.0)
+    reference = PixArtAlphaPipeline.from_pretrained(pipe)
+    reference.scheduler = DDIMScheduler.from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    latents = torch.from_numpy(per_sample_noise(seed_generators(range(3, 4)), loaded.manifest.sample_shape))
+    with torch.no_grad():
+        theirs = (
+            reference(
+                [TINY_PROMPTS[0]],
+                negative_prompt="",
+                num_inference_steps=config.steps,
+                guidance_scale=3.0,
+                latents=latents,
+                height=32,
+                width=32,
+                output_type="np",
+                clean_caption=False,
+                use_resolution_binning=False,
+            ).images.transpose(0, 3, 1, 2)
+            * 2
+            - 1
+        )
+
+    def difference(bundle) -> float:
+        request = GenerateRequest((TINY_PROMPTS[0],), seed=3, graph="reference")
+        return float(
+            np.abs(np.concatenate(list(generate_batches(bundle, request, config, progress=False))) - theirs).max()
+        )
+
+    assert difference(loaded) <= 1e-3  # measured 8.3e-7
+    native = dataclasses.replace(parts, fixed_conditions={"resolution": (1024.0, 1024.0), "aspect_ratio": (1.0,)})
+    assert (
+        difference(dataclasses.replace(loaded, manifest=dataclasses.replace(loaded.manifest, text_to_image=native)))
+        > 1e-3
+    )
 
 
 def test_pixart_parts_of_another_kind_are_refused(pixart_pipeline, tmp_path):
