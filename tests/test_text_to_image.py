@@ -488,6 +488,12 @@ def test_demo_digits_sd_is_a_small_diffusers_pipeline_whose_bundle_generates_wit
     assert scored.returncode == 0, scored.stderr
     scores = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert scores["prompts"] == 20 and scores["fp_colour_accuracy"] >= 0.9 and scores["psnr_to_fp_db"] > 20
+    asked = ["stepquant", "eval", "--bundle", tmp_path / "bundle", "--n", "4", "--no-progress", "--out", tmp_path / "e"]
+    guided = run_cli(*asked, "--sampler", "ddim:4", "--guidance-scale", "5")
+    assert guided.returncode == 0, guided.stderr
+    sampler = json.loads((tmp_path / "e" / "eval.json").read_text())["sampler"]
+    assert (sampler["scheduler"], sampler["steps"], sampler["guidance_scale"]) == ("ddim", 4, 5.0)
+    assert_one_line_error(run_cli(*asked, "--sampler", "euler:4"), "stores no 4 EULER steps sampler")
 
 
 def test_fp16_bundles_carry_fp16_text_encoders_and_keep_an_upcast_vae_fp32(text_pipeline, tmp_path):

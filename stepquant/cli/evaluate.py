@@ -19,13 +19,16 @@ from stepquant.cli.options import (
     DeviceOption,
     EngineOption,
     ProviderOption,
+    StoredSamplerOption,
     TrustKey,
     parse_classes,
+    sampler_request,
 )
 from stepquant.eval.evaluate import evaluate
 from stepquant.eval.plots import plot_errors
 from stepquant.runtime.bundle_backends import bundle_corrections, bundle_sampler, quantized_backend, reference_backend
 from stepquant.runtime.guidance import choose_conditioning
+from stepquant.runtime.sampler import SamplerConfig
 
 DIGIT_SHAPE = (1, 16, 16)
 MAX_EVAL_SAMPLES = 16384  # the metrics hold every sample and its features at once
@@ -50,6 +53,11 @@ def eval_command(
         Optional[Scheduler],
         typer.Option(help="Sampler (default: the bundle's; another one is captured from the bundle's noise schedule)."),
     ] = None,
+    sampler: StoredSamplerOption = None,
+    guidance_scale: Annotated[
+        Optional[float],
+        typer.Option(help="Classifier-free guidance scale (default: the bundle's calibration scale)."),
+    ] = None,
     out: Annotated[
         Optional[Path], typer.Option(help="Directory for eval.json and errors.png (default: BUNDLE-eval).")
     ] = None,
@@ -67,12 +75,12 @@ def eval_command(
     class-conditional digits, accuracy against the requested class), error per step."""
     loaded = load_bundle(bundle, trust_key)
     manifest = loaded.manifest
+    config = _sampler(loaded, sampler, scheduler and scheduler.value, steps, eta, guidance_scale)
     if manifest.text_to_image is not None:
         _eval_text_to_image(
             loaded,
             n,
-            steps,
-            scheduler and scheduler.value,
+            config,
             out,
             threads,
             progress,
@@ -102,7 +110,6 @@ def eval_command(
     )
     if rows is not None and requested is None:
         requested = tuple(range(len(rows)))
-    config = bundle_sampler(loaded).overridden(scheduler=scheduler and scheduler.value, steps=steps, eta=eta)
     terms = bundle_corrections(loaded, config) if corrections else None
     result = evaluate(
         reference_backend(loaded, threads),
@@ -149,11 +156,20 @@ def eval_command(
     print(f"wrote {out / 'eval.json'} and {out / 'errors.png'}")
 
 
+def _sampler(
+    loaded, spec: str | None, scheduler: str | None, steps: int | None, eta: float | None, guidance: float | None
+) -> SamplerConfig:
+    """A stored sampler (--sampler), else the bundle's default with --scheduler/--steps/--eta replaced (another
+    scheduler is captured from the bundle's noise schedule), at --guidance-scale where given."""
+    requested = sampler_request(spec, scheduler=scheduler, steps=steps, eta=eta)
+    config = bundle_sampler(loaded, **requested) if spec else bundle_sampler(loaded).overridden(**requested)
+    return config.overridden(guidance_scale=guidance)
+
+
 def _eval_text_to_image(
     loaded,
     n: int,
-    steps: int | None,
-    scheduler: str | None,
+    config: SamplerConfig,
     out: Path | None,
     threads: int | None,
     progress: bool,
@@ -172,7 +188,6 @@ def _eval_text_to_image(
             f"checks); this one is of {loaded.manifest.source_model}: its manifest holds image PSNR to FP, "
             "and `stepquant generate --graph reference` gives FP images to compare"
         )
-    config = bundle_sampler(loaded).overridden(scheduler=scheduler, steps=steps)
     scores = score_coloured_digits(loaded, n, config, threads, progress, **runtime)
     out = out or loaded.path.with_name(loaded.path.name + "-eval")
     out.mkdir(parents=True, exist_ok=True)

@@ -75,15 +75,29 @@ def judge_coloured_digits(
     )
 
 
+def reference_images(
+    bundle: Bundle, count: int, config: SamplerConfig, threads: int | None = None, progress: bool = False
+) -> torch.Tensor:
+    """The FP images the scores compare with: the bundle's FP32 reference UNet on the first `count` prompts."""
+    return _images(bundle, [prompt(*a) for a in coloured_digit_prompts(count)], "reference", config, threads, progress)
+
+
 def score_coloured_digits(
-    bundle: Bundle, count: int, config: SamplerConfig, threads: int | None = None, progress: bool = False, **runtime
+    bundle: Bundle,
+    count: int,
+    config: SamplerConfig,
+    threads: int | None = None,
+    progress: bool = False,
+    fp: torch.Tensor | None = None,
+    **runtime,
 ) -> TextToImageScores:
-    """The module docstring's scores over `count` prompts; `runtime` (backend, engine, corrections) goes to
-    the quantized run."""
+    """The module docstring's scores over `count` prompts, against `fp` (reference_images of a bundle with the
+    same reference graph; default: this bundle's); `runtime` (backend, engine, corrections) goes to the
+    quantized run."""
     asked = coloured_digit_prompts(count)
-    prompts = [prompt(*a) for a in asked]
-    fp = _images(bundle, prompts, "reference", config, threads, progress)
-    quantized = _images(bundle, prompts, "quantized", config, threads, progress, **runtime)
+    if fp is None:
+        fp = reference_images(bundle, count, config, threads, progress)
+    quantized = _images(bundle, [prompt(*a) for a in asked], "quantized", config, threads, progress, **runtime)
     fp_digit, fp_colour, fp_features = judge_coloured_digits(fp, asked)
     digit, colour, features = judge_coloured_digits(quantized, asked)
     psnr = 10 * torch.log10(4.0 / ((quantized - fp) ** 2).flatten(1).mean(1).clamp_min(1e-12)).mean()
