@@ -11,7 +11,10 @@ text encoder and VAE decoder. Reported: image PSNR to FP (on [-1, 1]), the Fréc
 classifier's features between quantized and FP images, the digit accuracy (the classifier on the decoded
 digit's mask) and the colour accuracy (both colours right). One configuration is calibrated without guidance
 (`--guidance-scale 1`, the export's default) and run guided: what a default export gives a guided user.
-modelopt is not installable on this machine (no wheel for it without CUDA): no modelopt row.
+modelopt (`pip install '.[bench]'`): its max calibration (INT8_DEFAULT_CFG at these bits) of the same UNet, fed
+the inputs the export's calibration records (the same prompts, seeds and steps, both halves of guided calls),
+run as its own torch fake-quant model in place of the bundle's UNet, through the same text encoder and VAE
+decoder (the W4A8 minmax bundle's).
 
 Device cost: a fresh runtime-only virtual environment (`pip install .`: numpy, onnxruntime, tokenizers...):
 its size and the tokenizers package's share, the cold start of `stepquant generate --n 1` to its PNG, and
@@ -33,9 +36,11 @@ from pathlib import Path
 
 import torch
 from bench_install import ROOT, size_mib, venv
+from bench_quality import leave_out, modelopt_max
 from benchdoc import SMOKE_STEPS, header, publish
 
 from stepquant.bundle import load_bundle
+from stepquant.calibrators import collect_calibration_set
 from stepquant.cli.main import invoke
 from stepquant.data.coloured_digits import prompt
 from stepquant.eval.text_to_image import (
@@ -44,11 +49,19 @@ from stepquant.eval.text_to_image import (
     reference_images,
     score_coloured_digits,
 )
+from stepquant.export.config import CalibrationConfig
+from stepquant.models import EpsilonModel, load_model
+from stepquant.models.conditioning import load_conditioning
+from stepquant.models.denoisers import sample_shape
+from stepquant.models.torch_backend import TorchBackend
+from stepquant.pipeline import CALIBRATION_SEED_OFFSET
+from stepquant.runtime.backend import Backend
 from stepquant.runtime.sampler import SamplerConfig
 
 MODEL = "demo-digits-sd"
 SAMPLERS = ("ddim:25", "dpm-solver++:20")
 W4 = ["--weight-bits", "4"]
+MODELOPT = ("W4A8",)  # modelopt rows: the bits the targets compare with
 CONFIGS = {  # name -> (export options beyond the defaults, calibration guidance; None: the bench's)
     "W8A8 minmax": ([], None),
     "W8A8 minmax, calibrated unguided": ([], 1.0),
@@ -106,6 +119,22 @@ def export(out: Path, options: list[str], guidance: float, calibration: Path, sm
     return out
 
 
+def modelopt_denoiser(bits: str, guidance: float, calibration: Path, smoke: bool) -> tuple[Backend, float]:
+    """modelopt's max calibration of demo-digits-sd's UNet on the inputs the export calibrates on (the first
+    sampler's), as bench_quality runs it; returns the fake-quant model and its calibration seconds."""
+    loaded = load_model(MODEL)
+    fp_model = EpsilonModel(loaded.denoiser)
+    samples = 4 if smoke else CalibrationConfig().samples
+    sampler = SamplerConfig.parse(f"ddim:{SMOKE_STEPS}" if smoke else SAMPLERS[0], guidance)
+    shape = sample_shape(loaded.denoiser)
+    conditioning = load_conditioning(fp_model, loaded, calibration, None, shape).at(list(range(samples)))
+    seeds = range(CALIBRATION_SEED_OFFSET, CALIBRATION_SEED_OFFSET + samples)
+    calib = collect_calibration_set(
+        TorchBackend(fp_model), loaded.scheduler_config, seeds, shape, sampler, sampler.steps, False, conditioning
+    )
+    return modelopt_max(fp_model, calib, bits)
+
+
 def device_cost(bundle: Path, runs: int, scratch: Path) -> list[str]:
     python = venv(scratch / "runtime", [str(ROOT)])
     site = next((scratch / "runtime" / "lib").glob("python*/site-packages"))
@@ -151,6 +180,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     count = 10 if args.smoke else args.n
+    with_modelopt = not leave_out("modelopt (max)", args.smoke)  # a full run without modelopt stops here
     lines = [
         header(),
         f"{count} prompts, one seed each, guidance {args.guidance:g}; FP = the FP32 reference UNet through the same "
@@ -182,6 +212,19 @@ def main() -> None:
                 lines.append(
                     f"| {name} | {spec} | {scores.psnr_to_fp_db:.2f} | {scores.fd_to_fp:.3f} | "
                     f"{scores.digit_accuracy:.1%} | {scores.colour_accuracy:.1%} | {seconds:.0f} |"
+                )
+                print(lines[-1], flush=True)
+        bundle = load_bundle(scratch / "W4A8-minmax")
+        for bits in MODELOPT if with_modelopt else ():
+            denoiser, seconds = modelopt_denoiser(bits, args.guidance, calibration, args.smoke)
+            for stored in bundle.manifest.samplers:
+                spec = stored.sampler.spec
+                config = SamplerConfig.from_record(stored.sampler).overridden(guidance_scale=args.guidance)
+                scores = score_coloured_digits(bundle, count, config, fp=fp[spec][1], denoiser=denoiser)
+                lines.append(
+                    f"| modelopt max {bits} (torch fake-quant) | {spec} | {scores.psnr_to_fp_db:.2f} | "
+                    f"{scores.fd_to_fp:.3f} | {scores.digit_accuracy:.1%} | {scores.colour_accuracy:.1%} | "
+                    f"{seconds:.0f} (calibration) |"
                 )
                 print(lines[-1], flush=True)
         lines += device_cost(scratch / "W8A8-minmax", 1 if args.smoke else args.runs, scratch)

@@ -195,16 +195,21 @@ def generate_batches(
     *,
     provider: str = "cpu",
     device: str = "CPU",
+    denoiser: Backend | None = None,
 ) -> Iterator[np.ndarray]:
     """Images [B, 3, H, W] in [-1, 1], batch by batch, for `request` (see the module docstring). The text
-    encoders and the VAE decoder run on `backend` too (on TensorRT where their plans were built)."""
+    encoders and the VAE decoder run on `backend` too (on TensorRT where their plans were built). `denoiser`
+    stands in for the bundle's graphs, uncorrected: another tool's quantized model, compared through the same
+    text encoder and VAE decoder."""
     from tqdm.auto import tqdm
 
     require_text_to_image(bundle)
     table = bundle_table(bundle, config)
     table.check_sampler(config.scheduler, config.steps, config.eta, config.karras_sigmas)
     options = RunOptions(threads, provider, None, device, engine)
-    if request.graph == "reference":
+    if denoiser is not None:
+        runner, terms = denoiser, None
+    elif request.graph == "reference":
         runner, terms = reference_backend(bundle, backend=backend, options=options), None
     else:
         runner = quantized_backend(bundle, threads, backend, engine, provider=provider, device=device)
