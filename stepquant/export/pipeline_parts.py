@@ -89,9 +89,11 @@ def carried_parts(pipeline: Path | None, condition_names: tuple[str, ...]) -> bo
             f"pipeline {pipeline} has a {have[0]} but no {missing}: a text-to-image bundle needs "
             f"{', '.join(parts)} (or export its unet/ folder alone, with --conditioning)"
         )
-    for part in encoders if have else ():
+    for part in encoders if have else ():  # what the end of the export needs, known before any work
         _part_class(pipeline, f"tokenizer{part.suffix}", part.tokenizer_classes)
         _part_class(pipeline, f"text_encoder{part.suffix}", (part.encoder_class,))
+        if part.t5:
+            _sequence_length(pipeline)
     return bool(have) and present("vae")
 
 
