@@ -32,6 +32,10 @@ def test_frechet_distance_is_zero_for_a_set_with_itself_and_grows_with_noise():
     torch.manual_seed(0)
     features = torch.randn(500, 16) @ torch.randn(16, 16)
     assert frechet_distance(features, features) == pytest.approx(0.0, abs=1e-6)
+    broken = features.clone()
+    broken[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="non-finite features"):
+        frechet_distance(broken, features)
     distances = [frechet_distance(features + s * torch.randn_like(features), features) for s in (0.1, 0.5, 1.0, 2.0)]
     assert distances == sorted(distances) and distances[0] > 0
     # two Gaussians with identity covariance and means 3 apart in one dimension: FD = 9 (+ sampling noise)

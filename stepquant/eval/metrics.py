@@ -21,12 +21,15 @@ def psnr(samples, reference, data_range: float = 2.0) -> torch.Tensor:
 def frechet_distance(features: torch.Tensor, reference: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets [N, D] (the FID formula)."""
     a, b = features.double().numpy(), reference.double().numpy()
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("Fréchet distance of non-finite features: the samples they come from hold NaN or inf")
     mean_a, mean_b = a.mean(axis=0), b.mean(axis=0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     # tr(sqrt(A B)) = sum of sqrt of the eigenvalues of sqrt(A) B sqrt(A), which is symmetric PSD
     values, vectors = np.linalg.eigh(cov_a)
     root_a = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
-    cross = np.linalg.eigvalsh(root_a @ cov_b @ root_a).clip(min=0)
+    product = root_a @ cov_b @ root_a
+    cross = np.linalg.eigvalsh((product + product.T) / 2).clip(min=0)  # symmetric up to rounding; made exact
     distance = np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.sqrt(cross).sum()
     return float(max(distance, 0.0))
 

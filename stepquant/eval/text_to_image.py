@@ -98,6 +98,12 @@ def score_coloured_digits(
     if fp is None:
         fp = reference_images(bundle, count, config, threads, progress)
     quantized = _images(bundle, [prompt(*a) for a in asked], "quantized", config, threads, progress, **runtime)
+    broken = int((~torch.isfinite(quantized).flatten(1).all(1)).sum())
+    if broken:
+        raise ValueError(
+            f"{broken} of {count} quantized images hold NaN or inf ({config.describe()}, guidance "
+            f"{config.guidance_scale:g}): the quantized UNet overflows along these trajectories"
+        )
     fp_digit, fp_colour, fp_features = judge_coloured_digits(fp, asked)
     digit, colour, features = judge_coloured_digits(quantized, asked)
     psnr = 10 * torch.log10(4.0 / ((quantized - fp) ** 2).flatten(1).mean(1).clamp_min(1e-12)).mean()
