@@ -43,6 +43,18 @@ def test_frechet_distance_is_zero_for_a_set_with_itself_and_grows_with_noise():
     assert frechet_distance(a, b) == pytest.approx(9.0, rel=0.05)
 
 
+def test_a_coloured_digit_of_one_colour_gives_an_empty_mask_and_finite_scores():
+    from stepquant.data.coloured_digits import digit_masks, read_colours
+    from stepquant.eval.text_to_image import judge_coloured_digits
+
+    flat = torch.full((2, 3, 32, 32), 0.3)  # both colours read alike: nothing to tell the strokes by
+    flat[1] = -0.8
+    fg, bg = read_colours(flat)
+    assert torch.equal(fg, bg) and torch.isfinite(digit_masks(flat)).all()
+    digit, colour, features = judge_coloured_digits(flat, [(7, 0, 1, 0), (3, 2, 4, 1)])
+    assert colour == 0.0 and torch.isfinite(features).all()
+
+
 def test_classifier_held_out_accuracy_is_at_least_95_percent():
     images, labels = load_digits_16()
     _, held_out = held_out_split(len(images))

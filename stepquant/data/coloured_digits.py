@@ -86,5 +86,7 @@ def digit_masks(images: torch.Tensor) -> torch.Tensor:
     fg, bg = read_colours(images)
     palette = _palette()
     axis = (palette[fg] - palette[bg])[:, :, None, None]
-    mask = ((images - palette[bg][:, :, None, None]) * axis).sum(1, keepdim=True) / (axis * axis).sum(1, keepdim=True)
+    # an image whose two colours read alike has no strokes to tell apart: an empty mask, not 0 / 0
+    spread = (axis * axis).sum(1, keepdim=True).clamp_min(1e-12)
+    mask = ((images - palette[bg][:, :, None, None]) * axis).sum(1, keepdim=True) / spread
     return F.avg_pool2d(mask.clamp(0, 1), 2) * 2 - 1
