@@ -155,47 +155,27 @@ def text_bundle(text_pipeline) -> Path:
     return text_pipeline / "bundle"
 
 
+def _tiny_text_bundle(text_pipeline: Path, kind: str) -> Path:
+    """KIND/pipe: a tiny random pipeline of that kind; KIND/bundle: its export from the prompts (guidance 3)."""
+    root = text_pipeline / kind
+    save_tiny_text_pipeline(root / "pipe", kind=kind)
+    prompts = ["--prompts-file", text_pipeline / "prompts.txt", "--guidance-scale", "3"]
+    result = run_cli("export-quantized", "--model", root / "pipe", *prompts, "--out", root / "bundle", *FAST)
+    assert result.returncode == 0, result.stderr
+    return root
+
+
 @pytest.fixture(scope="session")
 def sdxl_pipeline(text_pipeline) -> Path:
     """A tiny random SDXL pipeline (`pipe/`) and its bundle (`bundle/`)."""
-    root = text_pipeline / "xl"
-    save_tiny_text_pipeline(root / "pipe", kind="sdxl")
-    result = run_cli(
-        "export-quantized",
-        "--model",
-        root / "pipe",
-        "--prompts-file",
-        text_pipeline / "prompts.txt",
-        "--out",
-        root / "bundle",
-        "--guidance-scale",
-        "3",
-        *FAST,
-    )
-    assert result.returncode == 0, result.stderr
-    return root
+    return _tiny_text_bundle(text_pipeline, "sdxl")
 
 
 @pytest.fixture(scope="session")
 def pixart_pipeline(text_pipeline) -> Path:
     """A tiny random PixArt-Sigma pipeline (`pipe/`: T5 tokenizer and encoder, transformer, VAE) and its
     bundle (`bundle/`)."""
-    root = text_pipeline / "pixart"
-    save_tiny_text_pipeline(root / "pipe", kind="pixart")
-    result = run_cli(
-        "export-quantized",
-        "--model",
-        root / "pipe",
-        "--prompts-file",
-        text_pipeline / "prompts.txt",
-        "--out",
-        root / "bundle",
-        "--guidance-scale",
-        "3",
-        *FAST,
-    )
-    assert result.returncode == 0, result.stderr
-    return root
+    return _tiny_text_bundle(text_pipeline, "pixart")
 
 
 # The slow tier (`make test` runs it, `make test-fast` leaves it out): a test is slow when it exports a bundle, or
