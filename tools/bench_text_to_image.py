@@ -39,7 +39,7 @@ from bench_install import ROOT, size_mib, venv
 from bench_quality import leave_out, modelopt_max
 from benchdoc import SMOKE_STEPS, header, publish
 
-from stepquant.bundle import load_bundle
+from stepquant.bundle import Bundle, load_bundle
 from stepquant.calibrators import collect_calibration_set
 from stepquant.cli.main import invoke
 from stepquant.data.coloured_digits import prompt
@@ -72,7 +72,7 @@ CONFIGS = {  # name -> (export options beyond the defaults, calibration guidance
 STAGES = textwrap.dedent("""
     import json, sys, time
     import numpy as np
-    from stepquant.bundle import load_bundle
+    from stepquant.bundle import Bundle, load_bundle
     from stepquant.runtime.bundle_backends import bundle_sampler, bundle_table, quantized_backend
     from stepquant.runtime.guidance import Conditioning
     from stepquant.runtime.sampler import sample_batches
@@ -117,6 +117,34 @@ def export(out: Path, options: list[str], guidance: float, calibration: Path, sm
     if code:
         raise SystemExit(f"export failed: {err.strip()}")
     return out
+
+
+def score_samplers(
+    lines: list[str],
+    name: str,
+    bundle: Bundle,
+    count: int,
+    guidance: float,
+    fp: dict[str, tuple[str, torch.Tensor]],
+    cost: str,
+    denoiser: Backend | None = None,
+) -> None:
+    """One table row per stored sampler of `bundle` (its quantized UNet, or `denoiser` in its place), scored
+    against FP images made once per sampler and reference graph (`fp` caches them, with an FP row each)."""
+    reference = bundle.manifest.files[bundle.manifest.reference_graph]
+    for stored in bundle.manifest.samplers:
+        spec = stored.sampler.spec
+        config = SamplerConfig.from_record(stored.sampler).overridden(guidance_scale=guidance)
+        if fp.get(spec, ("",))[0] != reference:
+            fp[spec] = (reference, reference_images(bundle, count, config))
+            digit, colour, _ = judge_coloured_digits(fp[spec][1], coloured_digit_prompts(count))
+            lines.append(f"| FP (reference UNet) | {spec} | - | - | {digit:.1%} | {colour:.1%} | - |")
+        scores = score_coloured_digits(bundle, count, config, fp=fp[spec][1], denoiser=denoiser)
+        lines.append(
+            f"| {name} | {spec} | {scores.psnr_to_fp_db:.2f} | {scores.fd_to_fp:.3f} | {scores.digit_accuracy:.1%} "
+            f"| {scores.colour_accuracy:.1%} | {cost} |"
+        )
+        print(lines[-1], flush=True)
 
 
 def modelopt_denoiser(bits: str, guidance: float, calibration: Path, smoke: bool) -> tuple[Backend, float]:
@@ -190,7 +218,7 @@ def main() -> None:
         "| export (s) |",
         "|---|---|---|---|---|---|---|",
     ]
-    fp: dict[str, tuple[str, object]] = {}  # sampler -> (reference graph sha256, FP images)
+    fp: dict[str, tuple[str, torch.Tensor]] = {}  # sampler -> (reference graph sha256, FP images)
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         calibration = scratch / "calibration.txt"
@@ -200,33 +228,11 @@ def main() -> None:
             out = scratch / name.replace(" ", "-").replace(",", "")
             bundle = load_bundle(export(out, options, calibrated_at or args.guidance, calibration, args.smoke))
             seconds = time.perf_counter() - start
-            reference = bundle.manifest.files[bundle.manifest.reference_graph]
-            for stored in bundle.manifest.samplers:
-                spec = stored.sampler.spec
-                config = SamplerConfig.from_record(stored.sampler).overridden(guidance_scale=args.guidance)
-                if fp.get(spec, ("",))[0] != reference:
-                    fp[spec] = (reference, reference_images(bundle, count, config))
-                    digit, colour, _ = judge_coloured_digits(fp[spec][1], coloured_digit_prompts(count))
-                    lines.append(f"| FP (reference UNet) | {spec} | - | - | {digit:.1%} | {colour:.1%} | - |")
-                scores = score_coloured_digits(bundle, count, config, fp=fp[spec][1])
-                lines.append(
-                    f"| {name} | {spec} | {scores.psnr_to_fp_db:.2f} | {scores.fd_to_fp:.3f} | "
-                    f"{scores.digit_accuracy:.1%} | {scores.colour_accuracy:.1%} | {seconds:.0f} |"
-                )
-                print(lines[-1], flush=True)
-        bundle = load_bundle(scratch / "W4A8-minmax")
+            score_samplers(lines, name, bundle, count, args.guidance, fp, f"{seconds:.0f}")
         for bits in MODELOPT if with_modelopt else ():
             denoiser, seconds = modelopt_denoiser(bits, args.guidance, calibration, args.smoke)
-            for stored in bundle.manifest.samplers:
-                spec = stored.sampler.spec
-                config = SamplerConfig.from_record(stored.sampler).overridden(guidance_scale=args.guidance)
-                scores = score_coloured_digits(bundle, count, config, fp=fp[spec][1], denoiser=denoiser)
-                lines.append(
-                    f"| modelopt max {bits} (torch fake-quant) | {spec} | {scores.psnr_to_fp_db:.2f} | "
-                    f"{scores.fd_to_fp:.3f} | {scores.digit_accuracy:.1%} | {scores.colour_accuracy:.1%} | "
-                    f"{seconds:.0f} (calibration) |"
-                )
-                print(lines[-1], flush=True)
+            name, bundle = f"modelopt max {bits} (torch fake-quant)", load_bundle(scratch / "W4A8-minmax")
+            score_samplers(lines, name, bundle, count, args.guidance, fp, f"{seconds:.0f} (calibration)", denoiser)
         lines += device_cost(scratch / "W8A8-minmax", 1 if args.smoke else args.runs, scratch)
     publish("text-to-image", lines, not args.no_write and not args.smoke)
 
