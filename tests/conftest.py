@@ -3,6 +3,7 @@ Stable Diffusion and SDXL pipelines with their whole-pipeline bundles."""
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import os
 import platform
@@ -19,6 +20,7 @@ from stepquant.export.config import CalibrationConfig, ChecksConfig
 from stepquant.models.demo_config import SCHEDULER_CONFIG
 from stepquant.models.tiny import TINY_PROMPTS, save_tiny_text_pipeline
 from stepquant.pipeline import ExportConfig, export_quantized
+from stepquant.quant import QuantSpec
 from stepquant.runtime import SamplerConfig
 
 TINY_UNET = {
@@ -81,6 +83,42 @@ def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) ->
     assert "Traceback" not in result.stderr
 
 
+# the CPU engines a device-side check (`stepquant parity --backend`) runs on here
+ENGINE_BACKENDS = [
+    "onnxruntime",
+    pytest.param(
+        "openvino", marks=pytest.mark.skipif(not importlib.util.find_spec("openvino"), reason="OpenVINO not installed")
+    ),
+]
+
+
+def bundle_graph(bundle_path: Path, backend: str) -> Path:
+    """The graph a device's `backend` runs from the bundle (its first timestep group's)."""
+    from stepquant.bundle import load_bundle
+
+    bundle = load_bundle(bundle_path)
+    return bundle.file(bundle.target(bundle.target_for(backend)).graphs[0])
+
+
+def check_engine(bundle_path: Path, backend: str, engine_graph: Path | None = None):
+    """The segment check of `bundle_graph` on `backend`, with `engine_graph` (default: that graph, unchanged)
+    standing in for the engine; returns the SegmentReport."""
+    from polygraphy.json import load_json
+
+    from stepquant.bundle import load_bundle
+    from stepquant.export.segments import bundle_engine_policy, bundle_segment_runner, check_segments
+
+    bundle = load_bundle(bundle_path)
+    section = bundle.target(bundle.target_for(backend))
+    return check_segments(
+        engine_graph or bundle_graph(bundle_path, backend),
+        load_json(bundle.file(f"{section.timestep_groups[0].parity}/inputs.json")),
+        bundle_segment_runner(backend, section.onnxruntime_optimization_level),
+        bundle_engine_policy(bundle, backend),
+        reference_graph=bundle_graph(bundle_path, backend),
+    )
+
+
 def _exact_integer_kernels() -> bool:
     """Whether onnxruntime's fused U8S8 kernels are exact here: on x86 they need VNNI (AVX-512 VNNI or
     AVX-VNNI), since without it they sum u8 x s8 pairs into saturating 16-bit integers (vpmaddubsw), so values
@@ -118,6 +156,40 @@ def demo_bundle(tmp_path_factory):
     report = export_quantized(
         ExportConfig(
             out=out,
+            sampler=FEW_STEPS,
+            progress=False,
+            calibration=CalibrationConfig(samples=8),
+            checks=ChecksConfig(eval_samples=8),
+        )
+    )
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def fp8_bundle(tmp_path_factory):
+    """The demo model exported at FP8 (E4M3) with few steps; returns (bundle path, ExportReport)."""
+    out = tmp_path_factory.mktemp("fp8") / "bundle"
+    report = export_quantized(
+        ExportConfig(
+            out=out,
+            quant=QuantSpec(format="fp8"),
+            sampler=FEW_STEPS,
+            progress=False,
+            calibration=CalibrationConfig(samples=8),
+            checks=ChecksConfig(eval_samples=8),
+        )
+    )
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def fp16_bundle(tmp_path_factory):
+    """The demo model exported at W8A8 with FP16 precision; returns (bundle path, ExportReport)."""
+    out = tmp_path_factory.mktemp("fp16") / "bundle"
+    report = export_quantized(
+        ExportConfig(
+            out=out,
+            precision="fp16",
             sampler=FEW_STEPS,
             progress=False,
             calibration=CalibrationConfig(samples=8),

@@ -4,31 +4,13 @@ FP32 inputs and outputs, the timestep encoding kept in FP32, lint-clean, and in 
 import numpy as np
 import onnx
 import pytest
-from conftest import FEW_STEPS
 from onnx import TensorProto, numpy_helper
 
-from stepquant.export.config import CalibrationConfig, ChecksConfig
 from stepquant.export.lint import lint
 from stepquant.export.parity_policy import parity_policy
 from stepquant.export.precision import timestep_encoding_nodes
-from stepquant.pipeline import ExportConfig, export_quantized
+from stepquant.pipeline import ExportConfig
 from stepquant.quant import QuantSpec
-
-
-@pytest.fixture(scope="module")
-def fp16_bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp16") / "bundle"
-    report = export_quantized(
-        ExportConfig(
-            out=out,
-            precision="fp16",
-            sampler=FEW_STEPS,
-            progress=False,
-            calibration=CalibrationConfig(samples=8),
-            checks=ChecksConfig(eval_samples=8),
-        )
-    )
-    return out, report
 
 
 def test_scales_and_compute_are_fp16_with_fp32_io(fp16_bundle):

@@ -4,34 +4,13 @@ basic level."""
 
 import numpy as np
 import onnx
-import pytest
-from conftest import FEW_STEPS
 from onnx import TensorProto
 
 from stepquant.bundle import load_bundle
-from stepquant.export.config import CalibrationConfig, ChecksConfig
 from stepquant.export.lint import lint
 from stepquant.export.parity import replay_parity
 from stepquant.export.parity_policy import parity_policy
-from stepquant.pipeline import ExportConfig, export_quantized
-from stepquant.quant import QuantSpec
 from stepquant.runtime.bundle_backends import quantized_backend
-
-
-@pytest.fixture(scope="module")
-def fp8_bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp8") / "bundle"
-    report = export_quantized(
-        ExportConfig(
-            out=out,
-            quant=QuantSpec(format="fp8"),
-            sampler=FEW_STEPS,
-            progress=False,
-            calibration=CalibrationConfig(samples=8),
-            checks=ChecksConfig(eval_samples=8),
-        )
-    )
-    return out, report
 
 
 def test_fp8_graph_uses_float8_zero_points_and_weights(fp8_bundle):

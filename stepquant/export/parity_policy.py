@@ -10,7 +10,7 @@ replay on other machines (`stepquant parity`), where no layer-wise comparison is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 AS_WRITTEN = "disable"  # onnxruntime's optimisations off: the Q/DQ nodes run as written (see `parity_policy`)
 
@@ -24,6 +24,11 @@ class ParityPolicy:
     max_multi_step_share: float  # of one quantizer's codes, two or more steps from the simulation's
     tie_allowance: int  # codes per quantizer that may differ whatever its size (small tensors: a tie is a large share)
     replay_floor: float  # least median relative error tolerated end to end by `stepquant parity`
+    # one-step share allowed where a device's engine fuses each layer (export/segments.py): it requantizes an
+    # exact sum and breaks ties its own way. Measured on the demos' segments (docs/benchmarks/parity.md), worst
+    # correct quantizer against the weakest seeded fault: INT8 0.02% against 4.9%; FP8 0.53% (OpenVINO's
+    # attention output) against 14%; FP16 graphs 0.61% against 6.4%.
+    engine_one_step_share: float
 
     def allowed_one_step(self, codes: int) -> int:
         return max(self.tie_allowance, int(self.max_one_step_share * codes))
@@ -33,9 +38,30 @@ class ParityPolicy:
 
 
 # measured margins: docs/benchmarks/parity.md (tools/bench_parity.py)
-_INT8 = ParityPolicy(AS_WRITTEN, max_one_step_share=1e-3, max_multi_step_share=0.0, tie_allowance=4, replay_floor=1e-2)
-_FP8 = ParityPolicy(AS_WRITTEN, max_one_step_share=1e-3, max_multi_step_share=0.0, tie_allowance=4, replay_floor=3e-2)
-_FP16 = ParityPolicy(AS_WRITTEN, max_one_step_share=0.1, max_multi_step_share=1e-4, tie_allowance=4, replay_floor=0.2)
+_INT8 = ParityPolicy(
+    AS_WRITTEN,
+    max_one_step_share=1e-3,
+    max_multi_step_share=0.0,
+    tie_allowance=4,
+    replay_floor=1e-2,
+    engine_one_step_share=5e-3,
+)
+_FP8 = ParityPolicy(
+    AS_WRITTEN,
+    max_one_step_share=1e-3,
+    max_multi_step_share=0.0,
+    tie_allowance=4,
+    replay_floor=3e-2,
+    engine_one_step_share=2e-2,
+)
+_FP16 = ParityPolicy(
+    AS_WRITTEN,
+    max_one_step_share=0.1,
+    max_multi_step_share=1e-4,
+    tie_allowance=4,
+    replay_floor=0.2,
+    engine_one_step_share=2e-2,
+)
 
 
 def parity_policy(target: str, format: str, precision: str) -> ParityPolicy:
@@ -49,3 +75,9 @@ def parity_policy(target: str, format: str, precision: str) -> ParityPolicy:
     if format == "fp8":
         return _FP8
     return _FP16 if precision == "fp16" else _INT8
+
+
+def engine_policy(policy: ParityPolicy) -> ParityPolicy:
+    """`policy` for a graph's segments run by a device's engine (export/segments.py), whose reference is
+    onnxruntime running the same graph as written (not the simulation the gate compares with)."""
+    return replace(policy, max_one_step_share=policy.engine_one_step_share)

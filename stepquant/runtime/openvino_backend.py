@@ -8,6 +8,7 @@ PSNR on this backend says how much that is.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,13 @@ def openvino():
 class OpenVINOBackend:
     """One compiled graph on one OpenVINO device ("CPU", "GPU", "NPU", "AUTO"), with one infer request reused."""
 
-    def __init__(self, model_path: str | Path, threads: int | None = None, device: str = "CPU") -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        threads: int | None = None,
+        device: str = "CPU",
+        properties: Mapping[str, object] | None = None,
+    ) -> None:
         ov = openvino()
         core = ov.Core()
         if device != "AUTO" and device.split(".")[0] not in {d.split(".")[0] for d in core.available_devices}:
@@ -43,6 +50,7 @@ class OpenVINOBackend:
             config["INFERENCE_PRECISION_HINT"] = "f32"
             if threads:
                 config["INFERENCE_NUM_THREADS"] = threads
+        config.update(properties or {})
         self.model_path = Path(model_path)
         try:
             self.compiled = core.compile_model(core.read_model(str(self.model_path)), device, config)
