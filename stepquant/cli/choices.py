@@ -16,7 +16,7 @@ def choices(name: str, values) -> type[Enum]:
 
 
 RuntimeBackend = choices("RuntimeBackend", BACKENDS)
-ParityBackend = choices("ParityBackend", ("onnxruntime", "tensorrt"))  # what replays Polygraphy's saved inputs
+ParityBackend = choices("ParityBackend", ("onnxruntime", "openvino", "tensorrt"))  # what `stepquant parity` checks
 Scheduler = choices("Scheduler", SCHEDULER_NAMES)
 Correction = choices("Correction", CORRECTION_METHODS)
 OptimizationLevel = choices("OptimizationLevel", OPTIMIZATION_LEVELS)
