@@ -7,10 +7,14 @@ what the check costs against the end-to-end comparison it replaced.
    end-to-end gate (1e-3 INT8, 3e-3 CPU graph, 1e-2 FP8, 0.2 FP16) would have said.
 2. Faults: on the demo model, each seeded fault of stepquant.export.faults for every target, format and
    precision: which check fires, and what the codes alone show.
-3. Cost: time and peak memory of the layer-wise check (plus the torch reference run the bundle keeps)
+3. Engines: the device-side check (`stepquant parity --backend`) on the demo, the conditional demo and
+   demo-digits-sd, each exported with default options: for onnxruntime (at the bundle's level) and OpenVINO,
+   each seeded fault standing in for a faulty engine (the engine runs the faulted graph, the reference is the
+   bundle's own): caught segment by segment or not, and what the end-to-end replay statistic shows.
+4. Cost: time and peak memory of the layer-wise check (plus the torch reference run the bundle keeps)
    against the end-to-end check, on the demo and the cifar10-architecture UNet, each in a fresh process.
 
-    python tools/bench_parity.py [--only thresholds,faults,cost] [--first N] [--no-write] [--smoke]
+    python tools/bench_parity.py [--only thresholds,faults,engines,cost] [--first N] [--no-write] [--smoke]
 """
 
 from __future__ import annotations
@@ -27,20 +31,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from benchdoc import header, parse_options, write_section
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from polygraphy.json import load_json
 
+from stepquant.bundle import Bundle, load_bundle
 from stepquant.calibrators import collect_calibration_set
 from stepquant.calibrators.ranges import calibrate_ranges
 from stepquant.calibrators.reconstruction import ReconstructionConfig
+from stepquant.data.coloured_digits import colour_pairs, prompt
 from stepquant.eval.memory import current_rss_mib, peak_rss_mib, reset_peak_rss
 from stepquant.export.config import CalibrationConfig, ChecksConfig, ConditioningConfig
 from stepquant.export.faults import FAULTS, seed_fault
 from stepquant.export.layerwise import check_layerwise
+from stepquant.export.onnx_export import OUTPUT_NAME, quantizer_map
 from stepquant.export.parity import check_parity, parity_feeds, torch_outputs
 from stepquant.export.parity_policy import parity_policy
 from stepquant.export.precision import export_at_precision
+from stepquant.export.segments import bundle_engine_policy, bundle_segment_runner, check_segments
 from stepquant.export.shapes import DimRange, ShapeProfile
 from stepquant.export.targets import for_target
 from stepquant.models import DEMO_MODEL_NAME, EpsilonModel, load_model
@@ -293,6 +303,97 @@ def fault_rows(root: Path, first: int | None) -> list[str]:
     return rows
 
 
+def engine_bundles(root: Path, smoke: bool) -> Iterator[tuple[str, Path]]:
+    """(label, bundle) of each demo exported by the CLI with default options (fewer evaluation samples)."""
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(prompt(i % 10, *colour_pairs()[i], i) for i in range(16)) + "\n")
+    models = [
+        ("demo-digits", "demo-digits", []),
+        ("demo-digits-cond", "demo-digits-cond", []),
+        ("demo-digits-sd", "demo-digits-sd", ["--prompts-file", str(prompts)]),
+        ("demo-digits FP8", "demo-digits", ["--format", "fp8"]),
+        ("demo-digits FP16", "demo-digits", ["--precision", "fp16"]),
+    ]
+    for label, name, options in models[:1] if smoke else models:
+        out = root / label.replace(" ", "-")
+        subprocess.run(
+            [Path(sys.executable).parent / "export-quantized", "--model", name, *options, "--out", out, "--overwrite"]
+            + ["--no-progress", "--eval-samples", "8"],
+            check=True,
+            capture_output=True,
+        )
+        yield label, out
+
+
+def _replay_error(bundle: Bundle, graph: Path, backend: str) -> str:
+    """The end-to-end replay's statistic for `graph` run by `backend`, against the replay's tolerance: the worst
+    median relative error of eps over the bundle's saved inputs, against its saved fake-quant torch outputs."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import load_json
+
+    from stepquant.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from stepquant.runtime.openvino_backend import OpenVINOBackend
+
+    section = bundle.target(bundle.target_for(backend))
+    parity = section.timestep_groups[0].parity
+    feeds = load_json(bundle.file(f"{parity}/inputs.json"))
+    reference = RunResults.load(str(bundle.file(f"{parity}/reference_outputs.json")))[0][1]
+    if backend == "openvino":
+        run = OpenVINOBackend(graph, threads=2).run
+    else:
+        run = OnnxRuntimeBackend(graph, optimization_level=section.onnxruntime_optimization_level).run
+    worst = 0.0
+    for feed, expected in zip(feeds, reference):
+        want = np.asarray(expected[OUTPUT_NAME])
+        try:
+            got = run(dict(feed))[0]
+        except RuntimeError as err:  # OpenVINO cannot run an FP8 dequantizer given an INT8 zero point
+            return f"not run: {str(err).strip().splitlines()[-1][:60]}"
+        worst = max(worst, float(np.median(np.abs(got - want) / np.maximum(np.abs(want), 1e-30))))
+    return f"{worst:.1e} ({section.replay_tolerance:.2g})"
+
+
+def _last_weight_quantizer(graph: Path) -> str:
+    """The weight quantizer of the graph's last quantized layer: a fault there reaches the output unrequantized."""
+    model = onnx.load(str(graph))
+    names = quantizer_map(model)
+    return [names[n.name] for n in model.graph.node if names.get(n.name, "").endswith("weight_quantizer")][-1]
+
+
+def engine_rows(root: Path, smoke: bool) -> list[str]:
+    rows = [
+        "| model | backend | fault (at quantizer) | segments | first failing segment (or the worst) | "
+        "end-to-end worst median (replay tolerance) |",
+        "|---|---|---|---|---|---|",
+    ]
+    faults = [(fault, None) for fault in FAULTS] + [("weight scale 2% off", "last")]
+    for label, out in engine_bundles(root, smoke):
+        bundle = load_bundle(out)
+        for backend in ("onnxruntime", "openvino"):
+            section = bundle.target(bundle.target_for(backend))
+            graph = bundle.file(section.graphs[0])
+            feeds = load_json(bundle.file(f"{section.timestep_groups[0].parity}/inputs.json"))
+            policy = bundle_engine_policy(bundle, backend)
+            runner = bundle_segment_runner(backend, section.onnxruntime_optimization_level, threads=2)
+            for fault, where in [("none", None), *faults[: 2 if smoke else None]]:
+                engine, quantizer = graph, "-"
+                if fault != "none":
+                    engine = root / "faulty.onnx"
+                    where = _last_weight_quantizer(graph) if where == "last" else None
+                    quantizer = seed_fault(graph, engine, fault, where).removeprefix("unet.")
+                report = check_segments(engine, feeds, runner, policy, reference_graph=graph)
+                first = report.failures[0] if report.failures else None
+                verdict = {(True, True): "**refused**", (True, False): "caught", (False, True): "pass"}
+                rows.append(
+                    f"| {label} | {backend} | {fault} ({quantizer}) | "
+                    f"{verdict.get((bool(first), fault == 'none'), '**missed**')} | "
+                    f"{f'{first[0].name}: {first[1][0]}' if first else report.summary()} | "
+                    f"{_replay_error(bundle, engine, backend)} |"
+                )
+                print(rows[-1], flush=True)
+    return rows
+
+
 def _cost_child(model_name: str, check: str) -> None:
     """In this fresh process: calibrate and export `model_name`, then time one check and report its peak memory."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -370,7 +471,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--first", type=int, help="only the first N configurations, fault kinds and cost models")
     parser.add_argument("--cost-child", nargs=2, help=argparse.SUPPRESS)
-    args = parse_options(parser, only="thresholds,faults", first=1)
+    args = parse_options(parser, only="thresholds,faults,engines", first=1)
     if args.cost_child:
         return _cost_child(*args.cost_child)
     with tempfile.TemporaryDirectory() as tmp:
@@ -396,6 +497,14 @@ def main() -> None:
                 + "\n"
             )
             _write("bench_parity_faults", body, args.no_write)
+        if "engines" in args.only:
+            body = (
+                header() + "\nEach demo exported with default options; the engine runs the faulted graph, segment "
+                "by segment fed the codes of onnxruntime running the bundle's own graph as written; the last column is "
+                "the end-to-end replay's statistic for the same engine, against the bundle's saved fake-quant "
+                "outputs.\n\n" + "\n".join(engine_rows(Path(tmp), args.smoke)) + "\n"
+            )
+            _write("bench_parity_engines", body, args.no_write)
     if "cost" in args.only:
         body = (
             header() + "\nEach in a fresh process after calibration and export; peak: the process's peak resident "
